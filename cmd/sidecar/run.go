@@ -1,0 +1,245 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/sidecar-mesh/sidecar/pkg/config"
+)
+
+// setting is one configuration key as a flag and an environment variable.
+// The environment variable is SIDECAR_ and the flag name in upper case with
+// '-' as '_', plus any standard names in env. Flags beat the environment,
+// the environment beats the config file.
+type setting struct {
+	flag  string
+	usage string
+	env   []string // standard variables read too, after SIDECAR_*
+	// list settings may repeat; in the environment, entries are separated
+	// by sep.
+	list bool
+	sep  string
+	set  func(c *config.Config, v string) error
+}
+
+func (s setting) envName() string {
+	return "SIDECAR_" + strings.ToUpper(strings.ReplaceAll(s.flag, "-", "_"))
+}
+
+var settings = []setting{
+	{flag: "service", usage: "name of the app this sidecar fronts: its Consul service name and span service.name (key: service)",
+		set: func(c *config.Config, v string) error { c.Service = v; return nil }},
+	{flag: "app-port", usage: "port of the app on 127.0.0.1, for inbound traffic and probes (key: appPort)",
+		set: func(c *config.Config, v string) error {
+			p, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("want a port number, got %q", v)
+			}
+			c.AppPort = p
+			return nil
+		}},
+	{flag: "outbound-addr", usage: "address of the outbound proxy the app calls (key: listeners.outbound, default " + config.DefaultOutbound + ")",
+		set: func(c *config.Config, v string) error { c.Listeners.Outbound = v; return nil }},
+	{flag: "inbound-addr", usage: "address of the inbound proxy in front of the app (key: listeners.inbound, default " + config.DefaultInbound + ")",
+		set: func(c *config.Config, v string) error { c.Listeners.Inbound = v; return nil }},
+	{flag: "admin-addr", usage: "address of the admin API (key: listeners.admin, default " + config.DefaultAdmin + ")",
+		set: func(c *config.Config, v string) error { c.Listeners.Admin = v; return nil }},
+	{flag: "health-addr", usage: "address of the health endpoints for the kubelet (key: listeners.health, default " + config.DefaultHealth + ")",
+		set: func(c *config.Config, v string) error { c.Listeners.Health = v; return nil }},
+	{flag: "metrics-addr", usage: "address of the Prometheus metrics endpoint (key: listeners.metrics, default " + config.DefaultMetrics + ")",
+		set: func(c *config.Config, v string) error { c.Listeners.Metrics = v; return nil }},
+	{flag: "consul-addr", usage: "host:port of the Consul agent's HTTP API; empty: static endpoints only (key: discovery.consul.address)",
+		env: []string{"CONSUL_HTTP_ADDR"},
+		set: func(c *config.Config, v string) error {
+			if c.Discovery.Consul == nil {
+				c.Discovery.Consul = &config.Consul{}
+			}
+			c.Discovery.Consul.Address = v
+			return nil
+		}},
+	{flag: "static", list: true, sep: ";",
+		usage: "static endpoints of a service as SERVICE=IP:PORT[,IP:PORT...]; repeatable; replaces the config file's entry for SERVICE (key: discovery.static; env entries separated by ';')",
+		set: func(c *config.Config, v string) error {
+			name, addrs, ok := strings.Cut(v, "=")
+			if !ok || name == "" {
+				return fmt.Errorf("want SERVICE=IP:PORT[,IP:PORT...], got %q", v)
+			}
+			if c.Discovery.Static == nil {
+				c.Discovery.Static = map[string][]string{}
+			}
+			var list []string
+			for _, a := range strings.Split(addrs, ",") {
+				if a = strings.TrimSpace(a); a != "" {
+					list = append(list, a)
+				}
+			}
+			c.Discovery.Static[strings.TrimSpace(name)] = list
+			return nil
+		}},
+	{flag: "allow-host", list: true, sep: ",",
+		usage: "external host or host:port the app may reach directly through the outbound port (DNS, IP literals, CONNECT); repeatable (key: allowHosts; env entries separated by ',')",
+		set: func(c *config.Config, v string) error {
+			if v = strings.TrimSpace(v); v != "" {
+				c.AllowHosts = append(c.AllowHosts, v)
+			}
+			return nil
+		}},
+	{flag: "policy-file", usage: "file of Policy documents, reloaded when it changes (key: policyFile)",
+		set: func(c *config.Config, v string) error { c.PolicyFile = v; return nil }},
+	{flag: "log-level", usage: "debug, info, warn or error (key: log.level, default info)",
+		set: func(c *config.Config, v string) error { c.Log.Level = v; return nil }},
+	{flag: "log-format", usage: "json or text (key: log.format, default json)",
+		set: func(c *config.Config, v string) error { c.Log.Format = v; return nil }},
+}
+
+// runOptions are the inputs of `sidecar run`.
+type runOptions struct {
+	configFile string
+	flags      *pflag.FlagSet
+	scalars    map[string]*string
+	lists      map[string]*[]string
+	getenv     func(string) string
+	stdout     io.Writer
+	stderr     io.Writer
+
+	cfg *config.Config // set by complete
+}
+
+func newRunOptions(stdout, stderr io.Writer, getenv func(string) string) *runOptions {
+	return &runOptions{
+		scalars: map[string]*string{},
+		lists:   map[string]*[]string{},
+		getenv:  getenv,
+		stdout:  stdout,
+		stderr:  stderr,
+	}
+}
+
+// addFlags registers --config and one flag per setting.
+func (o *runOptions) addFlags(fs *pflag.FlagSet) {
+	o.flags = fs
+	fs.StringVarP(&o.configFile, "config", "c", "", "configuration file (YAML); without it the embedded default is used (env SIDECAR_CONFIG)")
+	for _, s := range settings {
+		usage := s.usage + " [env " + s.envName()
+		for _, e := range s.env {
+			usage += ", " + e
+		}
+		usage += "]"
+		if s.list {
+			o.lists[s.flag] = fs.StringArray(s.flag, nil, usage)
+		} else {
+			o.scalars[s.flag] = fs.String(s.flag, "", usage)
+		}
+	}
+}
+
+// complete loads the config file and layers the environment and flags on it.
+func (o *runOptions) complete() error {
+	file := o.configFile
+	if !o.flags.Changed("config") {
+		file = o.getenv("SIDECAR_CONFIG")
+	}
+	cfg, err := config.Load(file)
+	if err != nil {
+		return err
+	}
+	for _, s := range settings {
+		var values []string
+		var from string
+		switch {
+		case o.flags.Changed(s.flag) && s.list:
+			values, from = *o.lists[s.flag], "--"+s.flag
+		case o.flags.Changed(s.flag):
+			values, from = []string{*o.scalars[s.flag]}, "--"+s.flag
+		default:
+			for _, name := range append([]string{s.envName()}, s.env...) {
+				if v := o.getenv(name); v != "" {
+					values, from = []string{v}, name
+					if s.list {
+						values = strings.Split(v, s.sep)
+					}
+					break
+				}
+			}
+		}
+		if from == "" {
+			continue
+		}
+		if s.flag == "allow-host" {
+			cfg.AllowHosts = nil // a list from a flag or env replaces the file's
+		}
+		for _, v := range values {
+			if err := s.set(cfg, v); err != nil {
+				return fmt.Errorf("%s: %w", from, err)
+			}
+		}
+	}
+	cfg.WithDefaults()
+	o.cfg = cfg
+	return nil
+}
+
+func (o *runOptions) validate() error {
+	if err := o.cfg.Validate(); err != nil {
+		return fmt.Errorf("invalid configuration:\n%w", err)
+	}
+	return nil
+}
+
+// run starts the sidecar and serves until ctx ends, then shuts down.
+func (o *runOptions) run(ctx context.Context) error {
+	log := newLogger(o.stderr, o.cfg.Log)
+	sc, err := start(o.cfg, log)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	log.Info("shutting down")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	return sc.shutdown(shutdownCtx)
+}
+
+func newRunCommand(stdout, stderr io.Writer, getenv func(string) string) *cobra.Command {
+	o := newRunOptions(stdout, stderr, getenv)
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the proxy",
+		Long: `Run the sidecar: the outbound proxy the app calls on 127.0.0.1:15001 and the
+admin API on 127.0.0.1:15000.
+
+Configuration comes from --config FILE (the embedded default without it), then
+the environment (SIDECAR_*, CONSUL_HTTP_ADDR), then flags: flags beat the
+environment, the environment beats the file.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.complete(); err != nil {
+				return err
+			}
+			if err := o.validate(); err != nil {
+				return err
+			}
+			return o.run(cmd.Context())
+		},
+	}
+	o.addFlags(cmd.Flags())
+	return cmd
+}
+
+func newLogger(w io.Writer, c config.Log) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}

@@ -1,0 +1,59 @@
+// Package admin is the sidecar's admin API on 127.0.0.1:15000: read-only
+// JSON views of the effective configuration and the endpoints per service.
+package admin
+
+import (
+	"encoding/json"
+	"net/http"
+	"time"
+
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+)
+
+// Sources supplies what the admin API shows. Each func is called per request
+// and must not block.
+type Sources struct {
+	// Config returns the effective configuration, ready for JSON.
+	Config func() any
+	// Resolver lists the services and their endpoint sets.
+	Resolver discovery.Resolver
+	// Version describes the binary.
+	Version any
+}
+
+// Handler returns the admin API:
+//
+//	GET /config     the effective configuration
+//	GET /endpoints  every known service with its endpoints, source and age
+//	GET /version    the build
+func Handler(s Sources) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /config", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, s.Config())
+	})
+	mux.HandleFunc("GET /endpoints", func(w http.ResponseWriter, r *http.Request) {
+		type service struct {
+			*discovery.EndpointSet
+			AgeSeconds float64 `json:"ageSeconds"`
+		}
+		out := struct {
+			Services []service `json:"services"`
+		}{Services: []service{}}
+		now := time.Now()
+		for _, set := range s.Resolver.Services() {
+			out.Services = append(out.Services, service{EndpointSet: set, AgeSeconds: now.Sub(set.UpdatedAt).Seconds()})
+		}
+		writeJSON(w, out)
+	})
+	mux.HandleFunc("GET /version", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, s.Version)
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}

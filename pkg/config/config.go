@@ -1,0 +1,207 @@
+// Package config is the sidecar's configuration file: its keys (DESIGN.md,
+// "Config file"), the embedded default, strict loading and validation.
+// Flags and environment variables are layered on top by cmd/sidecar.
+package config
+
+import (
+	_ "embed"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"regexp"
+	"strconv"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
+)
+
+//go:embed default.yaml
+var defaultYAML []byte
+
+// DefaultYAML returns the embedded default configuration file.
+func DefaultYAML() []byte { return append([]byte(nil), defaultYAML...) }
+
+// Config is the whole sidecar configuration. Zero values mean "not set";
+// WithDefaults fills the listener addresses.
+type Config struct {
+	// Service is the name of the app this sidecar fronts (its Consul name and
+	// span service.name). Empty: the sidecar only proxies outbound calls.
+	Service string `yaml:"service,omitempty" json:"service,omitempty"`
+	// AppPort is the app's port on 127.0.0.1. Zero: no inbound side.
+	AppPort int `yaml:"appPort,omitempty" json:"appPort,omitempty"`
+	// Listeners are the sidecar's own addresses.
+	Listeners Listeners `yaml:"listeners" json:"listeners"`
+	// Discovery says where endpoints come from.
+	Discovery Discovery `yaml:"discovery" json:"discovery"`
+	// Probes are the app's health probes, run by the sidecar.
+	Probes Probes `yaml:"probes,omitempty" json:"probes,omitempty"`
+	// Policies are inline Policy documents; service "*" is the default.
+	Policies []yaml.Node `yaml:"policies,omitempty" json:"-"`
+	// PolicyFile is a file of Policy documents, watched for changes.
+	PolicyFile string `yaml:"policyFile,omitempty" json:"policyFile,omitempty"`
+	// AllowHosts are external hosts ("host" or "host:port") the app may reach
+	// directly through the outbound port. Empty: none; the outbound port then
+	// reaches only services that discovery knows.
+	AllowHosts []string `yaml:"allowHosts,omitempty" json:"allowHosts,omitempty"`
+	// Log configures logging.
+	Log Log `yaml:"log,omitempty" json:"log"`
+}
+
+// Listeners are host:port addresses. Empty means the default in DESIGN.md.
+type Listeners struct {
+	Outbound string `yaml:"outbound,omitempty" json:"outbound"`
+	Inbound  string `yaml:"inbound,omitempty" json:"inbound"`
+	Admin    string `yaml:"admin,omitempty" json:"admin"`
+	Health   string `yaml:"health,omitempty" json:"health"`
+	Metrics  string `yaml:"metrics,omitempty" json:"metrics"`
+}
+
+// Discovery configures the endpoint sources.
+type Discovery struct {
+	// Consul is the Consul agent to watch; nil or an empty address means
+	// static endpoints only.
+	Consul *Consul `yaml:"consul,omitempty" json:"consul,omitempty"`
+	// Static maps service names to IP:port endpoints. It is always consulted
+	// first.
+	Static map[string][]string `yaml:"static,omitempty" json:"static,omitempty"`
+}
+
+// Consul configures the Consul source.
+type Consul struct {
+	// Address is host:port of the Consul agent's HTTP API.
+	Address string `yaml:"address,omitempty" json:"address,omitempty"`
+}
+
+// Probes are the app's probes; a nil probe is not run.
+type Probes struct {
+	Readiness *Probe `yaml:"readiness,omitempty" json:"readiness,omitempty"`
+	Liveness  *Probe `yaml:"liveness,omitempty" json:"liveness,omitempty"`
+	Startup   *Probe `yaml:"startup,omitempty" json:"startup,omitempty"`
+}
+
+// Probe is one probe of the app: exactly one of HTTP, TCP and GRPC.
+type Probe struct {
+	// HTTP is the path of an HTTP GET against the app.
+	HTTP string `yaml:"http,omitempty" json:"http,omitempty"`
+	// TCP, when true, probes with a TCP connect.
+	TCP bool `yaml:"tcp,omitempty" json:"tcp,omitempty"`
+	// GRPC, when set, probes with gRPC health v1; the string is the service
+	// name ("" for the server as a whole).
+	GRPC             *string         `yaml:"grpc,omitempty" json:"grpc,omitempty"`
+	Interval         policy.Duration `yaml:"interval,omitempty" json:"interval,omitempty"`
+	Timeout          policy.Duration `yaml:"timeout,omitempty" json:"timeout,omitempty"`
+	FailureThreshold int             `yaml:"failureThreshold,omitempty" json:"failureThreshold,omitempty"`
+	SuccessThreshold int             `yaml:"successThreshold,omitempty" json:"successThreshold,omitempty"`
+	InitialDelay     policy.Duration `yaml:"initialDelay,omitempty" json:"initialDelay,omitempty"`
+}
+
+// Log configures the logger.
+type Log struct {
+	// Level is debug, info, warn or error. Default info.
+	Level string `yaml:"level,omitempty" json:"level,omitempty"`
+	// Format is json or text. Default json.
+	Format string `yaml:"format,omitempty" json:"format,omitempty"`
+}
+
+// Default listener addresses (DESIGN.md, "Ports").
+const (
+	DefaultOutbound = "127.0.0.1:15001"
+	DefaultInbound  = "0.0.0.0:15006"
+	DefaultAdmin    = "127.0.0.1:15000"
+	DefaultHealth   = "0.0.0.0:15020"
+	DefaultMetrics  = "0.0.0.0:15090"
+)
+
+// Load reads a configuration file strictly. An empty path loads the embedded
+// default.
+func Load(path string) (*Config, error) {
+	data, name := defaultYAML, "embedded default"
+	if path != "" {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("config: %w", err)
+		}
+		data, name = b, path
+	}
+	return Parse(data, name)
+}
+
+// Parse decodes a configuration document strictly; name is used in errors.
+func Parse(data []byte, name string) (*Config, error) {
+	var c Config
+	if err := policy.DecodeStrict(data, name, &c); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// WithDefaults fills unset listener addresses and log settings.
+func (c *Config) WithDefaults() {
+	set := func(p *string, v string) {
+		if *p == "" {
+			*p = v
+		}
+	}
+	set(&c.Listeners.Outbound, DefaultOutbound)
+	set(&c.Listeners.Inbound, DefaultInbound)
+	set(&c.Listeners.Admin, DefaultAdmin)
+	set(&c.Listeners.Health, DefaultHealth)
+	set(&c.Listeners.Metrics, DefaultMetrics)
+	set(&c.Log.Level, "info")
+	set(&c.Log.Format, "json")
+}
+
+var serviceRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+// Validate checks every key and returns all problems, each naming its key.
+func (c *Config) Validate() error {
+	var errs []error
+	add := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	if c.Service != "" && !serviceRE.MatchString(c.Service) {
+		add("service: %q is not a valid service name (lower-case letters, digits and '-', at most 63)", c.Service)
+	}
+	if c.AppPort < 0 || c.AppPort > 65535 {
+		add("appPort: %d out of range 1-65535", c.AppPort)
+	}
+	for _, l := range []struct{ key, addr string }{
+		{"listeners.outbound", c.Listeners.Outbound}, {"listeners.inbound", c.Listeners.Inbound},
+		{"listeners.admin", c.Listeners.Admin}, {"listeners.health", c.Listeners.Health},
+		{"listeners.metrics", c.Listeners.Metrics},
+	} {
+		if err := checkListenAddr(l.addr); err != nil {
+			add("%s: %q: %v", l.key, l.addr, err)
+		}
+	}
+	if _, err := discovery.NewStatic(c.Discovery.Static); err != nil {
+		add("discovery.static: %v", err)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		add("log.level: %q (allowed: debug, info, warn, error)", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "json", "text":
+	default:
+		add("log.format: %q (allowed: json, text)", c.Log.Format)
+	}
+	return errors.Join(errs...)
+}
+
+func checkListenAddr(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return errors.New("want host:port")
+	}
+	if host != "" && net.ParseIP(host) == nil && host != "localhost" {
+		return errors.New("host must be an IP address or localhost")
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 0 || p > 65535 {
+		return fmt.Errorf("port %q out of range 0-65535", port)
+	}
+	return nil
+}

@@ -1,0 +1,116 @@
+// Package discovery finds the endpoints of services. Sources publish
+// immutable endpoint sets; they never pick an endpoint (that is the job of the
+// outbound picker).
+//
+// Two outcomes are kept apart on purpose: a service no source knows
+// (ErrUnknownService, so the outbound port is never an open proxy) and a known
+// service that has no healthy endpoints right now (an EndpointSet with zero
+// Endpoints).
+package discovery
+
+import (
+	"context"
+	"errors"
+	"net"
+	"strings"
+	"time"
+)
+
+// ErrUnknownService is returned by a Resolver when no source knows the service.
+var ErrUnknownService = errors.New("unknown service")
+
+// Endpoint is one instance of a service.
+type Endpoint struct {
+	// Addr is host:port, with an IP literal host for every source shipped here.
+	Addr string `json:"addr"`
+}
+
+// EndpointSet is the set of healthy endpoints of one service at one moment.
+// A set is immutable once published: sources build a new set for every
+// change, so readers may keep and share a pointer without locking.
+type EndpointSet struct {
+	Service   string     `json:"service"`
+	Endpoints []Endpoint `json:"endpoints"`
+	// Source names where the set came from ("static", "consul").
+	Source string `json:"source"`
+	// UpdatedAt is when the source last confirmed the set.
+	UpdatedAt time.Time `json:"updatedAt"`
+}
+
+// Resolver returns the current endpoint set of a service. Implementations
+// are safe for concurrent use. Resolve may block while a source fetches a
+// service for the first time, never longer than ctx allows; once a service
+// is known it returns at once.
+type Resolver interface {
+	// Resolve returns ErrUnknownService (possibly wrapped) when no source
+	// knows service, and a set with zero endpoints when the service is known
+	// but none of its instances is healthy.
+	Resolve(ctx context.Context, service string) (*EndpointSet, error)
+	// Services lists the services the resolver currently knows, for the
+	// admin API. It does not block.
+	Services() []*EndpointSet
+}
+
+// Chain consults resolvers in order and returns the first answer that is not
+// ErrUnknownService. The static source goes first, so endpoints pinned in the
+// config file always win over dynamic discovery.
+type Chain []Resolver
+
+var _ Resolver = Chain(nil)
+
+// Resolve implements Resolver.
+func (c Chain) Resolve(ctx context.Context, service string) (*EndpointSet, error) {
+	for _, r := range c {
+		set, err := r.Resolve(ctx, service)
+		if errors.Is(err, ErrUnknownService) {
+			continue
+		}
+		return set, err
+	}
+	return nil, ErrUnknownService
+}
+
+// Services implements Resolver. A service known to several resolvers is
+// listed once, as the first resolver in the chain sees it.
+func (c Chain) Services() []*EndpointSet {
+	seen := make(map[string]bool)
+	var out []*EndpointSet
+	for _, r := range c {
+		for _, s := range r.Services() {
+			if !seen[s.Service] {
+				seen[s.Service] = true
+				out = append(out, s)
+			}
+		}
+	}
+	return out
+}
+
+// ServiceName turns what a client wrote as the host of a request into a
+// service name: "user-service", "user-service:80" and
+// "user-service.service.consul" all name "user-service". Names are
+// lower-cased and a trailing dot is dropped. It returns "" for an empty host.
+//
+// The port is dropped: a service is one name, whichever port the client
+// thought it had.
+func ServiceName(host string) string {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	host = strings.TrimSuffix(host, ".service.consul")
+	return host
+}
+
+// IsIPLiteral reports whether host (with or without a port, IPv6 with or
+// without brackets) is an IP address rather than a name.
+func IsIPLiteral(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if i := strings.IndexByte(host, '%'); i >= 0 { // IPv6 zone
+		host = host[:i]
+	}
+	return net.ParseIP(host) != nil
+}

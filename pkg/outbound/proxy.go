@@ -1,0 +1,372 @@
+// Package outbound is the sidecar's outbound proxy: the listener the app
+// sends its calls to (127.0.0.1:15001), routing by service name, and the
+// chain of layers each call goes through on its way to an endpoint.
+package outbound
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+)
+
+// Config configures the outbound proxy. The zero value of a field means its
+// default, except Resolver, which is required.
+type Config struct {
+	// Resolver knows the services the app may call. A host it does not know
+	// is refused with 503 unknown_service, without a dial or a DNS lookup.
+	Resolver discovery.Resolver
+	// AllowHosts lists external hosts the app may reach directly through the
+	// proxy, as "host" (any port) or "host:port". Only these may be IP
+	// literals or CONNECT targets; they are resolved with DNS. Empty: none.
+	AllowHosts []string
+	// Transport configures the upstream connections.
+	Transport TransportConfig
+	// Limits bound the listener (header size, read timeouts).
+	Limits proxyhttp.Limits
+	// Logger receives state transitions and errors; nil discards them.
+	Logger *slog.Logger
+}
+
+// maxBufferedBody is the largest request body read fully before the request
+// is forwarded. Such a body is checked whole (a malformed one is answered
+// with 400 and never forwarded) and can be sent again without the client.
+const maxBufferedBody = 64 << 10
+
+// Proxy is the outbound http.Handler. Safe for concurrent use.
+type Proxy struct {
+	resolver  discovery.Resolver
+	limits    proxyhttp.Limits
+	log       *slog.Logger
+	transport *Transport
+	allow     map[string]bool
+	service   *httputil.ReverseProxy // to services known to discovery
+	direct    *httputil.ReverseProxy // to allow-listed external hosts
+	dialer    net.Dialer
+	tunnels   sync.WaitGroup
+}
+
+var _ http.Handler = (*Proxy)(nil)
+
+// New builds the outbound proxy.
+func New(cfg Config) (*Proxy, error) {
+	if cfg.Resolver == nil {
+		return nil, errors.New("outbound: a Resolver is required")
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	p := &Proxy{
+		resolver:  cfg.Resolver,
+		limits:    cfg.Limits.WithDefaults(),
+		log:       log.With("component", "outbound"),
+		transport: NewTransport(cfg.Transport),
+		allow:     make(map[string]bool, len(cfg.AllowHosts)),
+	}
+	for _, h := range cfg.AllowHosts {
+		h = strings.ToLower(strings.TrimSpace(h))
+		if h == "" {
+			return nil, errors.New("outbound: empty entry in allowHosts")
+		}
+		p.allow[h] = true
+	}
+	p.dialer = net.Dialer{Timeout: p.transport.dialer.Timeout}
+	errLog := slog.NewLogLogger(p.log.Handler(), slog.LevelDebug)
+	p.service = &httputil.ReverseProxy{
+		Rewrite:      func(pr *httputil.ProxyRequest) { rewrite(pr, discovery.ServiceName(pr.In.Host)) },
+		Transport:    chain(cfg.Resolver, p.transport),
+		BufferPool:   bufferPool{},
+		ErrorHandler: p.handleError,
+		ErrorLog:     errLog,
+	}
+	p.direct = &httputil.ReverseProxy{
+		Rewrite:      func(pr *httputil.ProxyRequest) { rewrite(pr, pr.In.Host) },
+		Transport:    p.transport,
+		BufferPool:   bufferPool{},
+		ErrorHandler: p.handleError,
+		ErrorLog:     errLog,
+	}
+	return p, nil
+}
+
+// chain builds the path every call to a service takes, in one visible
+// order, each layer an http.RoundTripper wrapping the next:
+//
+//	pick (round robin over the service's healthy endpoints) -> transport
+func chain(resolver discovery.Resolver, t http.RoundTripper) http.RoundTripper {
+	return &pickLayer{resolver: resolver, next: t}
+}
+
+// rewrite prepares the upstream request. It runs after net/http/httputil has
+// removed the hop-by-hop headers the client named, so a client's Connection
+// header can never remove what is set here.
+func rewrite(pr *httputil.ProxyRequest, host string) {
+	pr.Out.URL.Scheme = "http"
+	pr.Out.URL.Host = host
+	pr.Out.Host = pr.In.Host
+	// Keep the chain of forwarders the app sent and append its address.
+	if xff, ok := pr.In.Header["X-Forwarded-For"]; ok {
+		pr.Out.Header["X-Forwarded-For"] = xff
+	}
+	pr.SetXForwarded()
+	// The body is sent right away; an interim 100 from upstream is skipped.
+	pr.Out.Header.Del("Expect")
+}
+
+// Close releases pooled upstream connections and waits for CONNECT tunnels.
+func (p *Proxy) Close() {
+	p.transport.CloseIdleConnections()
+	p.tunnels.Wait()
+}
+
+// ServeHTTP routes one request from the app.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if v := proxyhttp.TakeVerdict(r.Context()); v.Reason != "" {
+		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: v.Reason})
+		return
+	}
+	host := strings.ToLower(r.Host)
+	if host == "" {
+		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
+			Detail: "no Host header and no absolute URL: name the service you are calling"})
+		return
+	}
+	if r.Method == http.MethodConnect {
+		if !p.allowed(host) {
+			p.reject(w, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
+				Detail: "CONNECT to " + host + " is not allowed; add it to allowHosts"})
+			return
+		}
+		p.tunnel(w, r)
+		return
+	}
+	if r.URL.Scheme != "" && r.URL.Scheme != "http" {
+		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
+			Detail: "scheme " + r.URL.Scheme + " is not proxied; send plain http (use CONNECT for TLS to allowed hosts)"})
+		return
+	}
+
+	rp := p.service
+	if p.allowed(host) {
+		rp = p.direct
+	} else {
+		service := discovery.ServiceName(host)
+		if discovery.IsIPLiteral(host) {
+			p.reject(w, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed, Service: service,
+				Detail: "IP addresses are not routed; call the service by name or add the address to allowHosts"})
+			return
+		}
+		// Unknown services are refused here, before any body is read.
+		if _, err := p.resolver.Resolve(r.Context(), service); err != nil {
+			p.reject(w, routeError(service, err))
+			return
+		}
+	}
+
+	if r.Body != nil && r.Body != http.NoBody {
+		body, err := p.prepareBody(w, r)
+		if err != nil {
+			p.handleError(w, r, err)
+			return
+		}
+		r2 := *r
+		r2.Body, r2.ContentLength, r2.GetBody = body.rc, body.length, body.getBody
+		if body.getBody != nil {
+			r2.TransferEncoding = nil
+		}
+		r = &r2
+	}
+	rp.ServeHTTP(w, r)
+}
+
+func (p *Proxy) allowed(host string) bool {
+	if len(p.allow) == 0 {
+		return false
+	}
+	if p.allow[host] {
+		return true
+	}
+	h, _, err := net.SplitHostPort(host)
+	return err == nil && p.allow[strings.TrimSuffix(strings.TrimPrefix(h, "["), "]")]
+}
+
+type preparedBody struct {
+	rc      io.ReadCloser
+	length  int64
+	getBody func() (io.ReadCloser, error)
+}
+
+// prepareBody reads a body of up to maxBufferedBody into memory before
+// anything is forwarded; a larger one streams on from what was read.
+func (p *Proxy) prepareBody(w http.ResponseWriter, r *http.Request) (preparedBody, error) {
+	br := &proxyhttp.BodyReader{Body: r.Body, RC: http.NewResponseController(w), Timeout: p.limits.BodyReadTimeout}
+	if r.ContentLength > maxBufferedBody || (r.ContentLength < 0 && len(r.Trailer) > 0) {
+		return preparedBody{rc: br, length: r.ContentLength}, nil
+	}
+	size := r.ContentLength
+	if size < 0 {
+		size = 512
+	}
+	buf := make([]byte, 0, size+1)
+	for len(buf) <= maxBufferedBody {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := br.Read(buf[len(buf):min(cap(buf), maxBufferedBody+1)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			data := buf
+			get := func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(data)), nil }
+			rc, _ := get()
+			return preparedBody{rc: rc, length: int64(len(data)), getBody: get}, nil
+		}
+		if err != nil {
+			return preparedBody{}, err
+		}
+	}
+	// Too large to hold: stream the rest after what was read.
+	return preparedBody{rc: &prefixedBody{prefix: buf, rest: br}, length: r.ContentLength}, nil
+}
+
+type prefixedBody struct {
+	prefix []byte
+	rest   io.ReadCloser
+}
+
+func (b *prefixedBody) Read(p []byte) (int, error) {
+	if len(b.prefix) > 0 {
+		n := copy(p, b.prefix)
+		b.prefix = b.prefix[n:]
+		return n, nil
+	}
+	return b.rest.Read(p)
+}
+
+func (b *prefixedBody) Close() error { return b.rest.Close() }
+
+func (p *Proxy) reject(w http.ResponseWriter, e *proxyhttp.LocalError) {
+	proxyhttp.WriteError(w, e)
+}
+
+func (p *Proxy) handleError(w http.ResponseWriter, r *http.Request, err error) {
+	e := errorFor(discovery.ServiceName(r.Host), err)
+	if e.Status == StatusClientClosed {
+		return // nobody to answer
+	}
+	p.log.Debug("request failed", "service", e.Service, "reason", e.Reason, "err", err)
+	proxyhttp.WriteError(w, e)
+}
+
+// StatusClientClosed is the status recorded for a request whose client went
+// away before it was answered (nginx's 499). It is never written.
+const StatusClientClosed = 499
+
+// routeError maps a discovery error to the local error of DESIGN.md.
+func routeError(service string, err error) *proxyhttp.LocalError {
+	if errors.Is(err, discovery.ErrUnknownService) {
+		return &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonUnknownService,
+			Service: service, Detail: "no discovery source knows this service"}
+	}
+	return errorFor(service, err)
+}
+
+// errorFor is the one place that maps an error on the outbound path to the
+// status and reason the app sees (DESIGN.md, "Errors the sidecar itself
+// produces").
+func errorFor(service string, err error) *proxyhttp.LocalError {
+	var le *proxyhttp.LocalError
+	if errors.As(err, &le) {
+		return le
+	}
+	e := &proxyhttp.LocalError{Service: service, Detail: err.Error()}
+	var ce *proxyhttp.ClientError
+	var conn *ConnectError
+	switch {
+	case errors.As(err, &ce) && ce.Timeout():
+		e.Status, e.Reason = http.StatusRequestTimeout, proxyhttp.ReasonRequestTimeout
+	case errors.As(err, &ce) && ce.Gone():
+		e.Status, e.Reason = StatusClientClosed, "client_closed"
+	case errors.As(err, &ce):
+		e.Status, e.Reason = http.StatusBadRequest, proxyhttp.ReasonBadRequest
+	case errors.Is(err, context.Canceled):
+		e.Status, e.Reason = StatusClientClosed, "client_closed"
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, ErrResponseHeaderTimeout):
+		e.Status, e.Reason = http.StatusGatewayTimeout, proxyhttp.ReasonUpstreamTimeout
+	case errors.As(err, &conn):
+		e.Status, e.Reason = http.StatusBadGateway, proxyhttp.ReasonConnectFailure
+	default:
+		e.Status, e.Reason = http.StatusBadGateway, proxyhttp.ReasonUpstreamReset
+	}
+	return e
+}
+
+// tunnel serves CONNECT to an allow-listed host:port by splicing the two
+// connections until either side closes.
+func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), p.dialer.Timeout)
+	dst, err := p.dialer.DialContext(ctx, "tcp", r.Host)
+	cancel()
+	if err != nil {
+		p.handleError(w, r, &ConnectError{Addr: r.Host, Err: err})
+		return
+	}
+	src, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		_ = dst.Close()
+		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: "CONNECT needs HTTP/1.1"})
+		return
+	}
+	p.tunnels.Add(1)
+	defer p.tunnels.Done()
+	_ = src.SetDeadline(time.Time{})
+	if _, err := src.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n")); err != nil {
+		_ = src.Close()
+		_ = dst.Close()
+		return
+	}
+	splice(src, brw.Reader, dst)
+}
+
+// splice copies both ways until one side ends, then closes both.
+func splice(client net.Conn, clientBuf io.Reader, upstream net.Conn) {
+	done := make(chan struct{}, 2)
+	go func() {
+		_, _ = io.Copy(upstream, clientBuf)
+		closeWrite(upstream)
+		done <- struct{}{}
+	}()
+	go func() {
+		_, _ = io.Copy(client, upstream)
+		closeWrite(client)
+		done <- struct{}{}
+	}()
+	<-done
+	<-done
+	_ = client.Close()
+	_ = upstream.Close()
+}
+
+func closeWrite(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+		return
+	}
+	_ = c.Close()
+}
+
+// bufferPool lends ReverseProxy its 32 KiB copy buffers.
+type bufferPool struct{}
+
+func (bufferPool) Get() []byte  { return *copyBufPool.Get().(*[]byte) }
+func (bufferPool) Put(b []byte) { copyBufPool.Put(&b) }

@@ -1,0 +1,597 @@
+package outbound
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http/httpguts"
+
+	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+)
+
+// Transport is the sidecar's HTTP/1.1 client: a synchronous, pooled
+// http.RoundTripper. It is safe for concurrent use; the zero value is not
+// usable, call NewTransport.
+//
+// Why not http.Transport: it runs a reader and a writer goroutine per
+// connection and hands every request and response across channels, which on
+// a 2-core pod cost the proxy more than half its throughput (see README). It
+// also replays idempotent requests on dead pooled connections behind the
+// caller's back. Here the calling goroutine writes the request and reads the
+// response itself, on a connection it owns until the response body is done;
+// only a request body that is not already in memory is written from a second
+// goroutine, so a slow upload never blocks reading an early response.
+//
+// A request that fails on a reused idle connection before any response byte
+// arrived is sent again once, on a new connection, when that is safe: the
+// method is idempotent, or nothing of the request reached the wire. That is
+// connection management, not a retry, and happens at most once per call.
+type Transport struct {
+	dialer                net.Dialer
+	responseHeaderTimeout time.Duration
+	idleConnTimeout       time.Duration
+	maxIdlePerHost        int
+
+	pools sync.Map // endpoint address -> *hostPool
+}
+
+var _ http.RoundTripper = (*Transport)(nil)
+
+// TransportConfig configures a Transport. Zero fields take the defaults named.
+type TransportConfig struct {
+	// DialTimeout bounds a TCP connect to an endpoint. Default 1s.
+	DialTimeout time.Duration
+	// ResponseHeaderTimeout bounds the wait for response headers once the
+	// request is written. Default 15s.
+	ResponseHeaderTimeout time.Duration
+	// IdleConnTimeout closes pooled connections idle this long. Default 30s,
+	// below the keep-alive timeout of common servers, so the pool rarely
+	// holds a connection the server already closed.
+	IdleConnTimeout time.Duration
+	// MaxIdleConnsPerHost bounds the pool per endpoint. Default 256.
+	MaxIdleConnsPerHost int
+}
+
+// NewTransport returns a Transport.
+func NewTransport(cfg TransportConfig) *Transport {
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = time.Second
+	}
+	if cfg.ResponseHeaderTimeout <= 0 {
+		cfg.ResponseHeaderTimeout = 15 * time.Second
+	}
+	if cfg.IdleConnTimeout <= 0 {
+		cfg.IdleConnTimeout = 30 * time.Second
+	}
+	if cfg.MaxIdleConnsPerHost <= 0 {
+		cfg.MaxIdleConnsPerHost = 256
+	}
+	return &Transport{
+		dialer:                net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 30 * time.Second},
+		responseHeaderTimeout: cfg.ResponseHeaderTimeout,
+		idleConnTimeout:       cfg.IdleConnTimeout,
+		maxIdlePerHost:        cfg.MaxIdleConnsPerHost,
+	}
+}
+
+// ConnectError reports that no connection to an endpoint could be made:
+// nothing of the request was sent, so retrying it elsewhere is always safe.
+type ConnectError struct {
+	Addr string
+	Err  error
+}
+
+func (e *ConnectError) Error() string { return "connect " + e.Addr + ": " + e.Err.Error() }
+func (e *ConnectError) Unwrap() error { return e.Err }
+
+// ErrResponseHeaderTimeout is returned when an endpoint took longer than the
+// response header timeout to answer.
+var ErrResponseHeaderTimeout = errors.New("timeout awaiting response headers")
+
+// UpstreamError reports a failure on an established upstream connection.
+type UpstreamError struct {
+	Addr string
+	Op   string // "write request", "read response"
+	// Written reports whether any byte of the request may have reached the
+	// endpoint.
+	Written bool
+	Err     error
+}
+
+func (e *UpstreamError) Error() string {
+	return e.Op + " " + e.Addr + ": " + e.Err.Error()
+}
+func (e *UpstreamError) Unwrap() error { return e.Err }
+
+// maxInlineBody is the largest in-memory request body written by the calling
+// goroutine instead of a writer goroutine.
+const maxInlineBody = 64 << 10
+
+var aLongTimeAgo = time.Unix(1, 0)
+
+// RoundTrip implements http.RoundTripper.
+func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Scheme != "http" {
+		closeBody(req)
+		return nil, fmt.Errorf("outbound transport: unsupported scheme %q", req.URL.Scheme)
+	}
+	addr := req.URL.Host
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		addr = net.JoinHostPort(addr, "80")
+	}
+	upgrade := isUpgrade(req)
+	cur := req
+	for fresh := upgrade; ; fresh = true {
+		pc, err := t.getConn(req.Context(), addr, fresh)
+		if err != nil {
+			closeBody(cur)
+			return nil, err
+		}
+		resp, err := pc.roundTrip(cur, upgrade)
+		if err == nil {
+			return resp, nil
+		}
+		if !fresh && pc.reused && pc.noResponse && req.Context().Err() == nil && safeToResend(cur, err) {
+			if r, ok := rewound(cur); ok {
+				cur = r // stale pooled connection: once more on a new one
+				continue
+			}
+		}
+		closeBody(cur)
+		return nil, err
+	}
+}
+
+// safeToResend reports whether a request that failed on a reused connection
+// with err, before any response byte, may be sent again.
+func safeToResend(req *http.Request, err error) bool {
+	var ue *UpstreamError
+	if !errors.As(err, &ue) || errors.Is(err, ErrResponseHeaderTimeout) {
+		return false
+	}
+	return !ue.Written || isIdempotent(req)
+}
+
+// CloseIdleConnections closes every pooled connection.
+func (t *Transport) CloseIdleConnections() {
+	t.pools.Range(func(k, v any) bool {
+		p := v.(*hostPool)
+		p.mu.Lock()
+		idle := p.idle
+		p.idle = nil
+		p.mu.Unlock()
+		for _, pc := range idle {
+			_ = pc.conn.Close()
+		}
+		return true
+	})
+}
+
+// hostPool holds idle connections to one endpoint, newest last.
+type hostPool struct {
+	mu   sync.Mutex // guards idle
+	idle []*persistConn
+}
+
+func (t *Transport) pool(addr string) *hostPool {
+	if p, ok := t.pools.Load(addr); ok {
+		return p.(*hostPool)
+	}
+	p, _ := t.pools.LoadOrStore(addr, &hostPool{})
+	return p.(*hostPool)
+}
+
+func (t *Transport) getConn(ctx context.Context, addr string, fresh bool) (*persistConn, error) {
+	if !fresh {
+		p := t.pool(addr)
+		for {
+			p.mu.Lock()
+			n := len(p.idle)
+			if n == 0 {
+				p.mu.Unlock()
+				break
+			}
+			pc := p.idle[n-1]
+			p.idle[n-1] = nil
+			p.idle = p.idle[:n-1]
+			p.mu.Unlock()
+			if time.Since(pc.idleAt) > t.idleConnTimeout || !connAlive(pc.conn) {
+				_ = pc.conn.Close()
+				continue
+			}
+			pc.reused = true
+			return pc, nil
+		}
+	}
+	c, err := t.dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, &ConnectError{Addr: addr, Err: err}
+	}
+	return &persistConn{
+		t:    t,
+		addr: addr,
+		conn: c,
+		br:   bufio.NewReaderSize(c, 4096),
+		bw:   bufio.NewWriterSize(c, 4096),
+	}, nil
+}
+
+func (t *Transport) putIdle(pc *persistConn) {
+	p := t.pool(pc.addr)
+	pc.idleAt = time.Now()
+	p.mu.Lock()
+	if len(p.idle) < t.maxIdlePerHost {
+		p.idle = append(p.idle, pc)
+		p.mu.Unlock()
+		return
+	}
+	p.mu.Unlock()
+	_ = pc.conn.Close()
+}
+
+// persistConn is one upstream connection, owned by one request at a time.
+type persistConn struct {
+	t      *Transport
+	addr   string
+	conn   net.Conn
+	br     *bufio.Reader
+	bw     *bufio.Writer
+	idleAt time.Time
+	reused bool
+	// noResponse is set while no byte of a response has been read in the
+	// current round trip.
+	noResponse bool
+}
+
+func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Response, error) {
+	ctx := req.Context()
+	pc.noResponse = true
+	// Cancellation (client gone, deadline) aborts any blocked I/O.
+	stop := context.AfterFunc(ctx, func() { _ = pc.conn.SetDeadline(aLongTimeAgo) })
+	fail := func(err error) (*http.Response, error) {
+		stop()
+		_ = pc.conn.Close()
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			return nil, ctxErr
+		}
+		return nil, err
+	}
+
+	if err := pc.writeHeader(req); err != nil {
+		return fail(err)
+	}
+	var bodyDone chan error
+	switch {
+	case !hasBody(req):
+		if err := pc.bw.Flush(); err != nil {
+			// A partial request is nothing an endpoint can act on.
+			return fail(&UpstreamError{Addr: pc.addr, Op: "write request", Err: err})
+		}
+	case req.GetBody != nil && req.ContentLength >= 0 && req.ContentLength <= maxInlineBody:
+		if err := pc.writeBody(req); err != nil {
+			if isClientErr(err) {
+				return fail(err)
+			}
+			return fail(&UpstreamError{Addr: pc.addr, Op: "write request", Written: true, Err: err})
+		}
+	default:
+		bodyDone = make(chan error, 1)
+		go func() {
+			err := pc.writeBody(req)
+			bodyDone <- err
+			if err != nil {
+				// Wake the reader: the request can't be completed.
+				_ = pc.conn.SetDeadline(aLongTimeAgo)
+			}
+		}()
+	}
+
+	// The response header timeout starts once the request is written; a
+	// request whose body is still streaming is bounded by its context.
+	if bodyDone == nil {
+		_ = pc.conn.SetReadDeadline(time.Now().Add(pc.t.responseHeaderTimeout))
+	}
+	resp, err := pc.readResponse(req)
+	if bodyDone == nil {
+		_ = pc.conn.SetReadDeadline(time.Time{})
+		if ctx.Err() != nil {
+			_ = pc.conn.SetDeadline(aLongTimeAgo) // the cancel may have raced the reset above
+		}
+	}
+	if err != nil {
+		if bodyDone != nil {
+			select {
+			case werr := <-bodyDone:
+				if werr != nil && isClientErr(werr) {
+					return fail(werr)
+				}
+				if werr != nil {
+					return fail(&UpstreamError{Addr: pc.addr, Op: "write request", Written: true, Err: werr})
+				}
+			default:
+			}
+		}
+		if isTimeout(err) && ctx.Err() == nil {
+			return fail(&UpstreamError{Addr: pc.addr, Op: "read response", Written: true, Err: ErrResponseHeaderTimeout})
+		}
+		return fail(&UpstreamError{Addr: pc.addr, Op: "read response", Written: true, Err: err})
+	}
+
+	if upgrade && resp.StatusCode == http.StatusSwitchingProtocols {
+		stop()
+		resp.Body = &upgradedConn{pc: pc}
+		return resp, nil
+	}
+	body := &responseBody{pc: pc, body: resp.Body, stop: stop, bodyDone: bodyDone,
+		reusable: !resp.Close && !req.Close && !upgrade}
+	if resp.Body == http.NoBody {
+		body.finish(true)
+		return resp, nil
+	}
+	resp.Body = body
+	return resp, nil
+}
+
+// readResponse reads the final response, skipping interim 1xx responses
+// other than 101.
+func (pc *persistConn) readResponse(req *http.Request) (*http.Response, error) {
+	for {
+		if _, err := pc.br.Peek(1); err != nil {
+			return nil, err
+		}
+		pc.noResponse = false
+		resp, err := http.ReadResponse(pc.br, req)
+		if err != nil {
+			return nil, err
+		}
+		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
+			continue
+		}
+		return resp, nil
+	}
+}
+
+func hasBody(req *http.Request) bool { return req.Body != nil && req.Body != http.NoBody }
+
+// writeHeader writes the request line and header block into the buffer.
+func (pc *persistConn) writeHeader(req *http.Request) error {
+	w := pc.bw
+	w.WriteString(req.Method)
+	w.WriteByte(' ')
+	w.WriteString(req.URL.RequestURI())
+	w.WriteString(" HTTP/1.1\r\nHost: ")
+	host := req.Host
+	if host == "" {
+		host = req.URL.Host
+	}
+	if !httpguts.ValidHostHeader(host) {
+		return fmt.Errorf("invalid Host %q", host)
+	}
+	w.WriteString(host)
+	w.WriteString("\r\n")
+	for k, vv := range req.Header {
+		switch k {
+		case "Host", "Content-Length", "Transfer-Encoding", "Trailer":
+			continue
+		}
+		if !httpguts.ValidHeaderFieldName(k) {
+			return fmt.Errorf("invalid header name %q", k)
+		}
+		for _, v := range vv {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				return fmt.Errorf("invalid value for header %q", k)
+			}
+			w.WriteString(k)
+			w.WriteString(": ")
+			w.WriteString(v)
+			w.WriteString("\r\n")
+		}
+	}
+	switch {
+	case hasBody(req) && req.ContentLength > 0:
+		w.WriteString("Content-Length: ")
+		var b [20]byte
+		w.Write(strconv.AppendInt(b[:0], req.ContentLength, 10))
+		w.WriteString("\r\n")
+	case hasBody(req):
+		w.WriteString("Transfer-Encoding: chunked\r\n")
+		if len(req.Trailer) > 0 {
+			w.WriteString("Trailer: ")
+			first := true
+			for k := range req.Trailer {
+				if !first {
+					w.WriteString(", ")
+				}
+				first = false
+				w.WriteString(k)
+			}
+			w.WriteString("\r\n")
+		}
+	case req.Method == http.MethodPost || req.Method == http.MethodPut || req.Method == http.MethodPatch:
+		w.WriteString("Content-Length: 0\r\n")
+	}
+	if req.Close {
+		w.WriteString("Connection: close\r\n")
+	}
+	_, err := w.WriteString("\r\n")
+	return err
+}
+
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// writeBody streams the request body, flushing after every read so that a
+// streamed upload reaches the endpoint as it arrives. It closes the body.
+func (pc *persistConn) writeBody(req *http.Request) (err error) {
+	defer func() {
+		if cerr := req.Body.Close(); err == nil && cerr != nil && isClientErr(cerr) {
+			err = cerr
+		}
+	}()
+	bp := copyBufPool.Get().(*[]byte)
+	defer copyBufPool.Put(bp)
+	buf := *bp
+	chunked := req.ContentLength <= 0
+	var written int64
+	for {
+		n, rerr := req.Body.Read(buf)
+		if n > 0 {
+			written += int64(n)
+			if !chunked && written > req.ContentLength {
+				return errors.New("request body longer than its Content-Length")
+			}
+			if chunked {
+				var h [18]byte
+				pc.bw.Write(strconv.AppendInt(h[:0], int64(n), 16))
+				pc.bw.WriteString("\r\n")
+			}
+			pc.bw.Write(buf[:n])
+			if chunked {
+				pc.bw.WriteString("\r\n")
+			}
+			if err := pc.bw.Flush(); err != nil {
+				return err
+			}
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			return rerr
+		}
+	}
+	if !chunked {
+		if written != req.ContentLength {
+			return fmt.Errorf("request body of %d bytes, Content-Length said %d", written, req.ContentLength)
+		}
+		return nil
+	}
+	pc.bw.WriteString("0\r\n")
+	for k, vv := range req.Trailer {
+		for _, v := range vv {
+			if httpguts.ValidHeaderFieldName(k) && httpguts.ValidHeaderFieldValue(v) {
+				pc.bw.WriteString(k + ": " + v + "\r\n")
+			}
+		}
+	}
+	pc.bw.WriteString("\r\n")
+	return pc.bw.Flush()
+}
+
+// responseBody returns the connection to the pool once the body has been
+// read to its end, and closes it otherwise.
+type responseBody struct {
+	pc       *persistConn
+	body     io.ReadCloser
+	stop     func() bool
+	bodyDone chan error
+	reusable bool
+	done     bool
+}
+
+func (b *responseBody) Read(p []byte) (int, error) {
+	if b.done {
+		return 0, io.EOF
+	}
+	n, err := b.body.Read(p)
+	if err == io.EOF {
+		b.finish(true)
+		return n, io.EOF
+	}
+	if err != nil {
+		b.finish(false)
+		return n, &UpstreamError{Addr: b.pc.addr, Op: "read response body", Written: true, Err: err}
+	}
+	return n, nil
+}
+
+func (b *responseBody) Close() error {
+	if !b.done {
+		b.finish(false)
+	}
+	return nil
+}
+
+func (b *responseBody) finish(complete bool) {
+	b.done = true
+	stopped := b.stop()
+	reuse := complete && b.reusable && stopped
+	if reuse && b.bodyDone != nil {
+		select {
+		case err := <-b.bodyDone:
+			reuse = err == nil
+		default:
+			reuse = false // still uploading: the connection can't be reused
+		}
+	}
+	if reuse {
+		b.pc.t.putIdle(b.pc)
+		return
+	}
+	_ = b.pc.conn.Close()
+}
+
+// upgradedConn is the response body of a 101 Switching Protocols: the raw
+// connection, with whatever the reader already buffered.
+type upgradedConn struct{ pc *persistConn }
+
+func (u *upgradedConn) Read(p []byte) (int, error)  { return u.pc.br.Read(p) }
+func (u *upgradedConn) Write(p []byte) (int, error) { return u.pc.conn.Write(p) }
+func (u *upgradedConn) Close() error                { return u.pc.conn.Close() }
+
+func isUpgrade(req *http.Request) bool {
+	return req.Header.Get("Upgrade") != "" && httpguts.HeaderValuesContainsToken(req.Header["Connection"], "Upgrade")
+}
+
+// isIdempotent follows RFC 9110 and the Idempotency-Key convention, as
+// net/http's own replay rule does.
+func isIdempotent(req *http.Request) bool {
+	switch req.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
+		return true
+	}
+	_, a := req.Header["Idempotency-Key"]
+	_, b := req.Header["X-Idempotency-Key"]
+	return a || b
+}
+
+// rewound returns a copy of req whose body reads from the start again, if
+// it can be had.
+func rewound(req *http.Request) (*http.Request, bool) {
+	if !hasBody(req) {
+		return req, true
+	}
+	if req.GetBody == nil {
+		return nil, false
+	}
+	b, err := req.GetBody()
+	if err != nil {
+		return nil, false
+	}
+	r := *req
+	r.Body = b
+	return &r, true
+}
+
+func isClientErr(err error) bool {
+	var ce *proxyhttp.ClientError
+	return errors.As(err, &ce)
+}
+
+func closeBody(req *http.Request) {
+	if req.Body != nil {
+		_ = req.Body.Close()
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}

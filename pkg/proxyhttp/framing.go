@@ -1,0 +1,481 @@
+package proxyhttp
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+)
+
+// Why this file exists: Go's HTTP/1.1 server is lenient where a proxy must be
+// strict. It accepts Content-Length together with Transfer-Encoding (and
+// deletes Content-Length before a handler can see the pair), answers unknown
+// Transfer-Encodings with a 501 of its own, and accepts identical duplicate
+// Content-Lengths. Those are the shapes request smuggling is made of, so the
+// listener checks the framing of every request on the wire, before net/http
+// parses it, and hands its verdict to the handler.
+//
+// The check tracks each connection's byte stream through header blocks and
+// bodies (Content-Length or chunked) exactly as net/http frames them, so it
+// knows where every header block starts. A header block that fails the check
+// is never given to net/http: it is replaced by a fixed placeholder request,
+// the verdict is queued, and the connection ends after it. The handler takes
+// verdicts in order (net/http serves one request at a time per HTTP/1.x
+// connection) and answers a bad one with 400 bad_request, so nothing
+// malformed is ever forwarded. A fault found inside a chunked body (a bare
+// LF in a chunk line) surfaces as ErrBadFraming from the body's Read.
+
+// ErrBadFraming is the error a request body's Read returns when the chunked
+// framing on the wire is malformed.
+var ErrBadFraming = errors.New("malformed chunked framing")
+
+// placeholder stands in for a rejected header block. Its content is never
+// trusted: the handler recognizes it by the queued verdict, not by its bytes.
+var placeholder = []byte("GET / HTTP/1.1\r\nHost: invalid.sidecar\r\n\r\n")
+
+var h2Preface = []byte("PRI * HTTP/2.0\r\n")
+
+type framingState uint8
+
+const (
+	stHeader      framingState = iota // reading a header block
+	stBody                            // Content-Length body, remaining bytes in n
+	stChunkLine                       // a chunk-size line
+	stChunkData                       // chunk data, remaining bytes in n
+	stChunkCRLF                       // the CRLF after chunk data
+	stTrailer                         // trailer lines after the last chunk
+	stPassthrough                     // HTTP/2 or an oversized header: net/http takes over
+	stDead                            // after a rejected request: EOF
+)
+
+// Verdict is the framing check's judgement of one request.
+type Verdict struct {
+	// Reason is empty for a request that passed, else says what was wrong.
+	Reason string
+}
+
+// FramingListener wraps a listener so that every accepted connection checks
+// HTTP/1.x request framing. Use it with an http.Server whose ConnContext is
+// ConnContext, and call TakeVerdict at the start of the handler.
+type FramingListener struct {
+	net.Listener
+	// MaxHeaderBytes bounds a header block; past it the connection is handed
+	// to net/http unchecked, whose own MaxHeaderBytes answers 431.
+	MaxHeaderBytes int
+}
+
+// Accept implements net.Listener.
+func (l *FramingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	max := l.MaxHeaderBytes
+	if max <= 0 {
+		max = 1 << 20
+	}
+	return &framingConn{Conn: c, maxHeader: max + 4096}, nil
+}
+
+// framingConn is not safe for concurrent Reads (net/http never does that);
+// the verdict queue is shared with the handler goroutine and has its own lock.
+type framingConn struct {
+	net.Conn
+	maxHeader int
+
+	// Read side, owned by the goroutine calling Read.
+	state framingState
+	n     int64  // bytes left in the current body or chunk
+	buf   []byte // bytes read from the wire
+	r     int    // buf[r:rel] is checked and ready for net/http
+	rel   int    // buf[rel:w] is not checked yet
+	w     int
+	scan  int // in stHeader, where the search for the block's end resumes
+	err   error // ErrBadFraming once the stream is dead for it
+
+	mu       sync.Mutex // guards verdicts
+	verdicts []Verdict
+}
+
+func (c *framingConn) pushVerdict(v Verdict) {
+	c.mu.Lock()
+	c.verdicts = append(c.verdicts, v)
+	c.mu.Unlock()
+}
+
+func (c *framingConn) takeVerdict() (Verdict, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.verdicts) == 0 {
+		return Verdict{}, false
+	}
+	v := c.verdicts[0]
+	c.verdicts = c.verdicts[1:]
+	return v, true
+}
+
+func (c *framingConn) Read(p []byte) (int, error) {
+	for {
+		if c.r < c.rel {
+			n := copy(p, c.buf[c.r:c.rel])
+			c.r += n
+			return n, nil
+		}
+		switch c.state {
+		case stDead:
+			if c.err != nil {
+				return 0, c.err
+			}
+			return 0, io.EOF
+		case stPassthrough:
+			return c.Conn.Read(p)
+		case stBody, stChunkData:
+			// Body bytes flow straight into the caller's buffer.
+			if c.rel == c.w {
+				if int64(len(p)) > c.n {
+					p = p[:c.n]
+				}
+				n, err := c.Conn.Read(p)
+				c.n -= int64(n)
+				if c.n == 0 {
+					c.endData()
+				}
+				return n, err
+			}
+		}
+		if c.rel < c.w {
+			c.process()
+			if c.r < c.rel || c.state == stDead || c.state == stPassthrough {
+				continue
+			}
+		}
+		// Errors are not sticky: net/http aborts reads with past deadlines
+		// and then reads on.
+		if err := c.fill(); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// fill reads more bytes from the wire into buf, compacting or growing it.
+func (c *framingConn) fill() error {
+	if c.r == c.w {
+		c.r, c.rel, c.w, c.scan = 0, 0, 0, 0
+	}
+	if c.w == len(c.buf) {
+		if c.r > 0 {
+			copy(c.buf, c.buf[c.r:c.w])
+			c.rel -= c.r
+			c.scan -= c.r
+			c.w -= c.r
+			c.r = 0
+		}
+		if c.w == len(c.buf) {
+			size := 2 * len(c.buf)
+			if size == 0 {
+				size = 4096
+			}
+			nb := make([]byte, size)
+			copy(nb, c.buf[:c.w])
+			c.buf = nb
+		}
+	}
+	n, err := c.Conn.Read(c.buf[c.w:])
+	c.w += n
+	if n > 0 {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrNoProgress
+	}
+	return err
+}
+
+// process checks pending bytes buf[rel:w] and moves rel past what is ready,
+// until it needs more bytes from the wire.
+func (c *framingConn) process() {
+	for c.rel < c.w {
+		pending := c.buf[c.rel:c.w]
+		switch c.state {
+		case stHeader:
+			if c.rel == c.scan && bytes.HasPrefix(h2Preface, pending[:min(len(pending), len(h2Preface))]) {
+				if len(pending) < len(h2Preface) {
+					return
+				}
+				c.state = stPassthrough
+				c.rel = c.w
+				return
+			}
+			end := c.headerEnd()
+			if end < 0 {
+				if c.w-c.rel > c.maxHeader {
+					c.state = stPassthrough // net/http answers 431
+					c.rel = c.w
+				}
+				return
+			}
+			c.checkHeader(end)
+		case stBody, stChunkData:
+			k := int(min(int64(len(pending)), c.n))
+			c.rel += k
+			c.n -= int64(k)
+			if c.n == 0 {
+				c.endData()
+			}
+		case stChunkLine, stTrailer:
+			i := bytes.IndexByte(pending, '\n')
+			if i < 0 {
+				if len(pending) > 4096 {
+					c.badBody()
+				}
+				return
+			}
+			line := pending[:i]
+			if len(line) == 0 || line[len(line)-1] != '\r' {
+				c.badBody() // bare LF
+				return
+			}
+			line = line[:len(line)-1]
+			if c.state == stTrailer {
+				if len(line) == 0 {
+					c.state, c.scan = stHeader, c.rel+i+1
+				}
+			} else if size, ok := parseChunkSize(line); !ok {
+				c.badBody()
+				return
+			} else if size == 0 {
+				c.state = stTrailer
+			} else {
+				c.state, c.n = stChunkData, size
+			}
+			c.rel += i + 1
+		case stChunkCRLF:
+			if len(pending) < 2 {
+				return
+			}
+			if pending[0] != '\r' || pending[1] != '\n' {
+				c.badBody()
+				return
+			}
+			c.rel += 2
+			c.state = stChunkLine
+		default:
+			return
+		}
+	}
+}
+
+func (c *framingConn) endData() {
+	if c.state == stChunkData {
+		c.state = stChunkCRLF
+	} else {
+		c.state, c.scan = stHeader, c.rel
+	}
+}
+
+// badBody stops the stream inside a body: net/http gets ErrBadFraming once the
+// bytes before the fault are consumed.
+func (c *framingConn) badBody() {
+	c.state = stDead
+	c.w = c.rel
+	c.err = ErrBadFraming
+}
+
+// headerEnd returns the index in buf just past the empty line that ends the
+// header block starting at rel, or -1. Lines end with LF or CRLF, as
+// net/textproto reads them.
+func (c *framingConn) headerEnd() int {
+	for {
+		i := bytes.IndexByte(c.buf[c.scan:c.w], '\n')
+		if i < 0 {
+			return -1
+		}
+		nl := c.scan + i
+		lineStart := c.scan
+		c.scan = nl + 1
+		// An empty line ends the block. As the first line it is an empty
+		// request line, which net/http rejects: it is passed on as is.
+		if line := c.buf[lineStart:nl]; len(line) == 0 || (len(line) == 1 && line[0] == '\r') {
+			return nl + 1
+		}
+	}
+}
+
+// checkHeader judges the header block buf[rel:end] and sets the body state.
+func (c *framingConn) checkHeader(end int) {
+	block := c.buf[c.rel:end]
+	f, reason := parseFraming(block)
+	if reason != "" {
+		c.pushVerdict(Verdict{Reason: reason})
+		// Replace the block with the placeholder and end the stream after it.
+		c.buf = append(c.buf[:c.rel], placeholder...)
+		c.w = len(c.buf)
+		c.rel = c.w
+		c.buf = c.buf[:cap(c.buf)]
+		c.state = stDead
+		return
+	}
+	c.pushVerdict(Verdict{})
+	c.rel = end
+	switch {
+	case f.chunked:
+		c.state = stChunkLine
+	case f.length > 0:
+		c.state, c.n = stBody, f.length
+	default:
+		c.scan = end
+	}
+}
+
+type framing struct {
+	chunked bool
+	length  int64
+}
+
+// parseFraming reads the framing headers of one request header block. It
+// returns a non-empty reason for a block that must not be served.
+func parseFraming(block []byte) (framing, string) {
+	var f framing
+	var (
+		clSeen bool
+		teSeen bool
+	)
+	first := true
+	for len(block) > 0 {
+		i := bytes.IndexByte(block, '\n')
+		if i < 0 {
+			break
+		}
+		line := bytes.TrimSuffix(block[:i], []byte{'\r'})
+		block = block[i+1:]
+		if first {
+			first = false
+			continue
+		}
+		if len(line) == 0 {
+			break
+		}
+		colon := bytes.IndexByte(line, ':')
+		if colon < 0 {
+			continue // net/http rejects it
+		}
+		name, value := line[:colon], bytes.TrimSpace(line[colon+1:])
+		switch {
+		case asciiEqualFold(name, "content-length"):
+			n, ok := parseDecimal(value)
+			if !ok {
+				return f, "invalid Content-Length"
+			}
+			if clSeen && n != f.length {
+				return f, "conflicting Content-Length headers"
+			}
+			clSeen, f.length = true, n
+		case asciiEqualFold(name, "transfer-encoding"):
+			if teSeen {
+				return f, "more than one Transfer-Encoding header"
+			}
+			teSeen = true
+			if !asciiEqualFold(value, "chunked") {
+				return f, "unsupported Transfer-Encoding " + quote(value)
+			}
+			f.chunked = true
+		}
+	}
+	if clSeen && teSeen {
+		return f, "both Content-Length and Transfer-Encoding"
+	}
+	return f, ""
+}
+
+func parseDecimal(b []byte) (int64, bool) {
+	if len(b) == 0 || len(b) > 18 {
+		return 0, false
+	}
+	var n int64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(c-'0')
+	}
+	return n, true
+}
+
+// parseChunkSize parses "HEX[;ext]" as net/http's chunked reader does.
+func parseChunkSize(line []byte) (int64, bool) {
+	if i := bytes.IndexByte(line, ';'); i >= 0 {
+		line = line[:i]
+	}
+	line = bytes.TrimRight(line, " \t")
+	if len(line) == 0 || len(line) > 16 {
+		return 0, false
+	}
+	var n int64
+	for _, c := range line {
+		var d byte
+		switch {
+		case '0' <= c && c <= '9':
+			d = c - '0'
+		case 'a' <= c && c <= 'f':
+			d = c - 'a' + 10
+		case 'A' <= c && c <= 'F':
+			d = c - 'A' + 10
+		default:
+			return 0, false
+		}
+		n = n<<4 | int64(d)
+	}
+	if n < 0 {
+		return 0, false
+	}
+	return n, true
+}
+
+func asciiEqualFold(b []byte, s string) bool {
+	if len(b) != len(s) {
+		return false
+	}
+	for i := range b {
+		c := b[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if c != s[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func quote(b []byte) string {
+	if len(b) > 32 {
+		b = b[:32]
+	}
+	return `"` + string(bytes.ToValidUTF8(b, []byte("?"))) + `"`
+}
+
+type connKey struct{}
+
+// ConnContext stores the connection in the request context so the handler
+// can take its verdict. Set it as http.Server.ConnContext.
+func ConnContext(ctx context.Context, c net.Conn) context.Context {
+	if fc, ok := c.(*framingConn); ok {
+		return context.WithValue(ctx, connKey{}, fc)
+	}
+	return ctx
+}
+
+// TakeVerdict returns the framing verdict of the request being served on
+// ctx's connection. It returns the zero Verdict (a pass) for connections the
+// check does not cover, such as HTTP/2. Call it exactly once per request,
+// first thing in the handler.
+func TakeVerdict(ctx context.Context) Verdict {
+	fc, ok := ctx.Value(connKey{}).(*framingConn)
+	if !ok {
+		return Verdict{}
+	}
+	v, _ := fc.takeVerdict() // none for HTTP/2 and unchecked connections
+	return v
+}

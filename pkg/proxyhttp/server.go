@@ -1,0 +1,151 @@
+// Package proxyhttp holds what the sidecar's HTTP listeners share: hardened
+// server settings, the framing check that keeps smuggled requests out, and
+// the local error responses of DESIGN.md.
+package proxyhttp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"syscall"
+	"time"
+)
+
+// Limits bound what one client may cost a listener. The zero value of a field
+// means its default.
+type Limits struct {
+	// ReadHeaderTimeout bounds the wait for a request's header block
+	// (slowloris). Default 10s.
+	ReadHeaderTimeout time.Duration
+	// BodyReadTimeout bounds each wait for more request body bytes, so a
+	// client that stops sending mid-body is cut off while long uploads that
+	// keep moving are fine. Default 30s.
+	BodyReadTimeout time.Duration
+	// IdleTimeout closes keep-alive connections idle this long. Default 90s.
+	IdleTimeout time.Duration
+	// MaxHeaderBytes bounds a request's header block; larger gets 431.
+	// Default 64 KiB.
+	MaxHeaderBytes int
+}
+
+// WithDefaults returns l with zero fields set to their defaults.
+func (l Limits) WithDefaults() Limits {
+	if l.ReadHeaderTimeout <= 0 {
+		l.ReadHeaderTimeout = 10 * time.Second
+	}
+	if l.BodyReadTimeout <= 0 {
+		l.BodyReadTimeout = 30 * time.Second
+	}
+	if l.IdleTimeout <= 0 {
+		l.IdleTimeout = 90 * time.Second
+	}
+	if l.MaxHeaderBytes <= 0 {
+		l.MaxHeaderBytes = 64 << 10
+	}
+	return l
+}
+
+// Server is an http.Server on a framing-checked listener.
+type Server struct {
+	HTTP     *http.Server
+	Listener net.Listener
+	Limits   Limits
+}
+
+// Listen binds addr and prepares a hardened server for h. A port already in
+// use is reported as such, with the address.
+func Listen(name, addr string, h http.Handler, limits Limits, log *slog.Logger) (*Server, error) {
+	limits = limits.WithDefaults()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return nil, fmt.Errorf("%s listener: address %s is already in use (another sidecar or process holds it; set a different address)", name, addr)
+		}
+		return nil, fmt.Errorf("%s listener on %s: %w", name, addr, err)
+	}
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: limits.ReadHeaderTimeout,
+		IdleTimeout:       limits.IdleTimeout,
+		MaxHeaderBytes:    limits.MaxHeaderBytes,
+		ConnContext:       ConnContext,
+		ErrorLog:          slog.NewLogLogger(log.With("listener", name).Handler(), slog.LevelDebug),
+	}
+	return &Server{
+		HTTP:     srv,
+		Listener: &FramingListener{Listener: ln, MaxHeaderBytes: limits.MaxHeaderBytes},
+		Limits:   limits,
+	}, nil
+}
+
+// Addr is the bound address (useful with port 0).
+func (s *Server) Addr() net.Addr { return s.Listener.Addr() }
+
+// Serve serves until Shutdown or Close; it returns nil after those.
+func (s *Server) Serve() error {
+	if err := s.HTTP.Serve(s.Listener); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// Shutdown stops accepting and waits for in-flight requests until ctx ends.
+func (s *Server) Shutdown(ctx context.Context) error { return s.HTTP.Shutdown(ctx) }
+
+// ClientError marks an error that came from reading the client's request,
+// not from the upstream.
+type ClientError struct{ Err error }
+
+func (e *ClientError) Error() string { return "reading request body: " + e.Err.Error() }
+func (e *ClientError) Unwrap() error { return e.Err }
+
+// Timeout reports whether the client was too slow to send its body.
+func (e *ClientError) Timeout() bool {
+	return errors.Is(e.Err, os.ErrDeadlineExceeded)
+}
+
+// Gone reports whether the client went away (closed or reset) mid-body.
+func (e *ClientError) Gone() bool {
+	return errors.Is(e.Err, io.ErrUnexpectedEOF) || errors.Is(e.Err, io.EOF) ||
+		errors.Is(e.Err, syscall.ECONNRESET) || errors.Is(e.Err, net.ErrClosed)
+}
+
+// BodyReader wraps a request body so that each Read has BodyReadTimeout to
+// make progress and its errors are *ClientError. It clears the deadline at
+// EOF, since net/http's background read shares the connection's deadline.
+type BodyReader struct {
+	Body    io.ReadCloser
+	RC      *http.ResponseController
+	Timeout time.Duration
+	done    bool
+}
+
+// Read implements io.Reader.
+func (b *BodyReader) Read(p []byte) (int, error) {
+	if b.done {
+		return 0, io.EOF
+	}
+	if b.RC != nil {
+		_ = b.RC.SetReadDeadline(time.Now().Add(b.Timeout))
+	}
+	n, err := b.Body.Read(p)
+	if err != nil {
+		if b.RC != nil {
+			_ = b.RC.SetReadDeadline(time.Time{})
+		}
+		if err == io.EOF {
+			b.done = true
+			return n, io.EOF
+		}
+		return n, &ClientError{Err: err}
+	}
+	return n, nil
+}
+
+// Close implements io.Closer.
+func (b *BodyReader) Close() error { return b.Body.Close() }
