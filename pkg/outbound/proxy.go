@@ -52,7 +52,6 @@ type Proxy struct {
 	allow     map[string]bool
 	service   *httputil.ReverseProxy // to services known to discovery
 	direct    *httputil.ReverseProxy // to allow-listed external hosts
-	dialer    net.Dialer
 	tunnels   sync.WaitGroup
 }
 
@@ -81,7 +80,6 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		p.allow[h] = true
 	}
-	p.dialer = net.Dialer{Timeout: p.transport.dialer.Timeout}
 	errLog := slog.NewLogLogger(p.log.Handler(), slog.LevelDebug)
 	p.service = &httputil.ReverseProxy{
 		Rewrite:      func(pr *httputil.ProxyRequest) { rewrite(pr, discovery.ServiceName(pr.In.Host)) },
@@ -148,7 +146,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				Detail: "CONNECT to " + host + " is not allowed; add it to allowHosts"})
 			return
 		}
-		p.tunnel(w, r)
+		p.tunnel(proxyhttp.HijackAware(w, r), r)
 		return
 	}
 	if r.URL.Scheme != "" && r.URL.Scheme != "http" {
@@ -187,6 +185,9 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		r = &r2
 	}
+	if r.Header.Get("Upgrade") != "" {
+		w = proxyhttp.HijackAware(w, r)
+	}
 	rp.ServeHTTP(w, r)
 }
 
@@ -210,7 +211,7 @@ type preparedBody struct {
 // prepareBody reads a body of up to maxBufferedBody into memory before
 // anything is forwarded; a larger one streams on from what was read.
 func (p *Proxy) prepareBody(w http.ResponseWriter, r *http.Request) (preparedBody, error) {
-	br := &proxyhttp.BodyReader{Body: r.Body, RC: http.NewResponseController(w), Timeout: p.limits.BodyReadTimeout}
+	br := proxyhttp.NewBodyReader(w, r, p.limits.BodyReadTimeout)
 	if r.ContentLength > maxBufferedBody || (r.ContentLength < 0 && len(r.Trailer) > 0) {
 		return preparedBody{rc: br, length: r.ContentLength}, nil
 	}
@@ -262,7 +263,9 @@ func (p *Proxy) reject(w http.ResponseWriter, e *proxyhttp.LocalError) {
 func (p *Proxy) handleError(w http.ResponseWriter, r *http.Request, err error) {
 	e := errorFor(discovery.ServiceName(r.Host), err)
 	if e.Status == StatusClientClosed {
-		return // nobody to answer
+		// Nobody to answer; abort rather than let net/http send an
+		// implicit 200.
+		panic(http.ErrAbortHandler)
 	}
 	p.log.Debug("request failed", "service", e.Service, "reason", e.Reason, "err", err)
 	proxyhttp.WriteError(w, e)
@@ -314,8 +317,8 @@ func errorFor(service string, err error) *proxyhttp.LocalError {
 // tunnel serves CONNECT to an allow-listed host:port by splicing the two
 // connections until either side closes.
 func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := context.WithTimeout(r.Context(), p.dialer.Timeout)
-	dst, err := p.dialer.DialContext(ctx, "tcp", r.Host)
+	ctx, cancel := context.WithTimeout(r.Context(), p.transport.dialer.Timeout)
+	dst, err := p.transport.dial(ctx, "tcp", r.Host)
 	cancel()
 	if err != nil {
 		p.handleError(w, r, &ConnectError{Addr: r.Host, Err: err})

@@ -36,6 +36,7 @@ import (
 // connection management, not a retry, and happens at most once per call.
 type Transport struct {
 	dialer                net.Dialer
+	dial                  func(ctx context.Context, network, addr string) (net.Conn, error)
 	responseHeaderTimeout time.Duration
 	idleConnTimeout       time.Duration
 	maxIdlePerHost        int
@@ -58,6 +59,9 @@ type TransportConfig struct {
 	IdleConnTimeout time.Duration
 	// MaxIdleConnsPerHost bounds the pool per endpoint. Default 256.
 	MaxIdleConnsPerHost int
+	// DialContext, when set, replaces the TCP dialer (tests count dials with
+	// it). DialTimeout still bounds it.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // NewTransport returns a Transport.
@@ -74,12 +78,17 @@ func NewTransport(cfg TransportConfig) *Transport {
 	if cfg.MaxIdleConnsPerHost <= 0 {
 		cfg.MaxIdleConnsPerHost = 256
 	}
-	return &Transport{
+	t := &Transport{
 		dialer:                net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 30 * time.Second},
+		dial:                  cfg.DialContext,
 		responseHeaderTimeout: cfg.ResponseHeaderTimeout,
 		idleConnTimeout:       cfg.IdleConnTimeout,
 		maxIdlePerHost:        cfg.MaxIdleConnsPerHost,
 	}
+	if t.dial == nil {
+		t.dial = t.dialer.DialContext
+	}
+	return t
 }
 
 // ConnectError reports that no connection to an endpoint could be made:
@@ -211,7 +220,9 @@ func (t *Transport) getConn(ctx context.Context, addr string, fresh bool) (*pers
 			return pc, nil
 		}
 	}
-	c, err := t.dialer.DialContext(ctx, "tcp", addr)
+	dctx, cancel := context.WithTimeout(ctx, t.dialer.Timeout)
+	c, err := t.dial(dctx, "tcp", addr)
+	cancel()
 	if err != nil {
 		return nil, &ConnectError{Addr: addr, Err: err}
 	}
@@ -259,6 +270,9 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 	fail := func(err error) (*http.Response, error) {
 		stop()
 		_ = pc.conn.Close()
+		if isClientErr(err) {
+			return nil, err // a client read error also cancels ctx: keep the cause
+		}
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			return nil, ctxErr
 		}
@@ -298,6 +312,9 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 	// request whose body is still streaming is bounded by its context.
 	if bodyDone == nil {
 		_ = pc.conn.SetReadDeadline(time.Now().Add(pc.t.responseHeaderTimeout))
+		if ctx.Err() != nil {
+			_ = pc.conn.SetDeadline(aLongTimeAgo) // canceled before the line above
+		}
 	}
 	resp, err := pc.readResponse(req)
 	if bodyDone == nil {
@@ -308,15 +325,23 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 	}
 	if err != nil {
 		if bodyDone != nil {
-			select {
-			case werr := <-bodyDone:
-				if werr != nil && isClientErr(werr) {
-					return fail(werr)
+			var werr error
+			if errors.Is(ctx.Err(), context.Canceled) {
+				// net/http cancels on any client read error: the writer is
+				// returning too (its reads and writes both fail now), with
+				// the error that says why.
+				werr = <-bodyDone
+			} else {
+				select {
+				case werr = <-bodyDone:
+				default:
 				}
-				if werr != nil {
-					return fail(&UpstreamError{Addr: pc.addr, Op: "write request", Written: true, Err: werr})
-				}
-			default:
+			}
+			if werr != nil && isClientErr(werr) {
+				return fail(werr)
+			}
+			if werr != nil {
+				return fail(&UpstreamError{Addr: pc.addr, Op: "write request", Written: true, Err: werr})
 			}
 		}
 		if isTimeout(err) && ctx.Err() == nil {

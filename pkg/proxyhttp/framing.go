@@ -1,12 +1,17 @@
 package proxyhttp
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"io"
 	"net"
+	"net/http"
 	"sync"
+	"sync/atomic"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // Why this file exists: Go's HTTP/1.1 server is lenient where a proxy must be
@@ -47,7 +52,7 @@ const (
 	stChunkCRLF                       // the CRLF after chunk data
 	stTrailer                         // trailer lines after the last chunk
 	stPassthrough                     // HTTP/2 or an oversized header: net/http takes over
-	stDead                            // after a rejected request: EOF
+	stDead                            // after a rejected request: nothing more is read
 )
 
 // Verdict is the framing check's judgement of one request.
@@ -92,11 +97,17 @@ type framingConn struct {
 	r     int    // buf[r:rel] is checked and ready for net/http
 	rel   int    // buf[rel:w] is not checked yet
 	w     int
-	scan  int // in stHeader, where the search for the block's end resumes
+	scan  int   // in stHeader, where the search for the block's end resumes
 	err   error // ErrBadFraming once the stream is dead for it
 
 	mu       sync.Mutex // guards verdicts
 	verdicts []Verdict
+
+	// hijacked is set when the handler takes the connection over (CONNECT,
+	// Upgrade): from then on bytes pass unchecked.
+	hijacked atomic.Bool
+	// badFraming is set when a body's framing was found malformed.
+	badFraming atomic.Bool
 }
 
 func (c *framingConn) pushVerdict(v Verdict) {
@@ -117,6 +128,9 @@ func (c *framingConn) takeVerdict() (Verdict, bool) {
 }
 
 func (c *framingConn) Read(p []byte) (int, error) {
+	if c.state != stPassthrough && c.hijacked.Load() {
+		c.state, c.rel = stPassthrough, c.w
+	}
 	for {
 		if c.r < c.rel {
 			n := copy(p, c.buf[c.r:c.rel])
@@ -128,7 +142,16 @@ func (c *framingConn) Read(p []byte) (int, error) {
 			if c.err != nil {
 				return 0, c.err
 			}
-			return 0, io.EOF
+			// Nothing more is served on this connection, but an EOF here
+			// would tell net/http the client left and cancel the request
+			// in flight. Discard what the client sends until it closes or
+			// net/http ends the read with a deadline.
+			var discard [512]byte
+			for {
+				if _, err := c.Conn.Read(discard[:]); err != nil {
+					return 0, err
+				}
+			}
 		case stPassthrough:
 			return c.Conn.Read(p)
 		case stBody, stChunkData:
@@ -281,6 +304,7 @@ func (c *framingConn) badBody() {
 	c.state = stDead
 	c.w = c.rel
 	c.err = ErrBadFraming
+	c.badFraming.Store(true)
 }
 
 // headerEnd returns the index in buf just past the empty line that ends the
@@ -359,9 +383,12 @@ func parseFraming(block []byte) (framing, string) {
 		}
 		colon := bytes.IndexByte(line, ':')
 		if colon < 0 {
-			continue // net/http rejects it
+			return f, "header line without a colon"
 		}
 		name, value := line[:colon], bytes.TrimSpace(line[colon+1:])
+		if !validHeaderName(name) {
+			return f, "invalid header name " + quote(name)
+		}
 		switch {
 		case asciiEqualFold(name, "content-length"):
 			n, ok := parseDecimal(value)
@@ -387,6 +414,20 @@ func parseFraming(block []byte) (framing, string) {
 		return f, "both Content-Length and Transfer-Encoding"
 	}
 	return f, ""
+}
+
+// validHeaderName reports whether b is a token (RFC 9110, 5.1): no spaces,
+// no separators, so "Transfer-Encoding :" can't slip past as another name.
+func validHeaderName(b []byte) bool {
+	if len(b) == 0 {
+		return false
+	}
+	for _, c := range b {
+		if !httpguts.IsTokenRune(rune(c)) {
+			return false
+		}
+	}
+	return true
 }
 
 func parseDecimal(b []byte) (int64, bool) {
@@ -479,3 +520,30 @@ func TakeVerdict(ctx context.Context) Verdict {
 	v, _ := fc.takeVerdict() // none for HTTP/2 and unchecked connections
 	return v
 }
+
+// HijackAware returns w wrapped so that when the handler hijacks the
+// connection (for a CONNECT tunnel or a protocol upgrade) the framing check
+// steps aside and the bytes that follow pass unchecked.
+func HijackAware(w http.ResponseWriter, r *http.Request) http.ResponseWriter {
+	fc, ok := r.Context().Value(connKey{}).(*framingConn)
+	if !ok {
+		return w
+	}
+	return &hijackWriter{ResponseWriter: w, fc: fc}
+}
+
+type hijackWriter struct {
+	http.ResponseWriter
+	fc *framingConn
+}
+
+func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
+	if err == nil {
+		h.fc.hijacked.Store(true)
+	}
+	return c, brw, err
+}
+
+func (h *hijackWriter) Flush()                      { _ = http.NewResponseController(h.ResponseWriter).Flush() }
+func (h *hijackWriter) Unwrap() http.ResponseWriter { return h.ResponseWriter }

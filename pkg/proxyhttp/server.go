@@ -61,6 +61,9 @@ type Server struct {
 // use is reported as such, with the address.
 func Listen(name, addr string, h http.Handler, limits Limits, log *slog.Logger) (*Server, error) {
 	limits = limits.WithDefaults()
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		if errors.Is(err, syscall.EADDRINUSE) {
@@ -111,18 +114,29 @@ func (e *ClientError) Timeout() bool {
 
 // Gone reports whether the client went away (closed or reset) mid-body.
 func (e *ClientError) Gone() bool {
+	if errors.Is(e.Err, ErrBadFraming) {
+		return false
+	}
 	return errors.Is(e.Err, io.ErrUnexpectedEOF) || errors.Is(e.Err, io.EOF) ||
 		errors.Is(e.Err, syscall.ECONNRESET) || errors.Is(e.Err, net.ErrClosed)
 }
 
-// BodyReader wraps a request body so that each Read has BodyReadTimeout to
-// make progress and its errors are *ClientError. It clears the deadline at
-// EOF, since net/http's background read shares the connection's deadline.
+// BodyReader wraps a request body so that each Read has a timeout to make
+// progress and its errors are *ClientError. It clears the deadline at EOF,
+// since net/http's background read shares the connection's deadline. Not
+// safe for concurrent use, like any body.
 type BodyReader struct {
-	Body    io.ReadCloser
-	RC      *http.ResponseController
-	Timeout time.Duration
+	body    io.ReadCloser
+	rc      *http.ResponseController
+	timeout time.Duration
+	fc      *framingConn
 	done    bool
+}
+
+// NewBodyReader wraps r's body; w is r's ResponseWriter.
+func NewBodyReader(w http.ResponseWriter, r *http.Request, timeout time.Duration) *BodyReader {
+	fc, _ := r.Context().Value(connKey{}).(*framingConn)
+	return &BodyReader{body: r.Body, rc: http.NewResponseController(w), timeout: timeout, fc: fc}
 }
 
 // Read implements io.Reader.
@@ -130,17 +144,22 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 	if b.done {
 		return 0, io.EOF
 	}
-	if b.RC != nil {
-		_ = b.RC.SetReadDeadline(time.Now().Add(b.Timeout))
+	if b.timeout > 0 {
+		_ = b.rc.SetReadDeadline(time.Now().Add(b.timeout))
 	}
-	n, err := b.Body.Read(p)
+	n, err := b.body.Read(p)
 	if err != nil {
-		if b.RC != nil {
-			_ = b.RC.SetReadDeadline(time.Time{})
+		if b.timeout > 0 {
+			_ = b.rc.SetReadDeadline(time.Time{})
 		}
 		if err == io.EOF {
 			b.done = true
 			return n, io.EOF
+		}
+		// net/http reports a framing fault as an unexpected EOF; the
+		// framing check knows better.
+		if b.fc != nil && b.fc.badFraming.Load() {
+			err = ErrBadFraming
 		}
 		return n, &ClientError{Err: err}
 	}
@@ -148,4 +167,4 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 }
 
 // Close implements io.Closer.
-func (b *BodyReader) Close() error { return b.Body.Close() }
+func (b *BodyReader) Close() error { return b.body.Close() }

@@ -1,0 +1,148 @@
+package outbound_test
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/outbound"
+	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// upstream is a real HTTP server that counts the requests it was handed.
+type upstream struct {
+	*httptest.Server
+	requests atomic.Int64
+}
+
+func newUpstream(t *testing.T, h http.HandlerFunc) *upstream {
+	t.Helper()
+	u := &upstream{}
+	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		u.requests.Add(1)
+		h(w, r)
+	}))
+	t.Cleanup(u.Close)
+	return u
+}
+
+func (u *upstream) addr() string { return strings.TrimPrefix(u.URL, "http://") }
+
+// sidecar is the outbound proxy on a real loopback listener.
+type sidecar struct {
+	addr  string
+	dials atomic.Int64
+	proxy *outbound.Proxy
+}
+
+type options struct {
+	static     map[string][]string
+	allowHosts []string
+	limits     proxyhttp.Limits
+	transport  outbound.TransportConfig
+}
+
+func startSidecar(t *testing.T, o options) *sidecar {
+	t.Helper()
+	static, err := discovery.NewStatic(o.static)
+	if err != nil {
+		t.Fatalf("NewStatic: %v", err)
+	}
+	sc := &sidecar{}
+	var d net.Dialer
+	o.transport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		sc.dials.Add(1)
+		return d.DialContext(ctx, network, addr)
+	}
+	sc.proxy, err = outbound.New(outbound.Config{
+		Resolver:   discovery.Chain{static},
+		AllowHosts: o.allowHosts,
+		Transport:  o.transport,
+		Limits:     o.limits,
+	})
+	if err != nil {
+		t.Fatalf("outbound.New: %v", err)
+	}
+	srv, err := proxyhttp.Listen("outbound", "127.0.0.1:0", sc.proxy, o.limits, nil)
+	if err != nil {
+		t.Fatalf("Listen: %v", err)
+	}
+	sc.addr = srv.Addr().String()
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve() }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			_ = srv.HTTP.Close()
+		}
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		sc.proxy.Close()
+	})
+	return sc
+}
+
+// client returns an HTTP client that sends every request to the sidecar.
+func (sc *sidecar) client(t *testing.T) *http.Client {
+	t.Helper()
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, sc.addr)
+		},
+		MaxIdleConnsPerHost: 64,
+	}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr, Timeout: 10 * time.Second}
+}
+
+// get sends GET http://host/path through the sidecar (Host-header form).
+func (sc *sidecar) get(t *testing.T, c *http.Client, host, path string) (*http.Response, string) {
+	t.Helper()
+	resp, err := c.Get("http://" + host + path)
+	if err != nil {
+		t.Fatalf("GET %s%s: %v", host, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("GET %s%s: reading body: %v", host, path, err)
+	}
+	return resp, string(b)
+}
+
+// raw sends bytes on a new connection to the sidecar and returns the first
+// response read back.
+func (sc *sidecar) raw(t *testing.T, payload string) (*http.Response, string) {
+	t.Helper()
+	c, err := net.Dial("tcp", sc.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, payload); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("reading response to %.80q: %v", payload, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, string(b)
+}
