@@ -27,7 +27,10 @@ type setting struct {
 	// by sep.
 	list bool
 	sep  string
-	set  func(c *config.Config, v string) error
+	// reset, if set, clears the file's value before a list from a flag or
+	// the environment is applied, so that list replaces it.
+	reset func(c *config.Config)
+	set   func(c *config.Config, v string) error
 }
 
 func (s setting) envName() string {
@@ -86,6 +89,7 @@ var settings = []setting{
 		}},
 	{flag: "allow-host", list: true, sep: ",",
 		usage: "external host or host:port the app may reach directly through the outbound port (DNS, IP literals, CONNECT); repeatable (key: allowHosts; env entries separated by ',')",
+		reset: func(c *config.Config) { c.AllowHosts = nil },
 		set: func(c *config.Config, v string) error {
 			if v = strings.TrimSpace(v); v != "" {
 				c.AllowHosts = append(c.AllowHosts, v)
@@ -173,8 +177,8 @@ func (o *runOptions) complete() error {
 		if from == "" {
 			continue
 		}
-		if s.flag == "allow-host" {
-			cfg.AllowHosts = nil // a list from a flag or env replaces the file's
+		if s.reset != nil {
+			s.reset(cfg)
 		}
 		for _, v := range values {
 			if err := s.set(cfg, v); err != nil {

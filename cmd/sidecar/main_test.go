@@ -1,0 +1,238 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"debug/elf"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// cli runs the sidecar command in-process with env as its environment.
+func cli(t *testing.T, ctx context.Context, env map[string]string, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	cmd := newRootCommand(strings.NewReader(""), &out, &errb, func(k string) string { return env[k] })
+	cmd.SetArgs(args)
+	err = cmd.ExecuteContext(ctx)
+	return out.String(), errb.String(), err
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func TestVersion(t *testing.T) {
+	out, _, err := cli(t, context.Background(), nil, "version", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b buildInfo
+	if err := json.Unmarshal([]byte(out), &b); err != nil || b.Version == "" || b.Commit == "" || !strings.HasPrefix(b.Go, "go1.") {
+		t.Fatalf("version -o json = %q (%v)", out, err)
+	}
+	out, _, _ = cli(t, context.Background(), nil, "version")
+	if !strings.Contains(out, "sidecar ") || !strings.Contains(out, "commit: ") || !strings.Contains(out, "go: go1.") {
+		t.Fatalf("version = %q", out)
+	}
+}
+
+// Every setting is documented in --help with its flag, its key and its
+// environment variable.
+func TestRunHelpNamesEverySetting(t *testing.T) {
+	out, _, err := cli(t, context.Background(), nil, "run", "--help")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range settings {
+		for _, want := range []string{"--" + s.flag, s.envName(), "(key: "} {
+			if !strings.Contains(out, want) {
+				t.Errorf("run --help lacks %q for setting %s", want, s.flag)
+			}
+		}
+	}
+	if !strings.Contains(out, "--config") {
+		t.Error("run --help lacks --config")
+	}
+}
+
+// Flags beat the environment, which beats the config file.
+func TestPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "sidecar.yaml")
+	os.WriteFile(file, []byte("service: from-file\nappPort: 1111\nlisteners: {admin: 127.0.0.1:1}\nallowHosts: [file.example]\n"), 0o600)
+	o := newRunOptions(io.Discard, io.Discard, func(k string) string {
+		return map[string]string{
+			"SIDECAR_CONFIG":     file,
+			"SIDECAR_SERVICE":    "from-env",
+			"SIDECAR_APP_PORT":   "2222",
+			"SIDECAR_STATIC":     "a=127.0.0.1:1,127.0.0.1:2;b=127.0.0.1:3",
+			"SIDECAR_ALLOW_HOST": "x.example,y.example",
+			"CONSUL_HTTP_ADDR":   "127.0.0.1:8500",
+		}[k]
+	})
+	fs := pflag.NewFlagSet("run", pflag.ContinueOnError)
+	o.addFlags(fs)
+	if err := fs.Parse([]string{"--app-port", "3333", "--static", "b=127.0.0.1:4"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.complete(); err != nil {
+		t.Fatal(err)
+	}
+	c := o.cfg
+	if c.Service != "from-env" || c.AppPort != 3333 || c.Listeners.Admin != "127.0.0.1:1" || c.Listeners.Outbound != "127.0.0.1:15001" {
+		t.Fatalf("service %q appPort %d admin %q outbound %q; want from-env, 3333 (flag), 127.0.0.1:1 (file), the default",
+			c.Service, c.AppPort, c.Listeners.Admin, c.Listeners.Outbound)
+	}
+	// The embedded default is not read when a file is given; the flag's
+	// entries replace the environment's.
+	if got := c.Discovery.Static; len(got) != 1 || len(got["b"]) != 1 || got["b"][0] != "127.0.0.1:4" {
+		t.Fatalf("static = %v; want only b=127.0.0.1:4 from the flag", got)
+	}
+	if strings.Join(c.AllowHosts, ",") != "x.example,y.example" {
+		t.Fatalf("allowHosts = %v; want the environment's list replacing the file's", c.AllowHosts)
+	}
+	if c.Discovery.Consul == nil || c.Discovery.Consul.Address != "127.0.0.1:8500" {
+		t.Fatalf("consul = %+v; want CONSUL_HTTP_ADDR", c.Discovery.Consul)
+	}
+}
+
+func TestStartupErrors(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("service: a\nlisteners:\n  outbund: 127.0.0.1:1\n"), 0o600)
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	cases := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"unknown key", []string{"run", "--config", bad}, bad + `:3: unknown key "listeners.outbund"`},
+		{"missing file", []string{"run", "--config", filepath.Join(dir, "nope.yaml")}, "no such file"},
+		{"bad flag value", []string{"run", "--app-port", "http"}, `--app-port: want a port number, got "http"`},
+		{"invalid value", []string{"run", "--outbound-addr", "nowhere"}, `listeners.outbound: "nowhere": want host:port`},
+		{"port in use", []string{"run", "--outbound-addr", taken.Addr().String(), "--admin-addr", freePort(t)}, taken.Addr().String() + " is already in use"},
+		{"unknown flag", []string{"run", "--outbound", "x"}, "unknown flag: --outbound"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_, _, err := cli(t, ctx, nil, tc.args...)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("sidecar %v: error %v; want it to contain %q", tc.args, err, tc.want)
+			}
+		})
+	}
+}
+
+// `sidecar demo` serves the quick start end to end: example upstreams, the
+// outbound proxy on its flags' addresses, and the admin API.
+func TestDemo(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	out, adm := freePort(t), freePort(t)
+	done := make(chan error, 1)
+	var stdout bytes.Buffer
+	go func() {
+		cmd := newRootCommand(strings.NewReader(""), &stdout, io.Discard, func(string) string { return "" })
+		cmd.SetArgs([]string{"demo", "--outbound-addr", out, "--admin-addr", adm})
+		done <- cmd.ExecuteContext(ctx)
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("demo exited with %v", err)
+		}
+	}()
+	client := &http.Client{Timeout: 5 * time.Second}
+	var seen = map[string]bool{}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(seen) < 2 && time.Now().Before(deadline) {
+		req, _ := http.NewRequest("GET", "http://"+out+"/users/1", nil)
+		req.Host = "user-service"
+		resp, err := client.Do(req)
+		if err != nil {
+			time.Sleep(50 * time.Millisecond) // not listening yet
+			continue
+		}
+		var body struct{ Instance string }
+		json.NewDecoder(resp.Body).Decode(&body)
+		resp.Body.Close()
+		seen[body.Instance] = true
+	}
+	if !seen["user-service-1"] || !seen["user-service-2"] {
+		t.Fatalf("demo: instances seen %v, want both example upstreams", seen)
+	}
+	resp, err := client.Get("http://" + adm + "/endpoints")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if !strings.Contains(string(b), `"user-service"`) || !strings.Contains(string(b), "127.0.0.1:9002") {
+		t.Fatalf("admin /endpoints = %s", b)
+	}
+	if !strings.Contains(stdout.String(), "curl -x http://"+out) {
+		t.Fatalf("demo did not print the curl commands:\n%s", stdout.String())
+	}
+}
+
+// The binary built the Dockerfile's way is static: no interpreter, no shared
+// libraries.
+func TestDockerfileBuildIsStatic(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	df, err := os.ReadFile("../../Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^RUN (CGO_ENABLED=0 go build .*) -o /out/sidecar (\./cmd/sidecar)$`).FindSubmatch(df)
+	if m == nil {
+		t.Fatal("Dockerfile has no `RUN CGO_ENABLED=0 go build ... -o /out/sidecar ./cmd/sidecar` line")
+	}
+	bin := filepath.Join(t.TempDir(), "sidecar")
+	line := strings.NewReplacer("${VERSION}", "test", "${COMMIT}", "test").Replace(string(m[1]))
+	cmd := exec.Command("sh", "-c", line+" -o "+bin+" "+string(m[2]))
+	cmd.Dir = "../.."
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v\n%s", line, err, out)
+	}
+	f, err := elf.Open(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP || p.Type == elf.PT_DYNAMIC {
+			t.Fatalf("binary built as the Dockerfile does has program header %v: not static", p.Type)
+		}
+	}
+	if libs, _ := f.ImportedLibraries(); len(libs) > 0 {
+		t.Fatalf("binary needs shared libraries %v", libs)
+	}
+}

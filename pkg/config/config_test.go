@@ -1,0 +1,106 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func TestEmbeddedDefault(t *testing.T) {
+	c, err := Load("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.WithDefaults()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("embedded default does not validate: %v", err)
+	}
+	if got := c.Discovery.Static["user-service"]; len(got) != 2 {
+		t.Fatalf("embedded default static user-service = %v, want two example upstreams", got)
+	}
+	if c.Listeners.Outbound != "127.0.0.1:15001" || c.Listeners.Admin != "127.0.0.1:15000" {
+		t.Fatalf("listeners %+v", c.Listeners)
+	}
+}
+
+func TestDesignExampleParses(t *testing.T) {
+	// The config example of DESIGN.md, key for key.
+	doc := `
+service: orders
+appPort: 8080
+listeners: {outbound: 127.0.0.1:15001, inbound: 0.0.0.0:15006, admin: 127.0.0.1:15000,
+            health: 0.0.0.0:15020, metrics: 0.0.0.0:15090}
+discovery:
+  consul: {address: 127.0.0.1:8500}
+  static:
+    user-service: [127.0.0.1:9001, 127.0.0.1:9002]
+probes:
+  readiness: {http: /health, interval: 1s, timeout: 1s, failureThreshold: 3, successThreshold: 1}
+  liveness: {tcp: true}
+  startup: {grpc: ""}
+policies:
+  - {service: "*", timeout: 10s}
+policyFile: policies.yaml
+`
+	c, err := Parse([]byte(doc), "design.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.WithDefaults()
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c.Service != "orders" || c.AppPort != 8080 || c.Discovery.Consul.Address != "127.0.0.1:8500" ||
+		c.Probes.Readiness.HTTP != "/health" || c.Probes.Readiness.Interval.D().String() != "1s" ||
+		!c.Probes.Liveness.TCP || c.Probes.Startup.GRPC == nil || len(c.Policies) != 1 || c.PolicyFile != "policies.yaml" {
+		t.Fatalf("parsed %+v", c)
+	}
+}
+
+func TestLoadErrorsNameFileLineAndKey(t *testing.T) {
+	dir := t.TempDir()
+	cases := []struct{ name, doc, want string }{
+		{"unknown top-level key", "service: a\nappport: 1\n", `bad.yaml:2: unknown key "appport" (allowed: allowHosts, appPort,`},
+		{"unknown nested key", "listeners:\n  outbound: 127.0.0.1:1\n  outbund: x\n", `bad.yaml:3: unknown key "listeners.outbund" (allowed: admin, health, inbound, metrics, outbound)`},
+		{"unknown probe key", "probes:\n  readiness:\n    htp: /x\n", `bad.yaml:3: unknown key "probes.readiness.htp"`},
+		{"wrong type", "appPort: eighty\n", "bad.yaml:1: cannot unmarshal !!str `eighty` into int"},
+		{"bad duration", "probes:\n  readiness: {http: /, interval: soon}\n", `bad.yaml:2: invalid duration "soon"`},
+		{"syntax", "listeners: [\n", "bad.yaml:"},
+		{"two documents", "service: a\n---\nservice: b\n", "bad.yaml:2: more than one YAML document"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, "bad.yaml")
+			if err := os.WriteFile(path, []byte(tc.doc), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, err := Load(path)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Load(%q) error:\n  %v\nwant it to contain:\n  %s", tc.doc, err, tc.want)
+			}
+			if !strings.HasPrefix(err.Error(), path) {
+				t.Fatalf("error %q does not start with the file name", err)
+			}
+		})
+	}
+}
+
+func TestValidate(t *testing.T) {
+	c := &Config{Service: "Orders_1", AppPort: 70000, Listeners: Listeners{Outbound: "nope"},
+		Discovery: Discovery{Static: map[string][]string{"a": {"host:1"}}}, Log: Log{Level: "loud"}}
+	c.WithDefaults()
+	err := c.Validate()
+	if err == nil {
+		t.Fatal("Validate accepted an invalid config")
+	}
+	for _, want := range []string{"service:", "appPort: 70000", "listeners.outbound:", "discovery.static:", "log.level:"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("Validate error lacks %q:\n%v", want, err)
+		}
+	}
+}
