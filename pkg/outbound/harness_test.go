@@ -54,7 +54,7 @@ type options struct {
 	transport  outbound.TransportConfig
 }
 
-func startSidecar(t *testing.T, o options) *sidecar {
+func startSidecar(t testing.TB, o options) *sidecar {
 	t.Helper()
 	static, err := discovery.NewStatic(o.static)
 	if err != nil {
