@@ -94,9 +94,7 @@ func (c Chain) Services() []*EndpointSet {
 // The port is dropped: a service is one name, whichever port the client
 // thought it had.
 func ServiceName(host string) string {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
+	host = stripPort(host)
 	host = strings.TrimSuffix(strings.ToLower(host), ".")
 	host = strings.TrimSuffix(host, ".service.consul")
 	return host
@@ -105,12 +103,29 @@ func ServiceName(host string) string {
 // IsIPLiteral reports whether host (with or without a port, IPv6 with or
 // without brackets) is an IP address rather than a name.
 func IsIPLiteral(host string) bool {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
+	host = stripPort(host)
 	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
 	if i := strings.IndexByte(host, '%'); i >= 0 { // IPv6 zone
 		host = host[:i]
 	}
 	return net.ParseIP(host) != nil
+}
+
+// stripPort drops a ":port" suffix; it leaves a bare IPv6 address alone and
+// does not allocate (net.SplitHostPort does, for a host without a port).
+func stripPort(host string) string {
+	i := strings.LastIndexByte(host, ':')
+	if i < 0 {
+		return host
+	}
+	if strings.HasPrefix(host, "[") {
+		if j := strings.IndexByte(host, ']'); j >= 0 && j < i {
+			return host[:j+1]
+		}
+		return host
+	}
+	if strings.IndexByte(host[:i], ':') >= 0 {
+		return host // bare IPv6 literal
+	}
+	return host[:i]
 }

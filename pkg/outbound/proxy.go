@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/httputil"
 	"strings"
 	"sync"
 	"time"
@@ -50,8 +49,8 @@ type Proxy struct {
 	log       *slog.Logger
 	transport *Transport
 	allow     map[string]bool
-	service   *httputil.ReverseProxy // to services known to discovery
-	direct    *httputil.ReverseProxy // to allow-listed external hosts
+	service   *forwarder // to services known to discovery
+	direct    *forwarder // to allow-listed external hosts
 	tunnels   sync.WaitGroup
 }
 
@@ -80,21 +79,8 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		p.allow[h] = true
 	}
-	errLog := slog.NewLogLogger(p.log.Handler(), slog.LevelDebug)
-	p.service = &httputil.ReverseProxy{
-		Rewrite:      func(pr *httputil.ProxyRequest) { rewrite(pr, discovery.ServiceName(pr.In.Host)) },
-		Transport:    chain(cfg.Resolver, p.transport),
-		BufferPool:   bufferPool{},
-		ErrorHandler: p.handleError,
-		ErrorLog:     errLog,
-	}
-	p.direct = &httputil.ReverseProxy{
-		Rewrite:      func(pr *httputil.ProxyRequest) { rewrite(pr, pr.In.Host) },
-		Transport:    p.transport,
-		BufferPool:   bufferPool{},
-		ErrorHandler: p.handleError,
-		ErrorLog:     errLog,
-	}
+	p.service = &forwarder{next: chain(cfg.Resolver, p.transport), onError: p.handleError}
+	p.direct = &forwarder{next: p.transport, onError: p.handleError}
 	return p, nil
 }
 
@@ -104,22 +90,6 @@ func New(cfg Config) (*Proxy, error) {
 //	pick (round robin over the service's healthy endpoints) -> transport
 func chain(resolver discovery.Resolver, t http.RoundTripper) http.RoundTripper {
 	return &pickLayer{resolver: resolver, next: t}
-}
-
-// rewrite prepares the upstream request. It runs after net/http/httputil has
-// removed the hop-by-hop headers the client named, so a client's Connection
-// header can never remove what is set here.
-func rewrite(pr *httputil.ProxyRequest, host string) {
-	pr.Out.URL.Scheme = "http"
-	pr.Out.URL.Host = host
-	pr.Out.Host = pr.In.Host
-	// Keep the chain of forwarders the app sent and append its address.
-	if xff, ok := pr.In.Header["X-Forwarded-For"]; ok {
-		pr.Out.Header["X-Forwarded-For"] = xff
-	}
-	pr.SetXForwarded()
-	// The body is sent right away; an interim 100 from upstream is skipped.
-	pr.Out.Header.Del("Expect")
 }
 
 // Close releases pooled upstream connections and waits for CONNECT tunnels.
@@ -155,11 +125,12 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	rp := p.service
+	fw, target := p.service, host
 	if p.allowed(host) {
-		rp = p.direct
+		fw = p.direct
 	} else {
 		service := discovery.ServiceName(host)
+		target = service
 		if discovery.IsIPLiteral(host) {
 			p.reject(w, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed, Service: service,
 				Detail: "IP addresses are not routed; call the service by name or add the address to allowHosts"})
@@ -185,10 +156,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		r = &r2
 	}
-	if r.Header.Get("Upgrade") != "" {
-		w = proxyhttp.HijackAware(w, r)
-	}
-	rp.ServeHTTP(w, r)
+	fw.forward(w, r, target)
 }
 
 func (p *Proxy) allowed(host string) bool {
@@ -338,11 +306,11 @@ func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 		_ = dst.Close()
 		return
 	}
-	splice(src, brw.Reader, dst)
+	spliceRW(src, brw.Reader, dst)
 }
 
-// splice copies both ways until one side ends, then closes both.
-func splice(client net.Conn, clientBuf io.Reader, upstream net.Conn) {
+// spliceRW copies both ways until both directions end, then closes both.
+func spliceRW(client net.Conn, clientBuf io.Reader, upstream io.ReadWriteCloser) {
 	done := make(chan struct{}, 2)
 	go func() {
 		_, _ = io.Copy(upstream, clientBuf)
@@ -360,16 +328,10 @@ func splice(client net.Conn, clientBuf io.Reader, upstream net.Conn) {
 	_ = upstream.Close()
 }
 
-func closeWrite(c net.Conn) {
+func closeWrite(c io.Closer) {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		_ = cw.CloseWrite()
 		return
 	}
 	_ = c.Close()
 }
-
-// bufferPool lends ReverseProxy its 32 KiB copy buffers.
-type bufferPool struct{}
-
-func (bufferPool) Get() []byte  { return *copyBufPool.Get().(*[]byte) }
-func (bufferPool) Put(b []byte) { copyBufPool.Put(&b) }

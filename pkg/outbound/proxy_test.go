@@ -466,3 +466,28 @@ func TestStalePooledConnection(t *testing.T) {
 		}
 	})
 }
+
+func TestTrailers(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Trailer", "X-Checksum")
+		w.Header().Set("X-Te-Seen", r.Header.Get("Te"))
+		io.WriteString(w, "body")
+		w.Header().Set("X-Checksum", "abc")
+		w.Header().Set(http.TrailerPrefix+"X-Late", "late")
+	})
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.addr()}}})
+	req, _ := http.NewRequest("GET", "http://svc/", nil)
+	req.Header.Set("Te", "trailers")
+	resp, err := sc.client(t).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if string(b) != "body" || resp.Trailer.Get("X-Checksum") != "abc" || resp.Trailer.Get("X-Late") != "late" {
+		t.Fatalf("body %q trailers %v, want body and X-Checksum: abc, X-Late: late", b, resp.Trailer)
+	}
+	if got := resp.Header.Get("X-Te-Seen"); got != "trailers" {
+		t.Fatalf("upstream saw TE %q, want trailers", got)
+	}
+}

@@ -126,6 +126,11 @@ const maxInlineBody = 64 << 10
 
 var aLongTimeAgo = time.Unix(1, 0)
 
+// peekAfterIdle is how long a pooled connection may sit idle before it is
+// checked for a close from the server before reuse. Keep-alive timeouts of
+// servers are seconds long; under load connections are idle for far less.
+const peekAfterIdle = 250 * time.Millisecond
+
 // RoundTrip implements http.RoundTripper.
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if req.URL.Scheme != "http" {
@@ -212,7 +217,11 @@ func (t *Transport) getConn(ctx context.Context, addr string, fresh bool) (*pers
 			p.idle[n-1] = nil
 			p.idle = p.idle[:n-1]
 			p.mu.Unlock()
-			if time.Since(pc.idleAt) > t.idleConnTimeout || !connAlive(pc.conn) {
+			idle := time.Since(pc.idleAt)
+			// A connection reused at once is alive; one that sat idle may
+			// have been closed by the server's keep-alive timeout, which a
+			// non-blocking peek sees for one syscall.
+			if idle > t.idleConnTimeout || (idle > peekAfterIdle && !connAlive(pc.conn)) {
 				_ = pc.conn.Close()
 				continue
 			}
@@ -619,4 +628,13 @@ func closeBody(req *http.Request) {
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// CloseWrite half-closes the upgraded connection, so one direction can end
+// while the other still flows.
+func (u *upgradedConn) CloseWrite() error {
+	if cw, ok := u.pc.conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return u.pc.conn.Close()
 }
