@@ -37,6 +37,19 @@ func start(cfg *config.Config, log *slog.Logger) (*sidecar, error) {
 		log.Warn("Consul discovery is not available in this build; serving static endpoints only",
 			"consul", cfg.Discovery.Consul.Address)
 	}
+	for _, k := range []struct {
+		key string
+		set bool
+	}{
+		{"appPort", cfg.AppPort != 0},
+		{"probes", cfg.Probes != (config.Probes{})},
+		{"policies", len(cfg.Policies) > 0},
+		{"policyFile", cfg.PolicyFile != ""},
+	} {
+		if k.set {
+			log.Warn("configuration key is accepted but not in effect in this build", "key", k.key)
+		}
+	}
 	resolver := discovery.Chain{static}
 
 	proxy, err := outbound.New(outbound.Config{Resolver: resolver, AllowHosts: cfg.AllowHosts, Logger: log})
