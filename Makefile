@@ -8,7 +8,7 @@ IMAGE    ?= sidecar:$(VERSION)
 export GOTOOLCHAIN := local
 export GOFLAGS     := -buildvcs=false
 
-.PHONY: all build test vet fmt-check leak-check unit run demo bench bench-go tools image clean
+.PHONY: all build test test-tools vet fmt-check leak-check unit run demo bench bench-go tools image clean
 
 all: build
 
@@ -16,8 +16,12 @@ all: build
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/sidecar ./cmd/sidecar
 
-## test: vet, gofmt, the goroutine-leak guard, and every test with -race
-test: vet fmt-check leak-check unit
+## test: tools, vet, gofmt, the goroutine-leak guard, and every test with -race
+test: test-tools vet fmt-check leak-check unit
+
+## test-tools: the real servers the integration tests need (Consul), cached by version
+test-tools:
+	scripts/tools.sh test
 
 vet:
 	$(GO) vet ./...

@@ -2,25 +2,36 @@
 # scripts/tools.sh - idempotent installer for the tools that tests and benchmarks need.
 #
 # Usage:
-#   scripts/tools.sh bench   # wrk, haproxy, nginx, curl (Debian packages)
-#   scripts/tools.sh all     # everything known to this script
+#   scripts/tools.sh test         # what `make test` needs: consul (built from Go modules)
+#   scripts/tools.sh bench        # wrk, haproxy, nginx, curl (Debian packages)
+#   scripts/tools.sh all          # everything known to this script
+#   scripts/tools.sh path NAME    # print the cached binary of Go-built tool NAME
+#                                 # (exit 1 when it is not built yet)
 #   scripts/tools.sh help
+#
+# Installing a set prints, on stdout, the path of each Go-built tool in it, one
+# per line (all logs go to stderr), e.g. bin=$(scripts/tools.sh test).
 #
 # Debian packages are installed with apt-get only when a command is missing
 # (checked with `command -v`), which needs root (CI runs as root). Services are
 # never started by the package scripts: a temporary /usr/sbin/policy-rc.d that
 # denies starts is put in place during the install when none exists.
 #
-# Go-built tools (for later: Consul, Jaeger, ...) are built with install_go_tool
+# Go-built tools (Consul; later Jaeger, ...) are built with install_go_tool
 # into ${XDG_CACHE_HOME:-$HOME/.cache}/sidecar-tools/<name>-<version>/bin/<name>
 # (override the root with SIDECAR_TOOLS_CACHE) and symlinked into
-# <cache>/bin/<name>; an existing binary is never rebuilt.
+# <cache>/bin/<name>; an existing binary is never rebuilt. Building needs only
+# `go` and the Go module proxy; a cold Consul build takes several minutes.
 set -euo pipefail
 
 # Debian keeps daemons in /usr/sbin, which is not on every user's PATH.
 PATH="$PATH:/usr/sbin:/sbin"
 
 TOOLS_CACHE="${SIDECAR_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sidecar-tools}"
+
+# Pinned versions of the Go-built tools (see go_tool_version).
+# Consul v1.16.1 is the last MPL-2.0 release; later ones are BUSL-licensed.
+CONSUL_VERSION=v1.16.1
 
 # Debian packages still to install, filled by want_cmd.
 APT_MISSING=()
@@ -101,14 +112,14 @@ install_apt() {
 	trap unblock_service_start EXIT
 	block_service_start
 	log "running: apt-get update"
-	apt-get update
+	apt-get update >&2
 	local spec
 	local -a pkgs=()
 	for spec in "$@"; do
 		pkgs+=("$(resolve_alternatives "$spec")")
 	done
 	log "running: apt-get install -y --no-install-recommends ${pkgs[*]}"
-	apt-get install -y --no-install-recommends "${pkgs[@]}"
+	apt-get install -y --no-install-recommends "${pkgs[@]}" >&2
 	unblock_service_start
 	trap - EXIT
 }
@@ -119,7 +130,9 @@ install_apt() {
 # wrapper module (in $TOOLS_CACHE/NAME-VERSION/src) whose go.mod holds a
 # `tool PACKAGE` directive plus GOMOD_LINES (require/replace/exclude lines that
 # pin the module and its siblings). Skipped when the binary already exists.
-# Extra build environment such as GONOSUMDB can be given as a prefix:
+# LDFLAGS defaults to "-s -w". Extra build environment such as GONOSUMDB, or
+# GO_TOOL_TIDY_FLAGS (extra `go mod tidy` flags, e.g. -e), can be given as a
+# prefix; it applies to both `go mod tidy` and `go build`:
 #   GONOSUMDB=github.com/x/y install_go_tool foo v1.2.3 github.com/x/foo/cmd/foo \
 #       'require github.com/x/foo v1.2.3'
 # Prints nothing on stdout; the binary is also linked as $TOOLS_CACHE/bin/NAME.
@@ -130,32 +143,74 @@ install_go_tool() {
 	if [[ -x $bin ]]; then
 		log "ok: $name $version ($bin)"
 	else
-		have go || die "go is needed to build $name"
-		local gover
-		gover=$(go env GOVERSION)
-		gover=${gover#go}
-		log "building $name $version ($pkg) into $dir"
-		mkdir -p "$dir/src" "$dir/bin"
-		cat >"$dir/src/go.mod" <<EOF
-module sidecar-tools/$name
-
-go $gover
-
-tool $pkg
-
-$modlines
-EOF
-		(
-			cd "$dir/src"
-			log "running: go mod tidy (in $dir/src)"
-			go mod tidy
-			log "running: go build -trimpath -ldflags '$ldflags' -o $bin $pkg"
-			go build -trimpath -ldflags "$ldflags" -o "$bin.tmp" "$pkg"
-		)
-		mv -f "$bin.tmp" "$bin"
+		build_go_tool "$name" "$version" "$pkg" "$modlines" "$ldflags" "$dir" "$bin"
 	fi
 	mkdir -p "$TOOLS_CACHE/bin"
 	ln -sfn "$bin" "$TOOLS_CACHE/bin/$name"
+}
+
+# build_go_tool NAME VERSION PACKAGE GOMOD_LINES LDFLAGS DIR BIN: the build
+# step of install_go_tool (always builds, then moves the binary into place).
+build_go_tool() {
+	local name=$1 version=$2 pkg=$3 modlines=$4 ldflags=$5 dir=$6 bin=$7
+	have go || die "go is needed to build $name"
+	local gover start
+	gover=$(go env GOVERSION)
+	gover=${gover#go}
+	start=$SECONDS
+	log "building $name $version ($pkg) into $dir${GONOSUMDB:+ with GONOSUMDB=$GONOSUMDB}"
+	mkdir -p "$dir/src" "$dir/bin"
+	write_wrapper_gomod "$dir/src/go.mod" "$name" "$gover" "$pkg" "$modlines"
+	(
+		cd "$dir/src"
+		# The wrapper is a module of its own: ignore the caller's go.work and
+		# GOFLAGS (the Makefile exports GOFLAGS).
+		export GOWORK=off GOFLAGS=-buildvcs=false
+		local -a tidy_flags
+		read -r -a tidy_flags <<<"${GO_TOOL_TIDY_FLAGS:-}"
+		log "running: go mod tidy ${tidy_flags[*]} (in $dir/src)"
+		go mod tidy "${tidy_flags[@]}" ||
+			die "go mod tidy failed for $name $version (wrapper module: $dir/src/go.mod)"
+		log "running: go build -trimpath -ldflags '$ldflags' -o $bin $pkg"
+		if ! go build -trimpath -ldflags "$ldflags" -o "$bin.tmp.$$" "$pkg"; then
+			rm -f "$bin.tmp.$$"
+			die "go build failed for $name $version ($pkg, wrapper module: $dir/src/go.mod)"
+		fi
+	)
+	mv -f "$bin.tmp.$$" "$bin"
+	log "built $name $version in $((SECONDS - start)) s: $bin"
+}
+
+# write_wrapper_gomod FILE NAME GOVERSION PACKAGE GOMOD_LINES
+write_wrapper_gomod() {
+	cat >"$1" <<EOF
+module sidecar-tools/$2
+
+go $3
+
+tool $4
+
+$5
+EOF
+}
+
+# go_tool_version NAME: print the pinned version of Go-built tool NAME.
+go_tool_version() {
+	case $1 in
+	consul) printf '%s\n' "$CONSUL_VERSION" ;;
+	*) die "unknown Go-built tool: '$1' (known: consul)" ;;
+	esac
+}
+
+# cmd_path NAME: print the cached binary of NAME at its pinned version; fail
+# when it is not built yet.
+cmd_path() {
+	local name=${1:-} version bin
+	[[ -n $name ]] || die "usage: $0 path NAME"
+	version=$(go_tool_version "$name")
+	bin="$TOOLS_CACHE/$name-$version/bin/$name"
+	[[ -x $bin ]] || die "$name $version is not installed ($bin missing); run: scripts/tools.sh test"
+	printf '%s\n' "$bin"
 }
 
 # ---- tool sets ----------------------------------------------------------------
@@ -167,17 +222,57 @@ set_bench() {
 	want_cmd nginx 'nginx-light|nginx'
 }
 
+# Go-built tools installed by this run; their paths are printed at the end.
+GO_TOOLS_DONE=()
+
+# install_consul: the Consul agent that tests run against. The sibling-module
+# pins and the go-msgpack excludes are what v1.16.1 needs to resolve and build
+# from the Go module proxy alone; the checksum database lacks entries for the
+# two GONOSUMDB prefixes.
+install_consul() {
+	local modlines
+	modlines=$(
+		cat <<EOF
+require (
+	github.com/hashicorp/consul $CONSUL_VERSION
+	github.com/hashicorp/consul/api v1.24.0
+	github.com/hashicorp/consul/envoyextensions v0.4.1
+	github.com/hashicorp/consul/proto-public v0.4.1
+	github.com/hashicorp/consul/sdk v0.14.1
+	github.com/hashicorp/consul/troubleshoot v0.3.1
+)
+
+exclude (
+	github.com/hashicorp/go-msgpack v1.1.5
+	github.com/hashicorp/go-msgpack v1.1.6
+)
+EOF
+	)
+	GONOSUMDB=github.com/hashicorp/consul/envoyextensions,github.com/hashicorp/hcp-sdk-go \
+		install_go_tool consul "$CONSUL_VERSION" github.com/hashicorp/consul "$modlines" '-s -w'
+	GO_TOOLS_DONE+=(consul)
+}
+
+# set_test: what `make test` needs.
+set_test() {
+	install_consul
+}
+
 set_all() {
 	set_bench
-	# Go-built tools go here, e.g.:
-	#   GONOSUMDB=... install_go_tool consul v1.16.1 github.com/hashicorp/consul '...'
+	set_test
 }
 
 main() {
 	local set=${1:-}
 	case $set in
+	test) set_test ;;
 	bench) set_bench ;;
 	all) set_all ;;
+	path)
+		cmd_path "${2:-}"
+		return 0
+		;;
 	-h | --help | help)
 		usage
 		return 0
@@ -193,6 +288,10 @@ main() {
 		log "nothing to install from apt for '$set'"
 	fi
 	log "done: $set"
+	local name
+	for name in "${GO_TOOLS_DONE[@]}"; do
+		cmd_path "$name"
+	done
 }
 
 main "$@"

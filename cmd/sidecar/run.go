@@ -49,6 +49,9 @@ var settings = []setting{
 			c.AppPort = p
 			return nil
 		}},
+	{flag: "advertise-addr", usage: "IP address peers reach this pod at, registered in Consul (key: advertiseAddr, default $POD_IP)",
+		env: []string{"POD_IP"},
+		set: func(c *config.Config, v string) error { c.AdvertiseAddr = v; return nil }},
 	{flag: "outbound-addr", usage: "address of the outbound proxy the app calls (key: listeners.outbound, default " + config.DefaultOutbound + ")",
 		set: func(c *config.Config, v string) error { c.Listeners.Outbound = v; return nil }},
 	{flag: "inbound-addr", usage: "address of the inbound proxy in front of the app (key: listeners.inbound, default " + config.DefaultInbound + ")",

@@ -7,7 +7,11 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
+	"sync/atomic"
 	"time"
+
+	consulapi "github.com/hashicorp/consul/api"
 
 	"github.com/sidecar-mesh/sidecar/pkg/admin"
 	"github.com/sidecar-mesh/sidecar/pkg/config"
@@ -23,25 +27,23 @@ type sidecar struct {
 	proxy    *outbound.Proxy
 	admin    *http.Server
 	adminLn  net.Listener
+	consul   *discovery.Consul       // nil without Consul
+	reg      *discovery.Registration // nil when the app is not registered
+	ready    atomic.Bool
 	errs     chan error
 }
 
 // start binds every listener first (so a port in use fails fast, before
 // anything is served) and then serves them.
-func start(cfg *config.Config, log *slog.Logger) (*sidecar, error) {
+func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	static, err := discovery.NewStatic(cfg.Discovery.Static)
 	if err != nil {
 		return nil, fmt.Errorf("discovery.static: %w", err)
-	}
-	if cfg.Discovery.Consul != nil && cfg.Discovery.Consul.Address != "" {
-		log.Warn("Consul discovery is not available in this build; serving static endpoints only",
-			"consul", cfg.Discovery.Consul.Address)
 	}
 	for _, k := range []struct {
 		key string
 		set bool
 	}{
-		{"appPort", cfg.AppPort != 0},
 		{"probes", cfg.Probes != (config.Probes{})},
 		{"policies", len(cfg.Policies) > 0},
 		{"policyFile", cfg.PolicyFile != ""},
@@ -50,58 +52,139 @@ func start(cfg *config.Config, log *slog.Logger) (*sidecar, error) {
 			log.Warn("configuration key is accepted but not in effect in this build", "key", k.key)
 		}
 	}
+	s := &sidecar{log: log, errs: make(chan error, 2)}
+	defer func() {
+		if err != nil && s.consul != nil {
+			s.consul.Close()
+		}
+	}()
 	resolver := discovery.Chain{static}
+	var client *consulapi.Client
+	if co := cfg.Discovery.Consul; co != nil && co.Address != "" {
+		client, err = consulClient(co)
+		if err != nil {
+			return nil, err
+		}
+		s.consul, err = discovery.NewConsul(discovery.ConsulConfig{
+			Client:      client,
+			Services:    co.Services,
+			WaitTime:    co.WaitTime.D(),
+			FirstWait:   co.FirstWait.D(),
+			IdleTimeout: co.IdleTimeout.D(),
+			CacheFile:   co.CacheFile,
+			CacheMaxAge: co.CacheMaxAge.D(),
+			Logger:      log,
+		})
+		if err != nil {
+			return nil, err
+		}
+		resolver = append(resolver, s.consul)
+	}
 
-	proxy, err := outbound.New(outbound.Config{Resolver: resolver, AllowHosts: cfg.AllowHosts, Logger: log})
+	s.proxy, err = outbound.New(outbound.Config{Resolver: resolver, AllowHosts: cfg.AllowHosts, Logger: log})
 	if err != nil {
 		return nil, err
 	}
-	out, err := proxyhttp.Listen("outbound", cfg.Listeners.Outbound, proxy, proxyhttp.Limits{}, log)
+	s.outbound, err = proxyhttp.Listen("outbound", cfg.Listeners.Outbound, s.proxy, proxyhttp.Limits{}, log)
 	if err != nil {
 		return nil, err
 	}
-	adminLn, err := net.Listen("tcp", cfg.Listeners.Admin)
+	s.adminLn, err = net.Listen("tcp", cfg.Listeners.Admin)
 	if err != nil {
-		_ = out.Listener.Close()
+		_ = s.outbound.Listener.Close()
 		return nil, fmt.Errorf("admin listener on %s: %w", cfg.Listeners.Admin, err)
 	}
-	s := &sidecar{
-		log:      log,
-		outbound: out,
-		proxy:    proxy,
-		adminLn:  adminLn,
-		errs:     make(chan error, 2),
-		admin: &http.Server{
-			Handler: admin.Handler(admin.Sources{
-				Config:   func() any { return cfg },
-				Resolver: resolver,
-				Version:  currentBuild(),
-			}),
-			ReadHeaderTimeout: 5 * time.Second,
-			ReadTimeout:       10 * time.Second,
-			WriteTimeout:      10 * time.Second,
-			IdleTimeout:       60 * time.Second,
-			MaxHeaderBytes:    16 << 10,
-		},
+	s.admin = &http.Server{
+		Handler: admin.Handler(admin.Sources{
+			Config:   func() any { return cfg },
+			Resolver: resolver,
+			Version:  currentBuild(),
+		}),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    16 << 10,
 	}
-	go func() { s.errs <- out.Serve() }()
+	go func() { s.errs <- s.outbound.Serve() }()
 	go func() {
-		if err := s.admin.Serve(adminLn); !errors.Is(err, http.ErrServerClosed) {
+		if err := s.admin.Serve(s.adminLn); !errors.Is(err, http.ErrServerClosed) {
 			s.errs <- err
 			return
 		}
 		s.errs <- nil
 	}()
-	log.Info("sidecar ready", "outbound", out.Addr().String(), "admin", adminLn.Addr().String(),
-		"services", len(static.Services()))
+	s.ready.Store(true)
+
+	if client != nil && cfg.Service != "" && cfg.AppPort != 0 && !cfg.Discovery.Consul.Register.Disabled {
+		if err := s.register(cfg, client); err != nil {
+			log.Warn("not registering the app in Consul", "reason", err.Error())
+		}
+	}
+	log.Info("sidecar ready", "outbound", s.outbound.Addr().String(), "admin", s.adminLn.Addr().String(),
+		"static_services", len(static.Services()), "consul", s.consul != nil, "registered", s.reg != nil)
 	return s, nil
 }
 
-// shutdown stops accepting, lets in-flight requests finish until ctx ends,
-// and releases upstream connections.
+// register keeps the app registered in Consul, at the advertise address
+// and the inbound port, with a TTL check fed by readiness.
+func (s *sidecar) register(cfg *config.Config, client *consulapi.Client) error {
+	if cfg.AdvertiseAddr == "" {
+		return errors.New("no advertise address (set --advertise-addr or POD_IP)")
+	}
+	_, portStr, err := net.SplitHostPort(cfg.Listeners.Inbound)
+	if err != nil {
+		return err
+	}
+	port, _ := strconv.Atoi(portStr)
+	r := cfg.Discovery.Consul.Register
+	s.reg, err = discovery.Register(discovery.RegistrationConfig{
+		Client:                  client,
+		Service:                 cfg.Service,
+		ID:                      r.ID,
+		Address:                 cfg.AdvertiseAddr,
+		Port:                    port,
+		Tags:                    r.Tags,
+		Meta:                    r.Meta,
+		TTL:                     r.TTL.D(),
+		DeregisterCriticalAfter: r.DeregisterCriticalAfter.D(),
+		// Until the app's own probes exist, the check follows the
+		// sidecar's readiness.
+		Ready:  s.ready.Load,
+		Logger: s.log,
+	})
+	return err
+}
+
+// consulClient builds a client from the standard CONSUL_* environment
+// (token, TLS) with the configured address and datacenter.
+func consulClient(co *config.Consul) (*consulapi.Client, error) {
+	cc := consulapi.DefaultConfig()
+	cc.Address = co.Address
+	if co.Datacenter != "" {
+		cc.Datacenter = co.Datacenter
+	}
+	c, err := consulapi.NewClient(cc)
+	if err != nil {
+		return nil, fmt.Errorf("discovery.consul: %w", err)
+	}
+	return c, nil
+}
+
+// shutdown reports not ready and deregisters, stops accepting, lets
+// in-flight requests finish until ctx ends, and releases upstream
+// connections and watches.
 func (s *sidecar) shutdown(ctx context.Context) error {
-	err := errors.Join(s.outbound.Shutdown(ctx), s.admin.Shutdown(ctx))
+	s.ready.Store(false)
+	var err error
+	if s.reg != nil {
+		err = s.reg.Deregister(ctx)
+	}
+	err = errors.Join(err, s.outbound.Shutdown(ctx), s.admin.Shutdown(ctx))
 	s.proxy.Close()
+	if s.consul != nil {
+		s.consul.Close()
+	}
 	for range 2 {
 		err = errors.Join(err, <-s.errs)
 	}

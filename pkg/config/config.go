@@ -32,6 +32,9 @@ type Config struct {
 	Service string `yaml:"service,omitempty" json:"service,omitempty"`
 	// AppPort is the app's port on 127.0.0.1. Zero: no inbound side.
 	AppPort int `yaml:"appPort,omitempty" json:"appPort,omitempty"`
+	// AdvertiseAddr is the address peers reach this pod at (its IP), used
+	// for the Consul registration. Default: $POD_IP.
+	AdvertiseAddr string `yaml:"advertiseAddr,omitempty" json:"advertiseAddr,omitempty"`
 	// Listeners are the sidecar's own addresses.
 	Listeners Listeners `yaml:"listeners" json:"listeners"`
 	// Discovery says where endpoints come from.
@@ -69,10 +72,46 @@ type Discovery struct {
 	Static map[string][]string `yaml:"static,omitempty" json:"static,omitempty"`
 }
 
-// Consul configures the Consul source.
+// Consul configures the Consul source and the app's registration. The ACL
+// token and TLS settings come from the standard CONSUL_HTTP_TOKEN,
+// CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY and
+// CONSUL_HTTP_SSL variables.
 type Consul struct {
 	// Address is host:port of the Consul agent's HTTP API.
 	Address string `yaml:"address,omitempty" json:"address,omitempty"`
+	// Datacenter queried by default; empty: the agent's own.
+	Datacenter string `yaml:"datacenter,omitempty" json:"datacenter,omitempty"`
+	// Services narrows instances per service (tags, datacenter).
+	Services map[string]discovery.ServiceOptions `yaml:"services,omitempty" json:"services,omitempty"`
+	// WaitTime of the blocking queries. Default 5m.
+	WaitTime policy.Duration `yaml:"waitTime,omitempty" json:"waitTime,omitempty"`
+	// FirstWait bounds the wait of a service's first request for Consul's
+	// first answer. Default 1s.
+	FirstWait policy.Duration `yaml:"firstWait,omitempty" json:"firstWait,omitempty"`
+	// IdleTimeout stops watching a service unused this long. Default 10m.
+	IdleTimeout policy.Duration `yaml:"idleTimeout,omitempty" json:"idleTimeout,omitempty"`
+	// CacheFile persists the last known good endpoints; empty: none.
+	CacheFile string `yaml:"cacheFile,omitempty" json:"cacheFile,omitempty"`
+	// CacheMaxAge is how old persisted endpoints may be to be used. Default 1h.
+	CacheMaxAge policy.Duration `yaml:"cacheMaxAge,omitempty" json:"cacheMaxAge,omitempty"`
+	// Register configures the app's registration (with service, appPort
+	// and advertiseAddr set).
+	Register Register `yaml:"register,omitempty" json:"register"`
+}
+
+// Register configures how the app is registered in Consul.
+type Register struct {
+	// Disabled turns registration off.
+	Disabled bool `yaml:"disabled,omitempty" json:"disabled,omitempty"`
+	// ID of the instance; default SERVICE-ADDRESS-PORT, stable for the pod.
+	ID   string            `yaml:"id,omitempty" json:"id,omitempty"`
+	Tags []string          `yaml:"tags,omitempty" json:"tags,omitempty"`
+	Meta map[string]string `yaml:"meta,omitempty" json:"meta,omitempty"`
+	// TTL of the readiness check. Default 10s.
+	TTL policy.Duration `yaml:"ttl,omitempty" json:"ttl,omitempty"`
+	// DeregisterCriticalAfter lets Consul drop an instance whose sidecar
+	// vanished. Default 1m.
+	DeregisterCriticalAfter policy.Duration `yaml:"deregisterCriticalAfter,omitempty" json:"deregisterCriticalAfter,omitempty"`
 }
 
 // Probes are the app's probes; a nil probe is not run.
@@ -173,6 +212,14 @@ func (c *Config) Validate() error {
 	} {
 		if err := checkListenAddr(l.addr); err != nil {
 			add("%s: %q: %v", l.key, l.addr, err)
+		}
+	}
+	if c.AdvertiseAddr != "" && net.ParseIP(c.AdvertiseAddr) == nil {
+		add("advertiseAddr: %q is not an IP address", c.AdvertiseAddr)
+	}
+	if co := c.Discovery.Consul; co != nil && co.Address != "" {
+		if _, _, err := net.SplitHostPort(co.Address); err != nil {
+			add("discovery.consul.address: %q: want host:port", co.Address)
 		}
 	}
 	if _, err := discovery.NewStatic(c.Discovery.Static); err != nil {

@@ -249,6 +249,10 @@ func routeError(service string, err error) *proxyhttp.LocalError {
 		return &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonUnknownService,
 			Service: service, Detail: "no discovery source knows this service"}
 	}
+	if errors.Is(err, discovery.ErrNoAnswer) {
+		return &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonNoHealthyEndpoints,
+			Service: service, Detail: err.Error()}
+	}
 	return errorFor(service, err)
 }
 

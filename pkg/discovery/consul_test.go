@@ -1,0 +1,282 @@
+package discovery_test
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/sidecar-mesh/sidecar/internal/consultest"
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+)
+
+func client(t *testing.T, a *consultest.Agent) *api.Client {
+	t.Helper()
+	cfg := api.DefaultConfig()
+	cfg.Address = a.Addr()
+	c, err := api.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func register(t *testing.T, c *api.Client, reg *api.AgentServiceRegistration) {
+	t.Helper()
+	if err := c.Agent().ServiceRegister(reg); err != nil {
+		t.Fatalf("register %s: %v", reg.ID, err)
+	}
+}
+
+func newConsul(t *testing.T, cfg discovery.ConsulConfig) *discovery.Consul {
+	t.Helper()
+	if cfg.FirstWait == 0 {
+		cfg.FirstWait = 5 * time.Second // a cold agent may take a moment
+	}
+	c, err := discovery.NewConsul(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+func addrs(set *discovery.EndpointSet) []string {
+	var out []string
+	for _, e := range set.Endpoints {
+		out = append(out, e.Addr)
+	}
+	return out
+}
+
+// eventually polls f until it returns "" or the deadline passes; the last
+// message is the failure.
+func eventually(t *testing.T, what string, f func() string) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	msg := ""
+	for time.Now().Before(deadline) {
+		if msg = f(); msg == "" {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("%s: %s", what, msg)
+}
+
+func TestConsulWatch(t *testing.T) {
+	agent := consultest.Start(t)
+	c := client(t, agent)
+	register(t, c, &api.AgentServiceRegistration{ID: "users-1", Name: "users", Address: "10.0.0.2", Port: 8080})
+	register(t, c, &api.AgentServiceRegistration{ID: "users-2", Name: "users", Port: 8081, Tags: []string{"v2"}})
+	register(t, c, &api.AgentServiceRegistration{ID: "sick-1", Name: "sick", Address: "10.0.0.9", Port: 80,
+		Check: &api.AgentServiceCheck{TTL: "1m", Status: api.HealthCritical}})
+
+	d := newConsul(t, discovery.ConsulConfig{Client: c, Services: map[string]discovery.ServiceOptions{"tagged": {}}})
+	ctx := context.Background()
+
+	set, err := d.Resolve(ctx, "users")
+	if err != nil {
+		t.Fatalf("Resolve(users): %v", err)
+	}
+	// An instance without a service address is reached at its node address.
+	if got := addrs(set); !slices.Equal(got, []string{"10.0.0.2:8080", "127.0.0.1:8081"}) || set.Source != "consul" {
+		t.Fatalf("users endpoints %v from %q, want [10.0.0.2:8080 127.0.0.1:8081] from consul", got, set.Source)
+	}
+	if _, err := d.Resolve(ctx, "nope"); !errors.Is(err, discovery.ErrUnknownService) {
+		t.Fatalf("Resolve(nope): %v, want ErrUnknownService", err)
+	}
+	set, err = d.Resolve(ctx, "sick")
+	if err != nil || len(set.Endpoints) != 0 {
+		t.Fatalf("Resolve(sick) = %v, %v; want a known service with no healthy endpoint", set, err)
+	}
+
+	// Changes arrive through the blocking query.
+	if err := c.Agent().ServiceDeregister("users-1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Agent().UpdateTTL("service:sick-1", "", api.HealthPassing); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "after changes", func() string {
+		u, _ := d.Resolve(ctx, "users")
+		s, _ := d.Resolve(ctx, "sick")
+		if got := addrs(u); !slices.Equal(got, []string{"127.0.0.1:8081"}) {
+			return "users endpoints " + join(got) + ", want 127.0.0.1:8081 after deregistering users-1"
+		}
+		if got := addrs(s); !slices.Equal(got, []string{"10.0.0.9:80"}) {
+			return "sick endpoints " + join(got) + ", want 10.0.0.9:80 once its check passes"
+		}
+		return ""
+	})
+
+	// A service that appears after it was asked for is picked up.
+	register(t, c, &api.AgentServiceRegistration{ID: "late-1", Name: "late", Address: "10.0.0.5", Port: 9})
+	eventually(t, "late service", func() string {
+		s, err := d.Resolve(ctx, "late")
+		if err != nil || len(s.Endpoints) != 1 {
+			return "late not resolved yet"
+		}
+		return ""
+	})
+}
+
+func join(s []string) string {
+	out := "["
+	for i, x := range s {
+		if i > 0 {
+			out += " "
+		}
+		out += x
+	}
+	return out + "]"
+}
+
+func TestConsulTagFilter(t *testing.T) {
+	agent := consultest.Start(t)
+	c := client(t, agent)
+	register(t, c, &api.AgentServiceRegistration{ID: "a-1", Name: "a", Address: "10.0.0.1", Port: 1, Tags: []string{"v1"}})
+	register(t, c, &api.AgentServiceRegistration{ID: "a-2", Name: "a", Address: "10.0.0.2", Port: 1, Tags: []string{"v2", "canary"}})
+	d := newConsul(t, discovery.ConsulConfig{Client: c, Services: map[string]discovery.ServiceOptions{"a": {Tags: []string{"v2"}}}})
+	set, err := d.Resolve(context.Background(), "a")
+	if err != nil || !slices.Equal(addrs(set), []string{"10.0.0.2:1"}) {
+		t.Fatalf("Resolve(a) with tag v2 = %v, %v; want only 10.0.0.2:1", set, err)
+	}
+}
+
+// Consul going away never empties a set: the last known good one is served,
+// its age grows, and the watch recovers when the agent is back.
+func TestConsulOutageKeepsLastKnownGood(t *testing.T) {
+	agent := consultest.Start(t)
+	c := client(t, agent)
+	register(t, c, &api.AgentServiceRegistration{ID: "users-1", Name: "users", Address: "10.0.0.2", Port: 8080})
+	cache := filepath.Join(t.TempDir(), "endpoints.json")
+	d := newConsul(t, discovery.ConsulConfig{Client: c, CacheFile: cache, WaitTime: time.Second})
+	ctx := context.Background()
+	if _, err := d.Resolve(ctx, "users"); err != nil {
+		t.Fatal(err)
+	}
+
+	agent.Stop()
+	for range 20 {
+		set, err := d.Resolve(ctx, "users")
+		if err != nil || !slices.Equal(addrs(set), []string{"10.0.0.2:8080"}) {
+			t.Fatalf("during the outage Resolve(users) = %v, %v; want the last known set", set, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if age := d.Staleness()["users"]; age < time.Second {
+		t.Fatalf("staleness %v after 2s of outage, want it to grow", age)
+	}
+
+	// A sidecar started during the outage routes from the persisted sets.
+	d2 := newConsul(t, discovery.ConsulConfig{Client: c, CacheFile: cache, FirstWait: 200 * time.Millisecond})
+	set, err := d2.Resolve(ctx, "users")
+	if err != nil || !slices.Equal(addrs(set), []string{"10.0.0.2:8080"}) || set.Source != "consul-persisted" {
+		t.Fatalf("restarted during the outage: Resolve(users) = %+v, %v; want the persisted set", set, err)
+	}
+	if _, err := d2.Resolve(ctx, "other"); !errors.Is(err, discovery.ErrNoAnswer) {
+		t.Fatalf("a service never seen, Consul down: %v, want ErrNoAnswer", err)
+	}
+
+	// The agent comes back empty (-dev keeps no state) with lower indexes.
+	agent.Restart(t)
+	register(t, c, &api.AgentServiceRegistration{ID: "users-9", Name: "users", Address: "10.0.0.9", Port: 8080})
+	for _, r := range []*discovery.Consul{d, d2} {
+		eventually(t, "after the agent restart", func() string {
+			set, _ := r.Resolve(ctx, "users")
+			if got := addrs(set); !slices.Equal(got, []string{"10.0.0.9:8080"}) || set.Source != "consul" {
+				return "users endpoints " + join(got) + " from " + set.Source + ", want 10.0.0.9:8080 from consul"
+			}
+			return ""
+		})
+	}
+}
+
+func TestConsulIdleWatchStops(t *testing.T) {
+	agent := consultest.Start(t)
+	c := client(t, agent)
+	register(t, c, &api.AgentServiceRegistration{ID: "a-1", Name: "a", Address: "10.0.0.1", Port: 1})
+	d := newConsul(t, discovery.ConsulConfig{Client: c, IdleTimeout: 300 * time.Millisecond})
+	if _, err := d.Resolve(context.Background(), "a"); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(d.Services()); n != 1 {
+		t.Fatalf("%d watched services, want 1", n)
+	}
+	eventually(t, "idle watch", func() string {
+		if n := len(d.Services()); n != 0 {
+			return "the watch of an unused service is still running"
+		}
+		return ""
+	})
+}
+
+func TestRegistration(t *testing.T) {
+	agent := consultest.Start(t)
+	c := client(t, agent)
+	var ready atomic.Bool
+	ready.Store(true)
+	reg, err := discovery.Register(discovery.RegistrationConfig{
+		Client: c, Service: "orders", Address: "10.1.1.1", Port: 15006,
+		Tags: []string{"v1"}, Meta: map[string]string{"team": "x"},
+		TTL: time.Second, DeregisterCriticalAfter: time.Minute, Ready: ready.Load,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reg.Deregister(context.Background())
+	health := func() (int, string) {
+		entries, _, err := c.Health().Service("orders", "", false, nil)
+		if err != nil || len(entries) == 0 {
+			return 0, ""
+		}
+		return len(entries), entries[0].Checks.AggregatedStatus()
+	}
+	eventually(t, "registered and passing", func() string {
+		n, status := health()
+		if n != 1 || status != api.HealthPassing {
+			return "orders has " + itoa(n) + " instance(s), status " + status + "; want 1 passing"
+		}
+		return ""
+	})
+	svc, _, err := c.Agent().Service(reg.ID(), nil)
+	if err != nil || svc.Port != 15006 || svc.Address != "10.1.1.1" || svc.Meta["team"] != "x" || !slices.Equal(svc.Tags, []string{"v1"}) {
+		t.Fatalf("registered %+v, %v", svc, err)
+	}
+
+	ready.Store(false)
+	reg.Refresh()
+	eventually(t, "not ready", func() string {
+		if _, status := health(); status != api.HealthCritical {
+			return "status " + status + " after the app became unready, want critical"
+		}
+		return ""
+	})
+	ready.Store(true)
+
+	// The agent forgets everything: the instance comes back by itself.
+	agent.Stop()
+	agent.Restart(t)
+	eventually(t, "re-registered after an agent restart", func() string {
+		if n, status := health(); n != 1 || status != api.HealthPassing {
+			return "orders has " + itoa(n) + " instance(s), status " + status + "; want 1 passing"
+		}
+		return ""
+	})
+
+	if err := reg.Deregister(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := health(); n != 0 {
+		t.Fatalf("%d instances after Deregister, want 0", n)
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
