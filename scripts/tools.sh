@@ -168,7 +168,7 @@ build_go_tool() {
 		export GOWORK=off GOFLAGS=-buildvcs=false
 		local -a tidy_flags
 		read -r -a tidy_flags <<<"${GO_TOOL_TIDY_FLAGS:-}"
-		log "running: go mod tidy ${tidy_flags[*]} (in $dir/src)"
+		log "running: go mod tidy${tidy_flags[*]:+ ${tidy_flags[*]}} (in $dir/src)"
 		go mod tidy "${tidy_flags[@]}" ||
 			die "go mod tidy failed for $name $version (wrapper module: $dir/src/go.mod)"
 		log "running: go build -trimpath -ldflags '$ldflags' -o $bin $pkg"

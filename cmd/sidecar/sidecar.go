@@ -54,7 +54,13 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	}
 	s := &sidecar{log: log, errs: make(chan error, 2)}
 	defer func() {
-		if err != nil && s.consul != nil {
+		if err == nil {
+			return
+		}
+		if s.proxy != nil {
+			s.proxy.Close()
+		}
+		if s.consul != nil {
 			s.consul.Close()
 		}
 	}()

@@ -94,13 +94,13 @@ func chain(resolver discovery.Resolver, t http.RoundTripper) http.RoundTripper {
 
 // Close releases pooled upstream connections and waits for CONNECT tunnels.
 func (p *Proxy) Close() {
-	p.transport.CloseIdleConnections()
+	p.transport.Close()
 	p.tunnels.Wait()
 }
 
 // ServeHTTP routes one request from the app.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if v := proxyhttp.TakeVerdict(r.Context()); v.Reason != "" {
+	if v := proxyhttp.TakeVerdictFor(r); v.Reason != "" {
 		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: v.Reason})
 		return
 	}
@@ -289,6 +289,8 @@ func errorFor(service string, err error) *proxyhttp.LocalError {
 // tunnel serves CONNECT to an allow-listed host:port by splicing the two
 // connections until either side closes.
 func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
+	p.tunnels.Add(1)
+	defer p.tunnels.Done()
 	ctx, cancel := context.WithTimeout(r.Context(), p.transport.dialer.Timeout)
 	dst, err := p.transport.dial(ctx, "tcp", r.Host)
 	cancel()
@@ -302,8 +304,6 @@ func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: "CONNECT needs HTTP/1.1"})
 		return
 	}
-	p.tunnels.Add(1)
-	defer p.tunnels.Done()
 	_ = src.SetDeadline(time.Time{})
 	if _, err := src.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n")); err != nil {
 		_ = src.Close()

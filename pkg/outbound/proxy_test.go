@@ -149,29 +149,9 @@ func TestAllowHosts(t *testing.T) {
 	}
 }
 
-// startTCPEcho serves a line echo on loopback until the test ends.
+// startTCPEcho serves an echo on loopback until the test ends.
 func startTCPEcho(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return ln.Addr().String()
+	return rawUpstream(t, func(c net.Conn, br *bufio.Reader) { _, _ = io.Copy(c, br) })
 }
 
 func TestLocalErrors(t *testing.T) {
@@ -393,40 +373,23 @@ func TestClientCancelReachesUpstream(t *testing.T) {
 // race of a keep-alive timeout with a request on a pooled connection.
 func dropSecond(t *testing.T) (addr string, served, dropped *atomic.Int64) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	served, dropped = new(atomic.Int64), new(atomic.Int64)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
+	addr = rawUpstream(t, func(c net.Conn, br *bufio.Reader) {
+		for i := 0; ; i++ {
+			req, err := http.ReadRequest(br)
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for i := 0; ; i++ {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					io.Copy(io.Discard, req.Body)
-					if i == 1 {
-						dropped.Add(1)
-						return
-					}
-					served.Add(1)
-					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-				}
-			}()
+			io.Copy(io.Discard, req.Body)
+			if i == 1 {
+				dropped.Add(1)
+				return
+			}
+			served.Add(1)
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return ln.Addr().String(), served, dropped
+	})
+	return addr, served, dropped
 }
 
 func TestStalePooledConnection(t *testing.T) {

@@ -42,6 +42,10 @@ type Transport struct {
 	maxIdlePerHost        int
 
 	pools sync.Map // endpoint address -> *hostPool
+
+	stopSweep chan struct{}
+	sweepDone chan struct{}
+	closeOnce sync.Once
 }
 
 var _ http.RoundTripper = (*Transport)(nil)
@@ -88,7 +92,60 @@ func NewTransport(cfg TransportConfig) *Transport {
 	if t.dial == nil {
 		t.dial = t.dialer.DialContext
 	}
+	t.stopSweep, t.sweepDone = make(chan struct{}), make(chan struct{})
+	go t.sweep()
 	return t
+}
+
+// Close stops the idle sweeper and closes every pooled connection. The
+// Transport must not be used after.
+func (t *Transport) Close() {
+	t.closeOnce.Do(func() {
+		close(t.stopSweep)
+		<-t.sweepDone
+	})
+	t.CloseIdleConnections()
+}
+
+// sweep closes pooled connections idle past IdleConnTimeout and forgets the
+// pools of endpoints no longer used, so neither file descriptors nor pools
+// pile up for endpoints that went away.
+func (t *Transport) sweep() {
+	defer close(t.sweepDone)
+	tick := time.NewTicker(max(t.idleConnTimeout/2, time.Second))
+	defer tick.Stop()
+	for {
+		select {
+		case <-t.stopSweep:
+			return
+		case <-tick.C:
+		}
+		cutoff := time.Now().Add(-t.idleConnTimeout)
+		t.pools.Range(func(k, v any) bool {
+			p := v.(*hostPool)
+			var stale []*persistConn
+			p.mu.Lock()
+			keep := p.idle[:0]
+			for _, pc := range p.idle {
+				if pc.idleAt.Before(cutoff) {
+					stale = append(stale, pc)
+				} else {
+					keep = append(keep, pc)
+				}
+			}
+			clear(p.idle[len(keep):])
+			p.idle = keep
+			unused := len(keep) == 0 && p.lastUsed.Before(cutoff)
+			p.mu.Unlock()
+			for _, pc := range stale {
+				_ = pc.conn.Close()
+			}
+			if unused {
+				t.pools.CompareAndDelete(k, p)
+			}
+			return true
+		})
+	}
 }
 
 // ConnectError reports that no connection to an endpoint could be made:
@@ -191,8 +248,9 @@ func (t *Transport) CloseIdleConnections() {
 
 // hostPool holds idle connections to one endpoint, newest last.
 type hostPool struct {
-	mu   sync.Mutex // guards idle
-	idle []*persistConn
+	mu       sync.Mutex // guards idle and lastUsed
+	idle     []*persistConn
+	lastUsed time.Time
 }
 
 func (t *Transport) pool(addr string) *hostPool {
@@ -248,6 +306,7 @@ func (t *Transport) putIdle(pc *persistConn) {
 	p := t.pool(pc.addr)
 	pc.idleAt = time.Now()
 	p.mu.Lock()
+	p.lastUsed = pc.idleAt
 	if len(p.idle) < t.maxIdlePerHost {
 		p.idle = append(p.idle, pc)
 		p.mu.Unlock()
@@ -269,16 +328,24 @@ type persistConn struct {
 	// noResponse is set while no byte of a response has been read in the
 	// current round trip.
 	noResponse bool
+
+	hdrMu      sync.Mutex // guards headerDone and the header deadline
+	headerDone bool
 }
 
 func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Response, error) {
 	ctx := req.Context()
 	pc.noResponse = true
+	pc.headerDone = false
 	// Cancellation (client gone, deadline) aborts any blocked I/O.
 	stop := context.AfterFunc(ctx, func() { _ = pc.conn.SetDeadline(aLongTimeAgo) })
+	var bw *bodyWriter
 	fail := func(err error) (*http.Response, error) {
 		stop()
 		_ = pc.conn.Close()
+		if bw != nil {
+			_ = bw.abort()
+		}
 		if isClientErr(err) {
 			return nil, err // a client read error also cancels ctx: keep the cause
 		}
@@ -291,13 +358,13 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 	if err := pc.writeHeader(req); err != nil {
 		return fail(err)
 	}
-	var bodyDone chan error
 	switch {
 	case !hasBody(req):
 		if err := pc.bw.Flush(); err != nil {
 			// A partial request is nothing an endpoint can act on.
 			return fail(&UpstreamError{Addr: pc.addr, Op: "write request", Err: err})
 		}
+		pc.startHeaderTimeout(ctx)
 	case req.GetBody != nil && req.ContentLength >= 0 && req.ContentLength <= maxInlineBody:
 		if err := pc.writeBody(req); err != nil {
 			if isClientErr(err) {
@@ -305,46 +372,33 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 			}
 			return fail(&UpstreamError{Addr: pc.addr, Op: "write request", Written: true, Err: err})
 		}
+		pc.startHeaderTimeout(ctx)
 	default:
-		bodyDone = make(chan error, 1)
+		bw = &bodyWriter{req: req, done: make(chan error, 1)}
 		go func() {
 			err := pc.writeBody(req)
-			bodyDone <- err
+			bw.done <- err
 			if err != nil {
 				// Wake the reader: the request can't be completed.
 				_ = pc.conn.SetDeadline(aLongTimeAgo)
+				return
 			}
+			pc.startHeaderTimeout(ctx)
 		}()
 	}
 
-	// The response header timeout starts once the request is written; a
-	// request whose body is still streaming is bounded by its context.
-	if bodyDone == nil {
-		_ = pc.conn.SetReadDeadline(time.Now().Add(pc.t.responseHeaderTimeout))
-		if ctx.Err() != nil {
-			_ = pc.conn.SetDeadline(aLongTimeAgo) // canceled before the line above
-		}
-	}
 	resp, err := pc.readResponse(req)
-	if bodyDone == nil {
-		_ = pc.conn.SetReadDeadline(time.Time{})
-		if ctx.Err() != nil {
-			_ = pc.conn.SetDeadline(aLongTimeAgo) // the cancel may have raced the reset above
-		}
-	}
+	pc.endHeaderTimeout(ctx)
 	if err != nil {
-		if bodyDone != nil {
+		if bw != nil {
 			var werr error
 			if errors.Is(ctx.Err(), context.Canceled) {
 				// net/http cancels on any client read error: the writer is
 				// returning too (its reads and writes both fail now), with
 				// the error that says why.
-				werr = <-bodyDone
+				werr = bw.wait()
 			} else {
-				select {
-				case werr = <-bodyDone:
-				default:
-				}
+				werr, _ = bw.poll()
 			}
 			if werr != nil && isClientErr(werr) {
 				return fail(werr)
@@ -359,12 +413,17 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 		return fail(&UpstreamError{Addr: pc.addr, Op: "read response", Written: true, Err: err})
 	}
 
-	if upgrade && resp.StatusCode == http.StatusSwitchingProtocols {
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		if !upgrade {
+			resp.Body.Close()
+			return fail(&UpstreamError{Addr: pc.addr, Op: "read response", Written: true,
+				Err: errors.New("101 Switching Protocols to a request that asked for no upgrade")})
+		}
 		stop()
 		resp.Body = &upgradedConn{pc: pc}
 		return resp, nil
 	}
-	body := &responseBody{pc: pc, body: resp.Body, stop: stop, bodyDone: bodyDone,
+	body := &responseBody{pc: pc, body: resp.Body, stop: stop, writer: bw,
 		reusable: !resp.Close && !req.Close && !upgrade}
 	if resp.Body == http.NoBody {
 		body.finish(true)
@@ -372,6 +431,71 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 	}
 	resp.Body = body
 	return resp, nil
+}
+
+// startHeaderTimeout starts the response header timeout once the request is
+// written, unless the response has already begun.
+func (pc *persistConn) startHeaderTimeout(ctx context.Context) {
+	pc.hdrMu.Lock()
+	defer pc.hdrMu.Unlock()
+	if pc.headerDone {
+		return
+	}
+	_ = pc.conn.SetReadDeadline(time.Now().Add(pc.t.responseHeaderTimeout))
+	if ctx.Err() != nil {
+		_ = pc.conn.SetDeadline(aLongTimeAgo) // canceled before the line above
+	}
+}
+
+// endHeaderTimeout clears it once the response headers are read.
+func (pc *persistConn) endHeaderTimeout(ctx context.Context) {
+	pc.hdrMu.Lock()
+	defer pc.hdrMu.Unlock()
+	pc.headerDone = true
+	_ = pc.conn.SetReadDeadline(time.Time{})
+	if ctx.Err() != nil {
+		_ = pc.conn.SetDeadline(aLongTimeAgo) // the cancel may have raced the reset above
+	}
+}
+
+// bodyWriter is the goroutine that streams a request body not held in
+// memory. Its owner always collects its result, so it never outlives the
+// round trip's response.
+type bodyWriter struct {
+	req      *http.Request
+	done     chan error
+	err      error
+	finished bool
+}
+
+// wait blocks until the writer returns.
+func (w *bodyWriter) wait() error {
+	if !w.finished {
+		w.err, w.finished = <-w.done, true
+	}
+	return w.err
+}
+
+// poll reports the writer's result if it has returned.
+func (w *bodyWriter) poll() (error, bool) {
+	if !w.finished {
+		select {
+		case w.err = <-w.done:
+			w.finished = true
+		default:
+			return nil, false
+		}
+	}
+	return w.err, true
+}
+
+// abort stops a writer still running: the upstream connection is already
+// closed, and closing the body ends a read waiting on the client.
+func (w *bodyWriter) abort() error {
+	if _, ok := w.poll(); !ok {
+		closeBody(w.req)
+	}
+	return w.wait()
 }
 
 // readResponse reads the final response, skipping interim 1xx responses
@@ -525,7 +649,7 @@ type responseBody struct {
 	pc       *persistConn
 	body     io.ReadCloser
 	stop     func() bool
-	bodyDone chan error
+	writer   *bodyWriter // nil unless the request body was streamed
 	reusable bool
 	done     bool
 }
@@ -556,13 +680,12 @@ func (b *responseBody) Close() error {
 func (b *responseBody) finish(complete bool) {
 	b.done = true
 	stopped := b.stop()
-	reuse := complete && b.reusable && stopped
-	if reuse && b.bodyDone != nil {
-		select {
-		case err := <-b.bodyDone:
-			reuse = err == nil
-		default:
-			reuse = false // still uploading: the connection can't be reused
+	// Bytes beyond the response (a server that sent more than it framed)
+	// would be read as the next request's response: never reuse then.
+	reuse := complete && b.reusable && stopped && b.pc.br.Buffered() == 0
+	if b.writer != nil {
+		if err, ok := b.writer.poll(); !ok || err != nil {
+			reuse = false // still uploading (or failed): the connection is spent
 		}
 	}
 	if reuse {
@@ -570,6 +693,9 @@ func (b *responseBody) finish(complete bool) {
 		return
 	}
 	_ = b.pc.conn.Close()
+	if b.writer != nil {
+		_ = b.writer.abort()
+	}
 }
 
 // upgradedConn is the response body of a 101 Switching Protocols: the raw

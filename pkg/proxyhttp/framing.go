@@ -36,11 +36,17 @@ import (
 // framing on the wire is malformed.
 var ErrBadFraming = errors.New("malformed chunked framing")
 
-// placeholder stands in for a rejected header block. Its content is never
-// trusted: the handler recognizes it by the queued verdict, not by its bytes.
-var placeholder = []byte("GET / HTTP/1.1\r\nHost: invalid.sidecar\r\n\r\n")
+// placeholder stands in for a rejected header block. The handler knows it by
+// its queued verdict, and also by its Host, so that a verdict queue out of
+// step can never let it pass.
+var placeholder = []byte("GET / HTTP/1.1\r\nHost: " + placeholderHost + "\r\n\r\n")
 
-var h2Preface = []byte("PRI * HTTP/2.0\r\n")
+const placeholderHost = "rejected.invalid"
+
+// h2Preface is HTTP/2's connection preface. Only a connection that starts
+// with all of it is handed to net/http unchecked (it serves or refuses h2c
+// itself); "PRI *" anywhere else is checked like any request.
+var h2Preface = []byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
 
 type framingState uint8
 
@@ -100,6 +106,9 @@ type framingConn struct {
 	scan  int   // in stHeader, where the search for the block's end resumes
 	err   error // ErrBadFraming once the stream is dead for it
 
+	started   bool // a first byte was seen: no HTTP/2 preface any more
+	afterPOST bool // the last request was a POST (see process)
+
 	mu       sync.Mutex // guards verdicts
 	verdicts []Verdict
 
@@ -108,6 +117,15 @@ type framingConn struct {
 	hijacked atomic.Bool
 	// badFraming is set when a body's framing was found malformed.
 	badFraming atomic.Bool
+}
+
+// CloseWrite half-closes the connection (tunnels and upgrades end one
+// direction at a time).
+func (c *framingConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
 }
 
 func (c *framingConn) pushVerdict(v Verdict) {
@@ -223,13 +241,30 @@ func (c *framingConn) process() {
 		pending := c.buf[c.rel:c.w]
 		switch c.state {
 		case stHeader:
-			if c.rel == c.scan && bytes.HasPrefix(h2Preface, pending[:min(len(pending), len(h2Preface))]) {
+			if !c.started && bytes.HasPrefix(h2Preface, pending[:min(len(pending), len(h2Preface))]) {
 				if len(pending) < len(h2Preface) {
 					return
 				}
 				c.state = stPassthrough
 				c.rel = c.w
 				return
+			}
+			c.started = true
+			// After a POST, net/http drops up to four CR/LF bytes that old
+			// clients send after the body; so does the check, so that the
+			// blocks (and their verdicts) stay in step.
+			if c.afterPOST && c.rel == c.scan {
+				k := 0
+				for k < len(pending) && k < 4 && (pending[k] == '\r' || pending[k] == '\n') {
+					k++
+				}
+				if k == len(pending) && k < 4 {
+					return // more may follow; decide with them
+				}
+				c.afterPOST = false
+				c.rel += k
+				c.scan = c.rel
+				continue
 			}
 			end := c.headerEnd()
 			if end < 0 {
@@ -342,6 +377,7 @@ func (c *framingConn) checkHeader(end int) {
 		return
 	}
 	c.pushVerdict(Verdict{})
+	c.afterPOST = f.post
 	c.rel = end
 	switch {
 	case f.chunked:
@@ -356,6 +392,7 @@ func (c *framingConn) checkHeader(end int) {
 type framing struct {
 	chunked bool
 	length  int64
+	post    bool
 }
 
 // parseFraming reads the framing headers of one request header block. It
@@ -365,6 +402,7 @@ func parseFraming(block []byte) (framing, string) {
 	var (
 		clSeen bool
 		teSeen bool
+		http11 bool
 	)
 	first := true
 	for len(block) > 0 {
@@ -376,6 +414,8 @@ func parseFraming(block []byte) (framing, string) {
 		block = block[i+1:]
 		if first {
 			first = false
+			f.post = bytes.HasPrefix(line, []byte("POST "))
+			http11 = bytes.HasSuffix(line, []byte(" HTTP/1.1"))
 			continue
 		}
 		if len(line) == 0 {
@@ -413,6 +453,11 @@ func parseFraming(block []byte) (framing, string) {
 	if clSeen && teSeen {
 		return f, "both Content-Length and Transfer-Encoding"
 	}
+	// net/http ignores Transfer-Encoding before HTTP/1.1 and would read
+	// the body as the next request; RFC 9112 6.1 says reject it.
+	if teSeen && !http11 {
+		return f, "Transfer-Encoding in a request older than HTTP/1.1"
+	}
 	return f, ""
 }
 
@@ -446,10 +491,10 @@ func parseDecimal(b []byte) (int64, bool) {
 
 // parseChunkSize parses "HEX[;ext]" as net/http's chunked reader does.
 func parseChunkSize(line []byte) (int64, bool) {
+	line = bytes.TrimRight(line, " \t")
 	if i := bytes.IndexByte(line, ';'); i >= 0 {
 		line = line[:i]
 	}
-	line = bytes.TrimRight(line, " \t")
 	if len(line) == 0 || len(line) > 16 {
 		return 0, false
 	}
@@ -506,6 +551,16 @@ func ConnContext(ctx context.Context, c net.Conn) context.Context {
 		return context.WithValue(ctx, connKey{}, fc)
 	}
 	return ctx
+}
+
+// TakeVerdictFor is TakeVerdict that also rejects the placeholder request by
+// its Host, whatever the queue says.
+func TakeVerdictFor(r *http.Request) Verdict {
+	v := TakeVerdict(r.Context())
+	if v.Reason == "" && r.Host == placeholderHost {
+		v.Reason = "malformed request"
+	}
+	return v
 }
 
 // TakeVerdict returns the framing verdict of the request being served on

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -77,7 +78,10 @@ func Listen(name, addr string, h http.Handler, limits Limits, log *slog.Logger) 
 		IdleTimeout:       limits.IdleTimeout,
 		MaxHeaderBytes:    limits.MaxHeaderBytes,
 		ConnContext:       ConnContext,
-		ErrorLog:          slog.NewLogLogger(log.With("listener", name).Handler(), slog.LevelDebug),
+		// "OPTIONS *" goes to the handler too, so that every request on a
+		// connection takes its framing verdict.
+		DisableGeneralOptionsHandler: true,
+		ErrorLog:                     slog.NewLogLogger(log.With("listener", name).Handler(), slog.LevelDebug),
 	}
 	return &Server{
 		HTTP:     srv,
@@ -130,7 +134,8 @@ type BodyReader struct {
 	rc      *http.ResponseController
 	timeout time.Duration
 	fc      *framingConn
-	done    bool
+	done    atomic.Bool // the body was read to its end
+	closed  atomic.Bool
 }
 
 // NewBodyReader wraps r's body; w is r's ResponseWriter.
@@ -141,11 +146,17 @@ func NewBodyReader(w http.ResponseWriter, r *http.Request, timeout time.Duration
 
 // Read implements io.Reader.
 func (b *BodyReader) Read(p []byte) (int, error) {
-	if b.done {
+	if b.done.Load() {
 		return 0, io.EOF
+	}
+	if b.closed.Load() {
+		return 0, &ClientError{Err: net.ErrClosed}
 	}
 	if b.timeout > 0 {
 		_ = b.rc.SetReadDeadline(time.Now().Add(b.timeout))
+		if b.closed.Load() {
+			_ = b.rc.SetReadDeadline(aLongTimeAgo) // Close raced the line above
+		}
 	}
 	n, err := b.body.Read(p)
 	if err != nil {
@@ -153,7 +164,7 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 			_ = b.rc.SetReadDeadline(time.Time{})
 		}
 		if err == io.EOF {
-			b.done = true
+			b.done.Store(true)
 			return n, io.EOF
 		}
 		// net/http reports a framing fault as an unexpected EOF; the
@@ -166,5 +177,13 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// Close implements io.Closer.
-func (b *BodyReader) Close() error { return b.body.Close() }
+// Close implements io.Closer. It may be called while another goroutine is
+// in Read: that Read is ended at once rather than left waiting on the client.
+func (b *BodyReader) Close() error {
+	if !b.closed.Swap(true) && !b.done.Load() {
+		_ = b.rc.SetReadDeadline(aLongTimeAgo)
+	}
+	return b.body.Close()
+}
+
+var aLongTimeAgo = time.Unix(1, 0)

@@ -1,0 +1,55 @@
+package outbound
+
+import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Idle connections are only checked when popped; the pool is LIFO, so after
+// a burst the older ones are never popped and stay open (CLOSE_WAIT once the
+// server times them out) for the life of the process.
+func TestIdleConnectionsReaped(t *testing.T) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(20 * time.Millisecond)
+		io.WriteString(w, "ok")
+	}))
+	srv.Config.IdleTimeout = 100 * time.Millisecond
+	srv.Start()
+	defer srv.Close()
+	tr := NewTransport(TransportConfig{IdleConnTimeout: 300 * time.Millisecond})
+	defer tr.Close()
+	get := func() {
+		req, _ := http.NewRequest("GET", srv.URL, nil)
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	var wg sync.WaitGroup
+	for range 40 {
+		wg.Add(1)
+		go func() { defer wg.Done(); get() }()
+	}
+	wg.Wait()
+	// steady light traffic afterwards: one request every 30ms for 1.5s
+	for range 50 {
+		get()
+		time.Sleep(30 * time.Millisecond)
+	}
+	p := tr.pool(strings.TrimPrefix(srv.URL, "http://"))
+	p.mu.Lock()
+	n := len(p.idle)
+	p.mu.Unlock()
+	t.Logf("idle conns still pooled (all closed by the server): %d", n)
+	if n > 1 {
+		t.Errorf("stale idle connections are never reaped")
+	}
+}
