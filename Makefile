@@ -45,8 +45,9 @@ run demo:
 bench: bench-go
 	bench/run.sh
 
-bench-go:
+bench-go: test-tools
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./pkg/outbound/
+	$(GO) test -run '^$$' -bench ConsulPropagation -benchtime 100x ./cmd/sidecar/
 
 ## tools: install what tests and benchmarks need (cached, idempotent)
 tools:

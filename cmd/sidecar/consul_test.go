@@ -2,12 +2,15 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -16,112 +19,264 @@ import (
 	"github.com/sidecar-mesh/sidecar/internal/consultest"
 )
 
-// A real sidecar with a real Consul: routes to instances registered there,
-// registers its app, keeps routing through a Consul outage, and
-// deregisters on shutdown.
-func TestSidecarWithConsul(t *testing.T) {
-	agent := consultest.Start(t)
+// consulSidecar is a real sidecar (in-process `sidecar run`) against a real
+// Consul agent.
+type consulSidecar struct {
+	agent    *consultest.Agent
+	consul   *api.Client
+	out, adm string
+	metrics  string
+	client   *http.Client
+}
+
+func startConsulSidecar(t *testing.T, extraArgs ...string) *consulSidecar {
+	t.Helper()
+	cs := &consulSidecar{agent: consultest.Start(t), client: &http.Client{Timeout: 5 * time.Second}}
 	cc := api.DefaultConfig()
-	cc.Address = agent.Addr()
-	consul, err := api.NewClient(cc)
+	cc.Address = cs.agent.Addr()
+	var err error
+	if cs.consul, err = api.NewClient(cc); err != nil {
+		t.Fatal(err)
+	}
+	cs.out, cs.adm, cs.metrics = freePort(t), freePort(t), freePort(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	args := append([]string{"run", "--outbound-addr", cs.out, "--admin-addr", cs.adm, "--metrics-addr", cs.metrics,
+		"--log-level", "error"}, extraArgs...)
+	go func() {
+		_, _, err := cli(t, ctx, map[string]string{"CONSUL_HTTP_ADDR": cs.agent.Addr(), "POD_IP": "10.1.2.3"}, args...)
+		done <- err
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("sidecar run: %v", err)
+		}
+	})
+	return cs
+}
+
+// instance is a real upstream that answers with its own name.
+func instance(t *testing.T, name string) (host string, port int) {
+	t.Helper()
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, name) }))
+	t.Cleanup(up.Close)
+	h, p, _ := net.SplitHostPort(strings.TrimPrefix(up.URL, "http://"))
+	port, _ = strconv.Atoi(p)
+	return h, port
+}
+
+func (cs *consulSidecar) register(t *testing.T, service, id string, check *api.AgentServiceCheck) {
+	t.Helper()
+	host, port := instance(t, id)
+	if err := cs.consul.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: id, Name: service, Address: host, Port: port, Check: check}); err != nil {
+		t.Fatalf("register %s: %v", id, err)
+	}
+}
+
+// call sends GET http://service/ through the sidecar; it returns the
+// answering instance, or "" and the failure.
+func (cs *consulSidecar) call(service string) (string, string) {
+	req, _ := http.NewRequest("GET", "http://"+cs.out+"/", nil)
+	req.Host = service
+	resp, err := cs.client.Do(req)
+	if err != nil {
+		return "", err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		return "", fmt.Sprintf("%d %s", resp.StatusCode, b)
+	}
+	return string(b), ""
+}
+
+// until calls service until pred holds for the answering instance, and
+// returns how long that took.
+func (cs *consulSidecar) until(t *testing.T, service, what string, limit time.Duration, pred func(instance string) bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	last := ""
+	for time.Since(start) < limit {
+		got, failure := cs.call(service)
+		if failure == "" && pred(got) {
+			return time.Since(start)
+		}
+		last = got + failure
+	}
+	t.Fatalf("%s: not within %v (last answer %q)", what, limit, last)
+	return 0
+}
+
+// Instances appear within 1 s of registration and leave within 1 s of a
+// failing check or a deregistration; no request goes to them after that.
+func TestConsulPropagation(t *testing.T) {
+	cs := startConsulSidecar(t)
+	cs.register(t, "users", "users-a", nil)
+	cs.until(t, "users", "first instance", 10*time.Second, func(i string) bool { return i == "users-a" })
+
+	cs.register(t, "users", "users-b", &api.AgentServiceCheck{CheckID: "b-ttl", TTL: "5m", Status: api.HealthPassing})
+	took := cs.until(t, "users", "users-b appears", time.Second, func(i string) bool { return i == "users-b" })
+	t.Logf("a registration reached the sidecar in %v", took)
+
+	if err := cs.consul.Agent().UpdateTTL("b-ttl", "failing", api.HealthCritical); err != nil {
+		t.Fatal(err)
+	}
+	cs.expectGone(t, "users-b", "after its check failed")
+
+	cs.register(t, "users", "users-c", nil)
+	cs.until(t, "users", "users-c appears", time.Second, func(i string) bool { return i == "users-c" })
+	if err := cs.consul.Agent().ServiceDeregister("users-c"); err != nil {
+		t.Fatal(err)
+	}
+	cs.expectGone(t, "users-c", "after its deregistration")
+}
+
+// expectGone waits 1 s, then checks that 200 calls never reach gone.
+func (cs *consulSidecar) expectGone(t *testing.T, gone, when string) {
+	t.Helper()
+	time.Sleep(time.Second)
+	for i := range 200 {
+		got, failure := cs.call("users")
+		if failure != "" || got == gone {
+			t.Fatalf("call %d, 1 s %s: got %q %s; want another instance", i, when, got, failure)
+		}
+	}
+}
+
+// With Consul stopped for 30 s under steady load, no request fails; when it
+// returns, new instances are picked up. The app's registration comes back
+// by itself, and shutdown deregisters it.
+func TestConsulOutageUnderLoad(t *testing.T) {
+	in := freePort(t)
+	cs := startConsulSidecar(t, "--service", "orders", "--app-port", "8080", "--inbound-addr", in)
+	cs.register(t, "users", "users-a", nil)
+	cs.until(t, "users", "first instance", 10*time.Second, func(i string) bool { return i == "users-a" })
+	_, inPort, _ := net.SplitHostPort(in)
+	registered := func() *api.AgentService {
+		svcs, _ := cs.consul.Agent().Services()
+		for _, s := range svcs {
+			if s.Service == "orders" {
+				return s
+			}
+		}
+		return nil
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for registered() == nil && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if s := registered(); s == nil || s.Address != "10.1.2.3" || strconv.Itoa(s.Port) != inPort {
+		t.Fatalf("app registration %+v, want orders at 10.1.2.3:%s", s, inPort)
+	}
+
+	cs.agent.Stop()
+	outage := 30 * time.Second
+	if testing.Short() {
+		outage = 3 * time.Second
+	}
+	sent, failed := 0, 0
+	var firstFailure string
+	tick := time.NewTicker(10 * time.Millisecond) // 100 requests/s
+	for end := time.Now().Add(outage); time.Now().Before(end); <-tick.C {
+		sent++
+		if _, failure := cs.call("users"); failure != "" {
+			failed++
+			if firstFailure == "" {
+				firstFailure = failure
+			}
+		}
+	}
+	tick.Stop()
+	if failed != 0 {
+		t.Fatalf("%d of %d requests failed during a %v Consul outage, want 0 (first: %s)", failed, sent, outage, firstFailure)
+	}
+	t.Logf("%d requests during a %v Consul outage, 0 failed", sent, outage)
+	if age := cs.staleness(t, "users"); age < outage.Seconds()/2 {
+		t.Fatalf("sidecar_discovery_staleness_seconds for users is %v after a %v outage, want it to grow with the outage", age, outage)
+	}
+
+	cs.agent.Restart(t) // a -dev agent comes back empty
+	cs.register(t, "users", "users-new", nil)
+	cs.until(t, "users", "a new instance after Consul returned", 10*time.Second, func(i string) bool { return i == "users-new" })
+	deadline = time.Now().Add(10 * time.Second)
+	for registered() == nil && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if registered() == nil {
+		t.Fatal("the app was not registered again after the agent came back")
+	}
+}
+
+// With 1000 services registered and 5 used, only those 5 are watched.
+func TestConsulWatchesOnlyServicesUsed(t *testing.T) {
+	cs := startConsulSidecar(t)
+	host, port := instance(t, "shared")
+	var wg sync.WaitGroup
+	errs := make(chan error, 1000)
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < 1000; i += 8 {
+				name := fmt.Sprintf("svc-%04d", i)
+				errs <- cs.consul.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: name, Name: name, Address: host, Port: port})
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 5 {
+		name := fmt.Sprintf("svc-%04d", i*100)
+		cs.until(t, name, "calling "+name, 10*time.Second, func(i string) bool { return i == "shared" })
+	}
+	resp, err := cs.client.Get("http://" + cs.adm + "/endpoints")
 	if err != nil {
 		t.Fatal(err)
 	}
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "users") }))
-	defer up.Close()
-	host, portStr, _ := net.SplitHostPort(strings.TrimPrefix(up.URL, "http://"))
-	port, _ := strconv.Atoi(portStr)
-	if err := consul.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "users-1", Name: "users", Address: host, Port: port}); err != nil {
+	defer resp.Body.Close()
+	var eps struct {
+		Services []struct{ Service, Source string }
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&eps); err != nil {
 		t.Fatal(err)
 	}
+	watched := 0
+	for _, s := range eps.Services {
+		if s.Source == "consul" {
+			watched++
+		}
+	}
+	if watched != 5 {
+		t.Fatalf("the sidecar watches %d services, want the 5 used of the 1000 registered: %+v", watched, eps.Services)
+	}
+}
 
-	out, adm, in := freePort(t), freePort(t), freePort(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		_, _, err := cli(t, ctx, map[string]string{"CONSUL_HTTP_ADDR": agent.Addr(), "POD_IP": "10.1.2.3"},
-			"run", "--outbound-addr", out, "--admin-addr", adm, "--inbound-addr", in,
-			"--service", "orders", "--app-port", "8080", "--log-level", "error")
-		done <- err
-	}()
-	stopped := false
-	stop := func() {
-		if !stopped {
-			stopped = true
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("sidecar run: %v", err)
+// staleness reads sidecar_discovery_staleness_seconds of a Consul service
+// from the metrics endpoint.
+func (cs *consulSidecar) staleness(t *testing.T, service string) float64 {
+	t.Helper()
+	resp, err := cs.client.Get("http://" + cs.metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	prefix := `sidecar_discovery_staleness_seconds{service="` + service + `",source="consul"} `
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, prefix); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("metric line %q: %v", line, err)
 			}
+			return f
 		}
 	}
-	defer stop()
-
-	client := &http.Client{Timeout: 5 * time.Second}
-	call := func() (int, string) {
-		req, _ := http.NewRequest("GET", "http://"+out+"/", nil)
-		req.Host = "users"
-		resp, err := client.Do(req)
-		if err != nil {
-			return 0, err.Error()
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		code, body := call()
-		if code == 200 && body == "users" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("GET users through the sidecar: %d %q", code, body)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-
-	_, inPort, _ := net.SplitHostPort(in)
-	var instance *api.AgentService
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		svcs, _ := consul.Agent().Services()
-		for _, s := range svcs {
-			if s.Service == "orders" {
-				instance = s
-			}
-		}
-		if instance != nil {
-			break
-		}
-	}
-	if instance == nil || instance.Address != "10.1.2.3" || strconv.Itoa(instance.Port) != inPort {
-		t.Fatalf("app registration %+v, want orders at 10.1.2.3:%s", instance, inPort)
-	}
-
-	// Consul down: every call still succeeds on the last known endpoints.
-	agent.Stop()
-	lost := 0
-	for range 200 {
-		if code, _ := call(); code != 200 {
-			lost++
-		}
-	}
-	if lost != 0 {
-		t.Fatalf("%d of 200 calls failed while Consul was down, want 0", lost)
-	}
-
-	agent.Restart(t)
-	// The restarted -dev agent forgot everything; the sidecar registers
-	// the app again, and deregisters it on shutdown.
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if s, _, err := consul.Agent().Service(instance.ID, nil); err == nil && s != nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the app was not registered again after the agent restart")
-		}
-	}
-	stop()
-	if s, _, err := consul.Agent().Service(instance.ID, nil); err == nil && s != nil {
-		t.Fatalf("app still registered after shutdown: %+v", s)
-	}
+	t.Fatalf("no %s... line in /metrics:\n%s", prefix, b)
+	return 0
 }

@@ -32,7 +32,7 @@ func cli(t *testing.T, ctx context.Context, env map[string]string, args ...strin
 	return out.String(), errb.String(), err
 }
 
-func freePort(t *testing.T) string {
+func freePort(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -154,12 +154,12 @@ func TestStartupErrors(t *testing.T) {
 // outbound proxy on its flags' addresses, and the admin API.
 func TestDemo(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
-	out, adm := freePort(t), freePort(t)
+	out, adm, metrics := freePort(t), freePort(t), freePort(t)
 	done := make(chan error, 1)
 	var stdout bytes.Buffer
 	go func() {
 		cmd := newRootCommand(strings.NewReader(""), &stdout, io.Discard, func(string) string { return "" })
-		cmd.SetArgs([]string{"demo", "--outbound-addr", out, "--admin-addr", adm})
+		cmd.SetArgs([]string{"demo", "--outbound-addr", out, "--admin-addr", adm, "--metrics-addr", metrics})
 		done <- cmd.ExecuteContext(ctx)
 	}()
 	defer func() {
@@ -195,6 +195,17 @@ func TestDemo(t *testing.T) {
 	b, _ := io.ReadAll(resp.Body)
 	if !strings.Contains(string(b), `"user-service"`) || !strings.Contains(string(b), "127.0.0.1:9002") {
 		t.Fatalf("admin /endpoints = %s", b)
+	}
+	mresp, err := client.Get("http://" + metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mresp.Body.Close()
+	mb, _ := io.ReadAll(mresp.Body)
+	for _, want := range []string{`sidecar_discovery_endpoints{service="user-service",source="static"} 2`, "process_resident_memory_bytes", "go_goroutines"} {
+		if !strings.Contains(string(mb), want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
 	}
 	if !strings.Contains(stdout.String(), "curl -x http://"+out) {
 		t.Fatalf("demo did not print the curl commands:\n%s", stdout.String())

@@ -27,6 +27,8 @@ type sidecar struct {
 	proxy    *outbound.Proxy
 	admin    *http.Server
 	adminLn  net.Listener
+	metrics  *http.Server
+	metricLn net.Listener
 	consul   *discovery.Consul       // nil without Consul
 	reg      *discovery.Registration // nil when the app is not registered
 	ready    atomic.Bool
@@ -52,7 +54,7 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 			log.Warn("configuration key is accepted but not in effect in this build", "key", k.key)
 		}
 	}
-	s := &sidecar{log: log, errs: make(chan error, 2)}
+	s := &sidecar{log: log, errs: make(chan error, 3)}
 	defer func() {
 		if err == nil {
 			return
@@ -100,6 +102,20 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		_ = s.outbound.Listener.Close()
 		return nil, fmt.Errorf("admin listener on %s: %w", cfg.Listeners.Admin, err)
 	}
+	s.metricLn, err = net.Listen("tcp", cfg.Listeners.Metrics)
+	if err != nil {
+		_ = s.outbound.Listener.Close()
+		_ = s.adminLn.Close()
+		return nil, fmt.Errorf("metrics listener on %s: %w", cfg.Listeners.Metrics, err)
+	}
+	s.metrics = &http.Server{
+		Handler:           metricsHandler(newRegistry(resolver)),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+	}
 	s.admin = &http.Server{
 		Handler: admin.Handler(admin.Sources{
 			Config:   func() any { return cfg },
@@ -113,13 +129,18 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		MaxHeaderBytes:    16 << 10,
 	}
 	go func() { s.errs <- s.outbound.Serve() }()
-	go func() {
-		if err := s.admin.Serve(s.adminLn); !errors.Is(err, http.ErrServerClosed) {
-			s.errs <- err
-			return
-		}
-		s.errs <- nil
-	}()
+	for _, srv := range []struct {
+		s  *http.Server
+		ln net.Listener
+	}{{s.admin, s.adminLn}, {s.metrics, s.metricLn}} {
+		go func() {
+			if err := srv.s.Serve(srv.ln); !errors.Is(err, http.ErrServerClosed) {
+				s.errs <- err
+				return
+			}
+			s.errs <- nil
+		}()
+	}
 	s.ready.Store(true)
 
 	if client != nil && cfg.Service != "" && cfg.AppPort != 0 && !cfg.Discovery.Consul.Register.Disabled {
@@ -128,6 +149,7 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		}
 	}
 	log.Info("sidecar ready", "outbound", s.outbound.Addr().String(), "admin", s.adminLn.Addr().String(),
+		"metrics", s.metricLn.Addr().String(),
 		"static_services", len(static.Services()), "consul", s.consul != nil, "registered", s.reg != nil)
 	return s, nil
 }
@@ -186,12 +208,12 @@ func (s *sidecar) shutdown(ctx context.Context) error {
 	if s.reg != nil {
 		err = s.reg.Deregister(ctx)
 	}
-	err = errors.Join(err, s.outbound.Shutdown(ctx), s.admin.Shutdown(ctx))
+	err = errors.Join(err, s.outbound.Shutdown(ctx), s.admin.Shutdown(ctx), s.metrics.Shutdown(ctx))
 	s.proxy.Close()
 	if s.consul != nil {
 		s.consul.Close()
 	}
-	for range 2 {
+	for range 3 {
 		err = errors.Join(err, <-s.errs)
 	}
 	return err

@@ -217,6 +217,9 @@ func (c *Consul) run(ctx context.Context, w *watch) {
 				return
 			}
 			failures++
+			// The agent may come back restarted, its index far below ours: a
+			// query waiting on our old index would block for the whole wait.
+			index = 0
 			msg := err.Error()
 			w.lastErr.Store(&msg)
 			if failures == 1 {
@@ -345,10 +348,12 @@ func (c *Consul) reapIdle() {
 	}
 }
 
-// backoff is exponential from 250ms, capped at 30s, with full jitter.
+// backoff is exponential from 250ms, capped at 5s (the agent is local and
+// its queries are cheap; a short cap means routing catches up soon after
+// Consul returns), with jitter over the upper half.
 func backoff(failures int) time.Duration {
-	d := 250 * time.Millisecond << min(failures-1, 7)
-	d = min(d, 30*time.Second)
+	d := 250 * time.Millisecond << min(failures-1, 5)
+	d = min(d, 5*time.Second)
 	return d/2 + rand.N(d/2+1)
 }
 
