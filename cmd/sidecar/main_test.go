@@ -121,6 +121,8 @@ func TestStartupErrors(t *testing.T) {
 	dir := t.TempDir()
 	bad := filepath.Join(dir, "bad.yaml")
 	os.WriteFile(bad, []byte("service: a\nlisteners:\n  outbund: 127.0.0.1:1\n"), 0o600)
+	badPolicy := filepath.Join(dir, "policies.yaml")
+	os.WriteFile(badPolicy, []byte("service: users\nretry: {attempts: 0}\n"), 0o600)
 	taken, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -137,6 +139,7 @@ func TestStartupErrors(t *testing.T) {
 		{"invalid value", []string{"run", "--outbound-addr", "nowhere"}, `listeners.outbound: "nowhere": want host:port`},
 		{"port in use", []string{"run", "--outbound-addr", taken.Addr().String(), "--admin-addr", freePort(t)}, taken.Addr().String() + " is already in use"},
 		{"unknown flag", []string{"run", "--outbound", "x"}, "unknown flag: --outbound"},
+		{"invalid policy file", []string{"run", "--policy-file", badPolicy}, badPolicy + ":1: document 1: retry.attempts: 0 is not allowed (allowed: 1 to 10)"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

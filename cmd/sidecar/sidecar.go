@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
@@ -42,6 +44,15 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("discovery.static: %w", err)
 	}
+	if cfg.PolicyFile != "" {
+		data, err := os.ReadFile(cfg.PolicyFile)
+		if err != nil {
+			return nil, fmt.Errorf("policyFile: %w", err)
+		}
+		if _, err := policy.Parse(data, cfg.PolicyFile); err != nil {
+			return nil, fmt.Errorf("policyFile:\n%w", err)
+		}
+	}
 	for _, k := range []struct {
 		key string
 		set bool
@@ -51,7 +62,7 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		{"policyFile", cfg.PolicyFile != ""},
 	} {
 		if k.set {
-			log.Warn("configuration key is accepted but not in effect in this build", "key", k.key)
+			log.Warn("configuration key is validated but not in effect in this build", "key", k.key)
 		}
 	}
 	s := &sidecar{log: log, errs: make(chan error, 3)}

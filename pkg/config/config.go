@@ -51,6 +51,8 @@ type Config struct {
 	AllowHosts []string `yaml:"allowHosts,omitempty" json:"allowHosts,omitempty"`
 	// Log configures logging.
 	Log Log `yaml:"log,omitempty" json:"log"`
+
+	file string // where the config came from, for messages
 }
 
 // Listeners are host:port addresses. Empty means the default in DESIGN.md.
@@ -174,6 +176,7 @@ func Parse(data []byte, name string) (*Config, error) {
 	if err := policy.DecodeStrict(data, name, &c); err != nil {
 		return nil, err
 	}
+	c.file = name
 	return &c, nil
 }
 
@@ -224,6 +227,18 @@ func (c *Config) Validate() error {
 	}
 	if _, err := discovery.NewStatic(c.Discovery.Static); err != nil {
 		add("discovery.static: %v", err)
+	}
+	seen := map[string]bool{}
+	for i := range c.Policies {
+		p, err := policy.DecodePolicyNode(&c.Policies[i], c.file, fmt.Sprintf("%s:%d: policies[%d]", c.file, c.Policies[i].Line, i))
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if seen[p.Service] {
+			add("policies[%d]: service %q has more than one policy", i, p.Service)
+		}
+		seen[p.Service] = true
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

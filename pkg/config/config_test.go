@@ -98,6 +98,17 @@ func TestValidate(t *testing.T) {
 	if err == nil {
 		t.Fatal("Validate accepted an invalid config")
 	}
+	bad, perr := Parse([]byte("policies:\n  - {service: \"*\", timeout: 0s}\n  - {service: a, retry: {attemps: 2}}\n"), "c.yaml")
+	if perr != nil {
+		t.Fatal(perr)
+	}
+	bad.WithDefaults()
+	perr = bad.Validate()
+	for _, want := range []string{"c.yaml:2: policies[0]: timeout: 0s is not allowed", `c.yaml:3: unknown key "retry.attemps"`} {
+		if perr == nil || !strings.Contains(perr.Error(), want) {
+			t.Errorf("inline policies: error %v lacks %q", perr, want)
+		}
+	}
 	for _, want := range []string{"service:", "appPort: 70000", "listeners.outbound:", "discovery.static:", "log.level:"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("Validate error lacks %q:\n%v", want, err)

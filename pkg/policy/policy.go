@@ -1,0 +1,391 @@
+package policy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"reflect"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// APIVersion and Kind name a Policy document.
+const (
+	APIVersion = "sidecar/v1"
+	Kind       = "Policy"
+	// Default is the service name of the policy merged under every other.
+	Default = "*"
+)
+
+// Policy is the resilience policy of one service (or, with Service "*", the
+// default under every service). A nil field is "not set": it takes the
+// value of the "*" policy, then of Defaults. Policies are values: copy
+// freely, never mutate one in force.
+type Policy struct {
+	APIVersion       string            `yaml:"apiVersion,omitempty" json:"apiVersion,omitempty"`
+	Kind             string            `yaml:"kind,omitempty" json:"kind,omitempty"`
+	Service          string            `yaml:"service" json:"service"`
+	Timeout          *Duration         `yaml:"timeout,omitempty" json:"timeout,omitempty"`
+	Retry            *Retry            `yaml:"retry,omitempty" json:"retry,omitempty"`
+	CircuitBreaker   *CircuitBreaker   `yaml:"circuitBreaker,omitempty" json:"circuitBreaker,omitempty"`
+	OutlierDetection *OutlierDetection `yaml:"outlierDetection,omitempty" json:"outlierDetection,omitempty"`
+	Concurrency      *Concurrency      `yaml:"concurrency,omitempty" json:"concurrency,omitempty"`
+}
+
+// Retry says when and how a failed attempt is tried again.
+type Retry struct {
+	// Attempts is the total, the first try included; 1 turns retries off.
+	Attempts *int `yaml:"attempts,omitempty" json:"attempts,omitempty"`
+	// PerTryTimeout bounds each attempt; 0 means only the overall timeout.
+	PerTryTimeout *Duration `yaml:"perTryTimeout,omitempty" json:"perTryTimeout,omitempty"`
+	Backoff       *Backoff  `yaml:"backoff,omitempty" json:"backoff,omitempty"`
+	// On lists the retryable outcomes (see RetryConditions).
+	On []string `yaml:"on,omitempty" json:"on,omitempty"`
+	// Methods lists the methods retried; others only with an
+	// Idempotency-Key header.
+	Methods []string `yaml:"methods,omitempty" json:"methods,omitempty"`
+	Budget  *Budget  `yaml:"budget,omitempty" json:"budget,omitempty"`
+}
+
+// Backoff is exponential from Base to Max, with full jitter.
+type Backoff struct {
+	Base *Duration `yaml:"base,omitempty" json:"base,omitempty"`
+	Max  *Duration `yaml:"max,omitempty" json:"max,omitempty"`
+}
+
+// Budget caps retries at Ratio of recent requests plus MinPerSecond.
+type Budget struct {
+	Ratio        *float64 `yaml:"ratio,omitempty" json:"ratio,omitempty"`
+	MinPerSecond *int     `yaml:"minPerSecond,omitempty" json:"minPerSecond,omitempty"`
+}
+
+// CircuitBreaker trips on ConsecutiveFailures, or on FailureRatio over Window
+// once MinRequests were seen.
+type CircuitBreaker struct {
+	ConsecutiveFailures *int      `yaml:"consecutiveFailures,omitempty" json:"consecutiveFailures,omitempty"`
+	FailureRatio        *float64  `yaml:"failureRatio,omitempty" json:"failureRatio,omitempty"`
+	MinRequests         *int      `yaml:"minRequests,omitempty" json:"minRequests,omitempty"`
+	Window              *Duration `yaml:"window,omitempty" json:"window,omitempty"`
+	OpenDuration        *Duration `yaml:"openDuration,omitempty" json:"openDuration,omitempty"`
+	HalfOpenRequests    *int      `yaml:"halfOpenRequests,omitempty" json:"halfOpenRequests,omitempty"`
+}
+
+// OutlierDetection ejects an endpoint after ConsecutiveFailures.
+type OutlierDetection struct {
+	ConsecutiveFailures *int      `yaml:"consecutiveFailures,omitempty" json:"consecutiveFailures,omitempty"`
+	EjectionTime        *Duration `yaml:"ejectionTime,omitempty" json:"ejectionTime,omitempty"`
+	MaxEjectionPercent  *int      `yaml:"maxEjectionPercent,omitempty" json:"maxEjectionPercent,omitempty"`
+}
+
+// Concurrency bounds requests in flight to the service.
+type Concurrency struct {
+	MaxInFlight *int `yaml:"maxInFlight,omitempty" json:"maxInFlight,omitempty"`
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// Defaults is every field's default, in one place. Effective policies are
+// Defaults, under the "*" policy, under the service's own.
+func Defaults() Policy {
+	return Policy{
+		APIVersion: APIVersion,
+		Kind:       Kind,
+		Service:    Default,
+		Timeout:    ptr(Duration(15 * time.Second)),
+		Retry: &Retry{
+			Attempts:      ptr(3),
+			PerTryTimeout: ptr(Duration(0)),
+			Backoff:       &Backoff{Base: ptr(Duration(25 * time.Millisecond)), Max: ptr(Duration(250 * time.Millisecond))},
+			On:            []string{"connect-failure", "reset", "502", "503", "504", "grpc-unavailable"},
+			Methods:       []string{"GET", "HEAD", "OPTIONS", "PUT", "DELETE"},
+			Budget:        &Budget{Ratio: ptr(0.2), MinPerSecond: ptr(10)},
+		},
+		CircuitBreaker: &CircuitBreaker{
+			ConsecutiveFailures: ptr(5),
+			FailureRatio:        ptr(0.5),
+			MinRequests:         ptr(20),
+			Window:              ptr(Duration(10 * time.Second)),
+			OpenDuration:        ptr(Duration(30 * time.Second)),
+			HalfOpenRequests:    ptr(1),
+		},
+		OutlierDetection: &OutlierDetection{
+			ConsecutiveFailures: ptr(5),
+			EjectionTime:        ptr(Duration(30 * time.Second)),
+			MaxEjectionPercent:  ptr(50),
+		},
+		Concurrency: &Concurrency{MaxInFlight: ptr(1024)},
+	}
+}
+
+// RetryConditions are the words allowed in retry.on, besides HTTP status
+// codes 400-599.
+var RetryConditions = []string{
+	"connect-failure", "reset", "timeout",
+	"grpc-unavailable", "grpc-resource-exhausted", "grpc-deadline-exceeded", "grpc-cancelled",
+}
+
+// Merge returns base with every field set in over replacing base's, field by
+// field (nested sections merge too; lists replace).
+func Merge(base, over Policy) Policy {
+	out := deepCopy(base)
+	mergeValue(reflect.ValueOf(&out).Elem(), reflect.ValueOf(deepCopy(over)))
+	return out
+}
+
+func mergeValue(dst, src reflect.Value) {
+	for i := 0; i < dst.NumField(); i++ {
+		d, s := dst.Field(i), src.Field(i)
+		switch d.Kind() {
+		case reflect.Pointer:
+			if s.IsNil() {
+				continue
+			}
+			if d.IsNil() || s.Elem().Kind() != reflect.Struct {
+				d.Set(s)
+				continue
+			}
+			mergeValue(d.Elem(), s.Elem())
+		case reflect.Slice:
+			if !s.IsNil() {
+				d.Set(s)
+			}
+		case reflect.String:
+			if s.String() != "" {
+				d.Set(s)
+			}
+		}
+	}
+}
+
+// deepCopy copies p with no pointer shared.
+func deepCopy(p Policy) Policy {
+	v := copyValue(reflect.ValueOf(p))
+	return v.Interface().(Policy)
+}
+
+func copyValue(v reflect.Value) reflect.Value {
+	switch v.Kind() {
+	case reflect.Pointer:
+		if v.IsNil() {
+			return v
+		}
+		n := reflect.New(v.Elem().Type())
+		n.Elem().Set(copyValue(v.Elem()))
+		return n
+	case reflect.Slice:
+		if v.IsNil() {
+			return v
+		}
+		n := reflect.MakeSlice(v.Type(), v.Len(), v.Len())
+		reflect.Copy(n, v)
+		return n
+	case reflect.Struct:
+		n := reflect.New(v.Type()).Elem()
+		for i := 0; i < v.NumField(); i++ {
+			n.Field(i).Set(copyValue(v.Field(i)))
+		}
+		return n
+	}
+	return v
+}
+
+// Effective returns the policy in force for service: Defaults, under the
+// "*" policy (if any), under the service's own (if any).
+func Effective(service string, byService map[string]Policy) Policy {
+	p := Defaults()
+	if d, ok := byService[Default]; ok {
+		p = Merge(p, d)
+	}
+	if s, ok := byService[service]; ok && service != Default {
+		p = Merge(p, s)
+	}
+	p.Service = service
+	return p
+}
+
+// FieldError is one invalid field: its path, the value found and what is
+// allowed.
+type FieldError struct {
+	Path    string
+	Value   string
+	Allowed string
+}
+
+func (e *FieldError) Error() string {
+	return fmt.Sprintf("%s: %s is not allowed (allowed: %s)", e.Path, e.Value, e.Allowed)
+}
+
+var serviceRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+var methodRE = regexp.MustCompile(`^[A-Z]{1,20}$`)
+
+// Validate checks every field of p and returns all problems as
+// *FieldError values joined, each naming the field path.
+func (p Policy) Validate() error {
+	var errs []error
+	add := func(path, value, allowed string) {
+		errs = append(errs, &FieldError{Path: path, Value: value, Allowed: allowed})
+	}
+	intIn := func(path string, v *int, lo, hi int) {
+		if v != nil && (*v < lo || *v > hi) {
+			add(path, strconv.Itoa(*v), fmt.Sprintf("%d to %d", lo, hi))
+		}
+	}
+	floatIn := func(path string, v *float64, lo, hi float64, loOpen bool) {
+		if v != nil && (*v < lo || *v > hi || (loOpen && *v == lo)) {
+			r := fmt.Sprintf("%g to %g", lo, hi)
+			if loOpen {
+				r = fmt.Sprintf("more than %g, at most %g", lo, hi)
+			}
+			add(path, strconv.FormatFloat(*v, 'g', -1, 64), r)
+		}
+	}
+	durIn := func(path string, v *Duration, lo, hi time.Duration, zeroOK bool) {
+		if v == nil || (zeroOK && *v == 0) {
+			return
+		}
+		if v.D() < lo || v.D() > hi {
+			r := fmt.Sprintf("%v to %v", lo, hi)
+			if zeroOK {
+				r += ", or 0 for none"
+			}
+			add(path, v.String(), r)
+		}
+	}
+
+	if p.APIVersion != "" && p.APIVersion != APIVersion {
+		add("apiVersion", strconv.Quote(p.APIVersion), APIVersion)
+	}
+	if p.Kind != "" && p.Kind != Kind {
+		add("kind", strconv.Quote(p.Kind), Kind)
+	}
+	if p.Service != Default && !serviceRE.MatchString(p.Service) {
+		add("service", strconv.Quote(p.Service), `"*" or a service name: lower-case letters, digits and '-', at most 63`)
+	}
+	durIn("timeout", p.Timeout, time.Millisecond, time.Hour, false)
+	if r := p.Retry; r != nil {
+		intIn("retry.attempts", r.Attempts, 1, 10)
+		durIn("retry.perTryTimeout", r.PerTryTimeout, time.Millisecond, time.Hour, true)
+		if r.PerTryTimeout != nil && p.Timeout != nil && r.PerTryTimeout.D() > p.Timeout.D() {
+			add("retry.perTryTimeout", r.PerTryTimeout.String(), "at most timeout ("+p.Timeout.String()+")")
+		}
+		if b := r.Backoff; b != nil {
+			durIn("retry.backoff.base", b.Base, time.Millisecond, 10*time.Second, false)
+			durIn("retry.backoff.max", b.Max, time.Millisecond, time.Minute, false)
+			if b.Base != nil && b.Max != nil && b.Max.D() < b.Base.D() {
+				add("retry.backoff.max", b.Max.String(), "at least retry.backoff.base ("+b.Base.String()+")")
+			}
+		}
+		for i, c := range r.On {
+			if !validCondition(c) {
+				add(fmt.Sprintf("retry.on[%d]", i), strconv.Quote(c), strings.Join(RetryConditions, ", ")+", or an HTTP status 400-599")
+			}
+		}
+		for i, m := range r.Methods {
+			if !methodRE.MatchString(m) {
+				add(fmt.Sprintf("retry.methods[%d]", i), strconv.Quote(m), "an upper-case HTTP method such as GET")
+			}
+		}
+		if b := r.Budget; b != nil {
+			floatIn("retry.budget.ratio", b.Ratio, 0, 1, false)
+			intIn("retry.budget.minPerSecond", b.MinPerSecond, 0, 100000)
+		}
+	}
+	if cb := p.CircuitBreaker; cb != nil {
+		intIn("circuitBreaker.consecutiveFailures", cb.ConsecutiveFailures, 1, 100000)
+		floatIn("circuitBreaker.failureRatio", cb.FailureRatio, 0, 1, true)
+		intIn("circuitBreaker.minRequests", cb.MinRequests, 1, 1000000)
+		durIn("circuitBreaker.window", cb.Window, time.Second, 10*time.Minute, false)
+		durIn("circuitBreaker.openDuration", cb.OpenDuration, 100*time.Millisecond, time.Hour, false)
+		intIn("circuitBreaker.halfOpenRequests", cb.HalfOpenRequests, 1, 1000)
+	}
+	if od := p.OutlierDetection; od != nil {
+		intIn("outlierDetection.consecutiveFailures", od.ConsecutiveFailures, 1, 100000)
+		durIn("outlierDetection.ejectionTime", od.EjectionTime, 100*time.Millisecond, time.Hour, false)
+		intIn("outlierDetection.maxEjectionPercent", od.MaxEjectionPercent, 0, 100)
+	}
+	if c := p.Concurrency; c != nil {
+		intIn("concurrency.maxInFlight", c.MaxInFlight, 1, 1000000)
+	}
+	return errors.Join(errs...)
+}
+
+func validCondition(c string) bool {
+	if slices.Contains(RetryConditions, c) {
+		return true
+	}
+	n, err := strconv.Atoi(c)
+	return err == nil && n >= 400 && n <= 599
+}
+
+// Parse decodes every Policy document in data (YAML, "---"-separated, or
+// JSON) strictly and validates each. file names the source in errors, which
+// carry the line: "policies.yaml:9: document 2: retry.attempts: 0 is not
+// allowed (allowed: 1 to 10)". All problems are
+// returned together.
+func Parse(data []byte, file string) ([]Policy, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var (
+		out  []Policy
+		errs []error
+		seen = map[string]int{}
+	)
+	for i := 1; ; i++ {
+		var doc yaml.Node
+		err := dec.Decode(&doc)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			errs = append(errs, prefixLines(file, err))
+			break
+		}
+		if len(doc.Content) == 0 {
+			continue
+		}
+		p, err := DecodePolicyNode(&doc, file, fmt.Sprintf("%s:%d: document %d", file, doc.Content[0].Line, i))
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if j, dup := seen[p.Service]; dup {
+			errs = append(errs, fmt.Errorf("%s: document %d: service %q already has a policy in document %d", file, i, p.Service, j))
+			continue
+		}
+		seen[p.Service] = i
+		out = append(out, p)
+	}
+	return out, errors.Join(errs...)
+}
+
+// DecodePolicyNode decodes one Policy strictly and validates it. Decoding
+// errors name file and line; validation errors are prefixed with where.
+func DecodePolicyNode(n *yaml.Node, file, where string) (Policy, error) {
+	var p Policy
+	if err := DecodeNode(n, file, &p); err != nil {
+		return p, err
+	}
+	if p.Service == "" {
+		return p, fmt.Errorf("%s: service: missing (allowed: \"*\" or a service name)", where)
+	}
+	if err := p.Validate(); err != nil {
+		var lines []string
+		for _, e := range unwrapAll(err) {
+			lines = append(lines, where+": "+e.Error())
+		}
+		return p, errors.New(strings.Join(lines, "\n"))
+	}
+	return p, nil
+}
+
+func unwrapAll(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
