@@ -44,22 +44,15 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("discovery.static: %w", err)
 	}
-	if cfg.PolicyFile != "" {
-		data, err := os.ReadFile(cfg.PolicyFile)
-		if err != nil {
-			return nil, fmt.Errorf("policyFile: %w", err)
-		}
-		if _, err := policy.Parse(data, cfg.PolicyFile); err != nil {
-			return nil, fmt.Errorf("policyFile:\n%w", err)
-		}
+	policies, err := loadPolicies(cfg)
+	if err != nil {
+		return nil, err
 	}
 	for _, k := range []struct {
 		key string
 		set bool
 	}{
 		{"probes", cfg.Probes != (config.Probes{})},
-		{"policies", len(cfg.Policies) > 0},
-		{"policyFile", cfg.PolicyFile != ""},
 	} {
 		if k.set {
 			log.Warn("configuration key is validated but not in effect in this build", "key", k.key)
@@ -100,7 +93,8 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		resolver = append(resolver, s.consul)
 	}
 
-	s.proxy, err = outbound.New(outbound.Config{Resolver: resolver, AllowHosts: cfg.AllowHosts, Logger: log})
+	s.proxy, err = outbound.New(outbound.Config{Resolver: resolver, Policies: outbound.NewStaticPolicies(policies),
+		AllowHosts: cfg.AllowHosts, Logger: log})
 	if err != nil {
 		return nil, err
 	}
@@ -228,4 +222,40 @@ func (s *sidecar) shutdown(ctx context.Context) error {
 		err = errors.Join(err, <-s.errs)
 	}
 	return err
+}
+
+// loadPolicies reads the inline policies and the policy file; a service
+// with a policy in both takes the file's.
+func loadPolicies(cfg *config.Config) ([]policy.Policy, error) {
+	byService := map[string]policy.Policy{}
+	var order []string
+	for i := range cfg.Policies {
+		p, err := policy.DecodePolicyNode(&cfg.Policies[i], "config", fmt.Sprintf("policies[%d]", i))
+		if err != nil {
+			return nil, err
+		}
+		byService[p.Service] = p
+		order = append(order, p.Service)
+	}
+	if cfg.PolicyFile != "" {
+		data, err := os.ReadFile(cfg.PolicyFile)
+		if err != nil {
+			return nil, fmt.Errorf("policyFile: %w", err)
+		}
+		ps, err := policy.Parse(data, cfg.PolicyFile)
+		if err != nil {
+			return nil, fmt.Errorf("policyFile:\n%w", err)
+		}
+		for _, p := range ps {
+			if _, ok := byService[p.Service]; !ok {
+				order = append(order, p.Service)
+			}
+			byService[p.Service] = p
+		}
+	}
+	out := make([]policy.Policy, 0, len(order))
+	for _, name := range order {
+		out = append(out, byService[name])
+	}
+	return out, nil
 }

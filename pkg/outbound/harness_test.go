@@ -16,6 +16,7 @@ import (
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
@@ -52,6 +53,7 @@ type options struct {
 	allowHosts []string
 	limits     proxyhttp.Limits
 	transport  outbound.TransportConfig
+	policies   string // Policy documents (YAML)
 }
 
 func startSidecar(t testing.TB, o options) *sidecar {
@@ -66,8 +68,13 @@ func startSidecar(t testing.TB, o options) *sidecar {
 		sc.dials.Add(1)
 		return d.DialContext(ctx, network, addr)
 	}
+	ps, err := policy.Parse([]byte(o.policies), "test policies")
+	if err != nil {
+		t.Fatalf("policies: %v", err)
+	}
 	sc.proxy, err = outbound.New(outbound.Config{
 		Resolver:   discovery.Chain{static},
+		Policies:   outbound.NewStaticPolicies(ps),
 		AllowHosts: o.allowHosts,
 		Transport:  o.transport,
 		Limits:     o.limits,

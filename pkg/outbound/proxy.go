@@ -25,6 +25,9 @@ type Config struct {
 	// Resolver knows the services the app may call. A host it does not know
 	// is refused with 503 unknown_service, without a dial or a DNS lookup.
 	Resolver discovery.Resolver
+	// Policies gives each service's resilience policy; nil means the
+	// defaults of pkg/policy for every service.
+	Policies Policies
 	// AllowHosts lists external hosts the app may reach directly through the
 	// proxy, as "host" (any port) or "host:port". Only these may be IP
 	// literals or CONNECT targets; they are resolved with DNS. Empty: none.
@@ -79,7 +82,11 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		p.allow[h] = true
 	}
-	p.service = &forwarder{next: chain(cfg.Resolver, p.transport), onError: p.handleError}
+	policies := cfg.Policies
+	if policies == nil {
+		policies = NewStaticPolicies(nil)
+	}
+	p.service = &forwarder{next: chain(cfg.Resolver, policies, &stateRegistry{}, p.transport), onError: p.handleError}
 	p.direct = &forwarder{next: p.transport, onError: p.handleError}
 	return p, nil
 }
@@ -87,9 +94,14 @@ func New(cfg Config) (*Proxy, error) {
 // chain builds the path every call to a service takes, in one visible
 // order, each layer an http.RoundTripper wrapping the next:
 //
-//	pick (round robin over the service's healthy endpoints) -> transport
-func chain(resolver discovery.Resolver, t http.RoundTripper) http.RoundTripper {
-	return &pickLayer{resolver: resolver, next: t}
+//	resilience (concurrency limit -> circuit breaker -> overall deadline)
+//	-> pick (round robin over the service's healthy endpoints)
+//	-> transport (pooled HTTP/1.1)
+func chain(resolver discovery.Resolver, policies Policies, states *stateRegistry, t http.RoundTripper) http.RoundTripper {
+	var rt http.RoundTripper = t
+	rt = &pickLayer{resolver: resolver, next: rt}
+	rt = &resilienceLayer{policies: policies, states: states, next: rt}
+	return rt
 }
 
 // Close releases pooled upstream connections and waits for CONNECT tunnels.

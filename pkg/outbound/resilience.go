@@ -1,0 +1,184 @@
+package outbound
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"sync"
+	"sync/atomic"
+
+	"github.com/sony/gobreaker/v2"
+
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+)
+
+// Policies gives the effective policy of a service. Implementations are
+// safe for concurrent use and never block.
+type Policies interface {
+	For(service string) *policy.Policy
+}
+
+// StaticPolicies is the effective policy of every service from a fixed list
+// of Policy documents (service "*" is the default). Effective policies are
+// computed once per service and cached.
+type StaticPolicies struct {
+	byService map[string]policy.Policy
+	cache     sync.Map // service -> *policy.Policy
+}
+
+// NewStaticPolicies indexes ps by service.
+func NewStaticPolicies(ps []policy.Policy) *StaticPolicies {
+	s := &StaticPolicies{byService: make(map[string]policy.Policy, len(ps))}
+	for _, p := range ps {
+		s.byService[p.Service] = p
+	}
+	return s
+}
+
+// For implements Policies.
+func (s *StaticPolicies) For(service string) *policy.Policy {
+	if p, ok := s.cache.Load(service); ok {
+		return p.(*policy.Policy)
+	}
+	e := policy.Effective(service, s.byService)
+	p, _ := s.cache.LoadOrStore(service, &e)
+	return p.(*policy.Policy)
+}
+
+// serviceState is what outlives a request for one service: its breaker and
+// in-flight count. It lives in a registry keyed by service, not in the
+// policy, so that it survives policy reloads.
+type serviceState struct {
+	inFlight atomic.Int64
+	breaker  *gobreaker.TwoStepCircuitBreaker[struct{}]
+}
+
+type stateRegistry struct {
+	states sync.Map // service -> *serviceState
+}
+
+func (r *stateRegistry) get(service string, p *policy.Policy) *serviceState {
+	if s, ok := r.states.Load(service); ok {
+		return s.(*serviceState)
+	}
+	s, _ := r.states.LoadOrStore(service, &serviceState{breaker: newBreaker(service, p.CircuitBreaker)})
+	return s.(*serviceState)
+}
+
+// newBreaker maps the policy's breaker onto sony/gobreaker, whose state
+// machine is ours exactly: one mutex, lazy state moves, generations that
+// drop late results, a rolling window in buckets, and a half-open state that
+// admits MaxRequests probes.
+func newBreaker(service string, cb *policy.CircuitBreaker) *gobreaker.TwoStepCircuitBreaker[struct{}] {
+	window := cb.Window.D()
+	consecutive, minRequests := uint32(*cb.ConsecutiveFailures), uint32(*cb.MinRequests)
+	ratio := *cb.FailureRatio
+	return gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
+		Name:         service,
+		MaxRequests:  uint32(*cb.HalfOpenRequests),
+		Interval:     window,
+		BucketPeriod: window / 10,
+		Timeout:      cb.OpenDuration.D(),
+		ReadyToTrip: func(c gobreaker.Counts) bool {
+			return c.ConsecutiveFailures >= consecutive ||
+				(c.Requests >= minRequests && float64(c.TotalFailures) >= ratio*float64(c.Requests))
+		},
+		IsExcluded: func(err error) bool { return errors.Is(err, errNotCounted) },
+	})
+}
+
+// Outcomes as the breaker sees them.
+var (
+	errUpstreamFailed = errors.New("upstream failed")
+	errNotCounted     = errors.New("outcome not counted")
+)
+
+// breakerOutcome classifies an attempt: 5xx answers and transport failures
+// count against the breaker; client cancellations and the sidecar's own
+// refusals (no endpoints) count for nothing; any other answer (2xx-4xx) is
+// a success.
+func breakerOutcome(resp *http.Response, err error) error {
+	var local *proxyhttp.LocalError
+	switch {
+	case err != nil && (errors.Is(err, context.Canceled) || isClientErr(err) || errors.As(err, &local)):
+		return errNotCounted
+	case err != nil:
+		return errUpstreamFailed
+	case resp.StatusCode >= 500:
+		return errUpstreamFailed
+	}
+	return nil
+}
+
+// resilienceLayer applies the service's policy around the rest of the
+// chain: concurrency limit, overall deadline and circuit breaker.
+type resilienceLayer struct {
+	policies Policies
+	states   *stateRegistry
+	next     http.RoundTripper
+}
+
+var _ http.RoundTripper = (*resilienceLayer)(nil)
+
+func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
+	service := req.URL.Host
+	p := l.policies.For(service)
+	st := l.states.get(service, p)
+
+	// Concurrency: over the limit is refused at once; nothing queues.
+	if n := st.inFlight.Add(1); n > int64(*p.Concurrency.MaxInFlight) {
+		st.inFlight.Add(-1)
+		closeBody(req)
+		return nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonOverloaded,
+			Service: service, Detail: "concurrency limit reached (concurrency.maxInFlight)"}
+	}
+	release := func() { st.inFlight.Add(-1) }
+
+	// Circuit breaker: open answers at once, without touching the network.
+	done, err := st.breaker.Allow()
+	if err != nil {
+		release()
+		closeBody(req)
+		return nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
+			Service: service, Detail: "circuit breaker " + st.breaker.State().String()}
+	}
+
+	// Overall deadline; the caller's own deadline, if sooner, still wins.
+	ctx, cancel := context.WithTimeout(req.Context(), p.Timeout.D())
+	resp, err := l.next.RoundTrip(req.WithContext(ctx))
+	if err != nil {
+		done(breakerOutcome(nil, err))
+		cancel()
+		release()
+		if errors.Is(err, context.DeadlineExceeded) && req.Context().Err() == nil {
+			return nil, &proxyhttp.LocalError{Status: http.StatusGatewayTimeout, Reason: proxyhttp.ReasonUpstreamTimeout,
+				Service: service, Detail: "no response within the policy timeout of " + p.Timeout.String()}
+		}
+		return nil, err
+	}
+	done(breakerOutcome(resp, nil))
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		// An upgraded connection lives on its own: no deadline, no slot.
+		cancel()
+		release()
+		return resp, nil
+	}
+	resp.Body = &finishBody{ReadCloser: resp.Body, finish: func() { cancel(); release() }}
+	return resp, nil
+}
+
+// finishBody runs finish once, when the body is closed: the request's
+// deadline and its concurrency slot last as long as its response.
+type finishBody struct {
+	io.ReadCloser
+	once   sync.Once
+	finish func()
+}
+
+func (b *finishBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.finish)
+	return err
+}
