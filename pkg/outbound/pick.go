@@ -68,7 +68,15 @@ func (p *pickLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 			Reason: proxyhttp.ReasonNoHealthyEndpoints, Service: service,
 			Detail: "the service is known but has no healthy endpoint"}
 	}
-	ep := p.picker(set).pick()
+	rr := p.picker(set)
+	ep := rr.pick()
+	if info, ok := req.Context().Value(attemptKey{}).(*attemptInfo); ok {
+		// A retry prefers an endpoint other than the one that just failed.
+		if ep.Addr == info.avoid && len(set.Endpoints) > 1 {
+			ep = rr.pick()
+		}
+		info.picked = ep.Addr
+	}
 	out := *req
 	u := *req.URL
 	u.Host = ep.Addr

@@ -3,10 +3,12 @@ package outbound
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/sony/gobreaker/v2"
 
@@ -53,6 +55,7 @@ func (s *StaticPolicies) For(service string) *policy.Policy {
 type serviceState struct {
 	inFlight atomic.Int64
 	breaker  *gobreaker.TwoStepCircuitBreaker[struct{}]
+	budget   budget
 }
 
 type stateRegistry struct {
@@ -113,7 +116,8 @@ func breakerOutcome(resp *http.Response, err error) error {
 }
 
 // resilienceLayer applies the service's policy around the rest of the
-// chain: concurrency limit, overall deadline and circuit breaker.
+// chain: concurrency limit, overall deadline, then the retry loop, each
+// attempt under its per-try deadline and the circuit breaker.
 type resilienceLayer struct {
 	policies Policies
 	states   *stateRegistry
@@ -136,29 +140,19 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	release := func() { st.inFlight.Add(-1) }
 
-	// Circuit breaker: open answers at once, without touching the network.
-	done, err := st.breaker.Allow()
-	if err != nil {
-		release()
-		closeBody(req)
-		return nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
-			Service: service, Detail: "circuit breaker " + st.breaker.State().String()}
-	}
-
-	// Overall deadline; the caller's own deadline, if sooner, still wins.
+	// Overall deadline over every attempt and backoff; the caller's own
+	// deadline, if sooner, still wins.
 	ctx, cancel := context.WithTimeout(req.Context(), p.Timeout.D())
-	resp, err := l.next.RoundTrip(req.WithContext(ctx))
+	resp, err := l.attempts(ctx, req, service, p, st)
 	if err != nil {
-		done(breakerOutcome(nil, err))
 		cancel()
 		release()
-		if errors.Is(err, context.DeadlineExceeded) && req.Context().Err() == nil {
+		if errors.Is(err, context.DeadlineExceeded) && req.Context().Err() == nil && !isPerTryTimeout(err) {
 			return nil, &proxyhttp.LocalError{Status: http.StatusGatewayTimeout, Reason: proxyhttp.ReasonUpstreamTimeout,
 				Service: service, Detail: "no response within the policy timeout of " + p.Timeout.String()}
 		}
 		return nil, err
 	}
-	done(breakerOutcome(resp, nil))
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		// An upgraded connection lives on its own: no deadline, no slot.
 		cancel()
@@ -167,6 +161,75 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	resp.Body = &finishBody{ReadCloser: resp.Body, finish: func() { cancel(); release() }}
 	return resp, nil
+}
+
+// attempts runs the retry loop: retries only on the policy's conditions,
+// for idempotent requests (or any request on a connect failure), with a
+// replayable body, within the retry budget, preferring another endpoint,
+// and never starting an attempt the overall deadline can't cover.
+func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, service string, p *policy.Policy, st *serviceState) (*http.Response, error) {
+	r := p.Retry
+	st.budget.request(time.Now())
+	info := &attemptInfo{}
+	ctx = context.WithValue(ctx, attemptKey{}, info)
+	cur := req
+	for attempt := 1; ; attempt++ {
+		done, berr := st.breaker.Allow()
+		if berr != nil {
+			closeBody(cur)
+			return nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
+				Service: service, Detail: "circuit breaker " + st.breaker.State().String()}
+		}
+		actx, acancel := ctx, context.CancelFunc(func() {})
+		if pt := r.PerTryTimeout.D(); pt > 0 {
+			actx, acancel = context.WithTimeoutCause(ctx, pt, errPerTryTimeout)
+		}
+		resp, err := l.next.RoundTrip(cur.WithContext(actx))
+		if err != nil && ctx.Err() == nil && errors.Is(context.Cause(actx), errPerTryTimeout) {
+			err = fmt.Errorf("%w: %w", errPerTryTimeout, context.DeadlineExceeded)
+		}
+		done(breakerOutcome(resp, err))
+
+		reason := ""
+		if attempt < *r.Attempts && ctx.Err() == nil {
+			reason = retryReason(r, req, resp, err)
+		}
+		replayable := !hasBody(req) || req.GetBody != nil
+		var delay time.Duration
+		if reason != "" {
+			delay = backoffDelay(r.Backoff, attempt, resp)
+		}
+		if reason == "" || !replayable || !deadlineAllows(ctx, delay) ||
+			!st.budget.allowRetry(time.Now(), *r.Budget.Ratio, *r.Budget.MinPerSecond) {
+			if err != nil || resp.StatusCode == http.StatusSwitchingProtocols {
+				acancel() // an upgraded connection no longer heeds the context
+				return resp, err
+			}
+			resp.Body = &finishBody{ReadCloser: resp.Body, finish: acancel}
+			return resp, nil
+		}
+		if resp != nil {
+			discard(resp)
+		}
+		acancel()
+		next, ok := rewound(req)
+		if !ok {
+			return nil, err
+		}
+		if !sleep(ctx, delay) {
+			closeBody(next)
+			return nil, ctx.Err()
+		}
+		info.avoid = info.picked
+		cur = next
+	}
+}
+
+// deadlineAllows reports whether an attempt started after delay could still
+// finish before ctx's deadline.
+func deadlineAllows(ctx context.Context, delay time.Duration) bool {
+	dl, ok := ctx.Deadline()
+	return !ok || time.Until(dl) > delay
 }
 
 // finishBody runs finish once, when the body is closed: the request's

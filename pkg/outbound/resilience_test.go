@@ -23,6 +23,7 @@ func TestCircuitBreaker(t *testing.T) {
 	})
 	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.addr()}}, policies: `
 service: svc
+retry: {attempts: 1}
 circuitBreaker: {consecutiveFailures: 5, openDuration: 300ms, halfOpenRequests: 2, minRequests: 1000}
 `})
 	c := sc.client(t)

@@ -1,0 +1,154 @@
+package outbound
+
+import (
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
+)
+
+// attemptKey carries an attemptInfo from the retry loop to the pick layer.
+type attemptKey struct{}
+
+// attemptInfo tells the pick layer which endpoint to avoid (the one that
+// just failed) and records the one it picked.
+type attemptInfo struct {
+	avoid  string
+	picked string
+}
+
+// budget caps retries to a share of recent requests plus a floor per second,
+// over a sliding window of ten one-second buckets, so that retries cannot
+// multiply the load on a service that is down. Safe for concurrent use.
+type budget struct {
+	mu       sync.Mutex // guards the buckets
+	sec      [10]int64  // unix second of each bucket
+	requests [10]int64
+	retries  [10]int64
+}
+
+func (b *budget) bucket(now int64) int {
+	i := int(now % 10)
+	if b.sec[i] != now {
+		b.sec[i], b.requests[i], b.retries[i] = now, 0, 0
+	}
+	return i
+}
+
+// request records a first attempt.
+func (b *budget) request(now time.Time) {
+	s := now.Unix()
+	b.mu.Lock()
+	b.requests[b.bucket(s)]++
+	b.mu.Unlock()
+}
+
+// allowRetry takes a retry from the budget if there is one.
+func (b *budget) allowRetry(now time.Time, ratio float64, minPerSecond int) bool {
+	s := now.Unix()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var requests, retries int64
+	for i := range b.sec {
+		if s-b.sec[i] < 10 {
+			requests += b.requests[i]
+			retries += b.retries[i]
+		}
+	}
+	if float64(retries) >= ratio*float64(requests)+float64(minPerSecond)*10 {
+		return false
+	}
+	b.retries[b.bucket(s)]++
+	return true
+}
+
+// retryReason says why an attempt's outcome may be retried under p, or ""
+// when it may not. A connect failure is retryable for any method: nothing
+// of the request was sent.
+func retryReason(p *policy.Retry, req *http.Request, resp *http.Response, err error) string {
+	var ce *ConnectError
+	switch {
+	case err != nil && errors.As(err, &ce):
+		if slices.Contains(p.On, "connect-failure") {
+			return "connect-failure"
+		}
+		return ""
+	case !retryableMethod(p, req):
+		return ""
+	case err != nil && isPerTryTimeout(err):
+		if slices.Contains(p.On, "timeout") {
+			return "timeout"
+		}
+	case err != nil:
+		var ue *UpstreamError
+		if errors.As(err, &ue) && slices.Contains(p.On, "reset") {
+			return "reset"
+		}
+	case resp != nil:
+		code := strconv.Itoa(resp.StatusCode)
+		if slices.Contains(p.On, code) {
+			return code
+		}
+	}
+	return ""
+}
+
+func retryableMethod(p *policy.Retry, req *http.Request) bool {
+	if slices.Contains(p.Methods, req.Method) {
+		return true
+	}
+	_, a := req.Header["Idempotency-Key"]
+	_, b := req.Header["X-Idempotency-Key"]
+	return a || b
+}
+
+// errPerTryTimeout is the cause of a per-try deadline.
+var errPerTryTimeout = errors.New("per-try timeout")
+
+func isPerTryTimeout(err error) bool { return errors.Is(err, errPerTryTimeout) }
+
+// backoffDelay is exponential from base to max with full jitter; a
+// Retry-After in seconds from the response raises it, up to max(cap, 1s).
+func backoffDelay(b *policy.Backoff, retry int, resp *http.Response) time.Duration {
+	d := b.Base.D() << min(retry-1, 16)
+	if d <= 0 || d > b.Max.D() {
+		d = b.Max.D()
+	}
+	d = rand.N(d + 1)
+	if resp != nil {
+		if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s > 0 {
+			ra := min(time.Duration(s)*time.Second, max(b.Max.D(), time.Second))
+			d = max(d, ra)
+		}
+	}
+	return d
+}
+
+// discard drains a little of a response being retried so its connection
+// can be reused, then closes it.
+func discard(resp *http.Response) {
+	_, _ = io.CopyN(io.Discard, resp.Body, 64<<10)
+	_ = resp.Body.Close()
+}
+
+// sleep waits d unless ctx ends first.
+func sleep(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
