@@ -1,10 +1,12 @@
 package outbound
 
 import (
+	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
@@ -35,7 +37,10 @@ func (rr *roundRobin) pick() discovery.Endpoint {
 // transport; the request it gets must carry the service name as URL host.
 type pickLayer struct {
 	resolver discovery.Resolver
+	policies Policies
+	states   *stateRegistry
 	next     http.RoundTripper
+	log      *slog.Logger
 
 	// pickers holds a *roundRobin per service, rebuilt whenever discovery
 	// publishes a new set (compared by pointer: sets are immutable).
@@ -68,18 +73,28 @@ func (p *pickLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 			Reason: proxyhttp.ReasonNoHealthyEndpoints, Service: service,
 			Detail: "the service is known but has no healthy endpoint"}
 	}
-	rr := p.picker(set)
-	ep := rr.pick()
-	if info, ok := req.Context().Value(attemptKey{}).(*attemptInfo); ok {
-		// A retry prefers an endpoint other than the one that just failed.
-		if ep.Addr == info.avoid && len(set.Endpoints) > 1 {
-			ep = rr.pick()
-		}
+	pol := p.policies.For(service)
+	st := p.states.get(service, pol)
+	now := time.Now()
+	info, _ := req.Context().Value(attemptKey{}).(*attemptInfo)
+	avoid := ""
+	if info != nil {
+		avoid = info.avoid // a retry prefers another endpoint than the one that failed
+	}
+	ep := pickHealthy(p.picker(set), &st.outliers, avoid, now)
+	if info != nil {
 		info.picked = ep.Addr
 	}
 	out := *req
 	u := *req.URL
 	u.Host = ep.Addr
 	out.URL = &u
-	return p.next.RoundTrip(&out)
+	resp, err := p.next.RoundTrip(&out)
+	if failed := attemptFailed(resp, err); failed || err == nil {
+		if st.outliers.record(ep.Addr, failed, set, pol.OutlierDetection, time.Now()) {
+			p.log.Warn("endpoint ejected", "service", service, "endpoint", ep.Addr,
+				"for", pol.OutlierDetection.EjectionTime.String())
+		}
+	}
+	return resp, err
 }

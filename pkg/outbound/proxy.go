@@ -86,7 +86,7 @@ func New(cfg Config) (*Proxy, error) {
 	if policies == nil {
 		policies = NewStaticPolicies(nil)
 	}
-	p.service = &forwarder{next: chain(cfg.Resolver, policies, &stateRegistry{}, p.transport), onError: p.handleError}
+	p.service = &forwarder{next: chain(cfg.Resolver, policies, &stateRegistry{}, p.transport, p.log), onError: p.handleError}
 	p.direct = &forwarder{next: p.transport, onError: p.handleError}
 	return p, nil
 }
@@ -94,12 +94,14 @@ func New(cfg Config) (*Proxy, error) {
 // chain builds the path every call to a service takes, in one visible
 // order, each layer an http.RoundTripper wrapping the next:
 //
-//	resilience (concurrency limit -> circuit breaker -> overall deadline)
-//	-> pick (round robin over the service's healthy endpoints)
+//	resilience: concurrency limit -> overall deadline -> retry loop, each
+//	    attempt under its per-try deadline and the circuit breaker
+//	-> pick (round robin over the service's healthy, non-ejected endpoints;
+//	   outcomes feed outlier ejection)
 //	-> transport (pooled HTTP/1.1)
-func chain(resolver discovery.Resolver, policies Policies, states *stateRegistry, t http.RoundTripper) http.RoundTripper {
+func chain(resolver discovery.Resolver, policies Policies, states *stateRegistry, t http.RoundTripper, log *slog.Logger) http.RoundTripper {
 	var rt http.RoundTripper = t
-	rt = &pickLayer{resolver: resolver, next: rt}
+	rt = &pickLayer{resolver: resolver, policies: policies, states: states, log: log, next: rt}
 	rt = &resilienceLayer{policies: policies, states: states, next: rt}
 	return rt
 }

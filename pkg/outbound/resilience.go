@@ -56,6 +56,7 @@ type serviceState struct {
 	inFlight atomic.Int64
 	breaker  *gobreaker.TwoStepCircuitBreaker[struct{}]
 	budget   budget
+	outliers outliers
 }
 
 type stateRegistry struct {

@@ -13,6 +13,10 @@ import (
 // noBreaker keeps the circuit breaker out of tests about retries.
 const noBreaker = "circuitBreaker: {consecutiveFailures: 100000, minRequests: 1000000}\n"
 
+// noOutliers keeps outlier ejection out of tests that need a flaky instance
+// to stay in rotation.
+const noOutliers = "outlierDetection: {consecutiveFailures: 100000}\n"
+
 // fastRetries keeps backoff from dominating the tests' run time.
 const fastRetries = "retry: {backoff: {base: 1ms, max: 2ms}}\n"
 
@@ -61,7 +65,7 @@ func TestRetriesMaskAFlakyInstance(t *testing.T) {
 	if ok := successRate(t, with, http.MethodGet, calls); ok < calls*999/1000 {
 		t.Fatalf("with retries: %d of %d GETs succeeded, want at least 99.9%%", ok, calls)
 	}
-	without := startSidecar(t, options{static: map[string][]string{"svc": addrs}, policies: "service: svc\nretry: {attempts: 1}\n" + noBreaker})
+	without := startSidecar(t, options{static: map[string][]string{"svc": addrs}, policies: "service: svc\nretry: {attempts: 1}\n" + noBreaker + noOutliers})
 	if ok := successRate(t, without, http.MethodGet, calls); ok > calls*90/100 {
 		t.Fatalf("without retries: %d of %d GETs succeeded; want about 83%%, or the flaky instance isn't flaky", ok, calls)
 	}

@@ -1,0 +1,58 @@
+package outbound_test
+
+import (
+	"net/http"
+	"testing"
+)
+
+const noRetries = "retry: {attempts: 1}\n"
+
+// An endpoint failing consecutiveFailures times in a row is ejected: it gets
+// no more traffic while the others serve every call.
+func TestOutlierEjection(t *testing.T) {
+	bad, good1, good2 := flaky(t, 1), flaky(t, 0), flaky(t, 0)
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {bad.addr(), good1.addr(), good2.addr()}},
+		policies: "service: svc\n" + noRetries + noBreaker + "outlierDetection: {consecutiveFailures: 5, ejectionTime: 1m}\n"})
+	ok := successRate(t, sc, http.MethodGet, 300)
+	if n := bad.requests.Load(); n != 5 {
+		t.Fatalf("the failing endpoint got %d requests, want exactly 5 before its ejection", n)
+	}
+	if ok != 300-5 {
+		t.Fatalf("%d of 300 succeeded, want all but the 5 that ejected the endpoint", ok)
+	}
+}
+
+// Never more than maxEjectionPercent is ejected, and never the last
+// endpoint: with all four failing and a 50% cap, two keep taking traffic.
+func TestOutlierEjectionCap(t *testing.T) {
+	var ups []*upstream
+	var addrs []string
+	for range 4 {
+		u := flaky(t, 1)
+		ups = append(ups, u)
+		addrs = append(addrs, u.addr())
+	}
+	sc := startSidecar(t, options{static: map[string][]string{"svc": addrs},
+		policies: "service: svc\n" + noRetries + noBreaker + "outlierDetection: {consecutiveFailures: 3, ejectionTime: 1m, maxEjectionPercent: 50}\n"})
+	successRate(t, sc, http.MethodGet, 200)
+	ejected, serving := 0, 0
+	for _, u := range ups {
+		switch n := u.requests.Load(); {
+		case n == 3:
+			ejected++
+		case n > 3:
+			serving++
+		}
+	}
+	if ejected != 2 || serving != 2 {
+		t.Fatalf("%d endpoints ejected and %d serving, want 2 and 2 under a 50%% cap", ejected, serving)
+	}
+
+	one := flaky(t, 1)
+	sc1 := startSidecar(t, options{static: map[string][]string{"svc": {one.addr()}},
+		policies: "service: svc\n" + noRetries + noBreaker + "outlierDetection: {consecutiveFailures: 1, maxEjectionPercent: 100}\n"})
+	successRate(t, sc1, http.MethodGet, 20)
+	if n := one.requests.Load(); n != 20 {
+		t.Fatalf("a lone failing endpoint got %d of 20 calls, want all: the last endpoint is never ejected", n)
+	}
+}
