@@ -123,9 +123,10 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	}
 	s.admin = &http.Server{
 		Handler: admin.Handler(admin.Sources{
-			Config:   func() any { return cfg },
-			Resolver: resolver,
-			Version:  currentBuild(),
+			Config:     func() any { return cfg },
+			Resolver:   resolver,
+			Version:    currentBuild(),
+			Resilience: func() any { return s.proxy.Status() },
 		}),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,

@@ -19,6 +19,9 @@ type Sources struct {
 	Resolver discovery.Resolver
 	// Version describes the binary.
 	Version any
+	// Resilience returns the per-service breaker, budget and ejection
+	// state; nil omits the endpoint.
+	Resilience func() any
 }
 
 // Handler returns the admin API:
@@ -26,6 +29,8 @@ type Sources struct {
 //	GET /config     the effective configuration
 //	GET /endpoints  every known service with its endpoints, source and age
 //	GET /version    the build
+//	GET /resilience per service called: circuit breaker, in-flight, retry
+//	                budget use, ejected endpoints
 func Handler(s Sources) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /config", func(w http.ResponseWriter, r *http.Request) {
@@ -48,6 +53,11 @@ func Handler(s Sources) http.Handler {
 	mux.HandleFunc("GET /version", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, s.Version)
 	})
+	if s.Resilience != nil {
+		mux.HandleFunc("GET /resilience", func(w http.ResponseWriter, r *http.Request) {
+			writeJSON(w, s.Resilience())
+		})
+	}
 	return mux
 }
 

@@ -2,6 +2,8 @@ package outbound
 
 import (
 	"net/http"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -91,4 +93,18 @@ func pickHealthy(rr *roundRobin, o *outliers, avoid string, now time.Time) disco
 // failures and 5xx answers; never the client's own cancellation.
 func attemptFailed(resp *http.Response, err error) bool {
 	return breakerOutcome(resp, err) == errUpstreamFailed
+}
+
+// ejectedList lists the endpoints ejected at now, sorted by address.
+func (o *outliers) ejectedList(now time.Time) []EjectedEndpoint {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	out := []EjectedEndpoint{}
+	for addr, h := range o.endpoints {
+		if now.Before(h.ejectedUntil) {
+			out = append(out, EjectedEndpoint{Addr: addr, Until: h.ejectedUntil, Ejections: h.ejections})
+		}
+	}
+	slices.SortFunc(out, func(a, b EjectedEndpoint) int { return strings.Compare(a.Addr, b.Addr) })
+	return out
 }

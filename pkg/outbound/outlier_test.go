@@ -20,6 +20,11 @@ func TestOutlierEjection(t *testing.T) {
 	if ok != 300-5 {
 		t.Fatalf("%d of 300 succeeded, want all but the 5 that ejected the endpoint", ok)
 	}
+	st := sc.proxy.Status()
+	if len(st) != 1 || st[0].Service != "svc" || len(st[0].Ejected) != 1 || st[0].Ejected[0].Addr != bad.addr() ||
+		st[0].Breaker.State != "closed" || st[0].RetryBudget.Requests != 300 || st[0].InFlight != 0 {
+		t.Fatalf("Status() = %+v, want svc with %s ejected, breaker closed, 300 requests, none in flight", st, bad.addr())
+	}
 }
 
 // Never more than maxEjectionPercent is ejected, and never the last

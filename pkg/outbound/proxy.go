@@ -52,6 +52,7 @@ type Proxy struct {
 	log       *slog.Logger
 	transport *Transport
 	allow     map[string]bool
+	states    *stateRegistry
 	service   *forwarder // to services known to discovery
 	direct    *forwarder // to allow-listed external hosts
 	tunnels   sync.WaitGroup
@@ -86,7 +87,8 @@ func New(cfg Config) (*Proxy, error) {
 	if policies == nil {
 		policies = NewStaticPolicies(nil)
 	}
-	p.service = &forwarder{next: chain(cfg.Resolver, policies, &stateRegistry{}, p.transport, p.log), onError: p.handleError}
+	p.states = &stateRegistry{}
+	p.service = &forwarder{next: chain(cfg.Resolver, policies, p.states, p.transport, p.log), onError: p.handleError}
 	p.direct = &forwarder{next: p.transport, onError: p.handleError}
 	return p, nil
 }

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -245,4 +247,51 @@ func (b *finishBody) Close() error {
 	err := b.ReadCloser.Close()
 	b.once.Do(b.finish)
 	return err
+}
+
+// ServiceStatus is the resilience state of one service, for the admin API.
+type ServiceStatus struct {
+	Service  string `json:"service"`
+	InFlight int64  `json:"inFlight"`
+	Breaker  struct {
+		State               string `json:"state"`
+		Requests            uint32 `json:"requests"`
+		Failures            uint32 `json:"failures"`
+		ConsecutiveFailures uint32 `json:"consecutiveFailures"`
+	} `json:"circuitBreaker"`
+	RetryBudget struct {
+		Requests int64 `json:"requests"`
+		Retries  int64 `json:"retries"`
+	} `json:"retryBudget"`
+	Ejected []EjectedEndpoint `json:"ejected"`
+}
+
+// EjectedEndpoint is an endpoint out of rotation.
+type EjectedEndpoint struct {
+	Addr      string    `json:"addr"`
+	Until     time.Time `json:"until"`
+	Ejections int       `json:"ejections"`
+}
+
+// Status reports the resilience state of every service called so far,
+// sorted by name. It does not block the request path for long: each
+// structure is locked only to copy it.
+func (p *Proxy) Status() []ServiceStatus {
+	now := time.Now()
+	var out []ServiceStatus
+	p.states.states.Range(func(k, v any) bool {
+		st := v.(*serviceState)
+		var s ServiceStatus
+		s.Service = k.(string)
+		s.InFlight = st.inFlight.Load()
+		c := st.breaker.Counts()
+		s.Breaker.State = st.breaker.State().String()
+		s.Breaker.Requests, s.Breaker.Failures, s.Breaker.ConsecutiveFailures = c.Requests, c.TotalFailures, c.ConsecutiveFailures
+		s.RetryBudget.Requests, s.RetryBudget.Retries = st.budget.usage(now)
+		s.Ejected = st.outliers.ejectedList(now)
+		out = append(out, s)
+		return true
+	})
+	slices.SortFunc(out, func(a, b ServiceStatus) int { return strings.Compare(a.Service, b.Service) })
+	return out
 }

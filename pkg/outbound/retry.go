@@ -152,3 +152,17 @@ func sleep(ctx context.Context, d time.Duration) bool {
 		return false
 	}
 }
+
+// usage returns the requests and retries of the last 10 s.
+func (b *budget) usage(now time.Time) (requests, retries int64) {
+	s := now.Unix()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i := range b.sec {
+		if s-b.sec[i] < 10 {
+			requests += b.requests[i]
+			retries += b.retries[i]
+		}
+	}
+	return requests, retries
+}
