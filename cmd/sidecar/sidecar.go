@@ -228,13 +228,13 @@ func (s *sidecar) shutdown(ctx context.Context) error {
 // loadPolicies reads the inline policies and the policy file; a service
 // with a policy in both takes the file's.
 func loadPolicies(cfg *config.Config) ([]policy.Policy, error) {
+	inline, err := cfg.InlinePolicies()
+	if err != nil {
+		return nil, err
+	}
 	byService := map[string]policy.Policy{}
 	var order []string
-	for i := range cfg.Policies {
-		p, err := policy.DecodePolicyNode(&cfg.Policies[i], "config", fmt.Sprintf("policies[%d]", i))
-		if err != nil {
-			return nil, err
-		}
+	for _, p := range inline {
 		byService[p.Service] = p
 		order = append(order, p.Service)
 	}

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"regexp"
 	"strconv"
 
 	"go.yaml.in/yaml/v3"
@@ -196,13 +195,11 @@ func (c *Config) WithDefaults() {
 	set(&c.Log.Format, "json")
 }
 
-var serviceRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
-
 // Validate checks every key and returns all problems, each naming its key.
 func (c *Config) Validate() error {
 	var errs []error
 	add := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
-	if c.Service != "" && !serviceRE.MatchString(c.Service) {
+	if c.Service != "" && !policy.ValidServiceName(c.Service) {
 		add("service: %q is not a valid service name (lower-case letters, digits and '-', at most 63)", c.Service)
 	}
 	if c.AppPort < 0 || c.AppPort > 65535 {
@@ -228,17 +225,8 @@ func (c *Config) Validate() error {
 	if _, err := discovery.NewStatic(c.Discovery.Static); err != nil {
 		add("discovery.static: %v", err)
 	}
-	seen := map[string]bool{}
-	for i := range c.Policies {
-		p, err := policy.DecodePolicyNode(&c.Policies[i], c.file, fmt.Sprintf("%s:%d: policies[%d]", c.file, c.Policies[i].Line, i))
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if seen[p.Service] {
-			add("policies[%d]: service %q has more than one policy", i, p.Service)
-		}
-		seen[p.Service] = true
+	if _, err := c.InlinePolicies(); err != nil {
+		errs = append(errs, err)
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
@@ -266,4 +254,28 @@ func checkListenAddr(addr string) error {
 		return fmt.Errorf("port %q out of range 0-65535", port)
 	}
 	return nil
+}
+
+// InlinePolicies decodes and validates the inline policies, returning every
+// problem with its file, line and index.
+func (c *Config) InlinePolicies() ([]policy.Policy, error) {
+	var (
+		out  []policy.Policy
+		errs []error
+		seen = map[string]bool{}
+	)
+	for i := range c.Policies {
+		p, err := policy.DecodePolicyNode(&c.Policies[i], c.file, fmt.Sprintf("%s:%d: policies[%d]", c.file, c.Policies[i].Line, i))
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if seen[p.Service] {
+			errs = append(errs, fmt.Errorf("policies[%d]: service %q has more than one policy", i, p.Service))
+			continue
+		}
+		seen[p.Service] = true
+		out = append(out, p)
+	}
+	return out, errors.Join(errs...)
 }

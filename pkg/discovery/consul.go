@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -261,7 +262,7 @@ func (c *Consul) update(ctx context.Context, w *watch, entries []*api.ServiceEnt
 		}
 		eps = append(eps, Endpoint{Addr: net.JoinHostPort(addr, strconv.Itoa(e.Service.Port))})
 	}
-	slices.SortFunc(eps, func(a, b Endpoint) int { return cmpString(a.Addr, b.Addr) })
+	slices.SortFunc(eps, func(a, b Endpoint) int { return strings.Compare(a.Addr, b.Addr) })
 	if len(eps) == 0 {
 		// Tell "no such service" from "no healthy instance".
 		known, err := c.known(ctx, w)
@@ -310,7 +311,7 @@ func (c *Consul) Services() []*EndpointSet {
 		}
 		out = append(out, &cp)
 	}
-	slices.SortFunc(out, func(a, b *EndpointSet) int { return cmpString(a.Service, b.Service) })
+	slices.SortFunc(out, func(a, b *EndpointSet) int { return strings.Compare(a.Service, b.Service) })
 	return out
 }
 
@@ -366,14 +367,4 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 	case <-t.C:
 		return true
 	}
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }

@@ -115,7 +115,10 @@ func copyBody(w http.ResponseWriter, body io.Reader, flush bool) error {
 	bp := copyBufPool.Get().(*[]byte)
 	defer copyBufPool.Put(bp)
 	buf := *bp
-	rc := http.NewResponseController(w)
+	var rc *http.ResponseController
+	if flush {
+		rc = http.NewResponseController(w)
+	}
 	for {
 		n, err := body.Read(buf)
 		if n > 0 {

@@ -116,7 +116,7 @@ func (p *Proxy) Close() {
 
 // ServeHTTP routes one request from the app.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if v := proxyhttp.TakeVerdictFor(r); v.Reason != "" {
+	if v := proxyhttp.TakeVerdict(r); v.Reason != "" {
 		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: v.Reason})
 		return
 	}

@@ -146,7 +146,7 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	// Overall deadline over every attempt and backoff; the caller's own
 	// deadline, if sooner, still wins.
 	ctx, cancel := context.WithTimeout(req.Context(), p.Timeout.D())
-	resp, err := l.attempts(ctx, req, service, p, st)
+	resp, endAttempt, err := l.attempts(ctx, req, service, p, st)
 	if err != nil {
 		cancel()
 		release()
@@ -156,21 +156,23 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		return nil, err
 	}
+	finish := func() { endAttempt(); cancel(); release() }
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		// An upgraded connection lives on its own: no deadline, no slot.
-		cancel()
-		release()
+		finish()
 		return resp, nil
 	}
-	resp.Body = &finishBody{ReadCloser: resp.Body, finish: func() { cancel(); release() }}
+	resp.Body = &finishBody{ReadCloser: resp.Body, finish: finish}
 	return resp, nil
 }
 
 // attempts runs the retry loop: retries only on the policy's conditions,
 // for idempotent requests (or any request on a connect failure), with a
 // replayable body, within the retry budget, preferring another endpoint,
-// and never starting an attempt the overall deadline can't cover.
-func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, service string, p *policy.Policy, st *serviceState) (*http.Response, error) {
+// and never starting an attempt the overall deadline can't cover. With a
+// response it returns what ends the last attempt's per-try deadline, for
+// the caller to run once the response is done.
+func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, service string, p *policy.Policy, st *serviceState) (*http.Response, context.CancelFunc, error) {
 	r := p.Retry
 	st.budget.request(time.Now())
 	info := &attemptInfo{}
@@ -180,7 +182,7 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 		done, berr := st.breaker.Allow()
 		if berr != nil {
 			closeBody(cur)
-			return nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
+			return nil, nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
 				Service: service, Detail: "circuit breaker " + st.breaker.State().String()}
 		}
 		actx, acancel := ctx, context.CancelFunc(func() {})
@@ -197,31 +199,34 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 		if attempt < *r.Attempts && ctx.Err() == nil {
 			reason = retryReason(r, req, resp, err)
 		}
-		replayable := !hasBody(req) || req.GetBody != nil
-		var delay time.Duration
+		var (
+			delay time.Duration
+			next  *http.Request
+			ok    bool
+		)
 		if reason != "" {
 			delay = backoffDelay(r.Backoff, attempt, resp)
-		}
-		if reason == "" || !replayable || !deadlineAllows(ctx, delay) ||
-			!st.budget.allowRetry(time.Now(), *r.Budget.Ratio, *r.Budget.MinPerSecond) {
-			if err != nil || resp.StatusCode == http.StatusSwitchingProtocols {
-				acancel() // an upgraded connection no longer heeds the context
-				return resp, err
+			if deadlineAllows(ctx, delay) {
+				next, ok = rewound(req) // only bodies held in memory replay
 			}
-			resp.Body = &finishBody{ReadCloser: resp.Body, finish: acancel}
-			return resp, nil
+		}
+		if !ok || !st.budget.allowRetry(time.Now(), *r.Budget.Ratio, *r.Budget.MinPerSecond) {
+			if next != nil && next != req {
+				closeBody(next)
+			}
+			if err != nil {
+				acancel()
+				return nil, nil, err
+			}
+			return resp, acancel, nil
 		}
 		if resp != nil {
 			discard(resp)
 		}
 		acancel()
-		next, ok := rewound(req)
-		if !ok {
-			return nil, err
-		}
 		if !sleep(ctx, delay) {
 			closeBody(next)
-			return nil, ctx.Err()
+			return nil, nil, ctx.Err()
 		}
 		info.avoid = info.picked
 		cur = next

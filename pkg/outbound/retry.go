@@ -101,12 +101,7 @@ func retryReason(p *policy.Retry, req *http.Request, resp *http.Response, err er
 }
 
 func retryableMethod(p *policy.Retry, req *http.Request) bool {
-	if slices.Contains(p.Methods, req.Method) {
-		return true
-	}
-	_, a := req.Header["Idempotency-Key"]
-	_, b := req.Header["X-Idempotency-Key"]
-	return a || b
+	return slices.Contains(p.Methods, req.Method) || hasIdempotencyKey(req)
 }
 
 // errPerTryTimeout is the cause of a per-try deadline.

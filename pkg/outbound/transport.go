@@ -717,6 +717,12 @@ func isIdempotent(req *http.Request) bool {
 	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
 		return true
 	}
+	return hasIdempotencyKey(req)
+}
+
+// hasIdempotencyKey reports whether the client marked the request as safe
+// to repeat.
+func hasIdempotencyKey(req *http.Request) bool {
 	_, a := req.Header["Idempotency-Key"]
 	_, b := req.Header["X-Idempotency-Key"]
 	return a || b

@@ -222,6 +222,11 @@ func (e *FieldError) Error() string {
 }
 
 var serviceRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+// ValidServiceName reports whether name is a service name: lower-case
+// letters, digits and '-', at most 63, not starting or ending with '-'.
+func ValidServiceName(name string) bool { return serviceRE.MatchString(name) }
+
 var methodRE = regexp.MustCompile(`^[A-Z]{1,20}$`)
 
 // Validate checks every field of p and returns all problems as
@@ -264,7 +269,7 @@ func (p Policy) Validate() error {
 	if p.Kind != "" && p.Kind != Kind {
 		add("kind", strconv.Quote(p.Kind), Kind)
 	}
-	if p.Service != Default && !serviceRE.MatchString(p.Service) {
+	if p.Service != Default && !ValidServiceName(p.Service) {
 		add("service", strconv.Quote(p.Service), `"*" or a service name: lower-case letters, digits and '-', at most 63`)
 	}
 	durIn("timeout", p.Timeout, time.Millisecond, time.Hour, false)

@@ -553,26 +553,19 @@ func ConnContext(ctx context.Context, c net.Conn) context.Context {
 	return ctx
 }
 
-// TakeVerdictFor is TakeVerdict that also rejects the placeholder request by
-// its Host, whatever the queue says.
-func TakeVerdictFor(r *http.Request) Verdict {
-	v := TakeVerdict(r.Context())
+// TakeVerdict returns the framing verdict of r, the request being served on
+// its connection. It returns the zero Verdict (a pass) for connections the
+// check does not cover, such as HTTP/2. The placeholder of a rejected block
+// is rejected by its Host too, whatever the queue says. Call it exactly
+// once per request, first thing in the handler.
+func TakeVerdict(r *http.Request) Verdict {
+	var v Verdict
+	if fc, ok := r.Context().Value(connKey{}).(*framingConn); ok {
+		v, _ = fc.takeVerdict() // none for HTTP/2 and unchecked connections
+	}
 	if v.Reason == "" && r.Host == placeholderHost {
 		v.Reason = "malformed request"
 	}
-	return v
-}
-
-// TakeVerdict returns the framing verdict of the request being served on
-// ctx's connection. It returns the zero Verdict (a pass) for connections the
-// check does not cover, such as HTTP/2. Call it exactly once per request,
-// first thing in the handler.
-func TakeVerdict(ctx context.Context) Verdict {
-	fc, ok := ctx.Value(connKey{}).(*framingConn)
-	if !ok {
-		return Verdict{}
-	}
-	v, _ := fc.takeVerdict() // none for HTTP/2 and unchecked connections
 	return v
 }
 

@@ -139,7 +139,7 @@ func TestHTTP2PrefacePassesThrough(t *testing.T) {
 // the local 400 and the connection closes.
 func TestServerVerdicts(t *testing.T) {
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if v := TakeVerdict(r.Context()); v.Reason != "" {
+		if v := TakeVerdict(r); v.Reason != "" {
 			WriteError(w, &LocalError{Status: 400, Reason: ReasonBadRequest, Detail: v.Reason})
 			return
 		}
