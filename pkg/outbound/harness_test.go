@@ -52,7 +52,7 @@ type options struct {
 	static     map[string][]string
 	allowHosts []string
 	limits     proxyhttp.Limits
-	transport  outbound.TransportConfig
+	transport  proxyhttp.TransportConfig
 	policies   string // Policy documents (YAML)
 }
 

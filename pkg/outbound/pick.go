@@ -64,11 +64,11 @@ func (p *pickLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	service := req.URL.Host
 	set, err := p.resolver.Resolve(req.Context(), service)
 	if err != nil {
-		closeBody(req)
+		proxyhttp.CloseBody(req)
 		return nil, routeError(service, err)
 	}
 	if len(set.Endpoints) == 0 {
-		closeBody(req)
+		proxyhttp.CloseBody(req)
 		return nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable,
 			Reason: proxyhttp.ReasonNoHealthyEndpoints, Service: service,
 			Detail: "the service is known but has no healthy endpoint"}

@@ -33,7 +33,7 @@ type Config struct {
 	// literals or CONNECT targets; they are resolved with DNS. Empty: none.
 	AllowHosts []string
 	// Transport configures the upstream connections.
-	Transport TransportConfig
+	Transport proxyhttp.TransportConfig
 	// Limits bound the listener (header size, read timeouts).
 	Limits proxyhttp.Limits
 	// Logger receives state transitions and errors; nil discards them.
@@ -50,11 +50,11 @@ type Proxy struct {
 	resolver  discovery.Resolver
 	limits    proxyhttp.Limits
 	log       *slog.Logger
-	transport *Transport
+	transport *proxyhttp.Transport
 	allow     map[string]bool
 	states    *stateRegistry
-	service   *forwarder // to services known to discovery
-	direct    *forwarder // to allow-listed external hosts
+	service   *proxyhttp.Forwarder // to services known to discovery
+	direct    *proxyhttp.Forwarder // to allow-listed external hosts
 	tunnels   sync.WaitGroup
 }
 
@@ -73,7 +73,7 @@ func New(cfg Config) (*Proxy, error) {
 		resolver:  cfg.Resolver,
 		limits:    cfg.Limits.WithDefaults(),
 		log:       log.With("component", "outbound"),
-		transport: NewTransport(cfg.Transport),
+		transport: proxyhttp.NewTransport(cfg.Transport),
 		allow:     make(map[string]bool, len(cfg.AllowHosts)),
 	}
 	for _, h := range cfg.AllowHosts {
@@ -88,8 +88,8 @@ func New(cfg Config) (*Proxy, error) {
 		policies = NewStaticPolicies(nil)
 	}
 	p.states = &stateRegistry{}
-	p.service = &forwarder{next: chain(cfg.Resolver, policies, p.states, p.transport, p.log), onError: p.handleError}
-	p.direct = &forwarder{next: p.transport, onError: p.handleError}
+	p.service = &proxyhttp.Forwarder{Next: chain(cfg.Resolver, policies, p.states, p.transport, p.log), OnError: p.handleError}
+	p.direct = &proxyhttp.Forwarder{Next: p.transport, OnError: p.handleError}
 	return p, nil
 }
 
@@ -172,7 +172,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		r = &r2
 	}
-	fw.forward(w, r, target)
+	fw.Forward(w, r, target)
 }
 
 func (p *Proxy) allowed(host string) bool {
@@ -282,7 +282,7 @@ func errorFor(service string, err error) *proxyhttp.LocalError {
 	}
 	e := &proxyhttp.LocalError{Service: service, Detail: err.Error()}
 	var ce *proxyhttp.ClientError
-	var conn *ConnectError
+	var conn *proxyhttp.ConnectError
 	switch {
 	case errors.As(err, &ce) && ce.Timeout():
 		e.Status, e.Reason = http.StatusRequestTimeout, proxyhttp.ReasonRequestTimeout
@@ -292,7 +292,7 @@ func errorFor(service string, err error) *proxyhttp.LocalError {
 		e.Status, e.Reason = http.StatusBadRequest, proxyhttp.ReasonBadRequest
 	case errors.Is(err, context.Canceled):
 		e.Status, e.Reason = StatusClientClosed, "client_closed"
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, ErrResponseHeaderTimeout):
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, proxyhttp.ErrResponseHeaderTimeout):
 		e.Status, e.Reason = http.StatusGatewayTimeout, proxyhttp.ReasonUpstreamTimeout
 	case errors.As(err, &conn):
 		e.Status, e.Reason = http.StatusBadGateway, proxyhttp.ReasonConnectFailure
@@ -307,11 +307,9 @@ func errorFor(service string, err error) *proxyhttp.LocalError {
 func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 	p.tunnels.Add(1)
 	defer p.tunnels.Done()
-	ctx, cancel := context.WithTimeout(r.Context(), p.transport.dialer.Timeout)
-	dst, err := p.transport.dial(ctx, "tcp", r.Host)
-	cancel()
+	dst, err := p.transport.Dial(r.Context(), r.Host)
 	if err != nil {
-		p.handleError(w, r, &ConnectError{Addr: r.Host, Err: err})
+		p.handleError(w, r, err)
 		return
 	}
 	src, brw, err := http.NewResponseController(w).Hijack()
@@ -326,32 +324,5 @@ func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 		_ = dst.Close()
 		return
 	}
-	spliceRW(src, brw.Reader, dst)
-}
-
-// spliceRW copies both ways until both directions end, then closes both.
-func spliceRW(client net.Conn, clientBuf io.Reader, upstream io.ReadWriteCloser) {
-	done := make(chan struct{}, 2)
-	go func() {
-		_, _ = io.Copy(upstream, clientBuf)
-		closeWrite(upstream)
-		done <- struct{}{}
-	}()
-	go func() {
-		_, _ = io.Copy(client, upstream)
-		closeWrite(client)
-		done <- struct{}{}
-	}()
-	<-done
-	<-done
-	_ = client.Close()
-	_ = upstream.Close()
-}
-
-func closeWrite(c io.Closer) {
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		_ = cw.CloseWrite()
-		return
-	}
-	_ = c.Close()
+	proxyhttp.Splice(src, brw.Reader, dst)
 }

@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
@@ -115,7 +114,7 @@ func TestHeaderTimeoutAfterStreamedBody(t *testing.T) {
 	})
 	defer close(release)
 	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.addr()}},
-		transport: outbound.TransportConfig{ResponseHeaderTimeout: 300 * time.Millisecond}})
+		transport: proxyhttp.TransportConfig{ResponseHeaderTimeout: 300 * time.Millisecond}})
 	for _, size := range []int{1000, 100 << 10} {
 		c := sc.client(t)
 		c.Timeout = 3 * time.Second

@@ -108,7 +108,7 @@ var (
 func breakerOutcome(resp *http.Response, err error) error {
 	var local *proxyhttp.LocalError
 	switch {
-	case err != nil && (errors.Is(err, context.Canceled) || isClientErr(err) || errors.As(err, &local)):
+	case err != nil && (errors.Is(err, context.Canceled) || proxyhttp.IsClientErr(err) || errors.As(err, &local)):
 		return errNotCounted
 	case err != nil:
 		return errUpstreamFailed
@@ -137,7 +137,7 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	// Concurrency: over the limit is refused at once; nothing queues.
 	if n := st.inFlight.Add(1); n > int64(*p.Concurrency.MaxInFlight) {
 		st.inFlight.Add(-1)
-		closeBody(req)
+		proxyhttp.CloseBody(req)
 		return nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonOverloaded,
 			Service: service, Detail: "concurrency limit reached (concurrency.maxInFlight)"}
 	}
@@ -181,7 +181,7 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 	for attempt := 1; ; attempt++ {
 		done, berr := st.breaker.Allow()
 		if berr != nil {
-			closeBody(cur)
+			proxyhttp.CloseBody(cur)
 			return nil, nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
 				Service: service, Detail: "circuit breaker " + st.breaker.State().String()}
 		}
@@ -207,12 +207,12 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 		if reason != "" {
 			delay = backoffDelay(r.Backoff, attempt, resp)
 			if deadlineAllows(ctx, delay) {
-				next, ok = rewound(req) // only bodies held in memory replay
+				next, ok = proxyhttp.Rewound(req) // only bodies held in memory replay
 			}
 		}
 		if !ok || !st.budget.allowRetry(time.Now(), *r.Budget.Ratio, *r.Budget.MinPerSecond) {
 			if next != nil && next != req {
-				closeBody(next)
+				proxyhttp.CloseBody(next)
 			}
 			if err != nil {
 				acancel()
@@ -225,7 +225,7 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 		}
 		acancel()
 		if !sleep(ctx, delay) {
-			closeBody(next)
+			proxyhttp.CloseBody(next)
 			return nil, nil, ctx.Err()
 		}
 		info.avoid = info.picked

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
 // attemptKey carries an attemptInfo from the retry loop to the pick layer.
@@ -73,7 +74,7 @@ func (b *budget) allowRetry(now time.Time, ratio float64, minPerSecond int) bool
 // when it may not. A connect failure is retryable for any method: nothing
 // of the request was sent.
 func retryReason(p *policy.Retry, req *http.Request, resp *http.Response, err error) string {
-	var ce *ConnectError
+	var ce *proxyhttp.ConnectError
 	switch {
 	case err != nil && errors.As(err, &ce):
 		if slices.Contains(p.On, "connect-failure") {
@@ -87,7 +88,7 @@ func retryReason(p *policy.Retry, req *http.Request, resp *http.Response, err er
 			return "timeout"
 		}
 	case err != nil:
-		var ue *UpstreamError
+		var ue *proxyhttp.UpstreamError
 		if errors.As(err, &ue) && slices.Contains(p.On, "reset") {
 			return "reset"
 		}
@@ -101,7 +102,7 @@ func retryReason(p *policy.Retry, req *http.Request, resp *http.Response, err er
 }
 
 func retryableMethod(p *policy.Retry, req *http.Request) bool {
-	return slices.Contains(p.Methods, req.Method) || hasIdempotencyKey(req)
+	return slices.Contains(p.Methods, req.Method) || proxyhttp.HasIdempotencyKey(req)
 }
 
 // errPerTryTimeout is the cause of a per-try deadline.

@@ -1,6 +1,8 @@
-// Package proxyhttp holds what the sidecar's HTTP listeners share: hardened
-// server settings, the framing check that keeps smuggled requests out, and
-// the local error responses of DESIGN.md.
+// Package proxyhttp holds what the sidecar's two proxies (outbound and
+// inbound) share: hardened server settings, the framing check that keeps
+// smuggled requests out, the local error responses of DESIGN.md, the
+// forwarder that copies a request through and its answer back, and the
+// pooled HTTP/1.1 transport to upstreams.
 package proxyhttp
 
 import (

@@ -1,4 +1,4 @@
-package outbound
+package proxyhttp
 
 import (
 	"io"
@@ -7,20 +7,24 @@ import (
 	"strings"
 
 	"golang.org/x/net/http/httpguts"
-
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
-// forwarder sends one request from the app through a RoundTripper chain and
+// Forwarder sends one request from the app through a RoundTripper chain and
 // copies the answer back. It does what net/http/httputil.ReverseProxy does
 // for a proxy (hop-by-hop headers, X-Forwarded-*, trailers, streaming
 // flushes, protocol upgrades) without its per-request copies of the request
 // and its headers, which cost a third of the sidecar's allocations: the
 // inbound request is the handler's to prepare, and its header map is edited
 // in place before any layer sees it.
-type forwarder struct {
-	next    http.RoundTripper
-	onError func(w http.ResponseWriter, r *http.Request, err error)
+//
+// The zero value is not usable: Next and OnError are required. Safe for
+// concurrent use.
+type Forwarder struct {
+	// Next sends the prepared request upstream; its URL host names the
+	// destination the Forward caller chose.
+	Next http.RoundTripper
+	// OnError answers the client when Next fails.
+	OnError func(w http.ResponseWriter, r *http.Request, err error)
 }
 
 // Hop-by-hop headers (RFC 9110, 7.6.1) plus the ones proxies traditionally
@@ -36,9 +40,9 @@ var (
 	teTrailers = []string{"trailers"}
 )
 
-// forward proxies r to the endpoint chosen for host (a service name, or an
+// Forward proxies r to the endpoint chosen for host (a service name, or an
 // allow-listed host:port).
-func (f *forwarder) forward(w http.ResponseWriter, r *http.Request, host string) {
+func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string) {
 	upgrade := upgradeType(r.Header)
 	// gRPC and other trailer users ask for trailers with "TE: trailers".
 	trailers := httpguts.HeaderValuesContainsToken(r.Header["Te"], "trailers")
@@ -73,9 +77,9 @@ func (f *forwarder) forward(w http.ResponseWriter, r *http.Request, host string)
 		out.Body = nil // a 0-length body is no body for the transport
 	}
 
-	resp, err := f.next.RoundTrip(&out)
+	resp, err := f.Next.RoundTrip(&out)
 	if err != nil {
-		f.onError(w, r, err)
+		f.OnError(w, r, err)
 		return
 	}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
@@ -142,20 +146,20 @@ func copyBody(w http.ResponseWriter, body io.Reader, flush bool) error {
 
 // upgraded finishes a 101 Switching Protocols: the client connection is
 // taken over and spliced to the upstream one.
-func (f *forwarder) upgraded(w http.ResponseWriter, r *http.Request, resp *http.Response, reqUpgrade string) {
+func (f *Forwarder) upgraded(w http.ResponseWriter, r *http.Request, resp *http.Response, reqUpgrade string) {
 	backConn, ok := resp.Body.(io.ReadWriteCloser)
 	respUpgrade := upgradeType(resp.Header)
 	if !ok || reqUpgrade == "" || !strings.EqualFold(reqUpgrade, respUpgrade) {
 		resp.Body.Close()
-		f.onError(w, r, &proxyhttp.LocalError{Status: http.StatusBadGateway, Reason: proxyhttp.ReasonUpstreamReset,
+		f.OnError(w, r, &LocalError{Status: http.StatusBadGateway, Reason: ReasonUpstreamReset,
 			Detail: "upstream switched to protocol " + respUpgrade + " when " + reqUpgrade + " was asked for"})
 		return
 	}
 	removeHopByHop(resp.Header)
-	conn, brw, err := http.NewResponseController(proxyhttp.HijackAware(w, r)).Hijack()
+	conn, brw, err := http.NewResponseController(HijackAware(w, r)).Hijack()
 	if err != nil {
 		backConn.Close()
-		f.onError(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
+		f.OnError(w, r, &LocalError{Status: http.StatusBadRequest, Reason: ReasonBadRequest,
 			Detail: "protocol upgrade needs HTTP/1.1"})
 		return
 	}
@@ -167,7 +171,7 @@ func (f *forwarder) upgraded(w http.ResponseWriter, r *http.Request, resp *http.
 		backConn.Close()
 		return
 	}
-	spliceRW(conn, brw.Reader, backConn)
+	Splice(conn, brw.Reader, backConn)
 }
 
 func upgradeType(h http.Header) string {
@@ -190,4 +194,31 @@ func removeHopByHop(h http.Header) {
 	for _, name := range hopHeaders {
 		delete(h, name)
 	}
+}
+
+// Splice copies both ways until both directions end, then closes both.
+func Splice(client net.Conn, clientBuf io.Reader, upstream io.ReadWriteCloser) {
+	done := make(chan struct{}, 2)
+	go func() {
+		_, _ = io.Copy(upstream, clientBuf)
+		closeWrite(upstream)
+		done <- struct{}{}
+	}()
+	go func() {
+		_, _ = io.Copy(client, upstream)
+		closeWrite(client)
+		done <- struct{}{}
+	}()
+	<-done
+	<-done
+	_ = client.Close()
+	_ = upstream.Close()
+}
+
+func closeWrite(c io.Closer) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+		return
+	}
+	_ = c.Close()
 }

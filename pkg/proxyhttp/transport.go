@@ -1,4 +1,4 @@
-package outbound
+package proxyhttp
 
 import (
 	"bufio"
@@ -13,8 +13,6 @@ import (
 	"time"
 
 	"golang.org/x/net/http/httpguts"
-
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
 // Transport is the sidecar's HTTP/1.1 client: a synchronous, pooled
@@ -181,8 +179,6 @@ func (e *UpstreamError) Unwrap() error { return e.Err }
 // goroutine instead of a writer goroutine.
 const maxInlineBody = 64 << 10
 
-var aLongTimeAgo = time.Unix(1, 0)
-
 // peekAfterIdle is how long a pooled connection may sit idle before it is
 // checked for a close from the server before reuse. Keep-alive timeouts of
 // servers are seconds long; under load connections are idle for far less.
@@ -191,7 +187,7 @@ const peekAfterIdle = 250 * time.Millisecond
 // RoundTrip implements http.RoundTripper.
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if req.URL.Scheme != "http" {
-		closeBody(req)
+		CloseBody(req)
 		return nil, fmt.Errorf("outbound transport: unsupported scheme %q", req.URL.Scheme)
 	}
 	addr := req.URL.Host
@@ -203,7 +199,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	for fresh := upgrade; ; fresh = true {
 		pc, err := t.getConn(req.Context(), addr, fresh)
 		if err != nil {
-			closeBody(cur)
+			CloseBody(cur)
 			return nil, err
 		}
 		resp, err := pc.roundTrip(cur, upgrade)
@@ -211,14 +207,42 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			return resp, nil
 		}
 		if !fresh && pc.reused && pc.noResponse && req.Context().Err() == nil && safeToResend(cur, err) {
-			if r, ok := rewound(cur); ok {
+			if r, ok := Rewound(cur); ok {
 				cur = r // stale pooled connection: once more on a new one
 				continue
 			}
 		}
-		closeBody(cur)
+		CloseBody(cur)
 		return nil, err
 	}
+}
+
+// connectTimeoutKey carries a per-request connect timeout (see
+// WithConnectTimeout).
+type connectTimeoutKey struct{}
+
+// WithConnectTimeout returns ctx asking the Transport to give up on a new
+// connection after d instead of its DialTimeout. A connection taken from the
+// pool is not affected.
+func WithConnectTimeout(ctx context.Context, d time.Duration) context.Context {
+	return context.WithValue(ctx, connectTimeoutKey{}, d)
+}
+
+// Dial opens a new TCP connection to addr within the connect timeout (the
+// context's, from WithConnectTimeout, or the DialTimeout). A failure is a
+// *ConnectError: nothing was sent.
+func (t *Transport) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	timeout := t.dialer.Timeout
+	if d, ok := ctx.Value(connectTimeoutKey{}).(time.Duration); ok && d > 0 {
+		timeout = d
+	}
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	c, err := t.dial(dctx, "tcp", addr)
+	cancel()
+	if err != nil {
+		return nil, &ConnectError{Addr: addr, Err: err}
+	}
+	return c, nil
 }
 
 // safeToResend reports whether a request that failed on a reused connection
@@ -287,11 +311,9 @@ func (t *Transport) getConn(ctx context.Context, addr string, fresh bool) (*pers
 			return pc, nil
 		}
 	}
-	dctx, cancel := context.WithTimeout(ctx, t.dialer.Timeout)
-	c, err := t.dial(dctx, "tcp", addr)
-	cancel()
+	c, err := t.Dial(ctx, addr)
 	if err != nil {
-		return nil, &ConnectError{Addr: addr, Err: err}
+		return nil, err
 	}
 	return &persistConn{
 		t:    t,
@@ -346,7 +368,7 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 		if bw != nil {
 			_ = bw.abort()
 		}
-		if isClientErr(err) {
+		if IsClientErr(err) {
 			return nil, err // a client read error also cancels ctx: keep the cause
 		}
 		if ctxErr := ctx.Err(); ctxErr != nil {
@@ -367,7 +389,7 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 		pc.startHeaderTimeout(ctx)
 	case req.GetBody != nil && req.ContentLength >= 0 && req.ContentLength <= maxInlineBody:
 		if err := pc.writeBody(req); err != nil {
-			if isClientErr(err) {
+			if IsClientErr(err) {
 				return fail(err)
 			}
 			return fail(&UpstreamError{Addr: pc.addr, Op: "write request", Written: true, Err: err})
@@ -400,7 +422,7 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 			} else {
 				werr, _ = bw.poll()
 			}
-			if werr != nil && isClientErr(werr) {
+			if werr != nil && IsClientErr(werr) {
 				return fail(werr)
 			}
 			if werr != nil {
@@ -493,7 +515,7 @@ func (w *bodyWriter) poll() (error, bool) {
 // closed, and closing the body ends a read waiting on the client.
 func (w *bodyWriter) abort() error {
 	if _, ok := w.poll(); !ok {
-		closeBody(w.req)
+		CloseBody(w.req)
 	}
 	return w.wait()
 }
@@ -589,7 +611,7 @@ var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return 
 // streamed upload reaches the endpoint as it arrives. It closes the body.
 func (pc *persistConn) writeBody(req *http.Request) (err error) {
 	defer func() {
-		if cerr := req.Body.Close(); err == nil && cerr != nil && isClientErr(cerr) {
+		if cerr := req.Body.Close(); err == nil && cerr != nil && IsClientErr(cerr) {
 			err = cerr
 		}
 	}()
@@ -717,20 +739,20 @@ func isIdempotent(req *http.Request) bool {
 	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
 		return true
 	}
-	return hasIdempotencyKey(req)
+	return HasIdempotencyKey(req)
 }
 
-// hasIdempotencyKey reports whether the client marked the request as safe
+// HasIdempotencyKey reports whether the client marked the request as safe
 // to repeat.
-func hasIdempotencyKey(req *http.Request) bool {
+func HasIdempotencyKey(req *http.Request) bool {
 	_, a := req.Header["Idempotency-Key"]
 	_, b := req.Header["X-Idempotency-Key"]
 	return a || b
 }
 
-// rewound returns a copy of req whose body reads from the start again, if
+// Rewound returns a copy of req whose body reads from the start again, if
 // it can be had.
-func rewound(req *http.Request) (*http.Request, bool) {
+func Rewound(req *http.Request) (*http.Request, bool) {
 	if !hasBody(req) {
 		return req, true
 	}
@@ -746,12 +768,12 @@ func rewound(req *http.Request) (*http.Request, bool) {
 	return &r, true
 }
 
-func isClientErr(err error) bool {
-	var ce *proxyhttp.ClientError
+func IsClientErr(err error) bool {
+	var ce *ClientError
 	return errors.As(err, &ce)
 }
 
-func closeBody(req *http.Request) {
+func CloseBody(req *http.Request) {
 	if req.Body != nil {
 		_ = req.Body.Close()
 	}
