@@ -2,13 +2,16 @@ package main
 
 import (
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 )
 
 // newRegistry is the sidecar's Prometheus registry: process and Go runtime
@@ -21,6 +24,101 @@ func newRegistry(resolver discovery.Resolver) *prometheus.Registry {
 		&discoveryCollector{resolver: resolver},
 	)
 	return reg
+}
+
+// resilienceMetrics counts what the outbound resilience chain decides (it
+// is the chain's outbound.Observer) and reports its state at each scrape.
+// Labels are service names (only services known to discovery reach the
+// chain), retry reasons and states: all bounded.
+type resilienceMetrics struct {
+	retries     *prometheus.CounterVec
+	exhausted   *prometheus.CounterVec
+	transitions *prometheus.CounterVec
+	ejections   *prometheus.CounterVec
+	shed        *prometheus.CounterVec
+	proxy       atomic.Pointer[outbound.Proxy] // set once the proxy exists; read at scrape time
+}
+
+var _ outbound.Observer = (*resilienceMetrics)(nil)
+
+func newResilienceMetrics(reg prometheus.Registerer) *resilienceMetrics {
+	f := promauto.With(reg)
+	m := &resilienceMetrics{
+		retries: f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_retries_total",
+			Help: "Outbound attempts retried, by the retry.on condition that caused the retry."}, []string{"service", "reason"}),
+		exhausted: f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_retry_budget_exhausted_total",
+			Help: "Retries not made because the service's retry budget was spent."}, []string{"service"}),
+		transitions: f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_circuit_breaker_transitions_total",
+			Help: "Circuit breaker state changes, by the state entered."}, []string{"service", "state"}),
+		ejections: f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_outlier_ejections_total",
+			Help: "Endpoints taken out of rotation by outlier detection."}, []string{"service"}),
+		shed: f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_shed_requests_total",
+			Help: "Outbound requests refused without an upstream attempt: overloaded (concurrency limits) or circuit_open."},
+			[]string{"service", "reason"}),
+	}
+	reg.MustRegister(&resilienceCollector{m: m})
+	return m
+}
+
+func (m *resilienceMetrics) Retried(service, reason string) {
+	m.retries.WithLabelValues(service, reason).Inc()
+}
+func (m *resilienceMetrics) RetryBudgetExhausted(service string) {
+	m.exhausted.WithLabelValues(service).Inc()
+}
+func (m *resilienceMetrics) BreakerStateChanged(service, _, to string) {
+	m.transitions.WithLabelValues(service, to).Inc()
+}
+func (m *resilienceMetrics) EndpointEjected(service string) {
+	m.ejections.WithLabelValues(service).Inc()
+}
+func (m *resilienceMetrics) Shed(service, reason string) {
+	m.shed.WithLabelValues(service, reason).Inc()
+}
+
+// setProxy gives the scrape-time collector the proxy to read.
+func (m *resilienceMetrics) setProxy(p *outbound.Proxy) {
+	m.proxy.Store(p)
+}
+
+// resilienceCollector reports the chain's state at scrape time.
+type resilienceCollector struct{ m *resilienceMetrics }
+
+var (
+	breakerStateDesc = prometheus.NewDesc("sidecar_circuit_breaker_state",
+		"1 for the circuit breaker's current state (closed, half-open, open), 0 for the others.", []string{"service", "state"}, nil)
+	inFlightDesc = prometheus.NewDesc("sidecar_requests_in_flight",
+		"Requests in flight through the sidecar.", []string{"direction"}, nil)
+	serviceInFlightDesc = prometheus.NewDesc("sidecar_service_requests_in_flight",
+		"Outbound requests in flight to a service.", []string{"service"}, nil)
+	ejectedDesc = prometheus.NewDesc("sidecar_outlier_ejected_endpoints",
+		"Endpoints of a service out of rotation now.", []string{"service"}, nil)
+)
+
+func (c *resilienceCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- breakerStateDesc
+	ch <- inFlightDesc
+	ch <- serviceInFlightDesc
+	ch <- ejectedDesc
+}
+
+func (c *resilienceCollector) Collect(ch chan<- prometheus.Metric) {
+	p := c.m.proxy.Load()
+	if p == nil {
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(inFlightDesc, prometheus.GaugeValue, float64(p.InFlight()), "outbound")
+	for _, st := range p.Status() {
+		for _, state := range []string{"closed", "half-open", "open"} {
+			v := 0.0
+			if st.Breaker.State == state {
+				v = 1
+			}
+			ch <- prometheus.MustNewConstMetric(breakerStateDesc, prometheus.GaugeValue, v, st.Service, state)
+		}
+		ch <- prometheus.MustNewConstMetric(serviceInFlightDesc, prometheus.GaugeValue, float64(st.InFlight), st.Service)
+		ch <- prometheus.MustNewConstMetric(ejectedDesc, prometheus.GaugeValue, float64(len(st.Ejected)), st.Service)
+	}
 }
 
 // discoveryCollector reports, per known service, its healthy endpoints and

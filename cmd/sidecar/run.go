@@ -101,6 +101,15 @@ var settings = []setting{
 		}},
 	{flag: "policy-file", usage: "file of Policy documents, reloaded when it changes (key: policyFile)",
 		set: func(c *config.Config, v string) error { c.PolicyFile = v; return nil }},
+	{flag: "outbound-max-in-flight", usage: "most outbound requests in flight, all services together; over it 503 overloaded (key: limits.outboundMaxInFlight, default 10000)",
+		set: func(c *config.Config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("want a number, got %q", v)
+			}
+			c.Limits.OutboundMaxInFlight = n
+			return nil
+		}},
 	{flag: "log-level", usage: "debug, info, warn or error (key: log.level, default info)",
 		set: func(c *config.Config, v string) error { c.Log.Level = v; return nil }},
 	{flag: "log-format", usage: "json or text (key: log.format, default json)",

@@ -93,11 +93,14 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		resolver = append(resolver, s.consul)
 	}
 
+	reg := newRegistry(resolver)
+	resilience := newResilienceMetrics(reg)
 	s.proxy, err = outbound.New(outbound.Config{Resolver: resolver, Policies: outbound.NewStaticPolicies(policies),
-		AllowHosts: cfg.AllowHosts, Logger: log})
+		AllowHosts: cfg.AllowHosts, MaxInFlight: cfg.Limits.OutboundMaxInFlight, Observer: resilience, Logger: log})
 	if err != nil {
 		return nil, err
 	}
+	resilience.setProxy(s.proxy)
 	s.outbound, err = proxyhttp.Listen("outbound", cfg.Listeners.Outbound, s.proxy, proxyhttp.Limits{}, log)
 	if err != nil {
 		return nil, err
@@ -114,7 +117,7 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		return nil, fmt.Errorf("metrics listener on %s: %w", cfg.Listeners.Metrics, err)
 	}
 	s.metrics = &http.Server{
-		Handler:           metricsHandler(newRegistry(resolver)),
+		Handler:           metricsHandler(reg),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      10 * time.Second,

@@ -48,6 +48,8 @@ type Config struct {
 	// directly through the outbound port. Empty: none; the outbound port then
 	// reaches only services that discovery knows.
 	AllowHosts []string `yaml:"allowHosts,omitempty" json:"allowHosts,omitempty"`
+	// Limits bound the sidecar as a whole, across services.
+	Limits Limits `yaml:"limits,omitempty" json:"limits"`
 	// Log configures logging.
 	Log Log `yaml:"log,omitempty" json:"log"`
 
@@ -139,6 +141,16 @@ type Probe struct {
 }
 
 // Log configures the logger.
+// Limits are sidecar-wide caps. Zero means the default; there is no "no
+// limit": an unbounded proxy is one a runaway app can take down.
+type Limits struct {
+	// OutboundMaxInFlight caps the app's outbound requests in flight, all
+	// services together; over it a request gets 503 overloaded at once.
+	// Default 10000. Each service also has its policy's
+	// concurrency.maxInFlight.
+	OutboundMaxInFlight int `yaml:"outboundMaxInFlight,omitempty" json:"outboundMaxInFlight,omitempty"`
+}
+
 type Log struct {
 	// Level is debug, info, warn or error. Default info.
 	Level string `yaml:"level,omitempty" json:"level,omitempty"`
@@ -213,6 +225,9 @@ func (c *Config) Validate() error {
 		if err := checkListenAddr(l.addr); err != nil {
 			add("%s: %q: %v", l.key, l.addr, err)
 		}
+	}
+	if n := c.Limits.OutboundMaxInFlight; n < 0 || n > 1000000 {
+		add("limits.outboundMaxInFlight: %d is not allowed (allowed: 1 to 1000000, or 0 for the default)", n)
 	}
 	if c.AdvertiseAddr != "" && net.ParseIP(c.AdvertiseAddr) == nil {
 		add("advertiseAddr: %q is not an IP address", c.AdvertiseAddr)

@@ -1,6 +1,7 @@
 package outbound_test
 
 import (
+	"github.com/sidecar-mesh/sidecar/internal/faultserver"
 	"net/http"
 	"testing"
 )
@@ -11,38 +12,38 @@ const noRetries = "retry: {attempts: 1}\n"
 // no more traffic while the others serve every call.
 func TestOutlierEjection(t *testing.T) {
 	bad, good1, good2 := flaky(t, 1), flaky(t, 0), flaky(t, 0)
-	sc := startSidecar(t, options{static: map[string][]string{"svc": {bad.addr(), good1.addr(), good2.addr()}},
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {bad.Addr(), good1.Addr(), good2.Addr()}},
 		policies: "service: svc\n" + noRetries + noBreaker + "outlierDetection: {consecutiveFailures: 5, ejectionTime: 1m}\n"})
-	ok := successRate(t, sc, http.MethodGet, 300)
-	if n := bad.requests.Load(); n != 5 {
+	ok := successRate(t, sc, http.MethodGet, 300, "")
+	if n := bad.Requests(); n != 5 {
 		t.Fatalf("the failing endpoint got %d requests, want exactly 5 before its ejection", n)
 	}
 	if ok != 300-5 {
 		t.Fatalf("%d of 300 succeeded, want all but the 5 that ejected the endpoint", ok)
 	}
 	st := sc.proxy.Status()
-	if len(st) != 1 || st[0].Service != "svc" || len(st[0].Ejected) != 1 || st[0].Ejected[0].Addr != bad.addr() ||
+	if len(st) != 1 || st[0].Service != "svc" || len(st[0].Ejected) != 1 || st[0].Ejected[0].Addr != bad.Addr() ||
 		st[0].Breaker.State != "closed" || st[0].RetryBudget.Requests != 300 || st[0].InFlight != 0 {
-		t.Fatalf("Status() = %+v, want svc with %s ejected, breaker closed, 300 requests, none in flight", st, bad.addr())
+		t.Fatalf("Status() = %+v, want svc with %s ejected, breaker closed, 300 requests, none in flight", st, bad.Addr())
 	}
 }
 
 // Never more than maxEjectionPercent is ejected, and never the last
 // endpoint: with all four failing and a 50% cap, two keep taking traffic.
 func TestOutlierEjectionCap(t *testing.T) {
-	var ups []*upstream
+	var ups []*faultserver.Server
 	var addrs []string
 	for range 4 {
 		u := flaky(t, 1)
 		ups = append(ups, u)
-		addrs = append(addrs, u.addr())
+		addrs = append(addrs, u.Addr())
 	}
 	sc := startSidecar(t, options{static: map[string][]string{"svc": addrs},
 		policies: "service: svc\n" + noRetries + noBreaker + "outlierDetection: {consecutiveFailures: 3, ejectionTime: 1m, maxEjectionPercent: 50}\n"})
-	successRate(t, sc, http.MethodGet, 200)
+	successRate(t, sc, http.MethodGet, 200, "")
 	ejected, serving := 0, 0
 	for _, u := range ups {
-		switch n := u.requests.Load(); {
+		switch n := u.Requests(); {
 		case n == 3:
 			ejected++
 		case n > 3:
@@ -54,10 +55,10 @@ func TestOutlierEjectionCap(t *testing.T) {
 	}
 
 	one := flaky(t, 1)
-	sc1 := startSidecar(t, options{static: map[string][]string{"svc": {one.addr()}},
+	sc1 := startSidecar(t, options{static: map[string][]string{"svc": {one.Addr()}},
 		policies: "service: svc\n" + noRetries + noBreaker + "outlierDetection: {consecutiveFailures: 1, maxEjectionPercent: 100}\n"})
-	successRate(t, sc1, http.MethodGet, 20)
-	if n := one.requests.Load(); n != 20 {
+	successRate(t, sc1, http.MethodGet, 20, "")
+	if n := one.Requests(); n != 20 {
 		t.Fatalf("a lone failing endpoint got %d of 20 calls, want all: the last endpoint is never ejected", n)
 	}
 }

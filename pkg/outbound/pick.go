@@ -1,6 +1,7 @@
 package outbound
 
 import (
+	"errors"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -37,10 +38,9 @@ func (rr *roundRobin) pick() discovery.Endpoint {
 // transport; the request it gets must carry the service name as URL host.
 type pickLayer struct {
 	resolver discovery.Resolver
-	policies Policies
-	states   *stateRegistry
 	next     http.RoundTripper
 	log      *slog.Logger
+	observer Observer
 
 	// pickers holds a *roundRobin per service, rebuilt whenever discovery
 	// publishes a new set (compared by pointer: sets are immutable).
@@ -73,18 +73,15 @@ func (p *pickLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 			Reason: proxyhttp.ReasonNoHealthyEndpoints, Service: service,
 			Detail: "the service is known but has no healthy endpoint"}
 	}
-	pol := p.policies.For(service)
-	st := p.states.get(service, pol)
-	now := time.Now()
 	info, _ := req.Context().Value(attemptKey{}).(*attemptInfo)
-	avoid := ""
-	if info != nil {
-		avoid = info.avoid // a retry prefers another endpoint than the one that failed
+	if info == nil {
+		return nil, errors.New("outbound: pick layer called outside the resilience layer")
 	}
-	ep := pickHealthy(p.picker(set), &st.outliers, avoid, now)
-	if info != nil {
-		info.picked = ep.Addr
-	}
+	pol, st := info.policy, info.state
+	now := time.Now()
+	// A retry prefers another endpoint than the one that failed.
+	ep := pickHealthy(p.picker(set), &st.outliers, info.avoid, now)
+	info.picked = ep.Addr
 	out := *req
 	u := *req.URL
 	u.Host = ep.Addr
@@ -94,6 +91,7 @@ func (p *pickLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 		if st.outliers.record(ep.Addr, failed, set, pol.OutlierDetection, time.Now()) {
 			p.log.Warn("endpoint ejected", "service", service, "endpoint", ep.Addr,
 				"for", pol.OutlierDetection.EjectionTime.String())
+			p.observer.EndpointEjected(service)
 		}
 	}
 	return resp, err

@@ -32,6 +32,12 @@ type Config struct {
 	// proxy, as "host" (any port) or "host:port". Only these may be IP
 	// literals or CONNECT targets; they are resolved with DNS. Empty: none.
 	AllowHosts []string
+	// MaxInFlight caps requests in flight to all services together; over it
+	// a request is refused with 503 overloaded. Zero: DefaultMaxInFlight.
+	MaxInFlight int
+	// Observer is told of retries, breaker transitions, ejections and shed
+	// requests; nil: NopObserver.
+	Observer Observer
 	// Transport configures the upstream connections.
 	Transport proxyhttp.TransportConfig
 	// Limits bound the listener (header size, read timeouts).
@@ -40,6 +46,11 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// DefaultMaxInFlight is Config.MaxInFlight's default: far above what one app
+// sends at once, well below what exhausts the pod's memory or file
+// descriptors.
+const DefaultMaxInFlight = 10000
+
 // maxBufferedBody is the largest request body read fully before the request
 // is forwarded. Such a body is checked whole (a malformed one is answered
 // with 400 and never forwarded) and can be sent again without the client.
@@ -47,15 +58,16 @@ const maxBufferedBody = 64 << 10
 
 // Proxy is the outbound http.Handler. Safe for concurrent use.
 type Proxy struct {
-	resolver  discovery.Resolver
-	limits    proxyhttp.Limits
-	log       *slog.Logger
-	transport *proxyhttp.Transport
-	allow     map[string]bool
-	states    *stateRegistry
-	service   *proxyhttp.Forwarder // to services known to discovery
-	direct    *proxyhttp.Forwarder // to allow-listed external hosts
-	tunnels   sync.WaitGroup
+	resolver   discovery.Resolver
+	limits     proxyhttp.Limits
+	log        *slog.Logger
+	transport  *proxyhttp.Transport
+	allow      map[string]bool
+	states     *stateRegistry
+	resilience *resilienceLayer     // for InFlight
+	service    *proxyhttp.Forwarder // to services known to discovery
+	direct     *proxyhttp.Forwarder // to allow-listed external hosts
+	tunnels    sync.WaitGroup
 }
 
 var _ http.Handler = (*Proxy)(nil)
@@ -87,8 +99,16 @@ func New(cfg Config) (*Proxy, error) {
 	if policies == nil {
 		policies = NewStaticPolicies(nil)
 	}
-	p.states = &stateRegistry{}
-	p.service = &proxyhttp.Forwarder{Next: chain(cfg.Resolver, policies, p.states, p.transport, p.log), OnError: p.handleError}
+	observer := cfg.Observer
+	if observer == nil {
+		observer = NopObserver{}
+	}
+	maxInFlight := cfg.MaxInFlight
+	if maxInFlight <= 0 {
+		maxInFlight = DefaultMaxInFlight
+	}
+	p.states = &stateRegistry{observer: observer, log: p.log}
+	p.service = &proxyhttp.Forwarder{Next: p.chain(cfg.Resolver, policies, maxInFlight, observer), OnError: p.handleError}
 	p.direct = &proxyhttp.Forwarder{Next: p.transport, OnError: p.handleError}
 	return p, nil
 }
@@ -96,17 +116,21 @@ func New(cfg Config) (*Proxy, error) {
 // chain builds the path every call to a service takes, in one visible
 // order, each layer an http.RoundTripper wrapping the next:
 //
-//	resilience: concurrency limit -> overall deadline -> retry loop, each
-//	    attempt under its per-try deadline and the circuit breaker
+//	resilience: concurrency limits (all services, then the service)
+//	    -> overall deadline -> retry loop, each attempt under its per-try
+//	    deadline and the circuit breaker
 //	-> pick (round robin over the service's healthy, non-ejected endpoints;
 //	   outcomes feed outlier ejection)
-//	-> transport (pooled HTTP/1.1)
-func chain(resolver discovery.Resolver, policies Policies, states *stateRegistry, t http.RoundTripper, log *slog.Logger) http.RoundTripper {
-	var rt http.RoundTripper = t
-	rt = &pickLayer{resolver: resolver, policies: policies, states: states, log: log, next: rt}
-	rt = &resilienceLayer{policies: policies, states: states, next: rt}
-	return rt
+//	-> transport (pooled HTTP/1.1, connect timeout from the policy)
+func (p *Proxy) chain(resolver discovery.Resolver, policies Policies, maxInFlight int, observer Observer) http.RoundTripper {
+	var rt http.RoundTripper = p.transport
+	rt = &pickLayer{resolver: resolver, log: p.log, observer: observer, next: rt}
+	p.resilience = &resilienceLayer{policies: policies, states: p.states, maxInFlight: int64(maxInFlight), next: rt}
+	return p.resilience
 }
+
+// InFlight is the number of requests in flight to services now.
+func (p *Proxy) InFlight() int64 { return p.resilience.inFlight.Load() }
 
 // Close releases pooled upstream connections and waits for CONNECT tunnels.
 func (p *Proxy) Close() {

@@ -5,8 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"math"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -61,15 +64,19 @@ type serviceState struct {
 	outliers outliers
 }
 
+// stateRegistry holds the serviceState of every service called so far.
+// Safe for concurrent use.
 type stateRegistry struct {
-	states sync.Map // service -> *serviceState
+	states   sync.Map // service -> *serviceState
+	observer Observer
+	log      *slog.Logger
 }
 
 func (r *stateRegistry) get(service string, p *policy.Policy) *serviceState {
 	if s, ok := r.states.Load(service); ok {
 		return s.(*serviceState)
 	}
-	s, _ := r.states.LoadOrStore(service, &serviceState{breaker: newBreaker(service, p.CircuitBreaker)})
+	s, _ := r.states.LoadOrStore(service, &serviceState{breaker: r.newBreaker(service, p.CircuitBreaker)})
 	return s.(*serviceState)
 }
 
@@ -77,7 +84,7 @@ func (r *stateRegistry) get(service string, p *policy.Policy) *serviceState {
 // machine is ours exactly: one mutex, lazy state moves, generations that
 // drop late results, a rolling window in buckets, and a half-open state that
 // admits MaxRequests probes.
-func newBreaker(service string, cb *policy.CircuitBreaker) *gobreaker.TwoStepCircuitBreaker[struct{}] {
+func (r *stateRegistry) newBreaker(service string, cb *policy.CircuitBreaker) *gobreaker.TwoStepCircuitBreaker[struct{}] {
 	window := cb.Window.D()
 	consecutive, minRequests := uint32(*cb.ConsecutiveFailures), uint32(*cb.MinRequests)
 	ratio := *cb.FailureRatio
@@ -92,6 +99,12 @@ func newBreaker(service string, cb *policy.CircuitBreaker) *gobreaker.TwoStepCir
 				(c.Requests >= minRequests && float64(c.TotalFailures) >= ratio*float64(c.Requests))
 		},
 		IsExcluded: func(err error) bool { return errors.Is(err, errNotCounted) },
+		// Called under the breaker's lock, on the request path: the
+		// observer must not block.
+		OnStateChange: func(name string, from, to gobreaker.State) {
+			r.log.Info("circuit breaker "+to.String(), "service", name, "from", from.String())
+			r.observer.BreakerStateChanged(name, from.String(), to.String())
+		},
 	})
 }
 
@@ -106,9 +119,8 @@ var (
 // refusals (no endpoints) count for nothing; any other answer (2xx-4xx) is
 // a success.
 func breakerOutcome(resp *http.Response, err error) error {
-	var local *proxyhttp.LocalError
 	switch {
-	case err != nil && (errors.Is(err, context.Canceled) || proxyhttp.IsClientErr(err) || errors.As(err, &local)):
+	case err != nil && (errors.Is(err, context.Canceled) || proxyhttp.IsClientErr(err) || isLocalError(err)):
 		return errNotCounted
 	case err != nil:
 		return errUpstreamFailed
@@ -118,13 +130,24 @@ func breakerOutcome(resp *http.Response, err error) error {
 	return nil
 }
 
+func isLocalError(err error) bool {
+	var le *proxyhttp.LocalError
+	return errors.As(err, &le)
+}
+
 // resilienceLayer applies the service's policy around the rest of the
-// chain: concurrency limit, overall deadline, then the retry loop, each
-// attempt under its per-try deadline and the circuit breaker.
+// chain: concurrency limits (all services, then this one), the overall
+// deadline, then the retry loop, each attempt under its per-try deadline and
+// the circuit breaker.
 type resilienceLayer struct {
 	policies Policies
 	states   *stateRegistry
 	next     http.RoundTripper
+
+	// inFlight counts requests to every service; over maxInFlight a request
+	// is refused.
+	inFlight    atomic.Int64
+	maxInFlight int64
 }
 
 var _ http.RoundTripper = (*resilienceLayer)(nil)
@@ -134,54 +157,78 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	p := l.policies.For(service)
 	st := l.states.get(service, p)
 
-	// Concurrency: over the limit is refused at once; nothing queues.
+	// Concurrency: over either limit a request is refused at once; nothing
+	// queues, so memory stays flat however hard the app pushes.
+	if n := l.inFlight.Add(1); n > l.maxInFlight {
+		l.inFlight.Add(-1)
+		return nil, l.shed(req, service, "the sidecar's limit on outbound requests in flight (limits.outboundMaxInFlight)")
+	}
 	if n := st.inFlight.Add(1); n > int64(*p.Concurrency.MaxInFlight) {
 		st.inFlight.Add(-1)
-		proxyhttp.CloseBody(req)
-		return nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonOverloaded,
-			Service: service, Detail: "concurrency limit reached (concurrency.maxInFlight)"}
+		l.inFlight.Add(-1)
+		return nil, l.shed(req, service, "concurrency limit of the service reached (concurrency.maxInFlight)")
 	}
-	release := func() { st.inFlight.Add(-1) }
 
 	// Overall deadline over every attempt and backoff; the caller's own
-	// deadline, if sooner, still wins.
-	ctx, cancel := context.WithTimeout(req.Context(), p.Timeout.D())
+	// deadline (a gRPC client's grpc-timeout, or its disconnect) wins if
+	// sooner.
+	timeout := p.Timeout.D()
+	if d, ok := grpcTimeout(req.Header); ok && d < timeout {
+		timeout = d
+	}
+	ctx, cancel := context.WithTimeout(req.Context(), timeout)
 	resp, endAttempt, err := l.attempts(ctx, req, service, p, st)
 	if err != nil {
 		cancel()
-		release()
+		l.release(st)
 		if errors.Is(err, context.DeadlineExceeded) && req.Context().Err() == nil && !isPerTryTimeout(err) {
 			return nil, &proxyhttp.LocalError{Status: http.StatusGatewayTimeout, Reason: proxyhttp.ReasonUpstreamTimeout,
-				Service: service, Detail: "no response within the policy timeout of " + p.Timeout.String()}
+				Service: service, Detail: "no response within the timeout of " + timeout.String()}
 		}
 		return nil, err
 	}
-	finish := func() { endAttempt(); cancel(); release() }
+	fb := &finishBody{ReadCloser: resp.Body, layer: l, state: st, cancelAttempt: endAttempt, cancel: cancel}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		// An upgraded connection lives on its own: no deadline, no slot.
-		finish()
+		fb.finish()
 		return resp, nil
 	}
-	resp.Body = &finishBody{ReadCloser: resp.Body, finish: finish}
+	resp.Body = fb
 	return resp, nil
+}
+
+// release gives back a request's concurrency slots.
+func (l *resilienceLayer) release(st *serviceState) {
+	st.inFlight.Add(-1)
+	l.inFlight.Add(-1)
+}
+
+func (l *resilienceLayer) shed(req *http.Request, service, detail string) error {
+	proxyhttp.CloseBody(req)
+	l.states.observer.Shed(service, proxyhttp.ReasonOverloaded)
+	return &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonOverloaded,
+		Service: service, Detail: detail}
 }
 
 // attempts runs the retry loop: retries only on the policy's conditions,
 // for idempotent requests (or any request on a connect failure), with a
 // replayable body, within the retry budget, preferring another endpoint,
-// and never starting an attempt the overall deadline can't cover. With a
-// response it returns what ends the last attempt's per-try deadline, for
-// the caller to run once the response is done.
+// never into an open breaker, and never starting an attempt the overall
+// deadline can't cover. With a response it returns what ends the last
+// attempt's per-try deadline, for the caller to run once the response is
+// done.
 func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, service string, p *policy.Policy, st *serviceState) (*http.Response, context.CancelFunc, error) {
 	r := p.Retry
 	st.budget.request(time.Now())
-	info := &attemptInfo{}
-	ctx = context.WithValue(ctx, attemptKey{}, info)
+	actxs := &attemptCtx{Context: ctx, info: attemptInfo{policy: p, state: st}}
+	info := &actxs.info
+	ctx = actxs
 	cur := req
 	for attempt := 1; ; attempt++ {
 		done, berr := st.breaker.Allow()
 		if berr != nil {
 			proxyhttp.CloseBody(cur)
+			l.states.observer.Shed(service, proxyhttp.ReasonCircuitOpen)
 			return nil, nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
 				Service: service, Detail: "circuit breaker " + st.breaker.State().String()}
 		}
@@ -196,7 +243,7 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 		done(breakerOutcome(resp, err))
 
 		reason := ""
-		if attempt < *r.Attempts && ctx.Err() == nil {
+		if attempt < *r.Attempts && ctx.Err() == nil && st.breaker.State() != gobreaker.StateOpen {
 			reason = retryReason(r, req, resp, err)
 		}
 		var (
@@ -210,7 +257,11 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 				next, ok = proxyhttp.Rewound(req) // only bodies held in memory replay
 			}
 		}
-		if !ok || !st.budget.allowRetry(time.Now(), *r.Budget.Ratio, *r.Budget.MinPerSecond) {
+		if ok && !st.budget.allowRetry(time.Now(), *r.Budget.Ratio, *r.Budget.MinPerSecond) {
+			l.states.observer.RetryBudgetExhausted(service)
+			ok = false
+		}
+		if !ok {
 			if next != nil && next != req {
 				proxyhttp.CloseBody(next)
 			}
@@ -224,6 +275,7 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 			discard(resp)
 		}
 		acancel()
+		l.states.observer.Retried(service, reason)
 		if !sleep(ctx, delay) {
 			proxyhttp.CloseBody(next)
 			return nil, nil, ctx.Err()
@@ -240,18 +292,28 @@ func deadlineAllows(ctx context.Context, delay time.Duration) bool {
 	return !ok || time.Until(dl) > delay
 }
 
-// finishBody runs finish once, when the body is closed: the request's
-// deadline and its concurrency slot last as long as its response.
+// finishBody ends the request when its response body is closed: the
+// deadlines and the concurrency slots last as long as the response. One
+// allocation holds all it needs.
 type finishBody struct {
 	io.ReadCloser
-	once   sync.Once
-	finish func()
+	once          sync.Once
+	layer         *resilienceLayer
+	state         *serviceState
+	cancelAttempt context.CancelFunc // the last attempt's per-try deadline
+	cancel        context.CancelFunc // the overall deadline
 }
 
 func (b *finishBody) Close() error {
 	err := b.ReadCloser.Close()
 	b.once.Do(b.finish)
 	return err
+}
+
+func (b *finishBody) finish() {
+	b.cancelAttempt()
+	b.cancel()
+	b.layer.release(b.state)
 }
 
 // ServiceStatus is the resilience state of one service, for the admin API.
@@ -299,4 +361,39 @@ func (p *Proxy) Status() []ServiceStatus {
 	})
 	slices.SortFunc(out, func(a, b ServiceStatus) int { return strings.Compare(a.Service, b.Service) })
 	return out
+}
+
+// grpcTimeout reads a gRPC client's deadline from its grpc-timeout header:
+// at most 8 digits and a unit (H, M, S, m, u, n).
+func grpcTimeout(h http.Header) (time.Duration, bool) {
+	v := h["Grpc-Timeout"]
+	if len(v) != 1 || len(v[0]) < 2 || len(v[0]) > 9 {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(v[0][:len(v[0])-1], 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	var unit time.Duration
+	switch v[0][len(v[0])-1] {
+	case 'H':
+		unit = time.Hour
+	case 'M':
+		unit = time.Minute
+	case 'S':
+		unit = time.Second
+	case 'm':
+		unit = time.Millisecond
+	case 'u':
+		unit = time.Microsecond
+	case 'n':
+		unit = time.Nanosecond
+	}
+	if unit == 0 {
+		return 0, false
+	}
+	if n > int64(math.MaxInt64/unit) {
+		return math.MaxInt64, true
+	}
+	return time.Duration(n) * unit, true
 }

@@ -15,30 +15,57 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
-// attemptKey carries an attemptInfo from the retry loop to the pick layer.
+// attemptKey finds a request's attemptInfo in its context.
 type attemptKey struct{}
 
-// attemptInfo tells the pick layer which endpoint to avoid (the one that
-// just failed) and records the one it picked.
+// attemptInfo hands the pick layer the request's policy and service state
+// (looked up once per request), tells it which endpoint to avoid (the one
+// that just failed) and records the one it picked.
 type attemptInfo struct {
+	policy *policy.Policy
+	state  *serviceState
 	avoid  string
 	picked string
 }
 
-// budget caps retries to a share of recent requests plus a floor per second,
-// over a sliding window of ten one-second buckets, so that retries cannot
-// multiply the load on a service that is down. Safe for concurrent use.
+// attemptCtx is the context of a request's attempts. It answers for the
+// attemptInfo and the policy's connect timeout (for the transport) itself,
+// in one allocation, instead of two context.WithValue layers. The context
+// package still sees its parent's cancelation through Value, so no
+// goroutine is started to propagate it.
+type attemptCtx struct {
+	context.Context
+	info attemptInfo
+}
+
+func (c *attemptCtx) Value(key any) any {
+	switch key.(type) {
+	case attemptKey:
+		return &c.info
+	case proxyhttp.ConnectTimeoutKey:
+		return c.info.policy.ConnectTimeout.D()
+	}
+	return c.Context.Value(key)
+}
+
+// budget caps retries at a share of recent requests plus a floor per
+// second, so that retries cannot multiply the load on a service that is
+// down: over any span of time, retries <= ratio * requests + minPerSecond
+// per second. The ratio part is counted over a sliding window of ten
+// one-second buckets; the floor is per second, so it never bursts. Safe
+// for concurrent use.
 type budget struct {
 	mu       sync.Mutex // guards the buckets
 	sec      [10]int64  // unix second of each bucket
 	requests [10]int64
-	retries  [10]int64
+	retries  [10]int64 // taken from the ratio
+	floor    [10]int64 // taken from the per-second floor
 }
 
 func (b *budget) bucket(now int64) int {
 	i := int(now % 10)
 	if b.sec[i] != now {
-		b.sec[i], b.requests[i], b.retries[i] = now, 0, 0
+		b.sec[i], b.requests[i], b.retries[i], b.floor[i] = now, 0, 0, 0
 	}
 	return i
 }
@@ -51,7 +78,8 @@ func (b *budget) request(now time.Time) {
 	b.mu.Unlock()
 }
 
-// allowRetry takes a retry from the budget if there is one.
+// allowRetry takes a retry from the budget if there is one: from the ratio
+// of the window's requests, else from this second's floor.
 func (b *budget) allowRetry(now time.Time, ratio float64, minPerSecond int) bool {
 	s := now.Unix()
 	b.mu.Lock()
@@ -63,23 +91,43 @@ func (b *budget) allowRetry(now time.Time, ratio float64, minPerSecond int) bool
 			retries += b.retries[i]
 		}
 	}
-	if float64(retries) >= ratio*float64(requests)+float64(minPerSecond)*10 {
+	i := b.bucket(s)
+	switch {
+	case float64(retries) < ratio*float64(requests):
+		b.retries[i]++
+	case b.floor[i] < int64(minPerSecond):
+		b.floor[i]++
+	default:
 		return false
 	}
-	b.retries[b.bucket(s)]++
 	return true
+}
+
+// usage returns the requests and retries of the last 10 s.
+func (b *budget) usage(now time.Time) (requests, retries int64) {
+	s := now.Unix()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i := range b.sec {
+		if s-b.sec[i] < 10 {
+			requests += b.requests[i]
+			retries += b.retries[i] + b.floor[i]
+		}
+	}
+	return requests, retries
 }
 
 // retryReason says why an attempt's outcome may be retried under p, or ""
 // when it may not. A connect failure is retryable for any method: nothing
 // of the request was sent.
 func retryReason(p *policy.Retry, req *http.Request, resp *http.Response, err error) string {
-	var ce *proxyhttp.ConnectError
 	switch {
-	case err != nil && errors.As(err, &ce):
+	case err != nil && isConnectError(err):
 		if slices.Contains(p.On, "connect-failure") {
 			return "connect-failure"
 		}
+		return ""
+	case err == nil && resp.StatusCode < 400:
 		return ""
 	case !retryableMethod(p, req):
 		return ""
@@ -88,17 +136,26 @@ func retryReason(p *policy.Retry, req *http.Request, resp *http.Response, err er
 			return "timeout"
 		}
 	case err != nil:
-		var ue *proxyhttp.UpstreamError
-		if errors.As(err, &ue) && slices.Contains(p.On, "reset") {
+		if isUpstreamError(err) && slices.Contains(p.On, "reset") {
 			return "reset"
 		}
-	case resp != nil:
+	default:
 		code := strconv.Itoa(resp.StatusCode)
 		if slices.Contains(p.On, code) {
 			return code
 		}
 	}
 	return ""
+}
+
+func isConnectError(err error) bool {
+	var ce *proxyhttp.ConnectError
+	return errors.As(err, &ce)
+}
+
+func isUpstreamError(err error) bool {
+	var ue *proxyhttp.UpstreamError
+	return errors.As(err, &ue)
 }
 
 func retryableMethod(p *policy.Retry, req *http.Request) bool {
@@ -147,18 +204,4 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	case <-ctx.Done():
 		return false
 	}
-}
-
-// usage returns the requests and retries of the last 10 s.
-func (b *budget) usage(now time.Time) (requests, retries int64) {
-	s := now.Unix()
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for i := range b.sec {
-		if s-b.sec[i] < 10 {
-			requests += b.requests[i]
-			retries += b.retries[i]
-		}
-	}
-	return requests, retries
 }

@@ -28,10 +28,14 @@ const (
 // value of the "*" policy, then of Defaults. Policies are values: copy
 // freely, never mutate one in force.
 type Policy struct {
-	APIVersion       string            `yaml:"apiVersion,omitempty" json:"apiVersion,omitempty"`
-	Kind             string            `yaml:"kind,omitempty" json:"kind,omitempty"`
-	Service          string            `yaml:"service" json:"service"`
-	Timeout          *Duration         `yaml:"timeout,omitempty" json:"timeout,omitempty"`
+	APIVersion string `yaml:"apiVersion,omitempty" json:"apiVersion,omitempty"`
+	Kind       string `yaml:"kind,omitempty" json:"kind,omitempty"`
+	Service    string `yaml:"service" json:"service"`
+	// Timeout bounds the whole request: every attempt and backoff.
+	Timeout *Duration `yaml:"timeout,omitempty" json:"timeout,omitempty"`
+	// ConnectTimeout bounds opening a connection to an endpoint; a failure
+	// is a connect-failure, retryable for any method.
+	ConnectTimeout   *Duration         `yaml:"connectTimeout,omitempty" json:"connectTimeout,omitempty"`
 	Retry            *Retry            `yaml:"retry,omitempty" json:"retry,omitempty"`
 	CircuitBreaker   *CircuitBreaker   `yaml:"circuitBreaker,omitempty" json:"circuitBreaker,omitempty"`
 	OutlierDetection *OutlierDetection `yaml:"outlierDetection,omitempty" json:"outlierDetection,omitempty"`
@@ -98,6 +102,9 @@ func Defaults() Policy {
 		Kind:       Kind,
 		Service:    Default,
 		Timeout:    ptr(Duration(15 * time.Second)),
+		// A connection on loopback or within a cluster opens in well under a
+		// millisecond; a second is a dead or overloaded endpoint.
+		ConnectTimeout: ptr(Duration(time.Second)),
 		Retry: &Retry{
 			Attempts:      ptr(3),
 			PerTryTimeout: ptr(Duration(0)),
@@ -273,6 +280,7 @@ func (p Policy) Validate() error {
 		add("service", strconv.Quote(p.Service), `"*" or a service name: lower-case letters, digits and '-', at most 63`)
 	}
 	durIn("timeout", p.Timeout, time.Millisecond, time.Hour, false)
+	durIn("connectTimeout", p.ConnectTimeout, time.Millisecond, time.Minute, false)
 	if r := p.Retry; r != nil {
 		intIn("retry.attempts", r.Attempts, 1, 10)
 		durIn("retry.perTryTimeout", r.PerTryTimeout, time.Millisecond, time.Hour, true)

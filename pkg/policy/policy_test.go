@@ -74,12 +74,14 @@ func TestParseErrors(t *testing.T) {
 		{"bad duration", "service: a\ntimeout: fast\n", []string{`p.yaml:2: invalid duration "fast"`}},
 		{"every range at once", `service: a
 timeout: 2h
+connectTimeout: 2m
 retry: {attempts: 0, perTryTimeout: 3h, backoff: {base: 1s, max: 10ms}, on: [sometimes, 302], methods: [get], budget: {ratio: 1.5, minPerSecond: -1}}
 circuitBreaker: {consecutiveFailures: 0, failureRatio: 0, minRequests: 0, window: 1ms, openDuration: 2h, halfOpenRequests: 0}
 outlierDetection: {consecutiveFailures: 0, ejectionTime: 1ms, maxEjectionPercent: 101}
 concurrency: {maxInFlight: 0}
 `, []string{
 			"p.yaml:1: document 1: timeout: 2h0m0s is not allowed (allowed: 1ms to 1h0m0s)",
+			"connectTimeout: 2m0s is not allowed (allowed: 1ms to 1m0s)",
 			"retry.attempts: 0 is not allowed (allowed: 1 to 10)",
 			"retry.perTryTimeout: 3h0m0s is not allowed (allowed: 1ms to 1h0m0s, or 0 for none)",
 			"retry.perTryTimeout: 3h0m0s is not allowed (allowed: at most timeout (2h0m0s))",

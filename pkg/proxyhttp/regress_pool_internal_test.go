@@ -1,7 +1,10 @@
 package proxyhttp
 
 import (
+	"context"
+	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -51,5 +54,28 @@ func TestIdleConnectionsReaped(t *testing.T) {
 	t.Logf("idle conns still pooled (all closed by the server): %d", n)
 	if n > 1 {
 		t.Errorf("stale idle connections are never reaped")
+	}
+}
+
+// A connect timeout in the request's context replaces the DialTimeout for
+// a new connection.
+func TestConnectTimeoutFromContext(t *testing.T) {
+	var budgets []time.Duration
+	tr := NewTransport(TransportConfig{DialTimeout: 5 * time.Second,
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			dl, _ := ctx.Deadline()
+			budgets = append(budgets, time.Until(dl))
+			return nil, errors.New("no network here")
+		}})
+	defer tr.Close()
+	for _, ctx := range []context.Context{context.Background(), WithConnectTimeout(context.Background(), 50*time.Millisecond)} {
+		req, _ := http.NewRequestWithContext(ctx, "GET", "http://10.0.0.1:80/", nil)
+		var ce *ConnectError
+		if _, err := tr.RoundTrip(req); !errors.As(err, &ce) {
+			t.Fatalf("RoundTrip: %v, want a *ConnectError", err)
+		}
+	}
+	if len(budgets) != 2 || budgets[0] <= time.Second || budgets[1] > 50*time.Millisecond {
+		t.Fatalf("dial deadlines %v from now, want about 5s then at most 50ms", budgets)
 	}
 }

@@ -217,15 +217,15 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 }
 
-// connectTimeoutKey carries a per-request connect timeout (see
-// WithConnectTimeout).
-type connectTimeoutKey struct{}
+// ConnectTimeoutKey is the context key of a per-request connect timeout, a
+// time.Duration: with it the Transport gives up on a new connection after
+// that long instead of its DialTimeout. A connection taken from the pool is
+// not affected.
+type ConnectTimeoutKey struct{}
 
-// WithConnectTimeout returns ctx asking the Transport to give up on a new
-// connection after d instead of its DialTimeout. A connection taken from the
-// pool is not affected.
+// WithConnectTimeout returns ctx carrying d under ConnectTimeoutKey.
 func WithConnectTimeout(ctx context.Context, d time.Duration) context.Context {
-	return context.WithValue(ctx, connectTimeoutKey{}, d)
+	return context.WithValue(ctx, ConnectTimeoutKey{}, d)
 }
 
 // Dial opens a new TCP connection to addr within the connect timeout (the
@@ -233,7 +233,7 @@ func WithConnectTimeout(ctx context.Context, d time.Duration) context.Context {
 // *ConnectError: nothing was sent.
 func (t *Transport) Dial(ctx context.Context, addr string) (net.Conn, error) {
 	timeout := t.dialer.Timeout
-	if d, ok := ctx.Value(connectTimeoutKey{}).(time.Duration); ok && d > 0 {
+	if d, ok := ctx.Value(ConnectTimeoutKey{}).(time.Duration); ok && d > 0 {
 		timeout = d
 	}
 	dctx, cancel := context.WithTimeout(ctx, timeout)

@@ -1,0 +1,126 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sidecar-mesh/sidecar/internal/faultserver"
+)
+
+// runSidecar runs `sidecar run` in-process with a config file and returns
+// its outbound, admin and metrics addresses; it stops when the test ends.
+func runSidecar(t *testing.T, config string) (outbound, admin, metrics string) {
+	t.Helper()
+	outbound, admin, metrics = freePort(t), freePort(t), freePort(t)
+	file := filepath.Join(t.TempDir(), "sidecar.yaml")
+	if err := os.WriteFile(file, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		cmd := newRootCommand(strings.NewReader(""), io.Discard, io.Discard, func(string) string { return "" })
+		cmd.SetArgs([]string{"run", "--config", file, "--outbound-addr", outbound, "--admin-addr", admin,
+			"--metrics-addr", metrics, "--log-level", "error"})
+		done <- cmd.ExecuteContext(ctx)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("sidecar run exited with %v", err)
+		}
+	})
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		resp, err := http.Get("http://" + admin + "/version")
+		if err == nil {
+			resp.Body.Close()
+			return outbound, admin, metrics
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sidecar not serving after 10s: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond) // polling for startup, not on a request path
+	}
+}
+
+func fetch(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// The resilience chain's decisions show in /metrics and in the admin API:
+// retries by reason, the breaker's state and transitions, shed requests.
+func TestResilienceMetrics(t *testing.T) {
+	down := faultserver.New(t, faultserver.Faults{ErrorRatio: 1})
+	out, admin, metrics := runSidecar(t, `
+discovery: {static: {svc: [`+down.Addr()+`]}}
+limits: {outboundMaxInFlight: 100}
+policies:
+  - service: svc
+    retry: {attempts: 2, backoff: {base: 1ms, max: 1ms}}
+    circuitBreaker: {consecutiveFailures: 4, openDuration: 1m}
+`)
+	client := &http.Client{Timeout: 5 * time.Second}
+	var reasons []string
+	for range 10 {
+		req, _ := http.NewRequest("GET", "http://"+out+"/", nil)
+		req.Host = "svc"
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		reasons = append(reasons, resp.Header.Get("X-Sidecar-Error"))
+	}
+	// Two requests of two attempts trip the breaker; the other eight are
+	// refused without an attempt.
+	if got := strings.Join(reasons, ","); got != ",,circuit_open,circuit_open,circuit_open,circuit_open,circuit_open,circuit_open,circuit_open,circuit_open" {
+		t.Fatalf("local error reasons %q, want two upstream 503s then circuit_open", got)
+	}
+	if n := down.Requests(); n != 4 {
+		t.Fatalf("upstream saw %d attempts, want 4", n)
+	}
+	m := fetch(t, "http://"+metrics+"/metrics")
+	for _, want := range []string{
+		`sidecar_retries_total{reason="503",service="svc"} 2`,
+		`sidecar_circuit_breaker_transitions_total{service="svc",state="open"} 1`,
+		`sidecar_circuit_breaker_state{service="svc",state="open"} 1`,
+		`sidecar_circuit_breaker_state{service="svc",state="closed"} 0`,
+		`sidecar_shed_requests_total{reason="circuit_open",service="svc"} 8`,
+		`sidecar_requests_in_flight{direction="outbound"} 0`,
+		`sidecar_outlier_ejected_endpoints{service="svc"} 0`,
+	} {
+		if !strings.Contains(m, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("/metrics:\n%s", grepLines(m, "sidecar_"))
+	}
+	if r := fetch(t, "http://"+admin+"/resilience"); !strings.Contains(r, `"state": "open"`) {
+		t.Fatalf("admin /resilience = %s, want the breaker open", r)
+	}
+}
+
+func grepLines(s, prefix string) string {
+	var b bytes.Buffer
+	for _, l := range strings.Split(s, "\n") {
+		if strings.HasPrefix(l, prefix) {
+			b.WriteString(l + "\n")
+		}
+	}
+	return b.String()
+}

@@ -1,0 +1,233 @@
+// Package faultserver is a real HTTP/1.1 upstream on a loopback port that
+// fails on purpose: error statuses at a ratio, latency, connection resets,
+// bodies cut short, refused connections. Tests put it behind the sidecar
+// and count what it executed.
+package faultserver
+
+import (
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Faults says how the server misbehaves. The ratios are independent draws
+// per request, checked in the order Reset, CutBody, Error; whatever is left
+// is answered 200 with Body. The zero value is a healthy server.
+type Faults struct {
+	// Latency delays every answer (the client's cancellation ends it).
+	Latency time.Duration
+	// ResetRatio of requests get a TCP reset and no response.
+	ResetRatio float64
+	// CutBodyRatio of requests get a 200 whose body stops halfway and the
+	// connection closed.
+	CutBodyRatio float64
+	// ErrorRatio of requests are answered ErrorStatus (default 503).
+	ErrorRatio  float64
+	ErrorStatus int
+	// RetryAfter, when set, goes with error answers.
+	RetryAfter string
+	// Body of a good answer; default "ok".
+	Body string
+}
+
+// Server is the faulty upstream. Safe for concurrent use.
+type Server struct {
+	addr string
+
+	mu     sync.Mutex // guards faults, ln, srv
+	faults Faults
+	ln     net.Listener
+	srv    *http.Server
+	served sync.WaitGroup
+
+	requests    atomic.Int64
+	failed      atomic.Int64
+	connections atomic.Int64
+	byMethod    sync.Map // method -> *atomic.Int64
+	arrivals    atomic.Pointer[func(*http.Request)]
+}
+
+// Start starts a server with faults on a free loopback port; Close stops it.
+func Start(f Faults) (*Server, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{addr: ln.Addr().String(), faults: f}
+	s.serve(ln)
+	return s, nil
+}
+
+// New starts a server for a test and closes it when the test ends.
+func New(t testing.TB, f Faults) *Server {
+	t.Helper()
+	s, err := Start(f)
+	if err != nil {
+		t.Fatalf("faultserver: %v", err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+// Addr is the server's host:port; it stays the same across Refuse/Accept.
+func (s *Server) Addr() string { return s.addr }
+
+// SetFaults changes the faults for requests from now on.
+func (s *Server) SetFaults(f Faults) {
+	s.mu.Lock()
+	s.faults = f
+	s.mu.Unlock()
+}
+
+// OnRequest sets a function called with every request as it arrives,
+// before any fault (nil: none).
+func (s *Server) OnRequest(fn func(*http.Request)) {
+	if fn == nil {
+		s.arrivals.Store(nil)
+		return
+	}
+	s.arrivals.Store(&fn)
+}
+
+// Requests is how many requests reached the handler (executions).
+func (s *Server) Requests() int64 { return s.requests.Load() }
+
+// Failed is how many requests were answered with a fault.
+func (s *Server) Failed() int64 { return s.failed.Load() }
+
+// Connections is how many connections were accepted.
+func (s *Server) Connections() int64 { return s.connections.Load() }
+
+// RequestsWith is how many requests with method reached the handler.
+func (s *Server) RequestsWith(method string) int64 {
+	if n, ok := s.byMethod.Load(method); ok {
+		return n.(*atomic.Int64).Load()
+	}
+	return 0
+}
+
+// Refuse stops listening and closes open connections: new connections are
+// refused (the port is closed) until Accept.
+func (s *Server) Refuse() {
+	s.mu.Lock()
+	srv := s.srv
+	s.srv, s.ln = nil, nil
+	s.mu.Unlock()
+	if srv != nil {
+		_ = srv.Close()
+		s.served.Wait()
+	}
+}
+
+// Accept listens again on the same address after Refuse.
+func (s *Server) Accept() error {
+	ln, err := net.Listen("tcp", s.addr)
+	if err != nil {
+		return err
+	}
+	s.serve(ln)
+	return nil
+}
+
+// Close stops the server.
+func (s *Server) Close() { s.Refuse() }
+
+func (s *Server) serve(ln net.Listener) {
+	srv := &http.Server{
+		Handler:           http.HandlerFunc(s.handle),
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnState: func(_ net.Conn, st http.ConnState) {
+			if st == http.StateNew {
+				s.connections.Add(1)
+			}
+		},
+	}
+	s.mu.Lock()
+	s.ln, s.srv = ln, srv
+	s.mu.Unlock()
+	s.served.Add(1)
+	go func() {
+		defer s.served.Done()
+		_ = srv.Serve(ln)
+	}()
+}
+
+func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
+	s.requests.Add(1)
+	n, _ := s.byMethod.LoadOrStore(r.Method, new(atomic.Int64))
+	n.(*atomic.Int64).Add(1)
+	if fn := s.arrivals.Load(); fn != nil {
+		(*fn)(r)
+	}
+	s.mu.Lock()
+	f := s.faults
+	s.mu.Unlock()
+	_, _ = io.Copy(io.Discard, r.Body)
+
+	if f.Latency > 0 {
+		t := time.NewTimer(f.Latency)
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			t.Stop()
+			return
+		}
+	}
+	switch {
+	case draw(f.ResetRatio):
+		s.failed.Add(1)
+		reset(w)
+	case draw(f.CutBodyRatio):
+		s.failed.Add(1)
+		cutBody(w)
+	case draw(f.ErrorRatio):
+		s.failed.Add(1)
+		status := f.ErrorStatus
+		if status == 0 {
+			status = http.StatusServiceUnavailable
+		}
+		if f.RetryAfter != "" {
+			w.Header().Set("Retry-After", f.RetryAfter)
+		}
+		w.WriteHeader(status)
+	default:
+		body := f.Body
+		if body == "" {
+			body = "ok"
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		_, _ = io.WriteString(w, body)
+	}
+}
+
+func draw(ratio float64) bool { return ratio > 0 && rand.Float64() < ratio }
+
+// reset closes the connection with a TCP RST (SO_LINGER 0) before any byte
+// of a response.
+func reset(w http.ResponseWriter) {
+	c, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		panic(err)
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = c.Close()
+}
+
+// cutBody promises 1000 bytes, sends 10 and closes the connection.
+func cutBody(w http.ResponseWriter) {
+	c, bw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		panic(err)
+	}
+	_, _ = bw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+	_ = bw.Flush()
+	_ = c.Close()
+}
