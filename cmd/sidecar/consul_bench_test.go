@@ -54,7 +54,7 @@ func BenchmarkConsulPropagation(b *testing.B) {
 	}
 	out, adm, metrics := freePort(b), freePort(b), freePort(b)
 	cmd := exec.Command(bin, "run", "--consul-addr", agent.Addr(), "--outbound-addr", out, "--admin-addr", adm,
-		"--metrics-addr", metrics, "--log-level", "error")
+		"--metrics-addr", metrics, "--health-addr", freePort(b), "--drain-window", "1ms", "--log-level", "error")
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)

@@ -26,6 +26,7 @@ type consulSidecar struct {
 	consul   *api.Client
 	out, adm string
 	metrics  string
+	health   string
 	client   *http.Client
 }
 
@@ -38,10 +39,10 @@ func startConsulSidecar(t *testing.T, extraArgs ...string) *consulSidecar {
 	if cs.consul, err = api.NewClient(cc); err != nil {
 		t.Fatal(err)
 	}
-	cs.out, cs.adm, cs.metrics = freePort(t), freePort(t), freePort(t)
+	cs.out, cs.adm, cs.metrics, cs.health = freePort(t), freePort(t), freePort(t), freePort(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	args := append([]string{"run", "--outbound-addr", cs.out, "--admin-addr", cs.adm, "--metrics-addr", cs.metrics,
+	args := append([]string{"run", "--outbound-addr", cs.out, "--admin-addr", cs.adm, "--metrics-addr", cs.metrics, "--health-addr", cs.health, "--drain-window", "1ms",
 		"--log-level", "error"}, extraArgs...)
 	go func() {
 		_, _, err := cli(t, ctx, map[string]string{"CONSUL_HTTP_ADDR": cs.agent.Addr(), "POD_IP": "10.1.2.3"}, args...)

@@ -13,9 +13,20 @@ import (
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// The first SIGTERM or interrupt starts a graceful shutdown (commands
+	// see their context end); a second one exits at once.
+	ctx, cancel := context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-sigs
+		cancel()
+		<-sigs
+		fmt.Fprintln(os.Stderr, "Error: second signal: exiting without waiting for in-flight requests")
+		os.Exit(130)
+	}()
 	err := newRootCommand(os.Stdin, os.Stdout, os.Stderr, os.Getenv).ExecuteContext(ctx)
-	stop()
+	cancel()
 	os.Exit(exitCode(err, os.Stderr))
 }
 

@@ -162,7 +162,7 @@ func TestDemo(t *testing.T) {
 	var stdout bytes.Buffer
 	go func() {
 		cmd := newRootCommand(strings.NewReader(""), &stdout, io.Discard, func(string) string { return "" })
-		cmd.SetArgs([]string{"demo", "--outbound-addr", out, "--admin-addr", adm, "--metrics-addr", metrics})
+		cmd.SetArgs([]string{"demo", "--outbound-addr", out, "--admin-addr", adm, "--metrics-addr", metrics, "--health-addr", freePort(t), "--drain-window", "1ms"})
 		done <- cmd.ExecuteContext(ctx)
 	}()
 	defer func() {

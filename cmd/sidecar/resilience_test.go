@@ -28,7 +28,7 @@ func runSidecar(t *testing.T, config string) (outbound, admin, metrics string) {
 	go func() {
 		cmd := newRootCommand(strings.NewReader(""), io.Discard, io.Discard, func(string) string { return "" })
 		cmd.SetArgs([]string{"run", "--config", file, "--outbound-addr", outbound, "--admin-addr", admin,
-			"--metrics-addr", metrics, "--log-level", "error"})
+			"--metrics-addr", metrics, "--health-addr", freePort(t), "--drain-window", "1ms", "--log-level", "error"})
 		done <- cmd.ExecuteContext(ctx)
 	}()
 	t.Cleanup(func() {

@@ -7,12 +7,12 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
 	"github.com/sidecar-mesh/sidecar/pkg/config"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 )
 
 // setting is one configuration key as a flag and an environment variable.
@@ -109,6 +109,37 @@ var settings = []setting{
 			}
 			c.Limits.OutboundMaxInFlight = n
 			return nil
+		}},
+	{flag: "inbound-max-in-flight", usage: "most inbound requests in flight to the app; over it 503 overloaded (key: limits.inboundMaxInFlight, default 1024)",
+		set: func(c *config.Config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("want a number, got %q", v)
+			}
+			c.Limits.InboundMaxInFlight = n
+			return nil
+		}},
+	{flag: "readiness-probe", usage: "the app's readiness probe as KIND[,key=value...]: KIND is http:/PATH, tcp, grpc or grpc:SERVICE; keys port, status, interval, timeout, initialDelay, failureThreshold, successThreshold (key: probes.readiness)",
+		set: func(c *config.Config, v string) (err error) {
+			c.Probes.Readiness, err = config.ParseProbe(v)
+			return err
+		}},
+	{flag: "liveness-probe", usage: "the app's liveness probe, as --readiness-probe (key: probes.liveness)",
+		set: func(c *config.Config, v string) (err error) {
+			c.Probes.Liveness, err = config.ParseProbe(v)
+			return err
+		}},
+	{flag: "startup-probe", usage: "the app's startup probe, as --readiness-probe (key: probes.startup)",
+		set: func(c *config.Config, v string) (err error) { c.Probes.Startup, err = config.ParseProbe(v); return err }},
+	{flag: "drain-window", usage: "how long after SIGTERM the sidecar keeps serving while it reports not ready and is deregistered (key: lifecycle.drainWindow, default 5s)",
+		set: func(c *config.Config, v string) (err error) {
+			c.Lifecycle.DrainWindow, err = policy.ParseDuration(v)
+			return err
+		}},
+	{flag: "shutdown-timeout", usage: "the longest wait for in-flight requests after the drain window (key: lifecycle.shutdownTimeout, default 20s)",
+		set: func(c *config.Config, v string) (err error) {
+			c.Lifecycle.ShutdownTimeout, err = policy.ParseDuration(v)
+			return err
 		}},
 	{flag: "log-level", usage: "debug, info, warn or error (key: log.level, default info)",
 		set: func(c *config.Config, v string) error { c.Log.Level = v; return nil }},
@@ -217,11 +248,15 @@ func (o *runOptions) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	<-ctx.Done()
-	log.Info("shutting down")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	return sc.shutdown(shutdownCtx)
+	select {
+	case <-ctx.Done():
+	case <-sc.quit:
+	}
+	log.Info("shutting down", "drainWindow", o.cfg.Lifecycle.DrainWindow.String(),
+		"shutdownTimeout", o.cfg.Lifecycle.ShutdownTimeout.String())
+	// The drain window and the shutdown timeout bound the shutdown; a
+	// second signal ends the process at once (see main).
+	return sc.shutdown(context.Background())
 }
 
 func newRunCommand(stdout, stderr io.Writer, getenv func(string) string) *cobra.Command {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/admin"
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
@@ -25,16 +27,31 @@ import (
 // sidecar is one running instance: its listeners and what serves them.
 type sidecar struct {
 	log      *slog.Logger
+	cfg      *config.Config
 	outbound *proxyhttp.Server
 	proxy    *outbound.Proxy
+	inbound  *proxyhttp.Server // nil without appPort
+	app      *inbound.Proxy    // nil without appPort
 	admin    *http.Server
 	adminLn  net.Listener
 	metrics  *http.Server
 	metricLn net.Listener
-	consul   *discovery.Consul       // nil without Consul
-	reg      *discovery.Registration // nil when the app is not registered
-	ready    atomic.Bool
-	errs     chan error
+	health   *http.Server
+	healthLn net.Listener
+	healthH  *inbound.Health
+	probers  []*inbound.Prober
+	// readiness is the app's readiness prober; nil (always ready) without
+	// one.
+	readiness *inbound.Prober
+	consul    *discovery.Consul                      // nil without Consul
+	reg       atomic.Pointer[discovery.Registration] // nil when the app is not registered
+
+	outboundUp atomic.Bool
+	drainOnce  sync.Once
+	quit       chan struct{} // closed to shut down as on SIGTERM
+	quitOnce   sync.Once
+	serving    int // servers whose end is sent on errs
+	errs       chan error
 }
 
 // start binds every listener first (so a port in use fails fast, before
@@ -48,20 +65,20 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, k := range []struct {
-		key string
-		set bool
-	}{
-		{"probes", cfg.Probes != (config.Probes{})},
-	} {
-		if k.set {
-			log.Warn("configuration key is validated but not in effect in this build", "key", k.key)
-		}
-	}
-	s := &sidecar{log: log, errs: make(chan error, 3)}
+	s := &sidecar{log: log, cfg: cfg, errs: make(chan error, 8), quit: make(chan struct{})}
 	defer func() {
 		if err == nil {
 			return
+		}
+		for _, ln := range []interface{ Close() error }{s.adminLn, s.metricLn, s.healthLn} {
+			if ln != nil {
+				_ = ln.Close()
+			}
+		}
+		for _, srv := range []*proxyhttp.Server{s.outbound, s.inbound} {
+			if srv != nil {
+				_ = srv.Listener.Close()
+			}
 		}
 		if s.proxy != nil {
 			s.proxy.Close()
@@ -107,59 +124,39 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	}
 	s.adminLn, err = net.Listen("tcp", cfg.Listeners.Admin)
 	if err != nil {
-		_ = s.outbound.Listener.Close()
 		return nil, fmt.Errorf("admin listener on %s: %w", cfg.Listeners.Admin, err)
 	}
 	s.metricLn, err = net.Listen("tcp", cfg.Listeners.Metrics)
 	if err != nil {
-		_ = s.outbound.Listener.Close()
-		_ = s.adminLn.Close()
 		return nil, fmt.Errorf("metrics listener on %s: %w", cfg.Listeners.Metrics, err)
 	}
-	s.metrics = &http.Server{
-		Handler:           metricsHandler(reg),
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      10 * time.Second,
-		IdleTimeout:       60 * time.Second,
-		MaxHeaderBytes:    16 << 10,
+	if err := s.startInbound(cfg); err != nil {
+		return nil, err
 	}
-	s.admin = &http.Server{
-		Handler: admin.Handler(admin.Sources{
-			Config:     func() any { return cfg },
-			Resolver:   resolver,
-			Version:    currentBuild(),
-			Resilience: func() any { return s.proxy.Status() },
-		}),
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      10 * time.Second,
-		IdleTimeout:       60 * time.Second,
-		MaxHeaderBytes:    16 << 10,
-	}
-	go func() { s.errs <- s.outbound.Serve() }()
-	for _, srv := range []struct {
-		s  *http.Server
-		ln net.Listener
-	}{{s.admin, s.adminLn}, {s.metrics, s.metricLn}} {
-		go func() {
-			if err := srv.s.Serve(srv.ln); !errors.Is(err, http.ErrServerClosed) {
-				s.errs <- err
-				return
-			}
-			s.errs <- nil
-		}()
-	}
-	s.ready.Store(true)
+	s.metrics = controlServer(metricsHandler(reg))
+	s.admin = controlServer(admin.Handler(admin.Sources{
+		Config:     func() any { return cfg },
+		Resolver:   resolver,
+		Version:    currentBuild(),
+		Resilience: func() any { return s.proxy.Status() },
+		Drain:      func() { go s.drain(context.Background()) },
+		Quit:       s.quitNow,
+	}))
+	s.serve()
 
 	if client != nil && cfg.Service != "" && cfg.AppPort != 0 && !cfg.Discovery.Consul.Register.Disabled {
 		if err := s.register(cfg, client); err != nil {
 			log.Warn("not registering the app in Consul", "reason", err.Error())
 		}
 	}
-	log.Info("sidecar ready", "outbound", s.outbound.Addr().String(), "admin", s.adminLn.Addr().String(),
-		"metrics", s.metricLn.Addr().String(),
-		"static_services", len(static.Services()), "consul", s.consul != nil, "registered", s.reg != nil)
+	inboundAddr := ""
+	if s.inbound != nil {
+		inboundAddr = s.inbound.Addr().String()
+	}
+	log.Info("sidecar ready", "outbound", s.outbound.Addr().String(), "inbound", inboundAddr,
+		"admin", s.adminLn.Addr().String(), "health", s.healthLn.Addr().String(), "metrics", s.metricLn.Addr().String(),
+		"probes", len(s.probers), "static_services", len(static.Services()), "consul", s.consul != nil,
+		"registered", s.reg.Load() != nil)
 	return s, nil
 }
 
@@ -175,7 +172,7 @@ func (s *sidecar) register(cfg *config.Config, client *consulapi.Client) error {
 	}
 	port, _ := strconv.Atoi(portStr)
 	r := cfg.Discovery.Consul.Register
-	s.reg, err = discovery.Register(discovery.RegistrationConfig{
+	reg, err := discovery.Register(discovery.RegistrationConfig{
 		Client:                  client,
 		Service:                 cfg.Service,
 		ID:                      r.ID,
@@ -185,12 +182,28 @@ func (s *sidecar) register(cfg *config.Config, client *consulapi.Client) error {
 		Meta:                    r.Meta,
 		TTL:                     r.TTL.D(),
 		DeregisterCriticalAfter: r.DeregisterCriticalAfter.D(),
-		// Until the app's own probes exist, the check follows the
-		// sidecar's readiness.
-		Ready:  s.ready.Load,
-		Logger: s.log,
+		Ready:                   s.appReady,
+		Logger:                  s.log,
 	})
-	return err
+	if err != nil {
+		return err
+	}
+	s.reg.Store(reg)
+	return nil
+}
+
+// controlServer serves the sidecar's own small endpoints (admin, metrics,
+// health): short timeouts and small headers, nothing like the proxies'
+// limits.
+func controlServer(h http.Handler) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+	}
 }
 
 // consulClient builds a client from the standard CONSUL_* environment
@@ -206,26 +219,6 @@ func consulClient(co *config.Consul) (*consulapi.Client, error) {
 		return nil, fmt.Errorf("discovery.consul: %w", err)
 	}
 	return c, nil
-}
-
-// shutdown reports not ready and deregisters, stops accepting, lets
-// in-flight requests finish until ctx ends, and releases upstream
-// connections and watches.
-func (s *sidecar) shutdown(ctx context.Context) error {
-	s.ready.Store(false)
-	var err error
-	if s.reg != nil {
-		err = s.reg.Deregister(ctx)
-	}
-	err = errors.Join(err, s.outbound.Shutdown(ctx), s.admin.Shutdown(ctx), s.metrics.Shutdown(ctx))
-	s.proxy.Close()
-	if s.consul != nil {
-		s.consul.Close()
-	}
-	for range 3 {
-		err = errors.Join(err, <-s.errs)
-	}
-	return err
 }
 
 // loadPolicies reads the inline policies and the policy file; a service

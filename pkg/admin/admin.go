@@ -22,6 +22,10 @@ type Sources struct {
 	// Resilience returns the per-service breaker, budget and ejection
 	// state; nil omits the endpoint.
 	Resilience func() any
+	// Drain starts draining (not ready, deregistered, keep-alive connections
+	// closed) and Quit starts the shutdown SIGTERM starts; both return at
+	// once. Nil omits the endpoint.
+	Drain, Quit func()
 }
 
 // Handler returns the admin API:
@@ -31,6 +35,9 @@ type Sources struct {
 //	GET /version    the build
 //	GET /resilience per service called: circuit breaker, in-flight, retry
 //	                budget use, ejected endpoints
+//	POST /drain     start draining and keep running (for jobs that end on
+//	                their own terms)
+//	POST /quitquitquit  drain, then exit, as on SIGTERM
 func Handler(s Sources) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /config", func(w http.ResponseWriter, r *http.Request) {
@@ -57,6 +64,14 @@ func Handler(s Sources) http.Handler {
 		mux.HandleFunc("GET /resilience", func(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, s.Resilience())
 		})
+	}
+	for path, fn := range map[string]func(){"POST /drain": s.Drain, "POST /quitquitquit": s.Quit} {
+		if fn != nil {
+			mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+				fn()
+				writeJSON(w, map[string]string{"status": "accepted"})
+			})
+		}
 	}
 	return mux
 }

@@ -10,6 +10,8 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 
@@ -50,6 +52,8 @@ type Config struct {
 	AllowHosts []string `yaml:"allowHosts,omitempty" json:"allowHosts,omitempty"`
 	// Limits bound the sidecar as a whole, across services.
 	Limits Limits `yaml:"limits,omitempty" json:"limits"`
+	// Lifecycle configures the drain on shutdown.
+	Lifecycle Lifecycle `yaml:"lifecycle,omitempty" json:"lifecycle"`
 	// Log configures logging.
 	Log Log `yaml:"log,omitempty" json:"log"`
 
@@ -124,7 +128,9 @@ type Probes struct {
 	Startup   *Probe `yaml:"startup,omitempty" json:"startup,omitempty"`
 }
 
-// Probe is one probe of the app: exactly one of HTTP, TCP and GRPC.
+// Probe is one probe of the app: exactly one of HTTP, TCP and GRPC. Zero
+// timings and thresholds mean the defaults (interval 1s, timeout 1s,
+// failureThreshold 3, successThreshold 1, no initial delay).
 type Probe struct {
 	// HTTP is the path of an HTTP GET against the app.
 	HTTP string `yaml:"http,omitempty" json:"http,omitempty"`
@@ -132,7 +138,13 @@ type Probe struct {
 	TCP bool `yaml:"tcp,omitempty" json:"tcp,omitempty"`
 	// GRPC, when set, probes with gRPC health v1; the string is the service
 	// name ("" for the server as a whole).
-	GRPC             *string         `yaml:"grpc,omitempty" json:"grpc,omitempty"`
+	GRPC *string `yaml:"grpc,omitempty" json:"grpc,omitempty"`
+	// Port probes this port of 127.0.0.1 instead of appPort.
+	Port int `yaml:"port,omitempty" json:"port,omitempty"`
+	// Headers are sent with an HTTP probe (Host sets the Host header).
+	Headers map[string]string `yaml:"headers,omitempty" json:"headers,omitempty"`
+	// Status is the range of HTTP statuses that pass, "200-399" by default.
+	Status           string          `yaml:"status,omitempty" json:"status,omitempty"`
 	Interval         policy.Duration `yaml:"interval,omitempty" json:"interval,omitempty"`
 	Timeout          policy.Duration `yaml:"timeout,omitempty" json:"timeout,omitempty"`
 	FailureThreshold int             `yaml:"failureThreshold,omitempty" json:"failureThreshold,omitempty"`
@@ -140,7 +152,117 @@ type Probe struct {
 	InitialDelay     policy.Duration `yaml:"initialDelay,omitempty" json:"initialDelay,omitempty"`
 }
 
-// Log configures the logger.
+// StatusRange is the probe's Status as numbers.
+func (p *Probe) StatusRange() (lo, hi int, err error) {
+	if p.Status == "" {
+		return 200, 399, nil
+	}
+	a, b, ok := strings.Cut(p.Status, "-")
+	if !ok {
+		b = a
+	}
+	lo, err1 := strconv.Atoi(strings.TrimSpace(a))
+	hi, err2 := strconv.Atoi(strings.TrimSpace(b))
+	if err1 != nil || err2 != nil || lo < 100 || hi > 599 || lo > hi {
+		return 0, 0, fmt.Errorf("%q is not a status range such as 200-399", p.Status)
+	}
+	return lo, hi, nil
+}
+
+// ParseProbe reads a probe from its flag form: KIND[,key=value...] where
+// KIND is http:/PATH, tcp, grpc or grpc:SERVICE, and the keys are port,
+// interval, timeout, initialDelay, failureThreshold, successThreshold and
+// status. Example: "http:/health,interval=2s,failureThreshold=5".
+func ParseProbe(spec string) (*Probe, error) {
+	parts := strings.Split(spec, ",")
+	p := &Probe{}
+	kind, arg, _ := strings.Cut(strings.TrimSpace(parts[0]), ":")
+	switch kind {
+	case "http":
+		if !strings.HasPrefix(arg, "/") {
+			return nil, fmt.Errorf("%q: want http:/PATH", parts[0])
+		}
+		p.HTTP = arg
+	case "tcp":
+		p.TCP = true
+	case "grpc":
+		p.GRPC = &arg
+	default:
+		return nil, fmt.Errorf("%q: want http:/PATH, tcp, grpc or grpc:SERVICE", parts[0])
+	}
+	for _, kv := range parts[1:] {
+		k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok {
+			return nil, fmt.Errorf("%q: want key=value", kv)
+		}
+		var err error
+		switch k {
+		case "port":
+			p.Port, err = strconv.Atoi(v)
+		case "status":
+			p.Status = v
+		case "interval":
+			p.Interval, err = policy.ParseDuration(v)
+		case "timeout":
+			p.Timeout, err = policy.ParseDuration(v)
+		case "initialDelay":
+			p.InitialDelay, err = policy.ParseDuration(v)
+		case "failureThreshold":
+			p.FailureThreshold, err = strconv.Atoi(v)
+		case "successThreshold":
+			p.SuccessThreshold, err = strconv.Atoi(v)
+		default:
+			return nil, fmt.Errorf("unknown probe setting %q (allowed: port, status, interval, timeout, initialDelay, failureThreshold, successThreshold)", k)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s=%q: %w", k, v, err)
+		}
+	}
+	return p, nil
+}
+
+func (p *Probe) validate(key string, add func(string, ...any)) {
+	if p == nil {
+		return
+	}
+	kinds := 0
+	if p.HTTP != "" {
+		kinds++
+		if !strings.HasPrefix(p.HTTP, "/") {
+			add("%s.http: %q must start with /", key, p.HTTP)
+		}
+	}
+	if p.TCP {
+		kinds++
+	}
+	if p.GRPC != nil {
+		kinds++
+	}
+	if kinds != 1 {
+		add("%s: set exactly one of http, tcp and grpc (found %d)", key, kinds)
+	}
+	if p.Port < 0 || p.Port > 65535 {
+		add("%s.port: %d out of range 1-65535", key, p.Port)
+	}
+	if _, _, err := p.StatusRange(); err != nil {
+		add("%s.status: %v", key, err)
+	}
+	for _, d := range []struct {
+		name string
+		v    policy.Duration
+	}{{"interval", p.Interval}, {"timeout", p.Timeout}, {"initialDelay", p.InitialDelay}} {
+		if d.v < 0 || d.v.D() > time.Hour {
+			add("%s.%s: %s is not allowed (allowed: 0 for the default, up to 1h)", key, d.name, d.v)
+		}
+	}
+	if p.FailureThreshold < 0 || p.FailureThreshold > 1000 {
+		add("%s.failureThreshold: %d is not allowed (allowed: 1 to 1000, or 0 for 3)", key, p.FailureThreshold)
+	}
+	if p.SuccessThreshold < 0 || p.SuccessThreshold > 1000 {
+		add("%s.successThreshold: %d is not allowed (allowed: 1 to 1000, or 0 for 1)", key, p.SuccessThreshold)
+	}
+}
+
 // Limits are sidecar-wide caps. Zero means the default; there is no "no
 // limit": an unbounded proxy is one a runaway app can take down.
 type Limits struct {
@@ -149,8 +271,26 @@ type Limits struct {
 	// Default 10000. Each service also has its policy's
 	// concurrency.maxInFlight.
 	OutboundMaxInFlight int `yaml:"outboundMaxInFlight,omitempty" json:"outboundMaxInFlight,omitempty"`
+	// InboundMaxInFlight caps requests in flight to the app; over it a
+	// request gets 503 overloaded at once. Default 1024.
+	InboundMaxInFlight int `yaml:"inboundMaxInFlight,omitempty" json:"inboundMaxInFlight,omitempty"`
 }
 
+// Lifecycle configures startup and shutdown.
+type Lifecycle struct {
+	// DrainWindow is how long, after SIGTERM (or the admin API's POST
+	// /quitquitquit), the sidecar keeps accepting inbound and outbound
+	// requests while it reports not ready and is deregistered, so that
+	// peers and the kubelet stop sending before it stops listening.
+	// Default 5s.
+	DrainWindow policy.Duration `yaml:"drainWindow,omitempty" json:"drainWindow,omitempty"`
+	// ShutdownTimeout bounds the wait for in-flight requests once the
+	// listeners are closed; then the sidecar exits anyway. Default 20s (with
+	// the drain window, inside Kubernetes' default 30s grace period).
+	ShutdownTimeout policy.Duration `yaml:"shutdownTimeout,omitempty" json:"shutdownTimeout,omitempty"`
+}
+
+// Log configures the logger.
 type Log struct {
 	// Level is debug, info, warn or error. Default info.
 	Level string `yaml:"level,omitempty" json:"level,omitempty"`
@@ -205,6 +345,12 @@ func (c *Config) WithDefaults() {
 	set(&c.Listeners.Metrics, DefaultMetrics)
 	set(&c.Log.Level, "info")
 	set(&c.Log.Format, "json")
+	if c.Lifecycle.DrainWindow == 0 {
+		c.Lifecycle.DrainWindow = policy.Duration(5 * time.Second)
+	}
+	if c.Lifecycle.ShutdownTimeout == 0 {
+		c.Lifecycle.ShutdownTimeout = policy.Duration(20 * time.Second)
+	}
 }
 
 // Validate checks every key and returns all problems, each naming its key.
@@ -228,6 +374,21 @@ func (c *Config) Validate() error {
 	}
 	if n := c.Limits.OutboundMaxInFlight; n < 0 || n > 1000000 {
 		add("limits.outboundMaxInFlight: %d is not allowed (allowed: 1 to 1000000, or 0 for the default)", n)
+	}
+	if n := c.Limits.InboundMaxInFlight; n < 0 || n > 1000000 {
+		add("limits.inboundMaxInFlight: %d is not allowed (allowed: 1 to 1000000, or 0 for the default)", n)
+	}
+	c.Probes.Readiness.validate("probes.readiness", add)
+	c.Probes.Liveness.validate("probes.liveness", add)
+	c.Probes.Startup.validate("probes.startup", add)
+	if (c.Probes != Probes{}) && c.AppPort == 0 {
+		add("probes: set appPort: the probes run against 127.0.0.1:appPort")
+	}
+	if d := c.Lifecycle.DrainWindow; d < 0 || d.D() > 10*time.Minute {
+		add("lifecycle.drainWindow: %s is not allowed (allowed: 0s to 10m)", d)
+	}
+	if d := c.Lifecycle.ShutdownTimeout; d < 0 || d.D() > time.Hour {
+		add("lifecycle.shutdownTimeout: %s is not allowed (allowed: 0s to 1h)", d)
 	}
 	if c.AdvertiseAddr != "" && net.ParseIP(c.AdvertiseAddr) == nil {
 		add("advertiseAddr: %q is not an IP address", c.AdvertiseAddr)

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 )
@@ -112,6 +113,64 @@ func TestValidate(t *testing.T) {
 	for _, want := range []string{"service:", "appPort: 70000", "listeners.outbound:", "discovery.static:", "log.level:"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("Validate error lacks %q:\n%v", want, err)
+		}
+	}
+}
+
+func TestProbesLimitsLifecycleValidated(t *testing.T) {
+	c, err := Parse([]byte(`
+probes:
+  readiness: {http: health, tcp: true, status: 500-200, interval: 2h}
+  liveness: {port: 70000, failureThreshold: -1}
+limits: {inboundMaxInFlight: -1, outboundMaxInFlight: 2000000}
+lifecycle: {drainWindow: 11m}
+`), "c.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.WithDefaults()
+	verr := c.Validate()
+	for _, want := range []string{
+		`probes.readiness.http: "health" must start with /`,
+		"probes.readiness: set exactly one of http, tcp and grpc (found 2)",
+		`probes.readiness.status: "500-200" is not a status range`,
+		"probes.readiness.interval: 2h0m0s is not allowed",
+		"probes.liveness: set exactly one of http, tcp and grpc (found 0)",
+		"probes.liveness.port: 70000",
+		"probes.liveness.failureThreshold: -1",
+		"probes: set appPort",
+		"limits.inboundMaxInFlight: -1",
+		"limits.outboundMaxInFlight: 2000000",
+		"lifecycle.drainWindow: 11m0s",
+	} {
+		if verr == nil || !strings.Contains(verr.Error(), want) {
+			t.Errorf("Validate error lacks %q:\n%v", want, verr)
+		}
+	}
+	if c.Lifecycle.ShutdownTimeout.D() != 20*time.Second {
+		t.Errorf("lifecycle.shutdownTimeout default %v, want 20s", c.Lifecycle.ShutdownTimeout)
+	}
+}
+
+func TestParseProbe(t *testing.T) {
+	p, err := ParseProbe("http:/health,port=8081,interval=2s,timeout=500ms,initialDelay=1s,failureThreshold=5,successThreshold=2,status=200-299")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lo, hi, _ := p.StatusRange()
+	if p.HTTP != "/health" || p.Port != 8081 || p.Interval.D() != 2*time.Second || p.Timeout.D() != 500*time.Millisecond ||
+		p.InitialDelay.D() != time.Second || p.FailureThreshold != 5 || p.SuccessThreshold != 2 || lo != 200 || hi != 299 {
+		t.Fatalf("ParseProbe = %+v", p)
+	}
+	if p, err := ParseProbe("grpc:orders"); err != nil || p.GRPC == nil || *p.GRPC != "orders" {
+		t.Fatalf("grpc:orders = %+v, %v", p, err)
+	}
+	if p, err := ParseProbe("tcp"); err != nil || !p.TCP {
+		t.Fatalf("tcp = %+v, %v", p, err)
+	}
+	for _, bad := range []string{"http:health", "udp", "tcp,interval", "tcp,every=1s", "tcp,interval=soon"} {
+		if _, err := ParseProbe(bad); err == nil {
+			t.Errorf("ParseProbe(%q) accepted", bad)
 		}
 	}
 }
