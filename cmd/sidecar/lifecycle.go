@@ -50,10 +50,17 @@ func (s *sidecar) startInbound(cfg *config.Config) error {
 	if err != nil {
 		return err
 	}
-	startup, err := newProber("startup", cfg.Probes.Startup, false, nil)
+	// As the kubelet does, liveness and readiness probing waits for the
+	// startup probe to pass once.
+	startup, err := newProber("startup", cfg.Probes.Startup, false, func(ok bool) {
+		if ok {
+			s.startedOnce.Do(s.startProbers)
+		}
+	})
 	if err != nil {
 		return err
 	}
+	s.startup = startup
 	s.healthH = inbound.NewHealthHandler(inbound.HealthConfig{
 		Sidecar: []inbound.Check{{Name: "outbound", Err: func() error {
 			if !s.outboundUp.Load() {
@@ -131,10 +138,21 @@ func (s *sidecar) serve() {
 	}{{s.admin, s.adminLn}, {s.metrics, s.metricLn}, {s.health, s.healthLn}} {
 		s.goServe(func() error { return srv.s.Serve(srv.ln) })
 	}
-	for _, p := range s.probers {
-		p.Start()
+	if s.startup != nil {
+		s.startup.Start()
+	} else {
+		s.startedOnce.Do(s.startProbers)
 	}
 	s.outboundUp.Store(true)
+}
+
+// startProbers starts the app's probes other than the startup probe.
+func (s *sidecar) startProbers() {
+	for _, p := range s.probers {
+		if p != s.startup {
+			p.Start()
+		}
+	}
 }
 
 // goServe runs serve until its server is shut down; shutdown collects the

@@ -325,3 +325,37 @@ func TestReadinessFollowsTheApp(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// Liveness and readiness probing wait for the startup probe to pass once,
+// as the kubelet's do.
+func TestStartupProbeGatesTheOthers(t *testing.T) {
+	var started atomic.Bool
+	var healthChecks atomic.Int64
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/started":
+			if !started.Load() {
+				w.WriteHeader(http.StatusServiceUnavailable)
+			}
+		case "/health":
+			healthChecks.Add(1)
+		}
+	}))
+	defer app.Close()
+	_, appPort, _ := net.SplitHostPort(strings.TrimPrefix(app.URL, "http://"))
+	rs := runSidecar(t, "", "--app-port", appPort, "--inbound-addr", freePort(t),
+		"--startup-probe", "http:/started,interval=50ms", "--readiness-probe", "http:/health,interval=50ms")
+	c := &http.Client{Timeout: 2 * time.Second}
+	base := "http://" + rs.health
+	waitStatus(t, c, base+"/healthz/sidecar", 200, 10*time.Second)
+	time.Sleep(300 * time.Millisecond) // six startup probe intervals
+	if n := healthChecks.Load(); n != 0 || status(c, base+"/app-health/startupz") != 503 || status(c, base+"/healthz/ready") != 503 {
+		t.Fatalf("before startup passed: %d readiness probes, startupz %d, ready %d; want 0, 503, 503",
+			n, status(c, base+"/app-health/startupz"), status(c, base+"/healthz/ready"))
+	}
+	started.Store(true)
+	waitStatus(t, c, base+"/healthz/ready", 200, 5*time.Second)
+	if healthChecks.Load() == 0 || status(c, base+"/app-health/startupz") != 200 {
+		t.Fatalf("after startup passed: %d readiness probes, startupz %d", healthChecks.Load(), status(c, base+"/app-health/startupz"))
+	}
+}

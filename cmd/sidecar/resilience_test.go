@@ -14,11 +14,16 @@ import (
 	"github.com/sidecar-mesh/sidecar/internal/faultserver"
 )
 
-// runSidecar runs `sidecar run` in-process with a config file and returns
-// its outbound, admin and metrics addresses; it stops when the test ends.
-func runSidecar(t *testing.T, config string) (outbound, admin, metrics string) {
+// runningSidecar is `sidecar run` in-process, on free loopback ports.
+type runningSidecar struct {
+	out, admin, metrics, health string
+}
+
+// runSidecar runs `sidecar run` in-process with a config file and extra
+// flags; it stops when the test ends.
+func runSidecar(t *testing.T, config string, args ...string) runningSidecar {
 	t.Helper()
-	outbound, admin, metrics = freePort(t), freePort(t), freePort(t)
+	rs := runningSidecar{out: freePort(t), admin: freePort(t), metrics: freePort(t), health: freePort(t)}
 	file := filepath.Join(t.TempDir(), "sidecar.yaml")
 	if err := os.WriteFile(file, []byte(config), 0o600); err != nil {
 		t.Fatal(err)
@@ -27,8 +32,8 @@ func runSidecar(t *testing.T, config string) (outbound, admin, metrics string) {
 	done := make(chan error, 1)
 	go func() {
 		cmd := newRootCommand(strings.NewReader(""), io.Discard, io.Discard, func(string) string { return "" })
-		cmd.SetArgs([]string{"run", "--config", file, "--outbound-addr", outbound, "--admin-addr", admin,
-			"--metrics-addr", metrics, "--health-addr", freePort(t), "--drain-window", "1ms", "--log-level", "error"})
+		cmd.SetArgs(append([]string{"run", "--config", file, "--outbound-addr", rs.out, "--admin-addr", rs.admin,
+			"--metrics-addr", rs.metrics, "--health-addr", rs.health, "--drain-window", "1ms", "--log-level", "error"}, args...))
 		done <- cmd.ExecuteContext(ctx)
 	}()
 	t.Cleanup(func() {
@@ -38,10 +43,10 @@ func runSidecar(t *testing.T, config string) (outbound, admin, metrics string) {
 		}
 	})
 	for deadline := time.Now().Add(10 * time.Second); ; {
-		resp, err := http.Get("http://" + admin + "/version")
+		resp, err := http.Get("http://" + rs.admin + "/version")
 		if err == nil {
 			resp.Body.Close()
-			return outbound, admin, metrics
+			return rs
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("sidecar not serving after 10s: %v", err)
@@ -65,7 +70,7 @@ func fetch(t *testing.T, url string) string {
 // retries by reason, the breaker's state and transitions, shed requests.
 func TestResilienceMetrics(t *testing.T) {
 	down := faultserver.New(t, faultserver.Faults{ErrorRatio: 1})
-	out, admin, metrics := runSidecar(t, `
+	rs := runSidecar(t, `
 discovery: {static: {svc: [`+down.Addr()+`]}}
 limits: {outboundMaxInFlight: 100}
 policies:
@@ -76,7 +81,7 @@ policies:
 	client := &http.Client{Timeout: 5 * time.Second}
 	var reasons []string
 	for range 10 {
-		req, _ := http.NewRequest("GET", "http://"+out+"/", nil)
+		req, _ := http.NewRequest("GET", "http://"+rs.out+"/", nil)
 		req.Host = "svc"
 		resp, err := client.Do(req)
 		if err != nil {
@@ -93,7 +98,7 @@ policies:
 	if n := down.Requests(); n != 4 {
 		t.Fatalf("upstream saw %d attempts, want 4", n)
 	}
-	m := fetch(t, "http://"+metrics+"/metrics")
+	m := fetch(t, "http://"+rs.metrics+"/metrics")
 	for _, want := range []string{
 		`sidecar_retries_total{reason="503",service="svc"} 2`,
 		`sidecar_circuit_breaker_transitions_total{service="svc",state="open"} 1`,
@@ -110,7 +115,7 @@ policies:
 	if t.Failed() {
 		t.Logf("/metrics:\n%s", grepLines(m, "sidecar_"))
 	}
-	if r := fetch(t, "http://"+admin+"/resilience"); !strings.Contains(r, `"state": "open"`) {
+	if r := fetch(t, "http://"+rs.admin+"/resilience"); !strings.Contains(r, `"state": "open"`) {
 		t.Fatalf("admin /resilience = %s, want the breaker open", r)
 	}
 }

@@ -43,8 +43,12 @@ type sidecar struct {
 	// readiness is the app's readiness prober; nil (always ready) without
 	// one.
 	readiness *inbound.Prober
-	consul    *discovery.Consul                      // nil without Consul
-	reg       atomic.Pointer[discovery.Registration] // nil when the app is not registered
+	// startup is the app's startup prober; the others start once it
+	// passes. Nil without one.
+	startup     *inbound.Prober
+	startedOnce sync.Once
+	consul      *discovery.Consul                      // nil without Consul
+	reg         atomic.Pointer[discovery.Registration] // nil when the app is not registered
 
 	outboundUp atomic.Bool
 	drainOnce  sync.Once
