@@ -225,6 +225,7 @@ func (s *sidecar) shutdown(ctx context.Context) error {
 	if s.consul != nil {
 		s.consul.Close()
 	}
+	s.policies.close()
 	for range s.serving {
 		err = errors.Join(err, <-s.errs)
 	}

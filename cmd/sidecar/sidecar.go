@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -20,7 +19,6 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
-	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
@@ -48,6 +46,7 @@ type sidecar struct {
 	startup     *inbound.Prober
 	startedOnce sync.Once
 	consul      *discovery.Consul                      // nil without Consul
+	policies    *policySources                         // the policy store and its watched sources
 	reg         atomic.Pointer[discovery.Registration] // nil when the app is not registered
 
 	outboundUp atomic.Bool
@@ -65,11 +64,11 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("discovery.static: %w", err)
 	}
-	policies, err := loadPolicies(cfg)
+	policies, err := loadPolicies(cfg, log)
 	if err != nil {
 		return nil, err
 	}
-	s := &sidecar{log: log, cfg: cfg, errs: make(chan error, 8), quit: make(chan struct{})}
+	s := &sidecar{log: log, cfg: cfg, policies: policies, errs: make(chan error, 8), quit: make(chan struct{})}
 	defer func() {
 		if err == nil {
 			return
@@ -90,6 +89,7 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		if s.consul != nil {
 			s.consul.Close()
 		}
+		s.policies.close()
 	}()
 	resolver := discovery.Chain{static}
 	var client *consulapi.Client
@@ -114,9 +114,13 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		resolver = append(resolver, s.consul)
 	}
 
+	if err := s.policies.watch(client, cfg.Discovery.Consul); err != nil {
+		return nil, err
+	}
 	reg := newRegistry(resolver)
+	reg.MustRegister(policyCollector{store: s.policies.store})
 	resilience := newResilienceMetrics(reg)
-	s.proxy, err = outbound.New(outbound.Config{Resolver: resolver, Policies: outbound.NewStaticPolicies(policies),
+	s.proxy, err = outbound.New(outbound.Config{Resolver: resolver, Policies: s.policies.store,
 		AllowHosts: cfg.AllowHosts, MaxInFlight: cfg.Limits.OutboundMaxInFlight, Observer: resilience, Logger: log})
 	if err != nil {
 		return nil, err
@@ -145,6 +149,7 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		Resilience: func() any { return s.proxy.Status() },
 		Drain:      func() { go s.drain(context.Background()) },
 		Quit:       s.quitNow,
+		Policies:   s.policies.store,
 	}))
 	s.serve()
 
@@ -223,40 +228,4 @@ func consulClient(co *config.Consul) (*consulapi.Client, error) {
 		return nil, fmt.Errorf("discovery.consul: %w", err)
 	}
 	return c, nil
-}
-
-// loadPolicies reads the inline policies and the policy file; a service
-// with a policy in both takes the file's.
-func loadPolicies(cfg *config.Config) ([]policy.Policy, error) {
-	inline, err := cfg.InlinePolicies()
-	if err != nil {
-		return nil, err
-	}
-	byService := map[string]policy.Policy{}
-	var order []string
-	for _, p := range inline {
-		byService[p.Service] = p
-		order = append(order, p.Service)
-	}
-	if cfg.PolicyFile != "" {
-		data, err := os.ReadFile(cfg.PolicyFile)
-		if err != nil {
-			return nil, fmt.Errorf("policyFile: %w", err)
-		}
-		ps, err := policy.Parse(data, cfg.PolicyFile)
-		if err != nil {
-			return nil, fmt.Errorf("policyFile:\n%w", err)
-		}
-		for _, p := range ps {
-			if _, ok := byService[p.Service]; !ok {
-				order = append(order, p.Service)
-			}
-			byService[p.Service] = p
-		}
-	}
-	out := make([]policy.Policy, 0, len(order))
-	for _, name := range order {
-		out = append(out, byService[name])
-	}
-	return out, nil
 }

@@ -1,5 +1,6 @@
-// Package admin is the sidecar's admin API on 127.0.0.1:15000: read-only
-// JSON views of the effective configuration and the endpoints per service.
+// Package admin is the sidecar's admin API on 127.0.0.1:15000: JSON views
+// of the effective configuration, the endpoints, the resilience state and
+// the policies per service, and the drain and quit actions.
 package admin
 
 import (
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 )
 
 // Sources supplies what the admin API shows. Each func is called per request
@@ -26,6 +28,19 @@ type Sources struct {
 	// closed) and Quit starts the shutdown SIGTERM starts; both return at
 	// once. Nil omits the endpoint.
 	Drain, Quit func()
+	// Policies reports the policies in force; nil omits the endpoints.
+	Policies PolicyStatuses
+}
+
+// PolicyStatuses reports the policy in force per service; *policy.Store
+// implements it. Its methods must not block.
+type PolicyStatuses interface {
+	// Statuses lists "*", every service with a policy document or a
+	// rejected update, and every service called, sorted by service.
+	Statuses() []policy.Status
+	// Status reports one service, called or not, and false if service is
+	// neither "*" nor a valid service name.
+	Status(service string) (policy.Status, bool)
 }
 
 // Handler returns the admin API:
@@ -35,6 +50,9 @@ type Sources struct {
 //	GET /version    the build
 //	GET /resilience per service called: circuit breaker, in-flight, retry
 //	                budget use, ejected endpoints
+//	GET /policies   per service: the policy in force, its source and
+//	                version, and the last rejected update ([]policy.Status)
+//	GET /policies/{service}  one service's, called or not (policy.Status)
 //	POST /drain     start draining and keep running (for jobs that end on
 //	                their own terms)
 //	POST /quitquitquit  drain, then exit, as on SIGTERM
@@ -63,6 +81,21 @@ func Handler(s Sources) http.Handler {
 	if s.Resilience != nil {
 		mux.HandleFunc("GET /resilience", func(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, s.Resilience())
+		})
+	}
+	if s.Policies != nil {
+		mux.HandleFunc("GET /policies", func(w http.ResponseWriter, r *http.Request) {
+			writeJSON(w, s.Policies.Statuses())
+		})
+		mux.HandleFunc("GET /policies/{service}", func(w http.ResponseWriter, r *http.Request) {
+			st, ok := s.Policies.Status(r.PathValue("service"))
+			if !ok {
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusNotFound)
+				_ = json.NewEncoder(w).Encode(map[string]string{"error": `not a service name: want "*" or lower-case letters, digits and '-'`})
+				return
+			}
+			writeJSON(w, st)
 		})
 	}
 	for path, fn := range map[string]func(){"POST /drain": s.Drain, "POST /quitquitquit": s.Quit} {

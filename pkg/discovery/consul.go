@@ -238,11 +238,7 @@ func (c *Consul) run(ctx context.Context, w *watch) {
 		w.lastErr.Store(nil)
 		// Consul's index can go backwards (snapshot restore, agent
 		// restart): start over rather than wait on an index never reached.
-		if meta.LastIndex < index || meta.LastIndex == 0 {
-			index = 0
-		} else {
-			index = meta.LastIndex
-		}
+		index = nextIndex(index, meta.LastIndex)
 		c.update(ctx, w, entries)
 		w.lastOK.Store(time.Now().UnixNano())
 		w.once.Do(func() { close(w.answered) })

@@ -75,17 +75,23 @@ func newTestChain(t *testing.T, policies string, endpoints []string, transport r
 	if err != nil {
 		t.Fatal(err)
 	}
+	return newTestChainWith(t, NewStaticPolicies(ps), endpoints, transport)
+}
+
+// newTestChainWith is newTestChain with the policies given as a source.
+func newTestChainWith(t *testing.T, policies Policies, endpoints []string, transport rtFunc) *testChain {
+	t.Helper()
 	static, err := discovery.NewStatic(map[string][]string{"svc": endpoints})
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := &testChain{observer: &countingObserver{retries: map[string]int{}, shed: map[string]int{}}}
-	c.states = &stateRegistry{observer: c.observer, log: slog.New(slog.DiscardHandler)}
+	c.states = &stateRegistry{observer: c.observer, log: slog.New(slog.DiscardHandler), policies: policies}
 	counted := rtFunc(func(r *http.Request) (*http.Response, error) {
 		c.calls.Add(1)
 		return transport(r)
 	})
-	c.rt = &resilienceLayer{policies: NewStaticPolicies(ps), states: c.states, maxInFlight: DefaultMaxInFlight,
+	c.rt = &resilienceLayer{policies: policies, states: c.states, maxInFlight: DefaultMaxInFlight,
 		next: &pickLayer{resolver: static, log: slog.New(slog.DiscardHandler), observer: c.observer, next: counted}}
 	return c
 }
@@ -228,8 +234,8 @@ circuitBreaker: {consecutiveFailures: 3, openDuration: 10s, halfOpenRequests: 1}
 		close(slow) // the old generation's failure arrives now
 		<-late
 		st := c.states.get("svc", nil)
-		if got := st.breaker.Counts().ConsecutiveFailures; got != 0 || st.breaker.State().String() != "closed" {
-			t.Fatalf("after a late failure: %s with %d consecutive failures, want closed with 0", st.breaker.State(), got)
+		if got := st.breaker.Load().Counts().ConsecutiveFailures; got != 0 || st.breaker.Load().State().String() != "closed" {
+			t.Fatalf("after a late failure: %s with %d consecutive failures, want closed with 0", st.breaker.Load().State(), got)
 		}
 
 		mode.Store("4xx")
@@ -246,7 +252,7 @@ circuitBreaker: {consecutiveFailures: 3, openDuration: 10s, halfOpenRequests: 1}
 		synctest.Wait()
 		cancel()
 		<-done
-		if got := st.breaker.Counts().TotalFailures; got != 0 {
+		if got := st.breaker.Load().Counts().TotalFailures; got != 0 {
 			t.Fatalf("404s and a client cancellation counted %d failures, want 0", got)
 		}
 	})

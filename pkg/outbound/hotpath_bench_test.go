@@ -26,7 +26,7 @@ func BenchmarkHotPath(b *testing.B) {
 		for pb.Next() {
 			now := time.Now()
 			st.budget.request(now)
-			done, err := st.breaker.Allow()
+			done, err := st.breaker.Load().Allow()
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -107,7 +107,7 @@ func New(cfg Config) (*Proxy, error) {
 	if maxInFlight <= 0 {
 		maxInFlight = DefaultMaxInFlight
 	}
-	p.states = &stateRegistry{observer: observer, log: p.log}
+	p.states = &stateRegistry{observer: observer, log: p.log, policies: policies}
 	p.service = &proxyhttp.Forwarder{Next: p.chain(cfg.Resolver, policies, maxInFlight, observer), OnError: p.handleError}
 	p.direct = &proxyhttp.Forwarder{Next: p.transport, OnError: p.handleError}
 	return p, nil
@@ -141,18 +141,18 @@ func (p *Proxy) Close() {
 // ServeHTTP routes one request from the app.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if v := proxyhttp.TakeVerdict(r); v.Reason != "" {
-		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: v.Reason})
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: v.Reason})
 		return
 	}
 	host := strings.ToLower(r.Host)
 	if host == "" {
-		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
 			Detail: "no Host header and no absolute URL: name the service you are calling"})
 		return
 	}
 	if r.Method == http.MethodConnect {
 		if !p.allowed(host) {
-			p.reject(w, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
+			p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
 				Detail: "CONNECT to " + host + " is not allowed; add it to allowHosts"})
 			return
 		}
@@ -160,7 +160,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.URL.Scheme != "" && r.URL.Scheme != "http" {
-		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
 			Detail: "scheme " + r.URL.Scheme + " is not proxied; send plain http (use CONNECT for TLS to allowed hosts)"})
 		return
 	}
@@ -172,18 +172,27 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		service := discovery.ServiceName(host)
 		target = service
 		if discovery.IsIPLiteral(host) {
-			p.reject(w, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed, Service: service,
+			p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed, Service: service,
 				Detail: "IP addresses are not routed; call the service by name or add the address to allowHosts"})
 			return
 		}
 		// Unknown services are refused here, before any body is read.
 		if _, err := p.resolver.Resolve(r.Context(), service); err != nil {
-			p.reject(w, routeError(service, err))
+			p.reject(w, r, routeError(service, err))
 			return
 		}
 	}
 
-	if r.Body != nil && r.Body != http.NoBody {
+	if r.Body != nil && r.Body != http.NoBody && r.ProtoMajor == 2 {
+		// An HTTP/2 body (a gRPC stream above all) starts moving at once:
+		// a bidi stream's first message may wait for the first answer.
+		// It is recorded as it goes, so that a call whose body ended
+		// within maxBufferedBody can be sent again.
+		rb := &replayBody{src: r.Body}
+		r2 := *r
+		r2.Body, r2.GetBody = rb, rb.replay
+		r = &r2
+	} else if r.Body != nil && r.Body != http.NoBody {
 		body, err := p.prepareBody(w, r)
 		if err != nil {
 			p.handleError(w, r, err)
@@ -248,6 +257,51 @@ func (p *Proxy) prepareBody(w http.ResponseWriter, r *http.Request) (preparedBod
 	return preparedBody{rc: &prefixedBody{prefix: buf, rest: br}, length: r.ContentLength}, nil
 }
 
+// replayBody passes a request body through while recording up to
+// maxBufferedBody of it; once the body has ended within that, replay gives
+// it again from the start. Reads come from one attempt at a time: a retry
+// starts only after the attempt before it ended, and replays only a body
+// whose end was read. Safe for one reader at a time plus replay calls.
+type replayBody struct {
+	src      io.ReadCloser
+	mu       sync.Mutex // guards the fields below
+	buf      []byte
+	complete bool // src ended within maxBufferedBody
+	overflow bool // more than maxBufferedBody went by: no replay
+}
+
+func (b *replayBody) Read(p []byte) (int, error) {
+	n, err := b.src.Read(p)
+	b.mu.Lock()
+	if !b.overflow {
+		if len(b.buf)+n > maxBufferedBody {
+			b.overflow, b.buf = true, nil
+		} else {
+			b.buf = append(b.buf, p[:n]...)
+		}
+	}
+	if err == io.EOF && !b.overflow {
+		b.complete = true
+	}
+	b.mu.Unlock()
+	return n, err
+}
+
+func (b *replayBody) Close() error { return b.src.Close() }
+
+// replay is the request's GetBody: the whole body again, if it ended
+// within the record.
+func (b *replayBody) replay() (io.ReadCloser, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.complete {
+		return nil, errNotReplayable
+	}
+	return io.NopCloser(bytes.NewReader(b.buf)), nil
+}
+
+var errNotReplayable = errors.New("request body still streaming or larger than 64 KiB: not replayable")
+
 type prefixedBody struct {
 	prefix []byte
 	rest   io.ReadCloser
@@ -264,8 +318,8 @@ func (b *prefixedBody) Read(p []byte) (int, error) {
 
 func (b *prefixedBody) Close() error { return b.rest.Close() }
 
-func (p *Proxy) reject(w http.ResponseWriter, e *proxyhttp.LocalError) {
-	proxyhttp.WriteError(w, e)
+func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *proxyhttp.LocalError) {
+	proxyhttp.WriteError(w, r, e)
 }
 
 func (p *Proxy) handleError(w http.ResponseWriter, r *http.Request, err error) {
@@ -276,7 +330,7 @@ func (p *Proxy) handleError(w http.ResponseWriter, r *http.Request, err error) {
 		panic(http.ErrAbortHandler)
 	}
 	p.log.Debug("request failed", "service", e.Service, "reason", e.Reason, "err", err)
-	proxyhttp.WriteError(w, e)
+	proxyhttp.WriteError(w, r, e)
 }
 
 // StatusClientClosed is the status recorded for a request whose client went
@@ -339,7 +393,7 @@ func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 	src, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		_ = dst.Close()
-		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: "CONNECT needs HTTP/1.1"})
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: "CONNECT needs HTTP/1.1"})
 		return
 	}
 	_ = src.SetDeadline(time.Time{})

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math"
 	"net/http"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -54,14 +55,26 @@ func (s *StaticPolicies) For(service string) *policy.Policy {
 	return p.(*policy.Policy)
 }
 
-// serviceState is what outlives a request for one service: its breaker and
-// in-flight count. It lives in a registry keyed by service, not in the
-// policy, so that it survives policy reloads.
+// serviceState is what outlives a request for one service: its breaker,
+// in-flight count, retry budget and outlier state. It lives in a registry
+// keyed by service, not in the policy, so that it survives policy reloads:
+// only a change of the circuitBreaker section's values replaces the
+// breaker; everything else is kept whatever the policy says.
 type serviceState struct {
 	inFlight atomic.Int64
-	breaker  *gobreaker.TwoStepCircuitBreaker[struct{}]
+	breaker  atomic.Pointer[breaker]
+	// checked is the newest policy the breaker's settings were compared
+	// with; a request carrying it needs no comparison.
+	checked  atomic.Pointer[policy.Policy]
+	rebuild  sync.Mutex // serializes comparing and replacing the breaker
 	budget   budget
 	outliers outliers
+}
+
+// breaker is a circuit breaker with the settings it was built from.
+type breaker struct {
+	*gobreaker.TwoStepCircuitBreaker[struct{}]
+	settings *policy.CircuitBreaker // shared with an effective policy: never modified
 }
 
 // stateRegistry holds the serviceState of every service called so far.
@@ -70,25 +83,66 @@ type stateRegistry struct {
 	states   sync.Map // service -> *serviceState
 	observer Observer
 	log      *slog.Logger
+	// policies, when set, gives the policy in force, against which a
+	// service's breaker is checked after a reload; nil: the policy of the
+	// request at hand.
+	policies Policies
 }
 
+// get returns service's state, its breaker in step with the policy in
+// force. p is the policy the request started with; when it is the one the
+// breaker was last checked against (every request but those after a
+// reload) this is two loads and a compare.
 func (r *stateRegistry) get(service string, p *policy.Policy) *serviceState {
-	if s, ok := r.states.Load(service); ok {
-		return s.(*serviceState)
+	v, ok := r.states.Load(service)
+	if !ok {
+		st := &serviceState{}
+		st.breaker.Store(r.newBreaker(service, p.CircuitBreaker))
+		st.checked.Store(p)
+		v, _ = r.states.LoadOrStore(service, st)
 	}
-	s, _ := r.states.LoadOrStore(service, &serviceState{breaker: r.newBreaker(service, p.CircuitBreaker)})
-	return s.(*serviceState)
+	st := v.(*serviceState)
+	if p != nil && st.checked.Load() != p {
+		r.recheck(service, st, p)
+	}
+	return st
+}
+
+// recheck compares the breaker's settings with the policy in force (not the
+// request's, which may be older) and replaces the breaker only if their
+// values differ. Checks are serialized and each reads the policy in force
+// under the lock, so the breaker only ever moves forward.
+func (r *stateRegistry) recheck(service string, st *serviceState, p *policy.Policy) {
+	st.rebuild.Lock()
+	defer st.rebuild.Unlock()
+	cur := p
+	if r.policies != nil {
+		cur = r.policies.For(service)
+	}
+	if st.checked.Load() == cur {
+		return
+	}
+	old := st.breaker.Load()
+	if !reflect.DeepEqual(old.settings, cur.CircuitBreaker) {
+		st.breaker.Store(r.newBreaker(service, cur.CircuitBreaker))
+		from := old.State().String()
+		r.log.Info("circuit breaker settings changed; breaker reset", "service", service, "from", from)
+		if from != gobreaker.StateClosed.String() {
+			r.observer.BreakerStateChanged(service, from, gobreaker.StateClosed.String())
+		}
+	}
+	st.checked.Store(cur)
 }
 
 // newBreaker maps the policy's breaker onto sony/gobreaker, whose state
 // machine is ours exactly: one mutex, lazy state moves, generations that
 // drop late results, a rolling window in buckets, and a half-open state that
 // admits MaxRequests probes.
-func (r *stateRegistry) newBreaker(service string, cb *policy.CircuitBreaker) *gobreaker.TwoStepCircuitBreaker[struct{}] {
+func (r *stateRegistry) newBreaker(service string, cb *policy.CircuitBreaker) *breaker {
 	window := cb.Window.D()
 	consecutive, minRequests := uint32(*cb.ConsecutiveFailures), uint32(*cb.MinRequests)
 	ratio := *cb.FailureRatio
-	return gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
+	return &breaker{settings: cb, TwoStepCircuitBreaker: gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:         service,
 		MaxRequests:  uint32(*cb.HalfOpenRequests),
 		Interval:     window,
@@ -105,7 +159,7 @@ func (r *stateRegistry) newBreaker(service string, cb *policy.CircuitBreaker) *g
 			r.log.Info("circuit breaker "+to.String(), "service", name, "from", from.String())
 			r.observer.BreakerStateChanged(name, from.String(), to.String())
 		},
-	})
+	})}
 }
 
 // Outcomes as the breaker sees them.
@@ -114,8 +168,8 @@ var (
 	errNotCounted     = errors.New("outcome not counted")
 )
 
-// breakerOutcome classifies an attempt: 5xx answers and transport failures
-// count against the breaker; client cancellations and the sidecar's own
+// breakerOutcome classifies an attempt: 5xx answers, gRPC server failures
+// and transport failures count against the breaker; client cancellations and the sidecar's own
 // refusals (no endpoints) count for nothing; any other answer (2xx-4xx) is
 // a success.
 func breakerOutcome(resp *http.Response, err error) error {
@@ -126,6 +180,14 @@ func breakerOutcome(resp *http.Response, err error) error {
 		return errUpstreamFailed
 	case resp.StatusCode >= 500:
 		return errUpstreamFailed
+	case isGRPCResponse(resp):
+		// gRPC failures come as 200 with a grpc-status; these are the
+		// server's, as 5xx are (RESOURCE_EXHAUSTED and the like are
+		// answers).
+		switch resp.Header.Get("Grpc-Status") {
+		case "14", "13", "2", "15": // UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS
+			return errUpstreamFailed
+		}
 	}
 	return nil
 }
@@ -220,30 +282,44 @@ func (l *resilienceLayer) shed(req *http.Request, service, detail string) error 
 func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, service string, p *policy.Policy, st *serviceState) (*http.Response, context.CancelFunc, error) {
 	r := p.Retry
 	st.budget.request(time.Now())
+	br := st.breaker.Load()
 	actxs := &attemptCtx{Context: ctx, info: attemptInfo{policy: p, state: st}}
 	info := &actxs.info
 	ctx = actxs
 	cur := req
+	grpc := proxyhttp.IsGRPC(req)
 	for attempt := 1; ; attempt++ {
-		done, berr := st.breaker.Allow()
+		done, berr := br.Allow()
 		if berr != nil {
 			proxyhttp.CloseBody(cur)
 			l.states.observer.Shed(service, proxyhttp.ReasonCircuitOpen)
 			return nil, nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
-				Service: service, Detail: "circuit breaker " + st.breaker.State().String()}
+				Service: service, Detail: "circuit breaker " + br.State().String()}
 		}
 		actx, acancel := ctx, context.CancelFunc(func() {})
 		if pt := r.PerTryTimeout.D(); pt > 0 {
 			actx, acancel = context.WithTimeoutCause(ctx, pt, errPerTryTimeout)
 		}
-		resp, err := l.next.RoundTrip(cur.WithContext(actx))
+		areq := cur.WithContext(actx)
+		if grpc {
+			// The upstream learns the time left for this attempt, which
+			// is what remains of the caller's and the policy's deadlines.
+			if dl, ok := actx.Deadline(); ok {
+				areq.Header = cur.Header.Clone()
+				areq.Header.Set("Grpc-Timeout", encodeGRPCTimeout(time.Until(dl)))
+			}
+		}
+		resp, err := l.next.RoundTrip(areq)
 		if err != nil && ctx.Err() == nil && errors.Is(context.Cause(actx), errPerTryTimeout) {
 			err = fmt.Errorf("%w: %w", errPerTryTimeout, context.DeadlineExceeded)
+		}
+		if grpc && err == nil && attempt < *r.Attempts && ctx.Err() == nil {
+			resp = settleGRPC(r, req, resp)
 		}
 		done(breakerOutcome(resp, err))
 
 		reason := ""
-		if attempt < *r.Attempts && ctx.Err() == nil && st.breaker.State() != gobreaker.StateOpen {
+		if attempt < *r.Attempts && ctx.Err() == nil && br.State() != gobreaker.StateOpen {
 			reason = retryReason(r, req, resp, err)
 		}
 		var (
@@ -351,8 +427,9 @@ func (p *Proxy) Status() []ServiceStatus {
 		var s ServiceStatus
 		s.Service = k.(string)
 		s.InFlight = st.inFlight.Load()
-		c := st.breaker.Counts()
-		s.Breaker.State = st.breaker.State().String()
+		br := st.breaker.Load()
+		c := br.Counts()
+		s.Breaker.State = br.State().String()
 		s.Breaker.Requests, s.Breaker.Failures, s.Breaker.ConsecutiveFailures = c.Requests, c.TotalFailures, c.ConsecutiveFailures
 		s.RetryBudget.Requests, s.RetryBudget.Retries = st.budget.usage(now)
 		s.Ejected = st.outliers.ejectedList(now)
