@@ -215,18 +215,18 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, v proxyhttp.Verdict) {
 	if v.Reason != "" {
-		p.reject(w, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
 			Service: p.service, Detail: v.Reason})
 		return
 	}
 	if r.Method == http.MethodConnect {
-		p.reject(w, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
 			Service: p.service, Detail: "CONNECT is not served on the inbound port"})
 		return
 	}
 	if p.inFlight.Add(1) > p.max {
 		p.release()
-		p.reject(w, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonOverloaded,
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonOverloaded,
 			Service: p.service, Detail: "the app's inbound concurrency limit is reached"})
 		return
 	}
@@ -240,11 +240,11 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, v proxyhttp.Verdic
 }
 
 // reject answers with a local error, noting its reason for the Observer.
-func (p *Proxy) reject(w http.ResponseWriter, e *proxyhttp.LocalError) {
+func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *proxyhttp.LocalError) {
 	if rec, ok := w.(*recorder); ok {
 		rec.reason = e.Reason
 	}
-	proxyhttp.WriteError(w, e)
+	proxyhttp.WriteError(w, r, e)
 }
 
 // handleError answers a request the app could not be asked or could not
@@ -257,7 +257,7 @@ func (p *Proxy) handleError(w http.ResponseWriter, r *http.Request, err error) {
 		panic(http.ErrAbortHandler)
 	}
 	p.log.Debug("request failed", "reason", e.Reason, "err", err)
-	p.reject(w, e)
+	p.reject(w, r, e)
 }
 
 // localError maps an error on the way to the app to the local error of

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -122,6 +123,15 @@ func (b *budget) usage(now time.Time) (requests, retries int64) {
 // of the request was sent.
 func retryReason(p *policy.Retry, req *http.Request, resp *http.Response, err error) string {
 	switch {
+	case err == nil && resp.StatusCode == http.StatusOK && isGRPCResponse(resp):
+		// The service owner lists the gRPC statuses that are safe to
+		// retry; the HTTP method (always POST) says nothing about it.
+		if code := resp.Header.Get("Grpc-Status"); code != "" {
+			if c := grpcCondition(code); c != "" && slices.Contains(p.On, c) {
+				return c
+			}
+		}
+		return ""
 	case err != nil && isConnectError(err):
 		if slices.Contains(p.On, "connect-failure") {
 			return "connect-failure"
@@ -146,6 +156,78 @@ func retryReason(p *policy.Retry, req *http.Request, resp *http.Response, err er
 		}
 	}
 	return ""
+}
+
+func isGRPCResponse(resp *http.Response) bool {
+	return strings.HasPrefix(resp.Header.Get("Content-Type"), "application/grpc")
+}
+
+// grpcCondition is the retry.on name of a grpc-status code, or "" for a
+// code no condition names.
+func grpcCondition(code string) string {
+	switch code {
+	case "14":
+		return "grpc-unavailable"
+	case "8":
+		return "grpc-resource-exhausted"
+	case "4":
+		return "grpc-deadline-exceeded"
+	case "1":
+		return "grpc-cancelled"
+	}
+	return ""
+}
+
+// settleGRPC makes a retryable gRPC call's outcome visible before anything
+// reaches the client. A trailers-only answer carries its grpc-status in the
+// headers already. Otherwise, when the policy retries on some gRPC status
+// and the request could be sent again, it reads the first byte of the
+// body: a body that ends before any message is a status in the trailers,
+// which is moved into the headers (as a trailers-only answer has it); a
+// body with a message is given back whole, and the call is committed. A
+// call whose request still streams (client or bidi streaming) is never
+// held up this way.
+func settleGRPC(p *policy.Retry, req *http.Request, resp *http.Response) *http.Response {
+	if resp.StatusCode != http.StatusOK || !isGRPCResponse(resp) || resp.Header.Get("Grpc-Status") != "" ||
+		!slices.ContainsFunc(p.On, func(c string) bool { return strings.HasPrefix(c, "grpc-") }) {
+		return resp
+	}
+	if _, ok := proxyhttp.Rewound(req); !ok {
+		return resp
+	}
+	var one [1]byte
+	n, err := io.ReadFull(resp.Body, one[:])
+	if n == 1 {
+		resp.Body = &prefixedBody{prefix: one[:], rest: resp.Body}
+		return resp
+	}
+	if err == io.EOF {
+		if code := resp.Trailer.Get("Grpc-Status"); code != "" {
+			resp.Header.Set("Grpc-Status", code)
+			if msg := resp.Trailer.Get("Grpc-Message"); msg != "" {
+				resp.Header.Set("Grpc-Message", msg)
+			}
+			delete(resp.Trailer, "Grpc-Status")
+			delete(resp.Trailer, "Grpc-Message")
+		}
+	}
+	return resp
+}
+
+// encodeGRPCTimeout writes d as a grpc-timeout value (at most 8 digits).
+func encodeGRPCTimeout(d time.Duration) string {
+	if d <= 0 {
+		return "1n"
+	}
+	for _, u := range []struct {
+		unit time.Duration
+		name string
+	}{{time.Nanosecond, "n"}, {time.Microsecond, "u"}, {time.Millisecond, "m"}, {time.Second, "S"}, {time.Minute, "M"}} {
+		if v := (d + u.unit - 1) / u.unit; v <= 99999999 {
+			return strconv.FormatInt(int64(v), 10) + u.name
+		}
+	}
+	return strconv.FormatInt(int64(d/time.Hour)+1, 10) + "H"
 }
 
 func isConnectError(err error) bool {

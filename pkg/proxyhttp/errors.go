@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"strings"
 )
 
 // Reasons of the errors the sidecar produces itself (DESIGN.md). They are the
@@ -44,14 +45,23 @@ func (e *LocalError) Error() string {
 	return s
 }
 
-// WriteError answers a request with a local error: the x-sidecar-error
-// header and a small JSON body. A 400 also closes the connection, since the
-// stream's framing can no longer be trusted.
-func WriteError(w http.ResponseWriter, e *LocalError) {
-	body, _ := json.Marshal(e)
-	body = append(body, '\n')
+// WriteError answers r with a local error: the x-sidecar-error header and a
+// small JSON body, or, for a gRPC call, a trailers-only response with the
+// matching grpc-status (GRPCCode) and the detail as grpc-message, which is
+// what a gRPC client understands. A 400 also closes an HTTP/1.1 connection,
+// since the stream's framing can no longer be trusted.
+func WriteError(w http.ResponseWriter, r *http.Request, e *LocalError) {
 	h := w.Header()
 	h.Set(ErrorHeader, e.Reason)
+	if r != nil && IsGRPC(r) {
+		h.Set("Content-Type", "application/grpc")
+		h.Set("Grpc-Status", strconv.Itoa(GRPCCode(e.Status)))
+		h.Set("Grpc-Message", grpcMessage(e.Error()))
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	body, _ := json.Marshal(e)
+	body = append(body, '\n')
 	h.Set("Content-Type", "application/json")
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	h.Set("Cache-Control", "no-store")
@@ -60,4 +70,50 @@ func WriteError(w http.ResponseWriter, e *LocalError) {
 	}
 	w.WriteHeader(e.Status)
 	_, _ = w.Write(body)
+}
+
+// IsGRPC reports whether r is a gRPC call (HTTP/2 with a gRPC content type).
+func IsGRPC(r *http.Request) bool {
+	return r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")
+}
+
+// GRPC status codes the sidecar answers with (google.golang.org/grpc/codes).
+const (
+	GRPCInternal         = 13
+	GRPCUnavailable      = 14
+	GRPCDeadlineExceeded = 4
+	GRPCPermissionDenied = 7
+)
+
+// GRPCCode maps a local error's HTTP status to the gRPC status a gRPC
+// client gets instead, as gRPC's own HTTP-to-gRPC mapping does: 502, 503
+// (circuit open, no endpoints, overloaded) UNAVAILABLE; 504 and 408
+// DEADLINE_EXCEEDED; 403 PERMISSION_DENIED; anything else INTERNAL.
+func GRPCCode(status int) int {
+	switch status {
+	case http.StatusBadGateway, http.StatusServiceUnavailable:
+		return GRPCUnavailable
+	case http.StatusGatewayTimeout, http.StatusRequestTimeout:
+		return GRPCDeadlineExceeded
+	case http.StatusForbidden:
+		return GRPCPermissionDenied
+	}
+	return GRPCInternal
+}
+
+// grpcMessage percent-encodes s as the gRPC spec asks for grpc-message.
+func grpcMessage(s string) string {
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 0x20 && c <= 0x7e && c != '%' {
+			b.WriteByte(c)
+			continue
+		}
+		b.WriteByte('%')
+		b.WriteByte(hex[c>>4])
+		b.WriteByte(hex[c&15])
+	}
+	return b.String()
 }

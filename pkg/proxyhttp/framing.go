@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -566,7 +567,26 @@ func TakeVerdict(r *http.Request) Verdict {
 	if v.Reason == "" && r.Host == placeholderHost {
 		v.Reason = "malformed request"
 	}
+	if v.Reason == "" && r.ProtoMajor == 2 {
+		v.Reason = h2Malformed(r.Header)
+	}
 	return v
+}
+
+// h2Malformed says why an HTTP/2 request's header fields make it malformed
+// (RFC 9113, 8.2.2): connection-specific fields, or TE other than
+// "trailers". net/http's HTTP/2 server lets them through; a proxy must not
+// forward them. "" when the fields are fine.
+func h2Malformed(h http.Header) string {
+	for _, name := range []string{"Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade"} {
+		if _, ok := h[name]; ok {
+			return "connection-specific header field " + name + " in an HTTP/2 request"
+		}
+	}
+	if te, ok := h["Te"]; ok && (len(te) != 1 || !strings.EqualFold(strings.TrimSpace(te[0]), "trailers")) {
+		return "TE other than \"trailers\" in an HTTP/2 request"
+	}
+	return ""
 }
 
 // HijackAware returns w wrapped so that when the handler hijacks the

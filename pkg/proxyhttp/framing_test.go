@@ -140,7 +140,7 @@ func TestHTTP2PrefacePassesThrough(t *testing.T) {
 func TestServerVerdicts(t *testing.T) {
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if v := TakeVerdict(r); v.Reason != "" {
-			WriteError(w, &LocalError{Status: 400, Reason: ReasonBadRequest, Detail: v.Reason})
+			WriteError(w, r, &LocalError{Status: 400, Reason: ReasonBadRequest, Detail: v.Reason})
 			return
 		}
 		io.WriteString(w, "ok")

@@ -31,9 +31,13 @@ type Limits struct {
 	BodyReadTimeout time.Duration
 	// IdleTimeout closes keep-alive connections idle this long. Default 90s.
 	IdleTimeout time.Duration
-	// MaxHeaderBytes bounds a request's header block; larger gets 431.
+	// MaxHeaderBytes bounds a request's header block; larger gets 431. For
+	// HTTP/2 it is the header list limit announced to the client.
 	// Default 64 KiB.
 	MaxHeaderBytes int
+	// MaxConcurrentStreams bounds the streams an HTTP/2 client may have open
+	// on one connection. Default 250.
+	MaxConcurrentStreams int
 }
 
 // WithDefaults returns l with zero fields set to their defaults.
@@ -49,6 +53,9 @@ func (l Limits) WithDefaults() Limits {
 	}
 	if l.MaxHeaderBytes <= 0 {
 		l.MaxHeaderBytes = 64 << 10
+	}
+	if l.MaxConcurrentStreams <= 0 {
+		l.MaxConcurrentStreams = 250
 	}
 	return l
 }
@@ -84,12 +91,33 @@ func Listen(name, addr string, h http.Handler, limits Limits, log *slog.Logger) 
 		// connection takes its framing verdict.
 		DisableGeneralOptionsHandler: true,
 		ErrorLog:                     slog.NewLogLogger(log.With("listener", name).Handler(), slog.LevelDebug),
+		// HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on the same port:
+		// gRPC clients dial it directly. net/http's HTTP/2 server carries
+		// the rapid-reset and CONTINUATION-flood defences; the limits here
+		// bound streams, header lists and frame sizes.
+		Protocols: h1h2c(),
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams:      limits.MaxConcurrentStreams,
+			MaxDecoderHeaderTableSize: 4 << 10,
+			MaxReadFrameSize:          16 << 10,
+			// Ping a connection that went quiet, so that a peer gone
+			// without a FIN does not hold its streams forever.
+			SendPingTimeout: 30 * time.Second,
+			PingTimeout:     15 * time.Second,
+		},
 	}
 	return &Server{
 		HTTP:     srv,
 		Listener: &FramingListener{Listener: ln, MaxHeaderBytes: limits.MaxHeaderBytes},
 		Limits:   limits,
 	}, nil
+}
+
+func h1h2c() *http.Protocols {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true)
+	return &p
 }
 
 // Addr is the bound address (useful with port 0).

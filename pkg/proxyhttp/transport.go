@@ -2,7 +2,9 @@ package proxyhttp
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +15,7 @@ import (
 	"time"
 
 	"golang.org/x/net/http/httpguts"
+	"golang.org/x/net/http2"
 )
 
 // Transport is the sidecar's HTTP/1.1 client: a synchronous, pooled
@@ -40,6 +43,13 @@ type Transport struct {
 	maxIdlePerHost        int
 
 	pools sync.Map // endpoint address -> *hostPool
+	// h2 carries requests that came in over HTTP/2 (gRPC above all) as
+	// HTTP/2 with prior knowledge, multiplexed on pooled connections.
+	h2 *http2.Transport
+	// h1Only remembers endpoints that answered the HTTP/2 preface in
+	// HTTP/1.x (address -> time.Time until which to believe it): they get
+	// HTTP/2 requests other than gRPC over HTTP/1.1.
+	h1Only sync.Map
 
 	stopSweep chan struct{}
 	sweepDone chan struct{}
@@ -90,6 +100,18 @@ func NewTransport(cfg TransportConfig) *Transport {
 	if t.dial == nil {
 		t.dial = t.dialer.DialContext
 	}
+	t.h2 = &http2.Transport{
+		AllowHTTP: true,
+		DialTLSContext: func(ctx context.Context, _, addr string, _ *tls.Config) (net.Conn, error) {
+			return t.dialH2(ctx, addr)
+		},
+		IdleConnTimeout:   cfg.IdleConnTimeout,
+		MaxHeaderListSize: 64 << 10,
+		// A connection that goes quiet is pinged; no answer closes it, so
+		// streams fail over instead of hanging on a dead peer.
+		ReadIdleTimeout: 30 * time.Second,
+		PingTimeout:     15 * time.Second,
+	}
 	t.stopSweep, t.sweepDone = make(chan struct{}), make(chan struct{})
 	go t.sweep()
 	return t
@@ -103,6 +125,7 @@ func (t *Transport) Close() {
 		<-t.sweepDone
 	})
 	t.CloseIdleConnections()
+	t.h2.CloseIdleConnections()
 }
 
 // sweep closes pooled connections idle past IdleConnTimeout and forgets the
@@ -190,6 +213,9 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		CloseBody(req)
 		return nil, fmt.Errorf("outbound transport: unsupported scheme %q", req.URL.Scheme)
 	}
+	if req.ProtoMajor == 2 {
+		return t.roundTripH2(req)
+	}
 	addr := req.URL.Host
 	if _, _, err := net.SplitHostPort(addr); err != nil {
 		addr = net.JoinHostPort(addr, "80")
@@ -215,6 +241,123 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		CloseBody(cur)
 		return nil, err
 	}
+}
+
+// roundTripH2 sends a request that came in over HTTP/2 upstream in HTTP/2
+// (h2c). Failures are classified as for HTTP/1.1: a *ConnectError when no
+// connection could be had, an *UpstreamError once the request may have
+// reached the endpoint. The HTTP/2 transport itself resends only requests
+// the server provably did not process (REFUSED_STREAM, GOAWAY beyond their
+// stream): such a resend is part of one attempt.
+func (t *Transport) roundTripH2(req *http.Request) (*http.Response, error) {
+	if !IsGRPC(req) && t.speaksOnlyHTTP1(req.URL.Host) {
+		return t.RoundTrip(asHTTP1(req))
+	}
+	resp, err := t.h2.RoundTrip(req)
+	if err == nil {
+		return resp, nil
+	}
+	var ce *ConnectError
+	switch {
+	case errors.Is(err, errHTTP1Peer) && !IsGRPC(req):
+		// The endpoint answered the connection preface in HTTP/1.x, before
+		// any request was written: this one goes over HTTP/1.1.
+		return t.RoundTrip(asHTTP1(req))
+	case errors.As(err, &ce):
+		return nil, ce
+	case req.Context().Err() != nil:
+		return nil, req.Context().Err()
+	}
+	return nil, &UpstreamError{Addr: req.URL.Host, Op: "http2 round trip", Written: true, Err: err}
+}
+
+// h1OnlyFor is how long an endpoint that answered HTTP/2 in HTTP/1.x is
+// believed to: an address may later belong to another instance.
+const h1OnlyFor = 10 * time.Minute
+
+func (t *Transport) speaksOnlyHTTP1(addr string) bool {
+	v, ok := t.h1Only.Load(addr)
+	return ok && time.Now().Before(v.(time.Time))
+}
+
+// asHTTP1 is req to be sent in HTTP/1.1.
+func asHTTP1(req *http.Request) *http.Request {
+	r := *req
+	r.Proto, r.ProtoMajor, r.ProtoMinor = "HTTP/1.1", 1, 1
+	return &r
+}
+
+var errHTTP1Peer = errors.New("the endpoint speaks HTTP/1.x, not HTTP/2 with prior knowledge")
+
+// dialH2 opens a connection for the HTTP/2 transport and finds out, before
+// the transport sends any request on it, whether the endpoint speaks
+// HTTP/2 with prior knowledge: it sends the connection preface and reads
+// the first bytes back, within the connect timeout. An HTTP/2 server
+// answers with a SETTINGS frame; an HTTP/1.x server with an HTTP/1.x
+// error, which marks the endpoint HTTP/1.1-only and fails the dial with
+// errHTTP1Peer (nothing of any request was sent). The transport then gets a
+// connection that swallows its own copy of the preface and hands back the
+// bytes read.
+func (t *Transport) dialH2(ctx context.Context, addr string) (net.Conn, error) {
+	c, err := t.Dial(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(t.dialer.Timeout)
+	if d, ok := ctx.Value(ConnectTimeoutKey{}).(time.Duration); ok && d > 0 {
+		deadline = time.Now().Add(d)
+	}
+	_ = c.SetDeadline(deadline)
+	head := make([]byte, 9)
+	n := 0
+	if _, err = io.WriteString(c, http2.ClientPreface); err == nil {
+		n, err = io.ReadAtLeast(c, head, len("HTTP/1."))
+	}
+	_ = c.SetDeadline(time.Time{})
+	switch {
+	case n >= len("HTTP/1.") && bytes.HasPrefix(head, []byte("HTTP/1.")):
+		_ = c.Close()
+		t.h1Only.Store(addr, time.Now().Add(h1OnlyFor))
+		return nil, &ConnectError{Addr: addr, Err: errHTTP1Peer}
+	case err != nil:
+		_ = c.Close()
+		return nil, &ConnectError{Addr: addr, Err: fmt.Errorf("HTTP/2 connection preface: %w", err)}
+	}
+	return &primedConn{Conn: c, read: head[:n], skip: []byte(http2.ClientPreface)}, nil
+}
+
+// primedConn is a connection whose HTTP/2 preface was already sent and
+// whose first bytes were already read: the transport's own preface is
+// swallowed and the bytes read are given back first.
+type primedConn struct {
+	net.Conn
+	read []byte // read ahead, for the transport's reader goroutine
+	skip []byte // what is left of the preface to swallow, for its writer
+}
+
+func (c *primedConn) Read(p []byte) (int, error) {
+	if len(c.read) > 0 {
+		n := copy(p, c.read)
+		c.read = c.read[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *primedConn) Write(p []byte) (int, error) {
+	if len(c.skip) > 0 {
+		k := min(len(c.skip), len(p))
+		if !bytes.Equal(p[:k], c.skip[:k]) {
+			return 0, errors.New("http2: unexpected connection preface")
+		}
+		c.skip = c.skip[k:]
+		if k == len(p) {
+			return k, nil
+		}
+		n, err := c.Conn.Write(p[k:])
+		return k + n, err
+	}
+	return c.Conn.Write(p)
 }
 
 // ConnectTimeoutKey is the context key of a per-request connect timeout, a
