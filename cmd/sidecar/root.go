@@ -26,6 +26,7 @@ resilience policy, and forwards the call.`,
 		newRunCommand(stdout, stderr, getenv),
 		newDemoCommand(stdout, stderr, getenv),
 		newVersionCommand(stdout),
+		newPolicyCommand(stdin, stdout, stderr, getenv), newStatusCommand(stdout, getenv),
 	)
 	return root
 }

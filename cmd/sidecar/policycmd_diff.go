@@ -1,0 +1,187 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+
+	"github.com/spf13/cobra"
+)
+
+// Exit codes of `policy diff`, as diff(1) has them.
+const (
+	diffDifferent = 1
+	diffTrouble   = 2
+)
+
+type diffOptions struct {
+	target *policyTarget
+	in     policyInput
+	stdout io.Writer
+}
+
+func (o *diffOptions) complete(args []string) error {
+	return completeFromInput("diff", args, &o.in, o.target)
+}
+
+func (o *diffOptions) validate() error { return o.target.writable("diff") }
+
+// run prints a unified diff per document that differs from its key in
+// Consul KV (normalized YAML on both sides, so only meaning counts). Keys
+// the input has no document for are not compared.
+func (o *diffOptions) run(ctx context.Context) error {
+	changes, err := compare(ctx, o.target.kv, &o.in)
+	if err != nil {
+		return err
+	}
+	different := 0
+	for _, c := range changes {
+		if c.changed() {
+			different++
+			if err := writeDiff(o.stdout, c, o.in.name); err != nil {
+				return err
+			}
+		}
+	}
+	if different > 0 {
+		return &exitError{code: diffDifferent} // no message: the diff says it
+	}
+	return nil
+}
+
+// asTrouble gives err diff's exit code for trouble, unless it already has
+// one.
+func asTrouble(err error) error {
+	var ee *exitError
+	if err == nil || errors.As(err, &ee) {
+		return err
+	}
+	return &exitError{code: diffTrouble, err: err}
+}
+
+func newPolicyDiffCommand(target *policyTarget, stdin io.Reader, stdout io.Writer) *cobra.Command {
+	o := &diffOptions{target: target, in: policyInput{stdin: stdin}, stdout: stdout}
+	cmd := &cobra.Command{
+		Use:   "diff -f FILE|-",
+		Short: "Show how policy documents differ from Consul KV",
+		Long: `Compare each Policy document of FILE with its key in Consul KV and print a
+unified diff for each one that differs. Both sides are normalized YAML, so
+formatting, key order and duration spelling (1000ms, 1s) do not count.
+Exit status: 0 no differences, 1 differences, 2 trouble (an invalid file,
+Consul unreachable, a bad flag).`,
+		Example: `  sidecar policy diff -f policies.yaml && echo "in sync"`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			return asTrouble(cobra.NoArgs(cmd, args))
+		},
+		RunE: func(cmd *cobra.Command, args []string) error { return asTrouble(runE(o)(cmd, args)) },
+	}
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return asTrouble(err) })
+	o.in.addFlag(cmd.Flags(), "the policies to compare")
+	return cmd
+}
+
+// unifiedDiff writes the difference from a to b as a unified diff with
+// three lines of context, headed by from and to. Equal inputs write
+// nothing.
+func unifiedDiff(w io.Writer, from, to string, a, b []string) error {
+	const contextLines = 3
+	ops := diffLines(a, b)
+	// Each hunk is a range of ops: changes with their context, merged when
+	// their contexts touch.
+	var hunks [][2]int
+	for k, op := range ops {
+		if op.kind == ' ' {
+			continue
+		}
+		start, end := max(k-contextLines, 0), min(k+1+contextLines, len(ops))
+		if n := len(hunks); n > 0 && start <= hunks[n-1][1] {
+			hunks[n-1][1] = end
+		} else {
+			hunks = append(hunks, [2]int{start, end})
+		}
+	}
+	if len(hunks) == 0 {
+		return nil
+	}
+	if _, err := fmt.Fprintf(w, "--- %s\n+++ %s\n", from, to); err != nil {
+		return err
+	}
+	for _, h := range hunks {
+		aStart, bStart := ops[h[0]].a, ops[h[0]].b
+		var aCount, bCount int
+		for _, op := range ops[h[0]:h[1]] {
+			if op.kind != '+' {
+				aCount++
+			}
+			if op.kind != '-' {
+				bCount++
+			}
+		}
+		if _, err := fmt.Fprintf(w, "@@ -%s +%s @@\n", hunkRange(aStart, aCount), hunkRange(bStart, bCount)); err != nil {
+			return err
+		}
+		for _, op := range ops[h[0]:h[1]] {
+			if _, err := fmt.Fprintf(w, "%c%s\n", op.kind, op.text); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// hunkRange is a unified diff's "start,count" for lines from 0-based start:
+// 1-based, ",1" left out, and for no lines the line before them.
+func hunkRange(start, count int) string {
+	switch count {
+	case 0:
+		return strconv.Itoa(start) + ",0"
+	case 1:
+		return strconv.Itoa(start + 1)
+	}
+	return strconv.Itoa(start+1) + "," + strconv.Itoa(count)
+}
+
+// diffOp is one line of an edit script: kept (' '), removed ('-') or
+// added ('+'); a and b are the 0-based lines of each side it stands at.
+type diffOp struct {
+	kind byte
+	text string
+	a, b int
+}
+
+// diffLines is a shortest edit script from a to b, by longest common
+// subsequence: quadratic, fine for policy documents of tens of lines.
+func diffLines(a, b []string) []diffOp {
+	n, m := len(a), len(b)
+	lcs := make([][]int, n+1)
+	for i := range lcs {
+		lcs[i] = make([]int, m+1)
+	}
+	for i := n - 1; i >= 0; i-- {
+		for j := m - 1; j >= 0; j-- {
+			if a[i] == b[j] {
+				lcs[i][j] = lcs[i+1][j+1] + 1
+			} else {
+				lcs[i][j] = max(lcs[i+1][j], lcs[i][j+1])
+			}
+		}
+	}
+	var ops []diffOp
+	i, j := 0, 0
+	for i < n || j < m {
+		switch {
+		case i < n && j < m && a[i] == b[j]:
+			ops = append(ops, diffOp{' ', a[i], i, j})
+			i, j = i+1, j+1
+		case j == m || (i < n && lcs[i+1][j] >= lcs[i][j+1]):
+			ops = append(ops, diffOp{'-', a[i], i, j})
+			i++
+		default:
+			ops = append(ops, diffOp{'+', b[j], i, j})
+			j++
+		}
+	}
+	return ops
+}
