@@ -2,8 +2,9 @@
 # scripts/tools.sh - idempotent installer for the tools that tests and benchmarks need.
 #
 # Usage:
-#   scripts/tools.sh test         # what `make test` needs: consul (built from Go modules)
-#   scripts/tools.sh bench        # wrk, haproxy, nginx, curl (Debian packages)
+#   scripts/tools.sh test         # what `make test` needs: consul, kube-apiserver, h2spec
+#                                 # (built from Go modules), etcd (Debian etcd-server)
+#   scripts/tools.sh bench        # wrk, haproxy, nginx, curl (Debian packages), ghz (Go)
 #   scripts/tools.sh all          # everything known to this script
 #   scripts/tools.sh path NAME    # print the cached binary of Go-built tool NAME
 #                                 # (exit 1 when it is not built yet)
@@ -32,6 +33,13 @@ TOOLS_CACHE="${SIDECAR_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sidecar-tool
 # Pinned versions of the Go-built tools (see go_tool_version).
 # Consul v1.16.1 is the last MPL-2.0 release; later ones are BUSL-licensed.
 CONSUL_VERSION=v1.16.1
+# HTTP/2 conformance (tests) and gRPC load (benchmarks).
+H2SPEC_VERSION=v2.2.1+incompatible
+GHZ_VERSION=v0.93.0
+# kube-apiserver for the Kubernetes tests (server-side dry-run, admission
+# webhook); its staging modules are the matching v0.x release.
+KUBE_VERSION=v1.32.3
+KUBE_STAGING_VERSION=v0.32.3
 
 # Debian packages still to install, filled by want_cmd.
 APT_MISSING=()
@@ -198,7 +206,10 @@ EOF
 go_tool_version() {
 	case $1 in
 	consul) printf '%s\n' "$CONSUL_VERSION" ;;
-	*) die "unknown Go-built tool: '$1' (known: consul)" ;;
+	kube-apiserver) printf '%s\n' "$KUBE_VERSION" ;;
+	h2spec) printf '%s\n' "$H2SPEC_VERSION" ;;
+	ghz) printf '%s\n' "$GHZ_VERSION" ;;
+	*) die "unknown Go-built tool: '$1' (known: consul, kube-apiserver, h2spec, ghz)" ;;
 	esac
 }
 
@@ -220,6 +231,7 @@ set_bench() {
 	want_cmd wrk wrk
 	want_cmd haproxy haproxy
 	want_cmd nginx 'nginx-light|nginx'
+	install_ghz
 }
 
 # Go-built tools installed by this run; their paths are printed at the end.
@@ -253,9 +265,56 @@ EOF
 	GO_TOOLS_DONE+=(consul)
 }
 
+# install_kube_apiserver: the Kubernetes API server the inject/webhook tests
+# run against (with etcd from Debian). k8s.io/kubernetes requires its staging
+# modules at v0.0.0 (its own replace directives point into its tree and are
+# ignored in a dependency), so every one is replaced by its published
+# v0.x release; k8s.io/sample-cli-plugin v0.32.3 is refused by the module
+# proxy and nothing kube-apiserver builds imports it, so it is replaced by an
+# empty local stub module. The ldflags set what /version reports.
+install_kube_apiserver() {
+	local dir="$TOOLS_CACHE/kube-apiserver-$KUBE_VERSION" m modlines
+	local -a staging=(api apiextensions-apiserver apimachinery apiserver cli-runtime
+		client-go cloud-provider cluster-bootstrap code-generator component-base
+		component-helpers controller-manager cri-api cri-client csi-translation-lib
+		dynamic-resource-allocation endpointslice externaljwt kms kube-aggregator
+		kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics
+		mount-utils pod-security-admission sample-apiserver sample-controller)
+	mkdir -p "$dir/src/stub/sample-cli-plugin"
+	printf 'module k8s.io/sample-cli-plugin\n' >"$dir/src/stub/sample-cli-plugin/go.mod"
+	modlines="godebug default=go1.23"$'\n\n'"require k8s.io/kubernetes $KUBE_VERSION"$'\n\n'"replace ("$'\n'
+	for m in "${staging[@]}"; do
+		modlines+=$'\t'"k8s.io/$m => k8s.io/$m $KUBE_STAGING_VERSION"$'\n'
+	done
+	modlines+=$'\t'"k8s.io/sample-cli-plugin => ./stub/sample-cli-plugin"$'\n'")"
+	local v=$KUBE_VERSION minor=${KUBE_VERSION#v1.}
+	minor=${minor%%.*}
+	GONOSUMDB=k8s.io install_go_tool kube-apiserver "$KUBE_VERSION" \
+		k8s.io/kubernetes/cmd/kube-apiserver "$modlines" \
+		"-s -w -X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+	GO_TOOLS_DONE+=(kube-apiserver)
+}
+
+# install_h2spec: the HTTP/2 conformance suite the h2c listeners are tested
+# with (a module without go.mod, hence +incompatible).
+install_h2spec() {
+	install_go_tool h2spec "$H2SPEC_VERSION" github.com/summerwind/h2spec/cmd/h2spec \
+		"require github.com/summerwind/h2spec $H2SPEC_VERSION"
+	GO_TOOLS_DONE+=(h2spec)
+}
+
+# install_ghz: gRPC load generator for `make bench`.
+install_ghz() {
+	install_go_tool ghz "$GHZ_VERSION" github.com/bojand/ghz/cmd/ghz "require github.com/bojand/ghz $GHZ_VERSION"
+	GO_TOOLS_DONE+=(ghz)
+}
+
 # set_test: what `make test` needs.
 set_test() {
+	install_h2spec
 	install_consul
+	install_kube_apiserver
+	want_cmd etcd etcd-server
 }
 
 set_all() {

@@ -1,0 +1,70 @@
+// Package toolbin finds the real tools integration tests run (h2spec and
+// the like) where scripts/tools.sh installs them.
+package toolbin
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// Path returns the binary of tool name: $SIDECAR_<NAME>_BIN when set (and
+// then only that), else name on PATH, else the scripts/tools.sh cache
+// ($SIDECAR_TOOLS_CACHE or ${XDG_CACHE_HOME:-$HOME/.cache}/sidecar-tools,
+// then bin/NAME). Without one the test fails when $CI is set (a missing
+// tool in CI is a failure) and is skipped otherwise, naming the command
+// that installs it.
+func Path(t testing.TB, name string) string {
+	t.Helper()
+	bin, err := find(name)
+	if err == nil {
+		return bin
+	}
+	hint := "run scripts/tools.sh test, or set " + envName(name)
+	if os.Getenv("CI") != "" {
+		t.Fatalf("toolbin: no %s (CI is set, so this fails instead of skipping): %v; %s", name, err, hint)
+	}
+	t.Skipf("toolbin: no %s: %v; %s", name, err, hint)
+	return ""
+}
+
+func envName(name string) string {
+	return "SIDECAR_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_")) + "_BIN"
+}
+
+func find(name string) (string, error) {
+	if bin := os.Getenv(envName(name)); bin != "" {
+		return bin, executable(bin)
+	}
+	if bin, err := exec.LookPath(name); err == nil {
+		return bin, nil
+	}
+	root := os.Getenv("SIDECAR_TOOLS_CACHE")
+	if root == "" {
+		cache := os.Getenv("XDG_CACHE_HOME")
+		if cache == "" {
+			home, err := os.UserHomeDir()
+			if err != nil {
+				return "", err
+			}
+			cache = filepath.Join(home, ".cache")
+		}
+		root = filepath.Join(cache, "sidecar-tools")
+	}
+	bin := filepath.Join(root, "bin", name)
+	return bin, executable(bin)
+}
+
+func executable(path string) error {
+	info, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if info.IsDir() || info.Mode().Perm()&0o111 == 0 {
+		return fmt.Errorf("%s is not an executable file", path)
+	}
+	return nil
+}
