@@ -41,9 +41,10 @@ unit:
 run demo:
 	$(GO) run ./cmd/sidecar demo
 
-## bench: Go benchmarks, then wrk against direct, sidecar, HAProxy and nginx
+## bench: Go benchmarks, then wrk against direct, sidecar, HAProxy and nginx, then gRPC (ghz) direct vs sidecar
 bench: bench-go
 	bench/run.sh
+	bench/grpc.sh
 
 bench-go: test-tools
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./pkg/outbound/

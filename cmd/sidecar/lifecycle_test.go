@@ -18,6 +18,10 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
 var (
@@ -358,4 +362,40 @@ func TestStartupProbeGatesTheOthers(t *testing.T) {
 	if healthChecks.Load() == 0 || status(c, base+"/app-health/startupz") != 200 {
 		t.Fatalf("after startup passed: %d readiness probes, startupz %d", healthChecks.Load(), status(c, base+"/app-health/startupz"))
 	}
+}
+
+// A gRPC call crosses both listeners of a sidecar, as it crosses two
+// sidecars between pods: the app's client dials the outbound port with the
+// service's authority, the outbound side routes it to the inbound port
+// (the service's registered endpoint), and the inbound side hands it to
+// the app's gRPC server. Health checks go the same way.
+func TestGRPCThroughBothListeners(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(srv, hs)
+	go srv.Serve(ln)
+	defer srv.Stop()
+	_, appPort, _ := net.SplitHostPort(ln.Addr().String())
+	in := freePort(t)
+	rs := runSidecar(t, "", "--app-port", appPort, "--inbound-addr", in, "--static", "orders="+in,
+		"--readiness-probe", "grpc,interval=100ms")
+	cc, err := grpc.NewClient(rs.out, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithAuthority("orders"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health through outbound and inbound: %v %v, want SERVING", resp, err)
+	}
+	c := &http.Client{Timeout: 2 * time.Second}
+	waitStatus(t, c, "http://"+rs.health+"/app-health/readyz", 200, 5*time.Second)
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	waitStatus(t, c, "http://"+rs.health+"/app-health/readyz", 503, 5*time.Second)
 }
