@@ -1,0 +1,229 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+
+	"github.com/sidecar-mesh/sidecar/pkg/inject"
+)
+
+// injectFlags are the injector's defaults, shared by `inject` and
+// `webhook`; a pod's sidecar.mesh/* annotations override them.
+type injectFlags struct {
+	image       string
+	pullPolicy  string
+	classic     bool
+	logLevel    string
+	drainWindow time.Duration
+	consulAddr  string
+	httpProxy   bool
+	env         []string
+	cpuRequest  string
+	cpuLimit    string
+	memRequest  string
+	memLimit    string
+}
+
+func defaultImage() string { return "sidecar:" + version }
+
+func (f *injectFlags) addFlags(fs *pflag.FlagSet) {
+	def := inject.DefaultResources()
+	quantity := func(l corev1.ResourceList, name corev1.ResourceName) string {
+		if q, ok := l[name]; ok {
+			return q.String()
+		}
+		return "none"
+	}
+	fs.StringVar(&f.image, "image", defaultImage(), "image of the sidecar container (annotation "+inject.AnnotationImage+")")
+	fs.StringVar(&f.pullPolicy, "image-pull-policy", string(corev1.PullIfNotPresent), "Always, IfNotPresent or Never")
+	fs.BoolVar(&f.classic, "classic", false, "inject a regular container instead of a native sidecar (init container with restartPolicy Always), for clusters older than 1.29 (annotation "+inject.AnnotationClassic+")")
+	fs.StringVar(&f.logLevel, "sidecar-log-level", "", "the sidecar's --log-level: debug, info, warn or error; empty: its default (annotation "+inject.AnnotationLogLevel+")")
+	fs.DurationVar(&f.drainWindow, "drain-window", inject.DefaultDrainWindow, "the sidecar's --drain-window; the pod's terminationGracePeriodSeconds grows by it (annotation "+inject.AnnotationDrainWindow+")")
+	fs.StringVar(&f.consulAddr, "consul-addr", "", "the sidecar's --consul-addr, host:port; $(HOST_IP):8500 is the node's agent (annotation "+inject.AnnotationConsulAddr+")")
+	fs.BoolVar(&f.httpProxy, "http-proxy", false, "set HTTP_PROXY and NO_PROXY in the app containers (annotation "+inject.AnnotationHTTPProxy+")")
+	fs.StringArrayVar(&f.env, "sidecar-env", nil, "NAME=VALUE added to the sidecar container's environment, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4317; repeatable")
+	fs.StringVar(&f.cpuRequest, "cpu-request", quantity(def.Requests, corev1.ResourceCPU), "the sidecar's CPU request, or none (annotation "+inject.AnnotationCPURequest+")")
+	fs.StringVar(&f.cpuLimit, "cpu-limit", quantity(def.Limits, corev1.ResourceCPU), "the sidecar's CPU limit, or none (annotation "+inject.AnnotationCPULimit+")")
+	fs.StringVar(&f.memRequest, "memory-request", quantity(def.Requests, corev1.ResourceMemory), "the sidecar's memory request, or none (annotation "+inject.AnnotationMemoryRequest+")")
+	fs.StringVar(&f.memLimit, "memory-limit", quantity(def.Limits, corev1.ResourceMemory), "the sidecar's memory limit, or none; sets GOMEMLIMIT (annotation "+inject.AnnotationMemoryLimit+")")
+}
+
+// injector builds the injector the flags describe.
+func (f *injectFlags) injector() (*inject.Injector, error) {
+	cfg := inject.Config{
+		Image:           f.image,
+		ImagePullPolicy: corev1.PullPolicy(f.pullPolicy),
+		Version:         version,
+		Classic:         f.classic,
+		LogLevel:        f.logLevel,
+		DrainWindow:     f.drainWindow,
+		ConsulAddr:      f.consulAddr,
+		HTTPProxy:       f.httpProxy,
+		Resources: corev1.ResourceRequirements{
+			Requests: corev1.ResourceList{},
+			Limits:   corev1.ResourceList{},
+		},
+	}
+	var errs []error
+	for _, q := range []struct {
+		flag, v string
+		list    corev1.ResourceList
+		name    corev1.ResourceName
+	}{
+		{"--cpu-request", f.cpuRequest, cfg.Resources.Requests, corev1.ResourceCPU},
+		{"--cpu-limit", f.cpuLimit, cfg.Resources.Limits, corev1.ResourceCPU},
+		{"--memory-request", f.memRequest, cfg.Resources.Requests, corev1.ResourceMemory},
+		{"--memory-limit", f.memLimit, cfg.Resources.Limits, corev1.ResourceMemory},
+	} {
+		if q.v == "none" {
+			continue
+		}
+		v, err := resource.ParseQuantity(q.v)
+		if err != nil || v.Sign() <= 0 {
+			errs = append(errs, fmt.Errorf("%s: %q is not a positive quantity such as 100m or 128Mi (or none)", q.flag, q.v))
+			continue
+		}
+		q.list[q.name] = v
+	}
+	for _, kv := range f.env {
+		name, value, ok := strings.Cut(kv, "=")
+		if !ok || name == "" {
+			errs = append(errs, fmt.Errorf("--sidecar-env: %q: want NAME=VALUE", kv))
+			continue
+		}
+		cfg.Env = append(cfg.Env, corev1.EnvVar{Name: name, Value: value})
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	in, err := inject.New(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("injection settings: %w", err)
+	}
+	return in, nil
+}
+
+// settableAnnotations are the annotations a user sets (not the status the
+// injector writes).
+func settableAnnotations() []string {
+	var out []string
+	for _, a := range inject.KnownAnnotations() {
+		if a != inject.AnnotationStatus {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// injectOptions are the inputs of `sidecar inject`.
+type injectOptions struct {
+	files   []string
+	verbose bool
+	flags   injectFlags
+
+	stdin          io.Reader
+	stdout, stderr io.Writer
+
+	injector *inject.Injector // set by complete
+}
+
+func (o *injectOptions) complete() (err error) {
+	o.injector, err = o.flags.injector()
+	return err
+}
+
+func (o *injectOptions) validate() error {
+	if len(o.files) == 0 {
+		return errors.New("-f is required: a file of manifests, or - for standard input")
+	}
+	stdin := 0
+	for _, f := range o.files {
+		if f == "-" {
+			stdin++
+		}
+	}
+	if stdin > 1 {
+		return errors.New("-f -: standard input can be read once")
+	}
+	return nil
+}
+
+// run injects every file in order; the output is written only when every
+// document of every file is good.
+func (o *injectOptions) run() error {
+	var out strings.Builder
+	for i, name := range o.files {
+		r := o.stdin
+		label := "<stdin>"
+		if name != "-" {
+			f, err := os.Open(name)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			r, label = f, name
+		}
+		var doc strings.Builder
+		notices, err := o.injector.Documents(r, &doc)
+		for _, n := range notices {
+			if o.verbose || strings.HasPrefix(n.Text, "warning: ") {
+				fmt.Fprintf(o.stderr, "%s: %s\n", label, n)
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w", label, err)
+		}
+		if i > 0 && doc.Len() > 0 && !strings.HasPrefix(doc.String(), "---") {
+			out.WriteString("---\n")
+		}
+		out.WriteString(doc.String())
+	}
+	_, err := io.WriteString(o.stdout, out.String())
+	return err
+}
+
+func newInjectCommand(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
+	o := &injectOptions{stdin: stdin, stdout: stdout, stderr: stderr}
+	cmd := &cobra.Command{
+		Use:   "inject -f FILE|-",
+		Short: "Add the sidecar to the pods of Kubernetes manifests",
+		Long: `Read Kubernetes manifests (multi-document YAML) and write them to standard output
+with the sidecar added to every pod template: Pods, Deployments, StatefulSets,
+DaemonSets, ReplicaSets, ReplicationControllers, Jobs and CronJobs, also inside
+a List. Other documents, and pods that opted out or already have the sidecar,
+are written exactly as read, so injecting twice equals injecting once.
+
+The sidecar is a native sidecar (the first init container, restartPolicy
+Always, with a startupProbe, so the app starts only once the proxy serves and
+Jobs complete); --classic adds a regular container for clusters before 1.29.
+The app container's HTTP, TCP and gRPC probes move to the sidecar, which runs
+them; the kubelet asks the sidecar's /app-health/* endpoints instead.
+
+Per pod, annotations override the flags: ` + strings.Join(settableAnnotations(), ", ") + `.`,
+		Example: `  sidecar inject -f deploy.yaml | kubectl apply -f -
+  kubectl get deploy web -o yaml | sidecar inject -f - --http-proxy | kubectl apply -f -`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.complete(); err != nil {
+				return err
+			}
+			if err := o.validate(); err != nil {
+				return err
+			}
+			return o.run()
+		},
+	}
+	cmd.Flags().StringArrayVarP(&o.files, "filename", "f", nil, "file of manifests, or - for standard input; repeatable")
+	cmd.Flags().BoolVarP(&o.verbose, "verbose", "v", false, "also say on standard error which pods were not injected and why")
+	o.flags.addFlags(cmd.Flags())
+	return cmd
+}

@@ -1,0 +1,450 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/sidecar-mesh/sidecar/internal/kubetest"
+	"github.com/sidecar-mesh/sidecar/pkg/inject"
+)
+
+// assumedNamespaces exist in a cluster the manifests are applied to, though
+// no manifest creates them.
+var assumedNamespaces = []string{"monitoring"}
+
+// TestKubernetesAPIServer holds the manifests, the injected output and the
+// webhook to a real kube-apiserver (internal/kubetest): every manifest in
+// k8s/ and every golden output of pkg/inject passes a server-side dry run
+// with strict field validation and no warnings, and the API server calls the
+// running `sidecar webhook` on pod creation and stores the injected pod.
+func TestKubernetesAPIServer(t *testing.T) {
+	s := kubetest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	k := &kube{t: t, s: s, ctx: ctx}
+
+	t.Run("manifests", func(t *testing.T) {
+		k := k.with(t)
+		files := yamlFiles(t, "../../k8s")
+		if len(files) < 6 {
+			t.Fatalf("found %d YAML files under k8s/, want at least 6: %v", len(files), files)
+		}
+		// Namespaces for real first, so the namespaced objects have one.
+		for _, f := range files {
+			for _, o := range k.objects(f) {
+				if kindOf(o) == "Namespace" {
+					k.createOnce(o)
+				}
+			}
+		}
+		for _, ns := range assumedNamespaces {
+			k.namespace(ns, nil)
+		}
+		total := 0
+		for _, f := range files {
+			for i, o := range k.objects(f) {
+				if kindOf(o) != "Namespace" {
+					k.dryRun(fmt.Sprintf("%s, object %d", f, i+1), o)
+				}
+				total++
+			}
+		}
+		t.Logf("%d objects in %d files passed a strict server-side dry run", total, len(files))
+	})
+
+	t.Run("injected goldens", func(t *testing.T) {
+		k := k.with(t)
+		files, _ := filepath.Glob("../../pkg/inject/testdata/*.golden.yaml")
+		if len(files) < 12 {
+			t.Fatalf("found %d golden files, want at least 12", len(files))
+		}
+		total, sidecars, injected := 0, 0, 0
+		for _, f := range files {
+			data, _ := os.ReadFile(f)
+			injected += bytes.Count(data, []byte(inject.AnnotationStatus+":"))
+			for i, o := range k.objects(f) {
+				ns := namespaceOf(o)
+				k.namespace(ns, nil)
+				resp := k.dryRun(fmt.Sprintf("%s, object %d", filepath.Base(f), i+1), o)
+				sidecars += bytes.Count(resp.Body, []byte(`"name":"sidecar","image"`))
+				total++
+			}
+		}
+		// Every injected pod template comes back with its sidecar.
+		if sidecars != injected || injected < 25 {
+			t.Errorf("%d sidecars came back from the dry runs, want %d (the injected pod templates of the goldens; at least 25)", sidecars, injected)
+		}
+		t.Logf("%d injected objects (%d sidecars) passed a strict server-side dry run", total, sidecars)
+	})
+
+	t.Run("webhook", func(t *testing.T) { testWebhookEndToEnd(k.with(t)) })
+}
+
+func testWebhookEndToEnd(k *kube) {
+	t := k.t
+	// The shipped RBAC, for real: the webhook runs with the token of the
+	// shipped service account and must manage the caBundle with it.
+	shipped := k.objects("../../k8s/webhook.yaml")
+	var mwc map[string]any
+	for _, o := range shipped {
+		switch kindOf(o) {
+		case "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding":
+			k.createOnce(o)
+		case "MutatingWebhookConfiguration":
+			if err := json.Unmarshal(o, &mwc); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	token := k.serviceAccountToken("sidecar-system", "sidecar-injector")
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte(token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	// The shipped webhook configuration, pointed at the webhook on loopback
+	// and without a caBundle: the webhook adds it.
+	addr := freePort(t)
+	hook := mwc["webhooks"].([]any)[0].(map[string]any)
+	hook["clientConfig"] = map[string]any{"url": "https://" + addr + "/inject"}
+	body, _ := json.Marshal(mwc)
+	k.create(body)
+
+	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	cert := writeCert(t, certFile, keyFile)
+	w := startWebhook(t, func(string) string { return "" },
+		"--addr="+addr, "--tls-cert-file="+certFile, "--tls-key-file="+keyFile,
+		"--ca-bundle-file="+certFile, "--webhook-config=sidecar-injector",
+		"--kube-api-server="+k.s.URL, "--kube-token-file="+tokenFile, "--kube-ca-file="+k.s.CAFile,
+		"--image=sidecar:e2e")
+	k.waitCABundle(cert)
+	waitLogLines(t, w, "caBundle updated", 1)
+
+	k.namespace("mesh", map[string]string{"sidecar.mesh/inject": "enabled"})
+	k.namespace("plain", nil)
+	admissions := func() int { return len(w.logs.logLines("admission")) }
+
+	// A pod in the labelled namespace: stored with the sidecar.
+	stored := k.createPod("mesh", "web", nil, nil)
+	init := stored.Spec.InitContainers
+	if len(init) != 1 || init[0].Name != inject.ContainerName || init[0].Image != "sidecar:e2e" ||
+		init[0].RestartPolicy == nil || *init[0].RestartPolicy != corev1.ContainerRestartPolicyAlways {
+		t.Fatalf("stored pod mesh/web: init containers %+v, want the native sidecar sidecar:e2e", init)
+	}
+	if !slices.Contains(init[0].Args, "--readiness-probe=http:/ready,interval=10s,timeout=1s,failureThreshold=3,successThreshold=1") {
+		t.Errorf("stored pod mesh/web: sidecar args %q, want the app's readiness probe handed over", init[0].Args)
+	}
+	if p := stored.Spec.Containers[0].ReadinessProbe; p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/app-health/readyz" || p.HTTPGet.Port.IntValue() != inject.PortHealth {
+		t.Errorf("stored pod mesh/web: app readiness probe %+v, want GET /app-health/readyz on 15020", p)
+	}
+	if stored.Annotations[inject.AnnotationStatus] == "" {
+		t.Errorf("stored pod mesh/web: no %s annotation", inject.AnnotationStatus)
+	}
+	if n := admissions(); n != 1 {
+		t.Errorf("after one pod creation: %d admission reviews, want 1", n)
+	}
+
+	// Not called: opted out by label (objectSelector), or a namespace
+	// without the label (namespaceSelector).
+	if p := k.createPod("mesh", "opted-out", map[string]string{"sidecar.mesh/inject": "false"}, nil); len(p.Spec.InitContainers) != 0 {
+		t.Errorf("pod mesh/opted-out: got init containers %v, want none", p.Spec.InitContainers)
+	}
+	if p := k.createPod("plain", "web", nil, nil); len(p.Spec.InitContainers) != 0 {
+		t.Errorf("pod plain/web: got init containers %v, want none", p.Spec.InitContainers)
+	}
+	if n := admissions(); n != 1 {
+		t.Errorf("after pods the selectors exclude: %d admission reviews, want still 1", n)
+	}
+
+	// Classic by annotation; a bad annotation refuses the pod with its field.
+	if p := k.createPod("mesh", "classic", nil, map[string]string{inject.AnnotationClassic: "true"}); len(p.Spec.Containers) != 2 || p.Spec.Containers[0].Name != inject.ContainerName {
+		t.Errorf("pod mesh/classic: containers %v, want the sidecar first", containerNames(p.Spec.Containers))
+	}
+	_, err := k.s.Create(k.ctx, podJSON("mesh", "bad", nil, map[string]string{inject.AnnotationAppPort: "http"}), kubetest.CreateOptions{})
+	var apiErr *kubetest.APIError
+	if !errors.As(err, &apiErr) || !strings.Contains(apiErr.Message, `sidecar injection: metadata.annotations[sidecar.mesh/app-port]: "http" is not a port number`) {
+		t.Errorf("pod with app-port \"http\": got %v, want a refusal naming the annotation", err)
+	}
+
+	// A pod injected by the CLI is left as is: one sidecar.
+	var cliOut bytes.Buffer
+	in, err := inject.New(inject.Config{Image: "sidecar:cli", Version: "cli"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := in.Documents(bytes.NewReader(podYAML("mesh", "pre-injected")), &cliOut); err != nil {
+		t.Fatal(err)
+	}
+	objs, err := kubetest.Objects(cliOut.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp := k.create(objs[0])
+	var pre corev1.Pod
+	if err := json.Unmarshal(resp.Body, &pre); err != nil {
+		t.Fatal(err)
+	}
+	if len(pre.Spec.InitContainers) != 1 || pre.Spec.InitContainers[0].Image != "sidecar:cli" {
+		t.Errorf("pod injected by the CLI: init containers %v, want the CLI's sidecar only", pre.Spec.InitContainers)
+	}
+	if n := admissions(); n != 4 {
+		t.Errorf("after web, classic, bad and pre-injected: %d admission reviews, want 4", n)
+	}
+
+	// The certificate rotates to a new CA: the webhook serves it at the next
+	// handshake and puts the new CA in the caBundle; pods are injected again.
+	rotated := writeCert(t, certFile, keyFile)
+	servedSerial(t, addr) // a handshake: the webhook reloads
+	k.waitCABundle(rotated)
+	if p := k.createPod("mesh", "after-rotation", nil, nil); len(p.Spec.InitContainers) != 1 {
+		t.Errorf("pod mesh/after-rotation: init containers %v, want the sidecar", p.Spec.InitContainers)
+	}
+	waitLogLines(t, w, "caBundle updated", 2) // start and rotation
+}
+
+// ---- helpers ----------------------------------------------------------------
+
+// waitLogLines waits until the webhook has logged msg exactly n times (the
+// API server can show an update before the webhook logs it).
+func waitLogLines(t *testing.T, w *runningWebhook, msg string, n int) {
+	t.Helper()
+	deadline := time.NewTimer(10 * time.Second)
+	defer deadline.Stop()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		got := len(w.logs.logLines(msg))
+		if got == n {
+			return
+		}
+		if got > n {
+			t.Fatalf("%d %q log lines, want %d", got, msg, n)
+		}
+		select {
+		case <-deadline.C:
+			t.Fatalf("%d %q log lines after 10s, want %d", got, msg, n)
+		case <-tick.C:
+		}
+	}
+}
+
+// kube wraps the API server for one (sub)test.
+type kube struct {
+	t   *testing.T
+	s   *kubetest.Server
+	ctx context.Context
+}
+
+func (k *kube) with(t *testing.T) *kube { return &kube{t: t, s: k.s, ctx: k.ctx} }
+
+func (k *kube) objects(file string) [][]byte {
+	k.t.Helper()
+	data, err := os.ReadFile(file)
+	if err != nil {
+		k.t.Fatal(err)
+	}
+	objs, err := kubetest.Objects(data)
+	if err != nil {
+		k.t.Fatalf("%s: %v", file, err)
+	}
+	return objs
+}
+
+// dryRun creates obj with dryRun=All and strict field validation; an error
+// or a warning fails the test.
+func (k *kube) dryRun(what string, obj []byte) *kubetest.Response {
+	k.t.Helper()
+	resp, err := k.s.Create(k.ctx, obj, kubetest.CreateOptions{DryRun: true})
+	if err != nil {
+		k.t.Fatalf("%s: server-side dry run: %v", what, err)
+	}
+	if len(resp.Warnings) > 0 {
+		k.t.Errorf("%s: server-side dry run warned: %q", what, resp.Warnings)
+	}
+	return resp
+}
+
+func (k *kube) create(obj []byte) *kubetest.Response {
+	k.t.Helper()
+	resp, err := k.s.Create(k.ctx, obj, kubetest.CreateOptions{})
+	if err != nil {
+		k.t.Fatalf("create: %v", err)
+	}
+	return resp
+}
+
+// createOnce creates obj unless it exists already.
+func (k *kube) createOnce(obj []byte) {
+	k.t.Helper()
+	_, err := k.s.Create(k.ctx, obj, kubetest.CreateOptions{})
+	var apiErr *kubetest.APIError
+	if err != nil && !(errors.As(err, &apiErr) && apiErr.Status == http.StatusConflict) {
+		k.t.Fatalf("create: %v", err)
+	}
+}
+
+// namespace creates a namespace (with labels) and its default service
+// account (no controller manager runs to make it), unless they exist.
+func (k *kube) namespace(name string, labels map[string]string) {
+	k.t.Helper()
+	ns, _ := json.Marshal(map[string]any{"apiVersion": "v1", "kind": "Namespace",
+		"metadata": map[string]any{"name": name, "labels": labels}})
+	k.createOnce(ns)
+	sa, _ := json.Marshal(map[string]any{"apiVersion": "v1", "kind": "ServiceAccount",
+		"metadata": map[string]any{"name": "default", "namespace": name}})
+	k.createOnce(sa)
+}
+
+func (k *kube) serviceAccountToken(ns, name string) string {
+	k.t.Helper()
+	path := fmt.Sprintf("/api/v1/namespaces/%s/serviceaccounts/%s/token", ns, name)
+	resp, err := k.s.Do(k.ctx, http.MethodPost, path,
+		[]byte(`{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{"expirationSeconds":3600}}`))
+	if err != nil || resp.Status != http.StatusCreated {
+		k.t.Fatalf("POST %s: %v %+v", path, err, resp)
+	}
+	var tr struct {
+		Status struct{ Token string } `json:"status"`
+	}
+	if err := json.Unmarshal(resp.Body, &tr); err != nil || tr.Status.Token == "" {
+		k.t.Fatalf("TokenRequest: %s (%v)", resp.Body, err)
+	}
+	return tr.Status.Token
+}
+
+// waitCABundle waits until the webhook configuration's caBundle is ca.
+func (k *kube) waitCABundle(ca []byte) {
+	k.t.Helper()
+	path := "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/sidecar-injector"
+	deadline := time.NewTimer(30 * time.Second)
+	defer deadline.Stop()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		resp, err := k.s.Do(k.ctx, http.MethodGet, path, nil)
+		if err != nil {
+			k.t.Fatal(err)
+		}
+		var cfg struct {
+			Webhooks []struct {
+				ClientConfig struct{ CABundle []byte } `json:"clientConfig"`
+			} `json:"webhooks"`
+		}
+		if err := json.Unmarshal(resp.Body, &cfg); err != nil {
+			k.t.Fatal(err)
+		}
+		if len(cfg.Webhooks) == 1 && bytes.Equal(cfg.Webhooks[0].ClientConfig.CABundle, ca) {
+			return
+		}
+		select {
+		case <-deadline.C:
+			k.t.Fatalf("the webhook did not set the caBundle within 30s: %s", resp.Body)
+		case <-tick.C:
+		}
+	}
+}
+
+// createPod creates a pod with an HTTP readiness probe and returns it as
+// stored.
+func (k *kube) createPod(ns, name string, labels, annotations map[string]string) corev1.Pod {
+	k.t.Helper()
+	resp := k.create(podJSON(ns, name, labels, annotations))
+	var p corev1.Pod
+	if err := json.Unmarshal(resp.Body, &p); err != nil {
+		k.t.Fatal(err)
+	}
+	// And it is what a later GET returns.
+	get, err := k.s.Do(k.ctx, http.MethodGet, fmt.Sprintf("/api/v1/namespaces/%s/pods/%s", ns, name), nil)
+	if err != nil || get.Status != http.StatusOK {
+		k.t.Fatalf("GET pod %s/%s: %v %+v", ns, name, err, get)
+	}
+	var again corev1.Pod
+	if err := json.Unmarshal(get.Body, &again); err != nil || len(again.Spec.InitContainers) != len(p.Spec.InitContainers) || len(again.Spec.Containers) != len(p.Spec.Containers) {
+		k.t.Fatalf("GET pod %s/%s differs from the created one (%v)", ns, name, err)
+	}
+	return p
+}
+
+func podYAML(ns, name string) []byte {
+	return fmt.Appendf(nil, `apiVersion: v1
+kind: Pod
+metadata:
+  name: %s
+  namespace: %s
+spec:
+  containers:
+  - name: app
+    image: example.com/app:1
+    ports: [{containerPort: 8080}]
+    readinessProbe:
+      httpGet: {path: /ready, port: 8080}
+`, name, ns)
+}
+
+func podJSON(ns, name string, labels, annotations map[string]string) []byte {
+	objs, err := kubetest.Objects(podYAML(ns, name))
+	if err != nil {
+		panic(err)
+	}
+	var p map[string]any
+	_ = json.Unmarshal(objs[0], &p)
+	meta := p["metadata"].(map[string]any)
+	meta["labels"], meta["annotations"] = labels, annotations
+	b, _ := json.Marshal(p)
+	return b
+}
+
+func containerNames(cs []corev1.Container) []string {
+	var out []string
+	for _, c := range cs {
+		out = append(out, c.Name)
+	}
+	return out
+}
+
+func kindOf(obj []byte) string {
+	var m struct{ Kind string }
+	_ = json.Unmarshal(obj, &m)
+	return m.Kind
+}
+
+func namespaceOf(obj []byte) string {
+	var m struct {
+		Metadata struct{ Namespace string } `json:"metadata"`
+	}
+	_ = json.Unmarshal(obj, &m)
+	if m.Metadata.Namespace == "" {
+		return "default"
+	}
+	return m.Metadata.Namespace
+}
+
+func yamlFiles(t *testing.T, root string) []string {
+	t.Helper()
+	var files []string
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && regexp.MustCompile(`\.ya?ml$`).MatchString(path) {
+			files = append(files, path)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return files
+}

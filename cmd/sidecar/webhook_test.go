@@ -1,0 +1,274 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sidecar-mesh/sidecar/internal/kubetest"
+)
+
+// lockedBuffer is a goroutine-safe log sink.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// logLines returns the JSON log lines with the given msg.
+func (b *lockedBuffer) logLines(msg string) []map[string]any {
+	var out []map[string]any
+	sc := bufio.NewScanner(strings.NewReader(b.String()))
+	for sc.Scan() {
+		var m map[string]any
+		if json.Unmarshal(sc.Bytes(), &m) == nil && m["msg"] == msg {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// runningWebhook is `sidecar webhook` started in-process.
+type runningWebhook struct {
+	addr   string
+	logs   *lockedBuffer
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// startWebhook runs `sidecar webhook ARGS` until the test ends and waits
+// until it serves.
+func startWebhook(t *testing.T, getenv func(string) string, args ...string) *runningWebhook {
+	t.Helper()
+	w := &runningWebhook{logs: &lockedBuffer{}, done: make(chan error, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	w.cancel = cancel
+	cmd := newRootCommand(strings.NewReader(""), io.Discard, w.logs, getenv)
+	cmd.SetArgs(append([]string{"webhook", "--addr=127.0.0.1:0"}, args...))
+	go func() { w.done <- cmd.ExecuteContext(ctx) }()
+	t.Cleanup(func() { w.stop(t) })
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if l := w.logs.logLines("webhook serving"); len(l) > 0 {
+			w.addr = l[0]["addr"].(string)
+			return w
+		}
+		select {
+		case err := <-w.done:
+			w.done <- err
+			t.Fatalf("sidecar webhook exited at start: %v\n%s", err, w.logs)
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sidecar webhook not serving within 10s:\n%s", w.logs)
+		}
+	}
+}
+
+func (w *runningWebhook) stop(t *testing.T) {
+	t.Helper()
+	if w.cancel == nil {
+		return
+	}
+	w.cancel()
+	w.cancel = nil
+	select {
+	case err := <-w.done:
+		if err != nil {
+			t.Errorf("sidecar webhook: exit error %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Errorf("sidecar webhook did not stop within 15s of its context ending")
+	}
+}
+
+// writeCert writes a fresh self-signed certificate for 127.0.0.1 and
+// returns its PEM.
+func writeCert(t *testing.T, certFile, keyFile string) []byte {
+	t.Helper()
+	certPEM, keyPEM, err := kubetest.SelfSignedCert([]string{"127.0.0.1", "localhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Written beside and renamed into place, as the kubelet swaps a Secret.
+	for file, data := range map[string][]byte{certFile: certPEM, keyFile: keyPEM} {
+		if err := os.WriteFile(file+".new", data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(file+".new", file); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return certPEM
+}
+
+func serialOf(t *testing.T, certPEM []byte) string {
+	t.Helper()
+	b, _ := pem.Decode(certPEM)
+	c, err := x509.ParseCertificate(b.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.SerialNumber.String()
+}
+
+// servedSerial dials the webhook and returns the serial of the certificate
+// it presents.
+func servedSerial(t *testing.T, addr string) string {
+	t.Helper()
+	conn, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatalf("TLS dial %s: %v", addr, err)
+	}
+	defer conn.Close()
+	return conn.ConnectionState().PeerCertificates[0].SerialNumber.String()
+}
+
+func clientFor(certPEM []byte) *http.Client {
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(certPEM)
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: pool}, DisableKeepAlives: true}}
+}
+
+func TestWebhookServesAndReloadsCertificate(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	first := writeCert(t, certFile, keyFile)
+	w := startWebhook(t, func(string) string { return "" }, "--tls-cert-file="+certFile, "--tls-key-file="+keyFile, "--image=sidecar:hook")
+	client := clientFor(first)
+	base := "https://" + w.addr
+
+	resp, err := client.Get(base + "/healthz")
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /healthz: %v %v, want 200", err, resp)
+	}
+	resp.Body.Close()
+
+	// An AdmissionReview for a pod: a JSON Patch that adds the sidecar.
+	pod := `{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a","ports":[{"containerPort":8080}]}]}}`
+	review := fmt.Sprintf(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u-1","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"namespace":"ns","operation":"CREATE","userInfo":{},"object":%s}}`, pod)
+	resp, err = client.Post(base+"/inject", "application/json", strings.NewReader(review))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var out struct {
+		APIVersion string `json:"apiVersion"`
+		Response   struct {
+			UID       string `json:"uid"`
+			Allowed   bool   `json:"allowed"`
+			PatchType string `json:"patchType"`
+			Patch     []byte `json:"patch"`
+		} `json:"response"`
+	}
+	if err := json.Unmarshal(body, &out); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("POST /inject: %d %s (%v)", resp.StatusCode, body, err)
+	}
+	if out.APIVersion != "admission.k8s.io/v1" || out.Response.UID != "u-1" || !out.Response.Allowed || out.Response.PatchType != "JSONPatch" ||
+		!bytes.Contains(out.Response.Patch, []byte(`{"op":"add","path":"/spec/initContainers","value":[{"name":"sidecar","image":"sidecar:hook"`)) {
+		t.Fatalf("POST /inject: got %s\npatch %s\nwant an allowed response for u-1 whose JSON Patch adds the sidecar", body, out.Response.Patch)
+	}
+	if l := w.logs.logLines("admission"); len(l) != 1 || l[0]["injected"] != true || l[0]["pod"] != "p" {
+		t.Errorf("admission log lines: got %v, want one saying pod p was injected", l)
+	}
+
+	// Wrong content type, oversized body, bad review.
+	for _, tc := range []struct {
+		name, ctype string
+		body        io.Reader
+		want        int
+	}{
+		{"text body", "text/plain", strings.NewReader(review), http.StatusUnsupportedMediaType},
+		{"5 MiB body", "application/json", io.LimitReader(zeros{}, 5<<20), http.StatusRequestEntityTooLarge},
+		{"not a review", "application/json", strings.NewReader(`{"kind":"Pod"}`), http.StatusBadRequest},
+	} {
+		resp, err := client.Post(base+"/inject", tc.ctype, tc.body)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s: POST /inject answered %d, want %d", tc.name, resp.StatusCode, tc.want)
+		}
+	}
+
+	// A new certificate in the files is served without a restart.
+	if got, want := servedSerial(t, w.addr), serialOf(t, first); got != want {
+		t.Fatalf("serving serial %s, want %s (the first certificate)", got, want)
+	}
+	second := writeCert(t, certFile, keyFile)
+	if got, want := servedSerial(t, w.addr), serialOf(t, second); got != want {
+		t.Fatalf("after rewriting the files: serving serial %s, want %s (the new certificate)", got, want)
+	}
+	// A broken pair is not loaded: the last good certificate stays.
+	if err := os.WriteFile(keyFile, []byte("not a key"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := servedSerial(t, w.addr), serialOf(t, second); got != want {
+		t.Fatalf("after a broken key: serving serial %s, want %s (the last good certificate)", got, want)
+	}
+	if n := len(w.logs.logLines("TLS certificate reloaded")); n != 1 {
+		t.Errorf("%d \"TLS certificate reloaded\" log lines, want 1", n)
+	}
+	if !strings.Contains(w.logs.String(), "serving the previous one") {
+		t.Errorf("no warning logged about the broken key pair:\n%s", w.logs)
+	}
+	w.stop(t)
+	if n := len(w.logs.logLines("webhook stopped")); n != 1 {
+		t.Errorf("%d \"webhook stopped\" log lines, want 1", n)
+	}
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+
+func TestWebhookCommandErrors(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	writeCert(t, certFile, keyFile)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"webhook"}, "--tls-cert-file and --tls-key-file are required"},
+		{[]string{"webhook", "--tls-cert-file=" + certFile, "--tls-key-file=" + keyFile, "--addr=nope"}, `--addr "nope": want host:port`},
+		{[]string{"webhook", "--tls-cert-file=" + certFile, "--tls-key-file=" + dir + "/missing.key", "--addr=127.0.0.1:0"}, "TLS key"},
+		{[]string{"webhook", "--tls-cert-file=" + certFile, "--tls-key-file=" + keyFile, "--addr=127.0.0.1:0", "--ca-bundle-file=" + certFile}, "not running in a cluster"},
+		{[]string{"webhook", "--tls-cert-file=" + certFile, "--tls-key-file=" + keyFile, "--memory-request=1Gi"}, "memory request 1Gi is above its limit 256Mi"},
+	} {
+		_, _, err := injectCLI(t, "", tc.args...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("sidecar %s: got %v, want an error containing %q", strings.Join(tc.args, " "), err, tc.want)
+		}
+	}
+}

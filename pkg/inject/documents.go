@@ -1,0 +1,353 @@
+package inject
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+	appsv1 "k8s.io/api/apps/v1"
+	batchv1 "k8s.io/api/batch/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	sigsjson "sigs.k8s.io/json"
+	sigsyaml "sigs.k8s.io/yaml"
+)
+
+// MaxInput bounds what Documents reads.
+const MaxInput = 64 << 20
+
+// workload describes a kind that has a pod template.
+type workload struct {
+	apiVersion string
+	new        func() any
+	// template returns the pod template's metadata and spec, nil when the
+	// object has none, and the template's field path.
+	template func(obj any) (*metav1.ObjectMeta, *corev1.PodSpec, string)
+}
+
+var workloads = map[string]workload{
+	"Pod": {"v1", func() any { return &corev1.Pod{} }, func(o any) (*metav1.ObjectMeta, *corev1.PodSpec, string) {
+		p := o.(*corev1.Pod)
+		return &p.ObjectMeta, &p.Spec, ""
+	}},
+	"Deployment": {"apps/v1", func() any { return &appsv1.Deployment{} }, func(o any) (*metav1.ObjectMeta, *corev1.PodSpec, string) {
+		t := &o.(*appsv1.Deployment).Spec.Template
+		return &t.ObjectMeta, &t.Spec, "spec.template."
+	}},
+	"StatefulSet": {"apps/v1", func() any { return &appsv1.StatefulSet{} }, func(o any) (*metav1.ObjectMeta, *corev1.PodSpec, string) {
+		t := &o.(*appsv1.StatefulSet).Spec.Template
+		return &t.ObjectMeta, &t.Spec, "spec.template."
+	}},
+	"DaemonSet": {"apps/v1", func() any { return &appsv1.DaemonSet{} }, func(o any) (*metav1.ObjectMeta, *corev1.PodSpec, string) {
+		t := &o.(*appsv1.DaemonSet).Spec.Template
+		return &t.ObjectMeta, &t.Spec, "spec.template."
+	}},
+	"ReplicaSet": {"apps/v1", func() any { return &appsv1.ReplicaSet{} }, func(o any) (*metav1.ObjectMeta, *corev1.PodSpec, string) {
+		t := &o.(*appsv1.ReplicaSet).Spec.Template
+		return &t.ObjectMeta, &t.Spec, "spec.template."
+	}},
+	"ReplicationController": {"v1", func() any { return &corev1.ReplicationController{} }, func(o any) (*metav1.ObjectMeta, *corev1.PodSpec, string) {
+		t := o.(*corev1.ReplicationController).Spec.Template
+		if t == nil {
+			return nil, nil, ""
+		}
+		return &t.ObjectMeta, &t.Spec, "spec.template."
+	}},
+	"Job": {"batch/v1", func() any { return &batchv1.Job{} }, func(o any) (*metav1.ObjectMeta, *corev1.PodSpec, string) {
+		t := &o.(*batchv1.Job).Spec.Template
+		return &t.ObjectMeta, &t.Spec, "spec.template."
+	}},
+	"CronJob": {"batch/v1", func() any { return &batchv1.CronJob{} }, func(o any) (*metav1.ObjectMeta, *corev1.PodSpec, string) {
+		t := &o.(*batchv1.CronJob).Spec.JobTemplate.Spec.Template
+		return &t.ObjectMeta, &t.Spec, "spec.jobTemplate.spec.template."
+	}},
+}
+
+// Notice is something Documents tells the user about one object: a
+// warning, or why it was not injected.
+type Notice struct {
+	Where string // e.g. `document 2 (line 14, Deployment web)`
+	Text  string
+}
+
+func (n Notice) String() string { return n.Where + ": " + n.Text }
+
+// Documents reads a stream of YAML documents (Kubernetes manifests) and
+// writes it to w with the sidecar injected into every pod template: Pods,
+// Deployments, StatefulSets, DaemonSets, ReplicaSets, ReplicationControllers,
+// Jobs and CronJobs, also inside a List. Other documents, and objects that
+// are not injected (opted out, already injected), are written exactly as
+// read; injected ones keep their key order and comments, so that running
+// it twice gives the same bytes as running it once. Nothing is written when
+// a document is malformed: the error names the document (its index and
+// line, its kind and name) and the field.
+func (in *Injector) Documents(r io.Reader, w io.Writer) ([]Notice, error) {
+	data, err := io.ReadAll(io.LimitReader(r, MaxInput+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > MaxInput {
+		return nil, fmt.Errorf("input larger than %d MiB", MaxInput>>20)
+	}
+	var (
+		out     bytes.Buffer
+		notices []Notice
+		n       int
+	)
+	for _, d := range splitDocuments(data) {
+		if isBlank(d.text) {
+			continue
+		}
+		n++
+		// The separator line as written (with its comment, if any).
+		if d.sep != nil {
+			out.Write(d.sep)
+		}
+		where := fmt.Sprintf("document %d (line %d", n, d.line)
+		text, ns, err := in.document(d.text, where)
+		notices = append(notices, ns...)
+		if err != nil {
+			return notices, err
+		}
+		out.Write(text)
+		if len(text) > 0 && text[len(text)-1] != '\n' {
+			out.WriteByte('\n')
+		}
+	}
+	_, err = w.Write(out.Bytes())
+	return notices, err
+}
+
+// document injects one YAML document; where is "document N (line L", which
+// document closes after adding the kind and name.
+func (in *Injector) document(text []byte, where string) ([]byte, []Notice, error) {
+	if isCommentsOnly(text) {
+		return text, nil, nil
+	}
+	js, err := sigsyaml.YAMLToJSONStrict(text)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s): %w", where, err)
+	}
+	ops, notices, err := in.object(js, "", where, "")
+	if err != nil || len(ops) == 0 {
+		return text, notices, err
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(text, &doc); err != nil {
+		return nil, notices, fmt.Errorf("%s): %w", where, err)
+	}
+	root := doc.Content[0]
+	if hasAliases(root) {
+		// Anchors and merge keys don't survive patching by path: work on
+		// the document's plain form (comments are lost).
+		if root, err = jsonNode(js); err != nil {
+			return nil, notices, fmt.Errorf("%s): %w", where, err)
+		}
+		doc.Content[0] = root
+	}
+	if err := Apply(root, ops); err != nil {
+		return nil, notices, fmt.Errorf("%s): applying the injection: %w", where, err)
+	}
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	enc.CompactSeqIndent()
+	if err := enc.Encode(&doc); err != nil {
+		return nil, notices, fmt.Errorf("%s): encoding: %w", where, err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, notices, err
+	}
+	return buf.Bytes(), notices, nil
+}
+
+// typeMeta is what identifies an object, plus a List's items.
+type typeMeta struct {
+	APIVersion string `json:"apiVersion"`
+	Kind       string `json:"kind"`
+	Metadata   struct {
+		Name         string `json:"name"`
+		GenerateName string `json:"generateName"`
+	} `json:"metadata"`
+	Items []json.RawMessage `json:"items"`
+}
+
+// object returns the patch that injects one object (recursing into a
+// List's items); path is the object's JSON Pointer in the document, field
+// its field path prefix.
+func (in *Injector) object(js []byte, path, where, field string) ([]Operation, []Notice, error) {
+	var tm typeMeta
+	if err := json.Unmarshal(js, &tm); err != nil {
+		return nil, nil, fmt.Errorf("%s): %snot a Kubernetes object: %w", where, field, err)
+	}
+	name := tm.Metadata.Name
+	if name == "" && tm.Metadata.GenerateName != "" {
+		name = tm.Metadata.GenerateName + "*"
+	}
+	label := where + ", " + tm.Kind
+	if name != "" {
+		label += " " + name
+	}
+	label += ")"
+	switch {
+	case tm.Kind == "":
+		return nil, nil, fmt.Errorf("%s): %skind: missing: not a Kubernetes object", where, field)
+	case tm.APIVersion == "":
+		return nil, nil, fmt.Errorf("%s: %sapiVersion: missing", label, field)
+	}
+	if tm.APIVersion == "v1" && tm.Kind == "List" || strings.HasSuffix(tm.Kind, "List") && tm.Items != nil {
+		var ops []Operation
+		var notices []Notice
+		for i, item := range tm.Items {
+			o, ns, err := in.object(item, path+"/items/"+strconv.Itoa(i), where, fmt.Sprintf("%sitems[%d].", field, i))
+			notices = append(notices, ns...)
+			if err != nil {
+				return nil, notices, err
+			}
+			ops = append(ops, o...)
+		}
+		return ops, notices, nil
+	}
+	wl, ok := workloads[tm.Kind]
+	if !ok {
+		return nil, nil, nil // not ours: untouched
+	}
+	if tm.APIVersion != wl.apiVersion {
+		return nil, nil, fmt.Errorf("%s: %sapiVersion: %s %s is not supported (want %s)", label, field, tm.APIVersion, tm.Kind, wl.apiVersion)
+	}
+	obj := wl.new()
+	strict, err := sigsjson.UnmarshalStrict(js, obj)
+	if err != nil {
+		at := ""
+		if field != "" {
+			at = strings.TrimSuffix(field, ".") + ": "
+		}
+		return nil, nil, fmt.Errorf("%s: %s%s", label, at, strings.TrimPrefix(err.Error(), "json: "))
+	}
+	if len(strict) > 0 {
+		msgs := make([]string, len(strict))
+		for i, e := range strict {
+			msgs[i] = field + e.Error()
+		}
+		return nil, nil, fmt.Errorf("%s: %s", label, strings.Join(msgs, "; "))
+	}
+	meta, spec, tpath := wl.template(obj)
+	if spec == nil {
+		return nil, nil, nil
+	}
+	before, err := json.Marshal(obj)
+	if err != nil {
+		return nil, nil, err
+	}
+	res, err := in.InjectPod(meta, spec)
+	if err != nil {
+		var list ErrorList
+		if errors.As(err, &list) {
+			err = list.Prefixed(field + tpath)
+		}
+		return nil, nil, fmt.Errorf("%s: %w", label, err)
+	}
+	var notices []Notice
+	for _, wr := range res.Warnings {
+		notices = append(notices, Notice{Where: label, Text: "warning: " + wr})
+	}
+	if !res.Injected {
+		notices = append(notices, Notice{Where: label, Text: "not injected: " + res.Skipped})
+		return nil, notices, nil
+	}
+	after, err := json.Marshal(obj)
+	if err != nil {
+		return nil, notices, err
+	}
+	ops, err := diffJSON(before, after)
+	if err != nil {
+		return nil, notices, err
+	}
+	for i := range ops {
+		ops[i].Path = path + ops[i].Path
+	}
+	return ops, notices, nil
+}
+
+// diffJSON is Diff over two JSON documents.
+func diffJSON(before, after []byte) ([]Operation, error) {
+	a, err := jsonNode(before)
+	if err != nil {
+		return nil, err
+	}
+	b, err := jsonNode(after)
+	if err != nil {
+		return nil, err
+	}
+	return Diff(a, b), nil
+}
+
+// rawDocument is one document of a YAML stream, the line it starts on, and
+// the separator line before it (nil for the first).
+type rawDocument struct {
+	text []byte
+	line int
+	sep  []byte
+}
+
+// splitDocuments cuts a YAML stream at "---" lines, as kubectl does.
+func splitDocuments(data []byte) []rawDocument {
+	var docs []rawDocument
+	var sep []byte
+	start, startLine, line := 0, 1, 1
+	for i := 0; i <= len(data); {
+		end := bytes.IndexByte(data[i:], '\n')
+		next := len(data) + 1
+		if end >= 0 {
+			next = i + end + 1
+		} else {
+			end = len(data) - i
+		}
+		l := bytes.TrimRight(data[i:i+end], " \t\r")
+		if bytes.Equal(l, []byte("---")) || bytes.HasPrefix(l, []byte("--- ")) {
+			docs = append(docs, rawDocument{text: data[start:i], line: startLine, sep: sep})
+			sep = append(bytes.Clone(data[i:i+end]), '\n')
+			start, startLine = min(next, len(data)), line+1
+		}
+		i = next
+		line++
+	}
+	return append(docs, rawDocument{text: data[start:], line: startLine, sep: sep})
+}
+
+func isBlank(b []byte) bool { return len(bytes.TrimSpace(b)) == 0 }
+
+// isCommentsOnly says whether a document holds nothing but comments.
+func isCommentsOnly(b []byte) bool {
+	for _, l := range bytes.Split(b, []byte("\n")) {
+		l = bytes.TrimSpace(l)
+		if len(l) > 0 && l[0] != '#' {
+			return false
+		}
+	}
+	return true
+}
+
+func hasAliases(n *yaml.Node) bool {
+	if n.Kind == yaml.AliasNode || n.Anchor != "" {
+		return true
+	}
+	if n.Kind == yaml.MappingNode {
+		for i := 0; i < len(n.Content); i += 2 {
+			if n.Content[i].Value == "<<" && n.Content[i].Tag == "!!merge" {
+				return true
+			}
+		}
+	}
+	for _, c := range n.Content {
+		if hasAliases(c) {
+			return true
+		}
+	}
+	return false
+}

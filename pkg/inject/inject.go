@@ -1,0 +1,611 @@
+// Package inject adds the sidecar to Kubernetes pods: to the pod templates
+// of workload manifests (`sidecar inject`) and to Pods under admission
+// (`sidecar webhook`), both through InjectPod, so that the CLI and the
+// webhook produce the same pod.
+//
+// The sidecar is a native sidecar by default: the first init container, with
+// restartPolicy Always and a startupProbe on /healthz/sidecar, so that the
+// kubelet starts the app only once the proxy is serving, stops it only after
+// the app has exited, and lets Jobs complete. The classic form (a regular
+// container, first in the list) is for clusters older than 1.29.
+//
+// The package is pure: no I/O beyond the readers and writers it is given,
+// no cluster access, no globals.
+package inject
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// The sidecar's container name and ports (DESIGN.md, "Ports").
+const (
+	ContainerName = "sidecar"
+	PortAdmin     = 15000
+	PortOutbound  = 15001
+	PortInbound   = 15006
+	PortHealth    = 15020
+	PortMetrics   = 15090
+	// UID is the uid and gid the sidecar runs as (the image's user, and the
+	// uid interception rules exempt).
+	UID = 1337
+)
+
+// DefaultDrainWindow is the sidecar's own default (lifecycle.drainWindow).
+const DefaultDrainWindow = 5 * time.Second
+
+// defaultGracePeriod is Kubernetes' default terminationGracePeriodSeconds.
+const defaultGracePeriod = 30
+
+// Config is the injector's configuration: defaults that a pod's annotations
+// may override. The zero value is not usable: Image is required.
+type Config struct {
+	// Image of the sidecar container. Required.
+	Image string
+	// ImagePullPolicy of the sidecar container. Empty: IfNotPresent.
+	ImagePullPolicy corev1.PullPolicy
+	// Version is recorded in the status annotation. Empty: "unknown".
+	Version string
+	// Classic injects a regular container instead of a native sidecar.
+	Classic bool
+	// LogLevel of the sidecar (--log-level). Empty: the sidecar's default.
+	LogLevel string
+	// DrainWindow of the sidecar (--drain-window). Zero: DefaultDrainWindow.
+	DrainWindow time.Duration
+	// ConsulAddr of the sidecar (--consul-addr). Empty: none passed.
+	ConsulAddr string
+	// HTTPProxy sets HTTP_PROXY/NO_PROXY in the app containers by default.
+	HTTPProxy bool
+	// Env is added to the sidecar container's environment (after POD_IP,
+	// POD_NAME, POD_NAMESPACE, HOST_IP and GOMEMLIMIT, which it may not
+	// redefine), e.g. OTEL_EXPORTER_OTLP_ENDPOINT.
+	Env []corev1.EnvVar
+	// Resources of the sidecar container. Nil lists: DefaultResources.
+	Resources corev1.ResourceRequirements
+}
+
+// DefaultResources are the sidecar container's default requests and limits:
+// enough for a few thousand requests per second; no CPU limit, so that the
+// proxy on the request path is never throttled.
+func DefaultResources() corev1.ResourceRequirements {
+	return corev1.ResourceRequirements{
+		Requests: corev1.ResourceList{
+			corev1.ResourceCPU:    resource.MustParse("50m"),
+			corev1.ResourceMemory: resource.MustParse("64Mi"),
+		},
+		Limits: corev1.ResourceList{
+			corev1.ResourceMemory: resource.MustParse("256Mi"),
+		},
+	}
+}
+
+// Injector adds the sidecar to pods. It is immutable and safe for concurrent
+// use.
+type Injector struct {
+	cfg Config
+}
+
+// New validates cfg and fills its defaults.
+func New(cfg Config) (*Injector, error) {
+	var errs []error
+	if cfg.Image == "" || strings.ContainsAny(cfg.Image, " \t\n") {
+		errs = append(errs, fmt.Errorf("image: %q is not an image reference", cfg.Image))
+	}
+	switch cfg.ImagePullPolicy {
+	case "":
+		cfg.ImagePullPolicy = corev1.PullIfNotPresent
+	case corev1.PullAlways, corev1.PullIfNotPresent, corev1.PullNever:
+	default:
+		errs = append(errs, fmt.Errorf("image pull policy: %q (allowed: Always, IfNotPresent, Never)", cfg.ImagePullPolicy))
+	}
+	if cfg.Version == "" {
+		cfg.Version = "unknown"
+	}
+	if cfg.LogLevel != "" {
+		if err := checkLogLevel(cfg.LogLevel); err != nil {
+			errs = append(errs, fmt.Errorf("log level: %w", err))
+		}
+	}
+	if cfg.DrainWindow == 0 {
+		cfg.DrainWindow = DefaultDrainWindow
+	}
+	if cfg.DrainWindow < 0 || cfg.DrainWindow > 10*time.Minute {
+		errs = append(errs, fmt.Errorf("drain window: %s is not allowed (allowed: 0s to 10m)", cfg.DrainWindow))
+	}
+	if cfg.ConsulAddr != "" {
+		if err := checkConsulAddr(cfg.ConsulAddr); err != nil {
+			errs = append(errs, fmt.Errorf("consul address: %w", err))
+		}
+	}
+	std := map[string]bool{}
+	for _, e := range standardEnv() {
+		std[e.Name] = true
+	}
+	std["GOMEMLIMIT"] = true
+	for _, e := range cfg.Env {
+		if e.Name == "" || strings.ContainsAny(e.Name, "= \t") {
+			errs = append(errs, fmt.Errorf("env: %q is not a variable name", e.Name))
+		} else if std[e.Name] {
+			errs = append(errs, fmt.Errorf("env: %s is set by the injector", e.Name))
+		}
+	}
+	if cfg.Resources.Requests == nil {
+		cfg.Resources.Requests = DefaultResources().Requests
+	}
+	if cfg.Resources.Limits == nil {
+		cfg.Resources.Limits = DefaultResources().Limits
+	}
+	if err := checkResources(cfg.Resources); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	cfg.Env = append([]corev1.EnvVar(nil), cfg.Env...)
+	cfg.Resources = *cfg.Resources.DeepCopy()
+	return &Injector{cfg: cfg}, nil
+}
+
+// Result says what InjectPod did.
+type Result struct {
+	// Injected is true when the pod was changed.
+	Injected bool
+	// Skipped says why the pod was left as is (empty when injected).
+	Skipped string
+	// Warnings are things the user should know (probes not rewritten, a
+	// classic sidecar in a pod that runs to completion).
+	Warnings []string
+}
+
+// Status is the value of AnnotationStatus (JSON).
+type Status struct {
+	Version string `json:"version"`
+	Mode    string `json:"mode"` // "native" or "classic"
+	// Hash identifies the injected container: the first 12 hex digits of
+	// the SHA-256 of its JSON.
+	Hash string `json:"hash"`
+}
+
+// FieldError is a problem with one field of the pod (template), by path
+// (e.g. metadata.annotations[sidecar.mesh/app-port]).
+type FieldError struct {
+	Path   string
+	Detail string
+}
+
+func (e *FieldError) Error() string { return e.Path + ": " + e.Detail }
+
+// ErrorList is every problem found in a pod (template).
+type ErrorList []*FieldError
+
+func (l ErrorList) Error() string {
+	s := make([]string, len(l))
+	for i, e := range l {
+		s[i] = e.Error()
+	}
+	return strings.Join(s, "; ")
+}
+
+// Prefixed returns the list with prefix (e.g. "spec.template.") before each
+// path.
+func (l ErrorList) Prefixed(prefix string) ErrorList {
+	out := make(ErrorList, len(l))
+	for i, e := range l {
+		out[i] = &FieldError{Path: prefix + e.Path, Detail: e.Detail}
+	}
+	return out
+}
+
+func (l ErrorList) err() error {
+	if len(l) == 0 {
+		return nil
+	}
+	return l
+}
+
+// InjectPod adds the sidecar to a pod, or to a workload's pod template,
+// changing meta and spec in place. A pod that opted out, runs on the host
+// network or already has the sidecar is left untouched (Result.Skipped says
+// why). An error (an ErrorList, paths relative to the pod) leaves meta and
+// spec untouched.
+func (in *Injector) InjectPod(meta *metav1.ObjectMeta, spec *corev1.PodSpec) (Result, error) {
+	s, errs := in.settings(meta)
+	for _, e := range errs {
+		if strings.Contains(e.Path, "["+AnnotationInject+"]") {
+			return Result{}, errs
+		}
+	}
+	if !s.inject {
+		return Result{Skipped: "opted out (" + AnnotationInject + " is false)"}, nil
+	}
+	if len(errs) > 0 {
+		return Result{}, errs
+	}
+	if spec.HostNetwork {
+		return Result{Skipped: "hostNetwork pod: the sidecar's ports would be the node's"}, nil
+	}
+	if c, where := findContainer(spec, ContainerName); c != nil {
+		if _, ok := meta.Annotations[AnnotationStatus]; ok {
+			return Result{Skipped: "already injected"}, nil
+		}
+		return Result{
+			Skipped:  "a container named " + ContainerName + " exists",
+			Warnings: []string{fmt.Sprintf("not injected: %s already has a container named %q and no %s annotation", where, ContainerName, AnnotationStatus)},
+		}, nil
+	}
+	p, errs := in.plan(meta, spec, s)
+	if len(errs) > 0 {
+		return Result{}, errs
+	}
+	p.apply(meta, spec)
+	return Result{Injected: true, Warnings: p.warnings}, nil
+}
+
+// plan is everything InjectPod will change, worked out before anything is.
+type plan struct {
+	s            podSettings
+	container    corev1.Container
+	appIndex     int
+	probes       map[probeKind]*corev1.Probe // rewritten app probes
+	volumes      []corev1.Volume
+	grace        int64
+	status       string
+	defaultCtr   string // classic: kubectl's default container, when unset
+	proxyEnv     []int  // indexes of containers that get HTTP_PROXY
+	promAnnotate bool
+	warnings     []string
+	// redirect is the transparent mode's init container; nil without it.
+	redirect *corev1.Container
+}
+
+func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSettings) (*plan, ErrorList) {
+	var errs ErrorList
+	if len(spec.Containers) == 0 {
+		return nil, ErrorList{{Path: "spec.containers", Detail: "the pod has no containers"}}
+	}
+	p := &plan{s: s, probes: map[probeKind]*corev1.Probe{}}
+
+	// The app container.
+	appName, from := s.appContainer, "metadata.annotations["+AnnotationAppContainer+"]"
+	if appName == "" {
+		appName, from = meta.Annotations[defaultContainerAnnotation], "metadata.annotations["+defaultContainerAnnotation+"]"
+	}
+	p.appIndex = 0
+	if appName != "" {
+		p.appIndex = -1
+		for i := range spec.Containers {
+			if spec.Containers[i].Name == appName {
+				p.appIndex = i
+			}
+		}
+		if p.appIndex < 0 {
+			return nil, ErrorList{{Path: from, Detail: fmt.Sprintf("no container named %q", appName)}}
+		}
+	}
+	app := &spec.Containers[p.appIndex]
+	if s.appPort == 0 {
+		for _, cp := range app.Ports {
+			if cp.Protocol == "" || cp.Protocol == corev1.ProtocolTCP {
+				s.appPort = int(cp.ContainerPort)
+				break
+			}
+		}
+		if reserved(s.appPort) {
+			errs = append(errs, &FieldError{Path: fmt.Sprintf("spec.containers[%d].ports", p.appIndex),
+				Detail: fmt.Sprintf("the app port %d is one of the sidecar's own ports (%s); set %s", s.appPort, reservedList(), AnnotationAppPort)})
+		}
+	}
+
+	// The sidecar's ports must be free in the pod's network namespace.
+	for _, list := range []struct {
+		field string
+		cs    []corev1.Container
+	}{{"spec.initContainers", spec.InitContainers}, {"spec.containers", spec.Containers}} {
+		for i, c := range list.cs {
+			for j, cp := range c.Ports {
+				if reserved(int(cp.ContainerPort)) {
+					errs = append(errs, &FieldError{Path: fmt.Sprintf("%s[%d].ports[%d].containerPort", list.field, i, j),
+						Detail: fmt.Sprintf("%d is one of the sidecar's own ports (%s)", cp.ContainerPort, reservedList())})
+				}
+			}
+		}
+	}
+
+	// Config sources.
+	var mounts []corev1.VolumeMount
+	var args []string
+	args = append(args, "run")
+	if s.appPort != 0 {
+		args = append(args, fmt.Sprintf("--app-port=%d", s.appPort))
+	}
+	if s.service != "" {
+		args = append(args, "--service="+s.service)
+	}
+	for _, src := range []struct {
+		name, key, volume, dir, flag string
+	}{
+		{s.configMap, s.configKey, "sidecar-config", "/etc/sidecar/config", "--config"},
+		{s.policyMap, s.policyKey, "sidecar-policies", "/etc/sidecar/policies", "--policy-file"},
+	} {
+		if src.name == "" {
+			continue
+		}
+		for i, v := range spec.Volumes {
+			if v.Name == src.volume {
+				errs = append(errs, &FieldError{Path: fmt.Sprintf("spec.volumes[%d].name", i),
+					Detail: fmt.Sprintf("%q is the name of the sidecar's volume", v.Name)})
+			}
+		}
+		// The whole ConfigMap is mounted (no subPath), so that the kubelet
+		// updates the file and the sidecar's hot reload sees changes.
+		p.volumes = append(p.volumes, corev1.Volume{Name: src.volume, VolumeSource: corev1.VolumeSource{
+			ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: src.name}},
+		}})
+		mounts = append(mounts, corev1.VolumeMount{Name: src.volume, MountPath: src.dir, ReadOnly: true})
+		args = append(args, src.flag+"="+src.dir+"/"+src.key)
+	}
+	if s.consulAddr != "" {
+		args = append(args, "--consul-addr="+s.consulAddr)
+	}
+
+	// The app's probes.
+	if s.rewriteProbes {
+		for _, k := range probeKinds {
+			orig := k.of(app)
+			if orig == nil {
+				continue
+			}
+			if s.appPort == 0 {
+				p.warnings = append(p.warnings, fmt.Sprintf("container %q: %s probe not handed to the sidecar: no app port (set %s or a containerPort)", app.Name, k, AnnotationAppPort))
+				continue
+			}
+			flag, why := sidecarProbeFlag(k, orig, app, s.appPort)
+			if why != "" {
+				p.warnings = append(p.warnings, fmt.Sprintf("container %q: %s probe left to the kubelet: %s", app.Name, k, why))
+				continue
+			}
+			args = append(args, fmt.Sprintf("--%s-probe=%s", k, flag))
+			p.probes[k] = kubeletProbe(k, orig)
+		}
+	}
+	args = append(args, "--drain-window="+formatDuration(s.drainWindow))
+	if s.logLevel != "" {
+		args = append(args, "--log-level="+s.logLevel)
+	}
+
+	if s.transparent.Enabled {
+		args = append(args, s.transparent.SidecarArgs()...)
+		init := s.transparent.InitContainer(s.image, in.cfg.ImagePullPolicy)
+		p.redirect = &init
+		if c, where := findContainer(spec, InitContainerName); c != nil {
+			errs = append(errs, &FieldError{Path: where + ".name",
+				Detail: fmt.Sprintf("%q is the name of transparent mode's init container", InitContainerName)})
+		}
+	}
+	p.s = s
+	p.container = in.sidecarContainer(s, args, mounts)
+	if s.classic {
+		// Held until the sidecar serves: the kubelet starts containers in
+		// order and waits for each postStart hook. On the way out, the hook
+		// drains (not ready, deregistered) and keeps the sidecar serving for
+		// the drain window before it gets SIGTERM.
+		p.container.Lifecycle = &corev1.Lifecycle{
+			PostStart: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{
+				"/usr/local/bin/sidecar", "hook", "wait-ready", "--timeout=2m"}}},
+			PreStop: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{
+				"/usr/local/bin/sidecar", "hook", "drain", "--wait=" + formatDuration(s.drainWindow)}}},
+		}
+		if _, ok := meta.Annotations[defaultContainerAnnotation]; !ok {
+			p.defaultCtr = spec.Containers[p.appIndex].Name
+		}
+		if spec.RestartPolicy == corev1.RestartPolicyNever || spec.RestartPolicy == corev1.RestartPolicyOnFailure {
+			p.warnings = append(p.warnings, "classic sidecar in a pod that runs to completion (restartPolicy "+string(spec.RestartPolicy)+"): the pod will not complete while the sidecar runs; use a native sidecar (Kubernetes 1.29+)")
+		}
+	} else {
+		always := corev1.ContainerRestartPolicyAlways
+		p.container.RestartPolicy = &always
+	}
+
+	// The pod's grace period covers the app's shutdown as before, plus the
+	// sidecar's drain window after it (native: the kubelet stops the
+	// sidecar once the app has exited; classic: the preStop hook).
+	p.grace = defaultGracePeriod
+	if spec.TerminationGracePeriodSeconds != nil {
+		p.grace = *spec.TerminationGracePeriodSeconds
+	}
+	p.grace += int64(math.Ceil(s.drainWindow.Seconds()))
+
+	if s.httpProxy {
+		for i := range spec.Containers {
+			if !hasAnyEnv(&spec.Containers[i], "HTTP_PROXY", "http_proxy") {
+				p.proxyEnv = append(p.proxyEnv, i)
+			}
+		}
+	}
+	p.promAnnotate = true
+	for k := range meta.Annotations {
+		if strings.HasPrefix(k, "prometheus.io/") {
+			p.promAnnotate = false
+		}
+	}
+
+	cj, err := json.Marshal(p.container)
+	if err != nil {
+		errs = append(errs, &FieldError{Path: "spec", Detail: "encoding the sidecar container: " + err.Error()})
+	}
+	sum := sha256.Sum256(cj)
+	mode := "native"
+	if s.classic {
+		mode = "classic"
+	}
+	st, _ := json.Marshal(Status{Version: in.cfg.Version, Mode: mode, Hash: hex.EncodeToString(sum[:6])})
+	p.status = string(st)
+	return p, errs
+}
+
+// apply makes the planned changes.
+func (p *plan) apply(meta *metav1.ObjectMeta, spec *corev1.PodSpec) {
+	app := &spec.Containers[p.appIndex]
+	for k, probe := range p.probes {
+		*k.field(app) = probe
+	}
+	for _, i := range p.proxyEnv {
+		spec.Containers[i].Env = append(spec.Containers[i].Env, proxyEnv()...)
+	}
+	spec.Volumes = append(spec.Volumes, p.volumes...)
+	grace := p.grace
+	spec.TerminationGracePeriodSeconds = &grace
+	if p.s.classic {
+		spec.Containers = append([]corev1.Container{p.container}, spec.Containers...)
+	} else {
+		spec.InitContainers = append([]corev1.Container{p.container}, spec.InitContainers...)
+	}
+	if p.redirect != nil {
+		// Before everything, the native sidecar included: no container may
+		// open a connection before the redirect is in place.
+		spec.InitContainers = append([]corev1.Container{*p.redirect}, spec.InitContainers...)
+	}
+	if meta.Annotations == nil {
+		meta.Annotations = map[string]string{}
+	}
+	if p.defaultCtr != "" {
+		meta.Annotations[defaultContainerAnnotation] = p.defaultCtr
+	}
+	if p.promAnnotate {
+		meta.Annotations["prometheus.io/scrape"] = "true"
+		meta.Annotations["prometheus.io/port"] = fmt.Sprint(PortMetrics)
+		meta.Annotations["prometheus.io/path"] = "/metrics"
+	}
+	meta.Annotations[AnnotationStatus] = p.status
+}
+
+// sidecarContainer builds the sidecar container.
+func (in *Injector) sidecarContainer(s podSettings, args []string, mounts []corev1.VolumeMount) corev1.Container {
+	env := standardEnv()
+	if _, ok := s.resources.Limits[corev1.ResourceMemory]; ok {
+		// The Go runtime collects harder near the limit instead of being
+		// OOM-killed by surprise.
+		env = append(env, corev1.EnvVar{Name: "GOMEMLIMIT", ValueFrom: &corev1.EnvVarSource{
+			ResourceFieldRef: &corev1.ResourceFieldSelector{Resource: "limits.memory", Divisor: resource.MustParse("1")}}})
+	}
+	env = append(env, in.cfg.Env...)
+	ports := []corev1.ContainerPort{
+		{Name: "sidecar-health", ContainerPort: PortHealth, Protocol: corev1.ProtocolTCP},
+		{Name: "sidecar-metrics", ContainerPort: PortMetrics, Protocol: corev1.ProtocolTCP},
+	}
+	if s.appPort != 0 {
+		ports = append([]corev1.ContainerPort{{Name: "sidecar-inbound", ContainerPort: PortInbound, Protocol: corev1.ProtocolTCP}}, ports...)
+	}
+	yes, no := true, false
+	uid := int64(UID)
+	return corev1.Container{
+		Name:            ContainerName,
+		Image:           s.image,
+		ImagePullPolicy: in.cfg.ImagePullPolicy,
+		Args:            args,
+		Ports:           ports,
+		Env:             env,
+		Resources:       *s.resources.DeepCopy(),
+		VolumeMounts:    mounts,
+		// The startup probe holds the app containers back until the
+		// outbound listener serves (native sidecar); /healthz/ready also
+		// needs the app's readiness and is false while draining.
+		StartupProbe:   healthProbe("/healthz/sidecar", 1, 120),
+		ReadinessProbe: healthProbe("/healthz/ready", 2, 2),
+		LivenessProbe:  healthProbe("/healthz/live", 10, 3),
+		SecurityContext: &corev1.SecurityContext{
+			RunAsNonRoot:             &yes,
+			RunAsUser:                &uid,
+			RunAsGroup:               &uid,
+			ReadOnlyRootFilesystem:   &yes,
+			AllowPrivilegeEscalation: &no,
+			Privileged:               &no,
+			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+			SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+		},
+		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
+	}
+}
+
+func standardEnv() []corev1.EnvVar {
+	field := func(name, path string) corev1.EnvVar {
+		return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{
+			FieldRef: &corev1.ObjectFieldSelector{FieldPath: path}}}
+	}
+	return []corev1.EnvVar{
+		field("POD_IP", "status.podIP"),
+		field("POD_NAME", "metadata.name"),
+		field("POD_NAMESPACE", "metadata.namespace"),
+		field("HOST_IP", "status.hostIP"),
+	}
+}
+
+// proxyEnv points the app's plain-HTTP clients at the outbound port; TLS
+// (HTTPS_PROXY) is left alone, and so is loopback.
+func proxyEnv() []corev1.EnvVar {
+	proxy := fmt.Sprintf("http://127.0.0.1:%d", PortOutbound)
+	noProxy := "localhost,127.0.0.1,::1"
+	return []corev1.EnvVar{
+		{Name: "HTTP_PROXY", Value: proxy},
+		{Name: "http_proxy", Value: proxy},
+		{Name: "NO_PROXY", Value: noProxy},
+		{Name: "no_proxy", Value: noProxy},
+	}
+}
+
+func hasAnyEnv(c *corev1.Container, names ...string) bool {
+	for _, e := range c.Env {
+		for _, n := range names {
+			if e.Name == n {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func findContainer(spec *corev1.PodSpec, name string) (*corev1.Container, string) {
+	for i := range spec.InitContainers {
+		if spec.InitContainers[i].Name == name {
+			return &spec.InitContainers[i], fmt.Sprintf("spec.initContainers[%d]", i)
+		}
+	}
+	for i := range spec.Containers {
+		if spec.Containers[i].Name == name {
+			return &spec.Containers[i], fmt.Sprintf("spec.containers[%d]", i)
+		}
+	}
+	return nil, ""
+}
+
+// reserved says whether port is one the sidecar binds in the pod.
+func reserved(port int) bool {
+	switch port {
+	case PortAdmin, PortOutbound, PortInbound, PortHealth, PortMetrics:
+		return true
+	}
+	return false
+}
+
+func reservedList() string {
+	return fmt.Sprintf("%d, %d, %d, %d, %d", PortAdmin, PortOutbound, PortInbound, PortHealth, PortMetrics)
+}
+
+// formatDuration prints d as the sidecar's flags read it: "5s", "1m30s",
+// "500ms".
+func formatDuration(d time.Duration) string {
+	if d == 0 {
+		return "0s"
+	}
+	return d.String()
+}
