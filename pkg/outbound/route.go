@@ -1,0 +1,70 @@
+package outbound
+
+import (
+	"errors"
+	"net/http"
+
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+)
+
+// route chooses where a request goes: the forwarder and its target (a
+// service name, or an allow-listed host:port), or the local error that
+// refuses it.
+//
+//  1. An allow-listed Host goes there directly.
+//  2. A Host that names a service known to discovery goes to that service.
+//  3. On a connection redirected to the sidecar (transparent interception),
+//     a Host that names nothing known (an IP literal, a cluster DNS name)
+//     falls back to the connection's original destination: the service
+//     that has an endpoint at that address (static or Consul), with that
+//     service's policy and load balancing over all its endpoints; else the
+//     address itself when it is allow-listed. An original destination that
+//     maps to nothing is refused like an IP literal: 403 not_allowed.
+//  4. Otherwise IP literals get 403 not_allowed and unknown names 503
+//     unknown_service, as on a connection made to the listener itself.
+func (p *Proxy) route(r *http.Request, host string) (*proxyhttp.Forwarder, string, *proxyhttp.LocalError) {
+	if p.allowed(host) {
+		return p.direct, host, nil
+	}
+	service := discovery.ServiceName(host)
+	_, redirected := proxyhttp.OriginalDst(r.Context())
+	if !discovery.IsIPLiteral(host) {
+		_, err := p.resolver.Resolve(r.Context(), service)
+		if err == nil {
+			return p.service, service, nil
+		}
+		if !redirected || !errors.Is(err, discovery.ErrUnknownService) {
+			return nil, "", routeError(service, err)
+		}
+	} else if !redirected {
+		return nil, "", &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed, Service: service,
+			Detail: "IP addresses are not routed; call the service by name or add the address to allowHosts"}
+	}
+	return p.routeByOriginalDst(r, host)
+}
+
+// routeByOriginalDst routes a request on a redirected connection by the
+// address the app dialed.
+func (p *Proxy) routeByOriginalDst(r *http.Request, host string) (*proxyhttp.Forwarder, string, *proxyhttp.LocalError) {
+	dst, _ := proxyhttp.OriginalDst(r.Context())
+	if rr, ok := p.resolver.(discovery.ReverseResolver); ok {
+		service, err := rr.ServiceAt(r.Context(), dst)
+		switch {
+		case err == nil:
+			if _, err := p.resolver.Resolve(r.Context(), service); err != nil {
+				return nil, "", routeError(service, err)
+			}
+			return p.service, service, nil
+		case !errors.Is(err, discovery.ErrUnknownService):
+			return nil, "", &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonUnknownService,
+				Detail: "discovery could not say which service has an endpoint at " + dst.String() + ": " + err.Error()}
+		}
+	}
+	if p.allowed(dst.String()) {
+		return p.direct, dst.String(), nil
+	}
+	return nil, "", &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
+		Detail: "the original destination " + dst.String() + " (Host " + host + ") is not an endpoint of a service known to discovery; " +
+			"call the service by name or add the address to allowHosts"}
+}
