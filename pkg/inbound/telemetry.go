@@ -1,0 +1,72 @@
+package inbound
+
+import (
+	"cmp"
+	"net/http"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/sidecar-mesh/sidecar/pkg/metrics"
+)
+
+// Telemetry is the Observer that makes a server span for each inbound
+// request, under the caller's trace context, hands the app that span's
+// context in the trace headers, and records the request metrics
+// (direction=inbound). A nil tracer makes no spans; nil metrics record
+// nothing. Safe for concurrent use.
+type Telemetry struct {
+	tracer  trace.Tracer
+	prop    propagation.TextMapPropagator
+	metrics *metrics.Requests
+	service string
+}
+
+var _ Observer = (*Telemetry)(nil)
+
+// NewTelemetry returns the inbound Observer for the app named service.
+func NewTelemetry(tracer trace.Tracer, prop propagation.TextMapPropagator, m *metrics.Requests, service string) *Telemetry {
+	if service == "" {
+		service = "app"
+	}
+	return &Telemetry{tracer: tracer, prop: prop, metrics: m, service: service}
+}
+
+// Start implements Observer.
+func (t *Telemetry) Start(r *http.Request) *http.Request {
+	if t.tracer == nil {
+		return r
+	}
+	ctx := t.prop.Extract(r.Context(), propagation.HeaderCarrier(r.Header))
+	ctx, span := t.tracer.Start(ctx, r.Method+" "+t.service, trace.WithSpanKind(trace.SpanKindServer))
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String("http.request.method", r.Method),
+			attribute.String("url.path", r.URL.Path), attribute.String("sidecar.direction", metrics.Inbound))
+	}
+	t.prop.Inject(ctx, propagation.HeaderCarrier(r.Header))
+	return r.WithContext(ctx)
+}
+
+// End implements Observer.
+func (t *Telemetry) End(r *http.Request, res Result) {
+	traceID := ""
+	if t.tracer != nil {
+		span := trace.SpanFromContext(r.Context())
+		if sc := span.SpanContext(); sc.IsSampled() {
+			traceID = sc.TraceID().String()
+		}
+		if span.IsRecording() {
+			span.SetAttributes(attribute.Int("http.response.status_code", res.Status))
+			if res.Reason != "" {
+				span.SetAttributes(attribute.String("sidecar.error", res.Reason))
+			}
+			if res.Status >= 500 || res.Reason != "" || res.Aborted {
+				span.SetStatus(codes.Error, cmp.Or(res.Reason, http.StatusText(res.Status)))
+			}
+		}
+		span.End()
+	}
+	t.metrics.For(metrics.Inbound, t.service, r.Method).Done(res.Status, res.Duration, traceID)
+}
