@@ -4,11 +4,12 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 COMMIT   ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LDFLAGS  := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 IMAGE    ?= sidecar:$(VERSION)
+IMAGE_INIT ?= sidecar-init:$(VERSION)
 
 export GOTOOLCHAIN := local
 export GOFLAGS     := -buildvcs=false
 
-.PHONY: all build test test-tools vet fmt-check leak-check unit run demo bench bench-go tools image clean
+.PHONY: all build test test-tools vet fmt-check leak-check unit run demo bench bench-go chaos fuzz tools image image-init clean
 
 all: build
 
@@ -50,6 +51,26 @@ bench-go: test-tools
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./pkg/outbound/
 	$(GO) test -run '^$$' -bench ConsulPropagation -benchtime 100x ./cmd/sidecar/
 
+## chaos: the fault suite's long versions (real sidecar, Consul, upstream processes, toxiproxy),
+## then a summary of their figures; `make test` runs the short versions
+CHAOS_RUN := TestChaos.*|TestPolicyReloadsUnderLoad|TestSIGTERMUnderLoad
+chaos: test-tools
+	@out=$$(mktemp); \
+	CHAOS=long $(GO) test -count=1 -timeout 30m -run '^($(CHAOS_RUN))$$' -v ./cmd/sidecar/ 2>&1 | tee $$out; \
+	echo; echo "== fault suite (CHAOS=long)"; grep -o 'chaos: .*' $$out; \
+	grep -q '^ok ' $$out; status=$$?; rm -f $$out; exit $$status
+
+## fuzz: each fuzz target for FUZZTIME (their seed corpora, testdata/fuzz/ included, run in
+## `make test`); a crasher is written to the package's testdata/fuzz/ and becomes a seed
+FUZZTIME ?= 30s
+FUZZ_TARGETS := pkg/proxyhttp:FuzzFraming pkg/proxyhttp:FuzzFramingStream pkg/proxyhttp:FuzzForwardHeaders \
+	pkg/discovery:FuzzHost pkg/outbound:FuzzRouting pkg/policy:FuzzParse
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "== $${t#*:} (./$${t%%:*}, $(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 10s ./$${t%%:*}/; \
+	done
+
 ## tools: install what tests and benchmarks need (cached, idempotent)
 tools:
 	scripts/tools.sh all
@@ -57,6 +78,10 @@ tools:
 ## image: container image (needs a Docker engine)
 image:
 	docker build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE) .
+
+## image-init: the init container image of transparent interception (sidecar iptables + Debian's iptables)
+image-init:
+	docker build --target init --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t $(IMAGE_INIT) .
 
 clean:
 	rm -rf bin

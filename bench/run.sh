@@ -1,39 +1,67 @@
 #!/usr/bin/env bash
-# bench/run.sh - the `make bench` harness: throughput and latency of the sidecar
-# against the origin directly, HAProxy and nginx, all on loopback, in one run.
+# bench/run.sh - the `make bench` harness: the sidecar against the origin
+# directly, HAProxy and nginx, all on loopback, in one run: closed loop
+# (throughput), open loop (latency at a fixed rate), CPU and memory of every
+# proxy, and overload.
 #
 # Usage:
 #   bench/run.sh                                   # what `make bench` runs
-#   BENCH_DURATION=2s BENCH_ROUNDS=1 bench/run.sh  # quick smoke run
+#   BENCH_DURATION=2s BENCH_ROUNDS=1 BENCH_OPEN_DURATION=3s \
+#     BENCH_OVERLOAD_DURATION=3s bench/run.sh      # quick smoke run
 #
 # Environment (defaults in brackets):
-#   BENCH_DURATION  wrk duration of each measured run [10s]
-#   BENCH_ROUNDS    interleaved rounds per connection count [3]
-#   BENCH_CONNS     connection counts, space separated [64 16]
-#   BENCH_WARMUP    wrk warm-up per contestant before measuring, 0 = none [2s]
-#   BENCH_SIZE      origin response body size in bytes [1024]
-#   BENCH_OUT       markdown results file [bench/results.md]
-#   BENCH_KEEP_TMP  1 = keep the temp dir (configs, logs, raw wrk output) [0]
-#   SIDECAR_BIN     prebuilt sidecar binary to use instead of building ./cmd/sidecar;
-#                   it is started exactly like the built one (see below)
+#   BENCH_PHASES      which phases to run, in this order [open closed overload]
+#   BENCH_ROUNDS      interleaved rounds per closed and open-loop load [3]
+#   BENCH_DURATION    wrk duration of each closed-loop run [10s]
+#   BENCH_CONNS       wrk connection counts, space separated [64 16]
+#   BENCH_WARMUP      wrk warm-up per contestant before the closed loop [2s]
+#   BENCH_OPEN_RATE   open-loop rate, requests per second [1000]
+#   BENCH_OPEN_DURATION  length of each open-loop run [20s]
+#   BENCH_OPEN_CONNS  openloop's keep-alive connections at that rate [32]
+#   BENCH_OVERLOAD_DURATION  length of the steady and the overload run [10s]
+#   BENCH_OVERLOAD_LIMIT     concurrency.maxInFlight of the overload sidecar's
+#                            policy for every service ("*") [64]
+#   BENCH_OVERLOAD_CONNS     openloop's connections in the overload phase [256]
+#   BENCH_CAPACITY    sidecar capacity (req/s) for the overload phase when the
+#                     closed phase does not run [measured: the sidecar's median
+#                     req/s at the first of BENCH_CONNS]
+#   BENCH_SIZE        origin response body size in bytes [1024]
+#   BENCH_OUT         markdown results file [bench/results.md]
+#   BENCH_PLOT        SVG latency plot [bench/latency.svg]
+#   BENCH_KEEP_TMP    1 = keep the temp dir (configs, logs, raw outputs) [0]
+#   SIDECAR_BIN       prebuilt sidecar binary instead of building ./cmd/sidecar
 #
-# Steps: scripts/tools.sh bench; go build ./cmd/sidecar and ./internal/cmd/origin
-# into a temp dir; start, on 127.0.0.1 only:
-#   origin   :18080  origin -addr 127.0.0.1:18080 -size $BENCH_SIZE
-#   sidecar  :18001  sidecar run --config FILE --log-level warn (admin on :18000)
-#   haproxy  :18002  haproxy -db -f FILE (nbthread 2, http-reuse always)
-#   nginx    :18003  nginx -p DIR -c FILE -e LOG (2 workers, upstream keepalive 64)
-# Then, per connection count, BENCH_ROUNDS rounds of
-#   wrk -t2 -c$C -d$BENCH_DURATION --latency -H 'Host: origin' URL
-# against direct, sidecar, haproxy, nginx in turn (every contestant gets the
-# same request; the sidecar routes on Host). A run fails the whole benchmark
-# unless it has non-zero req/s, no "Non-2xx or 3xx responses" and no socket
-# errors; each contestant must also answer a curl probe with 200 and a body of
-# BENCH_SIZE bytes. Reported: median req/s per contestant (the lower median for
-# an even round count, so it is a real run), ratios to direct and to HAProxy,
-# and p50/p99 latency of that median run. Every process started is stopped on
-# exit, Ctrl-C or failure. Default run: 2 x 4 x 3 x 10 s of wrk plus 8 s of
-# warm-up, builds and startup: a little over 4 minutes (4m12s measured).
+# Contestants, all on 127.0.0.1, each answering GET / with the origin's body:
+#   direct        :18080  origin -size $BENCH_SIZE (Go net/http, fixed body)
+#   sidecar       :18001  sidecar run: its default policy, request metrics on,
+#                         tracing at 1% (parentbased_traceidratio 0.01) over OTLP
+#                         gRPC to a real Jaeger (v2, memory storage) on :18317
+#   sidecar-bare  :18011  the same binary with tracing off and --request-metrics=false
+#   haproxy       :18002  haproxy -db (nbthread 2, http-reuse always)
+#   nginx         :18003  nginx (2 workers, upstream keepalive 64)
+# and for the overload phase only:
+#   sidecar-overload :18031  the sidecar (tracing and metrics as above) with
+#                            concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT
+#
+# Phases:
+#   open      per round, each contestant in turn: openloop (internal/cmd/openloop)
+#             at BENCH_OPEN_RATE for BENCH_OPEN_DURATION; latency counts from each
+#             request's scheduled send time. Runs first, on fresh processes, so
+#             that the peak RSS at this rate is not the closed loop's.
+#   closed    per connection count and round, each contestant in turn: wrk -t2
+#             -c$C -d$BENCH_DURATION --latency.
+#   overload  the overload sidecar, fresh: openloop at half the capacity (steady
+#             state), then at twice the capacity, BENCH_OVERLOAD_CONNS connections.
+# Around every run the contestant's processes are sampled: CPU time (utime +
+# stime from /proc/PID/stat, summed over the process group: nginx's workers
+# too) and peak RSS (VmHWM from /proc/PID/status, reset before the run by
+# writing 5 to /proc/PID/clear_refs; summed over the group). The generator's
+# own CPU time is recorded too. A closed or open-loop run fails the benchmark
+# unless every request got a 2xx answer (wrk: no non-2xx, no socket errors);
+# every contestant must also answer a curl probe with 200 and a body of
+# BENCH_SIZE bytes before each run. internal/cmd/benchreport turns the raw runs
+# into BENCH_OUT and BENCH_PLOT. Every process started is stopped on exit,
+# Ctrl-C or failure. The default run takes about 15 minutes.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -42,28 +70,49 @@ PATH="$PATH:/usr/sbin:/sbin"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-BENCH_DURATION=${BENCH_DURATION:-10s}
+BENCH_PHASES=${BENCH_PHASES:-open closed overload}
 BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+BENCH_DURATION=${BENCH_DURATION:-10s}
 BENCH_CONNS=${BENCH_CONNS:-64 16}
 BENCH_WARMUP=${BENCH_WARMUP:-2s}
+BENCH_OPEN_RATE=${BENCH_OPEN_RATE:-1000}
+BENCH_OPEN_DURATION=${BENCH_OPEN_DURATION:-20s}
+BENCH_OPEN_CONNS=${BENCH_OPEN_CONNS:-32}
+BENCH_OVERLOAD_DURATION=${BENCH_OVERLOAD_DURATION:-10s}
+BENCH_OVERLOAD_LIMIT=${BENCH_OVERLOAD_LIMIT:-64}
+BENCH_OVERLOAD_CONNS=${BENCH_OVERLOAD_CONNS:-256}
+BENCH_CAPACITY=${BENCH_CAPACITY:-}
 BENCH_SIZE=${BENCH_SIZE:-1024}
 BENCH_OUT=${BENCH_OUT:-$ROOT/bench/results.md}
+BENCH_PLOT=${BENCH_PLOT:-$ROOT/bench/latency.svg}
 BENCH_KEEP_TMP=${BENCH_KEEP_TMP:-0}
 SIDECAR_BIN=${SIDECAR_BIN:-}
 
 readonly HOST=127.0.0.1
-readonly PORT_ADMIN=18000 PORT_SIDECAR=18001 PORT_HAPROXY=18002 PORT_NGINX=18003 PORT_ORIGIN=18080
-readonly CONTESTANTS=(direct sidecar haproxy nginx)
+readonly PORT_ORIGIN=18080 PORT_HAPROXY=18002 PORT_NGINX=18003
+# Each sidecar: outbound, admin, metrics, health.
+readonly PORTS_SIDECAR=(18001 18000 18090 18020)
+readonly PORTS_BARE=(18011 18010 18091 18021)
+readonly PORTS_OVERLOAD=(18031 18030 18092 18022)
+# Jaeger: OTLP gRPC, OTLP HTTP, query HTTP, query gRPC, health.
+readonly PORTS_JAEGER=(18317 18318 18686 18685 18133)
+readonly TRACE_SERVICE=bench-sidecar
+readonly CONTESTANTS=(direct sidecar sidecar-bare haproxy nginx)
 readonly WRK_THREADS=2
 readonly READY_TRIES=200 # polls, 0.1 s apart
 readonly READY_SECS=20
-readonly STOP_TRIES=50   # x 0.1 s
+readonly STOP_TRIES=50 # x 0.1 s
 
-WORK=""      # temp dir: bin/, conf/, logs/, nginx/, runs/
-SIDECAR=""   # sidecar binary to run
-PIDS=()      # processes started, each the leader of its own process group
-PID_NAMES=() # names matching PIDS
-CONNS=()     # parsed BENCH_CONNS
+WORK=""        # temp dir: bin/, conf/, logs/, nginx/, runs/
+SIDECAR=""     # sidecar binary to run
+JAEGER=""      # jaeger binary
+PIDS=()        # processes started, each the leader of its own process group
+PID_NAMES=()   # names matching PIDS
+declare -A PID_OF # contestant -> pid (process group)
+CONNS=()       # parsed BENCH_CONNS
+CLK_TCK=100
+CAPACITY=""    # req/s the overload rates derive from
+ARGS=()        # a command line, set by wrk_args and openloop_args
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() {
@@ -87,6 +136,7 @@ start_bg() {
 	fi
 	PIDS+=("$!")
 	PID_NAMES+=("$name")
+	PID_OF[$name]=$!
 }
 
 alive() { kill -0 "$1" 2>/dev/null; }
@@ -101,26 +151,37 @@ signal_group() {
 	kill "-$1" -- "-$2" 2>/dev/null || kill "-$1" "$2" 2>/dev/null || true
 }
 
-stop_all() {
+# stop NAME: stop one process started by start_bg, and forget it.
+stop() {
 	local i pid tries
 	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+		[[ ${PID_NAMES[i]} == "$1" ]] || continue
 		pid=${PIDS[i]}
 		if group_alive "$pid"; then
-			log "stopping ${PID_NAMES[i]} (pid $pid)"
+			log "stopping $1 (pid $pid)"
 			signal_group TERM "$pid"
 			for ((tries = 0; tries < STOP_TRIES; tries++)); do
 				group_alive "$pid" || break
 				sleep 0.1
 			done
 			if group_alive "$pid"; then
-				log "${PID_NAMES[i]} ignored SIGTERM for $((STOP_TRIES / 10)) s, killing it"
+				log "$1 ignored SIGTERM for $((STOP_TRIES / 10)) s, killing it"
 				signal_group KILL "$pid"
 			fi
 		fi
 		wait "$pid" 2>/dev/null || true
+		unset 'PIDS[i]' 'PID_NAMES[i]'
+		PIDS=("${PIDS[@]}")
+		PID_NAMES=("${PID_NAMES[@]}")
+		unset "PID_OF[$1]"
+		return 0
 	done
-	PIDS=()
-	PID_NAMES=()
+}
+
+stop_all() {
+	while ((${#PID_NAMES[@]} > 0)); do
+		stop "${PID_NAMES[-1]}"
+	done
 }
 
 show_logs() {
@@ -151,14 +212,59 @@ cleanup() {
 	exit "$rc"
 }
 
+# ---- process figures ----------------------------------------------------------------
+
+# group_pids PGID: the processes of process group PGID, one per line. The
+# command name in /proc/PID/stat is in parentheses and may hold spaces, so
+# fields are counted after its closing one.
+group_pids() {
+	awk -v g="$1" '{
+		s = $0; sub(/^.*\) /, "", s); split(s, f, " ")
+		if (f[3] == g) { p = FILENAME; sub(/^\/proc\//, "", p); sub(/\/stat$/, "", p); print p }
+		nextfile
+	}' /proc/[0-9]*/stat 2>/dev/null || true
+}
+
+# cpu_ticks PGID: user + system clock ticks of the group's processes.
+cpu_ticks() {
+	local pid total=0 t
+	for pid in $(group_pids "$1"); do
+		t=$(awk '{ s = $0; sub(/^.*\) /, "", s); split(s, f, " "); print f[12] + f[13] }' "/proc/$pid/stat" 2>/dev/null) || continue
+		total=$((total + ${t:-0}))
+	done
+	echo "$total"
+}
+
+# reset_hwm PGID: reset the peak RSS of the group's processes to their
+# current RSS (needs the right to write their clear_refs; root or owner).
+reset_hwm() {
+	local pid
+	for pid in $(group_pids "$1"); do
+		echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true
+	done
+}
+
+# hwm_kb PGID: the group's peak RSS (VmHWM) in KiB, summed.
+hwm_kb() {
+	local pid total=0 v
+	for pid in $(group_pids "$1"); do
+		v=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || continue
+		total=$((total + ${v:-0}))
+	done
+	echo "$total"
+}
+
 # ---- checks -----------------------------------------------------------------------
 
 port_in_use() { (: >"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
 require_free_port() {
-	if port_in_use "$1"; then
-		die "$HOST:$1 is already in use; stop whatever listens there first"
-	fi
+	local p
+	for p in "$@"; do
+		if port_in_use "$p"; then
+			die "$HOST:$p is already in use; stop whatever listens there first"
+		fi
+	done
 }
 
 # curl_probe URL: print "HTTP_CODE BYTES" of one GET with Host: origin.
@@ -186,7 +292,7 @@ wait_ready() {
 # check_contestant NAME: the exact response every contestant must give.
 check_contestant() {
 	local name=$1 url got
-	url=$(url_of "$name")
+	url="http://$(addr_of "$name")/"
 	got=$(curl_probe "$url")
 	[[ $got == "200 $BENCH_SIZE" ]] ||
 		die "$name: expected '200 $BENCH_SIZE' (status, body bytes) from $url, got '${got}'"
@@ -194,22 +300,95 @@ check_contestant() {
 
 # ---- contestants ----------------------------------------------------------------
 
-url_of() {
+addr_of() {
 	case $1 in
-	direct) echo "http://$HOST:$PORT_ORIGIN/" ;;
-	sidecar) echo "http://$HOST:$PORT_SIDECAR/" ;;
-	haproxy) echo "http://$HOST:$PORT_HAPROXY/" ;;
-	nginx) echo "http://$HOST:$PORT_NGINX/" ;;
+	direct) echo "$HOST:$PORT_ORIGIN" ;;
+	sidecar) echo "$HOST:${PORTS_SIDECAR[0]}" ;;
+	sidecar-bare) echo "$HOST:${PORTS_BARE[0]}" ;;
+	sidecar-overload) echo "$HOST:${PORTS_OVERLOAD[0]}" ;;
+	haproxy) echo "$HOST:$PORT_HAPROXY" ;;
+	nginx) echo "$HOST:$PORT_NGINX" ;;
 	*) die "unknown contestant $1" ;;
 	esac
 }
 
+# write_sidecar_config FILE PORTS_ARRAY_NAME EXTRA_YAML: a sidecar on its
+# default policy routing service "origin" to the origin.
 write_sidecar_config() {
-	cat >"$WORK/conf/sidecar.yaml" <<EOF
-listeners: {outbound: $HOST:$PORT_SIDECAR, admin: $HOST:$PORT_ADMIN}
+	local file=$1 extra=$3
+	local -n ports=$2
+	cat >"$file" <<EOF
+listeners:
+  outbound: $HOST:${ports[0]}
+  admin: $HOST:${ports[1]}
+  metrics: $HOST:${ports[2]}
+  health: $HOST:${ports[3]}
 discovery:
   static:
     origin: [$HOST:$PORT_ORIGIN]
+lifecycle: {drainWindow: 100ms}
+$extra
+EOF
+}
+
+# The sidecar's tracing: its default sampler (parentbased_traceidratio at
+# 0.01) exporting over OTLP gRPC to the Jaeger started here.
+tracing_yaml() {
+	cat <<EOF
+tracing:
+  endpoint: $HOST:${PORTS_JAEGER[0]}
+  protocol: grpc
+  sampler: parentbased_traceidratio
+  samplerArg: 0.01
+  serviceName: $TRACE_SERVICE
+EOF
+}
+
+write_jaeger_config() {
+	cat >"$WORK/conf/jaeger.yaml" <<EOF
+service:
+  extensions: [jaeger_storage, jaeger_query, healthcheckv2]
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [batch]
+      exporters: [jaeger_storage_exporter]
+  telemetry:
+    logs:
+      level: warn
+    metrics:
+      level: none
+extensions:
+  healthcheckv2:
+    use_v2: true
+    http:
+      endpoint: $HOST:${PORTS_JAEGER[4]}
+  jaeger_query:
+    storage:
+      traces: memstore
+    enable_tracing: false
+    http:
+      endpoint: $HOST:${PORTS_JAEGER[2]}
+    grpc:
+      endpoint: $HOST:${PORTS_JAEGER[3]}
+  jaeger_storage:
+    backends:
+      memstore:
+        memory:
+          max_traces: 100000
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: $HOST:${PORTS_JAEGER[0]}
+      http:
+        endpoint: $HOST:${PORTS_JAEGER[1]}
+processors:
+  batch:
+    timeout: 100ms
+exporters:
+  jaeger_storage_exporter:
+    trace_storage: memstore
 EOF
 }
 
@@ -285,16 +464,34 @@ EOF
 
 start_origin() {
 	require_free_port "$PORT_ORIGIN"
-	start_bg origin "$WORK/bin/origin" -addr "$HOST:$PORT_ORIGIN" -size "$BENCH_SIZE"
-	wait_ready origin "${PIDS[-1]}" "$(url_of direct)"
+	start_bg direct "$WORK/bin/origin" -addr "$HOST:$PORT_ORIGIN" -size "$BENCH_SIZE"
+	wait_ready origin "${PIDS[-1]}" "http://$(addr_of direct)/"
 }
 
+start_jaeger() {
+	require_free_port "${PORTS_JAEGER[@]}"
+	write_jaeger_config
+	start_bg jaeger "$JAEGER" --config "$WORK/conf/jaeger.yaml"
+	local i
+	for ((i = 0; i < READY_TRIES; i++)); do
+		alive "${PIDS[-1]}" || die "jaeger exited during startup"
+		if curl --noproxy '*' -fsS -o /dev/null --max-time 1 "http://$HOST:${PORTS_JAEGER[2]}/api/services" 2>/dev/null; then
+			log "jaeger is up"
+			return 0
+		fi
+		sleep 0.1
+	done
+	die "jaeger's query API did not answer within $((READY_TRIES / 10)) s"
+}
+
+# start_sidecar NAME PORTS_ARRAY_NAME EXTRA_YAML
 start_sidecar() {
-	require_free_port "$PORT_SIDECAR"
-	require_free_port "$PORT_ADMIN"
-	write_sidecar_config
-	start_bg sidecar "$SIDECAR" run --config "$WORK/conf/sidecar.yaml" --log-level warn
-	wait_ready sidecar "${PIDS[-1]}" "$(url_of sidecar)"
+	local name=$1 extra=$3
+	local -n sp=$2
+	require_free_port "${sp[@]}"
+	write_sidecar_config "$WORK/conf/$name.yaml" "$2" "$extra"
+	start_bg "$name" "$SIDECAR" run --config "$WORK/conf/$name.yaml" --log-level warn
+	wait_ready "$name" "${PIDS[-1]}" "http://$(addr_of "$name")/"
 }
 
 start_haproxy() {
@@ -302,7 +499,7 @@ start_haproxy() {
 	write_haproxy_config
 	haproxy -c -q -f "$WORK/conf/haproxy.cfg" || die "haproxy rejects $WORK/conf/haproxy.cfg"
 	start_bg haproxy haproxy -db -f "$WORK/conf/haproxy.cfg"
-	wait_ready haproxy "${PIDS[-1]}" "$(url_of haproxy)"
+	wait_ready haproxy "${PIDS[-1]}" "http://$(addr_of haproxy)/"
 }
 
 start_nginx() {
@@ -312,10 +509,39 @@ start_nginx() {
 	nginx -t -q -p "$p/" -c "$p/nginx.conf" -e "$p/error.log" ||
 		die "nginx rejects $p/nginx.conf"
 	start_bg nginx nginx -p "$p/" -c "$p/nginx.conf" -e "$p/error.log"
-	wait_ready nginx "${PIDS[-1]}" "$(url_of nginx)"
+	wait_ready nginx "${PIDS[-1]}" "http://$(addr_of nginx)/"
 }
 
-# ---- wrk ----------------------------------------------------------------------------
+# ---- measured runs ----------------------------------------------------------------
+
+# measured PHASE NAME LOAD ROUND RESULT CMD...: run the load generator CMD
+# (its output in RESULT.log) while sampling NAME's processes, and record the
+# run in runs.tsv with RESULT (wrk's output, or openloop's JSON).
+measured() {
+	local phase=$1 name=$2 load=$3 round=$4 result=$5
+	shift 5
+	local pid="" c0=0 c1=0 cpu="" hwm="" gen rc=0
+	if [[ $name != direct ]]; then
+		pid=${PID_OF[$name]}
+		group_alive "$pid" || die "$name (pid $pid) is not running"
+		reset_hwm "$pid"
+		c0=$(cpu_ticks "$pid")
+	fi
+	local TIMEFORMAT='%3U %3S'
+	{ time "$@" >"$result.log" 2>&1; } 2>"$result.time" || rc=$?
+	if [[ -n $pid ]]; then
+		c1=$(cpu_ticks "$pid")
+		hwm=$(hwm_kb "$pid")
+		cpu=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN { printf "%.3f", (b - a) / t }')
+	fi
+	if ((rc != 0)); then
+		cat "$result.log" >&2
+		die "$name: load generator failed (exit $rc): $*"
+	fi
+	gen=$(awk '{ printf "%.3f", $1 + $2 }' "$result.time")
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$name" "$load" "$round" \
+		"${result#"$WORK/"}" "$cpu" "$gen" "$hwm" >>"$WORK/runs.tsv"
+}
 
 # check_wrk_output NAME FILE: fail loudly on errors, print req/s.
 check_wrk_output() {
@@ -338,126 +564,138 @@ check_wrk_output() {
 	printf '%s\n' "$rps"
 }
 
-# latency_ms FILE PCT: wrk's --latency percentile PCT (50, 99) in milliseconds.
-latency_ms() {
-	local v
-	v=$(awk -v p="$2%" '$1 == p {
-		v = $2
-		if (v ~ /us$/)      { sub(/us$/, "", v); v = v / 1000 }
-		else if (v ~ /ms$/) { sub(/ms$/, "", v); v = v + 0 }
-		else if (v ~ /s$/)  { sub(/s$/, "", v); v = v * 1000 }
-		else if (v ~ /m$/)  { sub(/m$/, "", v); v = v * 60000 }
-		else if (v ~ /h$/)  { sub(/h$/, "", v); v = v * 3600000 }
-		else                { exit }
-		printf "%.3f\n", v
-		exit
-	}' "$1")
-	[[ -n $v ]] || die "no $2% latency in $1"
-	printf '%s\n' "$v"
+# wrk_args NAME CONNS DURATION: the wrk command line of one run, in ARGS.
+wrk_args() {
+	ARGS=(wrk -t"$WRK_THREADS" -c"$2" -d"$3" --latency -H 'Host: origin' "http://$(addr_of "$1")/")
 }
 
-# run_wrk NAME CONNS DURATION FILE: one checked wrk run; prints req/s.
-run_wrk() {
-	local name=$1 c=$2 d=$3 f=$4
-	check_contestant "$name"
-	wrk -t"$WRK_THREADS" -c"$c" -d"$d" --latency -H 'Host: origin' "$(url_of "$name")" >"$f" 2>&1 ||
-		{
-			cat "$f" >&2
-			die "$name: wrk failed"
-		}
-	check_wrk_output "$name" "$f"
+# openloop_args NAME RATE DURATION CONNS: the openloop command line of one
+# run, in ARGS.
+openloop_args() {
+	ARGS=("$WORK/bin/openloop" -addr "$(addr_of "$1")" -host origin -rate "$2" -duration "$3" -conns "$4")
 }
 
-warm_up() {
+open_phase() {
+	local name r f
+	for name in "${CONTESTANTS[@]}"; do
+		log "open-loop warm-up $name (3s at $BENCH_OPEN_RATE req/s)"
+		check_contestant "$name"
+		openloop_args "$name" "$BENCH_OPEN_RATE" 3s "$BENCH_OPEN_CONNS"
+		"${ARGS[@]}" -strict -out "$WORK/runs/open-warmup-$name.json" >/dev/null ||
+			die "$name: open-loop warm-up failed"
+	done
+	for ((r = 1; r <= BENCH_ROUNDS; r++)); do
+		for name in "${CONTESTANTS[@]}"; do
+			check_contestant "$name"
+			f=$WORK/runs/open-$name-r$r.json
+			openloop_args "$name" "$BENCH_OPEN_RATE" "$BENCH_OPEN_DURATION" "$BENCH_OPEN_CONNS"
+			measured open "$name" "$BENCH_OPEN_RATE" "$r" "$f" "${ARGS[@]}" -strict -out "$f"
+			log "open $BENCH_OPEN_RATE req/s round $r/$BENCH_ROUNDS $name: $(open_summary "$f")"
+		done
+	done
+	check_traces
+}
+
+# open_summary FILE: p50/p99/p99.9 of an openloop result, in ms.
+open_summary() {
+	awk '/"latencyUs"/ { on = 1 } on && /"p50"|"p99"|"p999"/ { gsub(/[",:]/, ""); printf "%s %.3f ms  ", $1, $2 / 1000 } on && /}/ { exit }' "$1"
+}
+
+# check_traces: the sidecar's spans reached Jaeger (tracing was really on).
+check_traces() {
+	local services
+	services=$(curl --noproxy '*' -fsS --max-time 5 "http://$HOST:${PORTS_JAEGER[2]}/api/services" || true)
+	[[ $services == *"\"$TRACE_SERVICE\""* ]] ||
+		die "Jaeger has no traces of $TRACE_SERVICE (services: ${services:-none}): the sidecar's tracing did not export"
+	log "Jaeger holds traces of $TRACE_SERVICE"
+}
+
+warm_up_closed() {
 	local name
 	[[ $BENCH_WARMUP != 0 && $BENCH_WARMUP != 0s ]] || return 0
 	for name in "${CONTESTANTS[@]}"; do
-		log "warm-up $name (${BENCH_WARMUP}, ${CONNS[0]} connections)"
-		run_wrk "$name" "${CONNS[0]}" "$BENCH_WARMUP" "$WORK/runs/warmup-$name.txt" >/dev/null
+		log "closed-loop warm-up $name (${BENCH_WARMUP}, ${CONNS[0]} connections)"
+		check_contestant "$name"
+		wrk_args "$name" "${CONNS[0]}" "$BENCH_WARMUP"
+		"${ARGS[@]}" >"$WORK/runs/warmup-$name.txt" 2>&1 || die "$name: wrk warm-up failed"
+		check_wrk_output "$name" "$WORK/runs/warmup-$name.txt" >/dev/null
 	done
 }
 
-# measure: all interleaved runs; one line per run in $WORK/runs.tsv:
-# conns contestant round req/s p50_ms p99_ms
-measure() {
-	local c r name f rps p50 p99
-	: >"$WORK/runs.tsv"
+closed_phase() {
+	local c r name f rps
+	warm_up_closed
 	for c in "${CONNS[@]}"; do
 		for ((r = 1; r <= BENCH_ROUNDS; r++)); do
 			for name in "${CONTESTANTS[@]}"; do
-				f=$WORK/runs/$name-c$c-r$r.txt
-				rps=$(run_wrk "$name" "$c" "$BENCH_DURATION" "$f")
-				p50=$(latency_ms "$f" 50)
-				p99=$(latency_ms "$f" 99)
-				printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$name" "$r" "$rps" "$p50" "$p99" >>"$WORK/runs.tsv"
-				log "c=$c round $r/$BENCH_ROUNDS $name: $rps req/s, p50 ${p50} ms, p99 ${p99} ms"
+				check_contestant "$name"
+				f=$WORK/runs/closed-$name-c$c-r$r.txt
+				wrk_args "$name" "$c" "$BENCH_DURATION"
+				measured closed "$name" "$c" "$r" "$f" "${ARGS[@]}"
+				mv -f "$f.log" "$f" # wrk's output is the result
+				rps=$(check_wrk_output "$name" "$f")
+				log "closed c=$c round $r/$BENCH_ROUNDS $name: $rps req/s"
 			done
 		done
 	done
+	if [[ -z $BENCH_CAPACITY ]]; then
+		CAPACITY=$(for r in $(seq "$BENCH_ROUNDS"); do
+			awk '/^Requests\/sec:/ { print $2 }' "$WORK/runs/closed-sidecar-c${CONNS[0]}-r$r.txt"
+		done | sort -g | awk '{ v[NR] = $1 } END { printf "%.0f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+		log "sidecar capacity: $CAPACITY req/s (median at ${CONNS[0]} connections)"
+	fi
 }
 
-# median_run CONNS NAME: the runs.tsv line of the median run (lower median).
-median_run() {
-	awk -F'\t' -v c="$1" -v n="$2" '$1 == c && $2 == n' "$WORK/runs.tsv" |
-		sort -t $'\t' -k4,4g |
-		awk -v k=$(((BENCH_ROUNDS + 1) / 2)) 'NR == k'
-}
-
-# all_rps CONNS NAME: every round's req/s, rounded, in run order.
-all_rps() {
-	awk -F'\t' -v c="$1" -v n="$2" '$1 == c && $2 == n { printf "%s%.0f", sep, $4; sep = ", " }' \
-		"$WORK/runs.tsv"
-}
-
-report() {
-	local c name line rps p50 p99 direct haproxy
-	local -a med
-	echo "| contestant | connections | req/s (median) | ratio to direct | ratio to HAProxy |"
-	echo "|---|---:|---:|---:|---:|"
-	for c in "${CONNS[@]}"; do
-		direct=$(median_run "$c" direct | cut -f4)
-		haproxy=$(median_run "$c" haproxy | cut -f4)
-		for name in "${CONTESTANTS[@]}"; do
-			rps=$(median_run "$c" "$name" | cut -f4)
-			awk -v n="$name" -v c="$c" -v r="$rps" -v d="$direct" -v h="$haproxy" \
-				'BEGIN { printf "| %s | %s | %.0f | %.2f | %.2f |\n", n, c, r, r / d, r / h }'
-		done
-	done
-	echo
-	echo "Latency of the median run (wrk --latency), and req/s of every round:"
-	echo
-	echo "| contestant | connections | p50 (ms) | p99 (ms) | req/s per round |"
-	echo "|---|---:|---:|---:|---|"
-	for c in "${CONNS[@]}"; do
-		for name in "${CONTESTANTS[@]}"; do
-			line=$(median_run "$c" "$name")
-			IFS=$'\t' read -r -a med <<<"$line"
-			p50=${med[4]}
-			p99=${med[5]}
-			printf '| %s | %s | %s | %s | %s |\n' "$name" "$c" "$p50" "$p99" "$(all_rps "$c" "$name")"
-		done
-	done
-}
-
-header() {
-	local wrkv
-	wrkv=$(wrk -v 2>&1 | head -n1 | awk '{print $2}' || true)
-	echo "# sidecar benchmark"
-	echo
-	echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), host: $(uname -sr), cpus: $(nproc 2>/dev/null || echo '?')"
-	echo "- wrk ${wrkv} -t$WRK_THREADS -d$BENCH_DURATION --latency, connections: ${CONNS[*]}," \
-		"$BENCH_ROUNDS interleaved round(s), median req/s; GET with Host: origin, $BENCH_SIZE-byte bodies"
-	echo "- sidecar $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '(no commit)'), $(go env GOVERSION);" \
-		"$(haproxy -v | head -n1 | awk '{print "HAProxy " $3}'); $(nginx -v 2>&1 | sed 's/.*: //')"
-	echo "- everything (wrk, origin, proxies) shares this machine's CPUs, on loopback"
-	echo
+overload_phase() {
+	local steady over f
+	[[ -n $CAPACITY ]] || die "no capacity for the overload phase: run the closed phase or set BENCH_CAPACITY"
+	steady=$((CAPACITY / 2))
+	over=$((CAPACITY * 2))
+	start_sidecar sidecar-overload PORTS_OVERLOAD "$(tracing_yaml)
+policies:
+  - service: \"*\"
+    concurrency: {maxInFlight: $BENCH_OVERLOAD_LIMIT}"
+	check_contestant sidecar-overload
+	openloop_args sidecar-overload "$BENCH_OPEN_RATE" 3s "$BENCH_OPEN_CONNS"
+	"${ARGS[@]}" -strict -out "$WORK/runs/overload-warmup.json" >/dev/null || die "sidecar-overload: warm-up failed"
+	f=$WORK/runs/steady.json
+	openloop_args sidecar-overload "$steady" "$BENCH_OVERLOAD_DURATION" "$BENCH_OVERLOAD_CONNS"
+	measured steady sidecar-overload "$steady" 1 "$f" "${ARGS[@]}" -out "$f"
+	log "steady state at $steady req/s: $(open_summary "$f")"
+	f=$WORK/runs/overload.json
+	openloop_args sidecar-overload "$over" "$BENCH_OVERLOAD_DURATION" "$BENCH_OVERLOAD_CONNS"
+	measured overload sidecar-overload "$over" 1 "$f" "${ARGS[@]}" -out "$f"
+	log "overload at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
+	stop sidecar-overload
 }
 
 # ---- main -----------------------------------------------------------------------------
 
+header() {
+	local wrkv jv
+	wrkv=$(wrk -v 2>&1 | head -n1 | awk '{print $2}' || true)
+	jv=$(basename "$(dirname "$(dirname "$(readlink -f "$JAEGER")")")")
+	jv="Jaeger ${jv#jaeger-}"
+	echo "# sidecar benchmark"
+	echo
+	echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), host: $(uname -sr), cpus: $(nproc 2>/dev/null || echo '?'), everything (load generators, origin, proxies, Jaeger) on this machine's CPUs, on loopback"
+	echo "- sidecar $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '(no commit)'), $(go env GOVERSION);" \
+		"$(haproxy -v | head -n1 | awk '{print "HAProxy " $3}'); $(nginx -v 2>&1 | sed 's/.*: //'); wrk ${wrkv}; ${jv}"
+	echo "- GET / with Host: origin, $BENCH_SIZE-byte bodies; contestants interleaved in every round: ${CONTESTANTS[*]}"
+	echo "- sidecar: default policy, request metrics on, tracing at 1% (parentbased_traceidratio 0.01) exported over OTLP gRPC to Jaeger;" \
+		"sidecar-bare: tracing off, --request-metrics=false; HAProxy: nbthread 2, http-reuse always; nginx: 2 workers, upstream keepalive 64"
+	echo "- closed loop: wrk -t$WRK_THREADS -d$BENCH_DURATION --latency, connections ${CONNS[*]}, $BENCH_ROUNDS round(s), $BENCH_WARMUP warm-up each;" \
+		"open loop: openloop at $BENCH_OPEN_RATE req/s for $BENCH_OPEN_DURATION over $BENCH_OPEN_CONNS connections, $BENCH_ROUNDS round(s)"
+	echo "- reproduce: \`make bench\` (or \`bench/run.sh\`)"
+}
+
 parse_settings() {
 	[[ $BENCH_ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer, got '$BENCH_ROUNDS'"
 	[[ $BENCH_SIZE =~ ^[0-9]+$ ]] || die "BENCH_SIZE must be a non-negative integer, got '$BENCH_SIZE'"
+	[[ $BENCH_OPEN_RATE =~ ^[1-9][0-9]*$ ]] || die "BENCH_OPEN_RATE must be a positive integer, got '$BENCH_OPEN_RATE'"
+	[[ $BENCH_OVERLOAD_LIMIT =~ ^[1-9][0-9]*$ ]] || die "BENCH_OVERLOAD_LIMIT must be a positive integer, got '$BENCH_OVERLOAD_LIMIT'"
+	[[ -z $BENCH_CAPACITY || $BENCH_CAPACITY =~ ^[1-9][0-9]*$ ]] || die "BENCH_CAPACITY must be a positive integer, got '$BENCH_CAPACITY'"
+	CAPACITY=$BENCH_CAPACITY
 	read -r -a CONNS <<<"$BENCH_CONNS"
 	((${#CONNS[@]} > 0)) || die "BENCH_CONNS is empty"
 	local c
@@ -465,22 +703,33 @@ parse_settings() {
 		[[ $c =~ ^[0-9]+$ ]] && ((c >= WRK_THREADS)) ||
 			die "BENCH_CONNS entries must be integers >= $WRK_THREADS, got '$c'"
 	done
+	for c in $BENCH_PHASES; do
+		[[ $c == open || $c == closed || $c == overload ]] || die "unknown phase '$c' in BENCH_PHASES (open, closed, overload)"
+	done
 	case $BENCH_OUT in
 	/*) ;;
 	*) BENCH_OUT=$PWD/$BENCH_OUT ;;
 	esac
+	case $BENCH_PLOT in
+	/*) ;;
+	*) BENCH_PLOT=$PWD/$BENCH_PLOT ;;
+	esac
+	CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
 }
 
 build() {
-	log "building origin"
-	go build -o "$WORK/bin/origin" ./internal/cmd/origin || die "building ./internal/cmd/origin failed"
+	local t
+	for t in origin openloop benchreport; do
+		log "building $t"
+		go build -o "$WORK/bin/$t" "./internal/cmd/$t" || die "building ./internal/cmd/$t failed"
+	done
 	if [[ -n $SIDECAR_BIN ]]; then
 		[[ -x $SIDECAR_BIN ]] || die "SIDECAR_BIN=$SIDECAR_BIN is not an executable file"
 		SIDECAR=$SIDECAR_BIN
 		log "using prebuilt sidecar $SIDECAR"
 	else
-		log "building sidecar"
-		go build -o "$WORK/bin/sidecar" ./cmd/sidecar ||
+		log "building sidecar (as make build does)"
+		CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$WORK/bin/sidecar" ./cmd/sidecar ||
 			die "building ./cmd/sidecar failed (SIDECAR_BIN=/path/to/sidecar uses a prebuilt one)"
 		SIDECAR=$WORK/bin/sidecar
 	fi
@@ -493,39 +742,47 @@ main() {
 	trap 'log "interrupted"; exit 130' INT
 	trap 'log "terminated"; exit 143' TERM
 
-	scripts/tools.sh bench
+	scripts/tools.sh bench >/dev/null
+	JAEGER=$(scripts/tools.sh path jaeger)
 	have go || die "go is not on PATH"
+	# The sidecars take their settings from the files written here only: no
+	# Consul, collector or SIDECAR_* setting from the caller's environment.
+	local v
+	for v in $(compgen -e); do
+		case $v in
+		SIDECAR_* | OTEL_* | CONSUL_*) unset "$v" ;;
+		esac
+	done
 
 	WORK=$(mktemp -d "${TMPDIR:-/tmp}/sidecar-bench.XXXXXX")
 	# nginx workers drop to an unprivileged user when started as root.
 	chmod 0755 "$WORK"
 	mkdir -p "$WORK/bin" "$WORK/conf" "$WORK/logs" "$WORK/runs"
 	log "temp dir $WORK"
+	printf 'phase\tcontestant\tload\tround\tfile\tcpu_s\tgen_cpu_s\thwm_kb\n' >"$WORK/runs.tsv"
 
 	build
 	start_origin
-	start_sidecar
+	start_jaeger
+	start_sidecar sidecar PORTS_SIDECAR "$(tracing_yaml)"
+	start_sidecar sidecar-bare PORTS_BARE "requestMetrics: false"
 	start_haproxy
 	start_nginx
 
-	local secs
-	secs=$(awk -v d="$BENCH_DURATION" 'BEGIN { n = d + 0; if (d ~ /m$/) n *= 60; if (d ~ /h$/) n *= 3600; print n }')
-	log "measuring: ${#CONNS[@]} connection count(s) x $BENCH_ROUNDS round(s) x ${#CONTESTANTS[@]} contestants x $BENCH_DURATION (~$((secs * ${#CONNS[@]} * BENCH_ROUNDS * ${#CONTESTANTS[@]})) s)"
-	warm_up
-	measure
+	local phase
+	for phase in $BENCH_PHASES; do
+		log "phase: $phase"
+		"${phase}_phase"
+	done
 
-	local out
-	out=$(
-		header
-		report
-	)
-	mkdir -p "$(dirname "$BENCH_OUT")"
-	printf '%s\n' "$out" >"$BENCH_OUT.tmp"
-	mv -f "$BENCH_OUT.tmp" "$BENCH_OUT"
+	header >"$WORK/header.md"
+	"$WORK/bin/benchreport" -runs "$WORK/runs.tsv" -header "$WORK/header.md" \
+		-capacity "${CAPACITY:-0}" -limit "concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT (policy for \"*\")" \
+		-md "$BENCH_OUT" -svg "$BENCH_PLOT" || die "benchreport failed"
 	echo
-	printf '%s\n' "$out"
+	cat "$BENCH_OUT"
 	echo
-	log "results written to $BENCH_OUT"
+	log "results written to $BENCH_OUT and $BENCH_PLOT"
 }
 
 main "$@"

@@ -2,9 +2,9 @@
 # scripts/tools.sh - idempotent installer for the tools that tests and benchmarks need.
 #
 # Usage:
-#   scripts/tools.sh test         # what `make test` needs: consul, kube-apiserver, h2spec
-#                                 # (built from Go modules), etcd (Debian etcd-server)
-#   scripts/tools.sh bench        # wrk, haproxy, nginx, curl (Debian packages), ghz (Go)
+#   scripts/tools.sh test         # what `make test` needs: consul, kube-apiserver, h2spec, jaeger,
+#                                 # toxiproxy-server (built from Go modules), etcd (Debian etcd-server)
+#   scripts/tools.sh bench        # wrk, haproxy, nginx, curl (Debian packages), ghz, jaeger (Go)
 #   scripts/tools.sh all          # everything known to this script
 #   scripts/tools.sh path NAME    # print the cached binary of Go-built tool NAME
 #                                 # (exit 1 when it is not built yet)
@@ -36,6 +36,11 @@ CONSUL_VERSION=v1.16.1
 # HTTP/2 conformance (tests) and gRPC load (benchmarks).
 H2SPEC_VERSION=v2.2.1+incompatible
 GHZ_VERSION=v0.93.0
+# Toxiproxy (TCP fault injection: latency spikes in the fault suite).
+TOXIPROXY_VERSION=v2.12.0
+# Jaeger v2 (the OpenTelemetry-collector based one), the trace backend of the
+# tracing tests.
+JAEGER_VERSION=v1.76.0
 # kube-apiserver for the Kubernetes tests (server-side dry-run, admission
 # webhook); its staging modules are the matching v0.x release.
 KUBE_VERSION=v1.32.3
@@ -209,7 +214,9 @@ go_tool_version() {
 	kube-apiserver) printf '%s\n' "$KUBE_VERSION" ;;
 	h2spec) printf '%s\n' "$H2SPEC_VERSION" ;;
 	ghz) printf '%s\n' "$GHZ_VERSION" ;;
-	*) die "unknown Go-built tool: '$1' (known: consul, kube-apiserver, h2spec, ghz)" ;;
+	toxiproxy-server) printf '%s\n' "$TOXIPROXY_VERSION" ;;
+	jaeger) printf '%s\n' "$JAEGER_VERSION" ;;
+	*) die "unknown Go-built tool: '$1' (known: consul, kube-apiserver, h2spec, ghz, jaeger, toxiproxy-server)" ;;
 	esac
 }
 
@@ -232,6 +239,9 @@ set_bench() {
 	want_cmd haproxy haproxy
 	want_cmd nginx 'nginx-light|nginx'
 	install_ghz
+	# The benchmarked sidecar exports its sampled spans to a real Jaeger
+	# (cached: the test set builds the same version).
+	install_jaeger
 }
 
 # Go-built tools installed by this run; their paths are printed at the end.
@@ -303,6 +313,24 @@ install_h2spec() {
 	GO_TOOLS_DONE+=(h2spec)
 }
 
+# install_jaeger: Jaeger v2 (cmd/jaeger) for the tracing tests. Its sarama
+# dependency must be held at v1.33.0 to build; the checksum database lacks
+# entries under the two GONOSUMDB prefixes.
+install_jaeger() {
+	GONOSUMDB=github.com/open-telemetry/opentelemetry-collector-contrib,go.opentelemetry.io/collector \
+		install_go_tool jaeger "$JAEGER_VERSION" github.com/jaegertracing/jaeger/cmd/jaeger \
+		"require github.com/jaegertracing/jaeger $JAEGER_VERSION"$'\n\n'"replace github.com/Shopify/sarama => github.com/Shopify/sarama v1.33.0"
+	GO_TOOLS_DONE+=(jaeger)
+}
+
+# install_toxiproxy: the TCP proxy the fault suite adds latency spikes with
+# (driven through its HTTP API; no client library in the main module).
+install_toxiproxy() {
+	install_go_tool toxiproxy-server "$TOXIPROXY_VERSION" github.com/Shopify/toxiproxy/v2/cmd/server \
+		"require github.com/Shopify/toxiproxy/v2 $TOXIPROXY_VERSION"
+	GO_TOOLS_DONE+=(toxiproxy-server)
+}
+
 # install_ghz: gRPC load generator for `make bench`.
 install_ghz() {
 	install_go_tool ghz "$GHZ_VERSION" github.com/bojand/ghz/cmd/ghz "require github.com/bojand/ghz $GHZ_VERSION"
@@ -312,9 +340,18 @@ install_ghz() {
 # set_test: what `make test` needs.
 set_test() {
 	install_h2spec
+	install_toxiproxy
+	install_jaeger
 	install_consul
 	install_kube_apiserver
 	want_cmd etcd etcd-server
+	# Transparent interception tests: network namespaces, the redirect
+	# rules, and an unmodified client (curl) run as another user (setpriv).
+	want_cmd ip iproute2
+	want_cmd iptables iptables
+	want_cmd ip6tables iptables
+	want_cmd curl curl
+	want_cmd setpriv util-linux
 }
 
 set_all() {

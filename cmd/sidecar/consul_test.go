@@ -70,6 +70,14 @@ func instance(t *testing.T, name string) (host string, port int) {
 func (cs *consulSidecar) register(t *testing.T, service, id string, check *api.AgentServiceCheck) {
 	t.Helper()
 	host, port := instance(t, id)
+	cs.registerAt(t, service, id, net.JoinHostPort(host, strconv.Itoa(port)), check)
+}
+
+// registerAt registers an instance of service at addr (host:port).
+func (cs *consulSidecar) registerAt(t *testing.T, service, id, addr string, check *api.AgentServiceCheck) {
+	t.Helper()
+	host, p, _ := net.SplitHostPort(addr)
+	port, _ := strconv.Atoi(p)
 	if err := cs.consul.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: id, Name: service, Address: host, Port: port, Check: check}); err != nil {
 		t.Fatalf("register %s: %v", id, err)
 	}

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
@@ -61,6 +63,19 @@ func (s *sidecar) startInbound(cfg *config.Config) error {
 		return err
 	}
 	s.startup = startup
+	for _, p := range []struct {
+		name   string
+		prober *inbound.Prober
+	}{{"readiness", s.readiness}, {"liveness", liveness}, {"startup", startup}} {
+		if p.prober != nil {
+			s.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sidecar_app_probe_passing",
+				Help: "1 while the app passes the probe (after its thresholds), else 0.", ConstLabels: prometheus.Labels{"probe": p.name}},
+				func() float64 { return b2f(p.prober.OK()) }))
+		}
+	}
+	s.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sidecar_ready",
+		Help: "1 while /healthz/ready answers 200: outbound up, the app ready, no drain."},
+		func() float64 { return b2f(len(s.healthH.Ready()) == 0) }))
 	s.healthH = inbound.NewHealthHandler(inbound.HealthConfig{
 		Sidecar: []inbound.Check{{Name: "outbound", Err: func() error {
 			if !s.outboundUp.Load() {
@@ -81,13 +96,27 @@ func (s *sidecar) startInbound(cfg *config.Config) error {
 	if cfg.AppPort == 0 {
 		return nil
 	}
+	var observer inbound.Observer
+	if s.tracing.Enabled() || s.requests != nil {
+		observer = inbound.NewTelemetry(s.tracer(), s.tracing.Propagator(), s.requests, cfg.Service)
+	}
 	s.app, err = inbound.New(inbound.Config{AppAddr: appAddr, Service: cfg.Service,
-		MaxInFlight: cfg.Limits.InboundMaxInFlight, Logger: s.log})
+		MaxInFlight: cfg.Limits.InboundMaxInFlight, Observer: observer, Logger: s.log})
+	if err == nil {
+		s.resilience.setInbound(s.app)
+	}
 	if err != nil {
 		return err
 	}
 	s.inbound, err = proxyhttp.Listen("inbound", cfg.Listeners.Inbound, s.app, proxyhttp.Limits{}, s.log)
 	return err
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // inboundProbe maps a configured probe onto pkg/inbound's.
@@ -212,7 +241,7 @@ func (s *sidecar) shutdown(ctx context.Context) error {
 	if s.inbound != nil {
 		err = errors.Join(err, s.inbound.Shutdown(wait), s.app.Wait(wait))
 	}
-	err = errors.Join(err, s.outbound.Shutdown(wait))
+	err = errors.Join(err, s.outbound.Shutdown(wait), s.shutdownTransparent(wait))
 	s.outboundUp.Store(false)
 	err = errors.Join(err, s.admin.Shutdown(wait), s.metrics.Shutdown(wait), s.health.Shutdown(wait))
 	for _, p := range s.probers {
@@ -226,6 +255,11 @@ func (s *sidecar) shutdown(ctx context.Context) error {
 		s.consul.Close()
 	}
 	s.policies.close()
+	// What is left of the spans goes out before the exit, within the
+	// shutdown's bounds.
+	flush, cancelFlush := context.WithTimeout(context.Background(), 5*time.Second)
+	err = errors.Join(err, s.tracing.Shutdown(flush))
+	cancelFlush()
 	for range s.serving {
 		err = errors.Join(err, <-s.errs)
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 )
 
@@ -36,7 +38,12 @@ type resilienceMetrics struct {
 	transitions *prometheus.CounterVec
 	ejections   *prometheus.CounterVec
 	shed        *prometheus.CounterVec
-	proxy       atomic.Pointer[outbound.Proxy] // set once the proxy exists; read at scrape time
+	attempts    *prometheus.CounterVec
+	// attemptsBy caches the attempts counter per service: Attempted runs
+	// on every attempt, and label hashing is not free.
+	attemptsBy sync.Map
+	proxy      atomic.Pointer[outbound.Proxy] // set once the proxy exists; read at scrape time
+	inbound    atomic.Pointer[inbound.Proxy]  // nil without an app
 }
 
 var _ outbound.Observer = (*resilienceMetrics)(nil)
@@ -56,6 +63,8 @@ func newResilienceMetrics(reg prometheus.Registerer) *resilienceMetrics {
 			Help: "Outbound requests refused without an upstream attempt: overloaded (concurrency limits) or circuit_open."},
 			[]string{"service", "reason"}),
 	}
+	m.attempts = f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_attempts_total",
+		Help: "Outbound attempts sent to an endpoint, first tries and retries."}, []string{"service"})
 	reg.MustRegister(&resilienceCollector{m: m})
 	return m
 }
@@ -75,6 +84,16 @@ func (m *resilienceMetrics) EndpointEjected(service string) {
 func (m *resilienceMetrics) Shed(service, reason string) {
 	m.shed.WithLabelValues(service, reason).Inc()
 }
+func (m *resilienceMetrics) Attempted(service string) {
+	c, ok := m.attemptsBy.Load(service)
+	if !ok {
+		c, _ = m.attemptsBy.LoadOrStore(service, m.attempts.WithLabelValues(service))
+	}
+	c.(prometheus.Counter).Inc()
+}
+
+// setInbound gives the scrape-time collector the inbound proxy to read.
+func (m *resilienceMetrics) setInbound(p *inbound.Proxy) { m.inbound.Store(p) }
 
 // setProxy gives the scrape-time collector the proxy to read.
 func (m *resilienceMetrics) setProxy(p *outbound.Proxy) {
@@ -108,6 +127,9 @@ func (c *resilienceCollector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	ch <- prometheus.MustNewConstMetric(inFlightDesc, prometheus.GaugeValue, float64(p.InFlight()), "outbound")
+	if in := c.m.inbound.Load(); in != nil {
+		ch <- prometheus.MustNewConstMetric(inFlightDesc, prometheus.GaugeValue, float64(in.InFlight()), "inbound")
+	}
 	for _, st := range p.Status() {
 		for _, state := range []string{"closed", "half-open", "open"} {
 			v := 0.0

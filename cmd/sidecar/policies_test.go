@@ -320,7 +320,8 @@ func TestPolicyReloadsUnderLoad(t *testing.T) {
 	var ok, failed atomic.Int64
 	var firstFailure atomic.Pointer[string]
 	var clients sync.WaitGroup
-	for range 4 {
+	nClients := chaosSize(4, 16) // the fault suite's policy-reload scenario
+	for range nClients {
 		clients.Add(1)
 		go func() {
 			defer clients.Done()
@@ -353,7 +354,8 @@ func TestPolicyReloadsUnderLoad(t *testing.T) {
 	took := time.Since(start)
 	stop()
 	clients.Wait()
-	t.Logf("100 KV updates in %v under load: %d requests succeeded, %d failed", took.Round(time.Millisecond), ok.Load(), failed.Load())
+	chaosFigure(t, "policy reloads", "100 Consul KV updates in %v under %d clients: %d requests, lost %d",
+		took.Round(time.Millisecond), nClients, ok.Load()+failed.Load(), failed.Load())
 	if n := failed.Load(); n != 0 {
 		t.Fatalf("%d of %d requests failed during 100 policy reloads, want 0 (first: %s)", n, n+ok.Load(), *firstFailure.Load())
 	}

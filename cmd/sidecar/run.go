@@ -119,6 +119,30 @@ var settings = []setting{
 			c.Limits.InboundMaxInFlight = n
 			return nil
 		}},
+	{flag: "transparent", usage: "serve connections redirected to the outbound port by `sidecar iptables`: route HTTP by Host, then by the original destination; pass other TCP through, true or false (key: transparent.enabled, default false)",
+		set: func(c *config.Config, v string) error { return setBool(v, &c.Transparent.Enabled) }},
+	{flag: "transparent-ipv6", usage: "with --transparent, also listen on [::1] at the outbound port, where ip6tables redirects, true or false (key: transparent.ipv6, default true)",
+		set: func(c *config.Config, v string) error {
+			c.Transparent.IPv6 = new(bool)
+			return setBool(v, c.Transparent.IPv6)
+		}},
+	{flag: "transparent-sniff-timeout", usage: "how long a redirected connection may stay silent before it is taken for a server-speaks-first protocol and passed through (key: transparent.sniffTimeout, default 200ms)",
+		set: func(c *config.Config, v string) (err error) {
+			c.Transparent.SniffTimeout, err = policy.ParseDuration(v)
+			return err
+		}},
+	{flag: "transparent-connect-timeout", usage: "connect timeout of a TCP passthrough to the original destination (key: transparent.connectTimeout, default 5s)",
+		set: func(c *config.Config, v string) (err error) {
+			c.Transparent.ConnectTimeout, err = policy.ParseDuration(v)
+			return err
+		}},
+	{flag: "transparent-opaque-ports", usage: "destination ports passed through without sniffing, comma-separated, or none (key: transparent.opaquePorts, default 25,587,3306,4444,5432,6379,9300,11211)",
+		set: func(c *config.Config, v string) (err error) {
+			c.Transparent.OpaquePorts, err = config.ParsePorts(v)
+			return err
+		}},
+	{flag: "transparent-tcp-passthrough", usage: "where non-HTTP TCP may go: any, known (endpoints of known services and allowHosts) or none (key: transparent.tcpPassthrough, default any)",
+		set: func(c *config.Config, v string) error { c.Transparent.TCPPassthrough = v; return nil }},
 	{flag: "readiness-probe", usage: "the app's readiness probe as KIND[,key=value...]: KIND is http:/PATH, tcp, grpc or grpc:SERVICE; keys port, status, interval, timeout, initialDelay, failureThreshold, successThreshold (key: probes.readiness)",
 		set: func(c *config.Config, v string) (err error) {
 			c.Probes.Readiness, err = config.ParseProbe(v)
@@ -140,6 +164,47 @@ var settings = []setting{
 		set: func(c *config.Config, v string) (err error) {
 			c.Lifecycle.ShutdownTimeout, err = policy.ParseDuration(v)
 			return err
+		}},
+	{flag: "tracing-endpoint", usage: "OTLP collector for spans, host:port or URL; empty: tracing off (key: tracing.endpoint)",
+		env: []string{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"},
+		set: func(c *config.Config, v string) error { c.Tracing.Endpoint = v; return nil }},
+	{flag: "tracing-protocol", usage: "OTLP protocol: grpc or http/protobuf (key: tracing.protocol, default grpc)",
+		env: []string{"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"},
+		set: func(c *config.Config, v string) error { c.Tracing.Protocol = v; return nil }},
+	{flag: "tracing-sampler", usage: "sampler: always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio (key: tracing.sampler, default parentbased_traceidratio)",
+		env: []string{"OTEL_TRACES_SAMPLER"},
+		set: func(c *config.Config, v string) error { c.Tracing.Sampler = v; return nil }},
+	{flag: "tracing-sampler-arg", usage: "ratio of the ratio samplers, 0 to 1 (key: tracing.samplerArg, default 0.01)",
+		env: []string{"OTEL_TRACES_SAMPLER_ARG"},
+		set: func(c *config.Config, v string) error {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				return fmt.Errorf("want a number from 0 to 1, got %q", v)
+			}
+			c.Tracing.SamplerArg = f
+			return nil
+		}},
+	{flag: "tracing-propagators", list: true, sep: ",",
+		usage: "trace header formats: tracecontext, baggage, b3, b3multi, jaeger, xray, ottrace; repeatable (key: tracing.propagators, default tracecontext,baggage)",
+		env:   []string{"OTEL_PROPAGATORS"},
+		reset: func(c *config.Config) { c.Tracing.Propagators = nil },
+		set: func(c *config.Config, v string) error {
+			if v = strings.TrimSpace(v); v != "" {
+				c.Tracing.Propagators = append(c.Tracing.Propagators, v)
+			}
+			return nil
+		}},
+	{flag: "tracing-service-name", usage: "service.name of the spans (key: tracing.serviceName, default service)",
+		env: []string{"OTEL_SERVICE_NAME"},
+		set: func(c *config.Config, v string) error { c.Tracing.ServiceName = v; return nil }},
+	{flag: "request-metrics", usage: "per-request metrics, true or false (key: requestMetrics, default true)",
+		set: func(c *config.Config, v string) error {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return fmt.Errorf("want true or false, got %q", v)
+			}
+			c.RequestMetrics = &b
+			return nil
 		}},
 	{flag: "log-level", usage: "debug, info, warn or error (key: log.level, default info)",
 		set: func(c *config.Config, v string) error { c.Log.Level = v; return nil }},

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -13,13 +14,18 @@ import (
 	"time"
 
 	consulapi "github.com/hashicorp/consul/api"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sidecar-mesh/sidecar/pkg/admin"
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
+	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/tracing"
+	"github.com/sidecar-mesh/sidecar/pkg/transparent"
 )
 
 // sidecar is one running instance: its listeners and what serves them.
@@ -28,6 +34,11 @@ type sidecar struct {
 	cfg      *config.Config
 	outbound *proxyhttp.Server
 	proxy    *outbound.Proxy
+
+	// transparent serves redirected connections under outbound; nil
+	// unless transparent.enabled.
+	transparent *transparent.Listener
+
 	inbound  *proxyhttp.Server // nil without appPort
 	app      *inbound.Proxy    // nil without appPort
 	admin    *http.Server
@@ -45,6 +56,10 @@ type sidecar struct {
 	// passes. Nil without one.
 	startup     *inbound.Prober
 	startedOnce sync.Once
+	tracing     *tracing.Provider
+	requests    *metrics.Requests // nil with requestMetrics off
+	resilience  *resilienceMetrics
+	registry    *prometheus.Registry
 	consul      *discovery.Consul                      // nil without Consul
 	policies    *policySources                         // the policy store and its watched sources
 	reg         atomic.Pointer[discovery.Registration] // nil when the app is not registered
@@ -69,10 +84,24 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		return nil, err
 	}
 	s := &sidecar{log: log, cfg: cfg, policies: policies, errs: make(chan error, 8), quit: make(chan struct{})}
+	s.tracing, err = tracing.Setup(context.Background(), tracing.Config{
+		Endpoint:    cfg.Tracing.Endpoint,
+		Protocol:    cfg.Tracing.Protocol,
+		Sampler:     cfg.Tracing.Sampler,
+		SamplerArg:  cfg.Tracing.SamplerArg,
+		Propagators: cfg.Tracing.Propagators,
+		Service:     cmp.Or(cfg.Tracing.ServiceName, cfg.Service),
+		Logger:      log,
+	})
+	if err != nil {
+		policies.close()
+		return nil, err
+	}
 	defer func() {
 		if err == nil {
 			return
 		}
+		_ = s.tracing.Shutdown(context.Background())
 		for _, ln := range []interface{ Close() error }{s.adminLn, s.metricLn, s.healthLn} {
 			if ln != nil {
 				_ = ln.Close()
@@ -120,14 +149,25 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	reg := newRegistry(resolver)
 	reg.MustRegister(policyCollector{store: s.policies.store})
 	resilience := newResilienceMetrics(reg)
+	s.resilience, s.registry = resilience, reg
+	if cfg.RequestMetrics == nil || *cfg.RequestMetrics {
+		s.requests = metrics.NewRequests(reg)
+	}
+	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sidecar_tracing_dropped_spans_total",
+		Help: "Sampled spans dropped: export queue full or the collector unreachable."},
+		func() float64 { return float64(s.tracing.Dropped()) }))
 	s.proxy, err = outbound.New(outbound.Config{Resolver: resolver, Policies: s.policies.store,
-		AllowHosts: cfg.AllowHosts, MaxInFlight: cfg.Limits.OutboundMaxInFlight, Observer: resilience, Logger: log})
+		AllowHosts: cfg.AllowHosts, MaxInFlight: cfg.Limits.OutboundMaxInFlight, Observer: resilience,
+		Tracer: s.tracer(), Propagator: s.tracing.Propagator(), Metrics: s.requests, Logger: log})
 	if err != nil {
 		return nil, err
 	}
 	resilience.setProxy(s.proxy)
 	s.outbound, err = proxyhttp.Listen("outbound", cfg.Listeners.Outbound, s.proxy, proxyhttp.Limits{}, log)
 	if err != nil {
+		return nil, err
+	}
+	if err := s.startTransparent(cfg, resolver, reg); err != nil {
 		return nil, err
 	}
 	s.adminLn, err = net.Listen("tcp", cfg.Listeners.Admin)
@@ -150,6 +190,7 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		Drain:      func() { go s.drain(context.Background()) },
 		Quit:       s.quitNow,
 		Policies:   s.policies.store,
+		Profiling:  true, // loopback clients only
 	}))
 	s.serve()
 
@@ -199,6 +240,15 @@ func (s *sidecar) register(cfg *config.Config, client *consulapi.Client) error {
 	}
 	s.reg.Store(reg)
 	return nil
+}
+
+// tracer is the proxies' tracer: nil when tracing is off, so that they
+// make no spans at all.
+func (s *sidecar) tracer() trace.Tracer {
+	if !s.tracing.Enabled() {
+		return nil
+	}
+	return s.tracing.Tracer()
 }
 
 // controlServer serves the sidecar's own small endpoints (admin, metrics,

@@ -25,6 +25,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sidecar-mesh/sidecar/internal/freeport"
 )
 
 const (
@@ -345,29 +347,9 @@ func missingBinary(t testing.TB, err error) {
 // pickPorts finds seven ports free on 127.0.0.1 for both TCP and UDP (DNS
 // and serf use both). They are released before the agent binds them.
 func pickPorts() (ports, error) {
-	var closers []io.Closer
-	defer func() {
-		for _, c := range closers {
-			c.Close()
-		}
-	}()
-	var free []int
-	for tries := 0; len(free) < 7; tries++ {
-		if tries == 100 {
-			return ports{}, fmt.Errorf("found only %d of 7 ports free for TCP and UDP in %d tries", len(free), tries)
-		}
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return ports{}, err
-		}
-		closers = append(closers, l) // held until all are picked: no duplicates
-		port := l.Addr().(*net.TCPAddr).Port
-		u, err := net.ListenPacket("udp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
-		if err != nil {
-			continue // taken for UDP
-		}
-		closers = append(closers, u)
-		free = append(free, port)
+	free, err := freeport.Stable(7, true) // stable across Restart
+	if err != nil {
+		return ports{}, err
 	}
 	return ports{
 		HTTP: free[0], DNS: free[1], SerfLAN: free[2], SerfWAN: free[3],

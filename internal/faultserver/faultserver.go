@@ -47,6 +47,7 @@ type Server struct {
 	served sync.WaitGroup
 
 	requests    atomic.Int64
+	inFlight    atomic.Int64
 	failed      atomic.Int64
 	connections atomic.Int64
 	byMethod    sync.Map // method -> *atomic.Int64
@@ -97,6 +98,9 @@ func (s *Server) OnRequest(fn func(*http.Request)) {
 
 // Requests is how many requests reached the handler (executions).
 func (s *Server) Requests() int64 { return s.requests.Load() }
+
+// InFlight is how many requests are in the handler now.
+func (s *Server) InFlight() int64 { return s.inFlight.Load() }
 
 // Failed is how many requests were answered with a fault.
 func (s *Server) Failed() int64 { return s.failed.Load() }
@@ -160,6 +164,8 @@ func (s *Server) serve(ln net.Listener) {
 
 func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	s.requests.Add(1)
+	s.inFlight.Add(1)
+	defer s.inFlight.Add(-1)
 	n, _ := s.byMethod.LoadOrStore(r.Method, new(atomic.Int64))
 	n.(*atomic.Int64).Add(1)
 	if fn := s.arrivals.Load(); fn != nil {

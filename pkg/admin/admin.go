@@ -5,7 +5,10 @@ package admin
 
 import (
 	"encoding/json"
+	"net"
 	"net/http"
+	"net/http/pprof"
+	"net/netip"
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
@@ -30,6 +33,10 @@ type Sources struct {
 	Drain, Quit func()
 	// Policies reports the policies in force; nil omits the endpoints.
 	Policies PolicyStatuses
+	// Profiling serves Go's runtime profiles (net/http/pprof) under
+	// /debug/pprof/, to loopback clients only, whatever address the admin
+	// listener is bound to. False omits the endpoints.
+	Profiling bool
 }
 
 // PolicyStatuses reports the policy in force per service; *policy.Store
@@ -56,6 +63,8 @@ type PolicyStatuses interface {
 //	POST /drain     start draining and keep running (for jobs that end on
 //	                their own terms)
 //	POST /quitquitquit  drain, then exit, as on SIGTERM
+//	GET /debug/pprof/...  Go's CPU, heap, allocation, goroutine and mutex
+//	                profiles (with Profiling; loopback clients only)
 func Handler(s Sources) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /config", func(w http.ResponseWriter, r *http.Request) {
@@ -106,7 +115,27 @@ func Handler(s Sources) http.Handler {
 			})
 		}
 	}
+	if s.Profiling {
+		mux.Handle("/debug/pprof/", loopbackOnly(http.HandlerFunc(pprof.Index)))
+		mux.Handle("/debug/pprof/cmdline", loopbackOnly(http.HandlerFunc(pprof.Cmdline)))
+		mux.Handle("/debug/pprof/profile", loopbackOnly(http.HandlerFunc(pprof.Profile)))
+		mux.Handle("/debug/pprof/symbol", loopbackOnly(http.HandlerFunc(pprof.Symbol)))
+		mux.Handle("/debug/pprof/trace", loopbackOnly(http.HandlerFunc(pprof.Trace)))
+	}
 	return mux
+}
+
+// loopbackOnly refuses clients that are not on this host: profiles show
+// memory contents and cost CPU, so only an operator on the pod gets them.
+func loopbackOnly(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host, _, err := net.SplitHostPort(r.RemoteAddr)
+		if ip, perr := netip.ParseAddr(host); err != nil || perr != nil || !ip.Unmap().IsLoopback() {
+			http.Error(w, "profiles are served to loopback clients only", http.StatusForbidden)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 func writeJSON(w http.ResponseWriter, v any) {

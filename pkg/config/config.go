@@ -52,6 +52,14 @@ type Config struct {
 	AllowHosts []string `yaml:"allowHosts,omitempty" json:"allowHosts,omitempty"`
 	// Limits bound the sidecar as a whole, across services.
 	Limits Limits `yaml:"limits,omitempty" json:"limits"`
+	// Transparent configures transparent interception: connections that
+	// `sidecar iptables` redirects to the outbound port.
+	Transparent Transparent `yaml:"transparent,omitempty" json:"transparent"`
+	// Tracing configures spans and their export; off without an endpoint.
+	Tracing Tracing `yaml:"tracing,omitempty" json:"tracing"`
+	// RequestMetrics turns the per-request metrics (count and duration by
+	// service, direction, method and code class) on or off. Default on.
+	RequestMetrics *bool `yaml:"requestMetrics,omitempty" json:"requestMetrics,omitempty"`
 	// Lifecycle configures the drain on shutdown.
 	Lifecycle Lifecycle `yaml:"lifecycle,omitempty" json:"lifecycle"`
 	// Log configures logging.
@@ -276,6 +284,25 @@ type Limits struct {
 	InboundMaxInFlight int `yaml:"inboundMaxInFlight,omitempty" json:"inboundMaxInFlight,omitempty"`
 }
 
+// Tracing configures OpenTelemetry tracing. The standard OTEL_* variables
+// set the same keys (see the flags).
+type Tracing struct {
+	// Endpoint of the OTLP collector, host:port or a URL. Empty: tracing
+	// off (trace headers still pass through untouched).
+	Endpoint string `yaml:"endpoint,omitempty" json:"endpoint,omitempty"`
+	// Protocol is grpc (default) or http/protobuf.
+	Protocol string `yaml:"protocol,omitempty" json:"protocol,omitempty"`
+	// Sampler is an OTEL_TRACES_SAMPLER name; default
+	// parentbased_traceidratio.
+	Sampler string `yaml:"sampler,omitempty" json:"sampler,omitempty"`
+	// SamplerArg is the ratio of the ratio samplers; default 0.01.
+	SamplerArg float64 `yaml:"samplerArg,omitempty" json:"samplerArg,omitempty"`
+	// Propagators are OTEL_PROPAGATORS names; default tracecontext, baggage.
+	Propagators []string `yaml:"propagators,omitempty" json:"propagators,omitempty"`
+	// ServiceName is the spans' service.name; default service.
+	ServiceName string `yaml:"serviceName,omitempty" json:"serviceName,omitempty"`
+}
+
 // Lifecycle configures startup and shutdown.
 type Lifecycle struct {
 	// DrainWindow is how long, after SIGTERM (or the admin API's POST
@@ -381,6 +408,7 @@ func (c *Config) Validate() error {
 	c.Probes.Readiness.validate("probes.readiness", add)
 	c.Probes.Liveness.validate("probes.liveness", add)
 	c.Probes.Startup.validate("probes.startup", add)
+	c.Transparent.validate(add)
 	if (c.Probes != Probes{}) && c.AppPort == 0 {
 		add("probes: set appPort: the probes run against 127.0.0.1:appPort")
 	}

@@ -76,6 +76,8 @@ type Consul struct {
 
 	mu      sync.Mutex // guards watches
 	watches map[string]*watch
+
+	rev reverseCache // ServiceAt's answers from the catalog
 }
 
 var _ Resolver = (*Consul)(nil)

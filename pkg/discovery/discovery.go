@@ -92,23 +92,30 @@ func (c Chain) Services() []*EndpointSet {
 // lower-cased and a trailing dot is dropped. It returns "" for an empty host.
 //
 // The port is dropped: a service is one name, whichever port the client
-// thought it had.
+// thought it had. ServiceName(ServiceName(h)) == ServiceName(h): the
+// suffixes are trimmed until none is left ("a..", "a.service.consul.").
 func ServiceName(host string) string {
-	host = stripPort(host)
-	host = strings.TrimSuffix(strings.ToLower(host), ".")
-	host = strings.TrimSuffix(host, ".service.consul")
-	return host
+	host = strings.ToLower(stripPort(host))
+	for {
+		n := strings.TrimSuffix(strings.TrimSuffix(host, "."), ".service.consul")
+		if n == host {
+			return n
+		}
+		host = n
+	}
 }
 
 // IsIPLiteral reports whether host (with or without a port, IPv6 with or
-// without brackets) is an IP address rather than a name.
+// without brackets) is an IP address rather than a name. A host that
+// ServiceName turns into an address ("127.0.0.1.", "10.0.0.1.service.consul")
+// is one too.
 func IsIPLiteral(host string) bool {
-	host = stripPort(host)
-	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
-	if i := strings.IndexByte(host, '%'); i >= 0 { // IPv6 zone
-		host = host[:i]
+	h := stripPort(host)
+	h = strings.TrimSuffix(strings.TrimPrefix(h, "["), "]")
+	if i := strings.IndexByte(h, '%'); i >= 0 { // IPv6 zone
+		h = h[:i]
 	}
-	return net.ParseIP(host) != nil
+	return net.ParseIP(h) != nil || net.ParseIP(ServiceName(host)) != nil
 }
 
 // stripPort drops a ":port" suffix; it leaves a bare IPv6 address alone and

@@ -54,10 +54,11 @@ type Watcher struct {
 	done   chan struct{}
 
 	// Owned by the watcher's goroutine:
-	last     [sha256.Size]byte // content last reported (or Initial)
-	stat     os.FileInfo       // as of the last check; nil if unreadable
-	failing  bool              // the last read failed
-	watching bool              // fsnotify watches dir
+	last      [sha256.Size]byte // content last reported (or Initial)
+	stat      os.FileInfo       // as of the last check; nil if unreadable
+	failing   bool              // the last read failed
+	emptyOnce bool              // the last read was empty and not yet believed
+	watching  bool              // fsnotify watches dir
 }
 
 // Start begins following cfg.Path. onChange is called from the watcher's
@@ -149,13 +150,19 @@ func (w *Watcher) run(ctx context.Context) {
 			w.check()
 		case <-quiet.C:
 			burstStart = time.Time{}
-			w.check()
+			if w.check() {
+				burstStart = time.Now()
+				quiet.Reset(w.cfg.Debounce)
+			}
 		case <-tick.C:
 			if !w.watching && w.fsw.Add(w.dir) == nil {
 				w.watching = true
 			}
-			if w.statChanged() {
-				w.check()
+			if w.statChanged() && burstStart.IsZero() {
+				// Read after the quiet time, as for an event: the file may
+				// be in the middle of a write.
+				burstStart = time.Now()
+				quiet.Reset(w.cfg.Debounce)
 			}
 		}
 	}
@@ -174,8 +181,12 @@ func (w *Watcher) statChanged() bool {
 	return !os.SameFile(fi, w.stat) || fi.Size() != w.stat.Size() || !fi.ModTime().Equal(w.stat.ModTime())
 }
 
-// check reads the file and reports it if its content changed.
-func (w *Watcher) check() {
+// check reads the file and reports it if its content changed. It returns
+// true when it wants to read again after the quiet time: an empty read of
+// a file that had content is most often a write caught between its
+// truncation and its data, so it is reported only when the next read
+// agrees.
+func (w *Watcher) check() (again bool) {
 	fi, _ := os.Stat(w.cfg.Path)
 	data, err := os.ReadFile(w.cfg.Path)
 	if err != nil {
@@ -193,8 +204,15 @@ func (w *Watcher) check() {
 	}
 	sum := sha256.Sum256(data)
 	if sum == w.last {
-		return
+		w.emptyOnce = false
+		return false
 	}
+	if len(data) == 0 && !w.emptyOnce {
+		w.emptyOnce = true
+		return true
+	}
+	w.emptyOnce = false
 	w.last = sum
 	w.onChange(data)
+	return false
 }

@@ -186,6 +186,9 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.serve(w, r, v)
 		return
 	}
+	// What Start adds (trace context) must reach the app: the client's
+	// Connection header may not name it for deletion.
+	proxyhttp.RemoveConnectionOptions(r.Header)
 	start := time.Now()
 	if r2 := p.observer.Start(r); r2 != nil {
 		r = r2

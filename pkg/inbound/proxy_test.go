@@ -233,11 +233,14 @@ type observed struct {
 
 type markKey struct{}
 
+// observerTraceparent is the trace context recordingObserver adds.
+const observerTraceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
 func (o *recordingObserver) Start(r *http.Request) *http.Request {
 	o.mu.Lock()
 	o.starts++
 	o.mu.Unlock()
-	r.Header.Set("Traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+	r.Header.Set("Traceparent", observerTraceparent)
 	return r.WithContext(context.WithValue(r.Context(), markKey{}, true))
 }
 

@@ -173,7 +173,8 @@ func TestStalledBody(t *testing.T) {
 	defer c.Close()
 	io.WriteString(c, "POST / HTTP/1.1\r\nHost: svc\r\nContent-Length: 100\r\n\r\nonly ten b")
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatal("no answer to a stalled body")
@@ -182,6 +183,12 @@ func TestStalledBody(t *testing.T) {
 	}
 	if resp.StatusCode != http.StatusRequestTimeout || resp.Header.Get("X-Sidecar-Error") != "request_timeout" {
 		t.Fatalf("got %d %q, want 408 request_timeout", resp.StatusCode, resp.Header.Get("X-Sidecar-Error"))
+	}
+	// Regression: net/http went on reading the rest of the body with no
+	// deadline, holding the connection for as long as the client kept it.
+	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.Copy(io.Discard, br); err != nil {
+		t.Fatalf("after the 408: %v; want the connection closed by the sidecar", err)
 	}
 	if n := up.requests.Load(); n != 0 {
 		t.Fatalf("upstream got %d requests, want 0", n)

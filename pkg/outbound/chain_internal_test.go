@@ -54,6 +54,8 @@ func (o *countingObserver) BreakerStateChanged(_, from, to string) {
 	o.transitions = append(o.transitions, from+">"+to)
 }
 func (o *countingObserver) EndpointEjected(string) { o.mu.Lock(); o.ejections++; o.mu.Unlock() }
+func (o *countingObserver) Attempted(string)       {}
+
 func (o *countingObserver) Shed(_, reason string) {
 	o.mu.Lock()
 	defer o.mu.Unlock()

@@ -322,3 +322,21 @@ func (d *deadlineRecorder) UnaryCall(ctx context.Context, in *testgrpc.SimpleReq
 	}
 	return d.testService.UnaryCall(ctx, in)
 }
+
+// An instance that sends its headers and then fails every call with
+// UNAVAILABLE in the trailers is ejected like one that fails at once: the
+// attempt is judged when its trailers arrive.
+func TestGRPCTrailerFailuresEject(t *testing.T) {
+	bad, good := &headersFirstService{}, &testService{}
+	sc := startSidecar(t, options{static: map[string][]string{"echo": {grpcUpstreamWith(t, bad), grpcUpstream(t, good)}},
+		policies: "service: echo\nretry: {attempts: 1}\noutlierDetection: {consecutiveFailures: 3, ejectionTime: 1m}\n" + noBreaker})
+	c := testgrpc.NewTestServiceClient(grpcClient(t, sc, "echo"))
+	for range 100 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		c.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+		cancel()
+	}
+	if n := bad.calls.Load(); n != 3 {
+		t.Fatalf("the failing instance got %d calls, want exactly 3 before its ejection", n)
+	}
+}

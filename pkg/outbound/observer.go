@@ -21,6 +21,8 @@ type Observer interface {
 	// Shed: a request was refused without an upstream attempt, for reason
 	// ("overloaded" or "circuit_open").
 	Shed(service, reason string)
+	// Attempted: an attempt was sent to an endpoint of the service.
+	Attempted(service string)
 }
 
 // NopObserver observes nothing; embed it to implement only some methods.
@@ -31,5 +33,6 @@ func (NopObserver) RetryBudgetExhausted(service string)          {}
 func (NopObserver) BreakerStateChanged(service, from, to string) {}
 func (NopObserver) EndpointEjected(service string)               {}
 func (NopObserver) Shed(service, reason string)                  {}
+func (NopObserver) Attempted(service string)                     {}
 
 var _ Observer = NopObserver{}

@@ -1,15 +1,24 @@
 package outbound
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
@@ -41,6 +50,8 @@ type pickLayer struct {
 	next     http.RoundTripper
 	log      *slog.Logger
 	observer Observer
+	tracer   trace.Tracer // nil: no attempt spans
+	prop     propagation.TextMapPropagator
 
 	// pickers holds a *roundRobin per service, rebuilt whenever discovery
 	// publishes a new set (compared by pointer: sets are immutable).
@@ -82,17 +93,107 @@ func (p *pickLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	// A retry prefers another endpoint than the one that failed.
 	ep := pickHealthy(p.picker(set), &st.outliers, info.avoid, now)
 	info.picked = ep.Addr
+	p.observer.Attempted(service)
+	var span trace.Span
+	if p.tracer != nil {
+		var ctx context.Context
+		ctx, span = p.startAttempt(req, info, ep.Addr)
+		req = req.WithContext(ctx)
+		// The upstream's spans hang under this attempt's.
+		p.prop.Inject(ctx, propagation.HeaderCarrier(req.Header))
+	}
 	out := *req
 	u := *req.URL
 	u.Host = ep.Addr
 	out.URL = &u
 	resp, err := p.next.RoundTrip(&out)
+	end := attemptEnd{p: p, span: span, st: st, endpoint: ep.Addr, set: set, od: pol.OutlierDetection, service: service}
+	if err == nil && grpcOutcomePending(resp) {
+		// A gRPC answer's outcome comes in its trailers: the attempt is
+		// judged when its body ends.
+		later := end
+		resp.Body = &grpcEnd{ReadCloser: resp.Body, resp: resp, end: func() { later.record(resp, nil) }}
+		return resp, nil
+	}
+	end.record(resp, err)
+	return resp, err
+}
+
+// attemptEnd is what judging an attempt needs: its span and the outlier
+// detector's view of its endpoint.
+type attemptEnd struct {
+	p        *pickLayer
+	span     trace.Span
+	st       *serviceState
+	endpoint string
+	set      *discovery.EndpointSet
+	od       *policy.OutlierDetection
+	service  string
+}
+
+// record ends the attempt's span and feeds its outcome to outlier
+// detection.
+func (a attemptEnd) record(resp *http.Response, err error) {
+	if a.span != nil {
+		endAttempt(a.span, resp, err)
+	}
 	if failed := attemptFailed(resp, err); failed || err == nil {
-		if st.outliers.record(ep.Addr, failed, set, pol.OutlierDetection, time.Now()) {
-			p.log.Warn("endpoint ejected", "service", service, "endpoint", ep.Addr,
-				"for", pol.OutlierDetection.EjectionTime.String())
-			p.observer.EndpointEjected(service)
+		if a.st.outliers.record(a.endpoint, failed, a.set, a.od, time.Now()) {
+			a.p.log.Warn("endpoint ejected", "service", a.service, "endpoint", a.endpoint,
+				"for", a.od.EjectionTime.String())
+			a.p.observer.EndpointEjected(a.service)
 		}
 	}
-	return resp, err
+}
+
+// startAttempt starts the span of one attempt, under the request's span,
+// named so that a retry and its reason read at a glance in a trace view:
+// "attempt 2 (retry: 503)".
+func (p *pickLayer) startAttempt(req *http.Request, info *attemptInfo, endpoint string) (context.Context, trace.Span) {
+	name := "attempt " + strconv.Itoa(info.attempt)
+	if info.retryOf != "" {
+		name += " (retry: " + info.retryOf + ")"
+	}
+	ctx, span := p.tracer.Start(req.Context(), name, trace.WithSpanKind(trace.SpanKindClient))
+	if span.IsRecording() {
+		host, port, _ := net.SplitHostPort(endpoint)
+		portN, _ := strconv.Atoi(port)
+		span.SetAttributes(
+			attribute.Int("sidecar.attempt", info.attempt),
+			attribute.String("sidecar.service", req.URL.Host),
+			attribute.String("server.address", host),
+			attribute.Int("server.port", portN),
+			attribute.String("sidecar.breaker.state", info.state.breaker.Load().State().String()),
+			attribute.String("http.request.method", req.Method),
+		)
+		if info.retryOf != "" {
+			span.SetAttributes(attribute.String("sidecar.retry.reason", info.retryOf),
+				attribute.Float64("sidecar.retry.backoff_ms", float64(info.backoff)/float64(time.Millisecond)),
+				attribute.Int("http.request.resend_count", info.attempt-1))
+		}
+	}
+	return ctx, span
+}
+
+// endAttempt ends an attempt's span with its outcome: the status, or the
+// failure.
+func endAttempt(span trace.Span, resp *http.Response, err error) {
+	if span.IsRecording() {
+		if err != nil {
+			span.RecordError(err)
+			span.SetStatus(codes.Error, err.Error())
+		} else {
+			span.SetAttributes(attribute.Int("http.response.status_code", resp.StatusCode))
+			if g := grpcStatus(resp); g != "" {
+				span.SetAttributes(attribute.String("rpc.grpc.status_code", g))
+				if g != "0" {
+					span.SetStatus(codes.Error, "grpc-status "+g)
+				}
+			}
+			if resp.StatusCode >= 500 {
+				span.SetStatus(codes.Error, resp.Status)
+			}
+		}
+	}
+	span.End()
 }

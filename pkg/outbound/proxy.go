@@ -15,7 +15,11 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
@@ -38,6 +42,13 @@ type Config struct {
 	// Observer is told of retries, breaker transitions, ejections and shed
 	// requests; nil: NopObserver.
 	Observer Observer
+	// Tracer makes the request and attempt spans; nil: none, and trace
+	// headers pass through untouched.
+	Tracer trace.Tracer
+	// Propagator reads and writes trace headers; required with a Tracer.
+	Propagator propagation.TextMapPropagator
+	// Metrics records requests (count, duration); nil: none.
+	Metrics *metrics.Requests
 	// Transport configures the upstream connections.
 	Transport proxyhttp.TransportConfig
 	// Limits bound the listener (header size, read timeouts).
@@ -65,6 +76,7 @@ type Proxy struct {
 	allow      map[string]bool
 	states     *stateRegistry
 	resilience *resilienceLayer     // for InFlight
+	metrics    *metrics.Requests    // for requests refused before routing
 	service    *proxyhttp.Forwarder // to services known to discovery
 	direct     *proxyhttp.Forwarder // to allow-listed external hosts
 	tunnels    sync.WaitGroup
@@ -108,7 +120,11 @@ func New(cfg Config) (*Proxy, error) {
 		maxInFlight = DefaultMaxInFlight
 	}
 	p.states = &stateRegistry{observer: observer, log: p.log, policies: policies}
-	p.service = &proxyhttp.Forwarder{Next: p.chain(cfg.Resolver, policies, maxInFlight, observer), OnError: p.handleError}
+	if cfg.Tracer != nil && cfg.Propagator == nil {
+		return nil, errors.New("outbound: a Tracer needs a Propagator")
+	}
+	p.metrics = cfg.Metrics
+	p.service = &proxyhttp.Forwarder{Next: p.chain(cfg, policies, maxInFlight, observer), OnError: p.handleError}
 	p.direct = &proxyhttp.Forwarder{Next: p.transport, OnError: p.handleError}
 	return p, nil
 }
@@ -116,17 +132,24 @@ func New(cfg Config) (*Proxy, error) {
 // chain builds the path every call to a service takes, in one visible
 // order, each layer an http.RoundTripper wrapping the next:
 //
-//	resilience: concurrency limits (all services, then the service)
+//	telemetry: the request's span (under the caller's trace context) and
+//	    metrics
+//	-> resilience: concurrency limits (all services, then the service)
 //	    -> overall deadline -> retry loop, each attempt under its per-try
 //	    deadline and the circuit breaker
 //	-> pick (round robin over the service's healthy, non-ejected endpoints;
-//	   outcomes feed outlier ejection)
+//	   outcomes feed outlier ejection; each attempt's span, whose context
+//	   the upstream gets in its trace headers)
 //	-> transport (pooled HTTP/1.1, connect timeout from the policy)
-func (p *Proxy) chain(resolver discovery.Resolver, policies Policies, maxInFlight int, observer Observer) http.RoundTripper {
+func (p *Proxy) chain(cfg Config, policies Policies, maxInFlight int, observer Observer) http.RoundTripper {
 	var rt http.RoundTripper = p.transport
-	rt = &pickLayer{resolver: resolver, log: p.log, observer: observer, next: rt}
+	rt = &pickLayer{resolver: cfg.Resolver, log: p.log, observer: observer, tracer: cfg.Tracer, prop: cfg.Propagator, next: rt}
 	p.resilience = &resilienceLayer{policies: policies, states: p.states, maxInFlight: int64(maxInFlight), next: rt}
-	return p.resilience
+	rt = p.resilience
+	if cfg.Tracer != nil || cfg.Metrics != nil {
+		rt = &telemetryLayer{tracer: cfg.Tracer, prop: cfg.Propagator, metrics: cfg.Metrics, next: rt}
+	}
+	return rt
 }
 
 // InFlight is the number of requests in flight to services now.
@@ -164,23 +187,17 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			Detail: "scheme " + r.URL.Scheme + " is not proxied; send plain http (use CONNECT for TLS to allowed hosts)"})
 		return
 	}
+	if r.URL.User != nil { // RFC 9110, 4.2.4: it hides the real authority
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
+			Detail: "userinfo (user@) in the request URL is not allowed"})
+		return
+	}
 
-	fw, target := p.service, host
-	if p.allowed(host) {
-		fw = p.direct
-	} else {
-		service := discovery.ServiceName(host)
-		target = service
-		if discovery.IsIPLiteral(host) {
-			p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed, Service: service,
-				Detail: "IP addresses are not routed; call the service by name or add the address to allowHosts"})
-			return
-		}
-		// Unknown services are refused here, before any body is read.
-		if _, err := p.resolver.Resolve(r.Context(), service); err != nil {
-			p.reject(w, r, routeError(service, err))
-			return
-		}
+	// Unknown services are refused here, before any body is read.
+	fw, target, lerr := p.route(r, host)
+	if lerr != nil {
+		p.reject(w, r, lerr)
+		return
 	}
 
 	if r.Body != nil && r.Body != http.NoBody && r.ProtoMajor == 2 {
@@ -266,11 +283,15 @@ type replayBody struct {
 	src      io.ReadCloser
 	mu       sync.Mutex // guards the fields below
 	buf      []byte
+	started  bool // a read was begun
 	complete bool // src ended within maxBufferedBody
 	overflow bool // more than maxBufferedBody went by: no replay
 }
 
 func (b *replayBody) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	b.started = true // a reader has the body, even while this read waits
+	b.mu.Unlock()
 	n, err := b.src.Read(p)
 	b.mu.Lock()
 	if !b.overflow {
@@ -294,7 +315,12 @@ func (b *replayBody) Close() error { return b.src.Close() }
 func (b *replayBody) replay() (io.ReadCloser, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if !b.complete {
+	switch {
+	case !b.started:
+		// Nothing was read yet (the connection failed before the body was
+		// written): the body itself goes with the next try.
+		return b, nil
+	case !b.complete:
 		return nil, errNotReplayable
 	}
 	return io.NopCloser(bytes.NewReader(b.buf)), nil
@@ -319,6 +345,7 @@ func (b *prefixedBody) Read(p []byte) (int, error) {
 func (b *prefixedBody) Close() error { return b.rest.Close() }
 
 func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *proxyhttp.LocalError) {
+	p.metrics.Rejected(metrics.Outbound, e.Reason)
 	proxyhttp.WriteError(w, r, e)
 }
 

@@ -184,12 +184,52 @@ func breakerOutcome(resp *http.Response, err error) error {
 		// gRPC failures come as 200 with a grpc-status; these are the
 		// server's, as 5xx are (RESOURCE_EXHAUSTED and the like are
 		// answers).
-		switch resp.Header.Get("Grpc-Status") {
-		case "14", "13", "2", "15": // UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS
+		if grpcFailure(grpcStatus(resp)) {
 			return errUpstreamFailed
 		}
 	}
 	return nil
+}
+
+// grpcOutcomePending reports whether resp is a gRPC answer whose status is
+// still to come, in the trailers.
+func grpcOutcomePending(resp *http.Response) bool {
+	return resp.StatusCode == http.StatusOK && isGRPCResponse(resp) && grpcStatus(resp) == ""
+}
+
+// grpcEnd calls end once, when the body ends or is closed, by which time
+// the trailers (and the grpc-status in them) are known. Reads come from
+// one goroutine; Close may come from another.
+type grpcEnd struct {
+	io.ReadCloser
+	resp *http.Response
+	once sync.Once
+	end  func()
+}
+
+func (b *grpcEnd) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.once.Do(b.end)
+	}
+	return n, err
+}
+
+func (b *grpcEnd) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.end)
+	return err
+}
+
+// grpcFailure reports whether a grpc-status is the server's failure
+// (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS), as a 5xx is; the others are
+// answers.
+func grpcFailure(code string) bool {
+	switch code {
+	case "14", "13", "2", "15":
+		return true
+	}
+	return false
 }
 
 func isLocalError(err error) bool {
@@ -300,12 +340,18 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 		if pt := r.PerTryTimeout.D(); pt > 0 {
 			actx, acancel = context.WithTimeoutCause(ctx, pt, errPerTryTimeout)
 		}
+		info.attempt = attempt
 		areq := cur.WithContext(actx)
+		if req.ProtoMajor == 2 {
+			// Each HTTP/2 attempt writes its own header map: the HTTP/2
+			// transport may still be encoding an abandoned attempt's
+			// headers when the next one sets its trace headers.
+			areq.Header = cur.Header.Clone()
+		}
 		if grpc {
 			// The upstream learns the time left for this attempt, which
 			// is what remains of the caller's and the policy's deadlines.
 			if dl, ok := actx.Deadline(); ok {
-				areq.Header = cur.Header.Clone()
 				areq.Header.Set("Grpc-Timeout", encodeGRPCTimeout(time.Until(dl)))
 			}
 		}
@@ -316,7 +362,13 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 		if grpc && err == nil && attempt < *r.Attempts && ctx.Err() == nil {
 			resp = settleGRPC(r, req, resp)
 		}
-		done(breakerOutcome(resp, err))
+		if err == nil && grpcOutcomePending(resp) {
+			// A gRPC answer that was not settled above (no retry could
+			// follow) is judged by its trailers, when its body ends.
+			resp.Body = &grpcEnd{ReadCloser: resp.Body, resp: resp, end: func() { done(breakerOutcome(resp, nil)) }}
+		} else {
+			done(breakerOutcome(resp, err))
+		}
 
 		reason := ""
 		if attempt < *r.Attempts && ctx.Err() == nil && br.State() != gobreaker.StateOpen {
@@ -357,6 +409,7 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 			return nil, nil, ctx.Err()
 		}
 		info.avoid = info.picked
+		info.retryOf, info.backoff = reason, delay
 		cur = next
 	}
 }

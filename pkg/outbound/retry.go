@@ -27,6 +27,11 @@ type attemptInfo struct {
 	state  *serviceState
 	avoid  string
 	picked string
+	// For the attempt's span: its number (1 for the first try), why it is
+	// a retry ("" for the first) and the backoff waited before it.
+	attempt int
+	retryOf string
+	backoff time.Duration
 }
 
 // attemptCtx is the context of a request's attempts. It answers for the
@@ -126,7 +131,7 @@ func retryReason(p *policy.Retry, req *http.Request, resp *http.Response, err er
 	case err == nil && resp.StatusCode == http.StatusOK && isGRPCResponse(resp):
 		// The service owner lists the gRPC statuses that are safe to
 		// retry; the HTTP method (always POST) says nothing about it.
-		if code := resp.Header.Get("Grpc-Status"); code != "" {
+		if code := grpcStatus(resp); code != "" {
 			if c := grpcCondition(code); c != "" && slices.Contains(p.On, c) {
 				return c
 			}
@@ -182,9 +187,9 @@ func grpcCondition(code string) string {
 // reaches the client. A trailers-only answer carries its grpc-status in the
 // headers already. Otherwise, when the policy retries on some gRPC status
 // and the request could be sent again, it reads the first byte of the
-// body: a body that ends before any message is a status in the trailers,
-// which is moved into the headers (as a trailers-only answer has it); a
-// body with a message is given back whole, and the call is committed. A
+// body: a body that ends before any message leaves its status in the
+// trailers; a body with a message is given back whole, and the call is
+// committed. A
 // call whose request still streams (client or bidi streaming) is never
 // held up this way.
 func settleGRPC(p *policy.Retry, req *http.Request, resp *http.Response) *http.Response {
@@ -196,22 +201,24 @@ func settleGRPC(p *policy.Retry, req *http.Request, resp *http.Response) *http.R
 		return resp
 	}
 	var one [1]byte
-	n, err := io.ReadFull(resp.Body, one[:])
-	if n == 1 {
+	if n, _ := io.ReadFull(resp.Body, one[:]); n == 1 {
 		resp.Body = &prefixedBody{prefix: one[:], rest: resp.Body}
-		return resp
 	}
-	if err == io.EOF {
-		if code := resp.Trailer.Get("Grpc-Status"); code != "" {
-			resp.Header.Set("Grpc-Status", code)
-			if msg := resp.Trailer.Get("Grpc-Message"); msg != "" {
-				resp.Header.Set("Grpc-Message", msg)
-			}
-			delete(resp.Trailer, "Grpc-Status")
-			delete(resp.Trailer, "Grpc-Message")
-		}
-	}
+	// At the body's end the trailers are in resp.Trailer, where
+	// grpcStatus finds them; the answer itself is passed on untouched
+	// (moving the status into the headers would break it for a client when
+	// other trailers follow).
 	return resp
+}
+
+// grpcStatus is a gRPC answer's grpc-status as far as it is known: from a
+// trailers-only answer's headers, or from the trailers once the body has
+// ended (settleGRPC reads that far when a retry could follow).
+func grpcStatus(resp *http.Response) string {
+	if code := resp.Header.Get("Grpc-Status"); code != "" {
+		return code
+	}
+	return resp.Trailer.Get("Grpc-Status")
 }
 
 // encodeGRPCTimeout writes d as a grpc-timeout value (at most 8 digits).

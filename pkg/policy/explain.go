@@ -239,7 +239,7 @@ func formatLeaf(v reflect.Value) string {
 		return strconv.Itoa(x)
 	case float64:
 		return strconv.FormatFloat(x, 'g', -1, 64)
-	case []string:
+	case List:
 		return "[" + strings.Join(x, ", ") + "]"
 	}
 	return fmt.Sprint(v.Interface())

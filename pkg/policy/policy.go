@@ -49,13 +49,22 @@ type Retry struct {
 	// PerTryTimeout bounds each attempt; 0 means only the overall timeout.
 	PerTryTimeout *Duration `yaml:"perTryTimeout,omitempty" json:"perTryTimeout,omitempty"`
 	Backoff       *Backoff  `yaml:"backoff,omitempty" json:"backoff,omitempty"`
-	// On lists the retryable outcomes (see RetryConditions).
-	On []string `yaml:"on,omitempty" json:"on,omitempty"`
+	// On lists the retryable outcomes (see RetryConditions); empty: none.
+	On List `yaml:"on,omitempty" json:"on,omitzero"`
 	// Methods lists the methods retried; others only with an
-	// Idempotency-Key header.
-	Methods []string `yaml:"methods,omitempty" json:"methods,omitempty"`
-	Budget  *Budget  `yaml:"budget,omitempty" json:"budget,omitempty"`
+	// Idempotency-Key header. Empty: none.
+	Methods List    `yaml:"methods,omitempty" json:"methods,omitzero"`
+	Budget  *Budget `yaml:"budget,omitempty" json:"budget,omitempty"`
 }
+
+// List is a list setting. A nil List is not set (the "*" policy's or the
+// default applies); an empty one is set, to nothing.
+type List []string
+
+// IsZero reports whether l is not set. YAML's omitempty and JSON's omitzero
+// ask it, so that a list set to nothing is written as [] and still means
+// nothing when read back, instead of the default.
+func (l List) IsZero() bool { return l == nil }
 
 // Backoff is exponential from Base to Max, with full jitter.
 type Backoff struct {
@@ -249,7 +258,8 @@ func (p Policy) Validate() error {
 		}
 	}
 	floatIn := func(path string, v *float64, lo, hi float64, loOpen bool) {
-		if v != nil && (*v < lo || *v > hi || (loOpen && *v == lo)) {
+		// Written so that NaN (YAML's .nan), unlike everything, fails.
+		if v != nil && (!(*v >= lo && *v <= hi) || (loOpen && *v == lo)) {
 			r := fmt.Sprintf("%g to %g", lo, hi)
 			if loOpen {
 				r = fmt.Sprintf("more than %g, at most %g", lo, hi)

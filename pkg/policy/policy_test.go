@@ -72,6 +72,10 @@ func TestParseErrors(t *testing.T) {
 		{"unknown key", "service: a\nretry:\n  atempts: 3\n", []string{`p.yaml:3: unknown key "retry.atempts" (allowed: attempts, backoff, budget, methods, on, perTryTimeout)`}},
 		{"missing service", "timeout: 1s\n", []string{`service: missing`}},
 		{"bad duration", "service: a\ntimeout: fast\n", []string{`p.yaml:2: invalid duration "fast"`}},
+		// Caught by FuzzParse's round trip (seed nan-ratios): NaN passed every range check.
+		{"NaN ratios", "service: a\nretry: {budget: {ratio: .nan}}\ncircuitBreaker: {failureRatio: .NaN}\n", []string{
+			"retry.budget.ratio: NaN is not allowed (allowed: 0 to 1)",
+			"circuitBreaker.failureRatio: NaN is not allowed (allowed: more than 0, at most 1)"}},
 		{"every range at once", `service: a
 timeout: 2h
 connectTimeout: 2m

@@ -44,6 +44,12 @@ var (
 // allow-listed host:port).
 func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string) {
 	upgrade := upgradeType(r.Header)
+	if httpguts.HeaderValuesContainsToken(r.Header["Upgrade"], "h2c") {
+		// An h2c upgrade would turn the connection into an HTTP/2 tunnel
+		// to the upstream, past every check here ("h2c smuggling"). It
+		// goes on as a plain request; h2c is served with prior knowledge.
+		upgrade = ""
+	}
 	// gRPC and other trailer users ask for trailers with "TE: trailers".
 	trailers := httpguts.HeaderValuesContainsToken(r.Header["Te"], "trailers")
 	removeHopByHop(r.Header)
@@ -101,6 +107,12 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string)
 	w.WriteHeader(resp.StatusCode)
 
 	flush := resp.ContentLength == -1 || strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream")
+	if flush && resp.Header.Get("Grpc-Status") == "" {
+		// A stream's headers go out at once: a bidi client may wait for
+		// them before it sends, a watch shows its metadata before the
+		// first event. (A gRPC trailers-only answer must stay one frame.)
+		_ = http.NewResponseController(w).Flush()
+	}
 	err = copyBody(w, resp.Body, flush)
 	resp.Body.Close()
 	if err != nil {
@@ -179,6 +191,39 @@ func upgradeType(h http.Header) string {
 		return ""
 	}
 	return h.Get("Upgrade")
+}
+
+// RemoveConnectionOptions deletes the headers r's Connection header names
+// (RFC 9110, 7.6.1) and leaves in Connection only the tokens Forward reads
+// itself (Upgrade, TE). Call it before adding headers of your own to a
+// request you then Forward: a client's "Connection: traceparent" can no
+// longer delete them, as it can with httputil.ReverseProxy's Director
+// (golang/go#50580).
+func RemoveConnectionOptions(h http.Header) {
+	vv, ok := h["Connection"]
+	if !ok {
+		return
+	}
+	var keep []string
+	for _, v := range vv {
+		for _, name := range strings.Split(v, ",") {
+			if name = strings.TrimSpace(name); name == "" {
+				continue
+			}
+			switch k := http.CanonicalHeaderKey(name); k {
+			case "Upgrade", "Te":
+				keep = append(keep, k)
+			case "Connection":
+			default:
+				delete(h, k)
+			}
+		}
+	}
+	if len(keep) == 0 {
+		delete(h, "Connection")
+		return
+	}
+	h["Connection"] = []string{strings.Join(keep, ", ")}
 }
 
 // removeHopByHop deletes the hop-by-hop headers and those the Connection

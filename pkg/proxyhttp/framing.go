@@ -298,6 +298,10 @@ func (c *framingConn) process() {
 			}
 			line = line[:len(line)-1]
 			if c.state == stTrailer {
+				if len(line) > 0 && (line[0] == ' ' || line[0] == '\t') {
+					c.badBody() // obs-fold, as in a header block
+					return
+				}
 				if len(line) == 0 {
 					c.state, c.scan = stHeader, c.rel+i+1
 				}
@@ -422,11 +426,18 @@ func parseFraming(block []byte) (framing, string) {
 		if len(line) == 0 {
 			break
 		}
+		// net/http folds a continuation line into the header before it; a
+		// proxy must not forward folded headers (RFC 9112, 5.2).
+		if line[0] == ' ' || line[0] == '\t' {
+			return f, "obsolete line folding (obs-fold) in the header block"
+		}
 		colon := bytes.IndexByte(line, ':')
 		if colon < 0 {
 			return f, "header line without a colon"
 		}
-		name, value := line[:colon], bytes.TrimSpace(line[colon+1:])
+		// Only SP and HTAB are whitespace around a value (RFC 9110, 5.5),
+		// as net/textproto trims: "\vchunked" is not "chunked".
+		name, value := line[:colon], bytes.Trim(line[colon+1:], " \t")
 		if !validHeaderName(name) {
 			return f, "invalid header name " + quote(name)
 		}
@@ -449,6 +460,10 @@ func parseFraming(block []byte) (framing, string) {
 				return f, "unsupported Transfer-Encoding " + quote(value)
 			}
 			f.chunked = true
+		case lookalike(name, "content-length"), lookalike(name, "transfer-encoding"):
+			// Content_Length, Transfer_Encoding: framing to an upstream
+			// that maps '_' to '-' (CGI, WSGI), nothing to this check.
+			return f, "header name " + quote(name) + " with '_' for '-' in a framing header"
 		}
 	}
 	if clSeen && teSeen {
@@ -536,6 +551,24 @@ func asciiEqualFold(b []byte, s string) bool {
 	return true
 }
 
+// lookalike reports whether b is s (lower-case, with '-') spelled with at
+// least one '_' for a '-', in any case.
+func lookalike(b []byte, s string) bool {
+	if len(b) != len(s) || bytes.IndexByte(b, '_') < 0 {
+		return false
+	}
+	for i := range b {
+		c := b[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if c != s[i] && !(c == '_' && s[i] == '-') {
+			return false
+		}
+	}
+	return true
+}
+
 func quote(b []byte) string {
 	if len(b) > 32 {
 		b = b[:32]
@@ -549,9 +582,10 @@ type connKey struct{}
 // can take its verdict. Set it as http.Server.ConnContext.
 func ConnContext(ctx context.Context, c net.Conn) context.Context {
 	if fc, ok := c.(*framingConn); ok {
-		return context.WithValue(ctx, connKey{}, fc)
+		ctx = context.WithValue(ctx, connKey{}, fc)
+		c = fc.Conn
 	}
-	return ctx
+	return withOriginalDst(ctx, c)
 }
 
 // TakeVerdict returns the framing verdict of r, the request being served on

@@ -190,13 +190,19 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 	}
 	n, err := b.body.Read(p)
 	if err != nil {
-		if b.timeout > 0 {
-			_ = b.rc.SetReadDeadline(time.Time{})
-		}
 		if err == io.EOF {
+			if b.timeout > 0 {
+				_ = b.rc.SetReadDeadline(time.Time{})
+			}
 			b.done.Store(true)
 			return n, io.EOF
 		}
+		// The body is broken and the connection can carry no other
+		// request. After the handler, net/http reads what is left of a
+		// body: with the deadline in the past it gives up at once and
+		// closes the connection, instead of waiting on a stalled client
+		// for as long as it keeps the connection open.
+		_ = b.rc.SetReadDeadline(aLongTimeAgo)
 		// net/http reports a framing fault as an unexpected EOF; the
 		// framing check knows better.
 		if b.fc != nil && b.fc.badFraming.Load() {

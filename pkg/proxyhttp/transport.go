@@ -107,6 +107,9 @@ func NewTransport(cfg TransportConfig) *Transport {
 		},
 		IdleConnTimeout:   cfg.IdleConnTimeout,
 		MaxHeaderListSize: 64 << 10,
+		// A proxy passes encodings through as they are: no Accept-Encoding
+		// of its own, no decompressing behind the client's back.
+		DisableCompression: true,
 		// A connection that goes quiet is pinged; no answer closes it, so
 		// streams fail over instead of hanging on a dead peer.
 		ReadIdleTimeout: 30 * time.Second,
