@@ -206,7 +206,7 @@ func (s *sidecar) drain(ctx context.Context) {
 		s.log.Info("draining: reporting not ready and deregistering")
 		s.healthH.Drain()
 		if s.inbound != nil {
-			s.inbound.HTTP.SetKeepAlivesEnabled(false)
+			s.inbound.SetKeepAlivesEnabled(false)
 		}
 		if reg := s.reg.Load(); reg != nil {
 			if err := reg.Deregister(ctx); err != nil {

@@ -54,7 +54,7 @@ func startInbound(t *testing.T, cfg inbound.Config) (*inbound.Proxy, string) {
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve() }()
 	t.Cleanup(func() {
-		_ = srv.HTTP.Close()
+		_ = srv.Close()
 		if err := <-served; err != nil {
 			t.Errorf("Serve: %v", err)
 		}

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/net/http/httpguts"
 )
@@ -76,6 +77,12 @@ type FramingListener struct {
 	// MaxHeaderBytes bounds a header block; past it the connection is handed
 	// to net/http unchecked, whose own MaxHeaderBytes answers 431.
 	MaxHeaderBytes int
+	// ReadHeaderTimeout bounds the wait for the rest of a header block once
+	// its first bytes are in, on every request of a connection (zero: no
+	// bound). The check holds a block until it is whole, so the server
+	// above sees none of it before: without this, the second request of a
+	// keep-alive connection could trickle in for the whole idle timeout.
+	ReadHeaderTimeout time.Duration
 }
 
 // Accept implements net.Listener.
@@ -88,7 +95,7 @@ func (l *FramingListener) Accept() (net.Conn, error) {
 	if max <= 0 {
 		max = 1 << 20
 	}
-	return &framingConn{Conn: c, maxHeader: max + 4096}, nil
+	return &framingConn{Conn: rawIO(c), maxHeader: max + 4096, headerTimeout: l.ReadHeaderTimeout}, nil
 }
 
 // framingConn is not safe for concurrent Reads (net/http never does that);
@@ -113,6 +120,15 @@ type framingConn struct {
 	mu       sync.Mutex // guards verdicts
 	verdicts []Verdict
 
+	// Read deadlines: the server's own (SetReadDeadline), and the header
+	// clock of a block held part way (see ReadHeaderTimeout); the earlier
+	// is in force. The server's are set from any goroutine (net/http
+	// aborts its background read from the handler's).
+	headerTimeout time.Duration
+	dmu           sync.Mutex // guards the two below
+	ownerRD       time.Time
+	headerRD      time.Time
+
 	// hijacked is set when the handler takes the connection over (CONNECT,
 	// Upgrade): from then on bytes pass unchecked.
 	hijacked atomic.Bool
@@ -129,6 +145,25 @@ func (c *framingConn) CloseWrite() error {
 	return c.Conn.Close()
 }
 
+// unread puts b, bytes Read returned and nobody consumed, back in front of
+// what Read returns next. They were checked already, and their verdicts
+// are still queued: the next reader of the connection (net/http's server,
+// when the fast path hands a connection over) takes them in step.
+func (c *framingConn) unread(b []byte) {
+	if len(b) == 0 {
+		return
+	}
+	nb := make([]byte, len(b)+c.w-c.r, max(len(b)+c.w-c.r, 4096))
+	copy(nb, b)
+	copy(nb[len(b):], c.buf[c.r:c.w])
+	shift := len(b) - c.r
+	c.rel += shift
+	c.scan = max(c.scan+shift, c.rel)
+	c.w += shift
+	c.r = 0
+	c.buf = nb[:cap(nb)]
+}
+
 func (c *framingConn) pushVerdict(v Verdict) {
 	c.mu.Lock()
 	c.verdicts = append(c.verdicts, v)
@@ -142,7 +177,11 @@ func (c *framingConn) takeVerdict() (Verdict, bool) {
 		return Verdict{}, false
 	}
 	v := c.verdicts[0]
-	c.verdicts = c.verdicts[1:]
+	// Shift in place: the queue keeps its array, so a connection's
+	// verdicts cost no allocation after the first.
+	n := copy(c.verdicts, c.verdicts[1:])
+	c.verdicts[n] = Verdict{}
+	c.verdicts = c.verdicts[:n]
 	return v, true
 }
 
@@ -154,6 +193,7 @@ func (c *framingConn) Read(p []byte) (int, error) {
 		if c.r < c.rel {
 			n := copy(p, c.buf[c.r:c.rel])
 			c.r += n
+			c.headerClock(false)
 			return n, nil
 		}
 		switch c.state {
@@ -195,10 +235,55 @@ func (c *framingConn) Read(p []byte) (int, error) {
 		}
 		// Errors are not sticky: net/http aborts reads with past deadlines
 		// and then reads on.
+		c.headerClock(c.state == stHeader && c.rel < c.w)
 		if err := c.fill(); err != nil {
 			return 0, err
 		}
 	}
+}
+
+// SetReadDeadline implements net.Conn: the server's read deadline.
+func (c *framingConn) SetReadDeadline(t time.Time) error {
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	c.ownerRD = t
+	return c.applyRD()
+}
+
+// SetDeadline implements net.Conn.
+func (c *framingConn) SetDeadline(t time.Time) error {
+	if err := c.Conn.SetWriteDeadline(t); err != nil {
+		return err
+	}
+	return c.SetReadDeadline(t)
+}
+
+// headerClock starts (on) or stops the header clock of a block held part
+// way. It costs nothing for a block that comes in one read.
+func (c *framingConn) headerClock(on bool) {
+	if c.headerTimeout <= 0 {
+		return
+	}
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	switch {
+	case on && c.headerRD.IsZero():
+		c.headerRD = time.Now().Add(c.headerTimeout)
+	case !on && !c.headerRD.IsZero():
+		c.headerRD = time.Time{}
+	default:
+		return
+	}
+	_ = c.applyRD()
+}
+
+// applyRD puts the earlier of the two read deadlines in force; c.dmu held.
+func (c *framingConn) applyRD() error {
+	t := c.ownerRD
+	if !c.headerRD.IsZero() && (t.IsZero() || c.headerRD.Before(t)) {
+		t = c.headerRD
+	}
+	return c.Conn.SetReadDeadline(t)
 }
 
 // fill reads more bytes from the wire into buf, compacting or growing it.

@@ -60,11 +60,18 @@ func (l Limits) WithDefaults() Limits {
 	return l
 }
 
-// Server is an http.Server on a framing-checked listener.
+// Server serves a proxy listener: plain HTTP/1.1 requests on its own fast
+// path (h1.go), every other connection (h2c, HTTP/1.0, upgrades, CONNECT,
+// malformed requests) with net/http's server, both behind the framing
+// check. Serve, Shutdown, Close and SetKeepAlivesEnabled cover both;
+// HTTP's handler, limits and logger are the fast path's too, and must not
+// change once Serve has been called.
 type Server struct {
 	HTTP     *http.Server
 	Listener net.Listener
 	Limits   Limits
+
+	h1 *h1Server
 }
 
 // Listen binds addr and prepares a hardened server for h. A port already in
@@ -106,11 +113,20 @@ func Listen(name, addr string, h http.Handler, limits Limits, log *slog.Logger) 
 			PingTimeout:     15 * time.Second,
 		},
 	}
-	return &Server{
+	s := &Server{
 		HTTP:     srv,
-		Listener: &FramingListener{Listener: ln, MaxHeaderBytes: limits.MaxHeaderBytes},
+		Listener: &FramingListener{Listener: ln, MaxHeaderBytes: limits.MaxHeaderBytes, ReadHeaderTimeout: limits.ReadHeaderTimeout},
 		Limits:   limits,
-	}, nil
+		h1:       newH1Server(h, limits, srv.ErrorLog, ln.Addr()),
+	}
+	s.h1.handoff.onClose = func() {
+		if !s.h1.inShutdown.Load() {
+			// HTTP.Close or HTTP.Shutdown called directly: stop it all.
+			s.h1.closeAll()
+			_ = s.Listener.Close()
+		}
+	}
+	return s, nil
 }
 
 func h1h2c() *http.Protocols {
@@ -125,14 +141,57 @@ func (s *Server) Addr() net.Addr { return s.Listener.Addr() }
 
 // Serve serves until Shutdown or Close; it returns nil after those.
 func (s *Server) Serve() error {
-	if err := s.HTTP.Serve(s.Listener); !errors.Is(err, http.ErrServerClosed) {
-		return err
+	done := make(chan error, 1)
+	go func() { done <- s.HTTP.Serve(s.h1.handoff) }()
+	err := s.h1.serve(s.Listener)
+	if err != nil {
+		_ = s.HTTP.Close() // the listener failed: the other half ends too
 	}
-	return nil
+	if herr := <-done; err == nil && !errors.Is(herr, http.ErrServerClosed) {
+		err = herr
+	}
+	return err
 }
 
-// Shutdown stops accepting and waits for in-flight requests until ctx ends.
-func (s *Server) Shutdown(ctx context.Context) error { return s.HTTP.Shutdown(ctx) }
+// Shutdown stops accepting, closes idle connections and waits for
+// in-flight requests until ctx ends; it returns ctx's error then.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.h1.inShutdown.Store(true)
+	lerr := s.Listener.Close()
+	if errors.Is(lerr, net.ErrClosed) {
+		lerr = nil
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.HTTP.Shutdown(ctx) }()
+	err := s.h1.shutdown(ctx)
+	if herr := <-done; err == nil {
+		err = herr
+	}
+	if err == nil {
+		err = lerr
+	}
+	return err
+}
+
+// Close closes the listener and every connection at once.
+func (s *Server) Close() error {
+	s.h1.closeAll()
+	lerr := s.Listener.Close()
+	if errors.Is(lerr, net.ErrClosed) {
+		lerr = nil
+	}
+	return errors.Join(s.HTTP.Close(), lerr)
+}
+
+// SetKeepAlivesEnabled controls keep-alives on every connection; with false,
+// answers carry "Connection: close" and idle connections are closed.
+func (s *Server) SetKeepAlivesEnabled(v bool) {
+	s.h1.keepAliveOff.Store(!v)
+	s.HTTP.SetKeepAlivesEnabled(v)
+	if !v {
+		s.h1.closeIdleOnly()
+	}
+}
 
 // ClientError marks an error that came from reading the client's request,
 // not from the upstream.

@@ -329,9 +329,10 @@ func (t *Transport) dialH2(ctx context.Context, addr string) (net.Conn, error) {
 	return &primedConn{Conn: c, read: head[:n], skip: []byte(http2.ClientPreface)}, nil
 }
 
-// primedConn is a connection whose HTTP/2 preface was already sent and
-// whose first bytes were already read: the transport's own preface is
-// swallowed and the bytes read are given back first.
+// primedConn is a connection whose first bytes were already read: they are
+// given back first. For the HTTP/2 transport its preface was already sent
+// too: the transport's own is swallowed (skip). The fast path (h1.go) uses
+// it with bytes read ahead alone.
 type primedConn struct {
 	net.Conn
 	read []byte // read ahead, for the transport's reader goroutine
@@ -461,6 +462,7 @@ func (t *Transport) getConn(ctx context.Context, addr string, fresh bool) (*pers
 	if err != nil {
 		return nil, err
 	}
+	c = rawIO(c)
 	return &persistConn{
 		t:    t,
 		addr: addr,
