@@ -66,3 +66,32 @@ func TestAdminAPI(t *testing.T) {
 		t.Fatalf("POST /config: %d, want 405 (read-only API)", resp.StatusCode)
 	}
 }
+
+// Go's profiles are served with Profiling, to loopback clients only.
+func TestProfilingLoopbackOnly(t *testing.T) {
+	static, err := discovery.NewStatic(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := Handler(Sources{Config: func() any { return nil }, Resolver: discovery.Chain{static}, Profiling: true})
+	for _, tc := range []struct {
+		remote string
+		want   int
+	}{{"127.0.0.1:5000", 200}, {"[::1]:5000", 200}, {"[::ffff:127.0.0.1]:5000", 200}, {"10.1.2.3:5000", 403}, {"[2001:db8::1]:5000", 403}} {
+		r := httptest.NewRequest("GET", "/debug/pprof/", nil)
+		r.RemoteAddr = tc.remote
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != tc.want {
+			t.Errorf("GET /debug/pprof/ from %s: %d, want %d", tc.remote, w.Code, tc.want)
+		}
+	}
+	off := Handler(Sources{Config: func() any { return nil }, Resolver: discovery.Chain{static}})
+	r := httptest.NewRequest("GET", "/debug/pprof/", nil)
+	r.RemoteAddr = "127.0.0.1:5000"
+	w := httptest.NewRecorder()
+	off.ServeHTTP(w, r)
+	if w.Code != http.StatusNotFound {
+		t.Errorf("GET /debug/pprof/ without Profiling: %d, want 404", w.Code)
+	}
+}

@@ -115,7 +115,20 @@ func IsIPLiteral(host string) bool {
 	if i := strings.IndexByte(h, '%'); i >= 0 { // IPv6 zone
 		h = h[:i]
 	}
-	return net.ParseIP(h) != nil || net.ParseIP(ServiceName(host)) != nil
+	return maybeIP(h) && net.ParseIP(h) != nil || maybeIP(ServiceName(host)) && net.ParseIP(ServiceName(host)) != nil
+}
+
+// maybeIP reports whether s has only the characters of an IP address. It
+// spares net.ParseIP, which allocates its error, on every service name.
+func maybeIP(s string) bool {
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case '0' <= c && c <= '9', 'a' <= c && c <= 'f', 'A' <= c && c <= 'F', c == '.', c == ':':
+		default:
+			return false
+		}
+	}
+	return s != ""
 }
 
 // stripPort drops a ":port" suffix; it leaves a bare IPv6 address alone and

@@ -10,6 +10,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
+	"github.com/sidecar-mesh/sidecar/pkg/tracing"
 )
 
 // Telemetry is the Observer that makes a server span for each inbound
@@ -34,18 +35,23 @@ func NewTelemetry(tracer trace.Tracer, prop propagation.TextMapPropagator, m *me
 	return &Telemetry{tracer: tracer, prop: prop, metrics: m, service: service}
 }
 
+// serverSpan is the start option of the server spans, made once.
+var serverSpan = trace.WithSpanKind(trace.SpanKindServer)
+
 // Start implements Observer.
 func (t *Telemetry) Start(r *http.Request) *http.Request {
 	if t.tracer == nil {
 		return r
 	}
-	ctx := t.prop.Extract(r.Context(), propagation.HeaderCarrier(r.Header))
-	ctx, span := t.tracer.Start(ctx, r.Method+" "+t.service, trace.WithSpanKind(trace.SpanKindServer))
+	ctx := t.prop.Extract(r.Context(), tracing.HeaderCarrier(r.Header))
+	// A span not sampled drops its name: it is built only for the sampled.
+	ctx, span := t.tracer.Start(ctx, "request", serverSpan)
 	if span.IsRecording() {
+		span.SetName(r.Method + " " + t.service)
 		span.SetAttributes(attribute.String("http.request.method", r.Method),
 			attribute.String("url.path", r.URL.Path), attribute.String("sidecar.direction", metrics.Inbound))
 	}
-	t.prop.Inject(ctx, propagation.HeaderCarrier(r.Header))
+	t.prop.Inject(ctx, tracing.HeaderCarrier(r.Header))
 	return r.WithContext(ctx)
 }
 

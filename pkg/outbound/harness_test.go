@@ -12,9 +12,12 @@ import (
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/goleak"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
@@ -54,6 +57,15 @@ type options struct {
 	limits     proxyhttp.Limits
 	transport  proxyhttp.TransportConfig
 	policies   string // Policy documents (YAML)
+	// telemetry, when set, gives the proxy a tracer, propagator and
+	// request metrics (the benchmarks' "sidecar-telemetry").
+	telemetry *telemetry
+}
+
+type telemetry struct {
+	tracer  trace.Tracer
+	prop    propagation.TextMapPropagator
+	metrics *metrics.Requests
 }
 
 func startSidecar(t testing.TB, o options) *sidecar {
@@ -72,13 +84,17 @@ func startSidecar(t testing.TB, o options) *sidecar {
 	if err != nil {
 		t.Fatalf("policies: %v", err)
 	}
-	sc.proxy, err = outbound.New(outbound.Config{
+	cfg := outbound.Config{
 		Resolver:   discovery.Chain{static},
 		Policies:   outbound.NewStaticPolicies(ps),
 		AllowHosts: o.allowHosts,
 		Transport:  o.transport,
 		Limits:     o.limits,
-	})
+	}
+	if o.telemetry != nil {
+		cfg.Tracer, cfg.Propagator, cfg.Metrics = o.telemetry.tracer, o.telemetry.prop, o.telemetry.metrics
+	}
+	sc.proxy, err = outbound.New(cfg)
 	if err != nil {
 		t.Fatalf("outbound.New: %v", err)
 	}
@@ -93,7 +109,7 @@ func startSidecar(t testing.TB, o options) *sidecar {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if err := srv.Shutdown(ctx); err != nil {
-			_ = srv.HTTP.Close()
+			_ = srv.Close()
 		}
 		if err := <-done; err != nil {
 			t.Errorf("Serve: %v", err)

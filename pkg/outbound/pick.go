@@ -20,6 +20,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/tracing"
 )
 
 // roundRobin picks over one immutable endpoint set. It never blocks and
@@ -100,13 +101,11 @@ func (p *pickLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 		ctx, span = p.startAttempt(req, info, ep.Addr)
 		req = req.WithContext(ctx)
 		// The upstream's spans hang under this attempt's.
-		p.prop.Inject(ctx, propagation.HeaderCarrier(req.Header))
+		p.prop.Inject(ctx, tracing.HeaderCarrier(req.Header))
 	}
-	out := *req
-	u := *req.URL
-	u.Host = ep.Addr
-	out.URL = &u
-	resp, err := p.next.RoundTrip(&out)
+	out := proxyhttp.CopyRequest(req)
+	out.URL.Host = ep.Addr
+	resp, err := p.next.RoundTrip(out)
 	end := attemptEnd{p: p, span: span, st: st, endpoint: ep.Addr, set: set, od: pol.OutlierDetection, service: service}
 	if err == nil && grpcOutcomePending(resp) {
 		// A gRPC answer's outcome comes in its trailers: the attempt is
@@ -150,12 +149,14 @@ func (a attemptEnd) record(resp *http.Response, err error) {
 // named so that a retry and its reason read at a glance in a trace view:
 // "attempt 2 (retry: 503)".
 func (p *pickLayer) startAttempt(req *http.Request, info *attemptInfo, endpoint string) (context.Context, trace.Span) {
-	name := "attempt " + strconv.Itoa(info.attempt)
-	if info.retryOf != "" {
-		name += " (retry: " + info.retryOf + ")"
-	}
-	ctx, span := p.tracer.Start(req.Context(), name, trace.WithSpanKind(trace.SpanKindClient))
+	ctx, span := p.tracer.Start(req.Context(), "attempt", clientSpan)
 	if span.IsRecording() {
+		// Named only when sampled: the others drop their name.
+		name := "attempt " + strconv.Itoa(info.attempt)
+		if info.retryOf != "" {
+			name += " (retry: " + info.retryOf + ")"
+		}
+		span.SetName(name)
 		host, port, _ := net.SplitHostPort(endpoint)
 		portN, _ := strconv.Atoi(port)
 		span.SetAttributes(

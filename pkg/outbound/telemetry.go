@@ -13,6 +13,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
+	"github.com/sidecar-mesh/sidecar/pkg/tracing"
 )
 
 // telemetryLayer is the chain's first layer: the request's client span,
@@ -35,9 +36,12 @@ func (l *telemetryLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	start := time.Now()
 	var span trace.Span
 	if l.tracer != nil {
-		ctx := l.prop.Extract(req.Context(), propagation.HeaderCarrier(req.Header))
-		ctx, span = l.tracer.Start(ctx, req.Method+" "+service, trace.WithSpanKind(trace.SpanKindClient))
+		ctx := l.prop.Extract(req.Context(), tracing.HeaderCarrier(req.Header))
+		// A span not sampled drops its name: it is built only for the
+		// sampled ones.
+		ctx, span = l.tracer.Start(ctx, "request", clientSpan)
 		if span.IsRecording() {
+			span.SetName(req.Method + " " + service)
 			span.SetAttributes(attribute.String("sidecar.service", service),
 				attribute.String("http.request.method", req.Method),
 				attribute.String("url.path", req.URL.Path),
@@ -61,6 +65,9 @@ func (l *telemetryLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	resp.Body = &telemetryBody{ReadCloser: resp.Body, span: span, series: series, start: start, resp: resp}
 	return resp, nil
 }
+
+// clientSpan is the start option of the client spans, made once.
+var clientSpan = trace.WithSpanKind(trace.SpanKindClient)
 
 func protoVersion(req *http.Request) string {
 	if req.ProtoMajor == 2 {

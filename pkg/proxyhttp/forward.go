@@ -4,6 +4,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 
 	"golang.org/x/net/http/httpguts"
@@ -60,30 +61,31 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string)
 	if trailers {
 		r.Header["Te"] = teTrailers
 	}
+	vals := make([]string, 2) // X-Forwarded-For's and -Host's, in one allocation
 	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
 		if prior, ok := r.Header["X-Forwarded-For"]; ok {
 			ip = strings.Join(prior, ", ") + ", " + ip
 		}
-		r.Header["X-Forwarded-For"] = []string{ip}
+		vals[0] = ip
+		r.Header["X-Forwarded-For"] = vals[0:1:1]
 	}
 	r.Header["X-Forwarded-Proto"] = xfProto
 	if _, ok := r.Header["X-Forwarded-Host"]; !ok {
-		r.Header["X-Forwarded-Host"] = []string{r.Host}
+		vals[1] = r.Host
+		r.Header["X-Forwarded-Host"] = vals[1:2:2]
 	}
 	// The body is sent right away; an interim 100 from upstream is skipped.
 	delete(r.Header, "Expect")
 
-	out := *r
-	u := *r.URL
-	u.Scheme, u.Host = "http", host
-	out.URL = &u
+	out := CopyRequest(r)
+	out.URL.Scheme, out.URL.Host = "http", host
 	out.RequestURI = ""
 	out.Close = false
 	if r.ContentLength == 0 {
 		out.Body = nil // a 0-length body is no body for the transport
 	}
 
-	resp, err := f.Next.RoundTrip(&out)
+	resp, err := f.Next.RoundTrip(out)
 	if err != nil {
 		f.OnError(w, r, err)
 		return
@@ -123,6 +125,17 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string)
 	for k, vv := range resp.Trailer {
 		h[http.TrailerPrefix+k] = vv
 	}
+}
+
+// CopyRequest returns a shallow copy of r with a copy of its URL, in one
+// allocation: the copy's URL can be changed without touching r's.
+func CopyRequest(r *http.Request) *http.Request {
+	c := &struct {
+		r http.Request
+		u url.URL
+	}{r: *r, u: *r.URL}
+	c.r.URL = &c.u
+	return &c.r
 }
 
 // copyBody streams the response body, flushing after each read when the
