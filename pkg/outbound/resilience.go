@@ -61,8 +61,8 @@ func (s *StaticPolicies) For(service string) *policy.Policy {
 // only a change of the circuitBreaker section's values replaces the
 // breaker; everything else is kept whatever the policy says.
 type serviceState struct {
-	inFlight atomic.Int64
-	breaker  atomic.Pointer[breaker]
+	limit   limiter
+	breaker atomic.Pointer[breaker]
 	// checked is the newest policy the breaker's settings were compared
 	// with; a request carrying it needs no comparison.
 	checked  atomic.Pointer[policy.Policy]
@@ -259,37 +259,49 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	p := l.policies.For(service)
 	st := l.states.get(service, p)
 
-	// Concurrency: over either limit a request is refused at once; nothing
-	// queues, so memory stays flat however hard the app pushes.
-	if n := l.inFlight.Add(1); n > l.maxInFlight {
-		l.inFlight.Add(-1)
-		return nil, l.shed(req, service, "the sidecar's limit on outbound requests in flight (limits.outboundMaxInFlight)")
-	}
-	if n := st.inFlight.Add(1); n > int64(*p.Concurrency.MaxInFlight) {
-		st.inFlight.Add(-1)
-		l.inFlight.Add(-1)
-		return nil, l.shed(req, service, "concurrency limit of the service reached (concurrency.maxInFlight)")
-	}
-
-	// Overall deadline over every attempt and backoff; the caller's own
-	// deadline (a gRPC client's grpc-timeout, or its disconnect) wins if
-	// sooner.
+	// Overall deadline over the wait for a slot, every attempt and
+	// backoff; the caller's own deadline (a gRPC client's grpc-timeout, or
+	// its disconnect) wins if sooner.
 	timeout := p.Timeout.D()
 	if d, ok := grpcTimeout(req.Header); ok && d < timeout {
 		timeout = d
 	}
-	ctx, cancel := context.WithTimeout(req.Context(), timeout)
+
+	// Concurrency: over the sidecar's limit a request is refused at once;
+	// over the service's it waits in the service's bounded line
+	// (concurrency.maxQueued, none by default) for at most
+	// concurrency.queueTimeout, else it is refused. Memory stays bounded
+	// however hard the app pushes.
+	if n := l.inFlight.Add(1); n > l.maxInFlight {
+		l.inFlight.Add(-1)
+		return nil, l.shed(req, service, "the sidecar's limit on outbound requests in flight (limits.outboundMaxInFlight)")
+	}
+	c := p.Concurrency
+	maxInFlight := int64(*c.MaxInFlight)
+	var wait time.Duration // for a slot, within the timeout
+	if !st.limit.tryFast(maxInFlight) {
+		start := time.Now()
+		if !st.limit.acquire(req.Context(), maxInFlight, *c.MaxQueued, min(c.QueueTimeout.D(), timeout)) {
+			l.inFlight.Add(-1)
+			if *c.MaxQueued > 0 {
+				return nil, l.shed(req, service, "concurrency limit of the service reached and no slot within concurrency.queueTimeout or room in its line (concurrency.maxQueued)")
+			}
+			return nil, l.shed(req, service, "concurrency limit of the service reached (concurrency.maxInFlight)")
+		}
+		wait = time.Since(start)
+	}
+	ctx, cancel := context.WithTimeout(req.Context(), timeout-wait)
 	resp, endAttempt, err := l.attempts(ctx, req, service, p, st)
 	if err != nil {
 		cancel()
-		l.release(st)
+		l.release(st, maxInFlight)
 		if errors.Is(err, context.DeadlineExceeded) && req.Context().Err() == nil && !isPerTryTimeout(err) {
 			return nil, &proxyhttp.LocalError{Status: http.StatusGatewayTimeout, Reason: proxyhttp.ReasonUpstreamTimeout,
 				Service: service, Detail: "no response within the timeout of " + timeout.String()}
 		}
 		return nil, err
 	}
-	fb := &finishBody{ReadCloser: resp.Body, layer: l, state: st, cancelAttempt: endAttempt, cancel: cancel}
+	fb := &finishBody{ReadCloser: resp.Body, layer: l, state: st, maxInFlight: maxInFlight, cancelAttempt: endAttempt, cancel: cancel}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		// An upgraded connection lives on its own: no deadline, no slot.
 		fb.finish()
@@ -299,9 +311,10 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
-// release gives back a request's concurrency slots.
-func (l *resilienceLayer) release(st *serviceState) {
-	st.inFlight.Add(-1)
+// release gives back a request's concurrency slots, the service's to the
+// first request waiting for one.
+func (l *resilienceLayer) release(st *serviceState, maxInFlight int64) {
+	st.limit.release(maxInFlight)
 	l.inFlight.Add(-1)
 }
 
@@ -429,6 +442,7 @@ type finishBody struct {
 	once          sync.Once
 	layer         *resilienceLayer
 	state         *serviceState
+	maxInFlight   int64              // the service's limit when the request started
 	cancelAttempt context.CancelFunc // the last attempt's per-try deadline
 	cancel        context.CancelFunc // the overall deadline
 }
@@ -442,13 +456,14 @@ func (b *finishBody) Close() error {
 func (b *finishBody) finish() {
 	b.cancelAttempt()
 	b.cancel()
-	b.layer.release(b.state)
+	b.layer.release(b.state, b.maxInFlight)
 }
 
 // ServiceStatus is the resilience state of one service, for the admin API.
 type ServiceStatus struct {
 	Service  string `json:"service"`
 	InFlight int64  `json:"inFlight"`
+	Queued   int64  `json:"queued,omitempty"` // waiting for a slot (concurrency.maxQueued)
 	Breaker  struct {
 		State               string `json:"state"`
 		Requests            uint32 `json:"requests"`
@@ -479,7 +494,7 @@ func (p *Proxy) Status() []ServiceStatus {
 		st := v.(*serviceState)
 		var s ServiceStatus
 		s.Service = k.(string)
-		s.InFlight = st.inFlight.Load()
+		s.InFlight, s.Queued = st.limit.inFlight.Load(), st.limit.waiting()
 		br := st.breaker.Load()
 		c := br.Counts()
 		s.Breaker.State = br.State().String()

@@ -3,6 +3,7 @@ package outbound_test
 import (
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -136,5 +137,51 @@ func TestConcurrencyLimit(t *testing.T) {
 	}
 	if n := up.requests.Load(); n != 3 {
 		t.Fatalf("upstream saw %d requests, want 3", n)
+	}
+}
+
+// With concurrency.maxQueued, requests over the limit wait for a slot in
+// line and all get through; past the line's room they are refused at once.
+func TestConcurrencyQueue(t *testing.T) {
+	hold := make(chan struct{})
+	var arrived atomic.Int32
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if arrived.Add(1) == 1 {
+			<-hold
+		}
+	})
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.addr()}},
+		policies: "service: svc\nconcurrency: {maxInFlight: 1, maxQueued: 3, queueTimeout: 30s}\n"})
+	c := sc.client(t)
+	var wg sync.WaitGroup
+	var ok atomic.Int32
+	get := func() {
+		defer wg.Done()
+		if resp, _ := sc.get(t, c, "svc", "/"); resp.StatusCode == 200 {
+			ok.Add(1)
+		} else {
+			t.Errorf("queued request: %d %s", resp.StatusCode, resp.Header.Get("X-Sidecar-Error"))
+		}
+	}
+	wg.Add(1)
+	go get()
+	for arrived.Load() == 0 {
+		time.Sleep(time.Millisecond) // the first request holds the slot
+	}
+	for range 3 {
+		wg.Add(1)
+		go get()
+	}
+	for sc.proxy.Status()[0].Queued != 3 {
+		time.Sleep(time.Millisecond) // three wait in line
+	}
+	resp, _ := sc.get(t, c, "svc", "/")
+	if resp.StatusCode != 503 || resp.Header.Get("X-Sidecar-Error") != "overloaded" {
+		t.Fatalf("fifth request with the line full: %d %q, want 503 overloaded", resp.StatusCode, resp.Header.Get("X-Sidecar-Error"))
+	}
+	close(hold)
+	wg.Wait()
+	if ok.Load() != 4 || up.requests.Load() != 4 {
+		t.Fatalf("%d of 4 requests succeeded, upstream saw %d; want 4 and 4", ok.Load(), up.requests.Load())
 	}
 }

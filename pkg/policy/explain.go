@@ -308,10 +308,19 @@ func (e *Explanation) analyze() {
 
 	e.CircuitBreaker = breakerWords(e.target(), cb)
 	e.OutlierDetection = outlierWords(e.target(), od)
-	e.Concurrency = []string{fmt.Sprintf("At most %d requests to %s in flight from this sidecar (each pod's sidecar counts its own); "+
-		"the next is answered 503 overloaded at once: nothing queues. The sidecar-wide limits.outboundMaxInFlight applies too.",
-		*p.Concurrency.MaxInFlight, e.target())}
+	e.Concurrency = []string{concurrencyWords(e.target(), p.Concurrency)}
 	e.Warnings = e.warnings(backoffSum(max(e.MaxAttempts-1, 0)))
+}
+
+func concurrencyWords(service string, c *Concurrency) string {
+	w := fmt.Sprintf("At most %d requests to %s in flight from this sidecar (each pod's sidecar counts its own); ", *c.MaxInFlight, service)
+	if *c.MaxQueued == 0 {
+		w += "the next is answered 503 overloaded at once: nothing queues."
+	} else {
+		w += fmt.Sprintf("up to %d more wait for a slot, first come first served, for at most %s each (and never past the request's timeout); "+
+			"past that, or with the line full, 503 overloaded.", *c.MaxQueued, FormatDuration(c.QueueTimeout.D()))
+	}
+	return w + " The sidecar-wide limits.outboundMaxInFlight applies too."
 }
 
 func breakerWords(service string, cb *CircuitBreaker) []string {

@@ -243,8 +243,8 @@ func TestExplainOrigins(t *testing.T) {
 				t.Errorf("%s: origin %q; want %q (fields %v)", path, got[path], origin, got)
 			}
 		}
-		if len(e.Fields) != 20 {
-			t.Errorf("%d fields; want 20 (every leaf of a policy)", len(e.Fields))
+		if len(e.Fields) != 22 {
+			t.Errorf("%d fields; want 22 (every leaf of a policy)", len(e.Fields))
 		}
 	}
 	e := Explain("svc", by)

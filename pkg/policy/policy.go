@@ -96,9 +96,14 @@ type OutlierDetection struct {
 	MaxEjectionPercent  *int      `yaml:"maxEjectionPercent,omitempty" json:"maxEjectionPercent,omitempty"`
 }
 
-// Concurrency bounds requests in flight to the service.
+// Concurrency bounds requests in flight to the service. Past MaxInFlight a
+// request waits for a slot, first come first served, if fewer than
+// MaxQueued wait already, for at most QueueTimeout (and never past the
+// request's timeout); else it is answered 503 overloaded at once.
 type Concurrency struct {
-	MaxInFlight *int `yaml:"maxInFlight,omitempty" json:"maxInFlight,omitempty"`
+	MaxInFlight  *int      `yaml:"maxInFlight,omitempty" json:"maxInFlight,omitempty"`
+	MaxQueued    *int      `yaml:"maxQueued,omitempty" json:"maxQueued,omitempty"`
+	QueueTimeout *Duration `yaml:"queueTimeout,omitempty" json:"queueTimeout,omitempty"`
 }
 
 func ptr[T any](v T) *T { return &v }
@@ -135,7 +140,7 @@ func Defaults() Policy {
 			EjectionTime:        ptr(Duration(30 * time.Second)),
 			MaxEjectionPercent:  ptr(50),
 		},
-		Concurrency: &Concurrency{MaxInFlight: ptr(1024)},
+		Concurrency: &Concurrency{MaxInFlight: ptr(1024), MaxQueued: ptr(0), QueueTimeout: ptr(Duration(time.Second))},
 	}
 }
 
@@ -334,6 +339,8 @@ func (p Policy) Validate() error {
 	}
 	if c := p.Concurrency; c != nil {
 		intIn("concurrency.maxInFlight", c.MaxInFlight, 1, 1000000)
+		intIn("concurrency.maxQueued", c.MaxQueued, 0, 100000)
+		durIn("concurrency.queueTimeout", c.QueueTimeout, time.Millisecond, time.Hour, false)
 	}
 	return errors.Join(errs...)
 }
