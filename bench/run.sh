@@ -20,8 +20,10 @@
 #   BENCH_OPEN_CONNS  openloop's keep-alive connections at that rate [32]
 #   BENCH_OVERLOAD_DURATION  length of the steady and the overload run [10s]
 #   BENCH_OVERLOAD_LIMIT     concurrency.maxInFlight of the overload sidecar's
-#                            policy for every service ("*") [64]
-#   BENCH_OVERLOAD_CONNS     openloop's connections in the overload phase [256]
+#                            policy for every service ("*") [32]
+#   BENCH_OVERLOAD_CONNS     openloop's connections in the overload phase [64]
+#   BENCH_OVERLOAD_QUEUE     concurrency.maxQueued of the queued sidecar [32]
+#   BENCH_OVERLOAD_QUEUE_TIMEOUT  its concurrency.queueTimeout [5ms]
 #   BENCH_CAPACITY    sidecar capacity (req/s) for the overload phase when the
 #                     closed phase does not run [measured: the sidecar's median
 #                     req/s at the first of BENCH_CONNS]
@@ -37,11 +39,16 @@
 #                         tracing at 1% (parentbased_traceidratio 0.01) over OTLP
 #                         gRPC to a real Jaeger (v2, memory storage) on :18317
 #   sidecar-bare  :18011  the same binary with tracing off and --request-metrics=false
+#   sidecar-1cpu  :18041  the sidecar as above (tracing, metrics) with GOMAXPROCS=1:
+#                         what one Go scheduler thread costs and serves
 #   haproxy       :18002  haproxy -db (nbthread 2, http-reuse always)
 #   nginx         :18003  nginx (2 workers, upstream keepalive 64)
 # and for the overload phase only:
 #   sidecar-overload :18031  the sidecar (tracing and metrics as above) with
 #                            concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT
+#   sidecar-queued   :18051  the same with a line: concurrency.maxQueued:
+#                            $BENCH_OVERLOAD_QUEUE, queueTimeout:
+#                            $BENCH_OVERLOAD_QUEUE_TIMEOUT
 #
 # Phases:
 #   open      per round, each contestant in turn: openloop (internal/cmd/openloop)
@@ -51,11 +58,13 @@
 #   closed    per connection count and round, each contestant in turn: wrk -t2
 #             -c$C -d$BENCH_DURATION --latency.
 #   overload  the overload sidecar, fresh: openloop at half the capacity (steady
-#             state), then at twice the capacity, BENCH_OVERLOAD_CONNS connections.
+#             state), then at twice the capacity, BENCH_OVERLOAD_CONNS connections;
+#             then the queued sidecar, fresh, at twice the capacity.
 # Around every run the contestant's processes are sampled: CPU time (utime +
 # stime from /proc/PID/stat, summed over the process group: nginx's workers
 # too) and peak RSS (VmHWM from /proc/PID/status, reset before the run by
-# writing 5 to /proc/PID/clear_refs; summed over the group). The generator's
+# writing 5 to /proc/PID/clear_refs; summed over the group) and private RSS
+# (RssAnon at the end of the run). The generator's
 # own CPU time is recorded too. A closed or open-loop run fails the benchmark
 # unless every request got a 2xx answer (wrk: no non-2xx, no socket errors);
 # every contestant must also answer a curl probe with 200 and a body of
@@ -79,8 +88,10 @@ BENCH_OPEN_RATE=${BENCH_OPEN_RATE:-1000}
 BENCH_OPEN_DURATION=${BENCH_OPEN_DURATION:-20s}
 BENCH_OPEN_CONNS=${BENCH_OPEN_CONNS:-32}
 BENCH_OVERLOAD_DURATION=${BENCH_OVERLOAD_DURATION:-10s}
-BENCH_OVERLOAD_LIMIT=${BENCH_OVERLOAD_LIMIT:-64}
-BENCH_OVERLOAD_CONNS=${BENCH_OVERLOAD_CONNS:-256}
+BENCH_OVERLOAD_LIMIT=${BENCH_OVERLOAD_LIMIT:-32}
+BENCH_OVERLOAD_CONNS=${BENCH_OVERLOAD_CONNS:-64}
+BENCH_OVERLOAD_QUEUE=${BENCH_OVERLOAD_QUEUE:-32}
+BENCH_OVERLOAD_QUEUE_TIMEOUT=${BENCH_OVERLOAD_QUEUE_TIMEOUT:-5ms}
 BENCH_CAPACITY=${BENCH_CAPACITY:-}
 BENCH_SIZE=${BENCH_SIZE:-1024}
 BENCH_OUT=${BENCH_OUT:-$ROOT/bench/results.md}
@@ -93,11 +104,13 @@ readonly PORT_ORIGIN=18080 PORT_HAPROXY=18002 PORT_NGINX=18003
 # Each sidecar: outbound, admin, metrics, health.
 readonly PORTS_SIDECAR=(18001 18000 18090 18020)
 readonly PORTS_BARE=(18011 18010 18091 18021)
+readonly PORTS_1CPU=(18041 18040 18093 18023)
 readonly PORTS_OVERLOAD=(18031 18030 18092 18022)
+readonly PORTS_QUEUED=(18051 18050 18094 18024)
 # Jaeger: OTLP gRPC, OTLP HTTP, query HTTP, query gRPC, health.
 readonly PORTS_JAEGER=(18317 18318 18686 18685 18133)
 readonly TRACE_SERVICE=bench-sidecar
-readonly CONTESTANTS=(direct sidecar sidecar-bare haproxy nginx)
+readonly CONTESTANTS=(direct sidecar sidecar-bare sidecar-1cpu haproxy nginx)
 readonly WRK_THREADS=2
 readonly READY_TRIES=200 # polls, 0.1 s apart
 readonly READY_SECS=20
@@ -244,11 +257,14 @@ reset_hwm() {
 	done
 }
 
-# hwm_kb PGID: the group's peak RSS (VmHWM) in KiB, summed.
-hwm_kb() {
+# status_kb FIELD PGID: a /proc/PID/status field in KiB, summed over the
+# group: VmHWM is the peak RSS; RssAnon the private memory now (heap, stacks
+# and other anonymous pages; not the executable's code, which every process
+# of the same binary shares).
+status_kb() {
 	local pid total=0 v
-	for pid in $(group_pids "$1"); do
-		v=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || continue
+	for pid in $(group_pids "$2"); do
+		v=$(awk -v f="$1:" '$1 == f { print $2 }' "/proc/$pid/status" 2>/dev/null) || continue
 		total=$((total + ${v:-0}))
 	done
 	echo "$total"
@@ -305,7 +321,9 @@ addr_of() {
 	direct) echo "$HOST:$PORT_ORIGIN" ;;
 	sidecar) echo "$HOST:${PORTS_SIDECAR[0]}" ;;
 	sidecar-bare) echo "$HOST:${PORTS_BARE[0]}" ;;
+	sidecar-1cpu) echo "$HOST:${PORTS_1CPU[0]}" ;;
 	sidecar-overload) echo "$HOST:${PORTS_OVERLOAD[0]}" ;;
+	sidecar-queued) echo "$HOST:${PORTS_QUEUED[0]}" ;;
 	haproxy) echo "$HOST:$PORT_HAPROXY" ;;
 	nginx) echo "$HOST:$PORT_NGINX" ;;
 	*) die "unknown contestant $1" ;;
@@ -484,13 +502,14 @@ start_jaeger() {
 	die "jaeger's query API did not answer within $((READY_TRIES / 10)) s"
 }
 
-# start_sidecar NAME PORTS_ARRAY_NAME EXTRA_YAML
+# start_sidecar NAME PORTS_ARRAY_NAME EXTRA_YAML [ENV=VALUE...]
 start_sidecar() {
 	local name=$1 extra=$3
 	local -n sp=$2
+	shift 3
 	require_free_port "${sp[@]}"
-	write_sidecar_config "$WORK/conf/$name.yaml" "$2" "$extra"
-	start_bg "$name" "$SIDECAR" run --config "$WORK/conf/$name.yaml" --log-level warn
+	write_sidecar_config "$WORK/conf/$name.yaml" "${!sp}" "$extra"
+	start_bg "$name" env "$@" "$SIDECAR" run --config "$WORK/conf/$name.yaml" --log-level warn
 	wait_ready "$name" "${PIDS[-1]}" "http://$(addr_of "$name")/"
 }
 
@@ -520,7 +539,7 @@ start_nginx() {
 measured() {
 	local phase=$1 name=$2 load=$3 round=$4 result=$5
 	shift 5
-	local pid="" c0=0 c1=0 cpu="" hwm="" gen rc=0
+	local pid="" c0=0 c1=0 cpu="" hwm="" anon="" gen rc=0
 	if [[ $name != direct ]]; then
 		pid=${PID_OF[$name]}
 		group_alive "$pid" || die "$name (pid $pid) is not running"
@@ -531,7 +550,8 @@ measured() {
 	{ time "$@" >"$result.log" 2>&1; } 2>"$result.time" || rc=$?
 	if [[ -n $pid ]]; then
 		c1=$(cpu_ticks "$pid")
-		hwm=$(hwm_kb "$pid")
+		hwm=$(status_kb VmHWM "$pid")
+		anon=$(status_kb RssAnon "$pid")
 		cpu=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN { printf "%.3f", (b - a) / t }')
 	fi
 	if ((rc != 0)); then
@@ -539,8 +559,8 @@ measured() {
 		die "$name: load generator failed (exit $rc): $*"
 	fi
 	gen=$(awk '{ printf "%.3f", $1 + $2 }' "$result.time")
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$name" "$load" "$round" \
-		"${result#"$WORK/"}" "$cpu" "$gen" "$hwm" >>"$WORK/runs.tsv"
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$name" "$load" "$round" \
+		"${result#"$WORK/"}" "$cpu" "$gen" "$hwm" "$anon" >>"$WORK/runs.tsv"
 }
 
 # check_wrk_output NAME FILE: fail loudly on errors, print req/s.
@@ -667,6 +687,19 @@ policies:
 	measured overload sidecar-overload "$over" 1 "$f" "${ARGS[@]}" -out "$f"
 	log "overload at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
 	stop sidecar-overload
+
+	start_sidecar sidecar-queued PORTS_QUEUED "$(tracing_yaml)
+policies:
+  - service: \"*\"
+    concurrency: {maxInFlight: $BENCH_OVERLOAD_LIMIT, maxQueued: $BENCH_OVERLOAD_QUEUE, queueTimeout: $BENCH_OVERLOAD_QUEUE_TIMEOUT}"
+	check_contestant sidecar-queued
+	openloop_args sidecar-queued "$BENCH_OPEN_RATE" 3s "$BENCH_OPEN_CONNS"
+	"${ARGS[@]}" -strict -out "$WORK/runs/queued-warmup.json" >/dev/null || die "sidecar-queued: warm-up failed"
+	f=$WORK/runs/overload-queued.json
+	openloop_args sidecar-queued "$over" "$BENCH_OVERLOAD_DURATION" "$BENCH_OVERLOAD_CONNS"
+	measured overload-queued sidecar-queued "$over" 1 "$f" "${ARGS[@]}" -out "$f"
+	log "overload with a line at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
+	stop sidecar-queued
 }
 
 # ---- main -----------------------------------------------------------------------------
@@ -682,8 +715,8 @@ header() {
 	echo "- sidecar $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '(no commit)'), $(go env GOVERSION);" \
 		"$(haproxy -v | head -n1 | awk '{print "HAProxy " $3}'); $(nginx -v 2>&1 | sed 's/.*: //'); wrk ${wrkv}; ${jv}"
 	echo "- GET / with Host: origin, $BENCH_SIZE-byte bodies; contestants interleaved in every round: ${CONTESTANTS[*]}"
-	echo "- sidecar: default policy, request metrics on, tracing at 1% (parentbased_traceidratio 0.01) exported over OTLP gRPC to Jaeger;" \
-		"sidecar-bare: tracing off, --request-metrics=false; HAProxy: nbthread 2, http-reuse always; nginx: 2 workers, upstream keepalive 64"
+	echo "- sidecar: default policy, request metrics on, tracing at 1% (parentbased_traceidratio 0.01) exported over OTLP gRPC to Jaeger, GOMAXPROCS left to Go (the CPU count);" \
+		"sidecar-bare: tracing off, --request-metrics=false; sidecar-1cpu: as sidecar with GOMAXPROCS=1; HAProxy: nbthread 2, http-reuse always; nginx: 2 workers, upstream keepalive 64"
 	echo "- closed loop: wrk -t$WRK_THREADS -d$BENCH_DURATION --latency, connections ${CONNS[*]}, $BENCH_ROUNDS round(s), $BENCH_WARMUP warm-up each;" \
 		"open loop: openloop at $BENCH_OPEN_RATE req/s for $BENCH_OPEN_DURATION over $BENCH_OPEN_CONNS connections, $BENCH_ROUNDS round(s)"
 	echo "- reproduce: \`make bench\` (or \`bench/run.sh\`)"
@@ -694,6 +727,7 @@ parse_settings() {
 	[[ $BENCH_SIZE =~ ^[0-9]+$ ]] || die "BENCH_SIZE must be a non-negative integer, got '$BENCH_SIZE'"
 	[[ $BENCH_OPEN_RATE =~ ^[1-9][0-9]*$ ]] || die "BENCH_OPEN_RATE must be a positive integer, got '$BENCH_OPEN_RATE'"
 	[[ $BENCH_OVERLOAD_LIMIT =~ ^[1-9][0-9]*$ ]] || die "BENCH_OVERLOAD_LIMIT must be a positive integer, got '$BENCH_OVERLOAD_LIMIT'"
+	[[ $BENCH_OVERLOAD_QUEUE =~ ^[0-9]+$ ]] || die "BENCH_OVERLOAD_QUEUE must be a non-negative integer, got '$BENCH_OVERLOAD_QUEUE'"
 	[[ -z $BENCH_CAPACITY || $BENCH_CAPACITY =~ ^[1-9][0-9]*$ ]] || die "BENCH_CAPACITY must be a positive integer, got '$BENCH_CAPACITY'"
 	CAPACITY=$BENCH_CAPACITY
 	read -r -a CONNS <<<"$BENCH_CONNS"
@@ -759,13 +793,14 @@ main() {
 	chmod 0755 "$WORK"
 	mkdir -p "$WORK/bin" "$WORK/conf" "$WORK/logs" "$WORK/runs"
 	log "temp dir $WORK"
-	printf 'phase\tcontestant\tload\tround\tfile\tcpu_s\tgen_cpu_s\thwm_kb\n' >"$WORK/runs.tsv"
+	printf 'phase\tcontestant\tload\tround\tfile\tcpu_s\tgen_cpu_s\thwm_kb\tanon_kb\n' >"$WORK/runs.tsv"
 
 	build
 	start_origin
 	start_jaeger
 	start_sidecar sidecar PORTS_SIDECAR "$(tracing_yaml)"
 	start_sidecar sidecar-bare PORTS_BARE "requestMetrics: false"
+	start_sidecar sidecar-1cpu PORTS_1CPU "$(tracing_yaml)" GOMAXPROCS=1
 	start_haproxy
 	start_nginx
 
@@ -778,6 +813,7 @@ main() {
 	header >"$WORK/header.md"
 	"$WORK/bin/benchreport" -runs "$WORK/runs.tsv" -header "$WORK/header.md" \
 		-capacity "${CAPACITY:-0}" -limit "concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT (policy for \"*\")" \
+		-queued "maxQueued: $BENCH_OVERLOAD_QUEUE, queueTimeout: $BENCH_OVERLOAD_QUEUE_TIMEOUT" \
 		-md "$BENCH_OUT" -svg "$BENCH_PLOT" || die "benchreport failed"
 	echo
 	cat "$BENCH_OUT"

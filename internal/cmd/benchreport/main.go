@@ -6,14 +6,15 @@
 //
 // runs.tsv has a header line, then one tab-separated line per measured run:
 //
-//	phase contestant load round file cpu_s gen_cpu_s hwm_kb
+//	phase contestant load round file cpu_s gen_cpu_s hwm_kb anon_kb
 //
 // phase is closed (wrk, load = connections), open (openloop at load
 // requests per second), steady or overload (the overload sidecar at load
 // requests per second); file is wrk's output or openloop's JSON, relative to
 // the runs file; cpu_s is the CPU time the contestant's processes used during
-// the run and hwm_kb their peak RSS summed (both empty for direct, which is
-// the origin itself); gen_cpu_s is the load generator's CPU time.
+// the run, hwm_kb their peak RSS summed and anon_kb their private
+// (anonymous) RSS at the end of the run (all empty for direct, which is the
+// origin itself); gen_cpu_s is the load generator's CPU time.
 //
 // Medians are over rounds; "added" latency is the median over rounds of the
 // contestant's figure minus direct's in the same round (rounds interleave
@@ -59,6 +60,7 @@ func run() error {
 	headerPath := flag.String("header", "", "markdown to put first (date, versions, settings)")
 	capacity := flag.Float64("capacity", 0, "the sidecar capacity (req/s) the overload rates were derived from")
 	limit := flag.String("limit", "", "how the overload sidecar was limited, for the report")
+	queued := flag.String("queued", "", "the line of the queued overload sidecar, for the report")
 	mdPath := flag.String("md", "", "markdown results file to write")
 	svgPath := flag.String("svg", "", "SVG latency plot to write")
 	svgRef := flag.String("svg-ref", "", "how the markdown links the plot (default: the -svg path relative to -md)")
@@ -83,7 +85,7 @@ func run() error {
 			ref = *svgPath
 		}
 	}
-	rep := &report{runs: runs, capacity: *capacity, limit: *limit, svgRef: ref}
+	rep := &report{runs: runs, capacity: *capacity, limit: *limit, queued: *queued, svgRef: ref}
 	md := rep.markdown(string(header))
 	if err := writeFile(*mdPath, md); err != nil {
 		return err
@@ -115,6 +117,7 @@ type runRec struct {
 	round             int
 	cpuS, genCPUS     float64 // NaN when not measured
 	hwmKB             float64 // NaN when not measured
+	anonKB            float64 // NaN when not measured
 
 	// closed loop (wrk)
 	rps, requests, p50, p99 float64
@@ -168,10 +171,10 @@ func readRuns(path string) ([]*runRec, error) {
 			continue // header
 		}
 		fs := strings.Split(sc.Text(), "\t")
-		if len(fs) != 8 {
-			return nil, fmt.Errorf("%s:%d: want 8 tab-separated fields, got %d", path, line, len(fs))
+		if len(fs) != 9 {
+			return nil, fmt.Errorf("%s:%d: want 9 tab-separated fields, got %d", path, line, len(fs))
 		}
-		r := &runRec{phase: fs[0], contestant: fs[1], cpuS: num(fs[5]), genCPUS: num(fs[6]), hwmKB: num(fs[7])}
+		r := &runRec{phase: fs[0], contestant: fs[1], cpuS: num(fs[5]), genCPUS: num(fs[6]), hwmKB: num(fs[7]), anonKB: num(fs[8])}
 		r.load, _ = strconv.ParseFloat(fs[2], 64)
 		r.round, _ = strconv.Atoi(fs[3])
 		file := fs[4]
@@ -256,6 +259,7 @@ type report struct {
 	runs     []*runRec
 	capacity float64
 	limit    string
+	queued   string
 	svgRef   string
 }
 
@@ -401,9 +405,9 @@ func maxOf(v []float64) float64 {
 
 // openStat is one contestant at the open-loop rate.
 type openStat struct {
-	p50, p99, p999             float64 // ms, medians over rounds
-	addP50, addP99, addP999    float64 // ms over direct, paired by round
-	cpu, hwm, errs, lagP99, ok float64
+	p50, p99, p999                   float64 // ms, medians over rounds
+	addP50, addP99, addP999          float64 // ms over direct, paired by round
+	cpu, hwm, anon, errs, lagP99, ok float64
 }
 
 func (rp *report) open(contestant string, rate float64) (openStat, bool) {
@@ -435,6 +439,7 @@ func (rp *report) open(contestant string, rate float64) (openStat, bool) {
 		addP50: added(p50), addP99: added(p99), addP999: added(p999),
 		cpu:    median(collect(rs, func(r *runRec) float64 { return cpuPer1000(r.cpuS, float64(r.open.Answered)) })),
 		hwm:    maxOf(collect(rs, func(r *runRec) float64 { return r.hwmKB })),
+		anon:   maxOf(collect(rs, func(r *runRec) float64 { return r.anonKB })),
 		errs:   sum(collect(rs, func(r *runRec) float64 { return float64(r.open.Errors + r.open.Answered - r.open.OK) })),
 		lagP99: median(collect(rs, ms(func(o *openResult) float64 { return o.SendLag.P99 }))),
 		ok:     sum(collect(rs, func(r *runRec) float64 { return float64(r.open.OK) })),
@@ -512,13 +517,19 @@ func (rp *report) targets(b *strings.Builder) {
 		if o, ok := rp.open("sidecar", rate); ok {
 			fmt.Fprintf(b, "| added p99 at %s req/s ≤ %.1f ms | %s ms | %s |\n", f0(rate), targetAddedP99Ms, f3(o.addP99), yesNo(o.addP99 <= targetAddedP99Ms))
 			fmt.Fprintf(b, "| CPU ≤ %.2f vCPU per 1000 req/s | %s vCPU | %s |\n", targetVCPUPer1000, f3(o.cpu), yesNo(o.cpu <= targetVCPUPer1000))
-			fmt.Fprintf(b, "| peak RSS ≤ %d MB at %s req/s | %s MB | %s |\n", targetRSSMB, f0(rate), mb(o.hwm), yesNo(o.hwm/1024 <= targetRSSMB))
+			fmt.Fprintf(b, "| peak RSS ≤ %d MB at %s req/s | %s MB (private: %s MB; the rest is the executable's code, shared by every process of the binary) | %s |\n",
+				targetRSSMB, f0(rate), mb(o.hwm), mb(o.anon), yesNo(o.hwm/1024 <= targetRSSMB))
 		}
 	}
 	if ov, ok := rp.overloadRun("overload"); ok && rp.capacity > 0 {
 		share := ov.r.open.GoodputRPS / rp.capacity
 		fmt.Fprintf(b, "| goodput at 2× overload ≥ %.0f%% of capacity | %s req/s of %s: %s%% | %s |\n",
 			targetGoodputShare*100, f0(ov.r.open.GoodputRPS), f0(rp.capacity), fmtf(share*100, 0), yesNo(share >= targetGoodputShare))
+		if q, ok := rp.overloadRun("overload-queued"); ok {
+			share := q.r.open.GoodputRPS / rp.capacity
+			fmt.Fprintf(b, "| goodput at 2× overload ≥ %.0f%% of capacity, with a line (%s) | %s req/s of %s: %s%% | %s |\n",
+				targetGoodputShare*100, rp.queued, f0(q.r.open.GoodputRPS), f0(rp.capacity), fmtf(share*100, 0), yesNo(share >= targetGoodputShare))
+		}
 		if st, ok := rp.overloadRun("steady"); ok {
 			r := ov.hwm / st.hwm
 			fmt.Fprintf(b, "| peak RSS at 2× overload ≤ %.0f× steady state | %s MB vs %s MB: %s× | %s |\n",
@@ -560,12 +571,14 @@ func (rp *report) closedTable(b *strings.Builder) {
 func (rp *report) openTable(b *strings.Builder) {
 	for _, rate := range rp.loads("open") {
 		fmt.Fprintf(b, "## Open loop at %s req/s (openloop: latency from each request's scheduled send time)\n\n", f0(rate))
-		fmt.Fprintf(b, "Medians over the rounds; \"added\" is over direct, paired by round. CPU s per 1000 requests is the vCPU the proxy used at this rate.\n\n")
+		fmt.Fprintf(b, "Medians over the rounds; \"added\" is over direct, paired by round. CPU s per 1000 requests is the vCPU the proxy used at this rate. "+
+			"Peak RSS is VmHWM; private RSS is RssAnon at the end of the run (heap, stacks: what each process costs on its own, "+
+			"without the executable's pages that every process of the same binary shares); both are the largest over the rounds.\n\n")
 		if rp.svgRef != "" {
 			fmt.Fprintf(b, "![latency by percentile at %s req/s](%s)\n\n", f0(rate), rp.svgRef)
 		}
-		fmt.Fprintf(b, "| contestant | p50 (ms) | p99 (ms) | p99.9 (ms) | added p50 | added p99 | added p99.9 | CPU s / 1000 req | peak RSS (MB) | non-2xx + errors |\n")
-		fmt.Fprintf(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		fmt.Fprintf(b, "| contestant | p50 (ms) | p99 (ms) | p99.9 (ms) | added p50 | added p99 | added p99.9 | CPU s / 1000 req | peak RSS (MB) | private RSS (MB) | non-2xx + errors |\n")
+		fmt.Fprintf(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, name := range rp.order("open") {
 			o, ok := rp.open(name, rate)
 			if !ok {
@@ -577,8 +590,8 @@ func (rp *report) openTable(b *strings.Builder) {
 				}
 				return signed(v, 3)
 			}
-			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, f3(o.p50), f3(o.p99), f3(o.p999),
-				add(o.addP50), add(o.addP99), add(o.addP999), f3(o.cpu), mb(o.hwm), f0(o.errs))
+			fmt.Fprintf(b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", name, f3(o.p50), f3(o.p99), f3(o.p999),
+				add(o.addP50), add(o.addP99), add(o.addP999), f3(o.cpu), mb(o.hwm), mb(o.anon), f0(o.errs))
 		}
 		b.WriteString("\n")
 	}
@@ -593,7 +606,8 @@ func (rp *report) overloadTable(b *strings.Builder) {
 	o := ov.r.open
 	fmt.Fprintf(b, "## Overload (openloop at twice the sidecar's capacity)\n\n")
 	fmt.Fprintf(b, "Capacity: the sidecar's median closed-loop req/s at the highest connection count above, %s req/s. "+
-		"The overload sidecar is the sidecar above with %s; openloop uses %d connections.\n\n", f0(rp.capacity), rp.limit, o.Conns)
+		"The overload sidecar is the sidecar above with %s; openloop uses %d connections. "+
+		"Goodput is 2xx answers per second of the whole run: when the sidecar fell behind, the run lasted past its schedule (send lag).\n\n", f0(rp.capacity), rp.limit, o.Conns)
 	fmt.Fprintf(b, "| run | offered req/s | sent | 2xx/s (goodput) | of capacity | shed (503 overloaded) | other non-2xx + errors | p99 of 2xx (ms) | send lag p99 (ms) | sidecar CPU s | openloop CPU s | peak RSS (MB) |\n")
 	fmt.Fprintf(b, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	row := func(name string, s overloadStat) {
@@ -607,6 +621,9 @@ func (rp *report) overloadTable(b *strings.Builder) {
 		row("steady state (½ capacity)", st)
 	}
 	row("2× capacity", ov)
+	if q, ok := rp.overloadRun("overload-queued"); ok {
+		row("2× capacity, with a line ("+rp.queued+")", q)
+	}
 	if len(o.ErrorKinds) > 0 || len(o.Statuses) > 0 {
 		fmt.Fprintf(b, "\nAnswers at 2× capacity by status: %s", kv(o.Statuses))
 		if len(o.Reasons) > 0 {

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -84,11 +85,12 @@ func attack(c config) (*Result, error) {
 		}()
 	}
 	wg.Wait()
+	elapsed := time.Duration(monotonic() - start)
 	rec := engines[0].rec
 	for _, e := range engines[1:] {
 		rec.merge(e.rec)
 	}
-	return summarize(c, total, rec), nil
+	return summarize(c, total, rec, elapsed), nil
 }
 
 func boolInt(b bool) int {

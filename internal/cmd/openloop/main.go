@@ -22,7 +22,8 @@
 //
 // It prints (or writes to -out) one JSON object: counts by status, the
 // 503s carrying "x-sidecar-error: overloaded" (shed), errors, goodput (2xx
-// per second of schedule), latency percentiles of all answers and of the
+// per second of the run: from the first scheduled send to the last answer,
+// which is longer than the schedule when the target fell behind), latency percentiles of all answers and of the
 // 2xx ones, points of the latency-by-percentile curve, and the send lag.
 // Responses are parsed just enough to frame them (Content-Length or
 // chunked) and are discarded. The exit status is 2 when it could not run
@@ -101,7 +102,8 @@ func run() error {
 type Result struct {
 	Target      string         `json:"target"`
 	Rate        float64        `json:"rate"`
-	DurationSec float64        `json:"durationSeconds"`
+	DurationSec float64        `json:"durationSeconds"` // the schedule's
+	ElapsedSec  float64        `json:"elapsedSeconds"`  // the run's: schedule, backlog and last answers
 	Conns       int            `json:"conns"`
 	Scheduled   int64          `json:"scheduled"`
 	Sent        int64          `json:"sent"`
@@ -112,7 +114,7 @@ type Result struct {
 	ErrorKinds  map[string]int `json:"errorKinds,omitempty"`
 	Statuses    map[string]int `json:"statuses"`
 	Reasons     map[string]int `json:"sidecarErrors,omitempty"` // x-sidecar-error values
-	GoodputRPS  float64        `json:"goodputRps"`              // 2xx per second of schedule
+	GoodputRPS  float64        `json:"goodputRps"`              // 2xx per second of the run (ElapsedSec)
 	AnsweredRPS float64        `json:"answeredRps"`
 	Latency     Percentiles    `json:"latencyUs"`   // every answer
 	LatencyOK   Percentiles    `json:"latencyOkUs"` // 2xx answers
@@ -191,8 +193,13 @@ func (r *recorder) merge(o *recorder) {
 	}
 }
 
-func summarize(c config, total int64, rec *recorder) *Result {
-	r := &Result{Target: c.addr, Rate: c.rate, DurationSec: c.duration.Seconds(), Conns: c.conns, Scheduled: total,
+// summarize makes the result of a run that took elapsed from its first
+// scheduled send.
+func summarize(c config, total int64, rec *recorder, elapsed time.Duration) *Result {
+	// A target that fell behind stretched the run past its schedule: rates
+	// count over the time it really took.
+	secs := max(elapsed, c.duration).Seconds()
+	r := &Result{Target: c.addr, Rate: c.rate, DurationSec: c.duration.Seconds(), ElapsedSec: secs, Conns: c.conns, Scheduled: total,
 		Sent: rec.sent, OK: rec.ok, Shed: rec.shed,
 		ErrorKinds: map[string]int{}, Statuses: map[string]int{}, Reasons: rec.reasons}
 	for k, n := range rec.errs {
@@ -204,8 +211,8 @@ func summarize(c config, total int64, rec *recorder) *Result {
 	}
 	lat, latOK, lag := rec.lat, rec.latOK, rec.lag
 	r.Answered = int64(len(lat))
-	r.GoodputRPS = float64(r.OK) / c.duration.Seconds()
-	r.AnsweredRPS = float64(r.Answered) / c.duration.Seconds()
+	r.GoodputRPS = float64(r.OK) / secs
+	r.AnsweredRPS = float64(r.Answered) / secs
 	r.Latency = percentiles(lat)
 	r.LatencyOK = percentiles(latOK)
 	r.SendLag = percentiles(lag)
