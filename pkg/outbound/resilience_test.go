@@ -103,8 +103,8 @@ func TestPolicyTimeout(t *testing.T) {
 	}
 }
 
-// Over concurrency.maxInFlight, a request is refused at once with 503
-// overloaded; nothing queues.
+// Over concurrency.maxInFlight with no line (maxQueued: 0), a request is
+// refused at once with 503 overloaded.
 func TestConcurrencyLimit(t *testing.T) {
 	hold := make(chan struct{})
 	arrived := make(chan struct{}, 2)
@@ -112,7 +112,7 @@ func TestConcurrencyLimit(t *testing.T) {
 		arrived <- struct{}{}
 		<-hold
 	})
-	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.addr()}}, policies: "service: svc\nconcurrency: {maxInFlight: 2}\n"})
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.addr()}}, policies: "service: svc\nconcurrency: {maxInFlight: 2, maxQueued: 0}\n"})
 	c := sc.client(t)
 	var wg sync.WaitGroup
 	for range 2 {

@@ -140,7 +140,7 @@ func Defaults() Policy {
 			EjectionTime:        ptr(Duration(30 * time.Second)),
 			MaxEjectionPercent:  ptr(50),
 		},
-		Concurrency: &Concurrency{MaxInFlight: ptr(1024), MaxQueued: ptr(0), QueueTimeout: ptr(Duration(time.Second))},
+		Concurrency: &Concurrency{MaxInFlight: ptr(1024), MaxQueued: ptr(1024), QueueTimeout: ptr(Duration(time.Second))},
 	}
 }
 
