@@ -30,7 +30,7 @@
 #   BENCH_SIZE        origin response body size in bytes [1024]
 #   BENCH_OUT         markdown results file [bench/results.md]
 #   BENCH_PLOT        SVG latency plot [bench/latency.svg]
-#   BENCH_KEEP_TMP    1 = keep the temp dir (configs, logs, raw outputs) [0]
+#   BENCH_KEEP_TMP    1 = keep the temp dir (configs, logs, raw outputs) [0; kept on failure]
 #   SIDECAR_BIN       prebuilt sidecar binary instead of building ./cmd/sidecar
 #
 # Contestants, all on 127.0.0.1, each answering GET / with the origin's body:
@@ -216,8 +216,8 @@ cleanup() {
 		show_logs
 	fi
 	if [[ -n $WORK && -d $WORK ]]; then
-		if [[ $BENCH_KEEP_TMP == 1 ]]; then
-			log "kept temp dir $WORK"
+		if [[ $BENCH_KEEP_TMP == 1 ]] || ((rc != 0)); then
+			log "kept temp dir $WORK (runs.tsv and runs/: the raw runs)"
 		else
 			rm -rf "$WORK"
 		fi

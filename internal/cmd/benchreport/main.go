@@ -184,7 +184,7 @@ func readRuns(path string) ([]*runRec, error) {
 		switch r.phase {
 		case "closed":
 			err = r.parseWrk(file)
-		case "open", "steady", "overload":
+		case "open", "steady", "overload", "overload-queued":
 			err = r.parseOpen(file)
 		default:
 			err = fmt.Errorf("unknown phase %q", r.phase)
