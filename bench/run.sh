@@ -45,7 +45,8 @@
 #   nginx         :18003  nginx (2 workers, upstream keepalive 64)
 # and for the overload phase only:
 #   sidecar-overload :18031  the sidecar (tracing and metrics as above) with
-#                            concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT
+#                            concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT and no
+#                            line (maxQueued: 0)
 #   sidecar-queued   :18051  the same with a line: concurrency.maxQueued:
 #                            $BENCH_OVERLOAD_QUEUE, queueTimeout:
 #                            $BENCH_OVERLOAD_QUEUE_TIMEOUT
@@ -674,7 +675,7 @@ overload_phase() {
 	start_sidecar sidecar-overload PORTS_OVERLOAD "$(tracing_yaml)
 policies:
   - service: \"*\"
-    concurrency: {maxInFlight: $BENCH_OVERLOAD_LIMIT}"
+    concurrency: {maxInFlight: $BENCH_OVERLOAD_LIMIT, maxQueued: 0}"
 	check_contestant sidecar-overload
 	openloop_args sidecar-overload "$BENCH_OPEN_RATE" 3s "$BENCH_OPEN_CONNS"
 	"${ARGS[@]}" -strict -out "$WORK/runs/overload-warmup.json" >/dev/null || die "sidecar-overload: warm-up failed"
@@ -812,7 +813,7 @@ main() {
 
 	header >"$WORK/header.md"
 	"$WORK/bin/benchreport" -runs "$WORK/runs.tsv" -header "$WORK/header.md" \
-		-capacity "${CAPACITY:-0}" -limit "concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT (policy for \"*\")" \
+		-capacity "${CAPACITY:-0}" -limit "concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT, maxQueued: 0 (no line; policy for \"*\")" \
 		-queued "maxQueued: $BENCH_OVERLOAD_QUEUE, queueTimeout: $BENCH_OVERLOAD_QUEUE_TIMEOUT" \
 		-md "$BENCH_OUT" -svg "$BENCH_PLOT" || die "benchreport failed"
 	echo
