@@ -45,12 +45,19 @@ func (l *limiter) tryFast(max int64) bool {
 
 // acquire takes a slot: at once when one is free and nobody waits, else
 // after waiting in line for at most wait (maxQueued waiting at most). It
-// reports whether the request got a slot; false: the line was full, the
-// wait ran out or ctx ended.
-func (l *limiter) acquire(ctx context.Context, max int64, maxQueued int, wait time.Duration) bool {
+// reports whether the request got a slot (false: the line was full, the
+// wait ran out or ctx ended) and how long it waited for it.
+func (l *limiter) acquire(ctx context.Context, max int64, maxQueued int, wait time.Duration) (bool, time.Duration) {
 	if l.tryFast(max) {
-		return true
+		return true, 0
 	}
+	start := time.Now()
+	ok := l.wait(ctx, max, maxQueued, wait)
+	return ok, time.Since(start)
+}
+
+// wait is acquire's slow path: the line.
+func (l *limiter) wait(ctx context.Context, max int64, maxQueued int, wait time.Duration) bool {
 	if maxQueued <= 0 || wait <= 0 {
 		return false
 	}

@@ -15,15 +15,18 @@ func TestLimiterQueue(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var l limiter
 		ctx := context.Background()
-		if !l.acquire(ctx, 2, 2, time.Second) || !l.acquire(ctx, 2, 2, time.Second) {
-			t.Fatal("the first two requests did not get the two slots")
+		if ok1, _ := l.acquire(ctx, 2, 2, time.Second); !ok1 {
+			t.Fatal("the first request did not get a slot")
+		}
+		if ok2, _ := l.acquire(ctx, 2, 2, time.Second); !ok2 {
+			t.Fatal("the second request did not get the second slot")
 		}
 		var order []int
 		var mu sync.Mutex
 		got := make(chan bool, 3)
 		for i := range 2 {
 			go func() {
-				ok := l.acquire(ctx, 2, 2, 10*time.Second)
+				ok, _ := l.acquire(ctx, 2, 2, 10*time.Second)
 				mu.Lock()
 				order = append(order, i)
 				mu.Unlock()
@@ -34,7 +37,7 @@ func TestLimiterQueue(t *testing.T) {
 		if l.waiting() != 2 {
 			t.Fatalf("%d waiting, want 2", l.waiting())
 		}
-		if l.acquire(ctx, 2, 2, time.Second) {
+		if ok, _ := l.acquire(ctx, 2, 2, time.Second); ok {
 			t.Fatal("a third waiter got a slot with the line full (maxQueued 2)")
 		}
 		l.release(2)
@@ -54,23 +57,24 @@ func TestLimiterQueue(t *testing.T) {
 
 		// Nobody releases: the wait runs out, exactly at its limit.
 		start := time.Now()
-		if l.acquire(ctx, 2, 2, 250*time.Millisecond) {
+		ok, reported := l.acquire(ctx, 2, 2, 250*time.Millisecond)
+		if ok {
 			t.Fatal("got a slot that nobody released")
 		}
-		if waited := time.Since(start); waited != 250*time.Millisecond {
-			t.Errorf("gave up after %v, want 250ms", waited)
+		if waited := time.Since(start); waited != 250*time.Millisecond || reported != waited {
+			t.Errorf("gave up after %v (reported %v), want 250ms", waited, reported)
 		}
 		// The caller going away ends the wait too.
 		cctx, cancel := context.WithCancel(ctx)
 		go func() { time.Sleep(100 * time.Millisecond); cancel() }()
-		if l.acquire(cctx, 2, 2, time.Hour) {
+		if ok, _ := l.acquire(cctx, 2, 2, time.Hour); ok {
 			t.Fatal("got a slot after the caller went away")
 		}
 		if l.waiting() != 0 {
 			t.Errorf("%d still waiting, want 0", l.waiting())
 		}
 		// No line at all: refused at once.
-		if l.acquire(ctx, 2, 0, time.Hour) {
+		if ok, _ := l.acquire(ctx, 2, 0, time.Hour); ok {
 			t.Fatal("got a slot over the limit without a line")
 		}
 	})
@@ -87,7 +91,7 @@ func TestLimiterNoLostWakeups(t *testing.T) {
 	for range workers {
 		wg.Go(func() {
 			for range rounds {
-				if !l.acquire(context.Background(), max, workers, time.Minute) {
+				if ok, _ := l.acquire(context.Background(), max, workers, time.Minute); !ok {
 					refused.Add(1)
 					continue
 				}

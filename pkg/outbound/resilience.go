@@ -278,17 +278,14 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	c := p.Concurrency
 	maxInFlight := int64(*c.MaxInFlight)
-	var wait time.Duration // for a slot, within the timeout
-	if !st.limit.tryFast(maxInFlight) {
-		start := time.Now()
-		if !st.limit.acquire(req.Context(), maxInFlight, *c.MaxQueued, min(c.QueueTimeout.D(), timeout)) {
-			l.inFlight.Add(-1)
-			if *c.MaxQueued > 0 {
-				return nil, l.shed(req, service, "concurrency limit of the service reached and no slot within concurrency.queueTimeout or room in its line (concurrency.maxQueued)")
-			}
-			return nil, l.shed(req, service, "concurrency limit of the service reached (concurrency.maxInFlight)")
+	// wait: for a slot, within the timeout.
+	ok, wait := st.limit.acquire(req.Context(), maxInFlight, *c.MaxQueued, min(c.QueueTimeout.D(), timeout))
+	if !ok {
+		l.inFlight.Add(-1)
+		if *c.MaxQueued > 0 {
+			return nil, l.shed(req, service, "concurrency limit of the service reached and no slot within concurrency.queueTimeout or room in its line (concurrency.maxQueued)")
 		}
-		wait = time.Since(start)
+		return nil, l.shed(req, service, "concurrency limit of the service reached (concurrency.maxInFlight)")
 	}
 	ctx, cancel := context.WithTimeout(req.Context(), timeout-wait)
 	resp, endAttempt, err := l.attempts(ctx, req, service, p, st)

@@ -309,15 +309,22 @@ func (c *framingConn) fill() error {
 			c.buf = nb
 		}
 	}
-	n, err := c.Conn.Read(c.buf[c.w:])
+	n, err := readSome(c.Conn, c.buf[c.w:])
 	c.w += n
+	return err
+}
+
+// readSome reads into p: nil with n > 0 bytes, else the read's error
+// (io.ErrNoProgress for a read that returned neither).
+func readSome(r io.Reader, p []byte) (int, error) {
+	n, err := r.Read(p)
 	if n > 0 {
-		return nil
+		return n, nil
 	}
 	if err == nil {
 		err = io.ErrNoProgress
 	}
-	return err
+	return 0, err
 }
 
 // process checks pending bytes buf[rel:w] and moves rel past what is ready,

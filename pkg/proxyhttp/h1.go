@@ -384,14 +384,8 @@ func (c *h1Conn) fill() error {
 			c.rbuf = nb
 		}
 	}
-	n, err := c.conn.Read(c.rbuf[c.w:])
+	n, err := readSome(c.conn, c.rbuf[c.w:])
 	c.w += n
-	if n > 0 {
-		return nil
-	}
-	if err == nil {
-		err = io.ErrNoProgress
-	}
 	return err
 }
 

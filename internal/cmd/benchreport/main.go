@@ -522,13 +522,14 @@ func (rp *report) targets(b *strings.Builder) {
 		}
 	}
 	if ov, ok := rp.overloadRun("overload"); ok && rp.capacity > 0 {
-		share := ov.r.open.GoodputRPS / rp.capacity
-		fmt.Fprintf(b, "| goodput at 2× overload ≥ %.0f%% of capacity | %s req/s of %s: %s%% | %s |\n",
-			targetGoodputShare*100, f0(ov.r.open.GoodputRPS), f0(rp.capacity), fmtf(share*100, 0), yesNo(share >= targetGoodputShare))
+		goodput := func(run overloadStat, label string) {
+			share := run.r.open.GoodputRPS / rp.capacity
+			fmt.Fprintf(b, "| goodput at 2× overload ≥ %.0f%% of capacity%s | %s req/s of %s: %s%% | %s |\n",
+				targetGoodputShare*100, label, f0(run.r.open.GoodputRPS), f0(rp.capacity), fmtf(share*100, 0), yesNo(share >= targetGoodputShare))
+		}
+		goodput(ov, "")
 		if q, ok := rp.overloadRun("overload-queued"); ok {
-			share := q.r.open.GoodputRPS / rp.capacity
-			fmt.Fprintf(b, "| goodput at 2× overload ≥ %.0f%% of capacity, with a line (%s) | %s req/s of %s: %s%% | %s |\n",
-				targetGoodputShare*100, rp.queued, f0(q.r.open.GoodputRPS), f0(rp.capacity), fmtf(share*100, 0), yesNo(share >= targetGoodputShare))
+			goodput(q, ", with a line ("+rp.queued+")")
 		}
 		if st, ok := rp.overloadRun("steady"); ok {
 			r := ov.hwm / st.hwm
