@@ -87,7 +87,7 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string)
 
 	resp, err := f.Next.RoundTrip(out)
 	if err != nil {
-		f.OnError(w, r, err)
+		f.OnError(w, r, Cause(r, err))
 		return
 	}
 	if resp.StatusCode == http.StatusSwitchingProtocols {

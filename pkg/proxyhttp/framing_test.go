@@ -2,6 +2,7 @@ package proxyhttp
 
 import (
 	"bufio"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -189,3 +190,67 @@ func TestListenPortInUse(t *testing.T) {
 		t.Fatalf("Listen on a taken port: %v; want an 'already in use' error naming the address", err)
 	}
 }
+
+// net/http cancels a request's context when a read on its connection fails,
+// so a transport sending a broken body may report the cancellation instead
+// of the body's error. The client is still owed its answer: Forward hands
+// OnError the body's error. The upstream here always reports the
+// cancellation, the order the race picks at times.
+func TestBrokenBodyIsAnsweredNotAborted(t *testing.T) {
+	cases := []struct {
+		name, request string
+		status        int
+		reason        string
+	}{
+		{"malformed chunk line", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n2\nxy\r\n0\r\n\r\n", 400, ReasonBadRequest},
+		{"obs-fold in a trailer", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: a\r\n b\r\n\r\n", 400, ReasonBadRequest},
+		{"stalled chunked body", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", 408, ReasonRequestTimeout},
+	}
+	next := brokenBodyUpstream(func(r *http.Request) (*http.Response, error) {
+		_, _ = io.Copy(io.Discard, r.Body) // fails: the body is broken
+		select {
+		case <-r.Context().Done():
+			return nil, r.Context().Err()
+		case <-time.After(5 * time.Second):
+			return nil, errors.New("the request's context was never canceled")
+		}
+	})
+	fw := &Forwarder{Next: next, OnError: func(w http.ResponseWriter, r *http.Request, err error) {
+		var ce *ClientError
+		switch {
+		case errors.As(err, &ce) && ce.Timeout():
+			WriteError(w, r, &LocalError{Status: 408, Reason: ReasonRequestTimeout, Detail: err.Error()})
+		case errors.As(err, &ce) && !ce.Gone():
+			WriteError(w, r, &LocalError{Status: 400, Reason: ReasonBadRequest, Detail: err.Error()})
+		default:
+			panic(http.ErrAbortHandler) // as the listeners do for a client gone
+		}
+	}}
+	srv := startFastLimits(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Body = NewBodyReader(w, r, 100*time.Millisecond)
+		fw.Forward(w, r, "upstream.invalid")
+	}), Limits{})
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := net.Dial("tcp", srv.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			io.WriteString(c, tc.request)
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatalf("no answer: %v", err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tc.status || resp.Header.Get(ErrorHeader) != tc.reason {
+				t.Fatalf("answer %d %q, want %d %q", resp.StatusCode, resp.Header.Get(ErrorHeader), tc.status, tc.reason)
+			}
+		})
+	}
+}
+
+type brokenBodyUpstream func(*http.Request) (*http.Response, error)
+
+func (f brokenBodyUpstream) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }

@@ -267,9 +267,31 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 		if b.fc != nil && b.fc.badFraming.Load() {
 			err = ErrBadFraming
 		}
-		return n, &ClientError{Err: err}
+		ce := &ClientError{Err: err}
+		if b.fc != nil {
+			b.fc.bodyErr.CompareAndSwap(nil, ce)
+		}
+		return n, ce
 	}
 	return n, nil
+}
+
+// Cause returns the error a request that failed with err is answered for.
+// net/http cancels a request's context as soon as a read on its connection
+// fails, so when the client's body breaks (malformed chunked framing, a
+// client too slow to send it) the transport may report the cancellation
+// rather than the body's error. The client is still there and is owed its
+// 400 or 408: the body's error is the cause.
+func Cause(r *http.Request, err error) error {
+	if !errors.Is(err, context.Canceled) {
+		return err
+	}
+	if fc, ok := r.Context().Value(connKey{}).(*framingConn); ok {
+		if ce := fc.bodyErr.Load(); ce != nil {
+			return ce
+		}
+	}
+	return err
 }
 
 // Close implements io.Closer. It may be called while another goroutine is
