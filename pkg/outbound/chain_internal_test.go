@@ -294,6 +294,36 @@ retry: {attempts: 5, perTryTimeout: 150ms, on: [timeout], backoff: {base: 25ms, 
 	})
 }
 
+// An upstream told the attempt's deadline (grpc-timeout) resets the stream
+// when it passes, and its reset can arrive before this side's timer runs:
+// the attempt still failed for its per-try timeout, and is retried as one
+// (the policy does not retry resets).
+func TestUpstreamResetAtThePerTryDeadline(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reset := errors.New("stream error: stream ID 1; CANCEL; received from peer")
+		var calls atomic.Int64
+		c := newTestChain(t, "service: svc\nretry: {attempts: 2, perTryTimeout: 150ms, on: [timeout]}\n",
+			[]string{"10.0.0.1:80", "10.0.0.2:80"}, func(r *http.Request) (*http.Response, error) {
+				dl, _ := r.Context().Deadline()
+				if calls.Add(1) == 1 {
+					time.Sleep(time.Until(dl)) // the upstream's own timer
+					return nil, reset
+				}
+				return answer(200), nil
+			})
+		code, reason := c.do(context.Background(), "GET", nil)
+		if code != 200 {
+			t.Fatalf("got %d %q, want 200 from the retry", code, reason)
+		}
+		if n := c.calls.Load(); n != 2 {
+			t.Fatalf("%d attempts, want 2", n)
+		}
+		if got := c.observer.retries["timeout"]; got != 1 {
+			t.Fatalf("retries by reason %v, want one for timeout", c.observer.retries)
+		}
+	})
+}
+
 // The caller's own deadline wins over the policy's: a grpc-timeout of
 // 100 ms against a 15 s policy timeout ends the request at 100 ms.
 func TestCallerDeadlineWins(t *testing.T) {

@@ -366,7 +366,7 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 			}
 		}
 		resp, err := l.next.RoundTrip(areq)
-		if err != nil && ctx.Err() == nil && errors.Is(context.Cause(actx), errPerTryTimeout) {
+		if err != nil && ctx.Err() == nil && perTryExpired(actx, r.PerTryTimeout.D() > 0, time.Now()) {
 			err = fmt.Errorf("%w: %w", errPerTryTimeout, context.DeadlineExceeded)
 		}
 		if grpc && err == nil && attempt < *r.Attempts && ctx.Err() == nil {

@@ -256,6 +256,23 @@ var errPerTryTimeout = errors.New("per-try timeout")
 
 func isPerTryTimeout(err error) bool { return errors.Is(err, errPerTryTimeout) }
 
+// perTryExpired reports whether an attempt that failed at now failed for
+// its per-try timeout: its timer fired, or its deadline has passed and the
+// timer is just late. The upstream is told that deadline (grpc-timeout) and
+// resets the stream when it passes; on a busy machine its reset can arrive
+// before this side's timer has run, and it is still the timeout, not an
+// upstream failure.
+func perTryExpired(actx context.Context, perTry bool, now time.Time) bool {
+	if !perTry {
+		return false
+	}
+	if errors.Is(context.Cause(actx), errPerTryTimeout) {
+		return true
+	}
+	dl, ok := actx.Deadline()
+	return ok && !now.Before(dl)
+}
+
 // backoffDelay is exponential from base to max with full jitter; a
 // Retry-After in seconds from the response raises it, up to max(cap, 1s).
 func backoffDelay(b *policy.Backoff, retry int, resp *http.Response) time.Duration {
