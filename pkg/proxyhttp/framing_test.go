@@ -2,6 +2,7 @@ package proxyhttp
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -254,3 +255,19 @@ func TestBrokenBodyIsAnsweredNotAborted(t *testing.T) {
 type brokenBodyUpstream func(*http.Request) (*http.Response, error)
 
 func (f brokenBodyUpstream) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// An HTTP/2 connection carries many streams: one stream's broken body is
+// not the cause of another's cancellation.
+func TestCauseIsPerConnectionOnlyForHTTP1(t *testing.T) {
+	fc := &framingConn{}
+	fc.bodyErr.Store(&ClientError{Err: ErrBadFraming})
+	ctx := context.WithValue(context.Background(), connKey{}, fc)
+	for _, major := range []int{1, 2} {
+		r := (&http.Request{ProtoMajor: major}).WithContext(ctx)
+		got := Cause(r, context.Canceled)
+		var ce *ClientError
+		if isClient := errors.As(got, &ce); isClient != (major == 1) {
+			t.Errorf("HTTP/%d: Cause = %v; want the body's error only for HTTP/1", major, got)
+		}
+	}
+}

@@ -229,7 +229,12 @@ type BodyReader struct {
 
 // NewBodyReader wraps r's body; w is r's ResponseWriter.
 func NewBodyReader(w http.ResponseWriter, r *http.Request, timeout time.Duration) *BodyReader {
-	fc, _ := r.Context().Value(connKey{}).(*framingConn)
+	// Only an HTTP/1 connection carries one request at a time, whose body
+	// failure is the connection's (an HTTP/2 connection has many streams).
+	var fc *framingConn
+	if r.ProtoMajor == 1 {
+		fc, _ = r.Context().Value(connKey{}).(*framingConn)
+	}
 	return &BodyReader{body: r.Body, rc: http.NewResponseController(w), timeout: timeout, fc: fc}
 }
 
@@ -283,7 +288,7 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 // rather than the body's error. The client is still there and is owed its
 // 400 or 408: the body's error is the cause.
 func Cause(r *http.Request, err error) error {
-	if !errors.Is(err, context.Canceled) {
+	if r.ProtoMajor != 1 || !errors.Is(err, context.Canceled) {
 		return err
 	}
 	if fc, ok := r.Context().Value(connKey{}).(*framingConn); ok {
