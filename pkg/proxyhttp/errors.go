@@ -48,8 +48,11 @@ func (e *LocalError) Error() string {
 // WriteError answers r with a local error: the x-sidecar-error header and a
 // small JSON body, or, for a gRPC call, a trailers-only response with the
 // matching grpc-status (GRPCCode) and the detail as grpc-message, which is
-// what a gRPC client understands. A 400 also closes an HTTP/1.1 connection,
-// since the stream's framing can no longer be trusted.
+// what a gRPC client understands. A 400 or 408 also closes an HTTP/1.x
+// connection, since its framing can no longer be trusted. An HTTP/2 stream's
+// error is the stream's alone: there "Connection: close" would make net/http
+// send a GOAWAY that ends every other stream's connection, and hide the
+// connection error a later bad frame deserves.
 func WriteError(w http.ResponseWriter, r *http.Request, e *LocalError) {
 	h := w.Header()
 	h.Set(ErrorHeader, e.Reason)
@@ -65,7 +68,7 @@ func WriteError(w http.ResponseWriter, r *http.Request, e *LocalError) {
 	h.Set("Content-Type", "application/json")
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	h.Set("Cache-Control", "no-store")
-	if e.Status == http.StatusBadRequest || e.Status == http.StatusRequestTimeout {
+	if (e.Status == http.StatusBadRequest || e.Status == http.StatusRequestTimeout) && (r == nil || r.ProtoMajor < 2) {
 		h.Set("Connection", "close")
 	}
 	w.WriteHeader(e.Status)

@@ -210,9 +210,13 @@ func (e *ClientError) Gone() bool {
 	if errors.Is(e.Err, ErrBadFraming) {
 		return false
 	}
-	return errors.Is(e.Err, io.ErrUnexpectedEOF) || errors.Is(e.Err, io.EOF) ||
+	return errors.Is(e.Err, errStreamReset) || errors.Is(e.Err, io.ErrUnexpectedEOF) || errors.Is(e.Err, io.EOF) ||
 		errors.Is(e.Err, syscall.ECONNRESET) || errors.Is(e.Err, net.ErrClosed)
 }
+
+// errStreamReset marks a body read that failed because the client reset
+// its HTTP/2 stream (or its connection went away).
+var errStreamReset = errors.New("the client reset the stream")
 
 // BodyReader wraps a request body so that each Read has a timeout to make
 // progress and its errors are *ClientError. It clears the deadline at EOF,
@@ -223,7 +227,8 @@ type BodyReader struct {
 	rc      *http.ResponseController
 	timeout time.Duration
 	fc      *framingConn
-	done    atomic.Bool // the body was read to its end
+	h2ctx   context.Context // an HTTP/2 request's: done once its stream is reset
+	done    atomic.Bool     // the body was read to its end
 	closed  atomic.Bool
 }
 
@@ -231,11 +236,13 @@ type BodyReader struct {
 func NewBodyReader(w http.ResponseWriter, r *http.Request, timeout time.Duration) *BodyReader {
 	// Only an HTTP/1 connection carries one request at a time, whose body
 	// failure is the connection's (an HTTP/2 connection has many streams).
-	var fc *framingConn
+	b := &BodyReader{body: r.Body, rc: http.NewResponseController(w), timeout: timeout}
 	if r.ProtoMajor == 1 {
-		fc, _ = r.Context().Value(connKey{}).(*framingConn)
+		b.fc, _ = r.Context().Value(connKey{}).(*framingConn)
+	} else {
+		b.h2ctx = r.Context()
 	}
-	return &BodyReader{body: r.Body, rc: http.NewResponseController(w), timeout: timeout, fc: fc}
+	return b
 }
 
 // Read implements io.Reader.
@@ -271,6 +278,10 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 		// framing check knows better.
 		if b.fc != nil && b.fc.badFraming.Load() {
 			err = ErrBadFraming
+		}
+		if b.h2ctx != nil && b.h2ctx.Err() != nil {
+			// net/http's error for a reset stream is of a type of its own.
+			err = fmt.Errorf("%w: %w", errStreamReset, err)
 		}
 		ce := &ClientError{Err: err}
 		if b.fc != nil {
