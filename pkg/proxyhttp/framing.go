@@ -134,9 +134,9 @@ type framingConn struct {
 	hijacked atomic.Bool
 	// badFraming is set when a body's framing was found malformed.
 	badFraming atomic.Bool
-	// bodyErr is the error a BodyReader on this connection failed with
-	// (see Cause). A failed body ends the connection, so it is set once.
-	bodyErr atomic.Pointer[ClientError]
+	// bodyErr is the error a BodyReader on this connection last failed
+	// with, and its request (see Cause).
+	bodyErr atomic.Pointer[bodyFailure]
 }
 
 // CloseWrite half-closes the connection (tunnels and upgrades end one

@@ -256,12 +256,12 @@ type brokenBodyUpstream func(*http.Request) (*http.Response, error)
 
 func (f brokenBodyUpstream) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
-// An HTTP/2 connection carries many streams: one stream's broken body is
-// not the cause of another's cancellation.
-func TestCauseIsPerConnectionOnlyForHTTP1(t *testing.T) {
+// A body's failure is its own request's cause: not another stream's on an
+// HTTP/2 connection, nor another request's on an HTTP/1 one.
+func TestCauseIsTheRequestsOwn(t *testing.T) {
 	fc := &framingConn{}
-	fc.bodyErr.Store(&ClientError{Err: ErrBadFraming})
 	ctx := context.WithValue(context.Background(), connKey{}, fc)
+	fc.bodyErr.Store(&bodyFailure{ctx: ctx, err: &ClientError{Err: ErrBadFraming}})
 	for _, major := range []int{1, 2} {
 		r := (&http.Request{ProtoMajor: major}).WithContext(ctx)
 		got := Cause(r, context.Canceled)
@@ -269,5 +269,10 @@ func TestCauseIsPerConnectionOnlyForHTTP1(t *testing.T) {
 		if isClient := errors.As(got, &ce); isClient != (major == 1) {
 			t.Errorf("HTTP/%d: Cause = %v; want the body's error only for HTTP/1", major, got)
 		}
+	}
+	// Another request of the connection (a later one) is not concerned.
+	other := (&http.Request{ProtoMajor: 1}).WithContext(context.WithValue(ctx, connKey{}, fc))
+	if got := Cause(other, context.Canceled); got != context.Canceled {
+		t.Errorf("another request: Cause = %v; want its own context.Canceled", got)
 	}
 }

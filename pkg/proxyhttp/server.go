@@ -226,21 +226,20 @@ type BodyReader struct {
 	body    io.ReadCloser
 	rc      *http.ResponseController
 	timeout time.Duration
-	fc      *framingConn
-	h2ctx   context.Context // an HTTP/2 request's: done once its stream is reset
-	done    atomic.Bool     // the body was read to its end
+	fc      *framingConn    // an HTTP/1 request's connection, when checked
+	ctx     context.Context // the request's
+	h2      bool
+	done    atomic.Bool // the body was read to its end
 	closed  atomic.Bool
 }
 
 // NewBodyReader wraps r's body; w is r's ResponseWriter.
 func NewBodyReader(w http.ResponseWriter, r *http.Request, timeout time.Duration) *BodyReader {
-	// Only an HTTP/1 connection carries one request at a time, whose body
-	// failure is the connection's (an HTTP/2 connection has many streams).
-	b := &BodyReader{body: r.Body, rc: http.NewResponseController(w), timeout: timeout}
-	if r.ProtoMajor == 1 {
-		b.fc, _ = r.Context().Value(connKey{}).(*framingConn)
-	} else {
-		b.h2ctx = r.Context()
+	// The framing check sees HTTP/1 bodies only; an HTTP/2 body fails
+	// with its stream.
+	b := &BodyReader{body: r.Body, rc: http.NewResponseController(w), timeout: timeout, ctx: r.Context(), h2: r.ProtoMajor != 1}
+	if !b.h2 {
+		b.fc, _ = b.ctx.Value(connKey{}).(*framingConn)
 	}
 	return b
 }
@@ -279,13 +278,13 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 		if b.fc != nil && b.fc.badFraming.Load() {
 			err = ErrBadFraming
 		}
-		if b.h2ctx != nil && b.h2ctx.Err() != nil {
+		if b.h2 && b.ctx.Err() != nil {
 			// net/http's error for a reset stream is of a type of its own.
 			err = fmt.Errorf("%w: %w", errStreamReset, err)
 		}
 		ce := &ClientError{Err: err}
 		if b.fc != nil {
-			b.fc.bodyErr.CompareAndSwap(nil, ce)
+			b.fc.bodyErr.Store(&bodyFailure{ctx: b.ctx, err: ce})
 		}
 		return n, ce
 	}
@@ -303,11 +302,18 @@ func Cause(r *http.Request, err error) error {
 		return err
 	}
 	if fc, ok := r.Context().Value(connKey{}).(*framingConn); ok {
-		if ce := fc.bodyErr.Load(); ce != nil {
-			return ce
+		if f := fc.bodyErr.Load(); f != nil && f.ctx == r.Context() {
+			return f.err
 		}
 	}
 	return err
+}
+
+// bodyFailure is the error a request's body failed with, kept on its
+// connection for Cause; ctx tells which request it was.
+type bodyFailure struct {
+	ctx context.Context
+	err *ClientError
 }
 
 // Close implements io.Closer. It may be called while another goroutine is
