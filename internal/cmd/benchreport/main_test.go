@@ -75,3 +75,15 @@ func TestReportFromEveryPhase(t *testing.T) {
 		t.Errorf("plot is not an SVG naming the contestants:\n%s", svg)
 	}
 }
+
+// Added latency below zero is a disturbed run, never a target met.
+func TestAddedVerdict(t *testing.T) {
+	for _, tc := range []struct {
+		added float64
+		want  string
+	}{{0.3, "**met**"}, {0.5, "**met**"}, {0.6, "**not met**"}, {0, "**met**"}, {-2.9, "**inconclusive**"}} {
+		if got := addedVerdict(tc.added, 0.5); !strings.HasPrefix(got, tc.want) {
+			t.Errorf("addedVerdict(%v, 0.5) = %q, want %s", tc.added, got, tc.want)
+		}
+	}
+}
