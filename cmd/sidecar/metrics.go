@@ -14,6 +14,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
 )
 
 // newRegistry is the sidecar's Prometheus registry: process and Go runtime
@@ -24,8 +25,25 @@ func newRegistry(resolver discovery.Resolver) *prometheus.Registry {
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		collectors.NewGoCollector(),
 		&discoveryCollector{resolver: resolver},
+		panicCollector{},
 	)
 	return reg
+}
+
+// panicCollector reports the panics recovered so far (package panics), by
+// where they happened: a request handler, a watcher, a background loop.
+type panicCollector struct{}
+
+var panicsDesc = prometheus.NewDesc("sidecar_panics_total",
+	"Panics recovered without stopping the process, by where they happened; each is a bug worth reporting.",
+	[]string{"where"}, nil)
+
+func (panicCollector) Describe(ch chan<- *prometheus.Desc) { ch <- panicsDesc }
+
+func (panicCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, c := range panics.Counts() {
+		ch <- prometheus.MustNewConstMetric(panicsDesc, prometheus.CounterValue, float64(c.N), c.Where)
+	}
 }
 
 // resilienceMetrics counts what the outbound resilience chain decides (it

@@ -23,6 +23,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 	"github.com/sidecar-mesh/sidecar/pkg/tracing"
 	"github.com/sidecar-mesh/sidecar/pkg/transparent"
@@ -84,6 +85,7 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		return nil, err
 	}
 	s := &sidecar{log: log, cfg: cfg, policies: policies, errs: make(chan error, 8), quit: make(chan struct{})}
+	panics.SetLogger(log)
 	s.tracing, err = tracing.Setup(context.Background(), tracing.Config{
 		Endpoint:    cfg.Tracing.Endpoint,
 		Protocol:    cfg.Tracing.Protocol,
