@@ -27,7 +27,7 @@ func DecodeStrict(data []byte, file string, v any) error {
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
-		return prefixLines(file, err)
+		return decodeProblems(file, err)
 	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); err == nil {
@@ -42,17 +42,22 @@ func DecodeNode(n *yaml.Node, file string, v any) error {
 		return err
 	}
 	if err := n.Decode(v); err != nil {
-		return prefixLines(file, err)
+		return decodeProblems(file, err)
 	}
 	return nil
 }
 
 var lineRE = regexp.MustCompile(`(?m)^(?:yaml: )?(?:unmarshal errors:\n)?\s*line (\d+): `)
 
-// prefixLines turns yaml's "line N: msg" into "file:N: msg".
+// prefixLines turns yaml's "line N: msg" into "file:N: msg", each line at
+// most a few hundred bytes (the decoder quotes keys in full).
 func prefixLines(file string, err error) error {
 	msg := strings.TrimPrefix(err.Error(), "yaml: unmarshal errors:\n")
-	msg = lineRE.ReplaceAllString(msg, file+":$1: ")
+	lines := strings.Split(msg, "\n")
+	for i, l := range lines {
+		lines[i] = clipLine(l)
+	}
+	msg = lineRE.ReplaceAllString(strings.Join(lines, "\n"), file+":$1: ")
 	if !strings.HasPrefix(msg, file+":") {
 		msg = file + ": " + strings.TrimPrefix(msg, "yaml: ")
 	}
@@ -101,7 +106,7 @@ func checkKeys(n *yaml.Node, t reflect.Type, path, file string) error {
 						names = append(names, name)
 					}
 					sort.Strings(names)
-					return fmt.Errorf("%s:%d: unknown key %q (allowed: %s)", file, k.Line, join(path, k.Value), strings.Join(names, ", "))
+					return fmt.Errorf("%s:%d: unknown key %s (allowed: %s)", file, k.Line, Quote(join(path, k.Value)), strings.Join(names, ", "))
 				}
 				if err := checkKeys(n.Content[i+1], ft, join(path, k.Value), file); err != nil {
 					return err

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strconv"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -22,7 +21,7 @@ func ParseDocument(data []byte, name, service string) (Policy, error) {
 		if errors.Is(err, io.EOF) {
 			return Policy{}, fmt.Errorf("%s: empty value (want a Policy document, YAML or JSON)", name)
 		}
-		return Policy{}, prefixLines(name, err)
+		return Policy{}, decodeProblems(name, err)
 	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); err == nil {
@@ -40,7 +39,7 @@ func ParseDocument(data []byte, name, service string) (Policy, error) {
 				found = true
 				if v.Value != service {
 					return Policy{}, fmt.Errorf("%s:%d: service: %s does not match the key (allowed: %q or no service field)",
-						name, v.Line, strconv.Quote(v.Value), service)
+						name, v.Line, Quote(v.Value), service)
 				}
 			}
 		}

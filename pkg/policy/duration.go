@@ -24,10 +24,10 @@ func (d Duration) String() string { return time.Duration(d).String() }
 func ParseDuration(s string) (Duration, error) {
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return 0, fmt.Errorf("invalid duration %q (want e.g. 250ms, 5s, 1m)", s)
+		return 0, fmt.Errorf("invalid duration %s (want e.g. 250ms, 5s, 1m)", Quote(s))
 	}
 	if v < 0 {
-		return 0, fmt.Errorf("negative duration %q", s)
+		return 0, fmt.Errorf("negative duration %s", Quote(s))
 	}
 	return Duration(v), nil
 }

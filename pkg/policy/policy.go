@@ -250,12 +250,13 @@ func ValidServiceName(name string) bool { return serviceRE.MatchString(name) }
 
 var methodRE = regexp.MustCompile(`^[A-Z]{1,20}$`)
 
-// Validate checks every field of p and returns all problems as
-// *FieldError values joined, each naming the field path.
+// Validate checks every field of p and returns its problems as a *Problems
+// of *FieldError values, each naming the field path (past MaxProblems they
+// are only counted).
 func (p Policy) Validate() error {
-	var errs []error
+	var errs Problems
 	add := func(path, value, allowed string) {
-		errs = append(errs, &FieldError{Path: path, Value: value, Allowed: allowed})
+		errs.add(&FieldError{Path: path, Value: value, Allowed: allowed})
 	}
 	intIn := func(path string, v *int, lo, hi int) {
 		if v != nil && (*v < lo || *v > hi) {
@@ -286,13 +287,13 @@ func (p Policy) Validate() error {
 	}
 
 	if p.APIVersion != "" && p.APIVersion != APIVersion {
-		add("apiVersion", strconv.Quote(p.APIVersion), APIVersion)
+		add("apiVersion", Quote(p.APIVersion), APIVersion)
 	}
 	if p.Kind != "" && p.Kind != Kind {
-		add("kind", strconv.Quote(p.Kind), Kind)
+		add("kind", Quote(p.Kind), Kind)
 	}
 	if p.Service != Default && !ValidServiceName(p.Service) {
-		add("service", strconv.Quote(p.Service), `"*" or a service name: lower-case letters, digits and '-', at most 63`)
+		add("service", Quote(p.Service), `"*" or a service name: lower-case letters, digits and '-', at most 63`)
 	}
 	durIn("timeout", p.Timeout, time.Millisecond, time.Hour, false)
 	durIn("connectTimeout", p.ConnectTimeout, time.Millisecond, time.Minute, false)
@@ -310,13 +311,21 @@ func (p Policy) Validate() error {
 			}
 		}
 		for i, c := range r.On {
-			if !validCondition(c) {
-				add(fmt.Sprintf("retry.on[%d]", i), strconv.Quote(c), strings.Join(RetryConditions, ", ")+", or an HTTP status 400-599")
+			switch {
+			case validCondition(c):
+			case errs.full():
+				errs.More++ // a long list of bad values costs no message each
+			default:
+				add(fmt.Sprintf("retry.on[%d]", i), Quote(c), strings.Join(RetryConditions, ", ")+", or an HTTP status 400-599")
 			}
 		}
 		for i, m := range r.Methods {
-			if !methodRE.MatchString(m) {
-				add(fmt.Sprintf("retry.methods[%d]", i), strconv.Quote(m), "an upper-case HTTP method such as GET")
+			switch {
+			case methodRE.MatchString(m):
+			case errs.full():
+				errs.More++
+			default:
+				add(fmt.Sprintf("retry.methods[%d]", i), Quote(m), "an upper-case HTTP method such as GET")
 			}
 		}
 		if b := r.Budget; b != nil {
@@ -342,27 +351,28 @@ func (p Policy) Validate() error {
 		intIn("concurrency.maxQueued", c.MaxQueued, 0, 100000)
 		durIn("concurrency.queueTimeout", c.QueueTimeout, time.Millisecond, time.Hour, false)
 	}
-	return errors.Join(errs...)
+	return errs.err()
 }
 
 func validCondition(c string) bool {
 	if slices.Contains(RetryConditions, c) {
 		return true
 	}
-	n, err := strconv.Atoi(c)
-	return err == nil && n >= 400 && n <= 599
+	// An HTTP status 400-599, checked without strconv (whose error for each
+	// bad value of a long list would cost an allocation).
+	return len(c) == 3 && (c[0] == '4' || c[0] == '5') && c[1] >= '0' && c[1] <= '9' && c[2] >= '0' && c[2] <= '9'
 }
 
 // Parse decodes every Policy document in data (YAML, "---"-separated, or
 // JSON) strictly and validates each. file names the source in errors, which
 // carry the line: "policies.yaml:9: document 2: retry.attempts: 0 is not
-// allowed (allowed: 1 to 10)". All problems are
-// returned together.
+// allowed (allowed: 1 to 10)". All problems are returned together, as a
+// *Problems: the first MaxProblems listed, the rest counted.
 func Parse(data []byte, file string) ([]Policy, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	var (
 		out  []Policy
-		errs []error
+		errs Problems
 		seen = map[string]int{}
 	)
 	for i := 1; ; i++ {
@@ -372,7 +382,7 @@ func Parse(data []byte, file string) ([]Policy, error) {
 			break
 		}
 		if err != nil {
-			errs = append(errs, prefixLines(file, err))
+			errs.addAll("", decodeProblems(file, err))
 			break
 		}
 		if len(doc.Content) == 0 {
@@ -380,42 +390,34 @@ func Parse(data []byte, file string) ([]Policy, error) {
 		}
 		p, err := DecodePolicyNode(&doc, file, fmt.Sprintf("%s:%d: document %d", file, doc.Content[0].Line, i))
 		if err != nil {
-			errs = append(errs, err)
+			errs.addAll("", err)
 			continue
 		}
 		if j, dup := seen[p.Service]; dup {
-			errs = append(errs, fmt.Errorf("%s: document %d: service %q already has a policy in document %d", file, i, p.Service, j))
+			errs.add(fmt.Errorf("%s: document %d: service %s already has a policy in document %d", file, i, Quote(p.Service), j))
 			continue
 		}
 		seen[p.Service] = i
 		out = append(out, p)
 	}
-	return out, errors.Join(errs...)
+	return out, errs.err()
 }
 
 // DecodePolicyNode decodes one Policy strictly and validates it. Decoding
 // errors name file and line; validation errors are prefixed with where.
+// Its problems come as a *Problems.
 func DecodePolicyNode(n *yaml.Node, file, where string) (Policy, error) {
 	var p Policy
 	if err := DecodeNode(n, file, &p); err != nil {
 		return p, err
 	}
 	if p.Service == "" {
-		return p, fmt.Errorf("%s: service: missing (allowed: \"*\" or a service name)", where)
+		return p, &Problems{Errs: []error{fmt.Errorf("%s: service: missing (allowed: \"*\" or a service name)", where)}}
 	}
 	if err := p.Validate(); err != nil {
-		var lines []string
-		for _, e := range unwrapAll(err) {
-			lines = append(lines, where+": "+e.Error())
-		}
-		return p, errors.New(strings.Join(lines, "\n"))
+		var ps Problems
+		ps.addAll(where+": ", err)
+		return p, &ps
 	}
 	return p, nil
-}
-
-func unwrapAll(err error) []error {
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		return j.Unwrap()
-	}
-	return []error{err}
 }

@@ -179,7 +179,7 @@ func (s *Store) SetInline(ps []Policy) error {
 		case p.Service == "":
 			err = errors.New("service: missing")
 		case layer[p.Service].source != "":
-			err = fmt.Errorf("service %q has more than one policy", p.Service)
+			err = fmt.Errorf("service %s has more than one policy", Quote(p.Service))
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("policies[%d]: %w", i, err))
