@@ -63,10 +63,6 @@ func (in *Injector) Review(body []byte) (*admissionv1.AdmissionReview, Decision,
 	if d.Name == "" && pod.GenerateName != "" {
 		d.Name = pod.GenerateName + "*"
 	}
-	before, err := json.Marshal(&pod)
-	if err != nil {
-		return nil, d, err
-	}
 	res, err := in.InjectPod(&pod.ObjectMeta, &pod.Spec)
 	if err != nil {
 		d.Denied = err.Error()
@@ -84,19 +80,11 @@ func (in *Injector) Review(body []byte) (*admissionv1.AdmissionReview, Decision,
 	if !res.Injected {
 		return out, d, nil
 	}
-	after, err := json.Marshal(&pod)
+	patch, err := PatchJSON(res.Patch)
 	if err != nil {
 		return nil, d, err
 	}
-	ops, err := diffJSON(before, after)
-	if err != nil {
-		return nil, d, err
-	}
-	patch, err := PatchJSON(ops)
-	if err != nil {
-		return nil, d, err
-	}
-	d.Patch = len(ops)
+	d.Patch = len(res.Patch)
 	pt := admissionv1.PatchTypeJSONPatch
 	resp.Patch, resp.PatchType = patch, &pt
 	return out, d, nil

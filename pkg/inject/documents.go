@@ -240,10 +240,6 @@ func (in *Injector) object(js []byte, path, where, field string) ([]Operation, [
 	if spec == nil {
 		return nil, nil, nil
 	}
-	before, err := json.Marshal(obj)
-	if err != nil {
-		return nil, nil, err
-	}
 	res, err := in.InjectPod(meta, spec)
 	if err != nil {
 		var list ErrorList
@@ -260,31 +256,15 @@ func (in *Injector) object(js []byte, path, where, field string) ([]Operation, [
 		notices = append(notices, Notice{Where: label, Text: "not injected: " + res.Skipped})
 		return nil, notices, nil
 	}
-	after, err := json.Marshal(obj)
-	if err != nil {
-		return nil, notices, err
+	prefix := path + "/" + strings.ReplaceAll(strings.TrimSuffix(tpath, "."), ".", "/")
+	if tpath == "" {
+		prefix = path
 	}
-	ops, err := diffJSON(before, after)
-	if err != nil {
-		return nil, notices, err
-	}
+	ops := res.Patch
 	for i := range ops {
-		ops[i].Path = path + ops[i].Path
+		ops[i].Path = prefix + ops[i].Path
 	}
 	return ops, notices, nil
-}
-
-// diffJSON is Diff over two JSON documents.
-func diffJSON(before, after []byte) ([]Operation, error) {
-	a, err := jsonNode(before)
-	if err != nil {
-		return nil, err
-	}
-	b, err := jsonNode(after)
-	if err != nil {
-		return nil, err
-	}
-	return Diff(a, b), nil
 }
 
 // rawDocument is one document of a YAML stream, the line it starts on, and

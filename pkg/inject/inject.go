@@ -19,10 +19,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
+	"go.yaml.in/yaml/v3"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -165,6 +169,10 @@ type Result struct {
 	// Warnings are things the user should know (probes not rewritten, a
 	// classic sidecar in a pod that runs to completion).
 	Warnings []string
+	// Patch is the change as JSON Patch operations on the pod's JSON, with
+	// paths from the pod (or the pod template): /metadata/..., /spec/....
+	// Empty when not injected.
+	Patch []Operation
 }
 
 // Status is the value of AnnotationStatus (JSON).
@@ -247,8 +255,11 @@ func (in *Injector) InjectPod(meta *metav1.ObjectMeta, spec *corev1.PodSpec) (Re
 	if len(errs) > 0 {
 		return Result{}, errs
 	}
-	p.apply(meta, spec)
-	return Result{Injected: true, Warnings: p.warnings}, nil
+	ops, err := p.apply(meta, spec)
+	if err != nil {
+		return Result{}, fmt.Errorf("recording the injection: %w", err)
+	}
+	return Result{Injected: true, Warnings: p.warnings, Patch: ops}, nil
 }
 
 // plan is everything InjectPod will change, worked out before anything is.
@@ -453,40 +464,143 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 	return p, errs
 }
 
-// apply makes the planned changes.
-func (p *plan) apply(meta *metav1.ObjectMeta, spec *corev1.PodSpec) {
-	app := &spec.Containers[p.appIndex]
-	for k, probe := range p.probes {
-		*k.field(app) = probe
+// apply makes the planned changes and returns them as JSON Patch
+// operations on the pod's JSON (paths from the pod, or the template: /spec,
+// /metadata). The operations are recorded from what is changed, so their
+// number and size follow the change, never the pod's size. New fields are
+// added in the order of the pod's JSON (the types' field order, sorted map
+// keys), so that a manifest patched with them reads as one written that way.
+func (p *plan) apply(meta *metav1.ObjectMeta, spec *corev1.PodSpec) ([]Operation, error) {
+	r := &recorder{}
+	// spec, in PodSpec's field order: volumes, initContainers, containers,
+	// terminationGracePeriodSeconds.
+	if len(p.volumes) > 0 {
+		appendAll(r, "/spec/volumes", len(spec.Volumes), p.volumes)
+		spec.Volumes = append(spec.Volumes, p.volumes...)
 	}
-	for _, i := range p.proxyEnv {
-		spec.Containers[i].Env = append(spec.Containers[i].Env, proxyEnv()...)
-	}
-	spec.Volumes = append(spec.Volumes, p.volumes...)
-	grace := p.grace
-	spec.TerminationGracePeriodSeconds = &grace
-	if p.s.classic {
-		spec.Containers = append([]corev1.Container{p.container}, spec.Containers...)
-	} else {
-		spec.InitContainers = append([]corev1.Container{p.container}, spec.InitContainers...)
-	}
+	var first []corev1.Container // put before the existing init containers
 	if p.redirect != nil {
 		// Before everything, the native sidecar included: no container may
 		// open a connection before the redirect is in place.
-		spec.InitContainers = append([]corev1.Container{*p.redirect}, spec.InitContainers...)
+		first = append(first, *p.redirect)
 	}
-	if meta.Annotations == nil {
-		meta.Annotations = map[string]string{}
+	if !p.s.classic {
+		first = append(first, p.container)
 	}
+	if len(first) > 0 {
+		prependAll(r, "/spec/initContainers", len(spec.InitContainers), first)
+		spec.InitContainers = append(first, spec.InitContainers...)
+	}
+	// The existing containers first, at their indexes, then the classic
+	// sidecar before them.
+	for _, i := range p.proxyEnv {
+		c := &spec.Containers[i]
+		appendAll(r, fmt.Sprintf("/spec/containers/%d/env", i), len(c.Env), proxyEnv())
+		c.Env = append(c.Env, proxyEnv()...)
+	}
+	app := &spec.Containers[p.appIndex]
+	for _, k := range probeKinds {
+		probe, ok := p.probes[k]
+		if !ok {
+			continue
+		}
+		r.diff(fmt.Sprintf("/spec/containers/%d/%sProbe", p.appIndex, k), *k.field(app), probe)
+		*k.field(app) = probe
+	}
+	if p.s.classic {
+		prependAll(r, "/spec/containers", len(spec.Containers), []corev1.Container{p.container})
+		spec.Containers = append([]corev1.Container{p.container}, spec.Containers...)
+	}
+	grace := p.grace
+	r.set("/spec/terminationGracePeriodSeconds", spec.TerminationGracePeriodSeconds != nil, grace)
+	spec.TerminationGracePeriodSeconds = &grace
+
+	// metadata.annotations, keys in sorted order.
+	add := map[string]string{AnnotationStatus: p.status}
 	if p.defaultCtr != "" {
-		meta.Annotations[defaultContainerAnnotation] = p.defaultCtr
+		add[defaultContainerAnnotation] = p.defaultCtr
 	}
 	if p.promAnnotate {
-		meta.Annotations["prometheus.io/scrape"] = "true"
-		meta.Annotations["prometheus.io/port"] = fmt.Sprint(PortMetrics)
-		meta.Annotations["prometheus.io/path"] = "/metrics"
+		add["prometheus.io/scrape"] = "true"
+		add["prometheus.io/port"] = fmt.Sprint(PortMetrics)
+		add["prometheus.io/path"] = "/metrics"
 	}
-	meta.Annotations[AnnotationStatus] = p.status
+	if meta.Annotations == nil {
+		r.set("/metadata/annotations", false, add)
+		meta.Annotations = map[string]string{}
+	} else {
+		for _, k := range slices.Sorted(maps.Keys(add)) {
+			_, exists := meta.Annotations[k]
+			r.set("/metadata/annotations/"+escapePointer(k), exists, add[k])
+		}
+	}
+	maps.Copy(meta.Annotations, add)
+	return r.ops, r.err
+}
+
+// recorder collects JSON Patch operations with values from typed objects.
+type recorder struct {
+	ops []Operation
+	err error // the first value that could not be encoded
+}
+
+func (r *recorder) node(v any) *yaml.Node {
+	b, err := json.Marshal(v)
+	if err == nil {
+		var n *yaml.Node
+		if n, err = jsonNode(b); err == nil {
+			return n
+		}
+	}
+	if r.err == nil {
+		r.err = err
+	}
+	return nil
+}
+
+// set adds or replaces the value at path.
+func (r *recorder) set(path string, exists bool, v any) {
+	op := "add"
+	if exists {
+		op = "replace"
+	}
+	r.ops = append(r.ops, Operation{Op: op, Path: path, Value: r.node(v)})
+}
+
+// appendAll appends vs to the array at path, which has n elements.
+func appendAll[T any](r *recorder, path string, n int, vs []T) {
+	if n == 0 {
+		r.ops = append(r.ops, Operation{Op: "add", Path: path, Value: r.node(vs)})
+		return
+	}
+	for i, v := range vs {
+		r.ops = append(r.ops, Operation{Op: "add", Path: path + "/" + strconv.Itoa(n+i), Value: r.node(v)})
+	}
+}
+
+// prependAll puts vs, in order, before the n elements of the array at path.
+func prependAll[T any](r *recorder, path string, n int, vs []T) {
+	if n == 0 {
+		r.ops = append(r.ops, Operation{Op: "add", Path: path, Value: r.node(vs)})
+		return
+	}
+	for i, v := range vs {
+		r.ops = append(r.ops, Operation{Op: "add", Path: path + "/" + strconv.Itoa(i), Value: r.node(v)})
+	}
+}
+
+// diff records the changes from a to b, two values of one type at path, as
+// Diff finds them: a probe rewritten in place keeps whatever of it did not
+// change (a comment in a manifest, a field newer than these types).
+func (r *recorder) diff(path string, a, b any) {
+	x, y := r.node(a), r.node(b)
+	if x == nil || y == nil {
+		return
+	}
+	for _, op := range Diff(x, y) {
+		op.Path = path + op.Path
+		r.ops = append(r.ops, op)
+	}
 }
 
 // sidecarContainer builds the sidecar container.

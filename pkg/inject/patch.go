@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"strconv"
 	"strings"
 
@@ -102,29 +103,72 @@ func writeNodeJSON(buf *bytes.Buffer, n *yaml.Node) error {
 	return nil
 }
 
-// jsonNode parses a JSON document into a YAML node tree (JSON is YAML), which
-// keeps the order of object keys. Styles are cleared so that the nodes print
-// as block YAML.
+// jsonNode parses a JSON document into a YAML node tree (JSON is YAML),
+// keeping the order of object keys, with no styles, so that the nodes print
+// as block YAML (strings that would read as another type are still quoted
+// by the encoder). It builds the tree from the JSON tokens directly: the
+// YAML parser costs many times more for the same document.
 func jsonNode(data []byte) (*yaml.Node, error) {
-	var doc yaml.Node
-	if err := yaml.Unmarshal(data, &doc); err != nil {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	n, err := jsonValue(dec)
+	if err != nil {
 		return nil, err
 	}
-	if doc.Kind != yaml.DocumentNode || len(doc.Content) != 1 {
+	if _, err := dec.Token(); err != io.EOF {
 		return nil, errors.New("not a single JSON value")
 	}
-	n := doc.Content[0]
-	clearStyle(n)
 	return n, nil
 }
 
-// clearStyle makes a subtree print as plain block YAML; strings that would
-// read as another type are still quoted by the encoder.
-func clearStyle(n *yaml.Node) {
-	n.Style = 0
-	for _, c := range n.Content {
-		clearStyle(c)
+// jsonValue reads one JSON value from dec.
+func jsonValue(dec *json.Decoder) (*yaml.Node, error) {
+	tok, err := dec.Token()
+	if err != nil {
+		return nil, err
 	}
+	switch v := tok.(type) {
+	case json.Delim:
+		if v == '[' {
+			n := &yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq"}
+			for dec.More() {
+				c, err := jsonValue(dec)
+				if err != nil {
+					return nil, err
+				}
+				n.Content = append(n.Content, c)
+			}
+			_, err := dec.Token() // ]
+			return n, err
+		}
+		n := &yaml.Node{Kind: yaml.MappingNode, Tag: "!!map"}
+		for dec.More() {
+			k, err := dec.Token()
+			if err != nil {
+				return nil, err
+			}
+			c, err := jsonValue(dec)
+			if err != nil {
+				return nil, err
+			}
+			n.Content = append(n.Content, &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: k.(string)}, c)
+		}
+		_, err := dec.Token() // }
+		return n, err
+	case string:
+		return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: v}, nil
+	case json.Number:
+		tag := "!!int"
+		if strings.ContainsAny(string(v), ".eE") {
+			tag = "!!float"
+		}
+		return &yaml.Node{Kind: yaml.ScalarNode, Tag: tag, Value: string(v)}, nil
+	case bool:
+		return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: strconv.FormatBool(v)}, nil
+	case nil:
+		return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!null", Value: "null"}, nil
+	}
+	return nil, fmt.Errorf("unexpected JSON token %v", tok)
 }
 
 // Diff returns the operations that turn the JSON value a into b. Both must
@@ -134,80 +178,148 @@ func clearStyle(n *yaml.Node) {
 // "add", and an element that changed inside is patched field by field rather
 // than replaced: fields a newer API server knows and these types don't are
 // never touched.
+//
+// The work is in proportion to the size of a and b: equal subtrees are
+// skipped, arrays are aligned past their common prefix and suffix (all that
+// injection leaves when it puts an element first, appends, or changes one
+// in place), and the rest is aligned by a longest common subsequence only
+// while its table stays small; a larger rest is one "replace" of the array.
 func Diff(a, b *yaml.Node) []Operation {
-	var ops []Operation
-	diff(a, b, "", &ops)
-	return ops
+	d := &differ{}
+	d.diff(a, b, "")
+	return d.ops
 }
 
-func diff(a, b *yaml.Node, path string, ops *[]Operation) {
+// maxLCSCells bounds the table of diffSequence's alignment:
+// (n+1)x(m+1) cells for the n and m elements left between the common
+// prefix and suffix.
+const maxLCSCells = 1 << 16
+
+// differ is one run of Diff.
+type differ struct {
+	ops []Operation
+	// steps counts element comparisons and table cells: the work done.
+	steps int
+}
+
+func (d *differ) add(op, path string, v *yaml.Node) {
+	d.ops = append(d.ops, Operation{Op: op, Path: path, Value: v})
+}
+
+func (d *differ) diff(a, b *yaml.Node, path string) {
 	if a.Kind != b.Kind || a.Kind == yaml.ScalarNode || a.Kind == yaml.AliasNode {
 		if !equal(a, b) {
-			*ops = append(*ops, Operation{Op: "replace", Path: path, Value: b})
+			d.add("replace", path, b)
 		}
+		return
+	}
+	if equal(a, b) {
 		return
 	}
 	switch a.Kind {
 	case yaml.MappingNode:
+		// Keys in the same order (two encodings of one type) need no
+		// lookup; the sets after them are disjoint from those before.
+		i := 0
+		for ; i+1 < len(a.Content) && i+1 < len(b.Content) && a.Content[i].Value == b.Content[i].Value; i += 2 {
+			if !equal(a.Content[i+1], b.Content[i+1]) {
+				d.diff(a.Content[i+1], b.Content[i+1], path+"/"+escapePointer(a.Content[i].Value))
+			}
+		}
+		if i >= len(a.Content) && i >= len(b.Content) {
+			return
+		}
 		inB := map[string]*yaml.Node{}
-		for i := 0; i+1 < len(b.Content); i += 2 {
-			inB[b.Content[i].Value] = b.Content[i+1]
+		for j := i; j+1 < len(b.Content); j += 2 {
+			inB[b.Content[j].Value] = b.Content[j+1]
 		}
 		inA := map[string]bool{}
-		for i := 0; i+1 < len(a.Content); i += 2 {
-			k := a.Content[i].Value
+		for j := i; j+1 < len(a.Content); j += 2 {
+			k := a.Content[j].Value
 			inA[k] = true
 			p := path + "/" + escapePointer(k)
 			if bv, ok := inB[k]; ok {
-				diff(a.Content[i+1], bv, p, ops)
+				d.diff(a.Content[j+1], bv, p)
 			} else {
-				*ops = append(*ops, Operation{Op: "remove", Path: p})
+				d.add("remove", p, nil)
 			}
 		}
-		for i := 0; i+1 < len(b.Content); i += 2 {
-			if k := b.Content[i].Value; !inA[k] {
-				*ops = append(*ops, Operation{Op: "add", Path: path + "/" + escapePointer(k), Value: b.Content[i+1]})
+		for j := i; j+1 < len(b.Content); j += 2 {
+			if k := b.Content[j].Value; !inA[k] {
+				d.add("add", path+"/"+escapePointer(k), b.Content[j+1])
 			}
 		}
 	case yaml.SequenceNode:
-		diffSequence(a.Content, b.Content, path, ops)
+		d.diffSequence(a.Content, b.Content, path)
 	}
 }
 
-// diffSequence aligns two arrays with a longest common subsequence over
-// element identity, then walks both: matched elements are diffed in place,
-// elements only in a are removed, elements only in b are added. Indexes in
-// the operations are those of the array as patched so far.
-func diffSequence(a, b []*yaml.Node, path string, ops *[]Operation) {
-	n, m := len(a), len(b)
-	// lcs[i][j] is the LCS length of a[i:] and b[j:].
-	lcs := make([][]int, n+1)
-	for i := range lcs {
-		lcs[i] = make([]int, m+1)
+// diffSequence aligns two arrays: their common prefix and suffix (by
+// element identity) pair up in place, and the elements between are
+// aligned by a longest common subsequence: matched elements are diffed in
+// place, elements only in a are removed, elements only in b are added.
+// Indexes in the operations are those of the array as patched so far.
+func (d *differ) diffSequence(a, b []*yaml.Node, path string) {
+	pre := 0
+	for pre < len(a) && pre < len(b) && d.same(a[pre], b[pre]) {
+		pre++
 	}
+	suf := 0
+	for suf < len(a)-pre && suf < len(b)-pre && d.same(a[len(a)-1-suf], b[len(b)-1-suf]) {
+		suf++
+	}
+	am, bm := a[pre:len(a)-suf], b[pre:len(b)-suf]
+	n, m := len(am), len(bm)
+	if n > 0 && m > 0 && (n+1)*(m+1) > maxLCSCells {
+		// Too much changed to align at a cost in proportion to the
+		// array: the whole array is one operation.
+		seq := &yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq", Content: b}
+		d.add("replace", path, seq)
+		return
+	}
+	for i := range pre {
+		if !equal(a[i], b[i]) {
+			d.diff(a[i], b[i], path+"/"+strconv.Itoa(i))
+		}
+	}
+	// lcs[i*(m+1)+j] is the LCS length of am[i:] and bm[j:].
+	w := m + 1
+	lcs := make([]int32, (n+1)*w)
+	d.steps += len(lcs)
 	for i := n - 1; i >= 0; i-- {
 		for j := m - 1; j >= 0; j-- {
-			if sameElement(a[i], b[j]) {
-				lcs[i][j] = lcs[i+1][j+1] + 1
+			if d.same(am[i], bm[j]) {
+				lcs[i*w+j] = lcs[(i+1)*w+j+1] + 1
 			} else {
-				lcs[i][j] = max(lcs[i+1][j], lcs[i][j+1])
+				lcs[i*w+j] = max(lcs[(i+1)*w+j], lcs[i*w+j+1])
 			}
 		}
 	}
-	i, j, k := 0, 0, 0
+	i, j, k := 0, 0, pre
 	for i < n || j < m {
 		switch {
-		case i < n && j < m && sameElement(a[i], b[j]) && lcs[i][j] == lcs[i+1][j+1]+1:
-			diff(a[i], b[j], path+"/"+strconv.Itoa(k), ops)
+		case i < n && j < m && lcs[i*w+j] == lcs[(i+1)*w+j+1]+1 && d.same(am[i], bm[j]):
+			d.diff(am[i], bm[j], path+"/"+strconv.Itoa(k))
 			i, j, k = i+1, j+1, k+1
-		case i < n && (j == m || lcs[i+1][j] >= lcs[i][j+1]):
-			*ops = append(*ops, Operation{Op: "remove", Path: path + "/" + strconv.Itoa(k)})
+		case i < n && (j == m || lcs[(i+1)*w+j] >= lcs[i*w+j+1]):
+			d.add("remove", path+"/"+strconv.Itoa(k), nil)
 			i++
 		default:
-			*ops = append(*ops, Operation{Op: "add", Path: path + "/" + strconv.Itoa(k), Value: b[j]})
+			d.add("add", path+"/"+strconv.Itoa(k), bm[j])
 			j, k = j+1, k+1
 		}
 	}
+	for s := range suf {
+		if x, y := a[len(a)-suf+s], b[len(b)-suf+s]; !equal(x, y) {
+			d.diff(x, y, path+"/"+strconv.Itoa(k+s))
+		}
+	}
+}
+
+// same is sameElement, counted.
+func (d *differ) same(a, b *yaml.Node) bool {
+	d.steps++
+	return sameElement(a, b)
 }
 
 // sameElement says whether two array elements are the same item: objects
@@ -254,13 +366,24 @@ func equal(a, b *yaml.Node) bool {
 		if len(a.Content) != len(b.Content) {
 			return false
 		}
-		inB := map[string]*yaml.Node{}
-		for i := 0; i+1 < len(b.Content); i += 2 {
-			inB[b.Content[i].Value] = b.Content[i+1]
+		// In the same key order, as two encodings of one type are, no
+		// lookup is needed.
+		i := 0
+		for ; i+1 < len(a.Content) && a.Content[i].Value == b.Content[i].Value; i += 2 {
+			if !equal(a.Content[i+1], b.Content[i+1]) {
+				return false
+			}
 		}
-		for i := 0; i+1 < len(a.Content); i += 2 {
-			bv, ok := inB[a.Content[i].Value]
-			if !ok || !equal(a.Content[i+1], bv) {
+		if i >= len(a.Content) {
+			return true
+		}
+		inB := map[string]*yaml.Node{}
+		for j := i; j+1 < len(b.Content); j += 2 {
+			inB[b.Content[j].Value] = b.Content[j+1]
+		}
+		for j := i; j+1 < len(a.Content); j += 2 {
+			bv, ok := inB[a.Content[j].Value]
+			if !ok || !equal(a.Content[j+1], bv) {
 				return false
 			}
 		}
