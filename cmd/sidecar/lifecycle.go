@@ -135,7 +135,7 @@ func inboundProbe(c *config.Probe) (inbound.Probe, error) {
 		if err != nil {
 			return p, err
 		}
-		p.HTTP = &inbound.HTTPProbe{Path: c.HTTP, StatusMin: lo, StatusMax: hi}
+		p.HTTP = &inbound.HTTPProbe{Path: string(c.HTTP), StatusMin: lo, StatusMax: hi}
 		if len(c.Headers) > 0 {
 			p.HTTP.Headers = http.Header{}
 			for k, v := range c.Headers {

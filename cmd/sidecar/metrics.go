@@ -193,7 +193,11 @@ func (c *discoveryCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// metricsHandler serves the registry, with OpenMetrics when asked for.
+// metricsHandler serves the registry at GET (and HEAD) /metrics, with
+// OpenMetrics when asked for; any other path is 404 and any other method
+// 405.
 func metricsHandler(reg *prometheus.Registry) http.Handler {
-	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{EnableOpenMetrics: true, Registry: reg})
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{EnableOpenMetrics: true, Registry: reg}))
+	return mux
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/redact"
 )
 
 // setting is one configuration key as a flag and an environment variable.
@@ -167,7 +168,7 @@ var settings = []setting{
 		}},
 	{flag: "tracing-endpoint", usage: "OTLP collector for spans, host:port or URL; empty: tracing off (key: tracing.endpoint)",
 		env: []string{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"},
-		set: func(c *config.Config, v string) error { c.Tracing.Endpoint = v; return nil }},
+		set: func(c *config.Config, v string) error { c.Tracing.Endpoint = redact.URL(v); return nil }},
 	{flag: "tracing-protocol", usage: "OTLP protocol: grpc or http/protobuf (key: tracing.protocol, default grpc)",
 		env: []string{"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"},
 		set: func(c *config.Config, v string) error { c.Tracing.Protocol = v; return nil }},

@@ -87,7 +87,7 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	s := &sidecar{log: log, cfg: cfg, policies: policies, errs: make(chan error, 8), quit: make(chan struct{})}
 	panics.SetLogger(log)
 	s.tracing, err = tracing.Setup(context.Background(), tracing.Config{
-		Endpoint:    cfg.Tracing.Endpoint,
+		Endpoint:    string(cfg.Tracing.Endpoint),
 		Protocol:    cfg.Tracing.Protocol,
 		Sampler:     cfg.Tracing.Sampler,
 		SamplerArg:  cfg.Tracing.SamplerArg,

@@ -5,20 +5,20 @@ package admin
 
 import (
 	"encoding/json"
-	"net"
 	"net/http"
 	"net/http/pprof"
-	"net/netip"
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/loopback"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 )
 
 // Sources supplies what the admin API shows. Each func is called per request
 // and must not block.
 type Sources struct {
-	// Config returns the effective configuration, ready for JSON.
+	// Config returns the effective configuration, ready for JSON, whose
+	// JSON form hides its secrets (*config.Config does, see pkg/redact).
 	Config func() any
 	// Resolver lists the services and their endpoint sets.
 	Resolver discovery.Resolver
@@ -64,7 +64,14 @@ type PolicyStatuses interface {
 //	                their own terms)
 //	POST /quitquitquit  drain, then exit, as on SIGTERM
 //	GET /debug/pprof/...  Go's CPU, heap, allocation, goroutine and mutex
-//	                profiles (with Profiling; loopback clients only)
+//	                profiles (with Profiling)
+//
+// Whatever address it is bound to, it answers 403 to a request whose Host
+// is not a loopback name (localhost, 127.0.0.0/8, [::1], any port), whose
+// Origin is not a loopback page, or whose Sec-Fetch-Site is cross-site or
+// same-site: a web page the pod's user opens can neither rebind a name of
+// its own to 127.0.0.1 nor post a form here. The lifecycle actions and the
+// profiles answer loopback peers only (403 to others).
 func Handler(s Sources) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /config", func(w http.ResponseWriter, r *http.Request) {
@@ -109,10 +116,10 @@ func Handler(s Sources) http.Handler {
 	}
 	for path, fn := range map[string]func(){"POST /drain": s.Drain, "POST /quitquitquit": s.Quit} {
 		if fn != nil {
-			mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			mux.Handle(path, loopbackOnly(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				fn()
 				writeJSON(w, map[string]string{"status": "accepted"})
-			})
+			})))
 		}
 	}
 	if s.Profiling {
@@ -122,20 +129,57 @@ func Handler(s Sources) http.Handler {
 		mux.Handle("/debug/pprof/symbol", loopbackOnly(http.HandlerFunc(pprof.Symbol)))
 		mux.Handle("/debug/pprof/trace", loopbackOnly(http.HandlerFunc(pprof.Trace)))
 	}
-	return mux
+	return sameHostOnly(mux)
 }
 
-// loopbackOnly refuses clients that are not on this host: profiles show
-// memory contents and cost CPU, so only an operator on the pod gets them.
+// sameHostOnly refuses, with 403, every request that a browser may have
+// sent on behalf of a page of another site: a Host that is not a loopback
+// name (DNS rebinding: attacker.example resolving to 127.0.0.1 makes the
+// browser treat the admin API as the attacker's own origin), an Origin that
+// is not a loopback page, or a Sec-Fetch-Site that says another site made
+// the request. Tools (curl, sidecar status, the hooks) send none of those.
+func sameHostOnly(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch origin := r.Header.Get("Origin"); {
+		case !loopback.Host(r.Host):
+			forbidden(w, "the admin API answers requests for localhost, 127.0.0.1 or [::1] only (Host "+policy.Quote(r.Host)+")")
+		case origin != "" && !loopback.Origin(origin):
+			forbidden(w, "the admin API refuses requests from web pages of other sites (Origin "+policy.Quote(origin)+")")
+		case crossSite(r.Header.Get("Sec-Fetch-Site")):
+			forbidden(w, "the admin API refuses requests from web pages of other sites (Sec-Fetch-Site "+policy.Quote(r.Header.Get("Sec-Fetch-Site"))+")")
+		default:
+			h.ServeHTTP(w, r)
+		}
+	})
+}
+
+// crossSite reports whether a browser's Sec-Fetch-Site says a page of
+// another origin made the request: "same-site" is another port or
+// subdomain, "cross-site" another site; "same-origin" and "none" (typed
+// into the address bar) are fine.
+func crossSite(secFetchSite string) bool {
+	return secFetchSite == "cross-site" || secFetchSite == "same-site"
+}
+
+// loopbackOnly refuses clients that are not on this host: the lifecycle
+// actions stop the pod's traffic, and profiles show memory contents and
+// cost CPU, so only an operator on the pod gets them, whatever address
+// the admin listener is bound to.
 func loopbackOnly(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		host, _, err := net.SplitHostPort(r.RemoteAddr)
-		if ip, perr := netip.ParseAddr(host); err != nil || perr != nil || !ip.Unmap().IsLoopback() {
-			http.Error(w, "profiles are served to loopback clients only", http.StatusForbidden)
+		if !loopback.Peer(r) {
+			forbidden(w, r.URL.Path+" is served to clients on this host (loopback) only")
 			return
 		}
 		h.ServeHTTP(w, r)
 	})
+}
+
+func forbidden(w http.ResponseWriter, why string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusForbidden)
+	_ = json.NewEncoder(w).Encode(map[string]string{"error": why})
 }
 
 func writeJSON(w http.ResponseWriter, v any) {

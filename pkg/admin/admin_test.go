@@ -78,7 +78,7 @@ func TestProfilingLoopbackOnly(t *testing.T) {
 		remote string
 		want   int
 	}{{"127.0.0.1:5000", 200}, {"[::1]:5000", 200}, {"[::ffff:127.0.0.1]:5000", 200}, {"10.1.2.3:5000", 403}, {"[2001:db8::1]:5000", 403}} {
-		r := httptest.NewRequest("GET", "/debug/pprof/", nil)
+		r := httptest.NewRequest("GET", "http://localhost:15000/debug/pprof/", nil)
 		r.RemoteAddr = tc.remote
 		w := httptest.NewRecorder()
 		h.ServeHTTP(w, r)
@@ -87,7 +87,7 @@ func TestProfilingLoopbackOnly(t *testing.T) {
 		}
 	}
 	off := Handler(Sources{Config: func() any { return nil }, Resolver: discovery.Chain{static}})
-	r := httptest.NewRequest("GET", "/debug/pprof/", nil)
+	r := httptest.NewRequest("GET", "http://localhost:15000/debug/pprof/", nil)
 	r.RemoteAddr = "127.0.0.1:5000"
 	w := httptest.NewRecorder()
 	off.ServeHTTP(w, r)

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -17,6 +16,8 @@ import (
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/readlimit"
+	"github.com/sidecar-mesh/sidecar/pkg/redact"
 )
 
 //go:embed default.yaml
@@ -140,8 +141,9 @@ type Probes struct {
 // timings and thresholds mean the defaults (interval 1s, timeout 1s,
 // failureThreshold 3, successThreshold 1, no initial delay).
 type Probe struct {
-	// HTTP is the path of an HTTP GET against the app.
-	HTTP string `yaml:"http,omitempty" json:"http,omitempty"`
+	// HTTP is the path of an HTTP GET against the app; shown and logged
+	// without the values of query parameters that name secrets.
+	HTTP redact.URL `yaml:"http,omitempty" json:"http,omitempty"`
 	// TCP, when true, probes with a TCP connect.
 	TCP bool `yaml:"tcp,omitempty" json:"tcp,omitempty"`
 	// GRPC, when set, probes with gRPC health v1; the string is the service
@@ -150,7 +152,9 @@ type Probe struct {
 	// Port probes this port of 127.0.0.1 instead of appPort.
 	Port int `yaml:"port,omitempty" json:"port,omitempty"`
 	// Headers are sent with an HTTP probe (Host sets the Host header).
-	Headers map[string]string `yaml:"headers,omitempty" json:"headers,omitempty"`
+	// Secrets among them (Authorization, Cookie, names with token, secret,
+	// key or password) are never shown or logged (redact.Headers).
+	Headers redact.Headers `yaml:"headers,omitempty" json:"headers,omitempty"`
 	// Status is the range of HTTP statuses that pass, "200-399" by default.
 	Status           string          `yaml:"status,omitempty" json:"status,omitempty"`
 	Interval         policy.Duration `yaml:"interval,omitempty" json:"interval,omitempty"`
@@ -172,7 +176,7 @@ func (p *Probe) StatusRange() (lo, hi int, err error) {
 	lo, err1 := strconv.Atoi(strings.TrimSpace(a))
 	hi, err2 := strconv.Atoi(strings.TrimSpace(b))
 	if err1 != nil || err2 != nil || lo < 100 || hi > 599 || lo > hi {
-		return 0, 0, fmt.Errorf("%q is not a status range such as 200-399", p.Status)
+		return 0, 0, fmt.Errorf("%s is not a status range such as 200-399", policy.Quote(p.Status))
 	}
 	return lo, hi, nil
 }
@@ -188,20 +192,20 @@ func ParseProbe(spec string) (*Probe, error) {
 	switch kind {
 	case "http":
 		if !strings.HasPrefix(arg, "/") {
-			return nil, fmt.Errorf("%q: want http:/PATH", parts[0])
+			return nil, fmt.Errorf("%s: want http:/PATH", policy.Quote(parts[0]))
 		}
-		p.HTTP = arg
+		p.HTTP = redact.URL(arg)
 	case "tcp":
 		p.TCP = true
 	case "grpc":
 		p.GRPC = &arg
 	default:
-		return nil, fmt.Errorf("%q: want http:/PATH, tcp, grpc or grpc:SERVICE", parts[0])
+		return nil, fmt.Errorf("%s: want http:/PATH, tcp, grpc or grpc:SERVICE", policy.Quote(parts[0]))
 	}
 	for _, kv := range parts[1:] {
 		k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
 		if !ok {
-			return nil, fmt.Errorf("%q: want key=value", kv)
+			return nil, fmt.Errorf("%s: want key=value", policy.Quote(kv))
 		}
 		var err error
 		switch k {
@@ -220,10 +224,10 @@ func ParseProbe(spec string) (*Probe, error) {
 		case "successThreshold":
 			p.SuccessThreshold, err = strconv.Atoi(v)
 		default:
-			return nil, fmt.Errorf("unknown probe setting %q (allowed: port, status, interval, timeout, initialDelay, failureThreshold, successThreshold)", k)
+			return nil, fmt.Errorf("unknown probe setting %s (allowed: port, status, interval, timeout, initialDelay, failureThreshold, successThreshold)", policy.Quote(k))
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%s=%q: %w", k, v, err)
+			return nil, fmt.Errorf("%s=%s: %w", k, policy.Quote(v), err)
 		}
 	}
 	return p, nil
@@ -236,8 +240,8 @@ func (p *Probe) validate(key string, add func(string, ...any)) {
 	kinds := 0
 	if p.HTTP != "" {
 		kinds++
-		if !strings.HasPrefix(p.HTTP, "/") {
-			add("%s.http: %q must start with /", key, p.HTTP)
+		if !strings.HasPrefix(string(p.HTTP), "/") {
+			add("%s.http: %s must start with /", key, policy.Quote(p.HTTP.Redacted()))
 		}
 	}
 	if p.TCP {
@@ -287,9 +291,10 @@ type Limits struct {
 // Tracing configures OpenTelemetry tracing. The standard OTEL_* variables
 // set the same keys (see the flags).
 type Tracing struct {
-	// Endpoint of the OTLP collector, host:port or a URL. Empty: tracing
+	// Endpoint of the OTLP collector, host:port or a URL; shown and logged
+	// without userinfo or secret query parameters. Empty: tracing
 	// off (trace headers still pass through untouched).
-	Endpoint string `yaml:"endpoint,omitempty" json:"endpoint,omitempty"`
+	Endpoint redact.URL `yaml:"endpoint,omitempty" json:"endpoint,omitempty"`
 	// Protocol is grpc (default) or http/protobuf.
 	Protocol string `yaml:"protocol,omitempty" json:"protocol,omitempty"`
 	// Sampler is an OTEL_TRACES_SAMPLER name; default
@@ -339,7 +344,7 @@ const (
 func Load(path string) (*Config, error) {
 	data, name := defaultYAML, "embedded default"
 	if path != "" {
-		b, err := os.ReadFile(path)
+		b, err := readlimit.ReadFile(path)
 		if err != nil {
 			return nil, fmt.Errorf("config: %w", err)
 		}
@@ -385,7 +390,7 @@ func (c *Config) Validate() error {
 	var errs []error
 	add := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
 	if c.Service != "" && !policy.ValidServiceName(c.Service) {
-		add("service: %q is not a valid service name (lower-case letters, digits and '-', at most 63)", c.Service)
+		add("service: %s is not a valid service name (lower-case letters, digits and '-', at most 63)", policy.Quote(c.Service))
 	}
 	if c.AppPort < 0 || c.AppPort > 65535 {
 		add("appPort: %d out of range 1-65535", c.AppPort)
@@ -396,7 +401,7 @@ func (c *Config) Validate() error {
 		{"listeners.metrics", c.Listeners.Metrics},
 	} {
 		if err := checkListenAddr(l.addr); err != nil {
-			add("%s: %q: %v", l.key, l.addr, err)
+			add("%s: %s: %v", l.key, policy.Quote(l.addr), err)
 		}
 	}
 	if n := c.Limits.OutboundMaxInFlight; n < 0 || n > 1000000 {
@@ -419,11 +424,11 @@ func (c *Config) Validate() error {
 		add("lifecycle.shutdownTimeout: %s is not allowed (allowed: 0s to 1h)", d)
 	}
 	if c.AdvertiseAddr != "" && net.ParseIP(c.AdvertiseAddr) == nil {
-		add("advertiseAddr: %q is not an IP address", c.AdvertiseAddr)
+		add("advertiseAddr: %s is not an IP address", policy.Quote(c.AdvertiseAddr))
 	}
 	if co := c.Discovery.Consul; co != nil && co.Address != "" {
 		if _, _, err := net.SplitHostPort(co.Address); err != nil {
-			add("discovery.consul.address: %q: want host:port", co.Address)
+			add("discovery.consul.address: %s: want host:port", policy.Quote(co.Address))
 		}
 	}
 	if _, err := discovery.NewStatic(c.Discovery.Static); err != nil {
@@ -435,12 +440,12 @@ func (c *Config) Validate() error {
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
-		add("log.level: %q (allowed: debug, info, warn, error)", c.Log.Level)
+		add("log.level: %s (allowed: debug, info, warn, error)", policy.Quote(c.Log.Level))
 	}
 	switch c.Log.Format {
 	case "json", "text":
 	default:
-		add("log.format: %q (allowed: json, text)", c.Log.Format)
+		add("log.format: %s (allowed: json, text)", policy.Quote(c.Log.Format))
 	}
 	return errors.Join(errs...)
 }
@@ -455,7 +460,7 @@ func checkListenAddr(addr string) error {
 	}
 	p, err := strconv.Atoi(port)
 	if err != nil || p < 0 || p > 65535 {
-		return fmt.Errorf("port %q out of range 0-65535", port)
+		return fmt.Errorf("port %s out of range 0-65535", policy.Quote(port))
 	}
 	return nil
 }
@@ -475,7 +480,7 @@ func (c *Config) InlinePolicies() ([]policy.Policy, error) {
 			continue
 		}
 		if seen[p.Service] {
-			errs = append(errs, fmt.Errorf("policies[%d]: service %q has more than one policy", i, p.Service))
+			errs = append(errs, fmt.Errorf("policies[%d]: service %s has more than one policy", i, policy.Quote(p.Service)))
 			continue
 		}
 		seen[p.Service] = true

@@ -90,7 +90,7 @@ func ParsePorts(s string) ([]int, error) {
 		}
 		p, err := strconv.Atoi(f)
 		if err != nil || p < 1 || p > 65535 {
-			return nil, fmt.Errorf("%q is not a port (allowed: 1 to 65535)", f)
+			return nil, fmt.Errorf("%s is not a port (allowed: 1 to 65535)", policy.Quote(f))
 		}
 		out = append(out, p)
 	}
@@ -112,6 +112,6 @@ func (t Transparent) validate(add func(string, ...any)) {
 	switch t.TCPPassthrough {
 	case "", PassthroughAny, PassthroughKnown, PassthroughNone:
 	default:
-		add("transparent.tcpPassthrough: %q (allowed: any, known, none)", t.TCPPassthrough)
+		add("transparent.tcpPassthrough: %s (allowed: any, known, none)", policy.Quote(t.TCPPassthrough))
 	}
 }

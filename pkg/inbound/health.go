@@ -7,6 +7,8 @@ import (
 	"sort"
 	"strings"
 	"sync/atomic"
+
+	"github.com/sidecar-mesh/sidecar/pkg/loopback"
 )
 
 // Check is one named condition of a readiness endpoint.
@@ -51,9 +53,11 @@ type HealthConfig struct {
 //	/app-health/readyz    the app's readiness probe; 503 during a drain too
 //	/app-health/startupz  the app's startup probe
 //
-// A 503 carries a small JSON body naming each failing condition and why.
-// Safe for concurrent use; the zero value is not usable, call
-// NewHealthHandler.
+// A 503 carries a small JSON body naming each failing condition and why,
+// for loopback callers only (an operator in the pod): to others, the
+// kubelet among them, the body is the status alone, since the reasons hold
+// the app's probe URLs, dial errors and addresses. Safe for concurrent use;
+// the zero value is not usable, call NewHealthHandler.
 type Health struct {
 	sidecar   []Check
 	ready     []Check
@@ -112,12 +116,13 @@ type healthBody struct {
 	// Status is "ok", "failing", "not_configured" (404) or "not_allowed"
 	// (405).
 	Status string `json:"status"`
-	// Failing gives why, per condition.
+	// Failing gives why, per condition; only loopback callers get it.
 	Failing map[string]string `json:"failing,omitempty"`
 }
 
 // ServeHTTP answers one health request.
-func (h *Health) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (h *Health) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
+	w := healthWriter{ResponseWriter: rw, detailed: loopback.Peer(r)}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		writeHealth(w, http.StatusMethodNotAllowed, healthBody{Status: "not_allowed",
@@ -145,7 +150,7 @@ func (h *Health) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (h *Health) appProbe(w http.ResponseWriter, name string, p *Prober, drains bool) {
+func (h *Health) appProbe(w healthWriter, name string, p *Prober, drains bool) {
 	if p == nil {
 		writeHealth(w, http.StatusNotFound, healthBody{Status: "not_configured",
 			Failing: map[string]string{name: "no " + name + " probe of the app is configured"}})
@@ -202,7 +207,7 @@ func addFailing(failing map[string]string, name, why string) map[string]string {
 	return failing
 }
 
-func answer(w http.ResponseWriter, failing map[string]string) {
+func answer(w healthWriter, failing map[string]string) {
 	if len(failing) > 0 {
 		writeHealth(w, http.StatusServiceUnavailable, healthBody{Status: "failing", Failing: failing})
 		return
@@ -210,7 +215,17 @@ func answer(w http.ResponseWriter, failing map[string]string) {
 	writeHealth(w, http.StatusOK, healthBody{Status: "ok"})
 }
 
-func writeHealth(w http.ResponseWriter, code int, body healthBody) {
+// healthWriter answers one request; detailed says whether the answer may
+// say why (the caller is on this host).
+type healthWriter struct {
+	http.ResponseWriter
+	detailed bool
+}
+
+func writeHealth(w healthWriter, code int, body healthBody) {
+	if !w.detailed {
+		body.Failing = nil
+	}
 	b, _ := json.Marshal(body)
 	b = append(b, '\n')
 	h := w.Header()

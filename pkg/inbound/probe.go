@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/redact"
 )
 
 // Probe defaults (DESIGN.md, "Config file").
@@ -454,7 +455,9 @@ func httpCheck(addr string, probe Probe) (check func(context.Context) error, rel
 		}
 		return nil
 	}
-	return check, t.Close, "HTTP GET " + url
+	// The description goes into errors, logs and health answers: without
+	// the values of secret query parameters.
+	return check, t.Close, "HTTP GET " + redact.URL(url).Redacted()
 }
 
 func tcpCheck(addr string) func(context.Context) error {
