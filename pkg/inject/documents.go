@@ -16,10 +16,13 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	sigsjson "sigs.k8s.io/json"
 	sigsyaml "sigs.k8s.io/yaml"
+
+	"github.com/sidecar-mesh/sidecar/pkg/readlimit"
 )
 
-// MaxInput bounds what Documents reads.
-const MaxInput = 64 << 20
+// MaxInput bounds what Documents reads: the cap on every input of the
+// sidecar's commands.
+const MaxInput = readlimit.Max
 
 // workload describes a kind that has a pod template.
 type workload struct {
@@ -87,12 +90,9 @@ func (n Notice) String() string { return n.Where + ": " + n.Text }
 // a document is malformed: the error names the document (its index and
 // line, its kind and name) and the field.
 func (in *Injector) Documents(r io.Reader, w io.Writer) ([]Notice, error) {
-	data, err := io.ReadAll(io.LimitReader(r, MaxInput+1))
+	data, err := readlimit.ReadAll(r, "input")
 	if err != nil {
 		return nil, err
-	}
-	if len(data) > MaxInput {
-		return nil, fmt.Errorf("input larger than %d MiB", MaxInput>>20)
 	}
 	var (
 		out     bytes.Buffer
@@ -133,37 +133,141 @@ func (in *Injector) document(text []byte, where string) ([]byte, []Notice, error
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s): %w", where, err)
 	}
+	var tm typeMeta
+	if err := json.Unmarshal(js, &tm); err == nil && tm.APIVersion != "" && tm.isList() {
+		return in.list(text, js, tm.Items, where)
+	}
 	ops, notices, err := in.object(js, "", where, "")
 	if err != nil || len(ops) == 0 {
 		return text, notices, err
 	}
-	var doc yaml.Node
-	if err := yaml.Unmarshal(text, &doc); err != nil {
+	doc, root, err := parseDocument(text, js)
+	if err != nil {
 		return nil, notices, fmt.Errorf("%s): %w", where, err)
-	}
-	root := doc.Content[0]
-	if hasAliases(root) {
-		// Anchors and merge keys don't survive patching by path: work on
-		// the document's plain form (comments are lost).
-		if root, err = jsonNode(js); err != nil {
-			return nil, notices, fmt.Errorf("%s): %w", where, err)
-		}
-		doc.Content[0] = root
 	}
 	if err := Apply(root, ops); err != nil {
 		return nil, notices, fmt.Errorf("%s): applying the injection: %w", where, err)
 	}
+	out, err := encodeYAML(doc)
+	if err != nil {
+		return nil, notices, fmt.Errorf("%s): encoding: %w", where, err)
+	}
+	return out, notices, nil
+}
+
+// list injects a document that is a List (what kubectl get -o yaml
+// writes), one item at a time: each item is decoded, injected and written
+// out before the next, so that what is held is the document's tree and the
+// output, never every item's injected tree at once (the YAML encoder keeps
+// every event of a document until its end: a 10,000-item List took 3 GB
+// encoded whole).
+func (in *Injector) list(text, js []byte, items []json.RawMessage, where string) ([]byte, []Notice, error) {
+	doc, root, err := parseDocument(text, js)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s): %w", where, err)
+	}
+	seq, _ := child(root, "items")
+	if seq == nil || seq.Kind != yaml.SequenceNode || len(seq.Content) != len(items) {
+		return nil, nil, fmt.Errorf("%s): items: not a sequence of %d objects", where, len(items))
+	}
+	// The document with a placeholder for its items, written around the
+	// items written one by one; when the items don't sit in block style at
+	// the left margin, the document is written whole at the end.
+	nodes := seq.Content
+	seq.Content = []*yaml.Node{{Kind: yaml.ScalarNode, Tag: "!!str", Value: itemsPlaceholder}}
+	frame, err := encodeYAML(doc)
+	seq.Content = nodes
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s): encoding: %w", where, err)
+	}
+	head, tail, stream := bytes.Cut(frame, []byte("\n- "+itemsPlaceholder+"\n"))
+	stream = stream && !bytes.Contains(text, []byte(itemsPlaceholder))
+	var (
+		out     bytes.Buffer
+		notices []Notice
+		changed bool
+	)
+	if stream {
+		out.Write(head)
+		out.WriteByte('\n')
+	}
+	for i, item := range items {
+		ops, ns, err := in.object(item, "", where, fmt.Sprintf("items[%d].", i))
+		notices = append(notices, ns...)
+		if err != nil {
+			return nil, notices, err
+		}
+		if len(ops) > 0 {
+			changed = true
+			if err := Apply(nodes[i], ops); err != nil {
+				return nil, notices, fmt.Errorf("%s): items[%d]: applying the injection: %w", where, i, err)
+			}
+		}
+		if stream {
+			one := &yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq", Content: nodes[i : i+1]}
+			b, err := encodeYAML(one)
+			if err != nil {
+				return nil, notices, fmt.Errorf("%s): items[%d]: encoding: %w", where, i, err)
+			}
+			out.Write(b)
+			nodes[i], items[i] = nil, nil // written: let them go
+		}
+	}
+	switch {
+	case !changed:
+		return text, notices, nil
+	case stream:
+		out.Write(tail)
+		return out.Bytes(), notices, nil
+	}
+	// As a patch by path would: a block value added inside flow
+	// collections turns them to block style.
+	root.Style &^= yaml.FlowStyle
+	seq.Style &^= yaml.FlowStyle
+	b, err := encodeYAML(doc)
+	if err != nil {
+		return nil, notices, fmt.Errorf("%s): encoding: %w", where, err)
+	}
+	return b, notices, nil
+}
+
+// itemsPlaceholder stands for a List's items while the rest of the
+// document is written.
+const itemsPlaceholder = "sidecar-inject-items-placeholder-5f0c2d"
+
+// parseDocument parses a document's YAML (text) for patching, or, when it
+// has anchors, aliases or merge keys (which patching by path can't keep),
+// its plain form (js; comments are lost). root is the document's content.
+func parseDocument(text, js []byte) (doc, root *yaml.Node, err error) {
+	doc = &yaml.Node{}
+	if err := yaml.Unmarshal(text, doc); err != nil {
+		return nil, nil, err
+	}
+	if doc.Kind != yaml.DocumentNode || len(doc.Content) != 1 {
+		return nil, nil, errors.New("not a single YAML document")
+	}
+	if hasAliases(doc.Content[0]) {
+		if doc.Content[0], err = jsonNode(js); err != nil {
+			return nil, nil, err
+		}
+	}
+	return doc, doc.Content[0], nil
+}
+
+// encodeYAML writes a node as the injector writes every document: two
+// spaces of indentation, sequences not indented under their key.
+func encodeYAML(n *yaml.Node) ([]byte, error) {
 	var buf bytes.Buffer
 	enc := yaml.NewEncoder(&buf)
 	enc.SetIndent(2)
 	enc.CompactSeqIndent()
-	if err := enc.Encode(&doc); err != nil {
-		return nil, notices, fmt.Errorf("%s): encoding: %w", where, err)
+	if err := enc.Encode(n); err != nil {
+		return nil, err
 	}
 	if err := enc.Close(); err != nil {
-		return nil, notices, err
+		return nil, err
 	}
-	return buf.Bytes(), notices, nil
+	return buf.Bytes(), nil
 }
 
 // typeMeta is what identifies an object, plus a List's items.
@@ -175,6 +279,12 @@ type typeMeta struct {
 		GenerateName string `json:"generateName"`
 	} `json:"metadata"`
 	Items []json.RawMessage `json:"items"`
+}
+
+// isList says whether the object is a List of objects (v1 List, or a
+// FooList with items), whose items are injected one by one.
+func (tm *typeMeta) isList() bool {
+	return tm.APIVersion == "v1" && tm.Kind == "List" || strings.HasSuffix(tm.Kind, "List") && tm.Items != nil
 }
 
 // object returns the patch that injects one object (recursing into a
@@ -200,7 +310,7 @@ func (in *Injector) object(js []byte, path, where, field string) ([]Operation, [
 	case tm.APIVersion == "":
 		return nil, nil, fmt.Errorf("%s: %sapiVersion: missing", label, field)
 	}
-	if tm.APIVersion == "v1" && tm.Kind == "List" || strings.HasSuffix(tm.Kind, "List") && tm.Items != nil {
+	if tm.isList() {
 		var ops []Operation
 		var notices []Notice
 		for i, item := range tm.Items {

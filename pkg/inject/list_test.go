@@ -1,0 +1,159 @@
+package inject
+
+import (
+	"bytes"
+	"fmt"
+	"runtime"
+	"runtime/metrics"
+	"strings"
+	"testing"
+	"time"
+
+	sigsyaml "sigs.k8s.io/yaml"
+)
+
+// podList is what `kubectl get pods -o yaml` writes for n small pods.
+func podList(n int) []byte {
+	var b bytes.Buffer
+	b.WriteString("apiVersion: v1\nitems:\n")
+	for i := range n {
+		fmt.Fprintf(&b, "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: web-%d\n    namespace: default\n    labels:\n      app: web\n"+
+			"  spec:\n    containers:\n    - name: web\n      image: example.com/web:1\n      ports:\n      - containerPort: 8080\n        protocol: TCP\n", i)
+	}
+	b.WriteString("kind: List\nmetadata:\n  resourceVersion: \"\"\n")
+	return b.Bytes()
+}
+
+// TestListHeldInProportion: a List's items are injected and written one by
+// one, so the heap holds the document and the output, about 7 KB an item
+// here; written as one document, the YAML encoder held every event of
+// every item to the end (about 140 KB an item: 10,000 pods took 3 GB).
+func TestListHeldInProportion(t *testing.T) {
+	const n = 2000
+	input := podList(n)
+	in := newTestInjector(t, nil)
+	runtime.GC()
+	peak := peakLiveHeap(func() {
+		var out bytes.Buffer
+		if _, err := in.Documents(bytes.NewReader(input), &out); err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.Count(out.String(), "\n    - name: sidecar\n"); got != n {
+			t.Fatalf("%d sidecars in the output, want %d", got, n)
+		}
+	})
+	if limit := uint64(8<<20 + n*20<<10); peak > limit {
+		t.Errorf("injecting a List of %d pods (%d KB): live heap up to %d MB, want at most %d MB (20 KB an item)", n, len(input)>>10, peak>>20, limit>>20)
+	}
+	t.Logf("List of %d pods (%d KB): live heap up to %d MB", n, len(input)>>10, peak>>20)
+}
+
+// peakLiveHeap runs f and returns the largest live heap a garbage
+// collection measured meanwhile.
+func peakLiveHeap(f func()) uint64 {
+	done, peak := make(chan struct{}), make(chan uint64)
+	go func() {
+		s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+		var most uint64
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for {
+			metrics.Read(s)
+			most = max(most, s[0].Value.Uint64())
+			select {
+			case <-done:
+				peak <- most
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	f()
+	runtime.GC() // a last measure
+	close(done)
+	return <-peak
+}
+
+// TestListWrittenAsWhole: a List written item by item reads byte for byte
+// as the same List patched and written whole, comments included; a List
+// the placeholder can't stand in for is written whole.
+func TestListWrittenAsWhole(t *testing.T) {
+	pod := func(name string) string {
+		return "  kind: Pod\n  metadata: {name: " + name + "}\n  spec:\n    containers: [{name: a, image: b, ports: [{containerPort: 8080}]}]\n"
+	}
+	cases := map[string]string{
+		"comments": "# a list\napiVersion: v1\nkind: List\n# its items\nitems:\n# the first\n- apiVersion: v1\n" + pod("one") +
+			"# the second\n- apiVersion: v1 # trailing\n" + pod("two") + "# after the items\nmetadata: {}\n# the end\n",
+		"items first":         "items:\n- apiVersion: v1\n" + pod("one") + "apiVersion: v1\nkind: List\n",
+		"items last":          "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n" + pod("one") + "- apiVersion: v1\n" + pod("two"),
+		"a config map kept":   "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: c}, data: {a: 'yes'}}\n- apiVersion: v1\n" + pod("one"),
+		"flow items":          "apiVersion: v1\nkind: List\nitems: [{apiVersion: v1, kind: Pod, metadata: {name: p}, spec: {containers: [{name: a, image: b}]}}]\n",
+		"flow list":           "{apiVersion: v1, kind: List, items: [{apiVersion: v1, kind: Pod, metadata: {name: p}, spec: {containers: [{name: a, image: b}]}}]}\n",
+		"anchors":             "apiVersion: v1\nkind: List\nitems:\n- &p\n  apiVersion: v1\n" + pod("one") + "- *p\n",
+		"a list in a list":    "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: List\n  items:\n  - apiVersion: v1\n  " + strings.ReplaceAll(pod("one"), "\n  ", "\n    "),
+		"a PodList":           "apiVersion: v1\nkind: PodList\nitems:\n- apiVersion: v1\n" + pod("one"),
+		"the placeholder too": "apiVersion: v1\nkind: List\nmetadata: {annotations: {x: " + itemsPlaceholder + "}}\nitems:\n- apiVersion: v1\n" + pod("one"),
+	}
+	in := newTestInjector(t, nil)
+	for name, input := range cases {
+		t.Run(name, func(t *testing.T) {
+			var out bytes.Buffer
+			if _, err := in.Documents(strings.NewReader(input), &out); err != nil {
+				t.Fatal(err)
+			}
+			want := wholeDocument(t, in, []byte(input))
+			if out.String() != want {
+				t.Errorf("input:\n%s\nwritten item by item:\n%s\nwritten whole:\n%s\n%s", input, out.String(), want, lineDiff(want, out.String()))
+			}
+			if !strings.Contains(out.String(), "name: sidecar") {
+				t.Errorf("no sidecar injected:\n%s", out.String())
+			}
+		})
+	}
+}
+
+// wholeDocument injects a one-document input by patching the document's
+// tree whole, by path, and writing it in one go.
+func wholeDocument(t *testing.T, in *Injector, text []byte) string {
+	t.Helper()
+	js, err := sigsyaml.YAMLToJSONStrict(text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ops, _, err := in.object(js, "", "document 1 (line 1", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc, root, err := parseDocument(text, js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Apply(root, ops); err != nil {
+		t.Fatal(err)
+	}
+	out, err := encodeYAML(doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(out)
+}
+
+// BenchmarkDocumentsList injects a List of 10,000 small pods, as
+// `kubectl get pods -o yaml | sidecar inject -f -` does.
+func BenchmarkDocumentsList(b *testing.B) {
+	input := podList(10000)
+	in, err := New(testConfig())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(int64(len(input)))
+	b.ReportAllocs()
+	var out bytes.Buffer
+	for b.Loop() {
+		out.Reset()
+		if _, err := in.Documents(bytes.NewReader(input), &out); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/10000, "ns/item")
+}
