@@ -12,7 +12,13 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/sidecar-mesh/sidecar/pkg/iptables"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 )
+
+// maxOwnerID is the largest user or group id: ids are 32 bits and
+// 4294967295 is (uid_t)-1, "no id". A larger number must not wrap around
+// (4294967296 would become uid 0, exempting root from interception).
+const maxOwnerID = 1<<32 - 2
 
 // iptablesOptions are the inputs of `sidecar iptables`.
 type iptablesOptions struct {
@@ -48,14 +54,14 @@ func (o *iptablesOptions) complete() error {
 	if c.InboundPort, err = port("inbound-port", o.inboundPort); err != nil {
 		return err
 	}
-	if o.proxyUID < 0 {
-		return fmt.Errorf("--proxy-uid: %d is not a user id", o.proxyUID)
+	if o.proxyUID < 0 || o.proxyUID > maxOwnerID {
+		return fmt.Errorf("--proxy-uid: %d is not a user id (allowed: 0 to %d)", o.proxyUID, maxOwnerID)
 	}
 	c.ProxyUID = uint32(o.proxyUID)
 	if o.proxyGID != "" {
-		g, err := strconv.ParseUint(o.proxyGID, 10, 32)
-		if err != nil {
-			return fmt.Errorf("--proxy-gid: %q is not a group id", o.proxyGID)
+		g, err := strconv.ParseUint(o.proxyGID, 10, 64)
+		if err != nil || g > maxOwnerID {
+			return fmt.Errorf("--proxy-gid: %s is not a group id (allowed: 0 to %d)", policy.Quote(o.proxyGID), maxOwnerID)
 		}
 		gid := uint32(g)
 		c.ProxyGID = &gid
@@ -99,7 +105,7 @@ func (o *iptablesOptions) complete() error {
 	case "auto":
 		c.IPv6 = o.ipv6Available()
 	default:
-		return fmt.Errorf("--ipv6: %q (allowed: auto, true, false)", o.ipv6)
+		return fmt.Errorf("--ipv6: %s (allowed: auto, true, false)", policy.Quote(o.ipv6))
 	}
 	o.cfg = c
 	return nil

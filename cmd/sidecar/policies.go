@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"log/slog"
-	"os"
 	"time"
 
 	consulapi "github.com/hashicorp/consul/api"
@@ -13,6 +12,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/filewatch"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/readlimit"
 )
 
 // policySources is the policy store and what feeds it: the config file's
@@ -42,7 +42,7 @@ func loadPolicies(cfg *config.Config, log *slog.Logger) (*policySources, error) 
 		return nil, err
 	}
 	if ps.path != "" {
-		if ps.initial, err = os.ReadFile(ps.path); err != nil {
+		if ps.initial, err = readlimit.ReadFile(ps.path); err != nil {
 			return nil, fmt.Errorf("policyFile: %w", err)
 		}
 		if err := ps.store.SetFile(ps.path, ps.initial); err != nil {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -41,6 +42,7 @@ func runE(c command) func(*cobra.Command, []string) error {
 type policyTarget struct {
 	consulAddr string
 	admin      string
+	timeout    time.Duration
 	getenv     func(string) string
 	flags      *pflag.FlagSet
 
@@ -54,14 +56,19 @@ func (t *policyTarget) addFlags(fs *pflag.FlagSet) {
 		"Consul HTTP API, host:port or URL (env CONSUL_HTTP_ADDR, default 127.0.0.1:8500); token from CONSUL_HTTP_TOKEN")
 	fs.StringVar(&t.admin, "admin", "",
 		"read the policies in force from a running sidecar's admin API at host:port (e.g. 127.0.0.1:15000) instead of Consul KV; read-only")
+	fs.DurationVar(&t.timeout, "timeout", defaultRequestTimeout,
+		"the longest wait for each answer of Consul (or, with --admin, of the sidecar)")
 }
 
 func (t *policyTarget) complete() error {
+	if err := checkTimeout(t.timeout); err != nil {
+		return err
+	}
 	if t.admin != "" {
 		if t.flags.Changed("consul-addr") {
 			return errors.New("--admin and --consul-addr exclude each other: read a sidecar's policies in force, or Consul KV")
 		}
-		t.api = newAdminClient(t.admin)
+		t.api = newAdminClient(t.admin, t.timeout)
 		return nil
 	}
 	addr := t.consulAddr
@@ -72,8 +79,21 @@ func (t *policyTarget) complete() error {
 		addr = "127.0.0.1:8500"
 	}
 	var err error
-	t.kv, err = newKVStore(addr, t.getenv("CONSUL_HTTP_TOKEN"))
+	t.kv, err = newKVStore(addr, t.getenv("CONSUL_HTTP_TOKEN"), t.timeout)
 	return err
+}
+
+// defaultRequestTimeout bounds each call the CLI makes to Consul or to a
+// sidecar's admin API (--timeout): one that accepts and never answers
+// ends the command instead of hanging it.
+const defaultRequestTimeout = 10 * time.Second
+
+// checkTimeout refuses a --timeout that would never end a call.
+func checkTimeout(d time.Duration) error {
+	if d <= 0 {
+		return fmt.Errorf("--timeout %s: want a positive duration such as %s", d, defaultRequestTimeout)
+	}
+	return nil
 }
 
 // writable refuses --admin for a verb that writes or compares documents.
@@ -320,7 +340,10 @@ func (o *deleteOptions) validate() error {
 	if err := o.target.writable("delete"); err != nil {
 		return err
 	}
-	if o.cas.index == 0 {
+	if err := o.cas.validate(); err != nil {
+		return err
+	}
+	if o.cas.given && o.cas.index == 0 {
 		return errors.New("--cas-index 0 means create only, which delete cannot do: give the key's ModifyIndex (sidecar policy list)")
 	}
 	return nil
@@ -354,29 +377,42 @@ func (o *deleteOptions) run(ctx context.Context) error {
 // ModifyIndex read before writing, or against a given one.
 type casFlags struct {
 	on    bool
-	index int64 // --cas-index; -1 when not given
+	index int64 // --cas-index, when given
+	given bool  // --cas-index was given
+	flags *pflag.FlagSet
 }
 
 func (c *casFlags) addFlags(fs *pflag.FlagSet, what string, createOnly bool) {
+	c.flags = fs
 	fs.BoolVar(&c.on, "cas", false, "check-and-set: "+what+" only if the key is still at the ModifyIndex read before it (no silent overwrite of someone else's change)")
 	usage := "check-and-set against this ModifyIndex instead of the one read"
 	if createOnly {
 		usage += " (0: the key must not exist)"
 	}
-	fs.Int64Var(&c.index, "cas-index", -1, usage+"; implies --cas")
+	fs.Int64Var(&c.index, "cas-index", 0, usage+"; implies --cas")
 }
 
 // complete: --cas-index implies --cas.
 func (c *casFlags) complete() {
-	if c.index >= 0 {
+	c.given = c.flags.Changed("cas-index")
+	if c.given {
 		c.on = true
 	}
+}
+
+// validate refuses a negative --cas-index: no key has one, and taking it
+// for "not given" would silently skip the check asked for.
+func (c *casFlags) validate() error {
+	if c.given && c.index < 0 {
+		return fmt.Errorf("--cas-index %d: a ModifyIndex is 0 or more (sidecar policy list shows each key's)", c.index)
+	}
+	return nil
 }
 
 // check is a conflict when --cas-index names another index than the key's
 // current one (0: absent).
 func (c *casFlags) check(key string, current uint64, deleting bool) error {
-	if c.index >= 0 && uint64(c.index) != current {
+	if c.given && uint64(c.index) != current {
 		return &casConflictError{key: key, expected: uint64(c.index), current: current, deleting: deleting}
 	}
 	return nil
@@ -385,7 +421,7 @@ func (c *casFlags) check(key string, current uint64, deleting bool) error {
 // expected is the index to check-and-set against: --cas-index, or the
 // current one read.
 func (c *casFlags) expected(current uint64) uint64 {
-	if c.index >= 0 {
+	if c.given {
 		return uint64(c.index)
 	}
 	return current

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"slices"
 	"strings"
 
@@ -13,6 +12,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/readlimit"
 )
 
 // policyInput is a file of Policy documents, or "-" for stdin.
@@ -40,18 +40,24 @@ func (in *policyInput) read() error {
 		return errors.New("-f FILE is required (- reads stdin)")
 	case "-":
 		in.name = "stdin"
-		data, err = io.ReadAll(in.stdin)
+		data, err = readlimit.ReadAll(in.stdin, in.name)
 	default:
 		in.name = in.file
-		data, err = os.ReadFile(in.file)
+		data, err = readlimit.ReadFile(in.file)
 	}
-	if err != nil {
+	switch {
+	case readlimit.IsTooLarge(err):
+		return err // it names the input and the cap
+	case err != nil:
 		return fmt.Errorf("reading %s: %w", in.name, err)
 	}
 	docs, err := policy.Parse(data, in.name)
 	if err != nil {
-		lines := strings.Split(err.Error(), "\n")
-		return fmt.Errorf("%s is not valid: %s:\n  %s", in.name, countOf(len(lines), "problem", "problems"), strings.Join(lines, "\n  "))
+		n := strings.Count(err.Error(), "\n") + 1
+		if ps := (*policy.Problems)(nil); errors.As(err, &ps) {
+			n = ps.Len()
+		}
+		return fmt.Errorf("%s is not valid: %s:\n  %s", in.name, countOf(n, "problem", "problems"), strings.ReplaceAll(err.Error(), "\n", "\n  "))
 	}
 	if len(docs) == 0 {
 		return fmt.Errorf("%s has no Policy documents", in.name)
@@ -181,7 +187,10 @@ func (o *applyOptions) validate() error {
 	if err := o.target.writable("apply"); err != nil {
 		return err
 	}
-	if o.cas.index >= 0 && len(o.in.docs) != 1 {
+	if err := o.cas.validate(); err != nil {
+		return err
+	}
+	if o.cas.given && len(o.in.docs) != 1 {
 		return fmt.Errorf("--cas-index is one key's ModifyIndex, and %s has %d documents: use --cas, which checks each key against the index read",
 			o.in.name, len(o.in.docs))
 	}

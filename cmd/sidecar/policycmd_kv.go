@@ -6,30 +6,40 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/redact"
 )
 
 // kvStore reads and writes Policy documents in Consul KV, one key per
 // service (policy.KVKey). It holds no state between calls.
 type kvStore struct {
-	client *api.Client
-	addr   string
+	client  *api.Client
+	addr    string        // for messages: without userinfo or token
+	timeout time.Duration // of each call
 }
 
 // newKVStore is a client of the Consul agent at addr (host:port or URL)
 // with token; TLS settings come from the standard CONSUL_* environment.
-func newKVStore(addr, token string) (*kvStore, error) {
+// Each call waits at most timeout for Consul's answer.
+func newKVStore(addr, token string, timeout time.Duration) (*kvStore, error) {
+	shown := redact.URL(addr).Redacted()
 	cc := api.DefaultNonPooledConfig() // no idle connections left behind by a CLI run
 	cc.Address = addr
 	cc.Token = token
 	c, err := api.NewClient(cc)
 	if err != nil {
-		return nil, fmt.Errorf("consul client for %s: %w", addr, err)
+		return nil, fmt.Errorf("consul client for %s: %w", shown, err)
 	}
-	return &kvStore{client: c, addr: addr}, nil
+	return &kvStore{client: c, addr: shown, timeout: timeout}, nil
+}
+
+// call bounds one call to Consul by the store's timeout.
+func (s *kvStore) call(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, s.timeout)
 }
 
 // kvEntry is one policy key as read from Consul KV.
@@ -64,16 +74,22 @@ func newKVEntry(service string, pair *api.KVPair) kvEntry {
 	return e
 }
 
-// unreachable wraps an error talking to Consul with where it was sent.
-func (s *kvStore) unreachable(op string, err error) error {
+// unreachable wraps an error talking to Consul with where it was sent;
+// ctx is the call's (see call).
+func (s *kvStore) unreachable(ctx context.Context, op string, err error) error {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("%s in Consul KV at %s: no answer within %s (--timeout)", op, s.addr, s.timeout)
+	}
 	return fmt.Errorf("%s in Consul KV at %s: %w (set --consul-addr or CONSUL_HTTP_ADDR)", op, s.addr, err)
 }
 
 // list returns every policy key, sorted by service ("*" first).
 func (s *kvStore) list(ctx context.Context) ([]kvEntry, error) {
+	ctx, cancel := s.call(ctx)
+	defer cancel()
 	pairs, _, err := s.client.KV().List(policy.KVPrefix, (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return nil, s.unreachable("listing "+policy.KVPrefix, err)
+		return nil, s.unreachable(ctx, "listing "+policy.KVPrefix, err)
 	}
 	var out []kvEntry
 	for _, pair := range pairs {
@@ -88,9 +104,11 @@ func (s *kvStore) list(ctx context.Context) ([]kvEntry, error) {
 // get returns service's key, or nil when there is none.
 func (s *kvStore) get(ctx context.Context, service string) (*kvEntry, error) {
 	key := policy.KVKey(service)
+	ctx, cancel := s.call(ctx)
+	defer cancel()
 	pair, _, err := s.client.KV().Get(key, (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return nil, s.unreachable("reading "+key, err)
+		return nil, s.unreachable(ctx, "reading "+key, err)
 	}
 	if pair == nil {
 		return nil, nil
@@ -148,9 +166,11 @@ func (s *kvStore) write(ctx context.Context, ws []kvWrite) ([]uint64, error) {
 		}
 		ops = append(ops, &api.TxnOp{KV: op})
 	}
-	ok, resp, _, err := s.client.Txn().Txn(ops, (&api.QueryOptions{}).WithContext(ctx))
+	tctx, cancel := s.call(ctx)
+	defer cancel()
+	ok, resp, _, err := s.client.Txn().Txn(ops, (&api.QueryOptions{}).WithContext(tctx))
 	if err != nil {
-		return nil, s.unreachable("writing "+fmt.Sprint(len(ws))+" keys", err)
+		return nil, s.unreachable(tctx, "writing "+fmt.Sprint(len(ws))+" keys", err)
 	}
 	if !ok {
 		var errs []error
@@ -186,16 +206,18 @@ func (s *kvStore) write(ctx context.Context, ws []kvWrite) ([]uint64, error) {
 
 // delete removes key; with cas only if it is still at index.
 func (s *kvStore) delete(ctx context.Context, key string, cas bool, index uint64) error {
-	w := (&api.WriteOptions{}).WithContext(ctx)
+	dctx, cancel := s.call(ctx)
+	defer cancel()
+	w := (&api.WriteOptions{}).WithContext(dctx)
 	if !cas {
 		if _, err := s.client.KV().Delete(key, w); err != nil {
-			return s.unreachable("deleting "+key, err)
+			return s.unreachable(dctx, "deleting "+key, err)
 		}
 		return nil
 	}
 	ok, _, err := s.client.KV().DeleteCAS(&api.KVPair{Key: key, ModifyIndex: index}, w)
 	if err != nil {
-		return s.unreachable("deleting "+key, err)
+		return s.unreachable(dctx, "deleting "+key, err)
 	}
 	if !ok {
 		c := &casConflictError{key: key, expected: index, deleting: true}

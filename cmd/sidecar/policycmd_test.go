@@ -366,7 +366,7 @@ func TestPolicyCheckAndSet(t *testing.T) {
 
 	// Someone writes between our read and our write: the transaction
 	// fails as a whole.
-	kv, err := newKVStore(addr, "")
+	kv, err := newKVStore(addr, "", defaultRequestTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,7 +27,9 @@ type adminClient struct {
 	http *http.Client
 }
 
-func newAdminClient(addr string) *adminClient {
+// newAdminClient reads the admin API at addr; each call waits at most
+// timeout for the answer.
+func newAdminClient(addr string, timeout time.Duration) *adminClient {
 	base := addr
 	if !strings.Contains(base, "://") {
 		base = "http://" + base
@@ -35,7 +37,7 @@ func newAdminClient(addr string) *adminClient {
 	return &adminClient{
 		addr: addr,
 		base: strings.TrimSuffix(base, "/"),
-		http: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},
+		http: &http.Client{Timeout: timeout, Transport: &http.Transport{DisableKeepAlives: true}},
 	}
 }
 
@@ -122,10 +124,11 @@ type endpointsStatus struct {
 
 // statusOptions are the inputs of `sidecar status`.
 type statusOptions struct {
-	admin  string
-	out    printer
-	getenv func(string) string
-	stdout io.Writer
+	admin   string
+	timeout time.Duration
+	out     printer
+	getenv  func(string) string
+	stdout  io.Writer
 
 	client *adminClient // set by complete
 }
@@ -137,7 +140,10 @@ func (o *statusOptions) complete(args []string) error {
 	if o.admin == "" {
 		o.admin = "127.0.0.1:15000"
 	}
-	o.client = newAdminClient(o.admin)
+	if err := checkTimeout(o.timeout); err != nil {
+		return err
+	}
+	o.client = newAdminClient(o.admin, o.timeout)
 	return nil
 }
 
@@ -298,6 +304,7 @@ reported.`,
 		RunE: runE(o),
 	}
 	cmd.Flags().StringVar(&o.admin, "admin", "", "the sidecar's admin API, host:port (env SIDECAR_ADMIN_ADDR, default 127.0.0.1:15000)")
+	cmd.Flags().DurationVar(&o.timeout, "timeout", defaultRequestTimeout, "the longest wait for each answer of the sidecar")
 	o.out.addFlag(cmd.Flags(), "table", "sections for people")
 	return cmd
 }

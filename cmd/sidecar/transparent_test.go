@@ -398,6 +398,10 @@ iptables -t nat -A OUTPUT -p tcp -j SIDECAR_OUTPUT
 	if out != want {
 		t.Errorf("sidecar iptables --dry-run printed\n%s\nwant\n%s", out, want)
 	}
+	out, _, err = cli(t, ctx, nil, "iptables", "--dry-run", "--ipv6=false", "--proxy-uid", "4294967294", "--proxy-gid", "0")
+	if err != nil || !strings.Contains(out, "--uid-owner 4294967294 -j RETURN\n") || !strings.Contains(out, "--gid-owner 0 -j RETURN\n") {
+		t.Errorf("--proxy-uid 4294967294 --proxy-gid 0: %v\n%s", err, out)
+	}
 	out, _, err = cli(t, ctx, nil, "iptables", "--cleanup", "--dry-run", "--ipv4=false", "--ipv6=true")
 	if err != nil || !strings.Contains(out, "ip6tables -t nat -X SIDECAR_OUTPUT\n") || strings.Contains(out, "\niptables ") {
 		t.Errorf("--cleanup --dry-run (IPv6 only): %v\n%s", err, out)
@@ -407,6 +411,16 @@ iptables -t nat -A OUTPUT -p tcp -j SIDECAR_OUTPUT
 		want string
 	}{
 		{[]string{"--proxy-port", "0"}, "--proxy-port: 0 is not a port"},
+		{[]string{"--proxy-port", "65536"}, "--proxy-port: 65536 is not a port"},
+		{[]string{"--inbound-port", "-1"}, "--inbound-port: -1 is not a port"},
+		// 4294967296 would wrap to uid 0: root's connections never redirected.
+		{[]string{"--proxy-uid", "4294967296"}, "--proxy-uid: 4294967296 is not a user id (allowed: 0 to 4294967294)"},
+		{[]string{"--proxy-uid", "4294967295"}, "--proxy-uid: 4294967295 is not a user id"},
+		{[]string{"--proxy-uid", "-1"}, "--proxy-uid: -1 is not a user id"},
+		{[]string{"--proxy-gid", "4294967295"}, `--proxy-gid: "4294967295" is not a group id (allowed: 0 to 4294967294)`},
+		{[]string{"--proxy-gid", "18446744073709551616"}, "--proxy-gid"},
+		{[]string{"--proxy-gid", "-5"}, "--proxy-gid"},
+		{[]string{"--own-ports", "15000,65536"}, "--own-ports"},
 		{[]string{"--exclude-cidrs", "10.0.0.0/40"}, "--exclude-cidrs"},
 		{[]string{"--exclude-ports", "*"}, "--exclude-ports"},
 		{[]string{"--inbound-ports", "15020"}, "one of the sidecar's own ports"},

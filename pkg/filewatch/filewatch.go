@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+
+	"github.com/sidecar-mesh/sidecar/pkg/readlimit"
 )
 
 // Config says what to watch. Zero durations take the defaults named.
@@ -65,7 +67,8 @@ type Watcher struct {
 // own goroutine, one call at a time, with the file's whole content each
 // time it differs from what was reported before (or from cfg.Initial); it
 // should not block for long. A file that is removed or unreadable is
-// logged and not reported: whoever uses it keeps the last content.
+// logged and not reported: whoever uses it keeps the last content. So is a
+// file larger than readlimit.Max, which is never read past that.
 func Start(cfg Config, onChange func(data []byte)) (*Watcher, error) {
 	if cfg.Path == "" {
 		return nil, errors.New("filewatch: a path is required")
@@ -188,7 +191,7 @@ func (w *Watcher) statChanged() bool {
 // agrees.
 func (w *Watcher) check() (again bool) {
 	fi, _ := os.Stat(w.cfg.Path)
-	data, err := os.ReadFile(w.cfg.Path)
+	data, err := readlimit.ReadFile(w.cfg.Path)
 	if err != nil {
 		w.stat = nil
 		if !w.failing {

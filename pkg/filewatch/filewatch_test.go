@@ -194,3 +194,30 @@ func TestPeriodicCheck(t *testing.T) {
 	write(t, target, "v2 is longer")
 	f.next(t, "edit behind a symlink", "v2 is longer")
 }
+
+// A file that grows past the input cap (here a symlink swapped to
+// /dev/zero, which never ends) is read no further than the cap and not
+// reported: the last content stays, and the log names the cap.
+func TestFileLargerThanTheCap(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "policies.yaml")
+	write(t, path, "v1")
+	f := follow(t, path, "v1", time.Hour)
+
+	link := filepath.Join(dir, "zero")
+	if err := os.Symlink("/dev/zero", link); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(link, path); err != nil {
+		t.Fatal(err)
+	}
+	f.waitLog(t, "file unreadable; keeping its last content", 1)
+	if n := f.logs.Count("is larger than 64 MiB"); n != 1 {
+		t.Fatalf("the log names the cap %d times, want 1:\n%s", n, f.logs.String())
+	}
+	write(t, path+".tmp", "v2")
+	if err := os.Rename(path+".tmp", path); err != nil {
+		t.Fatal(err)
+	}
+	f.next(t, "a small file again", "v2")
+}
