@@ -348,9 +348,11 @@ func newPolicyValidateCommand(stdin io.Reader, stdout, stderr io.Writer) *cobra.
 		Short: "Check policy documents offline",
 		Long: `Check every Policy document of FILE without contacting anything: strict
 decoding (unknown keys are errors) and validation. Exits 0 when every document
-is valid; otherwise non-zero, with every problem listed, each with its file,
-line, document, field path, value and the allowed range. Warnings (valid
-values that combine badly, see explain) go to stderr and do not fail.`,
+is valid; otherwise non-zero, with the problems listed, each with its file,
+line, document, field path, value (at most 200 bytes of it) and the allowed
+range: the first 100, then how many more there are. Warnings (valid values
+that combine badly, see explain) go to stderr and do not fail. FILE, like
+every input of sidecar, is read up to 64 MiB.`,
 		Example: `  sidecar policy validate -f policies.yaml
   sidecar policy validate -f - < policies.yaml`,
 		Args: cobra.ArbitraryArgs,

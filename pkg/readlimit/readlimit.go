@@ -5,6 +5,7 @@
 package readlimit
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -29,18 +30,7 @@ func (e *TooLargeError) Error() string {
 
 // ReadAll reads r to its end, at most Max bytes; past that it returns a
 // *TooLargeError naming the input as name.
-func ReadAll(r io.Reader, name string) ([]byte, error) { return readAtMost(r, name, Max) }
-
-func readAtMost(r io.Reader, name string, limit int64) ([]byte, error) {
-	data, err := io.ReadAll(io.LimitReader(r, limit+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(data)) > limit {
-		return nil, &TooLargeError{Name: name, Limit: limit}
-	}
-	return data, nil
-}
+func ReadAll(r io.Reader, name string) ([]byte, error) { return readAtMost(r, name, Max, -1) }
 
 // ReadFile reads the file at path as ReadAll does; a regular file larger
 // than Max is refused without reading it.
@@ -50,10 +40,56 @@ func ReadFile(path string) ([]byte, error) {
 		return nil, err
 	}
 	defer f.Close()
-	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && fi.Size() > Max {
-		return nil, &TooLargeError{Name: path, Limit: Max}
+	size := int64(-1)
+	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() {
+		if fi.Size() > Max {
+			return nil, &TooLargeError{Name: path, Limit: Max}
+		}
+		size = fi.Size()
 	}
-	return ReadAll(f, path)
+	return readAtMost(f, path, Max, size)
+}
+
+// chunk is the unit an input of unknown size is read in: the input is
+// held once, in chunks, and copied once at the end, instead of in a
+// buffer that doubles (an input that reaches the cap cost three times it).
+const chunk = 1 << 20
+
+// readAtMost reads r up to limit bytes; size is its size when known (a
+// regular file), else -1.
+func readAtMost(r io.Reader, name string, limit, size int64) ([]byte, error) {
+	lr := io.LimitReader(r, limit+1)
+	if size >= 0 {
+		// The size may have changed since: read what is there, up to the limit.
+		var b bytes.Buffer
+		b.Grow(int(size) + bytes.MinRead)
+		if _, err := b.ReadFrom(lr); err != nil {
+			return nil, err
+		}
+		if int64(b.Len()) > limit {
+			return nil, &TooLargeError{Name: name, Limit: limit}
+		}
+		return b.Bytes(), nil
+	}
+	var (
+		chunks [][]byte
+		total  int
+	)
+	for {
+		c := make([]byte, min(chunk, limit+1))
+		n, err := io.ReadFull(lr, c)
+		chunks, total = append(chunks, c[:n]), total+n
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if int64(total) > limit {
+		return nil, &TooLargeError{Name: name, Limit: limit}
+	}
+	return bytes.Join(chunks, nil), nil
 }
 
 // IsTooLarge reports whether err is, or wraps, a *TooLargeError.

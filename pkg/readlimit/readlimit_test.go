@@ -20,14 +20,21 @@ func TestReadAll(t *testing.T) {
 	}
 	const limit = 3 << 20
 	exact := bytes.Repeat([]byte{'a'}, limit)
-	if data, err := readAtMost(bytes.NewReader(exact), "stdin", limit); err != nil || len(data) != limit {
+	if data, err := readAtMost(bytes.NewReader(exact), "stdin", limit, -1); err != nil || len(data) != limit {
 		t.Fatalf("reading exactly the limit: %d bytes, %v", len(data), err)
 	}
-	_, err = readAtMost(bytes.NewReader(append(exact, 'a')), "stdin", limit)
+	_, err = readAtMost(bytes.NewReader(append(exact, 'a')), "stdin", limit, -1)
 	var tl *TooLargeError
 	if !errors.As(err, &tl) || tl.Name != "stdin" || tl.Limit != limit || !IsTooLarge(err) ||
 		err.Error() != "stdin is larger than 3 MiB, the most sidecar reads of a file or standard input" {
 		t.Fatalf("reading one byte past the limit: %v, want a TooLargeError naming stdin and 3 MiB", err)
+	}
+	// A file that grew past the limit after its size was taken.
+	if _, err := readAtMost(strings.NewReader("abcd"), "p.yaml", 3, 2); !IsTooLarge(err) {
+		t.Fatalf("reading a file grown past the limit: %v, want the cap", err)
+	}
+	if data, err := readAtMost(strings.NewReader("abc"), "p.yaml", 3, 2); err != nil || string(data) != "abc" {
+		t.Fatalf("reading a file grown within the limit: %q, %v", data, err)
 	}
 }
 
