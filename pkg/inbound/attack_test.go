@@ -21,3 +21,13 @@ func TestAttacks(t *testing.T) {
 		Added: map[string]string{"X-Forwarded-For": "127.0.0.1", "X-Forwarded-Proto": "http", "Traceparent": observerTraceparent},
 	})
 }
+
+// The upstream half of the suite against the inbound listener: an app that
+// sends bytes nobody asked for never hands one caller's answer to another,
+// and answers that break framing or limits are refused.
+func TestUpstreamAttacks(t *testing.T) {
+	attacktest.RunUpstream(t, attacktest.Inbound, func(t *testing.T, app string) string {
+		_, addr := startInbound(t, inbound.Config{AppAddr: app})
+		return addr
+	}, 8, 150)
+}

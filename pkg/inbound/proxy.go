@@ -275,6 +275,7 @@ func (p *Proxy) localError(err error) *proxyhttp.LocalError {
 	status, reason := http.StatusBadGateway, proxyhttp.ReasonUpstreamReset
 	var ce *proxyhttp.ClientError
 	var conn *proxyhttp.ConnectError
+	var bad *proxyhttp.BadResponseError
 	if errors.As(err, &ce) {
 		switch {
 		case ce.Gone():
@@ -290,6 +291,8 @@ func (p *Proxy) localError(err error) *proxyhttp.LocalError {
 		status, reason = http.StatusGatewayTimeout, proxyhttp.ReasonUpstreamTimeout
 	} else if errors.As(err, &conn) {
 		status, reason = http.StatusBadGateway, proxyhttp.ReasonConnectFailure
+	} else if errors.As(err, &bad) {
+		status, reason = http.StatusBadGateway, proxyhttp.ReasonUpstreamBadResponse
 	}
 	return &proxyhttp.LocalError{Status: status, Reason: reason, Service: p.service, Detail: err.Error()}
 }

@@ -17,3 +17,13 @@ func TestAttacks(t *testing.T) {
 		Added: map[string]string{"X-Forwarded-For": "127.0.0.1", "X-Forwarded-Proto": "http"},
 	})
 }
+
+// The upstream half of the suite against the outbound listener: an
+// endpoint that sends bytes nobody asked for never hands one client's
+// answer to another, and answers that break framing or limits are refused.
+func TestUpstreamAttacks(t *testing.T) {
+	attacktest.RunUpstream(t, attacktest.Outbound, func(t *testing.T, upstream string) string {
+		// No retries: each refused answer is one request's.
+		return startSidecar(t, options{static: map[string][]string{"svc": {upstream}}, policies: "service: svc\nretry: {attempts: 1}\n" + noBreaker + noOutliers}).addr
+	}, 8, 150)
+}

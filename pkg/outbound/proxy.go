@@ -388,6 +388,7 @@ func errorFor(service string, err error) *proxyhttp.LocalError {
 	e := &proxyhttp.LocalError{Service: service, Detail: err.Error()}
 	var ce *proxyhttp.ClientError
 	var conn *proxyhttp.ConnectError
+	var bad *proxyhttp.BadResponseError
 	switch {
 	case errors.As(err, &ce) && ce.Timeout():
 		e.Status, e.Reason = http.StatusRequestTimeout, proxyhttp.ReasonRequestTimeout
@@ -401,6 +402,8 @@ func errorFor(service string, err error) *proxyhttp.LocalError {
 		e.Status, e.Reason = http.StatusGatewayTimeout, proxyhttp.ReasonUpstreamTimeout
 	case errors.As(err, &conn):
 		e.Status, e.Reason = http.StatusBadGateway, proxyhttp.ReasonConnectFailure
+	case errors.As(err, &bad):
+		e.Status, e.Reason = http.StatusBadGateway, proxyhttp.ReasonUpstreamBadResponse
 	default:
 		e.Status, e.Reason = http.StatusBadGateway, proxyhttp.ReasonUpstreamReset
 	}

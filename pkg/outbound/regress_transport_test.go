@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"runtime"
 	"strings"
 	"sync/atomic"
@@ -224,4 +225,52 @@ func TestUpgradeHalfClose(t *testing.T) {
 	if up2 != "ping\n" {
 		t.Errorf("client data after the upstream's half-close was lost")
 	}
+}
+
+// An endpoint that sends a 64 MiB header line is refused with 502
+// upstream_bad_response once the header limit is reached: the sidecar's
+// memory stays flat (it grew by 248 MB when it read such a line whole).
+func TestHugeResponseHeaderKeepsMemoryFlat(t *testing.T) {
+	addr := rawUpstream(t, func(c net.Conn, br *bufio.Reader) {
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nX-Big: ")
+		chunk := bytes.Repeat([]byte("a"), 64<<10)
+		for range 1024 { // 64 MiB, never held whole here either
+			if _, err := c.Write(chunk); err != nil {
+				return
+			}
+		}
+	})
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {addr}}, policies: "service: svc\nretry: {attempts: 1}\n"})
+	c := sc.client(t)
+	runtime.GC()
+	before := rssBytes(t)
+	for range 3 {
+		resp, body := sc.get(t, c, "svc", "/")
+		if resp.StatusCode != http.StatusBadGateway || resp.Header.Get(proxyhttp.ErrorHeader) != proxyhttp.ReasonUpstreamBadResponse {
+			t.Fatalf("got %d %q %.100q, want 502 upstream_bad_response", resp.StatusCode, resp.Header.Get(proxyhttp.ErrorHeader), body)
+		}
+	}
+	if grew := rssBytes(t) - before; grew > 16<<20 {
+		t.Errorf("resident memory grew by %d MB over three 64 MiB header lines, want under 16 MB", grew>>20)
+	}
+}
+
+func rssBytes(t *testing.T) int64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Skip("no /proc/self/status on this system")
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if kb, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var n int64
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(kb), "kB")), &n)
+			return n << 10
+		}
+	}
+	t.Fatal("no VmRSS in /proc/self/status")
+	return 0
 }

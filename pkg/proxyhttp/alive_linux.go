@@ -6,10 +6,15 @@ import (
 	"unsafe"
 )
 
-// connAlive reports whether a pooled connection still looks usable: the peer
-// has not closed it and sent nothing unasked (a server's 408 before closing).
-// One non-blocking MSG_PEEK recv, no goroutine per idle connection.
+// connAlive reports whether a pooled connection may carry the next request:
+// the peer has not closed it, and it holds no byte nobody asked for (a
+// server's 408 before closing, a body longer than its Content-Length, a
+// body to a HEAD, an unsolicited response). One non-blocking MSG_PEEK
+// recv, no goroutine per idle connection.
 func connAlive(c net.Conn) bool {
+	if rc, ok := c.(*rawTCPConn); ok {
+		return rc.idleAndEmpty()
+	}
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return true
@@ -19,13 +24,35 @@ func connAlive(c net.Conn) bool {
 		return false
 	}
 	alive := true
-	var b [1]byte
 	err = rc.Read(func(fd uintptr) bool {
-		n, _, errno := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
-			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
-		alive = errno == syscall.EAGAIN || errno == syscall.EWOULDBLOCK || errno == syscall.EINTR
-		_ = n
+		alive = peekNothing(fd)
 		return true
 	})
 	return err == nil && alive
+}
+
+// idleAndEmpty is connAlive for a raw connection, without an allocation.
+func (c *rawTCPConn) idleAndEmpty() bool {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	if c.peekFn == nil {
+		c.peekFn = func(fd uintptr) bool { c.peekOK = peekNothing(fd); return true }
+	}
+	c.peekOK = false
+	err := c.rc.Read(c.peekFn)
+	return err == nil && c.peekOK
+}
+
+// peekNothing reports whether the socket fd has nothing to read and is not
+// closed by its peer. MSG_DONTWAIT never blocks, so it is a raw syscall.
+func peekNothing(fd uintptr) bool {
+	var b [1]byte
+	for {
+		_, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
+			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+		if errno == syscall.EINTR {
+			continue
+		}
+		return errno == syscall.EAGAIN || errno == syscall.EWOULDBLOCK
+	}
 }

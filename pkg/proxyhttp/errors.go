@@ -17,9 +17,12 @@ const (
 	ReasonUpstreamTimeout    = "upstream_timeout"
 	ReasonConnectFailure     = "upstream_connect_failure"
 	ReasonUpstreamReset      = "upstream_reset"
-	ReasonBadRequest         = "bad_request"
-	ReasonRequestTimeout     = "request_timeout"
-	ReasonNotAllowed         = "not_allowed"
+	// ReasonUpstreamBadResponse: the upstream's answer broke HTTP's framing
+	// or a limit (header size, interim responses); it is not passed on.
+	ReasonUpstreamBadResponse = "upstream_bad_response"
+	ReasonBadRequest          = "bad_request"
+	ReasonRequestTimeout      = "request_timeout"
+	ReasonNotAllowed          = "not_allowed"
 )
 
 // ErrorHeader names the header that marks a local error, so a local failure

@@ -36,6 +36,8 @@ type rawTCPConn struct {
 	rn     int
 	rerr   syscall.Errno
 	readFn func(fd uintptr) bool
+	peekFn func(fd uintptr) bool // idleAndEmpty's, made on first use
+	peekOK bool
 
 	wmu     sync.Mutex // guards the write state
 	wbuf    []byte

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -41,6 +42,7 @@ type Transport struct {
 	responseHeaderTimeout time.Duration
 	idleConnTimeout       time.Duration
 	maxIdlePerHost        int
+	maxHeaderBytes        int64
 
 	pools sync.Map // endpoint address -> *hostPool
 	// h2 carries requests that came in over HTTP/2 (gRPC above all) as
@@ -71,6 +73,11 @@ type TransportConfig struct {
 	IdleConnTimeout time.Duration
 	// MaxIdleConnsPerHost bounds the pool per endpoint. Default 256.
 	MaxIdleConnsPerHost int
+	// MaxResponseHeaderBytes bounds a response's status line and header
+	// block (each interim 1xx response's too; for HTTP/2, the header list).
+	// Over it the response is refused with a *BadResponseError and the
+	// connection closed. Default 64 KiB, as Envoy's 60 KiB.
+	MaxResponseHeaderBytes int
 	// DialContext, when set, replaces the TCP dialer (tests count dials with
 	// it). DialTimeout still bounds it.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -90,12 +97,16 @@ func NewTransport(cfg TransportConfig) *Transport {
 	if cfg.MaxIdleConnsPerHost <= 0 {
 		cfg.MaxIdleConnsPerHost = 256
 	}
+	if cfg.MaxResponseHeaderBytes <= 0 {
+		cfg.MaxResponseHeaderBytes = DefaultMaxResponseHeaderBytes
+	}
 	t := &Transport{
 		dialer:                net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 30 * time.Second},
 		dial:                  cfg.DialContext,
 		responseHeaderTimeout: cfg.ResponseHeaderTimeout,
 		idleConnTimeout:       cfg.IdleConnTimeout,
 		maxIdlePerHost:        cfg.MaxIdleConnsPerHost,
+		maxHeaderBytes:        int64(cfg.MaxResponseHeaderBytes),
 	}
 	if t.dial == nil {
 		t.dial = t.dialer.DialContext
@@ -106,7 +117,7 @@ func NewTransport(cfg TransportConfig) *Transport {
 			return t.dialH2(ctx, addr)
 		},
 		IdleConnTimeout:   cfg.IdleConnTimeout,
-		MaxHeaderListSize: 64 << 10,
+		MaxHeaderListSize: uint32(min(cfg.MaxResponseHeaderBytes, 1<<30)),
 		// A proxy passes encodings through as they are: no Accept-Encoding
 		// of its own, no decompressing behind the client's back.
 		DisableCompression: true,
@@ -182,6 +193,22 @@ type ConnectError struct {
 func (e *ConnectError) Error() string { return "connect " + e.Addr + ": " + e.Err.Error() }
 func (e *ConnectError) Unwrap() error { return e.Err }
 
+// DefaultMaxResponseHeaderBytes is TransportConfig.MaxResponseHeaderBytes'
+// default.
+const DefaultMaxResponseHeaderBytes = 64 << 10
+
+// max1xxResponses bounds the interim responses read before the final one,
+// as net/http's transport does: an endpoint that sends them without end
+// never answers.
+const max1xxResponses = 5
+
+// BadResponseError reports a response the sidecar refuses to pass on: it
+// breaks HTTP's framing or a limit (header size, interim responses). It
+// comes wrapped in an *UpstreamError; the connection it came on is closed.
+type BadResponseError struct{ Reason string }
+
+func (e *BadResponseError) Error() string { return "bad response: " + e.Reason }
+
 // ErrResponseHeaderTimeout is returned when an endpoint took longer than the
 // response header timeout to answer.
 var ErrResponseHeaderTimeout = errors.New("timeout awaiting response headers")
@@ -204,11 +231,6 @@ func (e *UpstreamError) Unwrap() error { return e.Err }
 // maxInlineBody is the largest in-memory request body written by the calling
 // goroutine instead of a writer goroutine.
 const maxInlineBody = 64 << 10
-
-// peekAfterIdle is how long a pooled connection may sit idle before it is
-// checked for a close from the server before reuse. Keep-alive timeouts of
-// servers are seconds long; under load connections are idle for far less.
-const peekAfterIdle = 250 * time.Millisecond
 
 // RoundTrip implements http.RoundTripper.
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -446,11 +468,12 @@ func (t *Transport) getConn(ctx context.Context, addr string, fresh bool) (*pers
 			p.idle[n-1] = nil
 			p.idle = p.idle[:n-1]
 			p.mu.Unlock()
-			idle := time.Since(pc.idleAt)
-			// A connection reused at once is alive; one that sat idle may
-			// have been closed by the server's keep-alive timeout, which a
-			// non-blocking peek sees for one syscall.
-			if idle > t.idleConnTimeout || (idle > peekAfterIdle && !connAlive(pc.conn)) {
+			// A pooled connection must have nothing to read: any byte
+			// there (a server's close, a body longer than it said, a body
+			// to a HEAD, a response nobody asked for) would be read as the
+			// next request's answer. One non-blocking peek sees it, as
+			// net/http's read kept pending on idle connections does.
+			if time.Since(pc.idleAt) > t.idleConnTimeout || !connAlive(pc.conn) {
 				_ = pc.conn.Close()
 				continue
 			}
@@ -463,13 +486,10 @@ func (t *Transport) getConn(ctx context.Context, addr string, fresh bool) (*pers
 		return nil, err
 	}
 	c = rawIO(c)
-	return &persistConn{
-		t:    t,
-		addr: addr,
-		conn: c,
-		br:   bufio.NewReaderSize(c, 4096),
-		bw:   bufio.NewWriterSize(c, 4096),
-	}, nil
+	pc := &persistConn{t: t, addr: addr, conn: c, bw: bufio.NewWriterSize(c, 4096)}
+	pc.head.conn, pc.head.left = c, -1
+	pc.br = bufio.NewReaderSize(&pc.head, 4096)
+	return pc, nil
 }
 
 func (t *Transport) putIdle(pc *persistConn) {
@@ -491,6 +511,7 @@ type persistConn struct {
 	t      *Transport
 	addr   string
 	conn   net.Conn
+	head   headLimiter // what br reads the connection through
 	br     *bufio.Reader
 	bw     *bufio.Writer
 	idleAt time.Time
@@ -669,22 +690,80 @@ func (w *bodyWriter) abort() error {
 }
 
 // readResponse reads the final response, skipping interim 1xx responses
-// other than 101.
+// other than 101, at most max1xxResponses of them. Each response's status
+// line and header block may take at most the transport's
+// MaxResponseHeaderBytes; a longer one, like any response that does not
+// parse, is a *BadResponseError (the caller closes the connection).
 func (pc *persistConn) readResponse(req *http.Request) (*http.Response, error) {
-	for {
+	for interim := 0; ; interim++ {
 		if _, err := pc.br.Peek(1); err != nil {
 			return nil, err
 		}
 		pc.noResponse = false
+		// The reader may fill its buffer past the head: allow that much
+		// more through, then count the head's own bytes exactly.
+		before := int64(pc.br.Buffered())
+		pc.head.read, pc.head.over, pc.head.left = 0, false, pc.t.maxHeaderBytes+int64(pc.br.Size())
 		resp, err := http.ReadResponse(pc.br, req)
-		if err != nil {
+		headBytes := before + pc.head.read - int64(pc.br.Buffered())
+		pc.head.left = -1
+		switch {
+		case err != nil && pc.head.over, err == nil && headBytes > pc.t.maxHeaderBytes:
+			if resp != nil {
+				resp.Body.Close()
+			}
+			return nil, &BadResponseError{Reason: "response header larger than " + strconv.FormatInt(pc.t.maxHeaderBytes, 10) + " bytes"}
+		case err != nil && !isIOError(err):
+			return nil, &BadResponseError{Reason: err.Error()}
+		case err != nil:
 			return nil, err
 		}
 		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
+			if interim == max1xxResponses {
+				return nil, &BadResponseError{Reason: "more than " + strconv.Itoa(max1xxResponses) + " interim (1xx) responses"}
+			}
 			continue
 		}
 		return resp, nil
 	}
+}
+
+// isIOError reports whether err came from reading the connection (closed,
+// reset, timed out) rather than from what was read.
+func isIOError(err error) bool {
+	var ne net.Error
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &ne) ||
+		errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// headLimiter is the connection as the response reader sees it: while a
+// response head is read, it lets at most left bytes through and counts
+// them; otherwise (left < 0) it is the connection itself. It keeps a
+// header line of any length from growing the reader without bound.
+type headLimiter struct {
+	conn net.Conn
+	left int64 // bytes that may still be read; < 0: no limit
+	read int64 // bytes read under the limit
+	over bool  // the limit was reached
+}
+
+var errHeadTooLarge = errors.New("response header too large")
+
+func (l *headLimiter) Read(p []byte) (int, error) {
+	if l.left < 0 {
+		return l.conn.Read(p)
+	}
+	if l.left == 0 {
+		l.over = true
+		return 0, errHeadTooLarge
+	}
+	if int64(len(p)) > l.left {
+		p = p[:l.left]
+	}
+	n, err := l.conn.Read(p)
+	l.left -= int64(n)
+	l.read += int64(n)
+	return n, err
 }
 
 func hasBody(req *http.Request) bool { return req.Body != nil && req.Body != http.NoBody }
