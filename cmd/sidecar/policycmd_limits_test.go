@@ -4,56 +4,19 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/sidecar-mesh/sidecar/internal/faultserver"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 )
-
-// silentServer accepts connections and never answers, as a Consul agent
-// or a sidecar stuck in a GC pause or behind a black-holing proxy does.
-func silentServer(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var (
-		mu    sync.Mutex // guards conns
-		conns []net.Conn
-		done  = make(chan struct{})
-	)
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		<-done
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range conns {
-			c.Close()
-		}
-	})
-	return ln.Addr().String()
-}
 
 // Every call the CLI makes to Consul or to a sidecar's admin API ends at
 // --timeout when nobody answers.
 func TestPolicyCommandsTimeOut(t *testing.T) {
-	silent := silentServer(t)
+	// A server that reads each request and never answers.
+	silent := faultserver.New(t, faultserver.Faults{Latency: time.Hour}).Addr()
 	file := writeFile(t, "p.yaml", "service: users\ntimeout: 2s\n")
 	env := map[string]string{"CONSUL_HTTP_ADDR": silent}
 	for _, tc := range []struct {

@@ -1,7 +1,6 @@
 package admin
 
 import (
-	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -36,50 +35,12 @@ func newLifecycle(t *testing.T) *lifecycle {
 	return l
 }
 
-// serve serves h on a real listener at host:0 until the test ends.
-func serve(t *testing.T, host string, h http.Handler) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: h}
-	done := make(chan struct{})
-	go func() { defer close(done); _ = srv.Serve(ln) }()
-	t.Cleanup(func() { srv.Close(); <-done })
-	return ln.Addr().String()
-}
-
-// call sends one request to addr with the Host and headers given and
-// returns the status and body.
-func call(t *testing.T, addr, method, path, host string, header map[string]string) (int, string) {
-	t.Helper()
-	req, err := http.NewRequest(method, "http://"+addr+path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if host != "" {
-		req.Host = host
-	}
-	for k, v := range header {
-		req.Header.Set(k, v)
-	}
-	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s (Host %s): %v", method, path, host, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
-}
-
 // Every request must name a loopback Host (DNS rebinding gives a page of
 // attacker.example the admin API as its own origin) and must not come from
 // a page of another site (Origin, Sec-Fetch-Site); state changes need POST.
 func TestAdminRefusesOtherSites(t *testing.T) {
 	l := newLifecycle(t)
-	addr := serve(t, "127.0.0.1", l.handler)
+	addr := hostip.Serve(t, "127.0.0.1", l.handler)
 	_, port, _ := net.SplitHostPort(addr)
 	for _, tc := range []struct {
 		name, method, path, host string
@@ -108,7 +69,7 @@ func TestAdminRefusesOtherSites(t *testing.T) {
 		{"typed into the address bar", "GET", "/config", "", map[string]string{"Sec-Fetch-Site": "none"}, 200, 2, 0},
 		{"quit", "POST", "/quitquitquit", "localhost:" + port, nil, 200, 2, 1},
 	} {
-		code, body := call(t, addr, tc.method, tc.path, tc.host, tc.header)
+		code, body := hostip.Call(t, addr, tc.method, tc.path, tc.host, tc.header)
 		if code != tc.code || l.drains.Load() != tc.drains || l.quits.Load() != tc.quits {
 			t.Errorf("%s: %s %s = %d %s; drains %d, quits %d; want %d, drains %d, quits %d",
 				tc.name, tc.method, tc.path, code, strings.TrimSpace(body), l.drains.Load(), l.quits.Load(), tc.code, tc.drains, tc.quits)
@@ -125,7 +86,7 @@ func TestAdminRefusesOtherSites(t *testing.T) {
 func TestAdminLifecycleLoopbackPeersOnly(t *testing.T) {
 	l := newLifecycle(t)
 	ip := hostip.NonLoopback(t)
-	addr := serve(t, ip, l.handler)
+	addr := hostip.Serve(t, ip, l.handler)
 	for _, tc := range []struct {
 		method, path string
 		code         int
@@ -136,7 +97,7 @@ func TestAdminLifecycleLoopbackPeersOnly(t *testing.T) {
 		{"GET", "/debug/pprof/", 403},
 		{"GET", "/debug/pprof/cmdline", 403},
 	} {
-		code, body := call(t, addr, tc.method, tc.path, "localhost", nil)
+		code, body := hostip.Call(t, addr, tc.method, tc.path, "localhost", nil)
 		if code != tc.code {
 			t.Errorf("%s %s from %s = %d %s, want %d", tc.method, tc.path, ip, code, strings.TrimSpace(body), tc.code)
 		}
@@ -146,13 +107,13 @@ func TestAdminLifecycleLoopbackPeersOnly(t *testing.T) {
 	}
 
 	// The same requests from loopback.
-	local := serve(t, "127.0.0.1", l.handler)
+	local := hostip.Serve(t, "127.0.0.1", l.handler)
 	for _, path := range []string{"/drain", "/quitquitquit"} {
-		if code, body := call(t, local, "POST", path, "", nil); code != 200 {
+		if code, body := hostip.Call(t, local, "POST", path, "", nil); code != 200 {
 			t.Errorf("POST %s from loopback = %d %s, want 200", path, code, body)
 		}
 	}
-	if code, _ := call(t, local, "GET", "/debug/pprof/cmdline", "", nil); code != 200 {
+	if code, _ := hostip.Call(t, local, "GET", "/debug/pprof/cmdline", "", nil); code != 200 {
 		t.Errorf("GET /debug/pprof/cmdline from loopback = %d, want 200", code)
 	}
 	if l.drains.Load() != 1 || l.quits.Load() != 1 {
@@ -180,8 +141,8 @@ tracing: {endpoint: "https://user:u-s3cret@collector.example:4318"}
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := serve(t, "127.0.0.1", Handler(Sources{Config: func() any { return cfg }, Resolver: discovery.Chain{static}}))
-	code, body := call(t, addr, "GET", "/config", "", nil)
+	addr := hostip.Serve(t, "127.0.0.1", Handler(Sources{Config: func() any { return cfg }, Resolver: discovery.Chain{static}}))
+	code, body := hostip.Call(t, addr, "GET", "/config", "", nil)
 	if code != 200 {
 		t.Fatalf("GET /config = %d %s", code, body)
 	}

@@ -1,10 +1,7 @@
 package inbound_test
 
 import (
-	"io"
 	"net"
-	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 
@@ -29,22 +26,7 @@ func TestHealthDetailsForLoopbackCallersOnly(t *testing.T) {
 	}
 	h := inbound.NewHealthHandler(inbound.HealthConfig{Readiness: readiness.p})
 
-	get := func(base, method, path string) (int, string) {
-		t.Helper()
-		req, _ := http.NewRequest(method, base+path, nil)
-		c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
-		resp, err := c.Do(req)
-		if err != nil {
-			t.Fatalf("%s %s%s: %v", method, base, path, err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
-
-	local := httptest.NewServer(h)
-	defer local.Close()
-	code, body := get(local.URL, "GET", "/healthz/ready")
+	code, body := hostip.Call(t, hostip.Serve(t, "127.0.0.1", h), "GET", "/healthz/ready", "", nil)
 	if code != 503 || !strings.Contains(body, "HTTP GET http://"+closed+"/ready?token=[redacted]\\u0026v=1") ||
 		!strings.Contains(body, "connection refused") || strings.Contains(body, "s3cret") {
 		t.Errorf("GET /healthz/ready from loopback = %d %s; want 503 with the probe's URL, token redacted, and the dial error", code, body)
@@ -53,15 +35,7 @@ func TestHealthDetailsForLoopbackCallersOnly(t *testing.T) {
 	// A peer on another host: a listener on an address of this machine that
 	// is not loopback, dialed from this machine, sees that address as the peer.
 	ip := hostip.NonLoopback(t)
-	remoteLn, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: h}
-	done := make(chan struct{})
-	go func() { defer close(done); _ = srv.Serve(remoteLn) }()
-	defer func() { srv.Close(); <-done }()
-	base := "http://" + remoteLn.Addr().String()
+	remote := hostip.Serve(t, ip, h)
 	for _, tc := range []struct {
 		method, path string
 		code         int
@@ -74,7 +48,7 @@ func TestHealthDetailsForLoopbackCallersOnly(t *testing.T) {
 		{"GET", "/nope", 404, `{"status":"not_configured"}`},
 		{"POST", "/healthz/ready", 405, `{"status":"not_allowed"}`},
 	} {
-		code, body := get(base, tc.method, tc.path)
+		code, body := hostip.Call(t, remote, tc.method, tc.path, "", nil)
 		if code != tc.code || strings.TrimSpace(body) != tc.body {
 			t.Errorf("%s %s from %s = %d %s, want %d %s", tc.method, tc.path, ip, code, body, tc.code, tc.body)
 		}
