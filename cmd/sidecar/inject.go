@@ -31,6 +31,9 @@ type injectFlags struct {
 	cpuLimit    string
 	memRequest  string
 	memLimit    string
+	// allowNonLoopbackAdmin is the operator's, never a pod's: see
+	// inject.Config.AllowNonLoopbackAdmin.
+	allowNonLoopbackAdmin bool
 }
 
 func defaultImage() string { return "sidecar:" + version }
@@ -55,19 +58,21 @@ func (f *injectFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.cpuLimit, "cpu-limit", quantity(def.Limits, corev1.ResourceCPU), "the sidecar's CPU limit, or none (annotation "+inject.AnnotationCPULimit+")")
 	fs.StringVar(&f.memRequest, "memory-request", quantity(def.Requests, corev1.ResourceMemory), "the sidecar's memory request, or none (annotation "+inject.AnnotationMemoryRequest+")")
 	fs.StringVar(&f.memLimit, "memory-limit", quantity(def.Limits, corev1.ResourceMemory), "the sidecar's memory limit, or none; sets GOMEMLIMIT (annotation "+inject.AnnotationMemoryLimit+")")
+	fs.BoolVar(&f.allowNonLoopbackAdmin, "allow-non-loopback-admin", false, "let a pod's config file (annotation "+inject.AnnotationConfigMap+") put the sidecar's admin API on an address other than loopback; without it the admin API stays on 127.0.0.1:15000 (no annotation sets this)")
 }
 
 // injector builds the injector the flags describe.
 func (f *injectFlags) injector() (*inject.Injector, error) {
 	cfg := inject.Config{
-		Image:           f.image,
-		ImagePullPolicy: corev1.PullPolicy(f.pullPolicy),
-		Version:         version,
-		Classic:         f.classic,
-		LogLevel:        f.logLevel,
-		DrainWindow:     f.drainWindow,
-		ConsulAddr:      f.consulAddr,
-		HTTPProxy:       f.httpProxy,
+		Image:                 f.image,
+		ImagePullPolicy:       corev1.PullPolicy(f.pullPolicy),
+		Version:               version,
+		Classic:               f.classic,
+		LogLevel:              f.logLevel,
+		DrainWindow:           f.drainWindow,
+		ConsulAddr:            f.consulAddr,
+		HTTPProxy:             f.httpProxy,
+		AllowNonLoopbackAdmin: f.allowNonLoopbackAdmin,
 		Resources: corev1.ResourceRequirements{
 			Requests: corev1.ResourceList{},
 			Limits:   corev1.ResourceList{},

@@ -11,14 +11,17 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 
 	"github.com/spf13/pflag"
+	corev1 "k8s.io/api/core/v1"
 	sigsyaml "sigs.k8s.io/yaml"
 
 	"github.com/sidecar-mesh/sidecar/internal/kubetest"
+	"github.com/sidecar-mesh/sidecar/pkg/inject"
 )
 
 var updateK8s = flag.Bool("update-k8s", false, "rewrite the generated files in k8s/ (demo/app.yaml, grafana-dashboard.yaml)")
@@ -126,7 +129,7 @@ func TestInjectCommandErrors(t *testing.T) {
 		{"bad env", cliPod, []string{"inject", "-f", "-", "--sidecar-env=NOVALUE"}, `--sidecar-env: "NOVALUE": want NAME=VALUE`},
 		{"bad pull policy", cliPod, []string{"inject", "-f", "-", "--image-pull-policy=Sometimes"}, `image pull policy: "Sometimes"`},
 		{"bad annotation", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ok}\n---\n" + bad, []string{"inject", "-f", "-"},
-			`<stdin>: document 2 (line 5, Pod web): metadata.annotations[sidecar.mesh/drain-window]: "soon" is not a duration from 0s to 10m`},
+			`<stdin>: document 2 (line 5, Pod web): metadata.annotations[sidecar.mesh/drain-window]: invalid duration "soon"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, _, err := injectCLI(t, tc.stdin, tc.args...)
@@ -305,7 +308,7 @@ func TestGrafanaDashboardConfigMap(t *testing.T) {
 // TestInjectedArgsAreValidRunFlags: the args of every sidecar in the
 // injection goldens are accepted by `sidecar run`'s own flag parsing and
 // configuration validation (files named by --config are left out: they live
-// in the pod's ConfigMaps).
+// in the pod's ConfigMaps), once the kubelet has expanded $(HOST_IP).
 func TestInjectedArgsAreValidRunFlags(t *testing.T) {
 	files, _ := filepath.Glob("../../pkg/inject/testdata/*.golden.yaml")
 	checked := 0
@@ -327,7 +330,7 @@ func TestInjectedArgsAreValidRunFlags(t *testing.T) {
 				var flags []string
 				for _, a := range args[1:] {
 					if !strings.HasPrefix(a, "--config=") {
-						flags = append(flags, a)
+						flags = append(flags, kubeletExpand.Replace(a))
 					}
 				}
 				o := newRunOptions(io.Discard, io.Discard, func(string) string { return "" })
@@ -352,6 +355,10 @@ func TestInjectedArgsAreValidRunFlags(t *testing.T) {
 		t.Fatalf("checked the args of %d sidecars, want at least 25", checked)
 	}
 }
+
+// kubeletExpand puts values in place of the sidecar container's variables
+// in its args, as the kubelet does.
+var kubeletExpand = strings.NewReplacer("$(HOST_IP)", "10.0.0.7", "$(POD_IP)", "10.1.0.9")
 
 // sidecarArgs finds the args of the containers named sidecar anywhere in a
 // JSON object.
@@ -384,4 +391,94 @@ func sidecarArgs(t *testing.T, obj []byte) [][]string {
 	}
 	walk(v)
 	return out
+}
+
+// TestInjectedSidecarKeepsAdminOnLoopback: a pod's config file that binds
+// the admin API to 0.0.0.0 is refused by `sidecar run` on its own; the
+// injected sidecar's flags keep the admin API on loopback, unless the
+// operator allowed otherwise (--allow-non-loopback-admin), which a pod
+// can't.
+func TestInjectedSidecarKeepsAdminOnLoopback(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "sidecar.yaml")
+	if err := os.WriteFile(file, []byte("listeners: {admin: '0.0.0.0:15000'}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// run is `sidecar run` with args (a --config= replaced by file) and env,
+	// up to its validation.
+	run := func(args []string, env map[string]string) (*runOptions, error) {
+		var flags []string
+		for _, a := range args {
+			if strings.HasPrefix(a, "--config=") {
+				a = "--config=" + file
+			}
+			flags = append(flags, a)
+		}
+		o := newRunOptions(io.Discard, io.Discard, func(k string) string { return env[k] })
+		fs := pflag.NewFlagSet("run", pflag.ContinueOnError)
+		o.addFlags(fs)
+		if err := fs.Parse(flags); err != nil {
+			t.Fatal(err)
+		}
+		if err := o.complete(); err != nil {
+			return o, err
+		}
+		return o, o.validate()
+	}
+	if _, err := run([]string{"--config=" + file}, nil); err == nil || !strings.Contains(err.Error(), `listeners.admin: "0.0.0.0:15000" is not a loopback address`) {
+		t.Errorf("sidecar run with the pod's file alone: got %v, want the admin address refused", err)
+	}
+	pod := strings.Replace(cliPod, "metadata:\n  name: web\n", "metadata:\n  name: web\n  annotations: {sidecar.mesh/config-map: pod-config}\n", 1)
+	for _, allow := range []bool{false, true} {
+		args := []string{"inject", "-f", "-"}
+		if allow {
+			args = append(args, "--allow-non-loopback-admin")
+		}
+		out, _, err := injectCLI(t, pod, args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		objs, err := kubetest.Objects([]byte(out))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var p corev1.Pod
+		if err := json.Unmarshal(objs[0], &p); err != nil {
+			t.Fatal(err)
+		}
+		sc := p.Spec.InitContainers[0]
+		env := map[string]string{}
+		for _, e := range sc.Env {
+			env[e.Name] = e.Value
+		}
+		o, err := run(sc.Args[1:], env)
+		want := "127.0.0.1:15000"
+		if allow {
+			want = "0.0.0.0:15000"
+		}
+		if err != nil || o.cfg.Listeners.Admin != want {
+			t.Errorf("allowed %v: the injected sidecar (args %q) with the pod's file: %v, admin %q; want it valid with the admin API on %s",
+				allow, sc.Args, err, o.cfg.Listeners.Admin, want)
+		}
+	}
+}
+
+// TestK8sReadmeListsEveryAnnotation: the annotation table of
+// k8s/README.md has a row for every annotation the injector knows, and
+// none it doesn't.
+func TestK8sReadmeListsEveryAnnotation(t *testing.T) {
+	data, err := os.ReadFile("../../k8s/README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rows []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if name, ok := strings.CutPrefix(line, "| `"+inject.Prefix); ok {
+			name, _, _ = strings.Cut(name, "`")
+			rows = append(rows, inject.Prefix+name)
+		}
+	}
+	slices.Sort(rows)
+	if known := inject.KnownAnnotations(); !slices.Equal(rows, known) {
+		t.Errorf("k8s/README.md's annotation rows:\n  %q\nwant one per known annotation:\n  %q", rows, known)
+	}
 }

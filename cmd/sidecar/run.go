@@ -59,6 +59,8 @@ var settings = []setting{
 		set: func(c *config.Config, v string) error { c.Listeners.Inbound = v; return nil }},
 	{flag: "admin-addr", usage: "address of the admin API (key: listeners.admin, default " + config.DefaultAdmin + ")",
 		set: func(c *config.Config, v string) error { c.Listeners.Admin = v; return nil }},
+	{flag: "allow-non-loopback-admin", usage: "let the admin API listen on an address other than loopback, true or false (key: none, deliberately: a config file can't open the admin API to the network; default false)",
+		set: func(c *config.Config, v string) error { return setBool(v, &c.AllowNonLoopbackAdmin) }},
 	{flag: "health-addr", usage: "address of the health endpoints for the kubelet (key: listeners.health, default " + config.DefaultHealth + ")",
 		set: func(c *config.Config, v string) error { c.Listeners.Health = v; return nil }},
 	{flag: "metrics-addr", usage: "address of the Prometheus metrics endpoint (key: listeners.metrics, default " + config.DefaultMetrics + ")",

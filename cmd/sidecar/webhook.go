@@ -70,10 +70,8 @@ func (o *webhookOptions) validate() error {
 	if _, _, err := net.SplitHostPort(o.addr); err != nil {
 		errs = append(errs, fmt.Errorf("--addr %q: want host:port", o.addr))
 	}
-	switch o.logLevel {
-	case "debug", "info", "warn", "error":
-	default:
-		errs = append(errs, fmt.Errorf("--log-level %q (allowed: debug, info, warn, error)", o.logLevel))
+	if err := config.CheckLogLevel(o.logLevel); err != nil {
+		errs = append(errs, fmt.Errorf("--log-level %w", err))
 	}
 	switch o.logFormat {
 	case "json", "text":

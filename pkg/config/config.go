@@ -65,6 +65,11 @@ type Config struct {
 	Lifecycle Lifecycle `yaml:"lifecycle,omitempty" json:"lifecycle"`
 	// Log configures logging.
 	Log Log `yaml:"log,omitempty" json:"log"`
+	// AllowNonLoopbackAdmin lets listeners.admin be an address other than
+	// loopback. Not a key of the file: only the flag or the environment
+	// (AllowNonLoopbackAdminEnv) set it, which a pod's author does not
+	// control. False: the admin API must listen on loopback.
+	AllowNonLoopbackAdmin bool `yaml:"-" json:"allowNonLoopbackAdmin,omitempty"`
 
 	file string // where the config came from, for messages
 }
@@ -404,6 +409,9 @@ func (c *Config) Validate() error {
 			add("%s: %s: %v", l.key, policy.Quote(l.addr), err)
 		}
 	}
+	if err := CheckAdminAddr(c.Listeners.Admin, c.AllowNonLoopbackAdmin); err != nil {
+		add("listeners.admin: %v", err)
+	}
 	if n := c.Limits.OutboundMaxInFlight; n < 0 || n > 1000000 {
 		add("limits.outboundMaxInFlight: %d is not allowed (allowed: 1 to 1000000, or 0 for the default)", n)
 	}
@@ -417,8 +425,8 @@ func (c *Config) Validate() error {
 	if (c.Probes != Probes{}) && c.AppPort == 0 {
 		add("probes: set appPort: the probes run against 127.0.0.1:appPort")
 	}
-	if d := c.Lifecycle.DrainWindow; d < 0 || d.D() > 10*time.Minute {
-		add("lifecycle.drainWindow: %s is not allowed (allowed: 0s to 10m)", d)
+	if err := CheckDrainWindow(c.Lifecycle.DrainWindow.D()); err != nil {
+		add("lifecycle.drainWindow: %v", err)
 	}
 	if d := c.Lifecycle.ShutdownTimeout; d < 0 || d.D() > time.Hour {
 		add("lifecycle.shutdownTimeout: %s is not allowed (allowed: 0s to 1h)", d)
@@ -427,8 +435,8 @@ func (c *Config) Validate() error {
 		add("advertiseAddr: %s is not an IP address", policy.Quote(c.AdvertiseAddr))
 	}
 	if co := c.Discovery.Consul; co != nil && co.Address != "" {
-		if _, _, err := net.SplitHostPort(co.Address); err != nil {
-			add("discovery.consul.address: %s: want host:port", policy.Quote(co.Address))
+		if err := CheckConsulAddress(co.Address); err != nil {
+			add("discovery.consul.address: %v", err)
 		}
 	}
 	if _, err := discovery.NewStatic(c.Discovery.Static); err != nil {
@@ -437,10 +445,8 @@ func (c *Config) Validate() error {
 	if _, err := c.InlinePolicies(); err != nil {
 		errs = append(errs, err)
 	}
-	switch c.Log.Level {
-	case "debug", "info", "warn", "error":
-	default:
-		add("log.level: %s (allowed: debug, info, warn, error)", policy.Quote(c.Log.Level))
+	if err := CheckLogLevel(c.Log.Level); err != nil {
+		add("log.level: %v", err)
 	}
 	switch c.Log.Format {
 	case "json", "text":

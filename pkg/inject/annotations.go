@@ -1,8 +1,9 @@
 package inject
 
 import (
+	"errors"
 	"fmt"
-	"net"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -11,6 +12,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/sidecar-mesh/sidecar/pkg/config"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 )
 
 // Prefix is the prefix of every annotation (and the opt-out label) the
@@ -122,8 +127,8 @@ func init() {
 var annotationParsers = map[string]annotationParser{
 	AnnotationInject: nil, // read by settings, with the label of the same name
 	AnnotationImage: func(s *podSettings, v string) error {
-		if v == "" || strings.ContainsAny(v, " \t\n") {
-			return fmt.Errorf("%q is not an image reference", v)
+		if err := checkImage(v); err != nil {
+			return err
 		}
 		s.image = v
 		return nil
@@ -131,7 +136,7 @@ var annotationParsers = map[string]annotationParser{
 	AnnotationAppPort: func(s *podSettings, v string) error {
 		p, err := strconv.Atoi(v)
 		if err != nil || p < 1 || p > 65535 {
-			return fmt.Errorf("%q is not a port number (allowed: 1 to 65535)", v)
+			return fmt.Errorf("%s is not a port number (allowed: 1 to 65535)", policy.Quote(v))
 		}
 		if reserved(p) {
 			return fmt.Errorf("%d is one of the sidecar's own ports (%s)", p, reservedList())
@@ -140,15 +145,15 @@ var annotationParsers = map[string]annotationParser{
 		return nil
 	},
 	AnnotationAppContainer: func(s *podSettings, v string) error {
-		if v == "" {
-			return fmt.Errorf("empty container name")
+		if errs := validation.IsDNS1123Label(v); len(errs) > 0 {
+			return fmt.Errorf("%s is not a container name: %s", policy.Quote(v), strings.Join(errs, "; "))
 		}
 		s.appContainer = v
 		return nil
 	},
 	AnnotationService: func(s *podSettings, v string) error {
-		if !validServiceName(v) {
-			return fmt.Errorf("%q is not a valid service name (lower-case letters, digits and '-', at most 63)", v)
+		if !policy.ValidServiceName(v) {
+			return fmt.Errorf("%s is not a valid service name (lower-case letters, digits and '-', at most 63)", policy.Quote(v))
 		}
 		s.service = v
 		return nil
@@ -181,7 +186,7 @@ var annotationParsers = map[string]annotationParser{
 		return setQuantity(&s.resources.Limits, corev1.ResourceMemory, v)
 	},
 	AnnotationLogLevel: func(s *podSettings, v string) error {
-		if err := checkLogLevel(v); err != nil {
+		if err := config.CheckLogLevel(v); err != nil {
 			return err
 		}
 		s.logLevel = v
@@ -265,7 +270,7 @@ func (in *Injector) settings(meta *metav1.ObjectMeta) (podSettings, ErrorList) {
 	}
 	if s.service == "" {
 		for _, l := range []string{"app.kubernetes.io/name", "app"} {
-			if v := meta.Labels[l]; validServiceName(v) {
+			if v := meta.Labels[l]; policy.ValidServiceName(v) {
 				s.service = v
 				break
 			}
@@ -285,7 +290,7 @@ func parseSwitch(v string) (bool, error) {
 	case "false", "disabled":
 		return false, nil
 	}
-	return false, fmt.Errorf("%q (allowed: true, false, enabled, disabled)", v)
+	return false, fmt.Errorf("%s (allowed: true, false, enabled, disabled)", policy.Quote(v))
 }
 
 func parseBool(v string) (bool, error) {
@@ -295,7 +300,7 @@ func parseBool(v string) (bool, error) {
 	case "false":
 		return false, nil
 	}
-	return false, fmt.Errorf("%q (allowed: true, false)", v)
+	return false, fmt.Errorf("%s (allowed: true, false)", policy.Quote(v))
 }
 
 func parseConfigMapRef(v, defaultKey string) (name, key string, err error) {
@@ -303,24 +308,37 @@ func parseConfigMapRef(v, defaultKey string) (name, key string, err error) {
 	if key == "" {
 		key = defaultKey
 	}
-	if !validDNSSubdomain(name) {
-		return "", "", fmt.Errorf("%q: want NAME[:KEY] with NAME a ConfigMap name", v)
+	if errs := validation.IsDNS1123Subdomain(name); len(errs) > 0 {
+		return "", "", fmt.Errorf("%s: want NAME[:KEY] with NAME a ConfigMap name: %s", policy.Quote(v), strings.Join(errs, "; "))
 	}
-	if !validConfigMapKey(key) {
-		return "", "", fmt.Errorf("%q: key %q is not a valid ConfigMap key", v, key)
+	if errs := validation.IsConfigMapKey(key); len(errs) > 0 {
+		return "", "", fmt.Errorf("%s: key %s is not a valid ConfigMap key: %s", policy.Quote(v), policy.Quote(key), strings.Join(errs, "; "))
 	}
 	return name, key, nil
 }
 
-// setQuantity sets a resource; "none" removes it (for limits).
+// Bounds of the sidecar's resources: below them the sidecar can't run (the
+// Go runtime and its buffers take about 20 MiB), above them no node has
+// room and the pod never schedules.
+var (
+	minCPU    = resource.MustParse("1m")
+	maxCPU    = resource.MustParse("64")
+	minMemory = resource.MustParse("32Mi")
+	maxMemory = resource.MustParse("64Gi")
+)
+
+// setQuantity sets a resource; "none" removes it.
 func setQuantity(list *corev1.ResourceList, name corev1.ResourceName, v string) error {
 	if v == "none" {
 		delete(*list, name)
 		return nil
 	}
 	q, err := resource.ParseQuantity(v)
-	if err != nil || q.Sign() <= 0 {
-		return fmt.Errorf("%q is not a positive quantity such as 100m or 128Mi (or none)", v)
+	if err != nil {
+		return fmt.Errorf("%s is not a quantity such as 100m or 128Mi (or none)", policy.Quote(v))
+	}
+	if err := checkQuantity(name, q); err != nil {
+		return err
 	}
 	if *list == nil {
 		*list = corev1.ResourceList{}
@@ -329,80 +347,65 @@ func setQuantity(list *corev1.ResourceList, name corev1.ResourceName, v string) 
 	return nil
 }
 
-// checkResources rejects a request above its limit, which the API server
-// would refuse.
+// checkQuantity checks the sidecar's CPU or memory against its bounds.
+func checkQuantity(name corev1.ResourceName, q resource.Quantity) error {
+	lo, hi := minCPU, maxCPU
+	if name == corev1.ResourceMemory {
+		lo, hi = minMemory, maxMemory
+	}
+	if q.Cmp(lo) < 0 || q.Cmp(hi) > 0 {
+		return fmt.Errorf("%s %s is not allowed (allowed: %s to %s)", name, q.String(), lo.String(), hi.String())
+	}
+	return nil
+}
+
+// checkResources checks every quantity against its bounds and rejects a
+// request above its limit, which the API server would refuse.
 func checkResources(r corev1.ResourceRequirements) error {
-	for name, req := range r.Requests {
+	var errs []error
+	for _, list := range []corev1.ResourceList{r.Requests, r.Limits} {
+		for _, name := range slices.Sorted(maps.Keys(list)) {
+			if err := checkQuantity(name, list[name]); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(r.Requests)) {
+		req := r.Requests[name]
 		if lim, ok := r.Limits[name]; ok && req.Cmp(lim) > 0 {
-			return fmt.Errorf("the sidecar's %s request %s is above its limit %s", name, req.String(), lim.String())
+			errs = append(errs, fmt.Errorf("the sidecar's %s request %s is above its limit %s", name, req.String(), lim.String()))
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
-func checkLogLevel(v string) error {
-	switch v {
-	case "debug", "info", "warn", "error":
-		return nil
-	}
-	return fmt.Errorf("%q (allowed: debug, info, warn, error)", v)
-}
-
+// parseDrainWindow reads a drain window as the sidecar's --drain-window.
 func parseDrainWindow(v string) (time.Duration, error) {
-	d, err := time.ParseDuration(v)
-	if err != nil || d < 0 || d > 10*time.Minute {
-		return 0, fmt.Errorf("%q is not a duration from 0s to 10m", v)
+	d, err := policy.ParseDuration(v)
+	if err != nil {
+		return 0, err
 	}
-	return d, nil
+	if err := config.CheckDrainWindow(d.D()); err != nil {
+		return 0, err
+	}
+	return d.D(), nil
 }
 
-// checkConsulAddr accepts host:port, where host may be a Kubernetes
-// dependent variable such as $(HOST_IP).
+// consulAddrVars are the variables an annotation's Consul address may
+// name as its host: the sidecar container has them (standardEnv), so the
+// kubelet puts the node's or the pod's IP in their place.
+var consulAddrVars = []string{"$(HOST_IP)", "$(POD_IP)"}
+
+// checkConsulAddr checks a Consul address as the sidecar will once the
+// kubelet has expanded it.
 func checkConsulAddr(v string) error {
-	host, port, err := net.SplitHostPort(v)
-	if err != nil || host == "" {
-		return fmt.Errorf("%q: want host:port (e.g. consul.consul:8500 or $(HOST_IP):8500)", v)
+	expanded := v
+	for _, ref := range consulAddrVars {
+		expanded = strings.ReplaceAll(expanded, ref, "[::1]")
 	}
-	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
-		return fmt.Errorf("%q: port out of range 1-65535", v)
+	if err := config.CheckConsulAddress(expanded); err != nil {
+		return fmt.Errorf("%s: want host:port, the host an IP address, a DNS name or %s (e.g. consul.consul:8500 or $(HOST_IP):8500)",
+			policy.Quote(v), strings.Join(consulAddrVars, " or "))
 	}
 	return nil
-}
-
-// validServiceName mirrors the sidecar's own rule (pkg/policy): a DNS label.
-func validServiceName(s string) bool {
-	if s == "" || len(s) > 63 || s[0] == '-' || s[len(s)-1] == '-' {
-		return false
-	}
-	for _, r := range s {
-		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-') {
-			return false
-		}
-	}
-	return true
-}
-
-// validDNSSubdomain is the rule for ConfigMap names.
-func validDNSSubdomain(s string) bool {
-	if s == "" || len(s) > 253 {
-		return false
-	}
-	for _, label := range strings.Split(s, ".") {
-		if !validServiceName(label) {
-			return false
-		}
-	}
-	return true
-}
-
-func validConfigMapKey(s string) bool {
-	if s == "" || len(s) > 253 || s == "." || s == ".." {
-		return false
-	}
-	for _, r := range s {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
-			return false
-		}
-	}
-	return true
 }

@@ -30,6 +30,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/sidecar-mesh/sidecar/pkg/config"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 )
 
 // The sidecar's container name and ports (DESIGN.md, "Ports").
@@ -76,6 +80,12 @@ type Config struct {
 	Env []corev1.EnvVar
 	// Resources of the sidecar container. Nil lists: DefaultResources.
 	Resources corev1.ResourceRequirements
+	// AllowNonLoopbackAdmin lets the sidecar's admin API listen on an
+	// address other than loopback, if a pod's config file asks for one: the
+	// sidecar gets config.AllowNonLoopbackAdminEnv=true. False: a pod with a
+	// config file gets --admin-addr=127.0.0.1:15000, which beats the file,
+	// and the sidecar refuses any other admin address.
+	AllowNonLoopbackAdmin bool
 }
 
 // DefaultResources are the sidecar container's default requests and limits:
@@ -102,8 +112,8 @@ type Injector struct {
 // New validates cfg and fills its defaults.
 func New(cfg Config) (*Injector, error) {
 	var errs []error
-	if cfg.Image == "" || strings.ContainsAny(cfg.Image, " \t\n") {
-		errs = append(errs, fmt.Errorf("image: %q is not an image reference", cfg.Image))
+	if err := checkImage(cfg.Image); err != nil {
+		errs = append(errs, fmt.Errorf("image: %w", err))
 	}
 	switch cfg.ImagePullPolicy {
 	case "":
@@ -116,15 +126,15 @@ func New(cfg Config) (*Injector, error) {
 		cfg.Version = "unknown"
 	}
 	if cfg.LogLevel != "" {
-		if err := checkLogLevel(cfg.LogLevel); err != nil {
+		if err := config.CheckLogLevel(cfg.LogLevel); err != nil {
 			errs = append(errs, fmt.Errorf("log level: %w", err))
 		}
 	}
 	if cfg.DrainWindow == 0 {
 		cfg.DrainWindow = DefaultDrainWindow
 	}
-	if cfg.DrainWindow < 0 || cfg.DrainWindow > 10*time.Minute {
-		errs = append(errs, fmt.Errorf("drain window: %s is not allowed (allowed: 0s to 10m)", cfg.DrainWindow))
+	if err := config.CheckDrainWindow(cfg.DrainWindow); err != nil {
+		errs = append(errs, fmt.Errorf("drain window: %w", err))
 	}
 	if cfg.ConsulAddr != "" {
 		if err := checkConsulAddr(cfg.ConsulAddr); err != nil {
@@ -137,10 +147,13 @@ func New(cfg Config) (*Injector, error) {
 	}
 	std["GOMEMLIMIT"] = true
 	for _, e := range cfg.Env {
-		if e.Name == "" || strings.ContainsAny(e.Name, "= \t") {
-			errs = append(errs, fmt.Errorf("env: %q is not a variable name", e.Name))
-		} else if std[e.Name] {
+		switch {
+		case len(validation.IsEnvVarName(e.Name)) > 0:
+			errs = append(errs, fmt.Errorf("env: %s is not a variable name: %s", policy.Quote(e.Name), strings.Join(validation.IsEnvVarName(e.Name), "; ")))
+		case std[e.Name]:
 			errs = append(errs, fmt.Errorf("env: %s is set by the injector", e.Name))
+		case e.Name == config.AllowNonLoopbackAdminEnv:
+			errs = append(errs, fmt.Errorf("env: %s: allow a non-loopback admin API with the injector's own setting (--allow-non-loopback-admin), which also stops it from pinning the admin address", e.Name))
 		}
 	}
 	if cfg.Resources.Requests == nil {
@@ -365,6 +378,12 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 		mounts = append(mounts, corev1.VolumeMount{Name: src.volume, MountPath: src.dir, ReadOnly: true})
 		args = append(args, src.flag+"="+src.dir+"/"+src.key)
 	}
+	if s.configMap != "" && !in.cfg.AllowNonLoopbackAdmin {
+		// The pod's config file may name any admin address; the flag beats
+		// it, and keeps the admin API (drain, quit, the effective config)
+		// to the pod itself.
+		args = append(args, fmt.Sprintf("--admin-addr=127.0.0.1:%d", PortAdmin))
+	}
 	if s.consulAddr != "" {
 		args = append(args, "--consul-addr="+s.consulAddr)
 	}
@@ -381,6 +400,9 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 				continue
 			}
 			flag, why := sidecarProbeFlag(k, orig, app, s.appPort)
+			if why == "" {
+				why = checkProbeFlag(k, flag)
+			}
 			if why != "" {
 				p.warnings = append(p.warnings, fmt.Sprintf("container %q: %s probe left to the kubelet: %s", app.Name, k, why))
 				continue
@@ -613,6 +635,9 @@ func (in *Injector) sidecarContainer(s podSettings, args []string, mounts []core
 			ResourceFieldRef: &corev1.ResourceFieldSelector{Resource: "limits.memory", Divisor: resource.MustParse("1")}}})
 	}
 	env = append(env, in.cfg.Env...)
+	if in.cfg.AllowNonLoopbackAdmin {
+		env = append(env, corev1.EnvVar{Name: config.AllowNonLoopbackAdminEnv, Value: "true"})
+	}
 	ports := []corev1.ContainerPort{
 		{Name: "sidecar-health", ContainerPort: PortHealth, Protocol: corev1.ProtocolTCP},
 		{Name: "sidecar-metrics", ContainerPort: PortMetrics, Protocol: corev1.ProtocolTCP},

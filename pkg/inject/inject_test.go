@@ -50,7 +50,7 @@ func TestMalformedInput(t *testing.T) {
 		{"bad inject label", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels: {sidecar.mesh/inject: maybe}\nspec:\n  containers: [{name: a, image: b}]\n",
 			[]string{"document 1 (line 1, Pod p)", `metadata.labels[sidecar.mesh/inject]: "maybe" (allowed: true, false, enabled, disabled)`}},
 		{"several annotation errors", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations: {sidecar.mesh/log-level: loud, sidecar.mesh/drain-window: forever, sidecar.mesh/memory-limit: lots}\nspec:\n  containers: [{name: a, image: b}]\n",
-			[]string{`metadata.annotations[sidecar.mesh/drain-window]: "forever" is not a duration`, `metadata.annotations[sidecar.mesh/log-level]: "loud" (allowed: debug, info, warn, error)`, `metadata.annotations[sidecar.mesh/memory-limit]: "lots" is not a positive quantity`}},
+			[]string{`metadata.annotations[sidecar.mesh/drain-window]: invalid duration "forever"`, `metadata.annotations[sidecar.mesh/log-level]: "loud" (allowed: debug, info, warn, error)`, `metadata.annotations[sidecar.mesh/memory-limit]: "lots" is not a quantity`}},
 		{"request above limit", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations: {sidecar.mesh/memory-request: 1Gi}\nspec:\n  containers: [{name: a, image: b}]\n",
 			[]string{"memory request 1Gi is above its limit 256Mi"}},
 		{"missing kind", "apiVersion: v1\nmetadata: {name: x}\n",

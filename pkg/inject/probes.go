@@ -7,6 +7,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/sidecar-mesh/sidecar/pkg/config"
 )
 
 // probeKind is one of the app's three probes.
@@ -125,6 +127,20 @@ func sidecarProbeFlag(k probeKind, p *corev1.Probe, app *corev1.Container, appPo
 		b.WriteString(",failureThreshold=1,successThreshold=1")
 	}
 	return b.String(), ""
+}
+
+// checkProbeFlag says why the sidecar would refuse a probe flag (timings
+// or thresholds the kubelet takes and the sidecar doesn't, such as a period
+// of 2^31-1 s), or "".
+func checkProbeFlag(k probeKind, flag string) string {
+	p, err := config.ParseProbe(flag)
+	if err == nil {
+		err = p.Validate("probes." + string(k))
+	}
+	if err != nil {
+		return "the sidecar would refuse it as its probe flag: " + strings.ReplaceAll(err.Error(), "\n", "; ")
+	}
+	return ""
 }
 
 // kubeletProbe is the app's probe pointed at the sidecar: the same timings

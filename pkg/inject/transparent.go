@@ -90,8 +90,8 @@ func (t *Transparent) Parse(name, v string) error {
 		t.Enabled = on
 		return err
 	case AnnotationInitImage:
-		if v == "" || strings.ContainsAny(v, " \t\n") {
-			return fmt.Errorf("%q is not an image reference", v)
+		if err := checkImage(v); err != nil {
+			return err
 		}
 		t.InitImage = v
 		return nil
