@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/redact"
 )
 
 // command is one CLI command's options: complete fills in what flags,
@@ -77,6 +78,12 @@ func (t *policyTarget) complete() error {
 	}
 	if addr == "" {
 		addr = "127.0.0.1:8500"
+	}
+	if strings.Contains(addr, "@") {
+		// The Consul client takes userinfo for part of the host name and
+		// echoes it in every error.
+		return fmt.Errorf("Consul address %s: credentials in the address are not supported; set the token in CONSUL_HTTP_TOKEN",
+			redact.URL(addr).Redacted())
 	}
 	var err error
 	t.kv, err = newKVStore(addr, t.getenv("CONSUL_HTTP_TOKEN"), t.timeout)

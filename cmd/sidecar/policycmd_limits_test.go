@@ -61,6 +61,25 @@ func TestPolicyCommandsTimeOut(t *testing.T) {
 	}
 }
 
+// A Consul address with credentials is refused without echoing them: the
+// Consul client would take them for part of the host name and print them
+// in its errors.
+func TestPolicyConsulAddrCredentials(t *testing.T) {
+	for _, tc := range []struct {
+		env  map[string]string
+		args []string
+	}{
+		{nil, []string{"policy", "list", "--consul-addr", "http://user:s3cret@127.0.0.1:1"}},
+		{map[string]string{"CONSUL_HTTP_ADDR": "https://s3cret@consul.example:8501"}, []string{"policy", "get", "users"}},
+	} {
+		_, _, err := cliIn(t, tc.env, "", tc.args...)
+		if err == nil || strings.Contains(err.Error(), "s3cret") || !strings.Contains(err.Error(), "[redacted]@") ||
+			!strings.Contains(err.Error(), "CONSUL_HTTP_TOKEN") {
+			t.Errorf("%v with %v: %v; want the address refused, its credentials redacted", tc.args, tc.env, err)
+		}
+	}
+}
+
 // A negative --cas-index is refused, not taken for "no check".
 func TestPolicyNegativeCASIndex(t *testing.T) {
 	file := writeFile(t, "p.yaml", "service: users\ntimeout: 2s\n")
