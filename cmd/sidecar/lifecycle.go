@@ -101,7 +101,8 @@ func (s *sidecar) startInbound(cfg *config.Config) error {
 		observer = inbound.NewTelemetry(s.tracer(), s.tracing.Propagator(), s.requests, cfg.Service)
 	}
 	s.app, err = inbound.New(inbound.Config{AppAddr: appAddr, Service: cfg.Service,
-		MaxInFlight: cfg.Limits.InboundMaxInFlight, Observer: observer, Logger: s.log})
+		MaxInFlight: cfg.Limits.InboundMaxInFlight, Observer: observer, Logger: s.log,
+		Transport: proxyhttp.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes}})
 	if err == nil {
 		s.resilience.setInbound(s.app)
 	}

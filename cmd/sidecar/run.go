@@ -74,6 +74,13 @@ var settings = []setting{
 			c.Discovery.Consul.Address = v
 			return nil
 		}},
+	{flag: "consul-allow-loopback-endpoints", usage: "use Consul instances at loopback, link-local or unspecified addresses (the sidecar's own host), true or false (key: discovery.consul.allowLoopbackEndpoints, default false)",
+		set: func(c *config.Config, v string) error {
+			if c.Discovery.Consul == nil {
+				c.Discovery.Consul = &config.Consul{}
+			}
+			return setBool(v, &c.Discovery.Consul.AllowLoopbackEndpoints)
+		}},
 	{flag: "static", list: true, sep: ";",
 		usage: "static endpoints of a service as SERVICE=IP:PORT[,IP:PORT...]; repeatable; replaces the config file's entry for SERVICE (key: discovery.static; env entries separated by ';')",
 		set: func(c *config.Config, v string) error {
@@ -120,6 +127,15 @@ var settings = []setting{
 				return fmt.Errorf("want a number, got %q", v)
 			}
 			c.Limits.InboundMaxInFlight = n
+			return nil
+		}},
+	{flag: "max-response-header-bytes", usage: "largest status line and header block accepted from an upstream or the app; over it 502 upstream_bad_response (key: limits.maxResponseHeaderBytes, default 65536)",
+		set: func(c *config.Config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("want a number, got %q", v)
+			}
+			c.Limits.MaxResponseHeaderBytes = n
 			return nil
 		}},
 	{flag: "transparent", usage: "serve connections redirected to the outbound port by `sidecar iptables`: route HTTP by Host, then by the original destination; pass other TCP through, true or false (key: transparent.enabled, default false)",

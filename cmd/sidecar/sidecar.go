@@ -138,6 +138,8 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 			CacheFile:   co.CacheFile,
 			CacheMaxAge: co.CacheMaxAge.D(),
 			Logger:      log,
+
+			AllowLoopbackEndpoints: co.AllowLoopbackEndpoints,
 		})
 		if err != nil {
 			return nil, err
@@ -149,6 +151,9 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		return nil, err
 	}
 	reg := newRegistry(resolver)
+	if s.consul != nil {
+		reg.MustRegister(droppedCollector{s.consul})
+	}
 	reg.MustRegister(policyCollector{store: s.policies.store})
 	resilience := newResilienceMetrics(reg)
 	s.resilience, s.registry = resilience, reg
@@ -160,7 +165,8 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 		func() float64 { return float64(s.tracing.Dropped()) }))
 	s.proxy, err = outbound.New(outbound.Config{Resolver: resolver, Policies: s.policies.store,
 		AllowHosts: cfg.AllowHosts, MaxInFlight: cfg.Limits.OutboundMaxInFlight, Observer: resilience,
-		Tracer: s.tracer(), Propagator: s.tracing.Propagator(), Metrics: s.requests, Logger: log})
+		Tracer: s.tracer(), Propagator: s.tracing.Propagator(), Metrics: s.requests, Logger: log,
+		Transport: proxyhttp.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes}})
 	if err != nil {
 		return nil, err
 	}

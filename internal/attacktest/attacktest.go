@@ -75,6 +75,12 @@ func NewUpstream(t testing.TB) *Upstream {
 }
 
 func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
+	if r.Method == "PRI" && r.RequestURI == "*" {
+		// The transport's HTTP/2 preface, which net/http's HTTP/1 server
+		// hands on as a request: no request of a client's.
+		w.WriteHeader(http.StatusHTTPVersionNotSupported)
+		return
+	}
 	req := &Request{Method: r.Method, URI: r.RequestURI, Host: r.Host, Header: r.Header.Clone()}
 	u.mu.Lock()
 	u.got = append(u.got, req)

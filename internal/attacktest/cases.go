@@ -122,6 +122,9 @@ func Cases() []Case {
 		{Name: "CL.CL identical", Class: "smuggling", Request: post("Content-Length: 5", "Content-Length: 5") + "hello" + second, Out: twoServed, In: twoServed},
 		{Name: "Content_Length lookalike", Class: "smuggling", Request: post("Content_Length: 5") + "hello" + smuggled, Out: badRequest, In: badRequest},
 		{Name: "Transfer_Encoding lookalike", Class: "smuggling", Request: post("Transfer_Encoding: chunked") + "0\r\n\r\n" + smuggled, Out: badRequest, In: badRequest},
+		{Name: "X_Forwarded_For lookalike", Class: "hop-by-hop", Request: get("Host: svc", "X_Forwarded_For: 10.0.0.1"), Out: badRequest, In: badRequest},
+		{Name: "Keep_Alive lookalike", Class: "hop-by-hop", Request: get("Host: svc", "keep_alive: timeout=5"), Out: badRequest, In: badRequest},
+		{Name: "Proxy_Authorization lookalike", Class: "hop-by-hop", Request: get("Host: svc", "Proxy_Authorization: Basic YTpi"), Out: badRequest, In: badRequest},
 		{Name: "TE in HTTP/1.0", Class: "smuggling", Request: "POST / HTTP/1.0\r\nHost: svc\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n" + smuggled, Out: badRequest, In: badRequest},
 
 		// Transfer-Encoding and Content-Length values.
@@ -201,6 +204,8 @@ func Cases() []Case {
 		// by name only. The inbound port reaches its app only.
 		{Name: "absolute URL to an IP", Class: "ssrf", Request: head("GET http://{decoy}/ HTTP/1.1", "Host: {decoy}", "Connection: close"), Out: notAllowed, In: toApp},
 		{Name: "absolute URL to localhost", Class: "ssrf", Request: head("GET http://localhost:{decoyport}/ HTTP/1.1", "Host: localhost:{decoyport}", "Connection: close"), Out: unknown, In: toApp},
+		{Name: "absolute URL with a Consul path", Class: "ssrf", Request: head("GET http://a%2f..%2f..%2fkv%2fsidecar/ HTTP/1.1", "Host: a%2f..%2f..%2fkv%2fsidecar", "Connection: close"), Out: goAnswers(400), In: goAnswers(400)},
+		{Name: "Host with a percent-encoded path", Class: "ssrf", Request: get("Host: svc%2f..%2fkv"), Out: badRequest, In: toApp},
 		{Name: "Host localhost", Class: "ssrf", Request: get("Host: localhost:{decoyport}"), Out: unknown, In: toApp},
 		{Name: "Host 169.254.169.254", Class: "ssrf", Request: get("Host: 169.254.169.254"), Out: notAllowed, In: toApp},
 		{Name: "absolute URL to 169.254.169.254, Host the service", Class: "ssrf", Request: head("GET http://169.254.169.254/latest/meta-data/ HTTP/1.1", "Host: svc", "Connection: close"), Out: notAllowed, In: toApp},
@@ -213,7 +218,7 @@ func Cases() []Case {
 		// net/http refuses '@' in a Host header.
 		{Name: "Host with userinfo", Class: "ssrf", Request: get("Host: svc@{decoy}"), Out: goAnswers(400), In: goAnswers(400)},
 		{Name: "percent-encoded IP in the URL", Class: "ssrf", Request: head("GET http://%31%32%37.0.0.1:{decoyport}/ HTTP/1.1", "Host: svc"), Out: goAnswers(400), In: goAnswers(400)},
-		{Name: "percent-encoded Host", Class: "ssrf", Request: get("Host: %31%32%37.0.0.1:{decoyport}"), Out: unknown, In: toApp},
+		{Name: "percent-encoded Host", Class: "ssrf", Request: get("Host: %31%32%37.0.0.1:{decoyport}"), Out: badRequest, In: toApp},
 		{Name: "IP with a trailing dot", Class: "ssrf", Request: get("Host: {decoyip}.:{decoyport}"), Out: notAllowed, In: toApp},
 		{Name: "IP as a Consul name", Class: "ssrf", Request: get("Host: {decoyip}.service.consul:{decoyport}"), Out: notAllowed, In: toApp},
 		{Name: "service with a trailing dot", Class: "ssrf", Request: get("Host: svc."), Out: withCheck(served, hostIs("svc.")), In: toApp},

@@ -115,6 +115,10 @@ type Consul struct {
 	CacheFile string `yaml:"cacheFile,omitempty" json:"cacheFile,omitempty"`
 	// CacheMaxAge is how old persisted endpoints may be to be used. Default 1h.
 	CacheMaxAge policy.Duration `yaml:"cacheMaxAge,omitempty" json:"cacheMaxAge,omitempty"`
+	// AllowLoopbackEndpoints uses instances at loopback, link-local or
+	// unspecified addresses. False (the default) drops them: such an
+	// address is the sidecar's own host (static endpoints are not checked).
+	AllowLoopbackEndpoints bool `yaml:"allowLoopbackEndpoints,omitempty" json:"allowLoopbackEndpoints,omitempty"`
 	// Register configures the app's registration (with service, appPort
 	// and advertiseAddr set).
 	Register Register `yaml:"register,omitempty" json:"register"`
@@ -291,6 +295,11 @@ type Limits struct {
 	// InboundMaxInFlight caps requests in flight to the app; over it a
 	// request gets 503 overloaded at once. Default 1024.
 	InboundMaxInFlight int `yaml:"inboundMaxInFlight,omitempty" json:"inboundMaxInFlight,omitempty"`
+	// MaxResponseHeaderBytes bounds the status line and header block of
+	// an answer from an upstream or the app (each interim 1xx answer's
+	// too); over it the answer is refused with 502 upstream_bad_response.
+	// Default 65536, as Envoy's 60 KiB.
+	MaxResponseHeaderBytes int `yaml:"maxResponseHeaderBytes,omitempty" json:"maxResponseHeaderBytes,omitempty"`
 }
 
 // Tracing configures OpenTelemetry tracing. The standard OTEL_* variables
@@ -417,6 +426,9 @@ func (c *Config) Validate() error {
 	}
 	if n := c.Limits.InboundMaxInFlight; n < 0 || n > 1000000 {
 		add("limits.inboundMaxInFlight: %d is not allowed (allowed: 1 to 1000000, or 0 for the default)", n)
+	}
+	if n := c.Limits.MaxResponseHeaderBytes; n < 0 || (n > 0 && n < 1024) || n > 16<<20 {
+		add("limits.maxResponseHeaderBytes: %d is not allowed (allowed: 1024 to 16777216, or 0 for 65536)", n)
 	}
 	c.Probes.Readiness.validate("probes.readiness", add)
 	c.Probes.Liveness.validate("probes.liveness", add)

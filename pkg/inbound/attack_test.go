@@ -31,3 +31,10 @@ func TestUpstreamAttacks(t *testing.T) {
 		return addr
 	}, 8, 150)
 }
+
+// The HTTP/2 table against the inbound listener.
+func TestH2Attacks(t *testing.T) {
+	app, decoy := attacktest.NewUpstream(t), attacktest.NewUpstream(t)
+	_, addr := startInbound(t, inbound.Config{AppAddr: app.Addr()})
+	attacktest.RunH2(t, attacktest.Target{Listener: attacktest.Inbound, Addr: addr, Upstream: app, Decoy: decoy})
+}

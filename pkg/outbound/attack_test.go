@@ -27,3 +27,11 @@ func TestUpstreamAttacks(t *testing.T) {
 		return startSidecar(t, options{static: map[string][]string{"svc": {upstream}}, policies: "service: svc\nretry: {attempts: 1}\n" + noBreaker + noOutliers}).addr
 	}, 8, 150)
 }
+
+// The HTTP/2 table against the outbound listener: methods, :authority and
+// header names checked as on HTTP/1.
+func TestH2Attacks(t *testing.T) {
+	up, decoy := attacktest.NewUpstream(t), attacktest.NewUpstream(t)
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.Addr()}}})
+	attacktest.RunH2(t, attacktest.Target{Listener: attacktest.Outbound, Addr: sc.addr, Upstream: up, Decoy: decoy})
+}

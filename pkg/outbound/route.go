@@ -5,6 +5,7 @@ import (
 	"net/http"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
@@ -30,6 +31,10 @@ func (p *Proxy) route(r *http.Request, host string) (*proxyhttp.Forwarder, strin
 	service := discovery.ServiceName(host)
 	_, redirected := proxyhttp.OriginalDst(r.Context())
 	if !discovery.IsIPLiteral(host) {
+		if !discovery.ValidServiceName(service) {
+			return nil, "", &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
+				Detail: "the host " + policy.Quote(host) + " is not a service name (letters, digits, '-', '_' and '.')"}
+		}
 		_, err := p.resolver.Resolve(r.Context(), service)
 		if err == nil {
 			return p.service, service, nil

@@ -102,9 +102,13 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string)
 	if len(resp.Trailer) > 0 {
 		names := make([]string, 0, len(resp.Trailer))
 		for k := range resp.Trailer {
-			names = append(names, k)
+			if httpguts.ValidTrailerHeader(k) {
+				names = append(names, k)
+			}
 		}
-		h["Trailer"] = []string{strings.Join(names, ", ")}
+		if len(names) > 0 {
+			h["Trailer"] = []string{strings.Join(names, ", ")}
+		}
 	}
 	w.WriteHeader(resp.StatusCode)
 
@@ -123,7 +127,12 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string)
 		panic(http.ErrAbortHandler)
 	}
 	for k, vv := range resp.Trailer {
-		h[http.TrailerPrefix+k] = vv
+		// Framing, routing and authentication fields (Content-Length,
+		// Host, Authorization, ...) are not allowed in a trailer (RFC
+		// 9110, 6.5.1): a client that merged them would be misled.
+		if httpguts.ValidTrailerHeader(k) {
+			h[http.TrailerPrefix+k] = vv
+		}
 	}
 }
 

@@ -572,6 +572,21 @@ func parseFraming(block []byte) (framing, string) {
 	return f, ""
 }
 
+// validMethod reports whether m is a token (RFC 9110, 9.1): net/http's
+// HTTP/1 server checks it, its HTTP/2 server does not, and a method with a
+// space would become another request line upstream.
+func validMethod(m string) bool {
+	if m == "" {
+		return false
+	}
+	for i := 0; i < len(m); i++ {
+		if !httpguts.IsTokenRune(rune(m[i])) {
+			return false
+		}
+	}
+	return true
+}
+
 // validHeaderName reports whether b is a token (RFC 9110, 5.1): no spaces,
 // no separators, so "Transfer-Encoding :" can't slip past as another name.
 func validHeaderName(b []byte) bool {
@@ -648,20 +663,25 @@ func asciiEqualFold(b []byte, s string) bool {
 
 // lookalike reports whether b is s (lower-case, with '-') spelled with at
 // least one '_' for a '-', in any case.
-func lookalike(b []byte, s string) bool {
-	if len(b) != len(s) || bytes.IndexByte(b, '_') < 0 {
+func lookalike[T string | []byte](b T, s string) bool {
+	if len(b) != len(s) {
 		return false
 	}
-	for i := range b {
+	underscore := false
+	for i := range len(b) {
 		c := b[i]
 		if 'A' <= c && c <= 'Z' {
 			c += 'a' - 'A'
 		}
-		if c != s[i] && !(c == '_' && s[i] == '-') {
+		switch {
+		case c == s[i]:
+		case c == '_' && s[i] == '-':
+			underscore = true
+		default:
 			return false
 		}
 	}
-	return true
+	return underscore
 }
 
 func quote(b []byte) string {
@@ -697,16 +717,50 @@ func TakeVerdict(r *http.Request) Verdict {
 		v.Reason = "malformed request"
 	}
 	if v.Reason == "" && r.ProtoMajor == 2 {
-		v.Reason = h2Malformed(r.Header)
+		v.Reason = h2Malformed(r)
+	}
+	if v.Reason == "" {
+		v.Reason = underscoredLookalike(r.Header)
 	}
 	return v
+}
+
+// guardedHeaders are the framing, hop-by-hop and forwarding headers whose
+// names an upstream that maps '_' to '-' (CGI, WSGI, PHP) would read from
+// a look-alike: "Transfer_Encoding" becomes framing there, "X_Forwarded_For"
+// a client address. Envoy's headers_with_underscores_action can reject
+// every such name; these are the ones that matter to a proxy.
+var guardedHeaders = []string{"content-length", "transfer-encoding", "keep-alive", "proxy-connection",
+	"proxy-authenticate", "proxy-authorization", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"}
+
+// underscoredLookalike says which header of h spells a guarded header with
+// '_' for '-', or "".
+func underscoredLookalike(h http.Header) string {
+	for name := range h {
+		if strings.IndexByte(name, '_') < 0 {
+			continue
+		}
+		for _, g := range guardedHeaders {
+			if lookalike(name, g) {
+				return "header name " + quote([]byte(name)) + " with '_' for '-' in a framing, hop-by-hop or forwarding header"
+			}
+		}
+	}
+	return ""
 }
 
 // h2Malformed says why an HTTP/2 request's header fields make it malformed
 // (RFC 9113, 8.2.2): connection-specific fields, or TE other than
 // "trailers". net/http's HTTP/2 server lets them through; a proxy must not
 // forward them. "" when the fields are fine.
-func h2Malformed(h http.Header) string {
+func h2Malformed(r *http.Request) string {
+	if !validMethod(r.Method) {
+		return "method " + quote([]byte(r.Method)) + " is not a token"
+	}
+	if !httpguts.ValidHostHeader(r.Host) {
+		return ":authority " + quote([]byte(r.Host)) + " is not a valid host"
+	}
+	h := r.Header
 	for _, name := range []string{"Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade"} {
 		if _, ok := h[name]; ok {
 			return "connection-specific header field " + name + " in an HTTP/2 request"

@@ -413,6 +413,16 @@ func (c *h1Conn) serveOne() bool {
 		}
 		if end := headerBlockEnd(c.rbuf[c.r:c.w]); end > 0 {
 			c.state.Store(int32(stateActive))
+			if end < len(h2PrefaceStart) {
+				// No request is this short ("M / HTTP/1.1" and two LFs is
+				// the least); net/http would first wait for the 14 bytes
+				// that tell an HTTP/2 preface apart, until the header
+				// timeout. Its answer, at once.
+				_, _ = c.bw.WriteString(malformedAnswer)
+				_ = c.bw.Flush()
+				c.close()
+				return false
+			}
 			if end > c.srv.limits.MaxHeaderBytes {
 				c.handOver() // net/http judges its size (431 or not)
 				return false
@@ -480,6 +490,13 @@ func indexByte(b []byte, c byte) int {
 	}
 	return -1
 }
+
+// h2PrefaceStart is what net/http's server reads before it tells an
+// HTTP/2 preface from an HTTP/1 request.
+const h2PrefaceStart = "PRI * HTTP/2.0"
+
+// malformedAnswer is net/http's answer to a request it cannot parse.
+const malformedAnswer = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request"
 
 // handOver gives the connection, with every byte not consumed, to net/http.
 func (c *h1Conn) handOver() {

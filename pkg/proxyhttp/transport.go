@@ -703,10 +703,18 @@ func (pc *persistConn) readResponse(req *http.Request) (*http.Response, error) {
 		// The reader may fill its buffer past the head: allow that much
 		// more through, then count the head's own bytes exactly.
 		before := int64(pc.br.Buffered())
+		onHand, _ := pc.br.Peek(int(before)) // the head, when it came whole
 		pc.head.read, pc.head.over, pc.head.left = 0, false, pc.t.maxHeaderBytes+int64(pc.br.Size())
 		resp, err := http.ReadResponse(pc.br, req)
 		headBytes := before + pc.head.read - int64(pc.br.Buffered())
 		pc.head.left = -1
+		if err == nil && resp.Close && headBytes <= int64(len(onHand)) {
+			// ReadResponse drops a Connection header that says "close",
+			// and with it the names of the other hop-by-hop headers it
+			// lists: read them from the head, which the reader still
+			// holds as it was (it did not need to read more).
+			dropConnectionOptions(resp.Header, onHand[:headBytes])
+		}
 		switch {
 		case err != nil && pc.head.over, err == nil && headBytes > pc.t.maxHeaderBytes:
 			if resp != nil {
@@ -725,6 +733,28 @@ func (pc *persistConn) readResponse(req *http.Request) (*http.Response, error) {
 			continue
 		}
 		return resp, nil
+	}
+}
+
+// dropConnectionOptions deletes from h the headers that the Connection
+// fields of the raw response head name.
+func dropConnectionOptions(h http.Header, head []byte) {
+	for len(head) > 0 {
+		line := head
+		if i := bytes.IndexByte(head, '\n'); i >= 0 {
+			line, head = head[:i], head[i+1:]
+		} else {
+			head = nil
+		}
+		name, value, ok := bytes.Cut(line, []byte(":"))
+		if !ok || !asciiEqualFold(bytes.TrimSpace(name), "connection") {
+			continue
+		}
+		for _, opt := range bytes.Split(value, []byte(",")) {
+			if opt = bytes.TrimSpace(opt); len(opt) > 0 {
+				h.Del(string(opt))
+			}
+		}
 	}
 }
 
@@ -810,16 +840,20 @@ func (pc *persistConn) writeHeader(req *http.Request) error {
 		w.WriteString("\r\n")
 	case hasBody(req):
 		w.WriteString("Transfer-Encoding: chunked\r\n")
-		if len(req.Trailer) > 0 {
-			w.WriteString("Trailer: ")
-			first := true
-			for k := range req.Trailer {
-				if !first {
-					w.WriteString(", ")
-				}
-				first = false
-				w.WriteString(k)
+		first := true
+		for k := range req.Trailer {
+			if !httpguts.ValidTrailerHeader(k) {
+				continue // not allowed in a trailer (RFC 9110, 6.5.1): never sent
 			}
+			if first {
+				w.WriteString("Trailer: ")
+			} else {
+				w.WriteString(", ")
+			}
+			first = false
+			w.WriteString(k)
+		}
+		if !first {
 			w.WriteString("\r\n")
 		}
 	case req.Method == http.MethodPost || req.Method == http.MethodPut || req.Method == http.MethodPatch:
@@ -883,7 +917,7 @@ func (pc *persistConn) writeBody(req *http.Request) (err error) {
 	pc.bw.WriteString("0\r\n")
 	for k, vv := range req.Trailer {
 		for _, v := range vv {
-			if httpguts.ValidHeaderFieldName(k) && httpguts.ValidHeaderFieldValue(v) {
+			if httpguts.ValidTrailerHeader(k) && httpguts.ValidHeaderFieldName(k) && httpguts.ValidHeaderFieldValue(v) {
 				pc.bw.WriteString(k + ": " + v + "\r\n")
 			}
 		}
