@@ -21,6 +21,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
 	"github.com/sidecar-mesh/sidecar/pkg/readlimit"
 )
 
@@ -103,7 +104,11 @@ func Start(cfg Config, onChange func(data []byte)) (*Watcher, error) {
 	w.watching = true
 	var ctx context.Context
 	ctx, w.cancel = context.WithCancel(context.Background())
-	go w.run(ctx)
+	go func() {
+		defer close(w.done)
+		defer w.fsw.Close()
+		panics.Run(ctx, "filewatch", w.run)
+	}()
 	return w, nil
 }
 
@@ -115,8 +120,6 @@ func (w *Watcher) Close() {
 }
 
 func (w *Watcher) run(ctx context.Context) {
-	defer close(w.done)
-	defer w.fsw.Close()
 	tick := time.NewTicker(w.cfg.Interval)
 	defer tick.Stop()
 	quiet := time.NewTimer(time.Hour)

@@ -20,6 +20,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 	"github.com/sidecar-mesh/sidecar/pkg/redact"
 )
@@ -280,7 +281,10 @@ func (p *Prober) Start() {
 	p.started = true
 	ctx, cancel := context.WithCancel(context.Background())
 	p.cancel = cancel
-	go p.run(ctx)
+	go func() {
+		defer close(p.done)
+		panics.Run(ctx, "inbound.probe", p.run)
+	}()
 }
 
 // Stop ends the probing goroutine, waits for it, and releases its
@@ -333,8 +337,8 @@ func (p *Prober) State() ProbeState {
 	return p.state
 }
 
+// run probes until ctx ends.
 func (p *Prober) run(ctx context.Context) {
-	defer close(p.done)
 	if d := p.probe.InitialDelay; d > 0 {
 		t := p.clock.NewTimer(d)
 		select {

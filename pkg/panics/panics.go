@@ -10,12 +10,15 @@
 package panics
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 var (
@@ -79,4 +82,52 @@ func Counts() []Count {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Where < out[j].Where })
 	return out
+}
+
+// Run calls fn and returns when it returns. A panic in fn is reported
+// under where, and fn is called again after a pause that grows from 100 ms
+// to 30 s with each panic, so that a loop that owns a job (a watcher, a
+// prober) goes on doing it; Run returns when ctx ends.
+func Run(ctx context.Context, where string, fn func(context.Context)) {
+	delay := 100 * time.Millisecond
+	for runOnce(ctx, where, fn) {
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		delay = min(2*delay, 30*time.Second)
+	}
+}
+
+// runOnce calls fn and reports whether it panicked.
+func runOnce(ctx context.Context, where string, fn func(context.Context)) (panicked bool) {
+	defer func() {
+		if v := recover(); v != nil {
+			Report(where, v)
+			panicked = true
+		}
+	}()
+	fn(ctx)
+	return false
+}
+
+// Handler returns h with panics reported under where: the request is
+// aborted as net/http aborts it (the connection is closed, or the HTTP/2
+// stream reset), and the process goes on. http.ErrAbortHandler, the way a
+// handler ends a request on purpose, is not a bug and is not reported.
+func Handler(where string, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v != http.ErrAbortHandler {
+					Report(where, v)
+				}
+				panic(http.ErrAbortHandler)
+			}
+		}()
+		h.ServeHTTP(w, r)
+	})
 }

@@ -2,10 +2,15 @@ package panics
 
 import (
 	"bytes"
+	"context"
+	"io"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 
 	"go.uber.org/goleak"
 )
@@ -51,4 +56,54 @@ func count(where string) uint64 {
 		}
 	}
 	return 0
+}
+
+func TestRunRestartsAfterAPanic(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		SetLogger(slog.New(slog.DiscardHandler))
+		defer SetLogger(nil)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		calls := 0
+		before := count("test.run")
+		Run(ctx, "test.run", func(context.Context) {
+			calls++
+			if calls < 4 {
+				panic("bad answer")
+			}
+		})
+		if calls != 4 || count("test.run")-before != 3 {
+			t.Fatalf("fn called %d times with %d panics reported, want 4 calls and 3 panics", calls, count("test.run")-before)
+		}
+	})
+}
+
+func TestHandlerAbortsTheRequestAndCounts(t *testing.T) {
+	SetLogger(slog.New(slog.DiscardHandler))
+	defer SetLogger(nil)
+	before := count("test.handler")
+	srv := httptest.NewServer(Handler("test.handler", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/abort" {
+			panic(http.ErrAbortHandler)
+		}
+		if r.URL.Path == "/boom" {
+			var p *struct{ x int }
+			_ = p.x // nil dereference
+		}
+		io.WriteString(w, "ok")
+	})))
+	defer srv.Close()
+	for _, path := range []string{"/boom", "/abort"} {
+		if _, err := http.Get(srv.URL + path); err == nil {
+			t.Errorf("GET %s: got an answer, want the request aborted", path)
+		}
+	}
+	resp, err := http.Get(srv.URL + "/")
+	if err != nil {
+		t.Fatalf("after two aborted requests: %v", err)
+	}
+	resp.Body.Close()
+	if got := count("test.handler") - before; got != 1 {
+		t.Fatalf("%d panics counted, want 1 (ErrAbortHandler is no bug)", got)
+	}
 }

@@ -1,6 +1,8 @@
 package proxyhttp
 
 import (
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
+
 	"bufio"
 	"context"
 	"errors"
@@ -333,6 +335,13 @@ func (e errWriter) Write(p []byte) (int, error) {
 }
 
 func (c *h1Conn) serve() {
+	defer func() {
+		if v := recover(); v != nil {
+			// A bug in the fast path itself, outside any handler.
+			panics.Report("http.conn", v)
+			_ = c.conn.Close()
+		}
+	}()
 	bp := h1BufPool.Get().(*[]byte)
 	c.rbuf = *bp
 	c.bw = bufio.NewWriterSize(errWriter{c}, 4<<10)

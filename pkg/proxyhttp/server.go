@@ -6,6 +6,8 @@
 package proxyhttp
 
 import (
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
+
 	"context"
 	"errors"
 	"fmt"
@@ -88,6 +90,7 @@ func Listen(name, addr string, h http.Handler, limits Limits, log *slog.Logger) 
 		}
 		return nil, fmt.Errorf("%s listener on %s: %w", name, addr, err)
 	}
+	h = panics.Handler(name+".request", h)
 	srv := &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: limits.ReadHeaderTimeout,

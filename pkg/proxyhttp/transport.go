@@ -1,6 +1,8 @@
 package proxyhttp
 
 import (
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
+
 	"bufio"
 	"bytes"
 	"context"
@@ -567,7 +569,18 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 	default:
 		bw = &bodyWriter{req: req, done: make(chan error, 1)}
 		go func() {
+			sent := false
+			defer func() {
+				if v := recover(); v != nil {
+					panics.Report("transport.body", v)
+					if !sent {
+						bw.done <- errWriterPanicked
+					}
+					_ = pc.conn.SetDeadline(aLongTimeAgo)
+				}
+			}()
 			err := pc.writeBody(req)
+			sent = true
 			bw.done <- err
 			if err != nil {
 				// Wake the reader: the request can't be completed.
@@ -648,6 +661,8 @@ func (pc *persistConn) endHeaderTimeout(ctx context.Context) {
 		_ = pc.conn.SetDeadline(aLongTimeAgo) // the cancel may have raced the reset above
 	}
 }
+
+var errWriterPanicked = errors.New("request body writer failed (a bug: see sidecar_panics_total)")
 
 // bodyWriter is the goroutine that streams a request body not held in
 // memory. Its owner always collects its result, so it never outlives the

@@ -1,6 +1,8 @@
 package tracing
 
 import (
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
+
 	"context"
 	"errors"
 	"log/slog"
@@ -50,7 +52,10 @@ func newExportQueue(exp sdktrace.SpanExporter, size int, log *slog.Logger) *expo
 	q := &exportQueue{exporter: exp, log: log, spans: make(chan sdktrace.ReadOnlySpan, size),
 		flush: make(chan chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
 	q.ctx, q.cancel = context.WithCancel(context.Background())
-	go q.run()
+	go func() {
+		defer close(q.done)
+		panics.Run(q.ctx, "tracing.export", func(context.Context) { q.run() })
+	}()
 	return q
 }
 
@@ -68,7 +73,6 @@ func (q *exportQueue) OnEnd(s sdktrace.ReadOnlySpan) {
 }
 
 func (q *exportQueue) run() {
-	defer close(q.done)
 	tick := time.NewTicker(batchInterval)
 	defer tick.Stop()
 	batch := make([]sdktrace.ReadOnlySpan, 0, batchSize)

@@ -14,6 +14,8 @@
 package transparent
 
 import (
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
+
 	"context"
 	"errors"
 	"log/slog"
@@ -282,6 +284,12 @@ func (l *Listener) deliver(c net.Conn) bool {
 // handle decides what a redirected connection is and serves it.
 func (l *Listener) handle(c net.Conn, dst netip.AddrPort) {
 	defer l.wg.Done()
+	defer func() {
+		if v := recover(); v != nil {
+			panics.Report("transparent.conn", v)
+			_ = c.Close()
+		}
+	}()
 	if l.cfg.IsOwn != nil && l.cfg.IsOwn(dst) {
 		l.obs.Refused(RefusedLoop)
 		l.log.Warn("refused a redirected connection to the sidecar's own listener (check the redirect rules' exemptions)",
