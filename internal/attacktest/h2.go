@@ -59,7 +59,7 @@ func RunH2(t *testing.T, tg Target) {
 				want = c.In
 			}
 			before := len(tg.Upstream.Requests())
-			status, reason := h2Exchange(t, tg.Addr, c.Fields)
+			status, reason := H2Exchange(t, tg.Addr, c.Fields)
 			got := len(tg.Upstream.Requests()) - before
 			t.Logf("h2 attack: %s: %s: status %d %s, forwarded %d", tg.Listener, c.Name, status, orNone(reason), got)
 			if status != want {
@@ -84,10 +84,10 @@ func btoi(b bool) int {
 	return 0
 }
 
-// h2Exchange sends one request with fields on a new h2c connection and
+// H2Exchange sends one request with fields on a new h2c connection and
 // returns the answer's status and x-sidecar-error, status 0 when the
 // stream or connection ended without an answer.
-func h2Exchange(t *testing.T, addr string, fields [][2]string) (status int, reason string) {
+func H2Exchange(t *testing.T, addr string, fields [][2]string) (status int, reason string) {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
