@@ -54,7 +54,8 @@ func BenchmarkConsulPropagation(b *testing.B) {
 	}
 	out, adm, metrics := freePort(b), freePort(b), freePort(b)
 	cmd := exec.Command(bin, "run", "--consul-addr", agent.Addr(), "--outbound-addr", out, "--admin-addr", adm,
-		"--metrics-addr", metrics, "--health-addr", freePort(b), "--drain-window", "1ms", "--log-level", "error")
+		"--metrics-addr", metrics, "--health-addr", freePort(b), "--drain-window", "1ms", "--log-level", "error",
+		"--consul-allow-loopback-endpoints=true") // the used services' instances are on 127.0.0.1
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)

@@ -42,8 +42,10 @@ func startConsulSidecar(t *testing.T, extraArgs ...string) *consulSidecar {
 	cs.out, cs.adm, cs.metrics, cs.health = freePort(t), freePort(t), freePort(t), freePort(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
+	// Every instance here is on 127.0.0.1, which a sidecar in production
+	// drops (TestConsulDropsLoopbackEndpoints).
 	args := append([]string{"run", "--outbound-addr", cs.out, "--admin-addr", cs.adm, "--metrics-addr", cs.metrics, "--health-addr", cs.health, "--drain-window", "1ms",
-		"--log-level", "error"}, extraArgs...)
+		"--log-level", "error", "--consul-allow-loopback-endpoints=true"}, extraArgs...)
 	go func() {
 		_, _, err := cli(t, ctx, map[string]string{"CONSUL_HTTP_ADDR": cs.agent.Addr(), "POD_IP": "10.1.2.3"}, args...)
 		done <- err
@@ -266,9 +268,81 @@ func TestConsulWatchesOnlyServicesUsed(t *testing.T) {
 	}
 }
 
+// By default an instance Consul has at a loopback address is not used:
+// the sidecar never calls itself, its admin API or the pod's private ports
+// through a catalog entry. The drop is counted once, not at every answer.
+func TestConsulDropsLoopbackEndpoints(t *testing.T) {
+	cs := startConsulSidecar(t, "--consul-allow-loopback-endpoints=false")
+	cs.register(t, "users", "users-lo", nil)
+	cs.registerAt(t, "users", "users-admin", cs.adm, nil)
+	got, failure := cs.call("users")
+	for deadline := time.Now().Add(10 * time.Second); strings.Contains(failure, "connection refused") && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond) // the sidecar is starting
+		got, failure = cs.call("users")
+	}
+	if !strings.HasPrefix(failure, "503 ") || !strings.Contains(failure, "no_healthy_endpoints") {
+		t.Fatalf("calling users, whose instances are all on loopback: %q %s; want 503 no_healthy_endpoints", got, failure)
+	}
+	cs.registerAt(t, "users", "users-far", "10.255.255.1:80", nil)
+	deadline := time.Now().Add(10 * time.Second)
+	for !cs.adminHasEndpoints("users", "10.255.255.1:80") {
+		if time.Now().After(deadline) {
+			t.Fatal("users never reached the sidecar's admin API")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cs.registerAt(t, "users", "users-far2", "10.255.255.2:80", nil)
+	for !cs.adminHasEndpoints("users", "10.255.255.1:80", "10.255.255.2:80") {
+		if time.Now().After(deadline) {
+			t.Fatal("a second instance never reached the sidecar's admin API")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := cs.metric(t, `sidecar_discovery_dropped_endpoints_total{reason="loopback"}`); got != 2 {
+		t.Fatalf(`sidecar_discovery_dropped_endpoints_total{reason="loopback"} = %v after two answers with 2 loopback instances; want 2`, got)
+	}
+}
+
+// adminHasEndpoints reports whether the admin API shows exactly these
+// endpoints for service.
+func (cs *consulSidecar) adminHasEndpoints(service string, want ...string) bool {
+	resp, err := cs.client.Get("http://" + cs.adm + "/endpoints")
+	if err != nil {
+		return false
+	}
+	defer resp.Body.Close()
+	var eps struct {
+		Services []struct {
+			Service   string
+			Endpoints []struct{ Addr string }
+		}
+	}
+	if json.NewDecoder(resp.Body).Decode(&eps) != nil {
+		return false
+	}
+	for _, s := range eps.Services {
+		if s.Service != service {
+			continue
+		}
+		var got []string
+		for _, e := range s.Endpoints {
+			got = append(got, e.Addr)
+		}
+		return strings.Join(got, " ") == strings.Join(want, " ")
+	}
+	return false
+}
+
 // staleness reads sidecar_discovery_staleness_seconds of a Consul service
 // from the metrics endpoint.
 func (cs *consulSidecar) staleness(t *testing.T, service string) float64 {
+	t.Helper()
+	return cs.metric(t, `sidecar_discovery_staleness_seconds{service="`+service+`",source="consul"}`)
+}
+
+// metric reads the value of one series (name and labels as /metrics
+// writes them) from the metrics endpoint.
+func (cs *consulSidecar) metric(t *testing.T, series string) float64 {
 	t.Helper()
 	resp, err := cs.client.Get("http://" + cs.metrics + "/metrics")
 	if err != nil {
@@ -276,7 +350,7 @@ func (cs *consulSidecar) staleness(t *testing.T, service string) float64 {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	prefix := `sidecar_discovery_staleness_seconds{service="` + service + `",source="consul"} `
+	prefix := series + " "
 	for _, line := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(line, prefix); ok {
 			f, err := strconv.ParseFloat(v, 64)

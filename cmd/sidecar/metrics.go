@@ -193,6 +193,22 @@ func (c *discoveryCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
+// droppedCollector reports the endpoints Consul answered that were not
+// used because they point at the sidecar's own host, by reason.
+type droppedCollector struct{ consul *discovery.Consul }
+
+var droppedDesc = prometheus.NewDesc("sidecar_discovery_dropped_endpoints_total",
+	"Endpoints from Consul not used because they point at the sidecar's own host (discovery.consul.allowLoopbackEndpoints), each counted once when it appears, by reason: loopback, link-local, unspecified.",
+	[]string{"reason"}, nil)
+
+func (droppedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- droppedDesc }
+
+func (c droppedCollector) Collect(ch chan<- prometheus.Metric) {
+	for reason, n := range c.consul.DroppedEndpoints() {
+		ch <- prometheus.MustNewConstMetric(droppedDesc, prometheus.CounterValue, float64(n), reason)
+	}
+}
+
 // metricsHandler serves the registry at GET (and HEAD) /metrics, with
 // OpenMetrics when asked for; any other path is 404 and any other method
 // 405.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"slices"
 	"strconv"
@@ -39,9 +38,23 @@ type ConsulConfig struct {
 	// IdleTimeout stops the watch of a service nobody asked for this long.
 	// Default 10m.
 	IdleTimeout time.Duration
-	// MaxWatches bounds the services watched at once, so an app naming
-	// random hosts can't make the sidecar open unbounded queries. Default 1024.
+	// MaxWatches bounds the services watched at once. Only services in
+	// Consul's catalog are watched; when the bound is reached, a watch of a
+	// service Consul said it does not know goes first, else the least
+	// recently used one. Default 1024.
 	MaxWatches int
+	// Settle is the least time between two answers of one blocking query
+	// that changed something (a watch, the catalog): a service whose
+	// instances change many times a second is applied at most once per
+	// Settle, the latest state winning; the first change after a quiet
+	// spell applies at once. Default 50ms.
+	Settle time.Duration
+	// AllowLoopbackEndpoints keeps instances whose address is loopback
+	// (127.0.0.0/8, ::1, localhost), link-local (169.254.0.0/16,
+	// fe80::/10) or unspecified (0.0.0.0, ::). By default they are dropped:
+	// such an address names the sidecar's own host, so a catalog entry
+	// could point the sidecar at itself or at the pod's private ports.
+	AllowLoopbackEndpoints bool
 	// CacheFile, when set, persists the last known good sets, so a sidecar
 	// restarted during a Consul outage still routes.
 	CacheFile string
@@ -61,10 +74,12 @@ type ServiceOptions struct {
 
 // Consul is a Resolver backed by Consul's health API. Each service is watched
 // from its first request on, with a blocking query on its passing instances;
-// the current set is published as an immutable EndpointSet. When Consul
-// errs, the last known good set stays in force: a set never becomes empty
-// because Consul could not be asked. Safe for concurrent use; Close stops
-// every watch.
+// the current set is published as an immutable EndpointSet. Only names in
+// Consul's catalog (followed with one blocking query per datacenter in use)
+// are watched: any other name is unknown at once. When Consul errs, the
+// last known good set stays in force: a set never becomes empty because
+// Consul could not be asked. Safe for concurrent use; Close stops every
+// watch.
 type Consul struct {
 	cfg   ConsulConfig
 	log   *slog.Logger
@@ -74,8 +89,11 @@ type Consul struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu      sync.Mutex // guards watches
-	watches map[string]*watch
+	mu       sync.Mutex // guards watches and catalogs
+	watches  map[string]*watch
+	catalogs map[string]*catalog // by datacenter
+
+	dropped droppedCounts // endpoints Consul answered that were not used
 
 	rev reverseCache // ServiceAt's answers from the catalog
 }
@@ -95,6 +113,11 @@ type watch struct {
 	lastUsed atomic.Int64 // unix nanos
 	lastOK   atomic.Int64 // unix nanos of the last successful answer
 	lastErr  atomic.Pointer[string]
+
+	// dropped holds the endpoints of the last answer that were not used,
+	// so that each is logged and counted once, not at every answer. Only
+	// the watch's goroutine uses it.
+	dropped map[string]bool
 }
 
 // NewConsul starts the Consul source. Persisted sets, if any, are loaded now.
@@ -114,6 +137,9 @@ func NewConsul(cfg ConsulConfig) (*Consul, error) {
 	if cfg.MaxWatches <= 0 {
 		cfg.MaxWatches = 1024
 	}
+	if cfg.Settle <= 0 {
+		cfg.Settle = 50 * time.Millisecond
+	}
 	if cfg.CacheMaxAge <= 0 {
 		cfg.CacheMaxAge = time.Hour
 	}
@@ -121,11 +147,15 @@ func NewConsul(cfg ConsulConfig) (*Consul, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &Consul{cfg: cfg, log: log.With("component", "discovery.consul"), watches: map[string]*watch{}}
+	c := &Consul{cfg: cfg, log: log.With("component", "discovery.consul"), watches: map[string]*watch{},
+		catalogs: map[string]*catalog{}}
 	c.cache = newSetCache(cfg.CacheFile, cfg.CacheMaxAge, c.log)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wg.Add(1)
-	go c.reapIdle()
+	go func() {
+		defer c.wg.Done()
+		supervise(c.ctx, "discovery.reap", c.reapIdle)
+	}()
 	return c, nil
 }
 
@@ -135,11 +165,15 @@ func (c *Consul) Close() {
 	c.wg.Wait()
 }
 
-// Resolve implements Resolver. The first call for a service starts its
-// watch and waits up to FirstWait (and ctx) for Consul's answer; after
-// that it never blocks.
+// Resolve implements Resolver. A name that is not a valid service name, or
+// that Consul's catalog does not have, is ErrUnknownService at once. The
+// first call for a service starts its watch and waits up to FirstWait (and
+// ctx) for Consul's answer; after that it never blocks.
 func (c *Consul) Resolve(ctx context.Context, service string) (*EndpointSet, error) {
-	w, err := c.watchFor(service)
+	if !ValidServiceName(service) {
+		return nil, ErrUnknownService // nothing from the wire reaches a Consul URL unchecked
+	}
+	w, err := c.watchFor(ctx, service)
 	if err != nil {
 		return nil, err
 	}
@@ -165,11 +199,8 @@ func (c *Consul) Resolve(ctx context.Context, service string) (*EndpointSet, err
 		return nil, ErrUnknownService
 	}
 	// No answer in time: a persisted set stands in until Consul answers.
-	if set := c.cache.get(service); set != nil {
-		w.set.CompareAndSwap(nil, set)
-		c.log.Warn("serving persisted endpoints while Consul does not answer", "service", service,
-			"endpoints", len(set.Endpoints), "age", time.Since(set.UpdatedAt).Round(time.Second))
-		return w.set.Load(), nil
+	if set := c.persisted(w); set != nil {
+		return set, nil
 	}
 	detail := "Consul has not answered"
 	if e := w.lastErr.Load(); e != nil {
@@ -178,7 +209,46 @@ func (c *Consul) Resolve(ctx context.Context, service string) (*EndpointSet, err
 	return nil, fmt.Errorf("%w for %s: %s", ErrNoAnswer, service, detail)
 }
 
-func (c *Consul) watchFor(service string) (*watch, error) {
+// persisted puts the persisted set of w's service, if any, in force until
+// Consul answers, and returns the set in force.
+func (c *Consul) persisted(w *watch) *EndpointSet {
+	set := c.cache.get(w.service)
+	if set == nil {
+		return nil
+	}
+	if w.set.CompareAndSwap(nil, set) {
+		c.log.Warn("serving persisted endpoints while Consul does not answer", "service", w.service,
+			"endpoints", len(set.Endpoints), "age", time.Since(set.UpdatedAt).Round(time.Second))
+	}
+	return w.set.Load()
+}
+
+// watchFor returns the watch of service, starting one if the catalog of
+// its datacenter has the service. Before the catalog's first answer (Consul
+// down since the start) only a service with a persisted set is watched.
+func (c *Consul) watchFor(ctx context.Context, service string) (*watch, error) {
+	c.mu.Lock()
+	if w, ok := c.watches[service]; ok {
+		c.mu.Unlock()
+		return w, nil
+	}
+	if c.ctx.Err() != nil {
+		c.mu.Unlock()
+		return nil, ErrUnknownService
+	}
+	cat := c.catalogFor(c.cfg.Services[service].Datacenter)
+	c.mu.Unlock()
+
+	known, ok, err := cat.knows(ctx, service, c.cfg.FirstWait)
+	switch {
+	case err != nil:
+		return nil, err
+	case ok && !known:
+		return nil, ErrUnknownService
+	case !ok && c.cache.get(service) == nil:
+		return nil, cat.noAnswer(service)
+	}
+
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if w, ok := c.watches[service]; ok {
@@ -188,78 +258,111 @@ func (c *Consul) watchFor(service string) (*watch, error) {
 		return nil, ErrUnknownService
 	}
 	if len(c.watches) >= c.cfg.MaxWatches {
-		c.log.Warn("too many watched services; not watching another", "service", service, "max", c.cfg.MaxWatches)
-		return nil, ErrUnknownService
+		c.evictLocked()
 	}
-	ctx, cancel := context.WithCancel(c.ctx)
+	wctx, cancel := context.WithCancel(c.ctx)
 	w := &watch{service: service, opts: c.cfg.Services[service], cancel: cancel, answered: make(chan struct{})}
 	w.lastUsed.Store(time.Now().UnixNano())
 	c.watches[service] = w
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
-		c.run(ctx, w)
+		supervise(wctx, "discovery.watch", func(ctx context.Context) { c.run(ctx, w) })
 	}()
 	c.log.Info("watching service", "service", service)
+	if !ok {
+		c.persisted(w) // the catalog did not answer: the persisted set stands in
+	}
 	return w, nil
+}
+
+// evictLocked stops one watch to make room for another: one of a service
+// Consul said it does not know if there is one, else the least recently
+// used. Callers hold c.mu.
+func (c *Consul) evictLocked() {
+	var victim *watch
+	for _, w := range c.watches {
+		switch {
+		case victim == nil:
+			victim = w
+		case w.unknown.Load() != victim.unknown.Load():
+			if w.unknown.Load() {
+				victim = w
+			}
+		case w.lastUsed.Load() < victim.lastUsed.Load():
+			victim = w
+		}
+	}
+	if victim == nil {
+		return
+	}
+	c.stopLocked(victim)
+	c.log.Warn("too many watched services; stopped watching one", "service", victim.service,
+		"unknown", victim.unknown.Load(), "max", c.cfg.MaxWatches)
+}
+
+// stopLocked stops w's watch. Callers hold c.mu.
+func (c *Consul) stopLocked(w *watch) {
+	w.cancel()
+	delete(c.watches, w.service)
+}
+
+// follower is the blocking-query loop of what, named in logs by attrs.
+func (c *Consul) follower(what string, attrs ...any) follower {
+	return follower{log: c.log, attrs: attrs, wait: c.cfg.WaitTime, settle: c.cfg.Settle,
+		failed: "Consul " + what + " query failed; keeping the last known answer", again: "Consul " + what + " answers again"}
 }
 
 // run is the blocking-query loop of one service.
 func (c *Consul) run(ctx context.Context, w *watch) {
-	var index uint64
-	failures := 0
-	for ctx.Err() == nil {
-		q := (&api.QueryOptions{
-			WaitIndex:  index,
-			WaitTime:   c.cfg.WaitTime + rand.N(c.cfg.WaitTime/16+1),
-			Datacenter: w.opts.Datacenter,
-		}).WithContext(ctx)
-		entries, meta, err := c.cfg.Client.Health().ServiceMultipleTags(w.service, w.opts.Tags, true, q)
+	name, _ := pathName(w.service) // Resolve let only valid names in
+	var entries []*api.ServiceEntry
+	c.follower("health", "service", w.service).run(ctx, func(q *api.QueryOptions) (*api.QueryMeta, error) {
+		q.Datacenter = w.opts.Datacenter
+		var meta *api.QueryMeta
+		var err error
+		entries, meta, err = c.cfg.Client.Health().ServiceMultipleTags(name, w.opts.Tags, true, q)
 		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			failures++
-			// The agent may come back restarted, its index far below ours: a
-			// query waiting on our old index would block for the whole wait.
-			index = 0
 			msg := err.Error()
 			w.lastErr.Store(&msg)
-			if failures == 1 {
-				c.log.Warn("Consul query failed; keeping the last known endpoints", "service", w.service, "err", err)
-			}
-			if !sleepCtx(ctx, backoff(failures)) {
-				return
-			}
-			continue
 		}
-		if failures > 0 {
-			c.log.Info("Consul answers again", "service", w.service, "after_failures", failures)
-			failures = 0
-		}
+		return meta, err
+	}, func(changed bool) {
 		w.lastErr.Store(nil)
-		// Consul's index can go backwards (snapshot restore, agent
-		// restart): start over rather than wait on an index never reached.
-		index = nextIndex(index, meta.LastIndex)
-		c.update(ctx, w, entries)
+		if changed {
+			c.update(ctx, w, entries)
+		}
 		w.lastOK.Store(time.Now().UnixNano())
 		w.once.Do(func() { close(w.answered) })
-	}
+	})
 }
 
 // update publishes a new set when the answer differs from the current one.
+// Any entry may lack its Service or Node (an answer is data, not a promise):
+// such an entry is skipped.
 func (c *Consul) update(ctx context.Context, w *watch, entries []*api.ServiceEntry) {
 	eps := make([]Endpoint, 0, len(entries))
+	var dropped map[string]bool
 	for _, e := range entries {
-		addr := e.Service.Address
-		if addr == "" {
-			addr = e.Node.Address
-		}
-		if addr == "" || e.Service.Port <= 0 {
+		host, addr, ok := entryAddr(e)
+		if !ok {
 			continue
 		}
-		eps = append(eps, Endpoint{Addr: net.JoinHostPort(addr, strconv.Itoa(e.Service.Port))})
+		if reason := ownHostAddr(host); reason != "" && !c.cfg.AllowLoopbackEndpoints {
+			if dropped == nil {
+				dropped = map[string]bool{}
+			}
+			dropped[addr] = true
+			if !w.dropped[addr] {
+				c.dropped.add(reason)
+				c.log.Warn("dropped an endpoint from Consul that points at this host (discovery.consul.allowLoopbackEndpoints is off)",
+					"service", w.service, "endpoint", addr, "reason", reason)
+			}
+			continue
+		}
+		eps = append(eps, Endpoint{Addr: addr})
 	}
+	w.dropped = dropped
 	slices.SortFunc(eps, func(a, b Endpoint) int { return strings.Compare(a.Addr, b.Addr) })
 	if len(eps) == 0 {
 		// Tell "no such service" from "no healthy instance".
@@ -285,9 +388,26 @@ func (c *Consul) update(ctx context.Context, w *watch, entries []*api.ServiceEnt
 	c.log.Info("endpoints changed", "service", w.service, "endpoints", len(eps))
 }
 
+// entryAddr is where an instance is reached: its service address, else its
+// node's, and its port. ok is false for an entry that lacks them.
+func entryAddr(e *api.ServiceEntry) (host, addr string, ok bool) {
+	if e == nil || e.Service == nil || e.Service.Port <= 0 || e.Service.Port > 65535 {
+		return "", "", false
+	}
+	host = e.Service.Address
+	if host == "" && e.Node != nil {
+		host = e.Node.Address
+	}
+	if host == "" {
+		return "", "", false
+	}
+	return host, net.JoinHostPort(host, strconv.Itoa(e.Service.Port)), true
+}
+
 func (c *Consul) known(ctx context.Context, w *watch) (bool, error) {
+	name, _ := pathName(w.service)
 	q := (&api.QueryOptions{Datacenter: w.opts.Datacenter}).WithContext(ctx)
-	svcs, _, err := c.cfg.Client.Catalog().Service(w.service, "", q)
+	svcs, _, err := c.cfg.Client.Catalog().Service(name, "", q)
 	return len(svcs) > 0, err
 }
 
@@ -324,13 +444,12 @@ func (c *Consul) Staleness() map[string]time.Duration {
 }
 
 // reapIdle stops watches nobody used for IdleTimeout.
-func (c *Consul) reapIdle() {
-	defer c.wg.Done()
+func (c *Consul) reapIdle(ctx context.Context) {
 	tick := time.NewTicker(min(c.cfg.IdleTimeout/4, time.Minute))
 	defer tick.Stop()
 	for {
 		select {
-		case <-c.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
@@ -338,31 +457,10 @@ func (c *Consul) reapIdle() {
 		c.mu.Lock()
 		for name, w := range c.watches {
 			if w.lastUsed.Load() < cutoff {
-				w.cancel()
-				delete(c.watches, name)
+				c.stopLocked(w)
 				c.log.Info("stopped watching idle service", "service", name)
 			}
 		}
 		c.mu.Unlock()
-	}
-}
-
-// backoff is exponential from 250ms, capped at 5s (the agent is local and
-// its queries are cheap; a short cap means routing catches up soon after
-// Consul returns), with jitter over the upper half.
-func backoff(failures int) time.Duration {
-	d := 250 * time.Millisecond << min(failures-1, 5)
-	d = min(d, 5*time.Second)
-	return d/2 + rand.N(d/2+1)
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
 	}
 }

@@ -81,7 +81,9 @@ func TestConsulWatch(t *testing.T) {
 	register(t, c, &api.AgentServiceRegistration{ID: "sick-1", Name: "sick", Address: "10.0.0.9", Port: 80,
 		Check: &api.AgentServiceCheck{TTL: "1m", Status: api.HealthCritical}})
 
-	d := newConsul(t, discovery.ConsulConfig{Client: c, Services: map[string]discovery.ServiceOptions{"tagged": {}}})
+	// The dev agent's node is at 127.0.0.1.
+	d := newConsul(t, discovery.ConsulConfig{Client: c, Services: map[string]discovery.ServiceOptions{"tagged": {}},
+		AllowLoopbackEndpoints: true})
 	ctx := context.Background()
 
 	set, err := d.Resolve(ctx, "users")

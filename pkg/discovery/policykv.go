@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,6 +21,11 @@ type PolicyWatchConfig struct {
 	// WaitTime is the blocking query's wait, plus up to 1/16 of jitter.
 	// Default 5m.
 	WaitTime time.Duration
+	// Settle is the least time between two pushes: a key written many
+	// times a second is pushed at most once per Settle, its latest value
+	// winning; the first write after a quiet spell is pushed at once.
+	// Default 100ms.
+	Settle time.Duration
 	// Logger receives state transitions; nil discards them.
 	Logger *slog.Logger
 }
@@ -54,6 +58,9 @@ func WatchPolicies(cfg PolicyWatchConfig, push func(map[string]policy.KVDocument
 	}
 	if cfg.WaitTime <= 0 {
 		cfg.WaitTime = 5 * time.Minute
+	}
+	if cfg.Settle <= 0 {
+		cfg.Settle = 100 * time.Millisecond
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -88,62 +95,58 @@ func (w *PolicyWatcher) Close() {
 // run is the blocking-query loop.
 func (w *PolicyWatcher) run(ctx context.Context) {
 	defer close(w.done)
-	var index, pushed uint64
-	failures := 0
-	for ctx.Err() == nil {
-		q := (&api.QueryOptions{
-			WaitIndex: index,
-			WaitTime:  w.cfg.WaitTime + rand.N(w.cfg.WaitTime/16+1),
-		}).WithContext(ctx)
-		pairs, meta, err := w.cfg.Client.KV().List(policy.KVPrefix, q)
-		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			failures++
-			index = 0 // the agent may come back restarted, its index far below ours
-			if failures == 1 {
-				w.log.Warn("Consul KV query failed; keeping the last policies", "prefix", policy.KVPrefix, "err", err.Error())
-			}
-			if !sleepCtx(ctx, backoff(failures)) {
-				return
-			}
-			continue
-		}
+	supervise(ctx, "discovery.policykv", w.follow)
+}
+
+// follow lists the prefix at each change, at most once per Settle, and
+// pushes when a policy key was added, removed or written since the last
+// push (or Consul answers again after failures).
+func (w *PolicyWatcher) follow(ctx context.Context) {
+	var pairs api.KVPairs
+	var pushed map[string]uint64 // ModifyIndex by service, as last pushed; nil before the first push
+	f := follower{log: w.log, attrs: []any{"prefix", policy.KVPrefix}, wait: w.cfg.WaitTime, settle: w.cfg.Settle,
+		failed: "Consul KV query failed; keeping the last policies", again: "Consul KV answers again"}
+	f.run(ctx, func(q *api.QueryOptions) (*api.QueryMeta, error) {
+		var meta *api.QueryMeta
+		var err error
+		pairs, meta, err = w.cfg.Client.KV().List(policy.KVPrefix, q)
+		return meta, err
+	}, func(changed bool) {
 		w.lastOK.Store(time.Now().UnixNano())
-		recovered := failures > 0
-		if recovered {
-			w.log.Info("Consul KV answers again", "prefix", policy.KVPrefix, "after_failures", failures)
-			failures = 0
+		if !changed && pushed != nil {
+			return
 		}
-		index = nextIndex(index, meta.LastIndex)
-		// A blocking query also returns when its wait ends with nothing
-		// new: push only what may have changed.
-		if pushed != 0 && meta.LastIndex == pushed && !recovered {
-			continue
-		}
-		pushed = meta.LastIndex
 		docs := make(map[string]policy.KVDocument, len(pairs))
 		for _, p := range pairs {
+			if p == nil {
+				continue
+			}
 			if service, ok := policy.ServiceFromKVKey(p.Key); ok {
 				docs[service] = policy.KVDocument{Key: p.Key, Value: p.Value, ModifyIndex: p.ModifyIndex}
 			}
 		}
+		if pushed != nil && sameIndexes(pushed, docs) {
+			return // the prefix's index moved for a key that is not a policy
+		}
+		pushed = make(map[string]uint64, len(docs))
+		for service, d := range docs {
+			pushed[service] = d.ModifyIndex
+		}
 		w.push(docs)
 		w.syncOnce.Do(func() { close(w.synced) })
-	}
+	})
 }
 
-// nextIndex is the WaitIndex of the next blocking query after an answer
-// with index last to a query that waited on prev, by Consul's rules: start
-// over (0) when the index went backwards (a snapshot restore, a restarted
-// agent), and never wait on 0, which would return at once forever.
-func nextIndex(prev, last uint64) uint64 {
-	switch {
-	case last < prev:
-		return 0
-	case last == 0:
-		return 1
+// sameIndexes reports whether docs has the keys of pushed, each at the
+// ModifyIndex pushed.
+func sameIndexes(pushed map[string]uint64, docs map[string]policy.KVDocument) bool {
+	if len(pushed) != len(docs) {
+		return false
 	}
-	return last
+	for service, d := range docs {
+		if i, ok := pushed[service]; !ok || i != d.ModifyIndex {
+			return false
+		}
+	}
+	return true
 }

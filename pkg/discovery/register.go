@@ -116,6 +116,12 @@ func (r *Registration) Deregister(ctx context.Context) error {
 
 func (r *Registration) run(ctx context.Context) {
 	defer close(r.done)
+	supervise(ctx, "discovery.register", r.keep)
+}
+
+// keep registers the app and reports its readiness every TTL/3, or at
+// once when kicked.
+func (r *Registration) keep(ctx context.Context) {
 	registered := false
 	failures := 0
 	for {

@@ -7,10 +7,13 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
 )
 
 // ReverseResolver finds the service an endpoint address belongs to: the
@@ -192,10 +195,23 @@ func (c *Consul) watchedAt(addr netip.AddrPort) string {
 // lookupAddr asks the catalog which service has an instance at addr and
 // fills e. Its own deadline (FirstWait) bounds it, not the caller's: other
 // callers may be waiting on the same answer.
+// A panic in it is reported and answered as an error, so that the callers
+// waiting on e are answered too.
 func (c *Consul) lookupAddr(addr netip.AddrPort, e *reverseEntry) {
 	ctx, cancel := context.WithTimeout(c.ctx, c.cfg.FirstWait)
 	defer cancel()
-	svc, err := c.catalogAt(ctx, addr)
+	defer close(e.ready)
+	var svc string
+	var err error
+	func() {
+		defer func() {
+			if v := recover(); v != nil {
+				panics.Report("discovery.reverse", v)
+				err = fmt.Errorf("recovered from a panic: %v", v)
+			}
+		}()
+		svc, err = c.catalogAt(ctx, addr)
+	}()
 	now := time.Now()
 	switch {
 	case err != nil:
@@ -208,7 +224,6 @@ func (c *Consul) lookupAddr(addr netip.AddrPort, e *reverseEntry) {
 		e.expires = now.Add(reverseHitTTL)
 		c.log.Debug("address mapped to a service", "address", addr.String(), "service", svc)
 	}
-	close(e.ready)
 }
 
 func (c *Consul) catalogAt(ctx context.Context, addr netip.AddrPort) (string, error) {
@@ -220,8 +235,10 @@ func (c *Consul) catalogAt(ctx context.Context, addr netip.AddrPort) (string, er
 	if err != nil {
 		return "", err
 	}
-	if names := sortedKeys(exact); len(names) > 0 {
-		return names[0], nil
+	for _, name := range sortedKeys(exact) {
+		if _, ok := pathName(name); ok {
+			return strings.ToLower(name), nil
+		}
 	}
 	// Instances registered without an address of their own are at their
 	// node's address.
@@ -236,13 +253,17 @@ func (c *Consul) catalogAt(ctx context.Context, addr netip.AddrPort) (string, er
 		names = names[:reverseMaxCandidates]
 	}
 	for _, name := range names {
-		svcs, _, err := c.cfg.Client.Catalog().Service(name, "",
+		path, ok := pathName(name)
+		if !ok {
+			continue // no valid service name: never one a request could be routed to
+		}
+		svcs, _, err := c.cfg.Client.Catalog().Service(path, "",
 			q("ServicePort == "+port+` and ServiceAddress == "" and Address == `+ip))
 		if err != nil {
 			return "", err
 		}
 		if len(svcs) > 0 {
-			return name, nil
+			return strings.ToLower(name), nil
 		}
 	}
 	return "", nil
