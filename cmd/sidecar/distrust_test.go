@@ -41,17 +41,60 @@ func TestCraftedAuthorityNeverReachesConsul(t *testing.T) {
 	if got, failure := cs.call("web"); got != "web-1" {
 		t.Fatalf("after the crafted names, web answers %q %s; want web-1", got, failure)
 	}
+	if m := fetchMetrics(t, cs); strings.Contains(m, "sidecar_panics_total{") {
+		t.Errorf("a panic was recovered:\n%s", grepLines(m, "sidecar_panics_total"))
+	}
+}
+
+
+// A catalog instance at one of the sidecar's own ports is never called:
+// the app can't reach the admin API through the outbound proxy (POST
+// /quitquitquit through it stopped the sidecar), and an instance at the
+// outbound port can't make requests call the sidecar again and again.
+func TestConsulInstanceAtOwnListenerRefused(t *testing.T) {
+	cs := startConsulSidecar(t)
+	cs.registerAt(t, "evil", "evil-admin", cs.adm, nil)
+	cs.registerAt(t, "loopy", "loopy-outbound", cs.out, nil)
+	cs.register(t, "web", "web-1", nil)
+	cs.until(t, "web", "web routes", 10*time.Second, func(got string) bool { return got == "web-1" })
+	for _, svc := range []string{"evil", "loopy"} {
+		var status int
+		var reason string
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			req, _ := http.NewRequest("POST", "http://"+cs.out+"/quitquitquit", nil)
+			req.Host = svc
+			resp, err := cs.client.Do(req)
+			if err != nil {
+				t.Fatalf("POST /quitquitquit to %s: %v", svc, err)
+			}
+			resp.Body.Close()
+			status, reason = resp.StatusCode, resp.Header.Get("X-Sidecar-Error")
+			if status != http.StatusServiceUnavailable { // 503 until Consul's answer is in
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if status != http.StatusLoopDetected || reason != "loop" {
+			t.Errorf("%s: got %d %q, want 508 loop", svc, status, reason)
+		}
+	}
+	if got, failure := cs.call("web"); got != "web-1" {
+		t.Fatalf("the sidecar stopped serving: %q %s", got, failure)
+	}
+	m := fetchMetrics(t, cs)
+	if !strings.Contains(m, `sidecar_refused_endpoints_total{reason="own_listener",service="evil"}`) {
+		t.Errorf("no refused endpoint counted for evil:\n%s", grepLines(m, "sidecar_refused"))
+	}
+}
+
+func fetchMetrics(t *testing.T, cs *consulSidecar) string {
+	t.Helper()
 	resp, err := cs.client.Get("http://" + cs.metrics + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	b := new(strings.Builder)
-	if _, err := io.Copy(b, resp.Body); err != nil {
-		t.Fatal(err)
-	}
-	if strings.Contains(b.String(), "sidecar_panics_total{") {
-		t.Errorf("a panic was recovered:\n%s", grepLines(b.String(), "sidecar_panics_total"))
-	}
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
 }
-

@@ -57,6 +57,7 @@ type resilienceMetrics struct {
 	ejections   *prometheus.CounterVec
 	shed        *prometheus.CounterVec
 	attempts    *prometheus.CounterVec
+	refused     *prometheus.CounterVec
 	// attemptsBy caches the attempts counter per service: Attempted runs
 	// on every attempt, and label hashing is not free.
 	attemptsBy sync.Map
@@ -83,6 +84,9 @@ func newResilienceMetrics(reg prometheus.Registerer) *resilienceMetrics {
 	}
 	m.attempts = f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_attempts_total",
 		Help: "Outbound attempts sent to an endpoint, first tries and retries."}, []string{"service"})
+	m.refused = f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_refused_endpoints_total",
+		Help: "Endpoints discovery named that are never called, by reason (own_listener: one of the sidecar's own listeners), counted once per endpoint set that holds them."},
+		[]string{"service", "reason"})
 	reg.MustRegister(&resilienceCollector{m: m})
 	return m
 }
@@ -102,6 +106,10 @@ func (m *resilienceMetrics) EndpointEjected(service string) {
 func (m *resilienceMetrics) Shed(service, reason string) {
 	m.shed.WithLabelValues(service, reason).Inc()
 }
+func (m *resilienceMetrics) EndpointRefused(service, reason string) {
+	m.refused.WithLabelValues(service, reason).Inc()
+}
+
 func (m *resilienceMetrics) Attempted(service string) {
 	c, ok := m.attemptsBy.Load(service)
 	if !ok {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -64,6 +65,9 @@ type sidecar struct {
 	consul      *discovery.Consul                      // nil without Consul
 	policies    *policySources                         // the policy store and its watched sources
 	reg         atomic.Pointer[discovery.Registration] // nil when the app is not registered
+
+	ownOnce sync.Once                 // computes own
+	own     func(netip.AddrPort) bool // the listeners' addresses; see isOwnEndpoint
 
 	outboundUp atomic.Bool
 	drainOnce  sync.Once
@@ -166,7 +170,8 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	s.proxy, err = outbound.New(outbound.Config{Resolver: resolver, Policies: s.policies.store,
 		AllowHosts: cfg.AllowHosts, MaxInFlight: cfg.Limits.OutboundMaxInFlight, Observer: resilience,
 		Tracer: s.tracer(), Propagator: s.tracing.Propagator(), Metrics: s.requests, Logger: log,
-		Transport: proxyhttp.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes}})
+		Transport: proxyhttp.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes},
+		IsOwn:     s.isOwnEndpoint})
 	if err != nil {
 		return nil, err
 	}

@@ -94,6 +94,25 @@ func (s *sidecar) startTransparent(cfg *config.Config, resolver discovery.Chain,
 }
 
 // listenerAddrs are the addresses the sidecar listens on.
+// isOwnEndpoint reports whether an endpoint discovery names is one of the
+// sidecar's listeners that no request should be sent to: the outbound
+// port (a loop), the admin, health and metrics ports (the app would reach
+// the admin API through the proxy). The inbound port is not among them: a
+// service that calls itself reaches its app through it. The listeners are
+// all bound before the first request is served.
+func (s *sidecar) isOwnEndpoint(ap netip.AddrPort) bool {
+	s.ownOnce.Do(func() {
+		var addrs []net.Addr
+		for _, a := range s.listenerAddrs() {
+			if s.inbound == nil || a.String() != s.inbound.Addr().String() {
+				addrs = append(addrs, a)
+			}
+		}
+		s.own = transparent.OwnAddrs(addrs...)
+	})
+	return s.own(ap)
+}
+
 func (s *sidecar) listenerAddrs() []net.Addr {
 	var out []net.Addr
 	for _, ln := range []net.Listener{s.adminLn, s.metricLn, s.healthLn} {

@@ -234,6 +234,9 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, v proxyhttp.Verdic
 		return
 	}
 	defer p.release()
+	// A hop marker is about the way a request took to this pod; what the
+	// app calls while serving it are new requests.
+	delete(r.Header, proxyhttp.HopHeader)
 	if r.Body != nil && r.Body != http.NoBody {
 		// The handler owns r: reads get a progress timeout and client
 		// errors are told apart from the app's.

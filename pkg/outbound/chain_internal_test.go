@@ -53,8 +53,9 @@ func (o *countingObserver) BreakerStateChanged(_, from, to string) {
 	defer o.mu.Unlock()
 	o.transitions = append(o.transitions, from+">"+to)
 }
-func (o *countingObserver) EndpointEjected(string) { o.mu.Lock(); o.ejections++; o.mu.Unlock() }
-func (o *countingObserver) Attempted(string)       {}
+func (o *countingObserver) EndpointEjected(string)      { o.mu.Lock(); o.ejections++; o.mu.Unlock() }
+func (o *countingObserver) Attempted(string)            {}
+func (o *countingObserver) EndpointRefused(_, _ string) {}
 
 func (o *countingObserver) Shed(_, reason string) {
 	o.mu.Lock()

@@ -2,11 +2,13 @@ package outbound_test
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -57,6 +59,12 @@ type options struct {
 	limits     proxyhttp.Limits
 	transport  proxyhttp.TransportConfig
 	policies   string // Policy documents (YAML)
+	// isOwn is the proxy's IsOwn.
+	isOwn func(netip.AddrPort) bool
+	// listen is the listener's address; "": 127.0.0.1:0.
+	listen string
+	// arrivals, when set, counts the requests the listener serves.
+	arrivals *atomic.Int64
 	// telemetry, when set, gives the proxy a tracer, propagator and
 	// request metrics (the benchmarks' "sidecar-telemetry").
 	telemetry *telemetry
@@ -90,6 +98,7 @@ func startSidecar(t testing.TB, o options) *sidecar {
 		AllowHosts: o.allowHosts,
 		Transport:  o.transport,
 		Limits:     o.limits,
+		IsOwn:      o.isOwn,
 	}
 	if o.telemetry != nil {
 		cfg.Tracer, cfg.Propagator, cfg.Metrics = o.telemetry.tracer, o.telemetry.prop, o.telemetry.metrics
@@ -98,7 +107,14 @@ func startSidecar(t testing.TB, o options) *sidecar {
 	if err != nil {
 		t.Fatalf("outbound.New: %v", err)
 	}
-	srv, err := proxyhttp.Listen("outbound", "127.0.0.1:0", sc.proxy, o.limits, nil)
+	var h http.Handler = sc.proxy
+	if o.arrivals != nil {
+		h = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			o.arrivals.Add(1)
+			sc.proxy.ServeHTTP(w, r)
+		})
+	}
+	srv, err := proxyhttp.Listen("outbound", cmp.Or(o.listen, "127.0.0.1:0"), h, o.limits, nil)
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}

@@ -20,7 +20,7 @@ func BenchmarkHotPath(b *testing.B) {
 	set := &discovery.EndpointSet{Service: "svc", Endpoints: []discovery.Endpoint{{Addr: "10.0.0.1:80"}, {Addr: "10.0.0.2:80"}, {Addr: "10.0.0.3:80"}}}
 	r := &stateRegistry{observer: NopObserver{}}
 	st := r.get("svc", &p)
-	rr := newRoundRobin(set)
+	rr := newRoundRobin(set, set.Endpoints)
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {

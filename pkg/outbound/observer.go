@@ -23,6 +23,10 @@ type Observer interface {
 	Shed(service, reason string)
 	// Attempted: an attempt was sent to an endpoint of the service.
 	Attempted(service string)
+	// EndpointRefused: discovery named an endpoint of the service that is
+	// never called, for reason ("own_listener": one of the sidecar's own
+	// listeners). Told once per endpoint set that holds it.
+	EndpointRefused(service, reason string)
 }
 
 // NopObserver observes nothing; embed it to implement only some methods.
@@ -34,5 +38,6 @@ func (NopObserver) BreakerStateChanged(service, from, to string) {}
 func (NopObserver) EndpointEjected(service string)               {}
 func (NopObserver) Shed(service, reason string)                  {}
 func (NopObserver) Attempted(service string)                     {}
+func (NopObserver) EndpointRefused(service, reason string)       {}
 
 var _ Observer = NopObserver{}

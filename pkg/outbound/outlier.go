@@ -77,7 +77,7 @@ func (o *outliers) record(addr string, failed bool, set *discovery.EndpointSet, 
 // endpoint is ejected it picks one anyway (panic mode: better some traffic
 // than none).
 func pickHealthy(rr *roundRobin, o *outliers, avoid string, now time.Time) discovery.Endpoint {
-	n := len(rr.set.Endpoints)
+	n := len(rr.eps)
 	first := rr.pick()
 	ep := first
 	for i := 0; i < n; i++ {

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -23,15 +24,17 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/tracing"
 )
 
-// roundRobin picks over one immutable endpoint set. It never blocks and
-// never does I/O. Safe for concurrent use.
+// roundRobin picks over one immutable endpoint set, less the endpoints that
+// are the sidecar's own listeners. It never blocks and never does I/O.
+// Safe for concurrent use.
 type roundRobin struct {
 	set  *discovery.EndpointSet
+	eps  []discovery.Endpoint // set.Endpoints less the own ones
 	next atomic.Uint64
 }
 
-func newRoundRobin(set *discovery.EndpointSet) *roundRobin {
-	rr := &roundRobin{set: set}
+func newRoundRobin(set *discovery.EndpointSet, eps []discovery.Endpoint) *roundRobin {
+	rr := &roundRobin{set: set, eps: eps}
 	// A random start keeps a fleet of sidecars from marching in step onto
 	// the same first endpoint.
 	rr.next.Store(rand.Uint64())
@@ -39,7 +42,7 @@ func newRoundRobin(set *discovery.EndpointSet) *roundRobin {
 }
 
 func (rr *roundRobin) pick() discovery.Endpoint {
-	eps := rr.set.Endpoints
+	eps := rr.eps
 	return eps[rr.next.Add(1)%uint64(len(eps))]
 }
 
@@ -53,6 +56,11 @@ type pickLayer struct {
 	observer Observer
 	tracer   trace.Tracer // nil: no attempt spans
 	prop     propagation.TextMapPropagator
+	// isOwn reports whether an endpoint is one of the sidecar's own
+	// listeners: such an endpoint is never called. nil: none is.
+	isOwn func(netip.AddrPort) bool
+	// refusedLogged holds the endpoints already logged as refused.
+	refusedLogged sync.Map
 
 	// pickers holds a *roundRobin per service, rebuilt whenever discovery
 	// publishes a new set (compared by pointer: sets are immutable).
@@ -67,10 +75,47 @@ func (p *pickLayer) picker(set *discovery.EndpointSet) *roundRobin {
 			return rr
 		}
 	}
-	rr := newRoundRobin(set)
+	rr := newRoundRobin(set, p.callable(set))
 	p.pickers.Store(set.Service, rr)
 	return rr
 }
+
+// callable returns the endpoints of set the sidecar may call: not its own
+// listeners (a catalog entry or a static endpoint at the outbound port
+// would make every request call the sidecar again, one at the admin port
+// would hand the app the admin API). Each refused endpoint is told to the
+// observer, and logged the first time it is seen.
+func (p *pickLayer) callable(set *discovery.EndpointSet) []discovery.Endpoint {
+	if p.isOwn == nil {
+		return set.Endpoints
+	}
+	var out []discovery.Endpoint
+	for i, ep := range set.Endpoints {
+		ap, err := netip.ParseAddrPort(ep.Addr)
+		if err != nil || !p.isOwn(ap) {
+			if out != nil {
+				out = append(out, ep)
+			}
+			continue
+		}
+		if out == nil {
+			out = append(make([]discovery.Endpoint, 0, len(set.Endpoints)), set.Endpoints[:i]...)
+		}
+		p.observer.EndpointRefused(set.Service, refusedOwnListener)
+		if _, seen := p.refusedLogged.LoadOrStore(set.Service+" "+ep.Addr, true); !seen {
+			p.log.Warn("not calling an endpoint that is one of the sidecar's own listeners (check discovery)",
+				"service", set.Service, "endpoint", ep.Addr, "source", set.Source)
+		}
+	}
+	if out == nil {
+		return set.Endpoints
+	}
+	return out
+}
+
+// refusedOwnListener is EndpointRefused's reason for an endpoint that is
+// one of the sidecar's own listeners.
+const refusedOwnListener = "own_listener"
 
 func (p *pickLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	service := req.URL.Host
@@ -85,6 +130,12 @@ func (p *pickLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 			Reason: proxyhttp.ReasonNoHealthyEndpoints, Service: service,
 			Detail: "the service is known but has no healthy endpoint"}
 	}
+	rr := p.picker(set)
+	if len(rr.eps) == 0 {
+		proxyhttp.CloseBody(req)
+		return nil, &proxyhttp.LocalError{Status: http.StatusLoopDetected, Reason: proxyhttp.ReasonLoop, Service: service,
+			Detail: "every endpoint discovery has for the service is one of the sidecar's own listeners"}
+	}
 	info, _ := req.Context().Value(attemptKey{}).(*attemptInfo)
 	if info == nil {
 		return nil, errors.New("outbound: pick layer called outside the resilience layer")
@@ -92,7 +143,7 @@ func (p *pickLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	pol, st := info.policy, info.state
 	now := time.Now()
 	// A retry prefers another endpoint than the one that failed.
-	ep := pickHealthy(p.picker(set), &st.outliers, info.avoid, now)
+	ep := pickHealthy(rr, &st.outliers, info.avoid, now)
 	info.picked = ep.Addr
 	p.observer.Attempted(service)
 	var span trace.Span

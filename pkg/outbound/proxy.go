@@ -9,8 +9,11 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -55,6 +58,14 @@ type Config struct {
 	Limits proxyhttp.Limits
 	// Logger receives state transitions and errors; nil discards them.
 	Logger *slog.Logger
+	// IsOwn reports whether an endpoint address is one of the sidecar's
+	// own listeners: such an endpoint is never called (a service whose
+	// every endpoint is one gets 508 loop). nil: no endpoint is.
+	IsOwn func(netip.AddrPort) bool
+	// HopID names this proxy in the hop marker (proxyhttp.HopHeader) it
+	// adds to every request it forwards; a request that arrives with it
+	// is refused as a loop. Empty: a random id.
+	HopID string
 }
 
 // DefaultMaxInFlight is Config.MaxInFlight's default: far above what one app
@@ -75,6 +86,7 @@ type Proxy struct {
 	transport  *proxyhttp.Transport
 	allow      map[string]bool
 	states     *stateRegistry
+	hop        []string             // the hop marker's value, shared read-only
 	resilience *resilienceLayer     // for InFlight
 	metrics    *metrics.Requests    // for requests refused before routing
 	service    *proxyhttp.Forwarder // to services known to discovery
@@ -124,6 +136,10 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, errors.New("outbound: a Tracer needs a Propagator")
 	}
 	p.metrics = cfg.Metrics
+	if cfg.HopID == "" {
+		cfg.HopID = strconv.FormatUint(rand.Uint64(), 36)
+	}
+	p.hop = []string{cfg.HopID}
 	p.service = &proxyhttp.Forwarder{Next: p.chain(cfg, policies, maxInFlight, observer), OnError: p.handleError}
 	p.direct = &proxyhttp.Forwarder{Next: p.transport, OnError: p.handleError}
 	return p, nil
@@ -143,7 +159,8 @@ func New(cfg Config) (*Proxy, error) {
 //	-> transport (pooled HTTP/1.1, connect timeout from the policy)
 func (p *Proxy) chain(cfg Config, policies Policies, maxInFlight int, observer Observer) http.RoundTripper {
 	var rt http.RoundTripper = p.transport
-	rt = &pickLayer{resolver: cfg.Resolver, log: p.log, observer: observer, tracer: cfg.Tracer, prop: cfg.Propagator, next: rt}
+	rt = &pickLayer{resolver: cfg.Resolver, log: p.log, observer: observer, tracer: cfg.Tracer, prop: cfg.Propagator,
+		isOwn: cfg.IsOwn, next: rt}
 	p.resilience = &resilienceLayer{policies: policies, states: p.states, maxInFlight: int64(maxInFlight), next: rt}
 	rt = p.resilience
 	if cfg.Tracer != nil || cfg.Metrics != nil {
@@ -165,6 +182,11 @@ func (p *Proxy) Close() {
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if v := proxyhttp.TakeVerdict(r); v.Reason != "" {
 		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: v.Reason})
+		return
+	}
+	if hops, ok := r.Header[proxyhttp.HopHeader]; ok && p.sentBefore(hops) {
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusLoopDetected, Reason: proxyhttp.ReasonLoop,
+			Detail: "this request was forwarded by this sidecar already: discovery or a proxy sends it back here"})
 		return
 	}
 	host := strings.ToLower(r.Host)
@@ -222,7 +244,29 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		r = &r2
 	}
+	if fw == p.service {
+		// The marker goes on after the client's Connection header has
+		// named its options, which could otherwise take it off again.
+		proxyhttp.RemoveConnectionOptions(r.Header)
+		if prior, ok := r.Header[proxyhttp.HopHeader]; ok {
+			r.Header[proxyhttp.HopHeader] = append(prior[:len(prior):len(prior)], p.hop...)
+		} else {
+			r.Header[proxyhttp.HopHeader] = p.hop
+		}
+	}
 	fw.Forward(w, r, target)
+}
+
+// sentBefore reports whether a request's hop markers hold this proxy's.
+func (p *Proxy) sentBefore(hops []string) bool {
+	for _, v := range hops {
+		for _, id := range strings.Split(v, ",") {
+			if strings.TrimSpace(id) == p.hop[0] {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func (p *Proxy) allowed(host string) bool {

@@ -23,7 +23,18 @@ const (
 	ReasonBadRequest          = "bad_request"
 	ReasonRequestTimeout      = "request_timeout"
 	ReasonNotAllowed          = "not_allowed"
+	// ReasonLoop: the request came back to the sidecar that sent it, or
+	// every endpoint of the service is one of the sidecar's own listeners.
+	ReasonLoop = "loop"
 )
+
+// HopHeader marks a request the outbound proxy forwarded with the proxy's
+// own id, so that a request that comes back to it (discovery pointing at
+// the sidecar itself, or at another proxy that points back) is refused
+// instead of going round until the file descriptors run out. The inbound
+// proxy removes it: a call the app makes while serving a request is a new
+// request, not a loop.
+const HopHeader = "X-Sidecar-Hop"
 
 // ErrorHeader names the header that marks a local error, so a local failure
 // never looks like an upstream answer.
