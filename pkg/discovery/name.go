@@ -7,7 +7,10 @@ package discovery
 // keeps everything a path or a query could be made of ('/', '%', '?', '#',
 // '..') out of the names that reach a discovery source. Names come from
 // the wire (Host, :authority, absolute URLs, SNI): listeners check them
-// once, at the edge, before any lookup.
+// once, at the edge, before any lookup. It is wider than the rule for the
+// names of policies (pkg/policy: one DNS label), because a host an app
+// dials may be a cluster DNS name that only transparent interception maps
+// to a service.
 func ValidServiceName(name string) bool {
 	if len(name) == 0 || len(name) > 253 {
 		return false
