@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/net/netutil"
 
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/inject"
@@ -23,10 +22,13 @@ import (
 // Limits of the webhook's HTTPS server. The API server posts one
 // AdmissionReview per request, with a timeout of its own (at most 30 s);
 // pods are at most about 1.5 MB in etcd, and an AdmissionReview carries one.
+// The API server speaks HTTP/2 to webhooks: one connection per API server
+// carries all its calls.
 const (
 	webhookMaxBody           = 4 << 20
 	webhookMaxHeaderBytes    = 64 << 10
 	webhookMaxConns          = 512
+	webhookMaxConnsPerClient = 128
 	webhookReadHeaderTimeout = 5 * time.Second
 	webhookReadTimeout       = 15 * time.Second
 	webhookWriteTimeout      = 15 * time.Second
@@ -42,6 +44,8 @@ type webhookOptions struct {
 	logLevel  string
 	logFormat string
 	flags     injectFlags
+	// maxConns and maxConnsPerClient bound the connections (connGuard).
+	maxConns, maxConnsPerClient int
 	// caBundle management (optional): see caBundleSyncer.
 	caBundleFile  string
 	webhookConfig string
@@ -69,6 +73,9 @@ func (o *webhookOptions) validate() error {
 	}
 	if _, _, err := net.SplitHostPort(o.addr); err != nil {
 		errs = append(errs, fmt.Errorf("--addr %q: want host:port", o.addr))
+	}
+	if o.maxConns < 1 || o.maxConnsPerClient < 1 || o.maxConnsPerClient > o.maxConns {
+		errs = append(errs, fmt.Errorf("--max-conns %d, --max-conns-per-client %d: want 1 <= per client <= max", o.maxConns, o.maxConnsPerClient))
 	}
 	if err := config.CheckLogLevel(o.logLevel); err != nil {
 		errs = append(errs, fmt.Errorf("--log-level %w", err))
@@ -99,8 +106,10 @@ func (o *webhookOptions) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("webhook listener on %s: %w", o.addr, err)
 	}
+	guard := newConnGuard(o.maxConns, o.maxConnsPerClient, o.log)
 	srv := &http.Server{
 		Handler:           newWebhookHandler(o.injector, o.log),
+		ConnState:         guard.ConnState,
 		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate},
 		ReadHeaderTimeout: webhookReadHeaderTimeout,
 		ReadTimeout:       webhookReadTimeout,
@@ -111,7 +120,7 @@ func (o *webhookOptions) run(ctx context.Context) error {
 	}
 	o.log.Info("webhook serving", "addr", ln.Addr().String(), "image", o.flags.image, "version", version)
 	errc := make(chan error, 1)
-	go func() { errc <- srv.ServeTLS(netutil.LimitListener(ln, webhookMaxConns), "", "") }()
+	go func() { errc <- srv.ServeTLS(guard.Listener(ln), "", "") }()
 	syncDone := make(chan struct{})
 	syncCtx, stopSync := context.WithCancel(ctx)
 	defer func() { stopSync(); <-syncDone }()
@@ -171,7 +180,7 @@ func newWebhookHandler(in *inject.Injector, log *slog.Logger) http.Handler {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
-		attrs := []any{"uid", d.UID, "namespace", d.Namespace, "pod", d.Name, "operation", d.Operation, "injected", d.Injected}
+		attrs := []any{"uid", d.UID, "namespace", d.Namespace, "pod", d.Name, "operation", d.Operation, "injected", d.Injected, "proto", r.Proto}
 		switch {
 		case d.Denied != "":
 			attrs = append(attrs, "denied", d.Denied)
@@ -202,7 +211,9 @@ by the same code as 'sidecar inject'. A pod with an invalid sidecar.mesh/*
 annotation is refused with a message naming it. GET /healthz answers 200.
 
 The certificate and key are re-read when their files change (a renewed,
-mounted Secret), without a restart.`,
+mounted Secret), without a restart. Connections are bounded in all and per
+source address; over a bound, an idle connection (one that sends nothing)
+is closed to make room, so idle connections can't keep the API server out.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := o.complete(); err != nil {
@@ -216,6 +227,8 @@ mounted Secret), without a restart.`,
 	}
 	fs := cmd.Flags()
 	fs.StringVar(&o.addr, "addr", "0.0.0.0:9443", "address of the HTTPS listener")
+	fs.IntVar(&o.maxConns, "max-conns", webhookMaxConns, "most connections open at once; over it, the longest idle one is closed for a new one, or the new one refused when none is idle")
+	fs.IntVar(&o.maxConnsPerClient, "max-conns-per-client", webhookMaxConnsPerClient, "most connections open at once from one source address, with the same rule")
 	fs.StringVar(&o.certFile, "tls-cert-file", "", "PEM certificate (chain) of the webhook's server name; reloaded when it changes")
 	fs.StringVar(&o.keyFile, "tls-key-file", "", "PEM private key of --tls-cert-file; reloaded when it changes")
 	fs.StringVar(&o.logLevel, "log-level", "info", "the webhook's log level: debug, info, warn or error")

@@ -215,6 +215,88 @@ func testWebhookEndToEnd(k *kube) {
 		t.Errorf("pod mesh/after-rotation: init containers %v, want the sidecar", p.Spec.InitContainers)
 	}
 	waitLogLines(t, w, "caBundle updated", 2) // start and rotation
+	for _, l := range w.logs.logLines("admission") {
+		if l["proto"] != "HTTP/2.0" {
+			t.Errorf("admission log line %v: the API server called over %v, want HTTP/2.0 (one connection carries its calls)", l, l["proto"])
+		}
+	}
+
+	// A pod with 20,000 args is stored with its sidecar: the review is
+	// answered well within the API server's timeout (it took 15 s and 3 GB
+	// when every array was aligned with a table, and with failurePolicy
+	// Ignore the pod was stored without the sidecar).
+	var big map[string]any
+	_ = json.Unmarshal(podJSON("mesh", "big-args", nil, nil), &big)
+	ctr := big["spec"].(map[string]any)["containers"].([]any)[0].(map[string]any)
+	args := make([]any, 20000)
+	for i := range args {
+		args[i] = "-v"
+	}
+	ctr["args"] = args
+	body, _ = json.Marshal(big)
+	var stored2 corev1.Pod
+	if err := json.Unmarshal(k.create(body).Body, &stored2); err != nil {
+		t.Fatal(err)
+	}
+	if init := stored2.Spec.InitContainers; len(init) != 1 || init[0].Name != inject.ContainerName || len(stored2.Spec.Containers[0].Args) != len(args) {
+		t.Errorf("pod mesh/big-args (%d bytes): init containers %v and %d args, want the sidecar and the %d args", len(body), containerNames(init), len(stored2.Spec.Containers[0].Args), len(args))
+	}
+
+	// 600 idle TLS connections from another address don't keep the API
+	// server (127.0.0.1) out.
+	conns := openIdleConns(t, addr, rotated, "127.0.0.2", 600)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	if p := k.createPod("mesh", "after-idle-conns", nil, nil); len(p.Spec.InitContainers) != 1 {
+		t.Errorf("pod mesh/after-idle-conns: init containers %v, want the sidecar", containerNames(p.Spec.InitContainers))
+	}
+	calls := admissions()
+
+	// The namespaceSelector keeps kube-system and the injector's own
+	// namespace out, labelled or not: the webhook is not even called.
+	for _, ns := range []string{"kube-system", "sidecar-system"} {
+		k.label(ns, "sidecar.mesh/inject", "enabled")
+		k.namespace(ns, nil)
+		// sidecar-system enforces the restricted pod security standard.
+		var p corev1.Pod
+		if err := json.Unmarshal(k.create(restrictedPodJSON(ns, "web")).Body, &p); err != nil {
+			t.Fatal(err)
+		}
+		if len(p.Spec.InitContainers) != 0 {
+			t.Errorf("pod %s/web in a labelled namespace: init containers %v, want none", ns, containerNames(p.Spec.InitContainers))
+		}
+	}
+	if n := admissions(); n != calls {
+		t.Errorf("after pods in kube-system and sidecar-system: %d admission reviews, want still %d", n, calls)
+	}
+
+	// failurePolicy Fail, as k8s/README.md offers it, with the webhook down:
+	// a pod of a labelled namespace is refused; kube-system still gets its
+	// pods.
+	patch := []byte(`[{"op":"replace","path":"/webhooks/0/failurePolicy","value":"Fail"}]`)
+	if resp, err := k.s.Do(k.ctx, http.MethodPatch, "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/sidecar-injector", patch); err != nil || resp.Status != http.StatusOK {
+		t.Fatalf("setting failurePolicy Fail: %v %+v", err, resp)
+	}
+	w.stop(t)
+	_, err = k.s.Create(k.ctx, podJSON("mesh", "while-down", nil, nil), kubetest.CreateOptions{})
+	if !errors.As(err, &apiErr) || !strings.Contains(apiErr.Message, `failed calling webhook "inject.sidecar.mesh"`) {
+		t.Errorf("pod mesh/while-down with failurePolicy Fail and the webhook down: got %v, want it refused", err)
+	}
+	if p := k.createPod("kube-system", "while-down", nil, nil); len(p.Spec.InitContainers) != 0 {
+		t.Errorf("pod kube-system/while-down: init containers %v, want none", containerNames(p.Spec.InitContainers))
+	}
+}
+
+// label sets a label on a namespace.
+func (k *kube) label(ns, key, value string) {
+	k.t.Helper()
+	body, _ := json.Marshal(map[string]any{"metadata": map[string]any{"labels": map[string]string{key: value}}})
+	if resp, err := k.s.Do(k.ctx, http.MethodPatch, "/api/v1/namespaces/"+ns, body); err != nil || resp.Status != http.StatusOK {
+		k.t.Fatalf("labelling namespace %s: %v %+v", ns, err, resp)
+	}
 }
 
 // ---- helpers ----------------------------------------------------------------
@@ -405,6 +487,20 @@ func podJSON(ns, name string, labels, annotations map[string]string) []byte {
 	_ = json.Unmarshal(objs[0], &p)
 	meta := p["metadata"].(map[string]any)
 	meta["labels"], meta["annotations"] = labels, annotations
+	b, _ := json.Marshal(p)
+	return b
+}
+
+// restrictedPodJSON is podJSON meeting the restricted pod security
+// standard.
+func restrictedPodJSON(ns, name string) []byte {
+	var p map[string]any
+	_ = json.Unmarshal(podJSON(ns, name, nil, nil), &p)
+	ctr := p["spec"].(map[string]any)["containers"].([]any)[0].(map[string]any)
+	ctr["securityContext"] = map[string]any{
+		"allowPrivilegeEscalation": false, "runAsNonRoot": true, "runAsUser": 1000,
+		"capabilities": map[string]any{"drop": []string{"ALL"}}, "seccompProfile": map[string]any{"type": "RuntimeDefault"},
+	}
 	b, _ := json.Marshal(p)
 	return b
 }

@@ -1,0 +1,185 @@
+package main
+
+import (
+	"bufio"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestWebhookIdleConnectionsDontLockOut: more idle TLS connections from
+// one client than the webhook's whole connection limit (512) don't keep
+// another client's AdmissionReview from its answer, and the idle client
+// keeps no more than its share (128). With a plain limit, the 513th
+// connection waited in the kernel's queue until an idle one timed out (90
+// s), and the API server, after its 5 s, created pods without the sidecar.
+func TestWebhookIdleConnectionsDontLockOut(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	cert := writeCert(t, certFile, keyFile)
+	w := startWebhook(t, func(string) string { return "" }, "--tls-cert-file="+certFile, "--tls-key-file="+keyFile, "--image=sidecar:hook")
+
+	const idle = 600
+	conns := openIdleConns(t, w.addr, cert, "127.0.0.2", idle)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+
+	// Another client: its review is answered.
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(cert)
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		TLSClientConfig:   &tls.Config{RootCAs: pool},
+		DisableKeepAlives: true,
+		DialContext:       (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}}).DialContext,
+	}}
+	pod := `{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a"}]}}`
+	review := fmt.Sprintf(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u-1","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"namespace":"ns","operation":"CREATE","userInfo":{},"object":%s}}`, pod)
+	resp, err := client.Post("https://"+w.addr+"/inject", "application/json", strings.NewReader(review))
+	if err != nil {
+		t.Fatalf("with %d idle connections from 127.0.0.2, an AdmissionReview from 127.0.0.1: %v; want an answer", idle, err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"patchType":"JSONPatch"`) {
+		t.Fatalf("with %d idle connections from 127.0.0.2, an AdmissionReview from 127.0.0.1: %d %s; want 200 with a patch", idle, resp.StatusCode, body)
+	}
+
+	// The idle client kept its newest 128 connections; the older ones were
+	// closed to make room.
+	open := 0
+	for _, c := range conns {
+		if stillOpen(c) {
+			open++
+		}
+	}
+	if open != webhookMaxConnsPerClient {
+		t.Errorf("%d of the idle client's %d connections still open, want %d (its share)", open, idle, webhookMaxConnsPerClient)
+	}
+	if l := w.logs.logLines("webhook connections over their limits: idle ones closed to make room, the rest refused (is something other than the API server connecting?)"); len(l) == 0 {
+		t.Errorf("no warning logged about the connections over the limits")
+	}
+}
+
+// openIdleConns opens n TLS connections from the address from, each of
+// which makes one request and then stays open, idle. Connections the
+// webhook closes on the way are returned too (closed).
+func openIdleConns(t *testing.T, addr string, cert []byte, from string, n int) []*tls.Conn {
+	t.Helper()
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(cert)
+	cfg := &tls.Config{RootCAs: pool, NextProtos: []string{"http/1.1"}}
+	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 5 * time.Second}
+	deadline := time.Now().Add(30 * time.Second)
+	var conns []*tls.Conn
+	for range n {
+		c, err := tls.DialWithDialer(dialer, "tcp", addr, cfg)
+		if err != nil {
+			t.Fatalf("connection %d of %d from %s: %v", len(conns)+1, n, from, err)
+		}
+		conns = append(conns, c)
+		c.SetDeadline(deadline)
+		if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: webhook\r\n\r\n"); err != nil {
+			t.Fatalf("connection %d: %v", len(conns), err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("connection %d: GET /healthz: %v", len(conns), err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		c.SetDeadline(time.Time{})
+	}
+	return conns
+}
+
+// stillOpen says whether the webhook has left c open: a read waits rather
+// than ending.
+func stillOpen(c *tls.Conn) bool {
+	c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	_, err := c.Read(make([]byte, 1))
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// TestConnGuard: over a bound, the longest idle connection of the same
+// client goes, else of the client with the most connections; busy ones
+// never do, and with every candidate busy the new connection is refused.
+func TestConnGuard(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	g := newConnGuard(4, 3, log)
+	clock := time.Unix(1000, 0)
+	g.now = func() time.Time { clock = clock.Add(time.Second); return clock }
+	var mu sync.Mutex
+	closed := map[string]bool{}
+	conn := func(name, from string) *guardedConn {
+		c := &fakeConn{name: name, from: from, onClose: func() { mu.Lock(); closed[name] = true; mu.Unlock() }}
+		gc := g.admit(c)
+		if gc != nil {
+			g.ConnState(gc, http.StateNew)
+		}
+		return gc
+	}
+	wasClosed := func(name string) bool { mu.Lock(); defer mu.Unlock(); return closed[name] }
+
+	a1, a2, a3 := conn("a1", "10.0.0.1"), conn("a2", "10.0.0.1"), conn("a3", "10.0.0.1")
+	if a1 == nil || a2 == nil || a3 == nil || g.open() != 3 {
+		t.Fatalf("three connections from one client under both bounds: admitted %v %v %v, open %d", a1 != nil, a2 != nil, a3 != nil, g.open())
+	}
+	g.ConnState(a1, http.StateActive) // busy
+	// Over the client's bound: its longest idle (a2, not the busy a1) goes.
+	if a4 := conn("a4", "10.0.0.1"); a4 == nil || !wasClosed("a2") || wasClosed("a1") || g.open() != 3 {
+		t.Fatalf("a4 over the per-client bound: admitted %v, a2 closed %v, a1 closed %v, open %d; want a4 in place of a2", a4 != nil, wasClosed("a2"), wasClosed("a1"), g.open())
+	}
+	b1 := conn("b1", "10.0.0.2")
+	// Over the total: the client with the most connections (a) loses its
+	// longest idle (a3).
+	if c1 := conn("c1", "10.0.0.3"); c1 == nil || !wasClosed("a3") || wasClosed("b1") || g.open() != 4 {
+		t.Fatalf("c1 over the total: admitted %v, a3 closed %v, b1 closed %v, open %d; want c1 in place of a3", c1 != nil, wasClosed("a3"), wasClosed("b1"), g.open())
+	}
+	// Every connection busy: refused, and closed.
+	for _, c := range []*guardedConn{b1} {
+		g.ConnState(c, http.StateActive)
+	}
+	for gc := range g.clients[clientAddr(&fakeAddr{"10.0.0.3:1"})].conns {
+		g.ConnState(gc, http.StateActive)
+	}
+	for gc := range g.clients[clientAddr(&fakeAddr{"10.0.0.1:1"})].conns {
+		g.ConnState(gc, http.StateActive)
+	}
+	if d1 := conn("d1", "10.0.0.4"); d1 != nil || !wasClosed("d1") || g.open() != 4 {
+		t.Fatalf("d1 with every connection busy: admitted %v, closed %v, open %d; want it refused", d1 != nil, wasClosed("d1"), g.open())
+	}
+	// A connection that closes frees its place; closing twice frees one.
+	a1.Close()
+	a1.Close()
+	if g.open() != 3 {
+		t.Fatalf("after a1 closed: open %d, want 3", g.open())
+	}
+}
+
+type fakeConn struct {
+	net.Conn
+	name, from string
+	onClose    func()
+}
+
+func (c *fakeConn) RemoteAddr() net.Addr { return &fakeAddr{c.from + ":40000"} }
+func (c *fakeConn) Close() error         { c.onClose(); return nil }
+
+type fakeAddr struct{ s string }
+
+func (a *fakeAddr) Network() string { return "tcp" }
+func (a *fakeAddr) String() string  { return a.s }
