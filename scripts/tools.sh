@@ -352,6 +352,9 @@ set_test() {
 	want_cmd ip6tables iptables
 	want_cmd curl curl
 	want_cmd setpriv util-linux
+	# Real servers and clients the sidecar is tried with: Python's
+	# http.server (HTTP/2 fallback).
+	want_cmd python3 python3
 }
 
 set_all() {

@@ -319,12 +319,13 @@ var errHTTP1Peer = errors.New("the endpoint speaks HTTP/1.x, not HTTP/2 with pri
 // dialH2 opens a connection for the HTTP/2 transport and finds out, before
 // the transport sends any request on it, whether the endpoint speaks
 // HTTP/2 with prior knowledge: it sends the connection preface and reads
-// the first bytes back, within the connect timeout. An HTTP/2 server
-// answers with a SETTINGS frame; an HTTP/1.x server with an HTTP/1.x
-// error, which marks the endpoint HTTP/1.1-only and fails the dial with
-// errHTTP1Peer (nothing of any request was sent). The transport then gets a
-// connection that swallows its own copy of the preface and hands back the
-// bytes read.
+// the first frame header back, within the connect timeout. An HTTP/2
+// server answers with a SETTINGS frame on stream 0. Anything else (an
+// HTTP/1.x error, the bare HTML page Python's http.server and the
+// development servers of Flask and Django send, a close without a word)
+// marks the endpoint HTTP/1.1-only and fails the dial with errHTTP1Peer:
+// nothing of any request was sent. The transport then gets a connection
+// that swallows its own copy of the preface and hands back the bytes read.
 func (t *Transport) dialH2(ctx context.Context, addr string) (net.Conn, error) {
 	c, err := t.Dial(ctx, addr)
 	if err != nil {
@@ -335,14 +336,16 @@ func (t *Transport) dialH2(ctx context.Context, addr string) (net.Conn, error) {
 		deadline = time.Now().Add(d)
 	}
 	_ = c.SetDeadline(deadline)
-	head := make([]byte, 9)
+	head := make([]byte, 9) // a frame header
 	n := 0
 	if _, err = io.WriteString(c, http2.ClientPreface); err == nil {
-		n, err = io.ReadAtLeast(c, head, len("HTTP/1."))
+		n, err = io.ReadFull(c, head)
 	}
 	_ = c.SetDeadline(time.Time{})
+	settings := n == len(head) && http2.FrameType(head[3]) == http2.FrameSettings &&
+		head[5]&0x7f == 0 && head[6] == 0 && head[7] == 0 && head[8] == 0
 	switch {
-	case n >= len("HTTP/1.") && bytes.HasPrefix(head, []byte("HTTP/1.")):
+	case !settings && (err == nil || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)):
 		_ = c.Close()
 		t.h1Only.Store(addr, time.Now().Add(h1OnlyFor))
 		return nil, &ConnectError{Addr: addr, Err: errHTTP1Peer}
