@@ -11,6 +11,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -34,6 +35,10 @@ const (
 	webhookWriteTimeout      = 15 * time.Second
 	webhookIdleTimeout       = 90 * time.Second
 	webhookShutdownTimeout   = 10 * time.Second
+	// webhookReviewBytes bounds the bytes of the reviews worked on at once
+	// (reviewBudget): a review takes up to about 80 times its size in
+	// memory (a pod of many tiny containers, decoded).
+	webhookReviewBytes = 4 << 20
 )
 
 // webhookOptions are the inputs of `sidecar webhook`.
@@ -108,7 +113,7 @@ func (o *webhookOptions) run(ctx context.Context) error {
 	}
 	guard := newConnGuard(o.maxConns, o.maxConnsPerClient, o.log)
 	srv := &http.Server{
-		Handler:           newWebhookHandler(o.injector, o.log),
+		Handler:           newWebhookHandler(o.injector, o.log, newReviewBudget(webhookReviewBytes)),
 		ConnState:         guard.ConnState,
 		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate},
 		ReadHeaderTimeout: webhookReadHeaderTimeout,
@@ -148,7 +153,10 @@ func (o *webhookOptions) run(ctx context.Context) error {
 //
 //	POST /inject   AdmissionReview v1 -> AdmissionReview v1 (JSON Patch)
 //	GET  /healthz  200 "ok"
-func newWebhookHandler(in *inject.Injector, log *slog.Logger) http.Handler {
+//
+// Reviews wait for their share of budget (their size) before they are read;
+// one that waits until its caller gives up is answered 503.
+func newWebhookHandler(in *inject.Injector, log *slog.Logger, budget *reviewBudget) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -159,6 +167,16 @@ func newWebhookHandler(in *inject.Injector, log *slog.Logger) http.Handler {
 			http.Error(w, "want Content-Type: application/json", http.StatusUnsupportedMediaType)
 			return
 		}
+		size := r.ContentLength
+		if size < 0 || size > webhookMaxBody {
+			size = webhookMaxBody
+		}
+		release, err := budget.acquire(r.Context(), size)
+		if err != nil {
+			http.Error(w, "busy with other reviews", http.StatusServiceUnavailable)
+			return
+		}
+		defer release()
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, webhookMaxBody))
 		if err != nil {
 			var tooBig *http.MaxBytesError
@@ -240,4 +258,52 @@ is closed to make room, so idle connections can't keep the API server out.`,
 	fs.StringVar(&o.kubeCAFile, "kube-ca-file", "", "CA of --kube-api-server; default: the pod's service account ca.crt")
 	o.flags.addFlags(fs)
 	return cmd
+}
+
+// reviewBudget bounds the bytes of the AdmissionReviews being worked on at
+// once. Each review costs memory in proportion to its pod, so a burst of
+// large pods takes turns instead of taking the webhook past its memory
+// limit (a restart would let the API server create pods without the
+// sidecar); pods of ordinary size never wait. A review larger than the
+// whole budget runs alone. Safe for concurrent use.
+type reviewBudget struct {
+	size int64
+
+	mu    sync.Mutex // guards the fields below
+	used  int64
+	freed chan struct{} // closed (and replaced) whenever bytes are released
+}
+
+func newReviewBudget(size int64) *reviewBudget {
+	return &reviewBudget{size: size, freed: make(chan struct{})}
+}
+
+// acquire waits until n bytes (at most the whole budget) are free or ctx
+// ends, and returns the function that gives them back.
+func (b *reviewBudget) acquire(ctx context.Context, n int64) (release func(), err error) {
+	n = min(n, b.size)
+	for {
+		b.mu.Lock()
+		if b.used+n <= b.size {
+			b.used += n
+			b.mu.Unlock()
+			var once sync.Once
+			return func() { once.Do(func() { b.release(n) }) }, nil
+		}
+		freed := b.freed
+		b.mu.Unlock()
+		select {
+		case <-freed:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+func (b *reviewBudget) release(n int64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.used -= n
+	close(b.freed)
+	b.freed = make(chan struct{})
 }

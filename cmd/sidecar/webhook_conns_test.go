@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -10,11 +11,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/sidecar-mesh/sidecar/pkg/inject"
 )
 
 // TestWebhookIdleConnectionsDontLockOut: more idle TLS connections from
@@ -183,3 +187,75 @@ type fakeAddr struct{ s string }
 
 func (a *fakeAddr) Network() string { return "tcp" }
 func (a *fakeAddr) String() string  { return a.s }
+
+// TestReviewBudget: reviews take their size from the budget and wait for
+// room; one larger than the budget runs alone; a wait ends with its
+// context.
+func TestReviewBudget(t *testing.T) {
+	b := newReviewBudget(100)
+	ctx := context.Background()
+	r1, err := b.acquire(ctx, 60)
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if _, err := b.acquire(short, 50); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("acquire 50 with 60 of 100 taken: %v, want to wait until the context ends", err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		r2, err := b.acquire(ctx, 1000) // more than the budget: all of it
+		if err == nil {
+			r2()
+		}
+		got <- err
+	}()
+	select {
+	case err := <-got:
+		t.Fatalf("acquire 1000 with 60 taken returned %v at once, want it to wait", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	r1()
+	r1() // twice: gives back once
+	if err := <-got; err != nil {
+		t.Fatalf("acquire 1000 after a release: %v", err)
+	}
+	if b.used != 0 {
+		t.Fatalf("%d bytes still taken after every release, want 0", b.used)
+	}
+}
+
+// TestWebhookHandlerWaitsForBudget: with the budget taken, a review waits,
+// and is answered 503 when its caller gives up; once there is room it is
+// answered.
+func TestWebhookHandlerWaitsForBudget(t *testing.T) {
+	in, err := inject.New(inject.Config{Image: "sidecar:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	budget := newReviewBudget(1 << 20)
+	h := newWebhookHandler(in, slog.New(slog.NewTextHandler(io.Discard, nil)), budget)
+	pod := `{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a"}]}}`
+	review := fmt.Sprintf(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u-1","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"namespace":"ns","operation":"CREATE","userInfo":{},"object":%s}}`, pod)
+	post := func(ctx context.Context) int {
+		req := httptest.NewRequestWithContext(ctx, http.MethodPost, "/inject", strings.NewReader(review))
+		req.Header.Set("Content-Type", "application/json")
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		return rec.Code
+	}
+	release, err := budget.acquire(context.Background(), 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if code := post(short); code != http.StatusServiceUnavailable {
+		t.Errorf("a review with the budget taken, its caller gone: %d, want 503", code)
+	}
+	release()
+	if code := post(context.Background()); code != http.StatusOK {
+		t.Errorf("a review with room: %d, want 200", code)
+	}
+}
