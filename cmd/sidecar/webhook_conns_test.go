@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -49,8 +48,7 @@ func TestWebhookIdleConnectionsDontLockOut(t *testing.T) {
 		DisableKeepAlives: true,
 		DialContext:       (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}}).DialContext,
 	}}
-	pod := `{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a"}]}}`
-	review := fmt.Sprintf(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u-1","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"namespace":"ns","operation":"CREATE","userInfo":{},"object":%s}}`, pod)
+	review := podReview(`{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a"}]}}`)
 	resp, err := client.Post("https://"+w.addr+"/inject", "application/json", strings.NewReader(review))
 	if err != nil {
 		t.Fatalf("with %d idle connections from 127.0.0.2, an AdmissionReview from 127.0.0.1: %v; want an answer", idle, err)
@@ -236,8 +234,7 @@ func TestWebhookHandlerWaitsForBudget(t *testing.T) {
 	}
 	budget := newReviewBudget(1 << 20)
 	h := newWebhookHandler(in, slog.New(slog.NewTextHandler(io.Discard, nil)), budget)
-	pod := `{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a"}]}}`
-	review := fmt.Sprintf(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u-1","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"namespace":"ns","operation":"CREATE","userInfo":{},"object":%s}}`, pod)
+	review := podReview(`{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a"}]}}`)
 	post := func(ctx context.Context) int {
 		req := httptest.NewRequestWithContext(ctx, http.MethodPost, "/inject", strings.NewReader(review))
 		req.Header.Set("Content-Type", "application/json")

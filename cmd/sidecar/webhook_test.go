@@ -171,7 +171,7 @@ func TestWebhookServesAndReloadsCertificate(t *testing.T) {
 
 	// An AdmissionReview for a pod: a JSON Patch that adds the sidecar.
 	pod := `{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a","ports":[{"containerPort":8080}]}]}}`
-	review := fmt.Sprintf(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u-1","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"namespace":"ns","operation":"CREATE","userInfo":{},"object":%s}}`, pod)
+	review := podReview(pod)
 	resp, err = client.Post(base+"/inject", "application/json", strings.NewReader(review))
 	if err != nil {
 		t.Fatal(err)
@@ -243,6 +243,12 @@ func TestWebhookServesAndReloadsCertificate(t *testing.T) {
 	if n := len(w.logs.logLines("webhook stopped")); n != 1 {
 		t.Errorf("%d \"webhook stopped\" log lines, want 1", n)
 	}
+}
+
+// podReview is the AdmissionReview the API server sends for the creation
+// of pod (JSON) in namespace ns, with uid u-1.
+func podReview(pod string) string {
+	return fmt.Sprintf(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u-1","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"namespace":"ns","operation":"CREATE","userInfo":{},"object":%s}}`, pod)
 }
 
 type zeros struct{}

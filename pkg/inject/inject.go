@@ -147,9 +147,10 @@ func New(cfg Config) (*Injector, error) {
 	}
 	std["GOMEMLIMIT"] = true
 	for _, e := range cfg.Env {
+		bad := validation.IsEnvVarName(e.Name)
 		switch {
-		case len(validation.IsEnvVarName(e.Name)) > 0:
-			errs = append(errs, fmt.Errorf("env: %s is not a variable name: %s", policy.Quote(e.Name), strings.Join(validation.IsEnvVarName(e.Name), "; ")))
+		case len(bad) > 0:
+			errs = append(errs, fmt.Errorf("env: %s is not a variable name: %s", policy.Quote(e.Name), strings.Join(bad, "; ")))
 		case std[e.Name]:
 			errs = append(errs, fmt.Errorf("env: %s is set by the injector", e.Name))
 		case e.Name == config.AllowNonLoopbackAdminEnv:
