@@ -45,11 +45,17 @@ JAEGER_VERSION=v1.76.0
 # webhook); its staging modules are the matching v0.x release.
 KUBE_VERSION=v1.32.3
 KUBE_STAGING_VERSION=v0.32.3
+# The Node.js clients the tests run through the sidecar (npm registry),
+# installed into <cache>/node-clients-<hash of this list>/node_modules and
+# linked as <cache>/node-clients.
+NODE_CLIENTS="@grpc/grpc-js@1.14.7 undici@7.30.3"
 
 # Debian packages still to install, filled by want_cmd.
 APT_MISSING=()
 # Set when install_apt created /usr/sbin/policy-rc.d and must remove it.
 POLICY_RC_CREATED=""
+# Set by a tool set that needs the Node.js clients.
+NODE_CLIENTS_WANTED=""
 
 log() { printf 'tools.sh: %s\n' "$*" >&2; }
 die() {
@@ -353,8 +359,31 @@ set_test() {
 	want_cmd curl curl
 	want_cmd setpriv util-linux
 	# Real servers and clients the sidecar is tried with: Python's
-	# http.server (HTTP/2 fallback).
+	# http.server (HTTP/2 fallback), Node.js with grpc-js and undici
+	# (CONNECT tunnels).
 	want_cmd python3 python3
+	want_cmd node nodejs
+	want_cmd npm npm
+	NODE_CLIENTS_WANTED=1
+}
+
+# install_node_clients: the npm packages of NODE_CLIENTS, once per list.
+install_node_clients() {
+	local dir
+	dir="$TOOLS_CACHE/node-clients-$(printf '%s' "$NODE_CLIENTS" | sha256sum | cut -c1-12)"
+	if [[ -d $dir/node_modules/undici && -d $dir/node_modules/@grpc/grpc-js ]]; then
+		log "ok: node clients ($dir)"
+	else
+		have npm || die "npm not found; it comes with the nodejs and npm packages"
+		log "installing node clients: $NODE_CLIENTS"
+		rm -rf "$dir.tmp"
+		mkdir -p "$dir.tmp"
+		# shellcheck disable=SC2086 # NODE_CLIENTS is a list of packages
+		(cd "$dir.tmp" && npm init -y >/dev/null && npm install --no-audit --no-fund --save-exact $NODE_CLIENTS >&2)
+		rm -rf "$dir"
+		mv "$dir.tmp" "$dir"
+	fi
+	ln -sfn "$dir" "$TOOLS_CACHE/node-clients"
 }
 
 set_all() {
@@ -385,6 +414,9 @@ main() {
 		install_apt "${APT_MISSING[@]}"
 	else
 		log "nothing to install from apt for '$set'"
+	fi
+	if [[ -n ${NODE_CLIENTS_WANTED:-} ]]; then
+		install_node_clients
 	fi
 	log "done: $set"
 	local name

@@ -180,6 +180,7 @@ func start(cfg *config.Config, log *slog.Logger) (_ *sidecar, err error) {
 	if err != nil {
 		return nil, err
 	}
+	s.proxy.SetConnServer(s.outbound.ServeConn)
 	if err := s.startTransparent(cfg, resolver, reg); err != nil {
 		return nil, err
 	}

@@ -240,8 +240,11 @@ func Cases() []Case {
 
 		// CONNECT: never a tunnel unless the target is allow-listed.
 		{Name: "CONNECT to an IP", Class: "connect", Request: head("CONNECT {decoy} HTTP/1.1", "Host: {decoy}", "Connection: close"), Out: notAllowed, In: notAllowed},
-		{Name: "CONNECT to the service", Class: "connect", Request: head("CONNECT svc:80 HTTP/1.1", "Host: svc:80", "Connection: close"), Out: notAllowed, In: notAllowed},
-		{Name: "CONNECT to localhost", Class: "connect", Request: head("CONNECT localhost:{decoyport} HTTP/1.1", "Host: localhost:{decoyport}", "Connection: close"), Out: notAllowed, In: notAllowed},
+		// A tunnel to a known service is served as a connection to the
+		// outbound port; this one carries nothing and ends.
+		{Name: "CONNECT to the service", Class: "connect", Request: head("CONNECT svc:80 HTTP/1.1", "Host: svc:80", "Connection: close"), Out: Want{Status: 200}, In: notAllowed},
+		{Name: "CONNECT to localhost", Class: "connect", Request: head("CONNECT localhost:{decoyport} HTTP/1.1", "Host: localhost:{decoyport}", "Connection: close"), Out: unknown, In: notAllowed},
+		{Name: "CONNECT to a Consul path", Class: "connect", Request: head("CONNECT svc%2f..%2fkv:80 HTTP/1.1", "Host: svc%2f..%2fkv:80", "Connection: close"), Out: goAnswers(400), In: goAnswers(400)},
 	}
 }
 

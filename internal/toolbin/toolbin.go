@@ -31,6 +31,30 @@ func Path(t testing.TB, name string) string {
 	return ""
 }
 
+// Dir returns the directory scripts/tools.sh installs a set of packages
+// into (the cache's NAME, e.g. "node-clients"), failing in CI and skipping
+// elsewhere when it is missing, as Path does.
+func Dir(t testing.TB, name string) string {
+	t.Helper()
+	root, err := cacheRoot()
+	dir := filepath.Join(root, name)
+	if err == nil {
+		var info os.FileInfo
+		if info, err = os.Stat(dir); err == nil && !info.IsDir() {
+			err = fmt.Errorf("%s is not a directory", dir)
+		}
+	}
+	if err == nil {
+		return dir
+	}
+	hint := "run scripts/tools.sh test"
+	if os.Getenv("CI") != "" {
+		t.Fatalf("toolbin: no %s (CI is set, so this fails instead of skipping): %v; %s", name, err, hint)
+	}
+	t.Skipf("toolbin: no %s: %v; %s", name, err, hint)
+	return ""
+}
+
 func envName(name string) string {
 	return "SIDECAR_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_")) + "_BIN"
 }
@@ -42,20 +66,28 @@ func find(name string) (string, error) {
 	if bin, err := exec.LookPath(name); err == nil {
 		return bin, nil
 	}
-	root := os.Getenv("SIDECAR_TOOLS_CACHE")
-	if root == "" {
-		cache := os.Getenv("XDG_CACHE_HOME")
-		if cache == "" {
-			home, err := os.UserHomeDir()
-			if err != nil {
-				return "", err
-			}
-			cache = filepath.Join(home, ".cache")
-		}
-		root = filepath.Join(cache, "sidecar-tools")
+	root, err := cacheRoot()
+	if err != nil {
+		return "", err
 	}
 	bin := filepath.Join(root, "bin", name)
 	return bin, executable(bin)
+}
+
+// cacheRoot is where scripts/tools.sh keeps what it installs.
+func cacheRoot() (string, error) {
+	if root := os.Getenv("SIDECAR_TOOLS_CACHE"); root != "" {
+		return root, nil
+	}
+	cache := os.Getenv("XDG_CACHE_HOME")
+	if cache == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			return "", err
+		}
+		cache = filepath.Join(home, ".cache")
+	}
+	return filepath.Join(cache, "sidecar-tools"), nil
 }
 
 func executable(path string) error {

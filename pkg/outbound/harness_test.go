@@ -119,6 +119,7 @@ func startSidecar(t testing.TB, o options) *sidecar {
 		t.Fatalf("Listen: %v", err)
 	}
 	sc.addr = srv.Addr().String()
+	sc.proxy.SetConnServer(srv.ServeConn)
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve() }()
 	t.Cleanup(func() {

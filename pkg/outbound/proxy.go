@@ -23,6 +23,7 @@ import (
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
@@ -92,6 +93,7 @@ type Proxy struct {
 	service    *proxyhttp.Forwarder // to services known to discovery
 	direct     *proxyhttp.Forwarder // to allow-listed external hosts
 	tunnels    sync.WaitGroup
+	serveConn  func(net.Conn, []byte) // the listener's ServeConn; nil: none
 }
 
 var _ http.Handler = (*Proxy)(nil)
@@ -196,12 +198,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.Method == http.MethodConnect {
-		if !p.allowed(host) {
-			p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
-				Detail: "CONNECT to " + host + " is not allowed; add it to allowHosts"})
-			return
-		}
-		p.tunnel(proxyhttp.HijackAware(w, r), r)
+		p.connect(w, r, host)
 		return
 	}
 	if r.URL.Scheme != "" && r.URL.Scheme != "http" {
@@ -452,6 +449,66 @@ func errorFor(service string, err error) *proxyhttp.LocalError {
 		e.Status, e.Reason = http.StatusBadGateway, proxyhttp.ReasonUpstreamReset
 	}
 	return e
+}
+
+// SetConnServer gives the proxy the server of its own listener, so that a
+// CONNECT tunnel to a service is served as a connection to that listener.
+// Without it CONNECT reaches allow-listed hosts only. Call it before the
+// listener serves.
+func (p *Proxy) SetConnServer(serve func(c net.Conn, buffered []byte)) { p.serveConn = serve }
+
+// connect answers CONNECT host:port. To an allow-listed host the tunnel is
+// spliced to it. To a service discovery knows (what grpc-js, gRPC's C
+// core, undici's ProxyAgent and websocket dialers send through an HTTP
+// proxy, even for plain http:// targets) the tunnel is served as a
+// connection to the outbound port itself: HTTP/1.1 or h2c inside, each
+// request through the whole chain, routed by its own Host as any request
+// is. Anything else is refused, with what would make it work.
+func (p *Proxy) connect(w http.ResponseWriter, r *http.Request, host string) {
+	if p.allowed(host) {
+		p.tunnel(proxyhttp.HijackAware(w, r), r)
+		return
+	}
+	if discovery.IsIPLiteral(host) {
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
+			Detail: "CONNECT to an IP address is not allowed; call the service by name, or add " + host + " to allowHosts"})
+		return
+	}
+	service := discovery.ServiceName(host)
+	if !discovery.ValidServiceName(service) {
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
+			Detail: "CONNECT to " + policy.Quote(host) + ": not a service name"})
+		return
+	}
+	if _, err := p.resolver.Resolve(r.Context(), service); err != nil {
+		e := routeError(service, err)
+		if e.Reason == proxyhttp.ReasonUnknownService {
+			e.Detail = "no discovery source knows this service; CONNECT reaches services discovery knows, and external hosts in allowHosts"
+		}
+		p.reject(w, r, e)
+		return
+	}
+	if p.serveConn == nil || r.ProtoMajor != 1 {
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Service: service,
+			Detail: "CONNECT to a service needs HTTP/1.1; or send the request itself to this port"})
+		return
+	}
+	conn, brw, err := http.NewResponseController(proxyhttp.HijackAware(w, r)).Hijack()
+	if err != nil {
+		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Service: service, Detail: "CONNECT needs HTTP/1.1"})
+		return
+	}
+	_ = conn.SetDeadline(time.Time{})
+	if _, err := conn.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n")); err != nil {
+		_ = conn.Close()
+		return
+	}
+	var buffered []byte
+	if n := brw.Reader.Buffered(); n > 0 {
+		buffered, _ = brw.Reader.Peek(n)
+		buffered = append([]byte(nil), buffered...)
+	}
+	p.serveConn(conn, buffered)
 }
 
 // tunnel serves CONNECT to an allow-listed host:port by splicing the two

@@ -91,11 +91,16 @@ func (l *FramingListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	return l.wrap(c), nil
+}
+
+// wrap puts the framing check in front of c.
+func (l *FramingListener) wrap(c net.Conn) *framingConn {
 	max := l.MaxHeaderBytes
 	if max <= 0 {
 		max = 1 << 20
 	}
-	return &framingConn{Conn: rawIO(c), maxHeader: max + 4096, headerTimeout: l.ReadHeaderTimeout}, nil
+	return &framingConn{Conn: rawIO(c), maxHeader: max + 4096, headerTimeout: l.ReadHeaderTimeout}
 }
 
 // framingConn is not safe for concurrent Reads (net/http never does that);

@@ -156,6 +156,23 @@ func (s *Server) Serve() error {
 	return err
 }
 
+// ServeConn serves c as a connection accepted by the listener, behind the
+// same framing check, fast path and HTTP/2 detection: what a CONNECT
+// tunnel carries, once the tunnel is established. buffered are bytes of c
+// already read. It returns at once; Shutdown and Close cover c.
+func (s *Server) ServeConn(c net.Conn, buffered []byte) {
+	if len(buffered) > 0 {
+		c = &primedConn{Conn: c, read: buffered}
+	}
+	fl, ok := s.Listener.(*FramingListener)
+	if !ok {
+		fl = &FramingListener{MaxHeaderBytes: s.Limits.MaxHeaderBytes, ReadHeaderTimeout: s.Limits.ReadHeaderTimeout}
+	}
+	if hc := s.h1.newConn(fl.wrap(c)); hc != nil {
+		go hc.serve()
+	}
+}
+
 // Shutdown stops accepting, closes idle connections and waits for
 // in-flight requests until ctx ends; it returns ctx's error then.
 func (s *Server) Shutdown(ctx context.Context) error {
