@@ -43,8 +43,12 @@ func (p *Proxy) route(r *http.Request, host string) (*proxyhttp.Forwarder, strin
 			return nil, "", routeError(service, err)
 		}
 	} else if !redirected {
-		return nil, "", &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed, Service: service,
-			Detail: "IP addresses are not routed; call the service by name or add the address to allowHosts"}
+		detail := "IP addresses are not routed; call the service by name or add the address to allowHosts"
+		if proxyhttp.IsGRPC(r) {
+			detail = "a gRPC channel to the sidecar's address sends that address as its authority: set the authority to the service's name " +
+				"(grpc-go grpc.WithAuthority, grpcurl -authority, grpc-js and Python option grpc.default_authority)"
+		}
+		return nil, "", &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed, Service: service, Detail: detail}
 	}
 	return p.routeByOriginalDst(r, host)
 }
