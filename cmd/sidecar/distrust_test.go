@@ -46,7 +46,6 @@ func TestCraftedAuthorityNeverReachesConsul(t *testing.T) {
 	}
 }
 
-
 // A catalog instance at one of the sidecar's own ports is never called:
 // the app can't reach the admin API through the outbound proxy (POST
 // /quitquitquit through it stopped the sidecar), and an instance at the

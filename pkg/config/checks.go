@@ -54,6 +54,11 @@ func CheckConsulAddress(v string) error {
 			hostport = rest
 		}
 	}
+	if i := strings.LastIndexByte(hostport, '@'); i >= 0 {
+		// Never echo what stands before the '@': it is a password.
+		return fmt.Errorf("%s: credentials do not belong in the address; give the ACL token in CONSUL_HTTP_TOKEN",
+			policy.Quote(strings.TrimSuffix(v, hostport)+"[redacted]@"+hostport[i+1:]))
+	}
 	host, port, err := net.SplitHostPort(hostport)
 	if err != nil || host == "" {
 		return fmt.Errorf("%s: want host:port, e.g. consul.consul:8500", policy.Quote(v))

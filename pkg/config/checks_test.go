@@ -83,3 +83,15 @@ func TestProbeValidate(t *testing.T) {
 		t.Errorf("Validate of a good probe: %v", p.Validate("probes.liveness"))
 	}
 }
+
+func TestCheckConsulAddressNeverEchoesCredentials(t *testing.T) {
+	for _, v := range []string{"user:s3cret@consul:8500", "http://user:s3cret@consul:8500", "s3cret@consul:8500"} {
+		err := CheckConsulAddress(v)
+		if err == nil {
+			t.Fatalf("CheckConsulAddress(%q) accepted credentials in the address", v)
+		}
+		if strings.Contains(err.Error(), "s3cret") {
+			t.Fatalf("CheckConsulAddress(%q) = %v: the error echoes the password", v, err)
+		}
+	}
+}
