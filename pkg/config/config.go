@@ -158,7 +158,8 @@ type Probe struct {
 	// GRPC, when set, probes with gRPC health v1; the string is the service
 	// name ("" for the server as a whole).
 	GRPC *string `yaml:"grpc,omitempty" json:"grpc,omitempty"`
-	// Port probes this port of 127.0.0.1 instead of appPort.
+	// Port probes this port of 127.0.0.1 instead of appPort. Zero:
+	// appPort, which must then be set.
 	Port int `yaml:"port,omitempty" json:"port,omitempty"`
 	// Headers are sent with an HTTP probe (Host sets the Host header).
 	// Secrets among them (Authorization, Cookie, names with token, secret,
@@ -430,13 +431,16 @@ func (c *Config) Validate() error {
 	if n := c.Limits.MaxResponseHeaderBytes; n < 0 || (n > 0 && n < 1024) || n > 16<<20 {
 		add("limits.maxResponseHeaderBytes: %d is not allowed (allowed: 1024 to 16777216, or 0 for 65536)", n)
 	}
-	c.Probes.Readiness.validate("probes.readiness", add)
-	c.Probes.Liveness.validate("probes.liveness", add)
-	c.Probes.Startup.validate("probes.startup", add)
-	c.Transparent.validate(add)
-	if (c.Probes != Probes{}) && c.AppPort == 0 {
-		add("probes: set appPort: the probes run against 127.0.0.1:appPort")
+	for _, p := range []struct {
+		key   string
+		probe *Probe
+	}{{"probes.readiness", c.Probes.Readiness}, {"probes.liveness", c.Probes.Liveness}, {"probes.startup", c.Probes.Startup}} {
+		p.probe.validate(p.key, add)
+		if p.probe != nil && p.probe.Port == 0 && c.AppPort == 0 {
+			add("%s: no port: set appPort, or the probe's port", p.key)
+		}
 	}
+	c.Transparent.validate(add)
 	if err := CheckDrainWindow(c.Lifecycle.DrainWindow.D()); err != nil {
 		add("lifecycle.drainWindow: %v", err)
 	}

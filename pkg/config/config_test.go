@@ -138,7 +138,7 @@ lifecycle: {drainWindow: 11m}
 		"probes.liveness: set exactly one of http, tcp and grpc (found 0)",
 		"probes.liveness.port: 70000",
 		"probes.liveness.failureThreshold: -1",
-		"probes: set appPort",
+		"probes.readiness: no port: set appPort, or the probe's port",
 		"limits.inboundMaxInFlight: -1",
 		"limits.outboundMaxInFlight: 2000000",
 		"lifecycle.drainWindow: 11m0s",
@@ -149,6 +149,24 @@ lifecycle: {drainWindow: 11m}
 	}
 	if c.Lifecycle.ShutdownTimeout.D() != 20*time.Second {
 		t.Errorf("lifecycle.shutdownTimeout default %v, want 20s", c.Lifecycle.ShutdownTimeout)
+	}
+}
+
+// A probe with its own port runs without appPort (a container that declares
+// no port, as in Kubernetes' http-liveness example); one without needs it.
+func TestProbeOwnPortNeedsNoAppPort(t *testing.T) {
+	c, err := Parse([]byte("probes:\n  liveness: {http: /healthz, port: 8080}\n  startup: {tcp: true, port: 8080}\n"), "c.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.WithDefaults()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("probes with their own port and no appPort: %v, want them valid", err)
+	}
+	c.Probes.Readiness = &Probe{HTTP: "/ready"}
+	err = c.Validate()
+	if want := "probes.readiness: no port: set appPort, or the probe's port"; err == nil || err.Error() != want {
+		t.Fatalf("a probe without a port and no appPort: got %v, want exactly %q", err, want)
 	}
 }
 

@@ -396,10 +396,6 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 			if orig == nil {
 				continue
 			}
-			if s.appPort == 0 {
-				p.warnings = append(p.warnings, fmt.Sprintf("container %q: %s probe not handed to the sidecar: no app port (set %s or a containerPort)", app.Name, k, AnnotationAppPort))
-				continue
-			}
 			flag, why := sidecarProbeFlag(k, orig, app, s.appPort)
 			if why == "" {
 				why = checkProbeFlag(k, flag)

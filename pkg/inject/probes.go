@@ -63,7 +63,9 @@ func (k probeKind) path() string {
 }
 
 // sidecarProbeFlag renders a Kubernetes probe as the sidecar's probe flag
-// (config.ParseProbe's form), or says why it can't be.
+// (config.ParseProbe's form), or says why it can't be. The probe's own port
+// is named in the flag unless it is appPort; appPort 0 (the container
+// declares no port, none is annotated) is no obstacle.
 func sidecarProbeFlag(k probeKind, p *corev1.Probe, app *corev1.Container, appPort int) (flag, why string) {
 	var b strings.Builder
 	var port int
