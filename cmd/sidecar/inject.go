@@ -26,6 +26,7 @@ type injectFlags struct {
 	drainWindow time.Duration
 	consulAddr  string
 	httpProxy   bool
+	noProxy     []string
 	env         []string
 	cpuRequest  string
 	cpuLimit    string
@@ -52,7 +53,8 @@ func (f *injectFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.logLevel, "sidecar-log-level", "", "the sidecar's --log-level: debug, info, warn or error; empty: its default (annotation "+inject.AnnotationLogLevel+")")
 	fs.DurationVar(&f.drainWindow, "drain-window", inject.DefaultDrainWindow, "the sidecar's --drain-window; the pod's terminationGracePeriodSeconds grows by it (annotation "+inject.AnnotationDrainWindow+")")
 	fs.StringVar(&f.consulAddr, "consul-addr", "", "the sidecar's --consul-addr, host:port; $(HOST_IP):8500 is the node's agent (annotation "+inject.AnnotationConsulAddr+")")
-	fs.BoolVar(&f.httpProxy, "http-proxy", false, "set HTTP_PROXY and NO_PROXY in the app containers (annotation "+inject.AnnotationHTTPProxy+")")
+	fs.BoolVar(&f.httpProxy, "http-proxy", false, "set HTTP_PROXY and NO_PROXY (and http_proxy, no_proxy) in the app containers; NO_PROXY holds "+strings.Join(inject.NoProxyDefault, ",")+" (annotation "+inject.AnnotationHTTPProxy+")")
+	fs.StringSliceVar(&f.noProxy, "no-proxy-extra", nil, "entries added to NO_PROXY with --http-proxy: IP addresses, CIDRs such as the cluster's pod and service ranges, domain names with an optional leading dot; comma-separated, repeatable (annotation "+inject.AnnotationNoProxyExtra+", which replaces them)")
 	fs.StringArrayVar(&f.env, "sidecar-env", nil, "NAME=VALUE added to the sidecar container's environment, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4317; repeatable")
 	fs.StringVar(&f.cpuRequest, "cpu-request", quantity(def.Requests, corev1.ResourceCPU), "the sidecar's CPU request, or none (annotation "+inject.AnnotationCPURequest+")")
 	fs.StringVar(&f.cpuLimit, "cpu-limit", quantity(def.Limits, corev1.ResourceCPU), "the sidecar's CPU limit, or none (annotation "+inject.AnnotationCPULimit+")")
@@ -72,6 +74,7 @@ func (f *injectFlags) injector() (*inject.Injector, error) {
 		DrainWindow:           f.drainWindow,
 		ConsulAddr:            f.consulAddr,
 		HTTPProxy:             f.httpProxy,
+		NoProxyExtra:          f.noProxy,
 		AllowNonLoopbackAdmin: f.allowNonLoopbackAdmin,
 		Resources: corev1.ResourceRequirements{
 			Requests: corev1.ResourceList{},

@@ -55,7 +55,7 @@ spec:
 func TestInjectCommand(t *testing.T) {
 	// From standard input, with flags: the flags reach the container.
 	out, errOut, err := injectCLI(t, cliPod, "inject", "-f", "-", "--image=reg.example.com/sidecar:9", "--sidecar-log-level=debug",
-		"--drain-window=12s", "--consul-addr=$(HOST_IP):8500", "--http-proxy", "--sidecar-env=OTEL_SERVICE_NAME=web",
+		"--drain-window=12s", "--consul-addr=$(HOST_IP):8500", "--http-proxy", "--no-proxy-extra=10.96.0.0/12,.corp.example", "--sidecar-env=OTEL_SERVICE_NAME=web",
 		"--cpu-limit=1", "--memory-limit=none", "--image-pull-policy=Always")
 	if err != nil {
 		t.Fatalf("inject -f -: %v (stderr %q)", err, errOut)
@@ -68,6 +68,7 @@ func TestInjectCommand(t *testing.T) {
 		"      limits:\n        cpu: \"1\"\n",
 		"    imagePullPolicy: Always\n",
 		"    - name: HTTP_PROXY\n      value: http://127.0.0.1:15001\n",
+		"    - name: no_proxy\n      value: localhost,127.0.0.1,::1,$(SIDECAR_POD_IPS),.svc,.svc.cluster.local,10.96.0.0/12,.corp.example\n",
 		"  terminationGracePeriodSeconds: 42\n",
 		`sidecar.mesh/status: '{"version":"` + version + `","mode":"native","hash":"`,
 	} {
@@ -127,6 +128,7 @@ func TestInjectCommandErrors(t *testing.T) {
 		{"missing file", "", []string{"inject", "-f", "/nonexistent/x.yaml"}, "no such file or directory"},
 		{"bad quantity", cliPod, []string{"inject", "-f", "-", "--cpu-request=lots"}, `--cpu-request: "lots" is not a positive quantity`},
 		{"bad env", cliPod, []string{"inject", "-f", "-", "--sidecar-env=NOVALUE"}, `--sidecar-env: "NOVALUE": want NAME=VALUE`},
+		{"bad no-proxy entry", cliPod, []string{"inject", "-f", "-", "--http-proxy", "--no-proxy-extra=*"}, `no-proxy extra: "*" would send nothing through the sidecar`},
 		{"bad pull policy", cliPod, []string{"inject", "-f", "-", "--image-pull-policy=Sometimes"}, `image pull policy: "Sometimes"`},
 		{"bad annotation", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ok}\n---\n" + bad, []string{"inject", "-f", "-"},
 			`<stdin>: document 2 (line 5, Pod web): metadata.annotations[sidecar.mesh/drain-window]: invalid duration "soon"`},

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -73,6 +74,11 @@ const (
 	// forms) in the app containers, so that their plain-HTTP calls go
 	// through the sidecar.
 	AnnotationHTTPProxy = Prefix + "http-proxy"
+	// AnnotationNoProxyExtra is a comma-separated list of entries added to
+	// the NO_PROXY of AnnotationHTTPProxy (IP addresses, CIDRs, domain
+	// names with an optional leading dot), e.g. the cluster's pod and
+	// service CIDRs. It replaces the injector's --no-proxy-extra.
+	AnnotationNoProxyExtra = Prefix + "no-proxy-extra"
 	// AnnotationRewriteProbes "false" keeps the app's probes as they are
 	// (the kubelet probes the app directly; the sidecar does not know the
 	// app's readiness).
@@ -112,6 +118,8 @@ type podSettings struct {
 	drainWindow   time.Duration
 	classic       bool
 	httpProxy     bool
+	noProxyExtra  []string
+	noProxySet    bool // noProxyExtra is the pod's annotation
 	rewriteProbes bool
 	transparent   Transparent
 }
@@ -208,6 +216,17 @@ var annotationParsers = map[string]annotationParser{
 		s.httpProxy, err = parseBool(v)
 		return err
 	},
+	AnnotationNoProxyExtra: func(s *podSettings, v string) error {
+		entries := strings.Split(v, ",")
+		for i := range entries {
+			entries[i] = strings.TrimSpace(entries[i])
+		}
+		if err := checkNoProxy(entries); err != nil {
+			return err
+		}
+		s.noProxyExtra, s.noProxySet = entries, true
+		return nil
+	},
 	AnnotationRewriteProbes: func(s *podSettings, v string) (err error) {
 		s.rewriteProbes, err = parseBool(v)
 		return err
@@ -228,6 +247,7 @@ func (in *Injector) settings(meta *metav1.ObjectMeta) (podSettings, ErrorList) {
 		drainWindow:   c.DrainWindow,
 		classic:       c.Classic,
 		httpProxy:     c.HTTPProxy,
+		noProxyExtra:  c.NoProxyExtra,
 		rewriteProbes: true,
 	}
 	var errs ErrorList
@@ -408,4 +428,33 @@ func checkConsulAddr(v string) error {
 			policy.Quote(v), strings.Join(consulAddrVars, " or "))
 	}
 	return nil
+}
+
+// checkNoProxy checks entries for NO_PROXY as its readers (Go, curl,
+// Python, wget) understand them alike: an IP address, a CIDR, or a domain
+// name, with an optional leading dot. "*" (no proxy at all) and anything
+// the kubelet would expand ($(VAR)) are refused.
+func checkNoProxy(entries []string) error {
+	var errs []error
+	for _, e := range entries {
+		switch {
+		case e == "":
+			errs = append(errs, errors.New("an empty entry (want comma-separated IP addresses, CIDRs or domain names)"))
+			continue
+		case e == "*":
+			errs = append(errs, errors.New(`"*" would send nothing through the sidecar: leave http-proxy off instead`))
+			continue
+		}
+		if _, err := netip.ParseAddr(e); err == nil {
+			continue
+		}
+		if _, err := netip.ParsePrefix(e); err == nil {
+			continue
+		}
+		if len(validation.IsDNS1123Subdomain(strings.ToLower(strings.TrimPrefix(e, ".")))) == 0 {
+			continue
+		}
+		errs = append(errs, fmt.Errorf("%s is not an IP address, a CIDR or a domain name (such as 10.96.0.0/12 or .corp.example)", policy.Quote(e)))
+	}
+	return errors.Join(errs...)
 }

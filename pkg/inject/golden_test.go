@@ -51,6 +51,7 @@ var goldenCases = []struct {
 		c.DrainWindow = 10 * time.Second
 		c.ConsulAddr = "consul.consul.svc:8500"
 		c.HTTPProxy = true
+		c.NoProxyExtra = []string{"10.96.0.0/12", ".corp.example"}
 		c.Env = []corev1.EnvVar{{Name: "OTEL_EXPORTER_OTLP_ENDPOINT", Value: "http://jaeger.observability:4317"}}
 		c.Resources = corev1.ResourceRequirements{
 			Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("10m"), corev1.ResourceMemory: resource.MustParse("32Mi")},

@@ -74,6 +74,11 @@ type Config struct {
 	ConsulAddr string
 	// HTTPProxy sets HTTP_PROXY/NO_PROXY in the app containers by default.
 	HTTPProxy bool
+	// NoProxyExtra are entries added to the NO_PROXY of HTTPProxy after
+	// the fixed ones (see NoProxyDefault): IP addresses, CIDRs (the
+	// cluster's pod and service ranges) or domain names with an optional
+	// leading dot. Nil: none. A pod's AnnotationNoProxyExtra replaces them.
+	NoProxyExtra []string
 	// Env is added to the sidecar container's environment (after POD_IP,
 	// POD_NAME, POD_NAMESPACE, HOST_IP and GOMEMLIMIT, which it may not
 	// redefine), e.g. OTEL_EXPORTER_OTLP_ENDPOINT.
@@ -141,6 +146,9 @@ func New(cfg Config) (*Injector, error) {
 			errs = append(errs, fmt.Errorf("consul address: %w", err))
 		}
 	}
+	if err := checkNoProxy(cfg.NoProxyExtra); err != nil {
+		errs = append(errs, fmt.Errorf("no-proxy extra: %w", err))
+	}
 	std := map[string]bool{}
 	for _, e := range standardEnv() {
 		std[e.Name] = true
@@ -170,6 +178,7 @@ func New(cfg Config) (*Injector, error) {
 		return nil, err
 	}
 	cfg.Env = append([]corev1.EnvVar(nil), cfg.Env...)
+	cfg.NoProxyExtra = slices.Clone(cfg.NoProxyExtra)
 	cfg.Resources = *cfg.Resources.DeepCopy()
 	return &Injector{cfg: cfg}, nil
 }
@@ -455,6 +464,9 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 	}
 	p.grace += int64(math.Ceil(s.drainWindow.Seconds()))
 
+	if s.noProxySet && !s.httpProxy {
+		p.warnings = append(p.warnings, AnnotationNoProxyExtra+" has no effect without "+AnnotationHTTPProxy)
+	}
 	if s.httpProxy {
 		for i := range spec.Containers {
 			if !hasAnyEnv(&spec.Containers[i], "HTTP_PROXY", "http_proxy") {
@@ -514,8 +526,9 @@ func (p *plan) apply(meta *metav1.ObjectMeta, spec *corev1.PodSpec) ([]Operation
 	// sidecar before them.
 	for _, i := range p.proxyEnv {
 		c := &spec.Containers[i]
-		appendAll(r, fmt.Sprintf("/spec/containers/%d/env", i), len(c.Env), proxyEnv())
-		c.Env = append(c.Env, proxyEnv()...)
+		env := proxyEnv(p.s.noProxyExtra)
+		appendAll(r, fmt.Sprintf("/spec/containers/%d/env", i), len(c.Env), env)
+		c.Env = append(c.Env, env...)
 	}
 	app := &spec.Containers[p.appIndex]
 	for _, k := range probeKinds {
@@ -686,12 +699,28 @@ func standardEnv() []corev1.EnvVar {
 	}
 }
 
-// proxyEnv points the app's plain-HTTP clients at the outbound port; TLS
-// (HTTPS_PROXY) is left alone, and so is loopback.
-func proxyEnv() []corev1.EnvVar {
+// PodIPsEnv is the variable the injector adds to an app container that
+// gets HTTP_PROXY: the pod's IP addresses (the downward API's
+// status.podIPs, comma-separated), which NO_PROXY names as $(PodIPsEnv).
+const PodIPsEnv = "SIDECAR_POD_IPS"
+
+// NoProxyDefault is what NO_PROXY always holds: loopback, the pod's own
+// addresses, and Kubernetes service DNS names. The sidecar routes services
+// by the names discovery knows (user-service, user-service.service.consul),
+// and those keep going through it; an IP address is refused there unless
+// allowed, and NAME.NAMESPACE.svc[.cluster.local] is no Consul service, so
+// through the sidecar both would fail where a direct call works.
+var NoProxyDefault = []string{"localhost", "127.0.0.1", "::1", "$(" + PodIPsEnv + ")", ".svc", ".svc.cluster.local"}
+
+// proxyEnv points the app's plain-HTTP clients at the outbound port, in
+// both cases (curl and wget read only the lower-case names for http://
+// URLs); TLS (HTTPS_PROXY) is left alone. NO_PROXY is NoProxyDefault and
+// extra, after the variable it names.
+func proxyEnv(extra []string) []corev1.EnvVar {
 	proxy := fmt.Sprintf("http://127.0.0.1:%d", PortOutbound)
-	noProxy := "localhost,127.0.0.1,::1"
+	noProxy := strings.Join(append(slices.Clone(NoProxyDefault), extra...), ",")
 	return []corev1.EnvVar{
+		{Name: PodIPsEnv, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "status.podIPs"}}},
 		{Name: "HTTP_PROXY", Value: proxy},
 		{Name: "http_proxy", Value: proxy},
 		{Name: "NO_PROXY", Value: noProxy},
