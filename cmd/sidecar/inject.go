@@ -1,10 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -14,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 
 	"github.com/sidecar-mesh/sidecar/pkg/inject"
+	"github.com/sidecar-mesh/sidecar/pkg/readlimit"
 )
 
 // injectFlags are the injector's defaults, shared by `inject` and
@@ -134,9 +138,13 @@ func settableAnnotations() []string {
 
 // injectOptions are the inputs of `sidecar inject`.
 type injectOptions struct {
+	// files are the inputs as named: files, directories, - for standard
+	// input; -f first, then the arguments.
 	files   []string
 	verbose bool
 	flags   injectFlags
+	// maxTotal caps the inputs together, in bytes. Zero: readlimit.Max.
+	maxTotal int64
 
 	stdin          io.Reader
 	stdout, stderr io.Writer
@@ -144,14 +152,18 @@ type injectOptions struct {
 	injector *inject.Injector // set by complete
 }
 
-func (o *injectOptions) complete() (err error) {
+func (o *injectOptions) complete(args []string) (err error) {
+	o.files = append(o.files, args...)
+	if o.maxTotal == 0 {
+		o.maxTotal = readlimit.Max
+	}
 	o.injector, err = o.flags.injector()
 	return err
 }
 
 func (o *injectOptions) validate() error {
 	if len(o.files) == 0 {
-		return errors.New("-f is required: a file of manifests, or - for standard input")
+		return errors.New("no manifests: name files or directories, with -f or as arguments, or - for standard input")
 	}
 	stdin := 0
 	for _, f := range o.files {
@@ -160,28 +172,111 @@ func (o *injectOptions) validate() error {
 		}
 	}
 	if stdin > 1 {
-		return errors.New("-f -: standard input can be read once")
+		return errors.New("-: standard input can be read once")
 	}
 	return nil
 }
 
-// run injects every file in order; the output is written only when every
-// document of every file is good.
-func (o *injectOptions) run() error {
-	var out strings.Builder
-	for i, name := range o.files {
-		r := o.stdin
-		label := "<stdin>"
-		if name != "-" {
-			f, err := os.Open(name)
-			if err != nil {
-				return err
-			}
-			defer f.Close()
-			r, label = f, name
+// manifestExts are the files of a directory that are read, as kubectl
+// apply -f DIR reads them.
+var manifestExts = []string{".json", ".yaml", ".yml"}
+
+// inputs expands the named inputs into the files read, in order: a
+// directory gives its files with a manifest extension, in name order, not
+// its subdirectories.
+func (o *injectOptions) inputs() ([]string, error) {
+	var out []string
+	for _, name := range o.files {
+		if name == "-" {
+			out = append(out, name)
+			continue
 		}
-		var doc strings.Builder
-		notices, err := o.injector.Documents(r, &doc)
+		fi, err := os.Stat(name)
+		if err != nil {
+			return nil, err
+		}
+		if !fi.IsDir() {
+			out = append(out, name)
+			continue
+		}
+		entries, err := os.ReadDir(name) // sorted by name
+		if err != nil {
+			return nil, err
+		}
+		n := len(out)
+		for _, e := range entries {
+			p := filepath.Join(name, e.Name())
+			if !slices.Contains(manifestExts, filepath.Ext(p)) {
+				continue
+			}
+			if fi, err := os.Stat(p); err != nil {
+				return nil, err
+			} else if !fi.IsDir() {
+				out = append(out, p)
+			}
+		}
+		if len(out) == n {
+			return nil, fmt.Errorf("%s: no .json, .yaml or .yml files in the directory", name)
+		}
+	}
+	return out, nil
+}
+
+// run injects every input in order; the output is written only when every
+// document of every input is good. Each input is read up to readlimit.Max,
+// and all of them together up to maxTotal: regular files are measured
+// before anything is read, so that one past the total is refused at once,
+// and standard input (or a pipe) is read no further than what they leave.
+func (o *injectOptions) run() error {
+	files, err := o.inputs()
+	if err != nil {
+		return err
+	}
+	tooMuch := func(label string) error {
+		limit := fmt.Sprintf("%d bytes", o.maxTotal)
+		if o.maxTotal%(1<<20) == 0 {
+			limit = fmt.Sprintf("%d MiB", o.maxTotal>>20)
+		}
+		return fmt.Errorf("%s: with the inputs before it, more than %s, the most sidecar inject reads in one run", label, limit)
+	}
+	left := o.maxTotal
+	sizes := make([]int64, len(files)) // -1: not a regular file
+	for i, name := range files {
+		sizes[i] = -1
+		if fi, err := os.Stat(name); name != "-" && err == nil && fi.Mode().IsRegular() {
+			sizes[i] = fi.Size()
+			if sizes[i] > readlimit.Max {
+				return &readlimit.TooLargeError{Name: name, Limit: readlimit.Max}
+			}
+			if left -= sizes[i]; left < 0 {
+				return tooMuch(name)
+			}
+		}
+	}
+	var out, doc bytes.Buffer
+	for i, name := range files {
+		label := name
+		var data []byte
+		switch {
+		case sizes[i] >= 0:
+			data, err = readlimit.ReadFile(name)
+			left -= int64(len(data)) - sizes[i] // it may have changed since
+		case name == "-":
+			label = "<stdin>"
+			data, err = readlimit.ReadAll(io.LimitReader(o.stdin, left+1), "stdin")
+			left -= int64(len(data))
+		default:
+			data, err = readSpecial(name, left+1)
+			left -= int64(len(data))
+		}
+		if err != nil {
+			return err
+		}
+		if left < 0 {
+			return tooMuch(label)
+		}
+		doc.Reset()
+		notices, err := o.injector.DocumentBytes(data, &doc)
 		for _, n := range notices {
 			if o.verbose || strings.HasPrefix(n.Text, "warning: ") {
 				fmt.Fprintf(o.stderr, "%s: %s\n", label, n)
@@ -190,25 +285,47 @@ func (o *injectOptions) run() error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", label, err)
 		}
-		if i > 0 && doc.Len() > 0 && !strings.HasPrefix(doc.String(), "---") {
+		// The inputs are joined as documents of one stream. kubectl reads
+		// a stream that starts with "{" as JSON to its end, so when there
+		// are several inputs, one that starts so gets a separator first.
+		first := bytes.TrimLeft(doc.Bytes(), " \t\r\n")
+		if doc.Len() > 0 && !bytes.HasPrefix(doc.Bytes(), []byte("---")) &&
+			(out.Len() > 0 || len(files) > 1 && bytes.HasPrefix(first, []byte("{"))) {
 			out.WriteString("---\n")
 		}
-		out.WriteString(doc.String())
+		out.Write(doc.Bytes())
 	}
-	_, err := io.WriteString(o.stdout, out.String())
+	_, err = o.stdout.Write(out.Bytes())
 	return err
+}
+
+// readSpecial reads a file that is no regular file (a pipe, a device) up
+// to limit bytes, and up to readlimit.Max.
+func readSpecial(path string, limit int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return readlimit.ReadAll(io.LimitReader(f, limit), path)
 }
 
 func newInjectCommand(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 	o := &injectOptions{stdin: stdin, stdout: stdout, stderr: stderr}
 	cmd := &cobra.Command{
-		Use:   "inject -f FILE|-",
+		Use:   "inject [-f] FILE|DIR|- ...",
 		Short: "Add the sidecar to the pods of Kubernetes manifests",
 		Long: `Read Kubernetes manifests (multi-document YAML) and write them to standard output
 with the sidecar added to every pod template: Pods, Deployments, StatefulSets,
 DaemonSets, ReplicaSets, ReplicationControllers, Jobs and CronJobs, also inside
 a List. Other documents, and pods that opted out or already have the sidecar,
 are written exactly as read, so injecting twice equals injecting once.
+
+Manifests come from the files named with -f, then those named as arguments,
+in order; a directory gives its .json, .yaml and .yml files in name order (as
+kubectl apply -f DIR does, without subdirectories); - is standard input. At
+most 64 MiB are read of each, and of all together. Nothing is written unless
+every document of every input is good.
 
 The sidecar is a native sidecar (the first init container, restartPolicy
 Always, with a startupProbe, so the app starts only once the proxy serves and
@@ -217,11 +334,11 @@ The app container's HTTP, TCP and gRPC probes move to the sidecar, which runs
 them; the kubelet asks the sidecar's /app-health/* endpoints instead.
 
 Per pod, annotations override the flags: ` + strings.Join(settableAnnotations(), ", ") + `.`,
-		Example: `  sidecar inject -f deploy.yaml | kubectl apply -f -
+		Example: `  sidecar inject deploy.yaml | kubectl apply -f -
+  sidecar inject -f manifests/ -f extra.yaml | kubectl apply -f -
   kubectl get deploy web -o yaml | sidecar inject -f - --http-proxy | kubectl apply -f -`,
-		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.complete(); err != nil {
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := o.complete(args); err != nil {
 				return err
 			}
 			if err := o.validate(); err != nil {
@@ -230,7 +347,7 @@ Per pod, annotations override the flags: ` + strings.Join(settableAnnotations(),
 			return o.run()
 		},
 	}
-	cmd.Flags().StringArrayVarP(&o.files, "filename", "f", nil, "file of manifests, or - for standard input; repeatable")
+	cmd.Flags().StringArrayVarP(&o.files, "filename", "f", nil, "file of manifests, directory (its .json, .yaml and .yml files in name order, not its subdirectories), or - for standard input; repeatable, read before the arguments")
 	cmd.Flags().BoolVarP(&o.verbose, "verbose", "v", false, "also say on standard error which pods were not injected and why")
 	o.flags.addFlags(cmd.Flags())
 	return cmd

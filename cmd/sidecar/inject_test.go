@@ -18,10 +18,12 @@ import (
 
 	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
+	k8syaml "k8s.io/apimachinery/pkg/util/yaml"
 	sigsyaml "sigs.k8s.io/yaml"
 
 	"github.com/sidecar-mesh/sidecar/internal/kubetest"
 	"github.com/sidecar-mesh/sidecar/pkg/inject"
+	"github.com/sidecar-mesh/sidecar/pkg/readlimit"
 )
 
 var updateK8s = flag.Bool("update-k8s", false, "rewrite the generated files in k8s/ (demo/app.yaml, grafana-dashboard.yaml)")
@@ -115,6 +117,167 @@ func TestInjectCommand(t *testing.T) {
 	}
 }
 
+// TestInjectCommandInputs: manifests are read as kubectl apply reads them:
+// -f or positional arguments, several of them, in order; a directory's
+// .json, .yaml and .yml files in name order (not its subdirectories nor
+// other files); - for standard input, once.
+func TestInjectCommandInputs(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		t.Helper()
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	cm := func(name string) string { return "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: " + name + "}\n" }
+	one := write("one.yaml", cm("one"))
+	manifests := filepath.Join(dir, "manifests")
+	write("manifests/b.yaml", cm("b"))
+	write("manifests/a.yml", "---\n"+cm("a"))
+	write("manifests/c.json", `{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}`+"\n")
+	write("manifests/notes.txt", "not a manifest\n")
+	write("manifests/README.md", "# not a manifest\n")
+	write("manifests/sub/d.yaml", cm("d"))
+	write("manifests/pod.yaml", cliPod)
+	empty := filepath.Join(dir, "empty")
+	write("empty/notes.txt", "nothing here\n")
+
+	// names lists the metadata names in the output, in order, read as
+	// kubectl apply -f - reads a stream.
+	names := func(out string) []string {
+		dec := k8syaml.NewYAMLOrJSONDecoder(strings.NewReader(out), 4096)
+		var got []string
+		for {
+			var m struct{ Metadata struct{ Name string } }
+			err := dec.Decode(&m)
+			if err == io.EOF {
+				return got
+			}
+			if err != nil {
+				t.Fatalf("output is not a stream kubectl reads: %v\n%s", err, out)
+			}
+			got = append(got, m.Metadata.Name)
+		}
+	}
+	for _, tc := range []struct {
+		name  string
+		stdin string
+		args  []string
+		want  []string
+	}{
+		{"positional file", "", []string{"inject", one}, []string{"one"}},
+		{"directory", "", []string{"inject", "-f", manifests}, []string{"a", "b", "c", "web"}},
+		{"directory with a slash, positional", "", []string{"inject", manifests + "/"}, []string{"a", "b", "c", "web"}},
+		{"several, -f first, then arguments", cm("in"), []string{"inject", manifests, "-", "-f", one}, []string{"one", "a", "b", "c", "web", "in"}},
+		{"positional stdin", cm("in"), []string{"inject", "-"}, []string{"in"}},
+		{"JSON first", "", []string{"inject", filepath.Join(manifests, "c.json"), one}, []string{"c", "one"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, errOut, err := injectCLI(t, tc.stdin, tc.args...)
+			if err != nil {
+				t.Fatalf("sidecar %s: %v (stderr %q)", strings.Join(tc.args, " "), err, errOut)
+			}
+			if got := names(out); !slices.Equal(got, tc.want) {
+				t.Errorf("sidecar %s: objects %q, want %q:\n%s", strings.Join(tc.args, " "), got, tc.want, out)
+			}
+			if web := strings.Count(out, "- name: sidecar\n"); slices.Contains(tc.want, "web") != (web == 1) {
+				t.Errorf("sidecar %s: %d sidecars injected, want 1 in pod web", strings.Join(tc.args, " "), web)
+			}
+		})
+	}
+	// A directory's file is named in what is said about it.
+	_, errOut, err := injectCLI(t, "", "inject", manifests)
+	if want := filepath.Join(manifests, "pod.yaml") + ": document 1 (line 1, Pod web): warning: "; err != nil || !strings.Contains(errOut, want) {
+		t.Errorf("inject DIR: %v, stderr %q; want the warning to name %q", err, errOut, want)
+	}
+
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"stdin twice", []string{"inject", "-", "-f", "-"}, "standard input can be read once"},
+		{"no manifests in the directory", []string{"inject", "-f", empty}, empty + ": no .json, .yaml or .yml files in the directory"},
+		{"a missing file among others", []string{"inject", one, filepath.Join(dir, "nope.yaml")}, "no such file or directory"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, _, err := injectCLI(t, "", tc.args...)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("sidecar %s: got error %v, want one containing %q", strings.Join(tc.args, " "), err, tc.want)
+			}
+			if out != "" {
+				t.Errorf("sidecar %s: wrote %q despite the error, want nothing", strings.Join(tc.args, " "), out)
+			}
+		})
+	}
+}
+
+// TestInjectCommandTotalCap: each input is read up to readlimit.Max, and
+// all of them together too; an input past what is left is refused before
+// it is read, and nothing is written.
+func TestInjectCommandTotalCap(t *testing.T) {
+	dir := t.TempDir()
+	// Sparse files: their size counts, their bytes are never read.
+	big := func(name string, size int64) string {
+		p := filepath.Join(dir, name)
+		f, err := os.Create(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if err := f.Truncate(size); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	half := big("half.yaml", readlimit.Max/2+1)
+	other := big("other.yaml", readlimit.Max/2+1)
+	out, _, err := injectCLI(t, "", "inject", half, other)
+	if want := other + ": with the inputs before it, more than 64 MiB"; err == nil || !strings.Contains(err.Error(), want) || out != "" {
+		t.Fatalf("inject of two files of 32 MiB + 1 byte: got %v, stdout %d bytes; want an error containing %q and nothing written", err, len(out), want)
+	}
+	tooBig := big("big.yaml", readlimit.Max+1)
+	if _, _, err := injectCLI(t, "", "inject", tooBig); !readlimit.IsTooLarge(err) {
+		t.Fatalf("inject of a file of 64 MiB + 1 byte: got %v, want readlimit's error", err)
+	}
+
+	// Standard input counts against what is left, read no further than
+	// that (here with a small cap).
+	small := filepath.Join(dir, "small.yaml")
+	if err := os.WriteFile(small, []byte("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: s}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stdin := &countingReader{r: strings.NewReader(strings.Repeat("# padding\n", 1000))}
+	o := &injectOptions{files: []string{small, "-"}, stdin: stdin, stdout: io.Discard, stderr: io.Discard, maxTotal: 200}
+	o.flags.addFlags(pflag.NewFlagSet("inject", pflag.ContinueOnError)) // the defaults
+	if err := o.complete(nil); err != nil {
+		t.Fatal(err)
+	}
+	err = o.run()
+	if want := "<stdin>: with the inputs before it, more than 200 bytes"; err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("inject of a small file and a long stdin, total cap 200: got %v, want %q", err, want)
+	}
+	if n := stdin.n; n > 200 {
+		t.Errorf("read %d bytes of standard input, want at most what was left of the 200", n)
+	}
+}
+
+type countingReader struct {
+	r io.Reader
+	n int
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += n
+	return n, err
+}
+
 func TestInjectCommandErrors(t *testing.T) {
 	bad := strings.Replace(cliPod, "metadata:\n  name: web\n", "metadata:\n  name: web\n  annotations: {sidecar.mesh/drain-window: soon}\n", 1)
 	for _, tc := range []struct {
@@ -123,7 +286,7 @@ func TestInjectCommandErrors(t *testing.T) {
 		args  []string
 		want  string
 	}{
-		{"no -f", "", []string{"inject"}, "-f is required"},
+		{"no input", "", []string{"inject"}, "no manifests: name files or directories, with -f or as arguments, or - for standard input"},
 		{"stdin twice", "", []string{"inject", "-f", "-", "-f", "-"}, "standard input can be read once"},
 		{"missing file", "", []string{"inject", "-f", "/nonexistent/x.yaml"}, "no such file or directory"},
 		{"bad quantity", cliPod, []string{"inject", "-f", "-", "--cpu-request=lots"}, `--cpu-request: "lots" is not a positive quantity`},

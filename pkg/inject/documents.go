@@ -94,6 +94,12 @@ func (in *Injector) Documents(r io.Reader, w io.Writer) ([]Notice, error) {
 	if err != nil {
 		return nil, err
 	}
+	return in.DocumentBytes(data, w)
+}
+
+// DocumentBytes is Documents of an input already read: data, which it
+// does not change or keep.
+func (in *Injector) DocumentBytes(data []byte, w io.Writer) ([]Notice, error) {
 	var (
 		out     bytes.Buffer
 		notices []Notice
@@ -119,7 +125,7 @@ func (in *Injector) Documents(r io.Reader, w io.Writer) ([]Notice, error) {
 			out.WriteByte('\n')
 		}
 	}
-	_, err = w.Write(out.Bytes())
+	_, err := w.Write(out.Bytes())
 	return notices, err
 }
 
