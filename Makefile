@@ -38,7 +38,7 @@ leak-check:
 unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
 
-## run / demo: the sidecar on its embedded default with two example upstreams
+## run / demo: sidecar demo, the sidecar with two example upstreams of user-service
 run demo:
 	$(GO) run ./cmd/sidecar demo
 

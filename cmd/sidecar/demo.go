@@ -6,21 +6,33 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/sidecar-mesh/sidecar/pkg/config"
 )
 
-// newDemoCommand runs the sidecar on its embedded default together with the
-// two example upstreams that default routes to.
+// demoUpstreams are the example instances of user-service that `sidecar
+// demo` starts and routes to.
+var demoUpstreams = []string{"127.0.0.1:9001", "127.0.0.1:9002"}
+
+// newDemoCommand runs the sidecar with user-service's static endpoints at
+// the two example upstreams it starts.
 func newDemoCommand(stdout, stderr io.Writer, getenv func(string) string) *cobra.Command {
 	o := newRunOptions(stdout, stderr, getenv)
+	o.base = func() *config.Config {
+		return &config.Config{Discovery: config.Discovery{Static: map[string][]string{"user-service": slices.Clone(demoUpstreams)}}}
+	}
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Run the sidecar with two example upstreams of user-service (127.0.0.1:9001, :9002)",
 		Long: `Start two small example upstreams of the service "user-service" on 127.0.0.1:9001
-and 127.0.0.1:9002, run the sidecar on its embedded default configuration, and
-print commands to try. Takes the same flags as "run".`,
+and 127.0.0.1:9002, run the sidecar with them as user-service's static
+endpoints (no Consul), and print commands to try. Takes the same flags as
+"run"; a --config file replaces the demo's configuration.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := o.complete(); err != nil {
@@ -35,7 +47,7 @@ print commands to try. Takes the same flags as "run".`,
 					_ = s.Close()
 				}
 			}()
-			for i, addr := range []string{"127.0.0.1:9001", "127.0.0.1:9002"} {
+			for i, addr := range demoUpstreams {
 				s, err := startExampleUpstream(addr, fmt.Sprintf("user-service-%d", i+1))
 				if err != nil {
 					return err
@@ -43,7 +55,7 @@ print commands to try. Takes the same flags as "run".`,
 				servers = append(servers, s)
 			}
 			out, adm := o.cfg.Listeners.Outbound, o.cfg.Listeners.Admin
-			fmt.Fprintf(stdout, `sidecar demo: user-service has two instances, on 127.0.0.1:9001 and 127.0.0.1:9002.
+			fmt.Fprintf(stdout, `sidecar demo: user-service has two instances, on %[3]s.
 Try, from another terminal:
 
   curl -x http://%[1]s http://user-service/users/1        # as an HTTP proxy
@@ -53,7 +65,7 @@ Try, from another terminal:
   curl http://%[2]s/endpoints                             # admin API
 
 Ctrl-C stops it.
-`, out, adm)
+`, out, adm, strings.Join(demoUpstreams, " and "))
 			return o.run(cmd.Context())
 		},
 	}

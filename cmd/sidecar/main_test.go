@@ -8,11 +8,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -104,8 +106,7 @@ func TestPrecedence(t *testing.T) {
 		t.Fatalf("service %q appPort %d admin %q outbound %q; want from-env, 3333 (flag), 127.0.0.1:1 (file), the default",
 			c.Service, c.AppPort, c.Listeners.Admin, c.Listeners.Outbound)
 	}
-	// The embedded default is not read when a file is given; the flag's
-	// entries replace the environment's.
+	// The flag's entries replace the environment's.
 	if got := c.Discovery.Static; len(got) != 1 || len(got["b"]) != 1 || got["b"][0] != "127.0.0.1:4" {
 		t.Fatalf("static = %v; want only b=127.0.0.1:4 from the flag", got)
 	}
@@ -153,6 +154,87 @@ func TestStartupErrors(t *testing.T) {
 	}
 }
 
+// `sidecar run` without a config file knows no services (the demo's
+// user-service is `sidecar demo`'s only), serves on its default listeners
+// (here moved by flags), and says once why it knows none; services given by
+// flags or the environment are served, and the line says where they come
+// from.
+func TestRunWithoutConfig(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "up") }))
+	defer up.Close()
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		status  int    // of a call to user-service
+		logLine string // in the one line about the missing file
+	}{
+		{"nothing", nil, http.StatusServiceUnavailable, `"level":"WARN","msg":"no config file (--config, SIDECAR_CONFIG): no services are known until one is given, or --static, or a Consul address (--consul-addr, CONSUL_HTTP_ADDR)"`},
+		{"static from a flag", []string{"--static", "user-service=" + up.Listener.Addr().String()}, http.StatusOK, `"level":"INFO","msg":"no config file (--config, SIDECAR_CONFIG): services from flags and the environment only","static":1`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			out, adm := freePort(t), freePort(t)
+			var stderr syncBuffer
+			done := make(chan error, 1)
+			go func() {
+				cmd := newRootCommand(strings.NewReader(""), io.Discard, &stderr, func(string) string { return "" })
+				cmd.SetArgs(append([]string{"run", "--outbound-addr", out, "--admin-addr", adm, "--metrics-addr", freePort(t),
+					"--health-addr", freePort(t), "--drain-window", "1ms"}, tc.args...))
+				done <- cmd.ExecuteContext(ctx)
+			}()
+			defer func() {
+				cancel()
+				if err := <-done; err != nil {
+					t.Errorf("run exited with %v", err)
+				}
+			}()
+			client := &http.Client{Timeout: 5 * time.Second}
+			var resp *http.Response
+			for deadline := time.Now().Add(10 * time.Second); ; {
+				req, _ := http.NewRequest("GET", "http://"+out+"/users/1", nil)
+				req.Host = "user-service"
+				var err error
+				if resp, err = client.Do(req); err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("run: not serving after 10s: %v", err)
+				}
+				time.Sleep(20 * time.Millisecond) // polling for startup, not on a request path
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tc.status {
+				t.Errorf("GET user-service: %s (%s), want %d", resp.Status, resp.Header.Get("X-Sidecar-Error"), tc.status)
+			}
+			eps := fetch(t, "http://"+adm+"/endpoints")
+			if known := strings.Contains(eps, `"user-service"`); known != (tc.status == http.StatusOK) {
+				t.Errorf("admin /endpoints = %s: user-service known %v, want %v", eps, known, !known)
+			}
+			if n := strings.Count(stderr.String(), "no config file"); n != 1 || !strings.Contains(stderr.String(), tc.logLine) {
+				t.Errorf("run's log says %d times that there is no config file, want once, as %s:\n%s", n, tc.logLine, stderr.String())
+			}
+		})
+	}
+}
+
+// syncBuffer is a bytes.Buffer that a logger may write while a test reads.
+type syncBuffer struct {
+	mu sync.Mutex // guards b
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
 // `sidecar demo` serves the quick start end to end: example upstreams, the
 // outbound proxy on its flags' addresses, and the admin API.
 func TestDemo(t *testing.T) {
@@ -160,8 +242,9 @@ func TestDemo(t *testing.T) {
 	out, adm, metrics := freePort(t), freePort(t), freePort(t)
 	done := make(chan error, 1)
 	var stdout bytes.Buffer
+	var stderr syncBuffer
 	go func() {
-		cmd := newRootCommand(strings.NewReader(""), &stdout, io.Discard, func(string) string { return "" })
+		cmd := newRootCommand(strings.NewReader(""), &stdout, &stderr, func(string) string { return "" })
 		cmd.SetArgs([]string{"demo", "--outbound-addr", out, "--admin-addr", adm, "--metrics-addr", metrics, "--health-addr", freePort(t), "--drain-window", "1ms"})
 		done <- cmd.ExecuteContext(ctx)
 	}()
@@ -210,8 +293,12 @@ func TestDemo(t *testing.T) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
-	if !strings.Contains(stdout.String(), "curl -x http://"+out) {
-		t.Fatalf("demo did not print the curl commands:\n%s", stdout.String())
+	if !strings.Contains(stdout.String(), "user-service has two instances, on 127.0.0.1:9001 and 127.0.0.1:9002.") ||
+		!strings.Contains(stdout.String(), "curl -x http://"+out) {
+		t.Fatalf("demo did not print its instances and the curl commands:\n%s", stdout.String())
+	}
+	if strings.Contains(stderr.String(), "no config file") {
+		t.Errorf("demo logged that it has no config file; it has the demo's:\n%s", stderr.String())
 	}
 }
 

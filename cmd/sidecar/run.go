@@ -234,14 +234,18 @@ var settings = []setting{
 // runOptions are the inputs of `sidecar run`.
 type runOptions struct {
 	configFile string
-	flags      *pflag.FlagSet
-	scalars    map[string]*string
-	lists      map[string]*[]string
-	getenv     func(string) string
-	stdout     io.Writer
-	stderr     io.Writer
+	// base is the configuration without a file; nil: the empty one, and
+	// run says so once (`sidecar demo` has its own).
+	base    func() *config.Config
+	flags   *pflag.FlagSet
+	scalars map[string]*string
+	lists   map[string]*[]string
+	getenv  func(string) string
+	stdout  io.Writer
+	stderr  io.Writer
 
-	cfg *config.Config // set by complete
+	cfg    *config.Config // set by complete
+	noFile bool           // set by complete: no file, no base
 }
 
 func newRunOptions(stdout, stderr io.Writer, getenv func(string) string) *runOptions {
@@ -257,7 +261,11 @@ func newRunOptions(stdout, stderr io.Writer, getenv func(string) string) *runOpt
 // addFlags registers --config and one flag per setting.
 func (o *runOptions) addFlags(fs *pflag.FlagSet) {
 	o.flags = fs
-	fs.StringVarP(&o.configFile, "config", "c", "", "configuration file (YAML); without it the embedded default is used (env SIDECAR_CONFIG)")
+	without := "no services but those given by flags and the environment"
+	if o.base != nil {
+		without = "the demo's"
+	}
+	fs.StringVarP(&o.configFile, "config", "c", "", "configuration file (YAML); without it, "+without+" (env SIDECAR_CONFIG)")
 	for _, s := range settings {
 		usage := s.usage + " [env " + s.envName()
 		for _, e := range s.env {
@@ -273,15 +281,18 @@ func (o *runOptions) addFlags(fs *pflag.FlagSet) {
 }
 
 // complete loads the config file and layers the environment and flags on it.
-func (o *runOptions) complete() error {
+func (o *runOptions) complete() (err error) {
 	file := o.configFile
 	if !o.flags.Changed("config") {
 		file = o.getenv("SIDECAR_CONFIG")
 	}
-	cfg, err := config.Load(file)
-	if err != nil {
+	var cfg *config.Config
+	if file == "" && o.base != nil {
+		cfg = o.base()
+	} else if cfg, err = config.Load(file); err != nil {
 		return err
 	}
+	o.noFile = file == "" && o.base == nil
 	for _, s := range settings {
 		var values []string
 		var from string
@@ -328,6 +339,9 @@ func (o *runOptions) validate() error {
 // run starts the sidecar and serves until ctx ends, then shuts down.
 func (o *runOptions) run(ctx context.Context) error {
 	log := newLogger(o.stderr, o.cfg.Log)
+	if o.noFile {
+		sayNoConfigFile(log, o.cfg)
+	}
 	sc, err := start(o.cfg, log)
 	if err != nil {
 		return err
@@ -343,6 +357,19 @@ func (o *runOptions) run(ctx context.Context) error {
 	return sc.shutdown(context.Background())
 }
 
+// sayNoConfigFile logs, once at startup, that run has no config file and
+// where its services come from, if from anywhere.
+func sayNoConfigFile(log *slog.Logger, cfg *config.Config) {
+	const what = "no config file (--config, SIDECAR_CONFIG)"
+	static := len(cfg.Discovery.Static)
+	consul := cfg.Discovery.Consul != nil && cfg.Discovery.Consul.Address != ""
+	if static == 0 && !consul {
+		log.Warn(what + ": no services are known until one is given, or --static, or a Consul address (--consul-addr, CONSUL_HTTP_ADDR)")
+		return
+	}
+	log.Info(what+": services from flags and the environment only", "static", static, "consul", consul)
+}
+
 func newRunCommand(stdout, stderr io.Writer, getenv func(string) string) *cobra.Command {
 	o := newRunOptions(stdout, stderr, getenv)
 	cmd := &cobra.Command{
@@ -351,9 +378,11 @@ func newRunCommand(stdout, stderr io.Writer, getenv func(string) string) *cobra.
 		Long: `Run the sidecar: the outbound proxy the app calls on 127.0.0.1:15001 and the
 admin API on 127.0.0.1:15000.
 
-Configuration comes from --config FILE (the embedded default without it), then
-the environment (SIDECAR_*, CONSUL_HTTP_ADDR), then flags: flags beat the
-environment, the environment beats the file.`,
+Configuration comes from --config FILE, then the environment (SIDECAR_*,
+CONSUL_HTTP_ADDR), then flags: flags beat the environment, the environment
+beats the file. Without a file the sidecar knows only the services that flags
+(--static, --consul-addr) and the environment give it, and says so once in its
+log; "sidecar demo" runs it with example services.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := o.complete(); err != nil {

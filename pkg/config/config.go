@@ -1,10 +1,9 @@
 // Package config is the sidecar's configuration file: its keys (DESIGN.md,
-// "Config file"), the embedded default, strict loading and validation.
-// Flags and environment variables are layered on top by cmd/sidecar.
+// "Config file"), strict loading and validation. Flags and environment
+// variables are layered on top by cmd/sidecar.
 package config
 
 import (
-	_ "embed"
 	"errors"
 	"fmt"
 	"net"
@@ -19,12 +18,6 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/readlimit"
 	"github.com/sidecar-mesh/sidecar/pkg/redact"
 )
-
-//go:embed default.yaml
-var defaultYAML []byte
-
-// DefaultYAML returns the embedded default configuration file.
-func DefaultYAML() []byte { return append([]byte(nil), defaultYAML...) }
 
 // Config is the whole sidecar configuration. Zero values mean "not set";
 // WithDefaults fills the listener addresses.
@@ -354,18 +347,18 @@ const (
 	DefaultMetrics  = "0.0.0.0:15090"
 )
 
-// Load reads a configuration file strictly. An empty path loads the embedded
-// default.
+// Load reads a configuration file strictly. An empty path gives the empty
+// configuration: no service, no discovery, the listeners at their defaults
+// once WithDefaults fills them.
 func Load(path string) (*Config, error) {
-	data, name := defaultYAML, "embedded default"
-	if path != "" {
-		b, err := readlimit.ReadFile(path)
-		if err != nil {
-			return nil, fmt.Errorf("config: %w", err)
-		}
-		data, name = b, path
+	if path == "" {
+		return &Config{}, nil
 	}
-	return Parse(data, name)
+	data, err := readlimit.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return Parse(data, path)
 }
 
 // Parse decodes a configuration document strictly; name is used in errors.

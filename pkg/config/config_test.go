@@ -12,20 +12,23 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-func TestEmbeddedDefault(t *testing.T) {
+// Without a file, the configuration is empty: listeners at their defaults,
+// no services (the demo's belong to `sidecar demo`).
+func TestLoadWithoutFile(t *testing.T) {
 	c, err := Load("")
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.WithDefaults()
 	if err := c.Validate(); err != nil {
-		t.Fatalf("embedded default does not validate: %v", err)
+		t.Fatalf("the configuration without a file does not validate: %v", err)
 	}
-	if got := c.Discovery.Static["user-service"]; len(got) != 2 {
-		t.Fatalf("embedded default static user-service = %v, want two example upstreams", got)
+	if len(c.Discovery.Static) != 0 || c.Discovery.Consul != nil || c.Service != "" || len(c.Policies) != 0 {
+		t.Fatalf("the configuration without a file: static %v, consul %+v, service %q, %d policies; want none of them",
+			c.Discovery.Static, c.Discovery.Consul, c.Service, len(c.Policies))
 	}
-	if c.Listeners.Outbound != "127.0.0.1:15001" || c.Listeners.Admin != "127.0.0.1:15000" {
-		t.Fatalf("listeners %+v", c.Listeners)
+	if c.Listeners != (Listeners{Outbound: DefaultOutbound, Inbound: DefaultInbound, Admin: DefaultAdmin, Health: DefaultHealth, Metrics: DefaultMetrics}) {
+		t.Fatalf("listeners %+v, want the defaults", c.Listeners)
 	}
 }
 
