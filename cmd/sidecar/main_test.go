@@ -14,7 +14,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -172,22 +171,10 @@ func TestRunWithoutConfig(t *testing.T) {
 		{"static from a flag", []string{"--static", "user-service=" + up.Listener.Addr().String()}, http.StatusOK, `"level":"INFO","msg":"no config file (--config, SIDECAR_CONFIG): services from flags and the environment only","static":1`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ctx, cancel := context.WithCancel(context.Background())
 			out, adm := freePort(t), freePort(t)
-			var stderr syncBuffer
-			done := make(chan error, 1)
-			go func() {
-				cmd := newRootCommand(strings.NewReader(""), io.Discard, &stderr, func(string) string { return "" })
-				cmd.SetArgs(append([]string{"run", "--outbound-addr", out, "--admin-addr", adm, "--metrics-addr", freePort(t),
-					"--health-addr", freePort(t), "--drain-window", "1ms"}, tc.args...))
-				done <- cmd.ExecuteContext(ctx)
-			}()
-			defer func() {
-				cancel()
-				if err := <-done; err != nil {
-					t.Errorf("run exited with %v", err)
-				}
-			}()
+			var stderr lockedBuffer
+			runInProcess(t, io.Discard, &stderr, append([]string{"run", "--outbound-addr", out, "--admin-addr", adm,
+				"--metrics-addr", freePort(t), "--health-addr", freePort(t), "--drain-window", "1ms"}, tc.args...)...)
 			client := &http.Client{Timeout: 5 * time.Second}
 			var resp *http.Response
 			for deadline := time.Now().Add(10 * time.Second); ; {
@@ -217,43 +204,31 @@ func TestRunWithoutConfig(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer that a logger may write while a test reads.
-type syncBuffer struct {
-	mu sync.Mutex // guards b
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+// runInProcess runs the sidecar command with args in-process, writing to
+// stdout and stderr, until the test ends.
+func runInProcess(t *testing.T, stdout, stderr io.Writer, args ...string) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		cmd := newRootCommand(strings.NewReader(""), stdout, stderr, func(string) string { return "" })
+		cmd.SetArgs(args)
+		done <- cmd.ExecuteContext(ctx)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("sidecar %s exited with %v", args[0], err)
+		}
+	})
 }
 
 // `sidecar demo` serves the quick start end to end: example upstreams, the
 // outbound proxy on its flags' addresses, and the admin API.
 func TestDemo(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
 	out, adm, metrics := freePort(t), freePort(t), freePort(t)
-	done := make(chan error, 1)
-	var stdout bytes.Buffer
-	var stderr syncBuffer
-	go func() {
-		cmd := newRootCommand(strings.NewReader(""), &stdout, &stderr, func(string) string { return "" })
-		cmd.SetArgs([]string{"demo", "--outbound-addr", out, "--admin-addr", adm, "--metrics-addr", metrics, "--health-addr", freePort(t), "--drain-window", "1ms"})
-		done <- cmd.ExecuteContext(ctx)
-	}()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("demo exited with %v", err)
-		}
-	}()
+	var stdout, stderr lockedBuffer
+	runInProcess(t, &stdout, &stderr, "demo", "--outbound-addr", out, "--admin-addr", adm, "--metrics-addr", metrics,
+		"--health-addr", freePort(t), "--drain-window", "1ms")
 	client := &http.Client{Timeout: 5 * time.Second}
 	var seen = map[string]bool{}
 	deadline := time.Now().Add(10 * time.Second)
