@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -201,6 +202,35 @@ func TestRunWithoutConfig(t *testing.T) {
 				t.Errorf("run's log says %d times that there is no config file, want once, as %s:\n%s", n, tc.logLine, stderr.String())
 			}
 		})
+	}
+}
+
+// A probe with its own port runs without --app-port: what `sidecar inject`
+// makes of a container that declares no port (Kubernetes' http-liveness
+// example) is a sidecar that starts and probes that port.
+func TestProbeOwnPortWithoutAppPort(t *testing.T) {
+	var probes atomic.Int32
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/healthz" {
+			probes.Add(1)
+		}
+	}))
+	defer app.Close()
+	_, port, _ := net.SplitHostPort(app.Listener.Addr().String())
+	health := freePort(t)
+	runInProcess(t, io.Discard, io.Discard, "run", "--liveness-probe=http:/healthz,port="+port+",interval=1s,timeout=1s,failureThreshold=1,successThreshold=1",
+		"--outbound-addr", freePort(t), "--admin-addr", freePort(t), "--metrics-addr", freePort(t), "--health-addr", health, "--drain-window", "1ms")
+	var status int
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) { // polling for startup
+		if resp, err := http.Get("http://" + health + "/app-health/livez"); err == nil {
+			resp.Body.Close()
+			if status = resp.StatusCode; status == http.StatusOK {
+				break
+			}
+		}
+	}
+	if status != http.StatusOK || probes.Load() == 0 {
+		t.Fatalf("/app-health/livez: %d after %d probes of the app's /healthz; want 200 after at least one", status, probes.Load())
 	}
 }
 
