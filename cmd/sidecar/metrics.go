@@ -58,6 +58,7 @@ type resilienceMetrics struct {
 	shed        *prometheus.CounterVec
 	attempts    *prometheus.CounterVec
 	refused     *prometheus.CounterVec
+	streamsCut  *prometheus.CounterVec
 	// attemptsBy caches the attempts counter per service: Attempted runs
 	// on every attempt, and label hashing is not free.
 	attemptsBy sync.Map
@@ -87,6 +88,9 @@ func newResilienceMetrics(reg prometheus.Registerer) *resilienceMetrics {
 	m.refused = f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_refused_endpoints_total",
 		Help: "Endpoints discovery named that are never called, by reason (own_listener: one of the sidecar's own listeners), counted once per endpoint set that holds them."},
 		[]string{"service", "reason"})
+	m.streamsCut = f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_streams_cut_total",
+		Help: "Streaming answers (gRPC, text/event-stream, bodies of unknown length) the sidecar ended, by reason: idle (nothing from the upstream for streamIdleTimeout) or deadline (the caller's grpc-timeout passed)."},
+		[]string{"service", "reason"})
 	reg.MustRegister(&resilienceCollector{m: m})
 	return m
 }
@@ -108,6 +112,9 @@ func (m *resilienceMetrics) Shed(service, reason string) {
 }
 func (m *resilienceMetrics) EndpointRefused(service, reason string) {
 	m.refused.WithLabelValues(service, reason).Inc()
+}
+func (m *resilienceMetrics) StreamCut(service, reason string) {
+	m.streamsCut.WithLabelValues(service, reason).Inc()
 }
 
 func (m *resilienceMetrics) Attempted(service string) {

@@ -243,6 +243,7 @@ func renderExplain(w io.Writer, r explainReport) error {
 		title string
 		lines []string
 	}{
+		{"Time bounds, by kind of answer:", e.Bounds},
 		{"Circuit breaker (one per service):", e.CircuitBreaker},
 		{"Outlier detection:", e.OutlierDetection},
 		{"Concurrency:", e.Concurrency},
@@ -300,7 +301,7 @@ func requestFacts(e policy.Explanation) [][]string {
 	if e.LongestWithRetryAfter.D() > e.Longest.D() {
 		longest += fmt.Sprintf("; %s when Retry-After answers stretch every backoff", dur(e.LongestWithRetryAfter.D()))
 	}
-	longest += "; a gRPC caller's shorter grpc-timeout ends it sooner"
+	longest += "; a gRPC caller's shorter grpc-timeout ends it sooner; a stream's body runs on while it sends (see the time bounds below)"
 	rows = append(rows, []string{"Longest request", longest})
 	connect := dur(e.ConnectTimeout.D()) + " per attempt"
 	if e.ConnectTimeout != *p.ConnectTimeout {
@@ -453,9 +454,12 @@ func newPolicyExplainCommand(target *policyTarget, stdin io.Reader, stdout io.Wr
 with where it came from (the built-in default, the '*' policy, or the
 service's own document), the worst-case attempts per request and the load
 they put on the service against the retry budget, the longest a request can
-take, the connect timeout, when the circuit breaker and the outlier detector
-act, in words, and warnings about values that combine badly (per-try timeouts
-that do not fit in the timeout, retries of non-idempotent methods, ...).
+take, the connect timeout, how each kind of answer is bounded in time (its
+headers, an answer of known length, a stream: while it sends, until
+streamIdleTimeout of silence), when the circuit breaker and the outlier
+detector act, in words, and warnings about values that combine badly
+(per-try timeouts that do not fit in the timeout, retries of non-idempotent
+methods, ...).
 
 The documents come from Consul KV, from -f FILE (offline: the file's '*' and
 SERVICE documents only), or with --admin from a running sidecar (effective

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -117,6 +119,38 @@ policies:
 	}
 	if r := fetch(t, "http://"+rs.admin+"/resilience"); !strings.Contains(r, `"state": "open"`) {
 		t.Fatalf("admin /resilience = %s, want the breaker open", r)
+	}
+}
+
+// A stream the sidecar cuts is counted in /metrics by reason: here an
+// event stream that goes silent after one event, past streamIdleTimeout.
+func TestStreamCutMetric(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		_, _ = io.WriteString(w, "data: 1\n\n")
+		_ = http.NewResponseController(w).Flush()
+		<-r.Context().Done()
+	}))
+	defer up.Close()
+	rs := runSidecar(t, `
+discovery: {static: {svc: [`+strings.TrimPrefix(up.URL, "http://")+`]}}
+policies:
+  - {service: svc, timeout: 100ms, streamIdleTimeout: 300ms}
+`)
+	req, _ := http.NewRequest("GET", "http://"+rs.out+"/events", nil)
+	req.Host = "svc"
+	resp, err := (&http.Client{Timeout: 5 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(b) != "data: 1\n\n" || !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("silent event stream: %q, %v; want its one event, then the body cut short", b, err)
+	}
+	m := fetch(t, "http://"+rs.metrics+"/metrics")
+	if want := `sidecar_streams_cut_total{reason="idle",service="svc"} 1`; !strings.Contains(m, want) {
+		t.Fatalf("/metrics lacks %q:\n%s", want, grepLines(m, "sidecar_streams"))
 	}
 }
 

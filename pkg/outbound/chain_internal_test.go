@@ -40,6 +40,7 @@ type countingObserver struct {
 	transitions []string
 	ejections   int
 	shed        map[string]int
+	cut         map[string]int // streams cut, by reason
 }
 
 func (o *countingObserver) Retried(_, reason string) {
@@ -61,6 +62,12 @@ func (o *countingObserver) Shed(_, reason string) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.shed[reason]++
+}
+
+func (o *countingObserver) StreamCut(_, reason string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.cut[reason]++
 }
 
 // testChain is the resilience and pick layers over a fake transport, for
@@ -88,7 +95,7 @@ func newTestChainWith(t *testing.T, policies Policies, endpoints []string, trans
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &testChain{observer: &countingObserver{retries: map[string]int{}, shed: map[string]int{}}}
+	c := &testChain{observer: &countingObserver{retries: map[string]int{}, shed: map[string]int{}, cut: map[string]int{}}}
 	c.states = &stateRegistry{observer: c.observer, log: slog.New(slog.DiscardHandler), policies: policies}
 	counted := rtFunc(func(r *http.Request) (*http.Response, error) {
 		c.calls.Add(1)

@@ -68,6 +68,8 @@ type options struct {
 	// telemetry, when set, gives the proxy a tracer, propagator and
 	// request metrics (the benchmarks' "sidecar-telemetry").
 	telemetry *telemetry
+	// observer is the proxy's Observer; nil: none.
+	observer outbound.Observer
 }
 
 type telemetry struct {
@@ -99,6 +101,7 @@ func startSidecar(t testing.TB, o options) *sidecar {
 		Transport:  o.transport,
 		Limits:     o.limits,
 		IsOwn:      o.isOwn,
+		Observer:   o.observer,
 	}
 	if o.telemetry != nil {
 		cfg.Tracer, cfg.Propagator, cfg.Metrics = o.telemetry.tracer, o.telemetry.prop, o.telemetry.metrics

@@ -27,6 +27,10 @@ type Observer interface {
 	// never called, for reason ("own_listener": one of the sidecar's own
 	// listeners). Told once per endpoint set that holds it.
 	EndpointRefused(service, reason string)
+	// StreamCut: the chain ended a streaming answer of the service, for
+	// reason (StreamCutIdle: silent for streamIdleTimeout;
+	// StreamCutDeadline: the caller's deadline passed).
+	StreamCut(service, reason string)
 }
 
 // NopObserver observes nothing; embed it to implement only some methods.
@@ -39,5 +43,6 @@ func (NopObserver) EndpointEjected(service string)               {}
 func (NopObserver) Shed(service, reason string)                  {}
 func (NopObserver) Attempted(service string)                     {}
 func (NopObserver) EndpointRefused(service, reason string)       {}
+func (NopObserver) StreamCut(service, reason string)             {}
 
 var _ Observer = NopObserver{}

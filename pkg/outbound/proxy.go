@@ -153,8 +153,9 @@ func New(cfg Config) (*Proxy, error) {
 //	telemetry: the request's span (under the caller's trace context) and
 //	    metrics
 //	-> resilience: concurrency limits (all services, then the service)
-//	    -> overall deadline -> retry loop, each attempt under its per-try
-//	    deadline and the circuit breaker
+//	    -> overall deadline (lifted for a stream once its headers come:
+//	    streamIdleTimeout then) -> retry loop, each attempt under its
+//	    per-try deadline and the circuit breaker
 //	-> pick (round robin over the service's healthy, non-ejected endpoints;
 //	   outcomes feed outlier ejection; each attempt's span, whose context
 //	   the upstream gets in its trace headers)

@@ -259,12 +259,15 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	p := l.policies.For(service)
 	st := l.states.get(service, p)
 
-	// Overall deadline over the wait for a slot, every attempt and
-	// backoff; the caller's own deadline (a gRPC client's grpc-timeout, or
-	// its disconnect) wins if sooner.
+	// The caller's own deadline (a gRPC client's grpc-timeout, or its
+	// disconnect) bounds everything, a stream too; the policy's timeout
+	// bounds the wait for a slot, every attempt and backoff and, unless the
+	// answer is a stream, its body. The sooner wins.
+	caller, cancelCaller := req.Context(), context.CancelFunc(nil)
 	timeout := p.Timeout.D()
-	if d, ok := grpcTimeout(req.Header); ok && d < timeout {
-		timeout = d
+	if d, ok := grpcTimeout(req.Header); ok {
+		caller, cancelCaller = context.WithTimeoutCause(caller, d, errCallerDeadline)
+		timeout = min(timeout, d)
 	}
 
 	// Concurrency: over the sidecar's limit a request is refused at once;
@@ -274,38 +277,56 @@ func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
 	// however hard the app pushes.
 	if n := l.inFlight.Add(1); n > l.maxInFlight {
 		l.inFlight.Add(-1)
+		stopCaller(cancelCaller)
 		return nil, l.shed(req, service, "the sidecar's limit on outbound requests in flight (limits.outboundMaxInFlight)")
 	}
 	c := p.Concurrency
 	maxInFlight := int64(*c.MaxInFlight)
 	// wait: for a slot, within the timeout.
-	ok, wait := st.limit.acquire(req.Context(), maxInFlight, *c.MaxQueued, min(c.QueueTimeout.D(), timeout))
+	ok, wait := st.limit.acquire(caller, maxInFlight, *c.MaxQueued, min(c.QueueTimeout.D(), timeout))
 	if !ok {
 		l.inFlight.Add(-1)
+		stopCaller(cancelCaller)
 		if *c.MaxQueued > 0 {
 			return nil, l.shed(req, service, "concurrency limit of the service reached and no slot within concurrency.queueTimeout or room in its line (concurrency.maxQueued)")
 		}
 		return nil, l.shed(req, service, "concurrency limit of the service reached (concurrency.maxInFlight)")
 	}
-	ctx, cancel := context.WithTimeout(req.Context(), timeout-wait)
-	resp, endAttempt, err := l.attempts(ctx, req, service, p, st)
+	ctx := newDeadlineCtx(caller, p.Timeout.D()-wait, errTimeout)
+	resp, attempt, err := l.attempts(ctx, req, service, p, st)
+	fb := &finishBody{layer: l, state: st, maxInFlight: maxInFlight, ctx: ctx, attempt: attempt, cancelCaller: cancelCaller}
 	if err != nil {
-		cancel()
-		l.release(st, maxInFlight)
-		if errors.Is(err, context.DeadlineExceeded) && req.Context().Err() == nil && !isPerTryTimeout(err) {
+		// Told by the context, not the error: a dial cut short by the
+		// deadline reports only that it was canceled.
+		expired := ctx.Err() == context.DeadlineExceeded
+		fb.finish()
+		if expired && req.Context().Err() == nil && !isPerTryTimeout(err) {
 			return nil, &proxyhttp.LocalError{Status: http.StatusGatewayTimeout, Reason: proxyhttp.ReasonUpstreamTimeout,
 				Service: service, Detail: "no response within the timeout of " + timeout.String()}
 		}
 		return nil, err
 	}
-	fb := &finishBody{ReadCloser: resp.Body, layer: l, state: st, maxInFlight: maxInFlight, cancelAttempt: endAttempt, cancel: cancel}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		// An upgraded connection lives on its own: no deadline, no slot.
 		fb.finish()
 		return resp, nil
 	}
+	fb.ReadCloser, fb.resp, fb.service = resp.Body, resp, service
+	if proxyhttp.IsStream(resp) {
+		// A stream runs as long as it keeps sending: the policy's
+		// deadlines, which bounded the wait for its headers, give way to
+		// streamIdleTimeout (the caller's own deadline stays).
+		fb.stream = ctx.lift(p.StreamIdleTimeout.D()) && (attempt == nil || attempt.lift(0))
+	}
 	resp.Body = fb
 	return resp, nil
+}
+
+// stopCaller releases the caller's deadline, if the request carried one.
+func stopCaller(cancel context.CancelFunc) {
+	if cancel != nil {
+		cancel()
+	}
 }
 
 // release gives back a request's concurrency slots, the service's to the
@@ -326,16 +347,16 @@ func (l *resilienceLayer) shed(req *http.Request, service, detail string) error 
 // for idempotent requests (or any request on a connect failure), with a
 // replayable body, within the retry budget, preferring another endpoint,
 // never into an open breaker, and never starting an attempt the overall
-// deadline can't cover. With a response it returns what ends the last
-// attempt's per-try deadline, for the caller to run once the response is
-// done.
-func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, service string, p *policy.Policy, st *serviceState) (*http.Response, context.CancelFunc, error) {
+// deadline can't cover. With a response it returns the last attempt's
+// per-try deadline (nil without one), for the caller to lift for a stream
+// and to end once the response is done.
+func (l *resilienceLayer) attempts(rctx *deadlineCtx, req *http.Request, service string, p *policy.Policy, st *serviceState) (*http.Response, *deadlineCtx, error) {
 	r := p.Retry
 	st.budget.request(time.Now())
 	br := st.breaker.Load()
-	actxs := &attemptCtx{Context: ctx, info: attemptInfo{policy: p, state: st}}
+	actxs := &attemptCtx{Context: rctx, info: attemptInfo{policy: p, state: st}}
 	info := &actxs.info
-	ctx = actxs
+	var ctx context.Context = actxs
 	cur := req
 	grpc := proxyhttp.IsGRPC(req)
 	for attempt := 1; ; attempt++ {
@@ -346,9 +367,10 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 			return nil, nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
 				Service: service, Detail: "circuit breaker " + br.State().String()}
 		}
-		actx, acancel := ctx, context.CancelFunc(func() {})
+		actx, perTry := ctx, (*deadlineCtx)(nil)
 		if pt := r.PerTryTimeout.D(); pt > 0 {
-			actx, acancel = context.WithTimeoutCause(ctx, pt, errPerTryTimeout)
+			perTry = newDeadlineCtx(ctx, pt, errPerTryTimeout)
+			actx = perTry
 		}
 		info.attempt = attempt
 		areq := cur.WithContext(actx)
@@ -359,9 +381,11 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 			areq.Header = cur.Header.Clone()
 		}
 		if grpc {
-			// The upstream learns the time left for this attempt, which
-			// is what remains of the caller's and the policy's deadlines.
-			if dl, ok := actx.Deadline(); ok {
+			// The upstream learns the time left of the caller's own
+			// deadline, which bounds a stream too; not the policy's, which
+			// bound only the wait for a stream's headers: told them, the
+			// server would end its stream there.
+			if dl, ok := rctx.callerDeadline(); ok {
 				areq.Header.Set("Grpc-Timeout", encodeGRPCTimeout(time.Until(dl)))
 			}
 		}
@@ -404,15 +428,15 @@ func (l *resilienceLayer) attempts(ctx context.Context, req *http.Request, servi
 				proxyhttp.CloseBody(next)
 			}
 			if err != nil {
-				acancel()
+				endPerTry(perTry)
 				return nil, nil, err
 			}
-			return resp, acancel, nil
+			return resp, perTry, nil
 		}
 		if resp != nil {
 			discard(resp)
 		}
-		acancel()
+		endPerTry(perTry)
 		l.states.observer.Retried(service, reason)
 		if !sleep(ctx, delay) {
 			proxyhttp.CloseBody(next)
@@ -431,17 +455,73 @@ func deadlineAllows(ctx context.Context, delay time.Duration) bool {
 	return !ok || time.Until(dl) > delay
 }
 
+// endPerTry ends an attempt's per-try deadline, if it had one.
+func endPerTry(perTry *deadlineCtx) {
+	if perTry != nil {
+		perTry.end()
+	}
+}
+
 // finishBody ends the request when its response body is closed: the
-// deadlines and the concurrency slots last as long as the response. One
+// deadlines and the concurrency slots last as long as the response. For a
+// stream it tells the request's deadline of every read, and marks a stream
+// the chain cut (idle, or at the caller's deadline) as the client can
+// see it: a gRPC answer ends with DEADLINE_EXCEEDED in its trailers, any
+// other with an error, on which the forwarder aborts the body. One
 // allocation holds all it needs.
 type finishBody struct {
 	io.ReadCloser
-	once          sync.Once
-	layer         *resilienceLayer
-	state         *serviceState
-	maxInFlight   int64              // the service's limit when the request started
-	cancelAttempt context.CancelFunc // the last attempt's per-try deadline
-	cancel        context.CancelFunc // the overall deadline
+	once         sync.Once
+	layer        *resilienceLayer
+	state        *serviceState
+	maxInFlight  int64              // the service's limit when the request started
+	ctx          *deadlineCtx       // the request's deadline
+	attempt      *deadlineCtx       // the last attempt's per-try deadline; nil: none
+	cancelCaller context.CancelFunc // the caller's grpc-timeout; nil: none
+	resp         *http.Response
+	service      string
+	stream       bool // the answer is a stream, its deadline lifted
+	cut          bool // the stream was cut, and told so
+}
+
+func (b *finishBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if b.stream {
+		if n > 0 {
+			b.ctx.touch()
+		}
+		if err != nil && err != io.EOF {
+			err = b.cutStream(err)
+		}
+	}
+	return n, err
+}
+
+// cutStream turns a read error that the chain caused, by ending a silent
+// stream or one past the caller's deadline, into what the client is told.
+// Other errors pass.
+func (b *finishBody) cutStream(err error) error {
+	var reason, detail string
+	switch cause := context.Cause(b.ctx); cause {
+	case errStreamIdle:
+		reason = StreamCutIdle
+		detail = "the upstream sent nothing for " + policy.FormatDuration(b.ctx.idleTime()) + " (streamIdleTimeout)"
+	case errCallerDeadline:
+		reason = StreamCutDeadline
+		detail = "the caller's deadline (grpc-timeout) passed"
+	default:
+		return err
+	}
+	if !b.cut {
+		b.cut = true
+		b.layer.states.observer.StreamCut(b.service, reason)
+		b.layer.states.log.Debug("stream cut", "service", b.service, "reason", reason, "detail", detail)
+	}
+	if isGRPCResponse(b.resp) {
+		b.resp.Trailer = http.Header{"Grpc-Status": {"4"}, "Grpc-Message": {"stream cut by the sidecar: " + detail}}
+		return io.EOF
+	}
+	return &StreamCutError{Service: b.service, Reason: reason, Detail: detail}
 }
 
 func (b *finishBody) Close() error {
@@ -451,9 +531,28 @@ func (b *finishBody) Close() error {
 }
 
 func (b *finishBody) finish() {
-	b.cancelAttempt()
-	b.cancel()
+	endPerTry(b.attempt)
+	b.ctx.end()
+	stopCaller(b.cancelCaller)
 	b.layer.release(b.state, b.maxInFlight)
+}
+
+// Why the chain cut a stream (StreamCutError.Reason, Observer.StreamCut).
+const (
+	// StreamCutIdle: the upstream sent nothing for streamIdleTimeout.
+	StreamCutIdle = "idle"
+	// StreamCutDeadline: the caller's own deadline (grpc-timeout) passed.
+	StreamCutDeadline = "deadline"
+)
+
+// StreamCutError ends the body of a stream the chain cut; the client sees
+// the body aborted. gRPC answers are ended with DEADLINE_EXCEEDED instead.
+type StreamCutError struct {
+	Service, Reason, Detail string
+}
+
+func (e *StreamCutError) Error() string {
+	return "stream to " + e.Service + " cut: " + e.Detail
 }
 
 // ServiceStatus is the resilience state of one service, for the admin API.

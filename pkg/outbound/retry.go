@@ -251,9 +251,6 @@ func retryableMethod(p *policy.Retry, req *http.Request) bool {
 	return slices.Contains(p.Methods, req.Method) || proxyhttp.HasIdempotencyKey(req)
 }
 
-// errPerTryTimeout is the cause of a per-try deadline.
-var errPerTryTimeout = errors.New("per-try timeout")
-
 func isPerTryTimeout(err error) bool { return errors.Is(err, errPerTryTimeout) }
 
 // perTryExpired reports whether an attempt that failed at now failed for

@@ -66,6 +66,10 @@ type Explanation struct {
 	// with every attempt failing and retryable.
 	Load []Load `json:"load"`
 
+	// Bounds says in words how long each kind of answer may take: its
+	// headers, an answer of known length, a stream.
+	Bounds []string `json:"bounds"`
+
 	// CircuitBreaker, OutlierDetection and Concurrency say in words when
 	// each acts and what it does.
 	CircuitBreaker   []string `json:"circuitBreaker"`
@@ -306,10 +310,32 @@ func (e *Explanation) analyze() {
 		e.Load = append(e.Load, l)
 	}
 
+	e.Bounds = boundsWords(p)
 	e.CircuitBreaker = breakerWords(e.target(), cb)
 	e.OutlierDetection = outlierWords(e.target(), od)
 	e.Concurrency = []string{concurrencyWords(e.target(), p.Concurrency)}
 	e.Warnings = e.warnings(backoffSum(max(e.MaxAttempts-1, 0)))
+}
+
+// boundsWords says how each kind of answer is bounded in time: the
+// headers and an answer of known length by timeout, a stream by its
+// silence.
+func boundsWords(p Policy) []string {
+	T, P, idle := FormatDuration(p.Timeout.D()), p.Retry.PerTryTimeout.D(), FormatDuration(p.StreamIdleTimeout.D())
+	headers := "Response headers: within timeout (" + T + ") of the request's start, every attempt and backoff included"
+	if P > 0 {
+		headers += ", each attempt's within perTryTimeout (" + FormatDuration(P) + ")"
+	}
+	return []string{
+		headers + "; else 504 upstream_timeout.",
+		"An answer of known length (Content-Length): whole, body included, within timeout (" + T + "); past it the " +
+			"answer is cut short (the connection closed).",
+		"A stream (gRPC, text/event-stream, or a body whose length its headers do not give: chunked, ended by the " +
+			"close, HTTP/2 without content-length): as long as it keeps sending, past timeout; cut after " +
+			"streamIdleTimeout (" + idle + ") without a byte from the upstream: gRPC gets DEADLINE_EXCEEDED in its " +
+			"trailers, HTTP an aborted body.",
+		"Every one ends at the caller's own deadline (a gRPC client's grpc-timeout) or when the caller goes away.",
+	}
 }
 
 func concurrencyWords(service string, c *Concurrency) string {

@@ -243,14 +243,15 @@ func TestExplainOrigins(t *testing.T) {
 				t.Errorf("%s: origin %q; want %q (fields %v)", path, got[path], origin, got)
 			}
 		}
-		if len(e.Fields) != 22 {
-			t.Errorf("%d fields; want 22 (every leaf of a policy)", len(e.Fields))
+		if len(e.Fields) != 23 {
+			t.Errorf("%d fields; want 23 (every leaf of a policy)", len(e.Fields))
 		}
 	}
 	e := Explain("svc", by)
 	check(e, want)
-	if e.Fields[0].Path != "timeout" || e.Fields[0].Value != "10s" || e.Fields[2].Path != "retry.attempts" || e.Fields[2].Value != "4" {
-		t.Errorf("fields not in document order: %v", e.Fields[:3])
+	if e.Fields[0].Path != "timeout" || e.Fields[0].Value != "10s" || e.Fields[1].Path != "streamIdleTimeout" ||
+		e.Fields[3].Path != "retry.attempts" || e.Fields[3].Value != "4" {
+		t.Errorf("fields not in document order: %v", e.Fields[:4])
 	}
 	// The "*" policy explained is its own service.
 	check(Explain("*", by), map[string]string{"timeout": "*", "retry.attempts": "*", "retry.backoff.max": "default"})

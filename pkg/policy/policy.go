@@ -31,8 +31,15 @@ type Policy struct {
 	APIVersion string `yaml:"apiVersion,omitempty" json:"apiVersion,omitempty"`
 	Kind       string `yaml:"kind,omitempty" json:"kind,omitempty"`
 	Service    string `yaml:"service" json:"service"`
-	// Timeout bounds the whole request: every attempt and backoff.
+	// Timeout bounds the whole request: every attempt and backoff, and the
+	// answer's body; for a streaming answer (see StreamIdleTimeout), only
+	// until its headers.
 	Timeout *Duration `yaml:"timeout,omitempty" json:"timeout,omitempty"`
+	// StreamIdleTimeout ends a streaming answer (gRPC, text/event-stream, or
+	// a body of unknown length) once the upstream has sent nothing for this
+	// long. A stream that keeps sending runs on, past Timeout, until the
+	// caller's own deadline (grpc-timeout) or disconnect.
+	StreamIdleTimeout *Duration `yaml:"streamIdleTimeout,omitempty" json:"streamIdleTimeout,omitempty"`
 	// ConnectTimeout bounds opening a connection to an endpoint; a failure
 	// is a connect-failure, retryable for any method.
 	ConnectTimeout   *Duration         `yaml:"connectTimeout,omitempty" json:"connectTimeout,omitempty"`
@@ -116,6 +123,10 @@ func Defaults() Policy {
 		Kind:       Kind,
 		Service:    Default,
 		Timeout:    ptr(Duration(15 * time.Second)),
+		// Long enough for a watch or an event stream that is quiet between
+		// events (Envoy's stream_idle_timeout is 5m too), short enough that
+		// a stream whose upstream hung does not hold a slot for long.
+		StreamIdleTimeout: ptr(Duration(5 * time.Minute)),
 		// A connection on loopback or within a cluster opens in well under a
 		// millisecond; a second is a dead or overloaded endpoint.
 		ConnectTimeout: ptr(Duration(time.Second)),
@@ -296,6 +307,7 @@ func (p Policy) Validate() error {
 		add("service", Quote(p.Service), `"*" or a service name: lower-case letters, digits and '-', at most 63`)
 	}
 	durIn("timeout", p.Timeout, time.Millisecond, time.Hour, false)
+	durIn("streamIdleTimeout", p.StreamIdleTimeout, time.Millisecond, 24*time.Hour, false)
 	durIn("connectTimeout", p.ConnectTimeout, time.Millisecond, time.Minute, false)
 	if r := p.Retry; r != nil {
 		intIn("retry.attempts", r.Attempts, 1, 10)

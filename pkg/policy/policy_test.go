@@ -53,6 +53,28 @@ func TestDefaultsValid(t *testing.T) {
 	}
 }
 
+// streamIdleTimeout is a field like the others: set, merged over the
+// default (5m), validated with its range.
+func TestStreamIdleTimeout(t *testing.T) {
+	ps, err := Parse([]byte("service: '*'\nstreamIdleTimeout: 30s\n---\nservice: a\ntimeout: 2s\n"), "p.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	by := map[string]Policy{"*": ps[0], "a": ps[1]}
+	if got := Effective("a", by).StreamIdleTimeout.D(); got != 30*time.Second {
+		t.Fatalf("streamIdleTimeout of a = %v, want 30s from *", got)
+	}
+	if got := Effective("b", nil).StreamIdleTimeout.D(); got != 5*time.Minute {
+		t.Fatalf("default streamIdleTimeout = %v, want 5m", got)
+	}
+	for _, bad := range []string{"0s", "25h"} {
+		_, err := Parse([]byte("service: a\nstreamIdleTimeout: "+bad+"\n"), "p.yaml")
+		if err == nil || !strings.Contains(err.Error(), "streamIdleTimeout: ") || !strings.Contains(err.Error(), "(allowed: 1ms to 24h0m0s)") {
+			t.Errorf("streamIdleTimeout: %s gave %v, want an error naming the field and its range", bad, err)
+		}
+	}
+}
+
 func TestParseJSONAndMultiDoc(t *testing.T) {
 	ps, err := Parse([]byte(`{"service": "*", "timeout": "2s"}
 ---
@@ -78,6 +100,7 @@ func TestParseErrors(t *testing.T) {
 			"circuitBreaker.failureRatio: NaN is not allowed (allowed: more than 0, at most 1)"}},
 		{"every range at once", `service: a
 timeout: 2h
+streamIdleTimeout: 25h
 connectTimeout: 2m
 retry: {attempts: 0, perTryTimeout: 3h, backoff: {base: 1s, max: 10ms}, on: [sometimes, 302], methods: [get], budget: {ratio: 1.5, minPerSecond: -1}}
 circuitBreaker: {consecutiveFailures: 0, failureRatio: 0, minRequests: 0, window: 1ms, openDuration: 2h, halfOpenRequests: 0}
@@ -85,6 +108,7 @@ outlierDetection: {consecutiveFailures: 0, ejectionTime: 1ms, maxEjectionPercent
 concurrency: {maxInFlight: 0}
 `, []string{
 			"p.yaml:1: document 1: timeout: 2h0m0s is not allowed (allowed: 1ms to 1h0m0s)",
+			"streamIdleTimeout: 25h0m0s is not allowed (allowed: 1ms to 24h0m0s)",
 			"connectTimeout: 2m0s is not allowed (allowed: 1ms to 1m0s)",
 			"retry.attempts: 0 is not allowed (allowed: 1 to 10)",
 			"retry.perTryTimeout: 3h0m0s is not allowed (allowed: 1ms to 1h0m0s, or 0 for none)",

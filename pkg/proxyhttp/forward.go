@@ -112,7 +112,7 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string)
 	}
 	w.WriteHeader(resp.StatusCode)
 
-	flush := resp.ContentLength == -1 || strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream")
+	flush := IsStream(resp)
 	if flush && resp.Header.Get("Grpc-Status") == "" {
 		// A stream's headers go out at once: a bidi client may wait for
 		// them before it sends, a watch shows its metadata before the
@@ -134,6 +134,20 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string)
 			h[http.TrailerPrefix+k] = vv
 		}
 	}
+}
+
+// IsStream reports whether resp is a stream, as far as its headers tell:
+// a body whose length they do not give (chunked, ended by the close, or
+// HTTP/2 without content-length), an event stream (text/event-stream) or
+// a gRPC answer. A stream's pieces are passed on as they come, and the
+// outbound chain bounds it by its silence rather than by the request's
+// timeout; an answer of known length is neither.
+func IsStream(resp *http.Response) bool {
+	if resp.ContentLength == -1 {
+		return true
+	}
+	ct := resp.Header.Get("Content-Type")
+	return strings.HasPrefix(ct, "text/event-stream") || strings.HasPrefix(ct, "application/grpc")
 }
 
 // CopyRequest returns a shallow copy of r with a copy of its URL, in one
