@@ -3,7 +3,8 @@
 #
 # Usage:
 #   scripts/tools.sh test         # what `make test` needs: consul, kube-apiserver, h2spec, jaeger,
-#                                 # toxiproxy-server (built from Go modules), etcd (Debian etcd-server)
+#                                 # toxiproxy-server, grpcurl (built from Go modules), etcd (Debian
+#                                 # etcd-server), the clients of docs/clients.md (Debian, npm)
 #   scripts/tools.sh bench        # wrk, haproxy, nginx, curl (Debian packages), ghz, jaeger (Go)
 #   scripts/tools.sh all          # everything known to this script
 #   scripts/tools.sh path NAME    # print the cached binary of Go-built tool NAME
@@ -38,6 +39,8 @@ H2SPEC_VERSION=v2.2.1+incompatible
 GHZ_VERSION=v0.93.0
 # Toxiproxy (TCP fault injection: latency spikes in the fault suite).
 TOXIPROXY_VERSION=v2.12.0
+# grpcurl, one of the clients docs/clients.md shows (its go.mod asks for go 1.25).
+GRPCURL_VERSION=v1.9.4
 # Jaeger v2 (the OpenTelemetry-collector based one), the trace backend of the
 # tracing tests.
 JAEGER_VERSION=v1.76.0
@@ -76,6 +79,19 @@ want_cmd() {
 		log "ok: $cmd ($(command -v "$cmd"))"
 	else
 		log "missing: $cmd -> apt package $pkg"
+		APT_MISSING+=("$pkg")
+	fi
+}
+
+# want_py_module MODULE PKG: queue apt package PKG when Debian's Python
+# (/usr/bin/python3, the one Debian's python3-* packages are for) cannot
+# import MODULE.
+want_py_module() {
+	local mod=$1 pkg=$2
+	if /usr/bin/python3 -c "import $mod" >/dev/null 2>&1; then
+		log "ok: python module $mod (/usr/bin/python3)"
+	else
+		log "missing: python module $mod for /usr/bin/python3 -> apt package $pkg"
 		APT_MISSING+=("$pkg")
 	fi
 }
@@ -222,7 +238,8 @@ go_tool_version() {
 	ghz) printf '%s\n' "$GHZ_VERSION" ;;
 	toxiproxy-server) printf '%s\n' "$TOXIPROXY_VERSION" ;;
 	jaeger) printf '%s\n' "$JAEGER_VERSION" ;;
-	*) die "unknown Go-built tool: '$1' (known: consul, kube-apiserver, h2spec, ghz, jaeger, toxiproxy-server)" ;;
+	grpcurl) printf '%s\n' "$GRPCURL_VERSION" ;;
+	*) die "unknown Go-built tool: '$1' (known: consul, kube-apiserver, h2spec, ghz, jaeger, toxiproxy-server, grpcurl)" ;;
 	esac
 }
 
@@ -337,6 +354,13 @@ install_toxiproxy() {
 	GO_TOOLS_DONE+=(toxiproxy-server)
 }
 
+# install_grpcurl: the gRPC command-line client of the client guide.
+install_grpcurl() {
+	install_go_tool grpcurl "$GRPCURL_VERSION" github.com/fullstorydev/grpcurl/cmd/grpcurl \
+		"require github.com/fullstorydev/grpcurl $GRPCURL_VERSION" "-s -w -X main.version=$GRPCURL_VERSION"
+	GO_TOOLS_DONE+=(grpcurl)
+}
+
 # install_ghz: gRPC load generator for `make bench`.
 install_ghz() {
 	install_go_tool ghz "$GHZ_VERSION" github.com/bojand/ghz/cmd/ghz "require github.com/bojand/ghz $GHZ_VERSION"
@@ -365,6 +389,14 @@ set_test() {
 	want_cmd node nodejs
 	want_cmd npm npm
 	NODE_CLIENTS_WANTED=1
+	# The other clients of docs/clients.md, whose examples TestClientGuide
+	# runs: wget, grpcurl, a JDK (single-file source programs need javac's
+	# module), and requests and grpcio for Debian's Python.
+	want_cmd wget wget
+	want_cmd javac 'default-jdk-headless|openjdk-17-jdk-headless'
+	want_py_module requests python3-requests
+	want_py_module grpc python3-grpcio
+	install_grpcurl
 }
 
 # install_node_clients: the npm packages of NODE_CLIENTS, once per list.

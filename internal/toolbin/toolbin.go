@@ -23,11 +23,7 @@ func Path(t testing.TB, name string) string {
 	if err == nil {
 		return bin
 	}
-	hint := "run scripts/tools.sh test, or set " + envName(name)
-	if os.Getenv("CI") != "" {
-		t.Fatalf("toolbin: no %s (CI is set, so this fails instead of skipping): %v; %s", name, err, hint)
-	}
-	t.Skipf("toolbin: no %s: %v; %s", name, err, hint)
+	Missing(t, name, err, "run scripts/tools.sh test, or set "+envName(name))
 	return ""
 }
 
@@ -47,12 +43,20 @@ func Dir(t testing.TB, name string) string {
 	if err == nil {
 		return dir
 	}
-	hint := "run scripts/tools.sh test"
-	if os.Getenv("CI") != "" {
-		t.Fatalf("toolbin: no %s (CI is set, so this fails instead of skipping): %v; %s", name, err, hint)
-	}
-	t.Skipf("toolbin: no %s: %v; %s", name, err, hint)
+	Missing(t, name, err, "run scripts/tools.sh test")
 	return ""
+}
+
+// Missing ends a test that lacks what, a tool found some other way than
+// Path and Dir: it fails when $CI is set (a missing tool in CI is a
+// failure) and skips otherwise, saying why (err) and how to install it
+// (hint).
+func Missing(t testing.TB, what string, err error, hint string) {
+	t.Helper()
+	if os.Getenv("CI") != "" {
+		t.Fatalf("toolbin: no %s (CI is set, so this fails instead of skipping): %v; %s", what, err, hint)
+	}
+	t.Skipf("toolbin: no %s: %v; %s", what, err, hint)
 }
 
 func envName(name string) string {
