@@ -92,21 +92,22 @@ policies:
 		resp.Body.Close()
 		reasons = append(reasons, resp.Header.Get("X-Sidecar-Error"))
 	}
-	// Two requests of two attempts trip the breaker; the other eight are
+	// Four failed requests (the breaker counts requests, after their
+	// retries), of two attempts each, trip the breaker; the other six are
 	// refused without an attempt.
-	if got := strings.Join(reasons, ","); got != ",,circuit_open,circuit_open,circuit_open,circuit_open,circuit_open,circuit_open,circuit_open,circuit_open" {
-		t.Fatalf("local error reasons %q, want two upstream 503s then circuit_open", got)
+	if got := strings.Join(reasons, ","); got != ",,,,circuit_open,circuit_open,circuit_open,circuit_open,circuit_open,circuit_open" {
+		t.Fatalf("local error reasons %q, want four upstream 503s then circuit_open", got)
 	}
-	if n := down.Requests(); n != 4 {
-		t.Fatalf("upstream saw %d attempts, want 4", n)
+	if n := down.Requests(); n != 8 {
+		t.Fatalf("upstream saw %d attempts, want 8", n)
 	}
 	m := fetch(t, "http://"+rs.metrics+"/metrics")
 	for _, want := range []string{
-		`sidecar_retries_total{reason="503",service="svc"} 2`,
+		`sidecar_retries_total{reason="503",service="svc"} 4`,
 		`sidecar_circuit_breaker_transitions_total{service="svc",state="open"} 1`,
 		`sidecar_circuit_breaker_state{service="svc",state="open"} 1`,
 		`sidecar_circuit_breaker_state{service="svc",state="closed"} 0`,
-		`sidecar_shed_requests_total{reason="circuit_open",service="svc"} 8`,
+		`sidecar_shed_requests_total{reason="circuit_open",service="svc"} 6`,
 		`sidecar_requests_in_flight{direction="outbound"} 0`,
 		`sidecar_outlier_ejected_endpoints{service="svc"} 0`,
 	} {

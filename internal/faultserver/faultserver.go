@@ -1,10 +1,11 @@
 // Package faultserver is a real HTTP/1.1 upstream on a loopback port that
-// fails on purpose: error statuses at a ratio, latency, connection resets,
-// bodies cut short, refused connections. Tests put it behind the sidecar
-// and count what it executed.
+// fails on purpose: error statuses at a ratio or on one path, latency,
+// connection resets, bodies cut short, refused connections. Tests put it
+// behind the sidecar and count what it executed.
 package faultserver
 
 import (
+	"cmp"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -18,7 +19,8 @@ import (
 
 // Faults says how the server misbehaves. The ratios are independent draws
 // per request, checked in the order Reset, CutBody, Error; whatever is left
-// is answered 200 with Body. The zero value is a healthy server.
+// is answered 200 with Body. A request to FailPath fails before any draw.
+// The zero value is a healthy server.
 type Faults struct {
 	// Latency delays every answer (the client's cancellation ends it).
 	Latency time.Duration
@@ -30,6 +32,9 @@ type Faults struct {
 	// ErrorRatio of requests are answered ErrorStatus (default 503).
 	ErrorRatio  float64
 	ErrorStatus int
+	// FailPath, when set, is a path every request to which is answered
+	// ErrorStatus: a broken path among healthy ones.
+	FailPath string
 	// RetryAfter, when set, goes with error answers.
 	RetryAfter string
 	// Body of a good answer; default "ok".
@@ -186,6 +191,9 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	switch {
+	case f.FailPath != "" && r.URL.Path == f.FailPath:
+		s.failed.Add(1)
+		w.WriteHeader(cmp.Or(f.ErrorStatus, http.StatusServiceUnavailable))
 	case draw(f.ResetRatio):
 		s.failed.Add(1)
 		reset(w)

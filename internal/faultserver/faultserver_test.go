@@ -46,6 +46,10 @@ func TestFaults(t *testing.T) {
 	if code, err := get(t, c, s); code != 200 || !errors.Is(err, io.ErrUnexpectedEOF) {
 		t.Fatalf("cut body: %d %v, want 200 and an unexpected EOF in the body", code, err)
 	}
+	s.SetFaults(Faults{FailPath: "/"})
+	if code, err := get(t, c, s); code != 503 || err != nil {
+		t.Fatalf("failing path: %d %v, want 503", code, err)
+	}
 	s.SetFaults(Faults{})
 	s.Refuse()
 	if _, err := get(t, c, s); !errors.Is(err, syscall.ECONNREFUSED) {
@@ -57,7 +61,7 @@ func TestFaults(t *testing.T) {
 	if code, err := get(t, c, s); code != 200 || err != nil {
 		t.Fatalf("accepting again: %d %v, want 200", code, err)
 	}
-	if s.Requests() != 5 || s.Failed() != 3 || s.RequestsWith("GET") != 5 {
-		t.Fatalf("counted %d requests, %d failed, %d GETs; want 5, 3, 5", s.Requests(), s.Failed(), s.RequestsWith("GET"))
+	if s.Requests() != 6 || s.Failed() != 4 || s.RequestsWith("GET") != 6 {
+		t.Fatalf("counted %d requests, %d failed, %d GETs; want 6, 4, 6", s.Requests(), s.Failed(), s.RequestsWith("GET"))
 	}
 }

@@ -154,8 +154,9 @@ func New(cfg Config) (*Proxy, error) {
 //	    metrics
 //	-> resilience: concurrency limits (all services, then the service)
 //	    -> overall deadline (lifted for a stream once its headers come:
-//	    streamIdleTimeout then) -> retry loop, each attempt under its
-//	    per-try deadline and the circuit breaker
+//	    streamIdleTimeout then) -> circuit breaker (once per request, told
+//	    its outcome after retries) -> retry loop, each attempt under its
+//	    per-try deadline
 //	-> pick (round robin over the service's healthy, non-ejected endpoints;
 //	   outcomes feed outlier ejection; each attempt's span, whose context
 //	   the upstream gets in its trace headers)

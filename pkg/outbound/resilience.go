@@ -140,8 +140,6 @@ func (r *stateRegistry) recheck(service string, st *serviceState, p *policy.Poli
 // admits MaxRequests probes.
 func (r *stateRegistry) newBreaker(service string, cb *policy.CircuitBreaker) *breaker {
 	window := cb.Window.D()
-	consecutive, minRequests := uint32(*cb.ConsecutiveFailures), uint32(*cb.MinRequests)
-	ratio := *cb.FailureRatio
 	return &breaker{settings: cb, TwoStepCircuitBreaker: gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:         service,
 		MaxRequests:  uint32(*cb.HalfOpenRequests),
@@ -149,8 +147,7 @@ func (r *stateRegistry) newBreaker(service string, cb *policy.CircuitBreaker) *b
 		BucketPeriod: window / 10,
 		Timeout:      cb.OpenDuration.D(),
 		ReadyToTrip: func(c gobreaker.Counts) bool {
-			return c.ConsecutiveFailures >= consecutive ||
-				(c.Requests >= minRequests && float64(c.TotalFailures) >= ratio*float64(c.Requests))
+			return cb.ReadyToTrip(int(c.ConsecutiveFailures), int(c.Requests), int(c.TotalFailures))
 		},
 		IsExcluded: func(err error) bool { return errors.Is(err, errNotCounted) },
 		// Called under the breaker's lock, on the request path: the
@@ -168,10 +165,11 @@ var (
 	errNotCounted     = errors.New("outcome not counted")
 )
 
-// breakerOutcome classifies an attempt: 5xx answers, gRPC server failures
-// and transport failures count against the breaker; client cancellations and the sidecar's own
-// refusals (no endpoints) count for nothing; any other answer (2xx-4xx) is
-// a success.
+// breakerOutcome classifies an outcome, a request's for the breaker (after
+// its retries) or an attempt's for outlier detection: 5xx answers, gRPC
+// server failures, transport failures and timeouts are failures; client
+// cancellations and the sidecar's own refusals (no endpoints) count for
+// nothing; any other answer (2xx-4xx) is a success.
 func breakerOutcome(resp *http.Response, err error) error {
 	switch {
 	case err != nil && (errors.Is(err, context.Canceled) || proxyhttp.IsClientErr(err) || isLocalError(err)):
@@ -239,8 +237,9 @@ func isLocalError(err error) bool {
 
 // resilienceLayer applies the service's policy around the rest of the
 // chain: concurrency limits (all services, then this one), the overall
-// deadline, then the retry loop, each attempt under its per-try deadline and
-// the circuit breaker.
+// deadline, the circuit breaker (asked once per request, told the outcome
+// after retries), then the retry loop, each attempt under its per-try
+// deadline, no retry into a breaker that opened meanwhile.
 type resilienceLayer struct {
 	policies Policies
 	states   *stateRegistry
@@ -359,14 +358,18 @@ func (l *resilienceLayer) attempts(rctx *deadlineCtx, req *http.Request, service
 	var ctx context.Context = actxs
 	cur := req
 	grpc := proxyhttp.IsGRPC(req)
+	// The breaker counts requests, by their outcome after retries: a
+	// request it lets through is one call of done, whatever its attempts.
+	// An instance that fails is outlier detection's to eject, and a
+	// request that fails everywhere one failure.
+	done, berr := br.Allow()
+	if berr != nil {
+		proxyhttp.CloseBody(cur)
+		l.states.observer.Shed(service, proxyhttp.ReasonCircuitOpen)
+		return nil, nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
+			Service: service, Detail: "circuit breaker " + br.State().String()}
+	}
 	for attempt := 1; ; attempt++ {
-		done, berr := br.Allow()
-		if berr != nil {
-			proxyhttp.CloseBody(cur)
-			l.states.observer.Shed(service, proxyhttp.ReasonCircuitOpen)
-			return nil, nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
-				Service: service, Detail: "circuit breaker " + br.State().String()}
-		}
 		actx, perTry := ctx, (*deadlineCtx)(nil)
 		if pt := r.PerTryTimeout.D(); pt > 0 {
 			perTry = newDeadlineCtx(ctx, pt, errPerTryTimeout)
@@ -396,13 +399,6 @@ func (l *resilienceLayer) attempts(rctx *deadlineCtx, req *http.Request, service
 		if grpc && err == nil && attempt < *r.Attempts && ctx.Err() == nil {
 			resp = settleGRPC(r, req, resp)
 		}
-		if err == nil && grpcOutcomePending(resp) {
-			// A gRPC answer that was not settled above (no retry could
-			// follow) is judged by its trailers, when its body ends.
-			resp.Body = &grpcEnd{ReadCloser: resp.Body, resp: resp, end: func() { done(breakerOutcome(resp, nil)) }}
-		} else {
-			done(breakerOutcome(resp, err))
-		}
 
 		reason := ""
 		if attempt < *r.Attempts && ctx.Err() == nil && br.State() != gobreaker.StateOpen {
@@ -428,8 +424,16 @@ func (l *resilienceLayer) attempts(rctx *deadlineCtx, req *http.Request, service
 				proxyhttp.CloseBody(next)
 			}
 			if err != nil {
+				done(breakerOutcome(nil, err))
 				endPerTry(perTry)
 				return nil, nil, err
+			}
+			if grpcOutcomePending(resp) {
+				// A gRPC answer whose status was not settled above is
+				// judged by its trailers, when its body ends.
+				resp.Body = &grpcEnd{ReadCloser: resp.Body, resp: resp, end: func() { done(breakerOutcome(resp, nil)) }}
+			} else {
+				done(breakerOutcome(resp, nil))
 			}
 			return resp, perTry, nil
 		}
@@ -440,7 +444,9 @@ func (l *resilienceLayer) attempts(rctx *deadlineCtx, req *http.Request, service
 		l.states.observer.Retried(service, reason)
 		if !sleep(ctx, delay) {
 			proxyhttp.CloseBody(next)
-			return nil, nil, ctx.Err()
+			err := ctx.Err()
+			done(breakerOutcome(nil, err))
+			return nil, nil, err
 		}
 		info.avoid = info.picked
 		info.retryOf, info.backoff = reason, delay

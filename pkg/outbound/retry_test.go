@@ -1,7 +1,10 @@
 package outbound_test
 
 import (
+	"io"
+	"math/rand/v2"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -186,5 +189,90 @@ func TestRetryBudgetWhenAllDown(t *testing.T) {
 	t.Logf("%d requests, %d attempts: %.3f attempts a request (limit %d)", requests, attempts, float64(attempts)/float64(requests), limit)
 	if attempts > limit {
 		t.Fatalf("%d attempts for %d requests, want at most %d: retries multiplied the load", attempts, requests, limit)
+	}
+}
+
+// loadDefault sends GETs to svc from 4 clients at once, each of
+// path(rng) with the generator seeded per client, and counts the answers
+// by path and outcome: the status, or the sidecar's error reason.
+func loadDefault(t *testing.T, sc *sidecar, each int, path func(*rand.Rand) string) map[string]map[string]int {
+	t.Helper()
+	c := sc.client(t)
+	var mu sync.Mutex
+	out := map[string]map[string]int{}
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 11))
+			for range each {
+				p := path(rng)
+				resp, err := c.Get("http://svc" + p)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				outcome := resp.Header.Get("X-Sidecar-Error")
+				if outcome == "" {
+					outcome = strconv.Itoa(resp.StatusCode)
+				}
+				mu.Lock()
+				if out[p] == nil {
+					out[p] = map[string]int{}
+				}
+				out[p][outcome]++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+// (a) Three real instances where /bad always answers 503, 1 request in 10
+// to it at random, 2000 GETs from 4 clients at once, under the default
+// policy (backoff shortened): the breaker never opens; every good request
+// gets 200, every bad one the upstream's own 503.
+func TestDefaultBreakerFailingPath(t *testing.T) {
+	var servers []*faultserver.Server
+	for range 3 {
+		servers = append(servers, faultserver.New(t, faultserver.Faults{FailPath: "/bad"}))
+	}
+	obs := newDecisions()
+	sc := startSidecar(t, options{static: map[string][]string{"svc": addrs(servers...)}, policies: "service: svc\n" + fastRetries, observer: obs})
+	got := loadDefault(t, sc, 500, func(rng *rand.Rand) string {
+		if rng.IntN(10) == 0 {
+			return "/bad"
+		}
+		return "/"
+	})
+	transitions, refused := obs.breaker()
+	t.Logf("answers by path %v; %d upstream requests; breaker transitions %v", got, executed(servers...), transitions)
+	if len(transitions) != 0 || refused != 0 {
+		t.Fatalf("the breaker moved %v and refused %d requests, want it closed throughout", transitions, refused)
+	}
+	if len(got["/"]) != 1 || len(got["/bad"]) != 1 || got["/"]["200"]+got["/bad"]["503"] != 2000 {
+		t.Fatalf("answers by path %v, want only 200 for / and only the upstream's 503 for /bad", got)
+	}
+}
+
+// (b) Three real instances, one answering 503 to half its calls, 2000 GETs
+// from 4 clients at once, under the default policy (backoff shortened): at
+// least 99.9% succeed and the breaker never opens.
+func TestDefaultBreakerFailingInstance(t *testing.T) {
+	servers := []*faultserver.Server{flaky(t, 0.5), flaky(t, 0), flaky(t, 0)}
+	obs := newDecisions()
+	sc := startSidecar(t, options{static: map[string][]string{"svc": addrs(servers...)}, policies: "service: svc\n" + fastRetries, observer: obs})
+	got := loadDefault(t, sc, 500, func(*rand.Rand) string { return "/" })["/"]
+	transitions, _ := obs.breaker()
+	t.Logf("answers %v; %d upstream requests, %d failed; breaker transitions %v", got, executed(servers...), servers[0].Failed(), transitions)
+	if got["200"] < 2000*999/1000 {
+		t.Fatalf("%d of 2000 GETs succeeded (%v), want at least 99.9%%", got["200"], got)
+	}
+	if len(transitions) != 0 {
+		t.Fatalf("the breaker moved %v, want it closed throughout", transitions)
 	}
 }

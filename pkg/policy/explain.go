@@ -355,14 +355,104 @@ func breakerWords(service string, cb *CircuitBreaker) []string {
 	if n := *cb.HalfOpenRequests; n > 1 {
 		probes = fmt.Sprintf("%d probe requests go through: %d successes in a row close it, a failure opens it again for %s.", n, n, open)
 	}
+	n, x := cb.WindowToTrip()
+	chance := fmt.Sprintf("With %s failing at random (a path that always fails, among healthy ones), it opens by chance ",
+		shareWords(FailingPathShare))
+	if every := cb.RequestsBetweenOpenings(FailingPathShare); every >= QuietRequests {
+		chance += "less than once in " + roughCount(QuietRequests) + " requests."
+	} else {
+		chance += "about once in " + roughCount(every) + " requests (see the warnings)."
+	}
 	return []string{
-		"Counts attempts, not requests. Failures: 5xx answers, connection failures, resets and timeouts. " +
-			"2xx-4xx answers are successes; the client's own cancellations and the sidecar's refusals do not count.",
-		fmt.Sprintf("Opens after %s in a row, or when at least %d attempts were seen in the last %s and %s or more of them failed.",
-			plural(*cb.ConsecutiveFailures, "failed attempt"), *cb.MinRequests, FormatDuration(cb.Window.D()), percent(*cb.FailureRatio)),
+		"Counts requests, by their outcome after retries, not attempts: a request a retry saved is a success, and an " +
+			"instance that fails is outlier detection's to eject. Failures: 5xx answers, connection failures, resets and " +
+			"timeouts. 2xx-4xx answers are successes; the client's own cancellations and the sidecar's refusals do not count.",
+		fmt.Sprintf("Opens after %s in a row, or when at least %d requests were seen in the last %s and %s or more of them failed (%d of %d).",
+			plural(cb.RunToTrip(), "failed request"), n, FormatDuration(cb.Window.D()), percent(*cb.FailureRatio), x, n),
+		chance,
 		fmt.Sprintf("While open (%s), every request to %s is answered 503 circuit_open at once, without a call; retries stop.", open, service),
 		"Then half-open: " + probes,
 	}
+}
+
+// The traffic a breaker is checked against: it must not open by chance
+// where a service without the sidecar would answer most requests.
+const (
+	// FailingPathShare is the share of requests that fail when one path
+	// in ten always fails and the others succeed: retries do not save
+	// them, so the breaker counts every one.
+	FailingPathShare = 0.1
+	// FailingInstanceShare is the share of attempts that fail when one
+	// instance of three answers 503 to half its calls.
+	FailingInstanceShare = 1.0 / 6
+	// QuietRequests is how many requests must pass, on average, between
+	// openings by chance for explain to call a breaker safe: 10^10, four
+	// months at 1000 requests a second.
+	QuietRequests = 1e10
+)
+
+// failingInstanceRequests is the share of GETs that fail when one
+// instance of three answers 503 to half its calls: none when such a GET is
+// retried (the retry goes to another instance) within the budget; what
+// the budget's ratio leaves otherwise, or all of FailingInstanceShare
+// without retries of 503 GETs.
+func (e *Explanation) failingInstanceRequests() float64 {
+	r := e.Effective.Retry
+	if e.MaxAttempts < 2 || !slices.Contains(r.On, "503") || !slices.Contains(r.Methods, "GET") {
+		return FailingInstanceShare
+	}
+	return max(0, FailingInstanceShare-*r.Budget.Ratio)
+}
+
+// shareWords writes a share of requests as "1 request in 10".
+func shareWords(f float64) string {
+	return "1 request in " + strconv.FormatFloat(math.Round(1/f), 'f', -1, 64)
+}
+
+// roughCount writes a count in words, to two figures: "110 thousand",
+// "2.8 million", "10 billion", "10^20".
+func roughCount(n float64) string {
+	if n >= 1e15 {
+		return "10^" + strconv.Itoa(int(math.Floor(math.Log10(n))))
+	}
+	unit, name := 1.0, ""
+	for _, u := range []struct {
+		v    float64
+		name string
+	}{{1e12, " trillion"}, {1e9, " billion"}, {1e6, " million"}, {1e3, " thousand"}} {
+		if n >= u.v {
+			unit, name = u.v, u.name
+			break
+		}
+	}
+	v := n / unit
+	switch mag := int(math.Floor(math.Log10(v))); {
+	case v < 1:
+		v = math.Round(v*10) / 10
+	case mag >= 1:
+		p := math.Pow10(mag - 1)
+		v = math.Round(v/p) * p
+	default:
+		v = math.Round(v*10) / 10
+	}
+	return strconv.FormatFloat(v, 'f', -1, 64) + name
+}
+
+// roughDuration writes how long n requests take at rate a second, to a
+// whole unit: "19m", "7h", "3 days".
+func roughDuration(n, rate float64) string {
+	s := n / rate
+	switch {
+	case s < 1:
+		return "under a second"
+	case s < 60:
+		return FormatDuration(time.Duration(math.Ceil(s)) * time.Second)
+	case s < 3600:
+		return FormatDuration(time.Duration(math.Round(s/60)) * time.Minute)
+	case s < 48*3600:
+		return FormatDuration(time.Duration(math.Round(s/3600)) * time.Hour)
+	}
+	return strconv.FormatFloat(math.Round(s/86400), 'f', -1, 64) + " days"
 }
 
 func outlierWords(service string, od *OutlierDetection) []string {
@@ -512,30 +602,63 @@ func (e *Explanation) warnings(backoffs time.Duration) []Warning {
 			"connectTimeout (%s) is longer than retry.perTryTimeout (%s): connecting is cut short at %s, so connectTimeout has no effect.",
 			FormatDuration(C), FormatDuration(P), FormatDuration(P))
 	}
-	if cf := *cb.ConsecutiveFailures; cf == 1 {
+	open := FormatDuration(cb.OpenDuration.D())
+	if cb.RunToTrip() == 1 {
 		add("breaker-opens-on-one-failure", []string{"circuitBreaker.consecutiveFailures"},
-			"circuitBreaker.consecutiveFailures is 1: a single failed attempt opens the breaker, and every request to %s "+
-				"is refused for %s.", e.target(), FormatDuration(cb.OpenDuration.D()))
-	} else if cf <= e.MaxAttempts {
-		add("one-request-opens-breaker", []string{"circuitBreaker.consecutiveFailures", "retry.attempts"},
-			"circuitBreaker.consecutiveFailures (%d) is not more than retry.attempts (%d): one request whose attempts all fail "+
-				"(one bad request, not a bad service) opens the breaker, and every request to %s is refused for %s.",
-			cf, e.MaxAttempts, e.target(), FormatDuration(cb.OpenDuration.D()))
+			"circuitBreaker.consecutiveFailures is 1: a single failed request opens the breaker, and every request to %s "+
+				"is refused for %s.", e.target(), open)
 	}
-	// When the service is slow, each attempt holds a slot until its
-	// per-try timeout (or the timeout): that caps the attempts a window
-	// sees.
-	slow := T
-	if P > 0 {
-		slow = P
+	// A breaker must not open where a service without the sidecar would
+	// answer nearly every request: a path that always fails among healthy
+	// ones, an instance that fails half its calls.
+	for _, c := range []struct {
+		code, what string
+		share      float64
+	}{
+		{"breaker-opens-on-failing-path", "a path that always fails, among healthy ones", FailingPathShare},
+		{"breaker-opens-on-failing-instance", "one instance of three answering 503 to half its calls, which retries do not hide", e.failingInstanceRequests()},
+	} {
+		every := cb.RequestsBetweenOpenings(c.share)
+		if every >= QuietRequests {
+			continue
+		}
+		// Each rule that opens too often is raised until it alone opens
+		// half as often as allowed, so that both together pass.
+		var fields, fixes []string
+		if cb.requestsBetweenRuns(c.share) < 2*QuietRequests {
+			k := smallest(cb.RunToTrip(), maxCount, func(k int) bool {
+				return (&CircuitBreaker{ConsecutiveFailures: &k}).requestsBetweenRuns(c.share) >= 2*QuietRequests
+			})
+			fields = append(fields, "circuitBreaker.consecutiveFailures")
+			fixes = append(fixes, fmt.Sprintf("circuitBreaker.consecutiveFailures to at least %d", k))
+		}
+		if cb.requestsBetweenWindows(c.share) < 2*QuietRequests {
+			m := smallest(*cb.MinRequests, 1000000, func(m int) bool {
+				return (&CircuitBreaker{MinRequests: &m, FailureRatio: cb.FailureRatio}).requestsBetweenWindows(c.share) >= 2*QuietRequests
+			})
+			fields = append(fields, "circuitBreaker.minRequests", "circuitBreaker.failureRatio")
+			if m <= 1000000 {
+				fixes = append(fixes, fmt.Sprintf("circuitBreaker.minRequests to at least %d", m))
+			} else {
+				fixes = append(fixes, "circuitBreaker.failureRatio well above "+percent(c.share))
+			}
+		}
+		add(c.code, fields,
+			"With %s failing (%s), the breaker opens by chance about once in %s requests (at 100 requests/s: every %s), "+
+				"and refuses every request to %s for %s though most would succeed. Raise %s.",
+			shareWords(c.share), c.what, roughCount(every), roughDuration(every, 100), e.target(), open,
+			strings.Join(fixes, " and "))
 	}
+	// When the service is slow, each request holds a slot for as long as
+	// it may take: that caps the requests a window sees.
+	slow := e.Longest.D()
 	inFlight, window, minReq := *p.Concurrency.MaxInFlight, cb.Window.D(), *cb.MinRequests
 	if perWindow := float64(inFlight) * window.Seconds() / slow.Seconds(); perWindow < float64(minReq) {
 		add("failure-ratio-unreachable", []string{"concurrency.maxInFlight", "circuitBreaker.minRequests"},
-			"concurrency.maxInFlight (%d) with attempts of up to %s lets at most %d attempts finish in a %s window when %s is slow, "+
+			"concurrency.maxInFlight (%d) with requests of up to %s lets at most %d requests finish in a %s window when %s is slow, "+
 				"fewer than circuitBreaker.minRequests (%d): the failure-ratio rule cannot trip on a slow service; only %s in a row open the breaker.",
 			inFlight, FormatDuration(slow), int(math.Floor(perWindow)), FormatDuration(window), e.target(), minReq,
-			plural(*cb.ConsecutiveFailures, "failure"))
+			plural(cb.RunToTrip(), "failure"))
 	}
 	switch pct := *od.MaxEjectionPercent; {
 	case pct == 100:

@@ -64,7 +64,8 @@ func TestExplainAnalysis(t *testing.T) {
 			name: "defaults", want: defaultOutcome,
 			warnings:   []string{"no-per-try-timeout"},
 			messageHas: []string{"a slow first attempt uses all of it", "Set perTryTimeout to at most 4.975s", "add timeout to retry.on"},
-			breakerHas: "Opens after 5 failed attempts in a row, or when at least 20 attempts were seen in the last 10s and 50% or more of them failed.",
+			breakerHas: "Opens after 20 failed requests in a row, or when at least 100 requests were seen in the last 10s and 50% or more of them failed (50 of 100).\n" +
+				"With 1 request in 10 failing at random (a path that always fails, among healthy ones), it opens by chance less than once in 10 billion requests.",
 			outlierHas: "it takes at least 2 endpoints for one to be ejected",
 		},
 		{
@@ -127,16 +128,40 @@ func TestExplainAnalysis(t *testing.T) {
 		{
 			name: "concurrency too low for the failure ratio", policy: "retry: {attempts: 1}\nconcurrency: {maxInFlight: 10}",
 			want: oneAttempt, warnings: []string{"failure-ratio-unreachable"},
-			messageHas: []string{"concurrency.maxInFlight (10) with attempts of up to 15s lets at most 6 attempts finish in a 10s window"},
+			messageHas: []string{"concurrency.maxInFlight (10) with requests of up to 15s lets at most 6 requests finish in a 10s window"},
 		},
 		{
-			name: "one request opens the breaker", policy: "retry: {perTryTimeout: 1s, on: [timeout]}\ncircuitBreaker: {consecutiveFailures: 3}",
-			want: perTry1s, warnings: []string{"one-request-opens-breaker"},
-			messageHas: []string{"consecutiveFailures (3) is not more than retry.attempts (3)"},
+			// DESIGN.md's example breaker (and the old defaults): a path
+			// that always fails, 1 request in 10, opens it every few
+			// minutes at 100 requests/s, by either rule.
+			name: "a failing path opens the breaker", policy: "retry: {perTryTimeout: 1s, on: [timeout, 503]}\ncircuitBreaker: {consecutiveFailures: 5, minRequests: 20}",
+			want: perTry1s, warnings: []string{"breaker-opens-on-failing-path"},
+			messageHas: []string{"With 1 request in 10 failing (a path that always fails, among healthy ones), the breaker opens by chance about once in 62 thousand requests (at 100 requests/s: every 10m)",
+				"Raise circuitBreaker.consecutiveFailures to at least 11 and circuitBreaker.minRequests to at least 41."},
+			breakerHas: "it opens by chance about once in 62 thousand requests (see the warnings)",
+		},
+		{
+			name: "a failure ratio over too few requests", policy: "retry: {perTryTimeout: 1s, on: [timeout, 503]}\ncircuitBreaker: {minRequests: 20}",
+			want: perTry1s, warnings: []string{"breaker-opens-on-failing-path"},
+			messageHas: []string{"about once in 140 thousand requests", "Raise circuitBreaker.minRequests to at least 41."},
+		},
+		{
+			name: "a failure ratio as low as a failing path", policy: "retry: {perTryTimeout: 1s, on: [timeout, 503]}\ncircuitBreaker: {failureRatio: 0.1}",
+			want: perTry1s, warnings: []string{"breaker-opens-on-failing-path"},
+			messageHas: []string{"(at 100 requests/s: every under a second)", "Raise circuitBreaker.failureRatio well above 10%."},
+		},
+		{
+			// Without retries a failing instance fails 1 request in 6:
+			// 10 in a row come once in 73 million.
+			name: "a failing instance not hidden by retries opens the breaker", policy: "retry: {attempts: 1}\ncircuitBreaker: {consecutiveFailures: 10}",
+			want: oneAttempt, warnings: []string{"breaker-opens-on-failing-instance"},
+			messageHas: []string{"With 1 request in 6 failing (one instance of three answering 503 to half its calls, which retries do not hide)",
+				"about once in 73 million requests", "Raise circuitBreaker.consecutiveFailures to at least 14."},
 		},
 		{
 			name: "breaker on one failure, half-open with three probes", policy: "retry: {attempts: 1}\ncircuitBreaker: {consecutiveFailures: 1, halfOpenRequests: 3}",
-			want: oneAttempt, warnings: []string{"breaker-opens-on-one-failure"},
+			want: oneAttempt, warnings: []string{"breaker-opens-on-one-failure", "breaker-opens-on-failing-path", "breaker-opens-on-failing-instance"},
+			messageHas: []string{"a single failed request opens the breaker"},
 			breakerHas: "3 probe requests go through: 3 successes in a row close it",
 		},
 		{

@@ -85,8 +85,10 @@ type Budget struct {
 	MinPerSecond *int     `yaml:"minPerSecond,omitempty" json:"minPerSecond,omitempty"`
 }
 
-// CircuitBreaker trips on ConsecutiveFailures, or on FailureRatio over Window
-// once MinRequests were seen.
+// CircuitBreaker trips on ConsecutiveFailures failed requests in a row, or
+// on FailureRatio of the requests over Window once MinRequests were seen
+// (ReadyToTrip). It counts requests by their outcome after retries, not
+// attempts: an instance that fails is outlier detection's to eject.
 type CircuitBreaker struct {
 	ConsecutiveFailures *int      `yaml:"consecutiveFailures,omitempty" json:"consecutiveFailures,omitempty"`
 	FailureRatio        *float64  `yaml:"failureRatio,omitempty" json:"failureRatio,omitempty"`
@@ -138,12 +140,23 @@ func Defaults() Policy {
 			Methods:       []string{"GET", "HEAD", "OPTIONS", "PUT", "DELETE"},
 			Budget:        &Budget{Ratio: ptr(0.2), MinPerSecond: ptr(10)},
 		},
+		// The breaker counts requests after their retries, and opens only
+		// for a service that fails as a whole: never for a path that
+		// always fails among healthy ones, nor for an instance that fails
+		// (retries and outlier detection hide it). With 1 request in 10
+		// failing at random, 20 in a row come about once in 10^20
+		// requests, and half of a window of 100 about once in 10^23
+		// (RequestsBetweenOpenings; `sidecar policy explain` warns below
+		// 10^10). A service that is down opens it after 20 requests; while
+		// open every request would have failed anyway, and once it heals
+		// a probe closes the breaker within openDuration, which is short
+		// for that reason.
 		CircuitBreaker: &CircuitBreaker{
-			ConsecutiveFailures: ptr(5),
+			ConsecutiveFailures: ptr(20),
 			FailureRatio:        ptr(0.5),
-			MinRequests:         ptr(20),
+			MinRequests:         ptr(100),
 			Window:              ptr(Duration(10 * time.Second)),
-			OpenDuration:        ptr(Duration(30 * time.Second)),
+			OpenDuration:        ptr(Duration(5 * time.Second)),
 			HalfOpenRequests:    ptr(1),
 		},
 		OutlierDetection: &OutlierDetection{

@@ -155,7 +155,7 @@ retry: {attempts: 2, budget: {ratio: 0.1}}
 ---
 service: users
 retry: {perTryTimeout: 500ms, on: [reset]}
-circuitBreaker: {openDuration: 5s}
+circuitBreaker: {openDuration: 7s}
 `), "p.yaml")
 	if err != nil {
 		t.Fatal(err)
@@ -177,7 +177,7 @@ circuitBreaker: {openDuration: 5s}
 		t.Fatalf("budget %+v, want ratio from * and minPerSecond from the defaults", e.Retry.Budget)
 	case len(e.Retry.On) != 1 || e.Retry.On[0] != "reset":
 		t.Fatalf("on %v, want the service's list replacing the default", e.Retry.On)
-	case e.CircuitBreaker.OpenDuration.D() != 5*time.Second || *e.CircuitBreaker.ConsecutiveFailures != 5:
+	case e.CircuitBreaker.OpenDuration.D() != 7*time.Second || *e.CircuitBreaker.ConsecutiveFailures != *d.CircuitBreaker.ConsecutiveFailures:
 		t.Fatalf("circuitBreaker %+v", e.CircuitBreaker)
 	}
 	if err := e.Validate(); err != nil {
