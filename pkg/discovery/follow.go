@@ -32,6 +32,9 @@ type follower struct {
 	again  string // logged when an answer comes after failures
 	wait   time.Duration
 	settle time.Duration
+	// pace, when set, may lengthen the settle window after an answer: for
+	// an answer whose cost grows with its size.
+	pace func() time.Duration
 }
 
 // run queries until ctx ends. ask sends one query with q and keeps what it
@@ -72,7 +75,14 @@ func (f follower) run(ctx context.Context, ask func(q *api.QueryOptions) (*api.Q
 		burst := changed && index != 0 // a change since an earlier answer, not the first answer
 		index = next
 		answered(changed)
-		if burst && !sleepCtx(ctx, f.settle) {
+		if !burst {
+			continue
+		}
+		settle := f.settle
+		if f.pace != nil {
+			settle = max(settle, f.pace())
+		}
+		if !sleepCtx(ctx, settle) {
 			return
 		}
 	}
