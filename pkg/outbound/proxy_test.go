@@ -98,7 +98,7 @@ func TestNotAnOpenProxy(t *testing.T) {
 		{"IPv4 literal", "GET http://" + up.addr() + "/ HTTP/1.1\r\nHost: " + up.addr() + "\r\n\r\n", 403, "not_allowed"},
 		{"IPv6 literal", "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", 403, "not_allowed"},
 		{"CONNECT", "CONNECT " + up.addr() + " HTTP/1.1\r\nHost: " + up.addr() + "\r\n\r\n", 403, "not_allowed"},
-		{"CONNECT to a service", "CONNECT user-service:443 HTTP/1.1\r\nHost: user-service:443\r\n\r\n", 403, "not_allowed"},
+		{"CONNECT to an unknown name", "CONNECT billing:443 HTTP/1.1\r\nHost: billing:443\r\n\r\n", 503, "unknown_service"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -111,6 +111,21 @@ func TestNotAnOpenProxy(t *testing.T) {
 			}
 		})
 	}
+	// CONNECT to a known service is served as a connection to the
+	// outbound port; TLS inside it is not HTTP and goes nowhere.
+	conn, err := net.Dial("tcp", sc.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(conn, "CONNECT user-service:443 HTTP/1.1\r\nHost: user-service:443\r\n\r\n")
+	br := bufio.NewReader(conn)
+	if resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect}); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT to a service: %v %v, want 200", resp, err)
+	}
+	io.WriteString(conn, "\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03") // a TLS ClientHello's start
+	_, _ = io.Copy(io.Discard, br)                                       // ends when the sidecar closes the tunnel
 	if n := sc.dials.Load(); n != 0 {
 		t.Errorf("refused requests made %d dials, want 0", n)
 	}

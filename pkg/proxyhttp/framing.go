@@ -367,6 +367,14 @@ func (c *framingConn) process() {
 				c.scan = c.rel
 				continue
 			}
+			if c.rel == c.scan && !requestStart(pending[0]) {
+				// Not HTTP (a TLS ClientHello, a binary protocol): handed
+				// on as it is, for the server to refuse at once rather than
+				// wait for a header block that never comes.
+				c.state = stPassthrough
+				c.rel = c.w
+				return
+			}
 			end := c.headerEnd()
 			if end < 0 {
 				if c.w-c.rel > c.maxHeader {

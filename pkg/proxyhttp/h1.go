@@ -420,6 +420,15 @@ func (c *h1Conn) serveOne() bool {
 			}
 			c.lastPOST = false
 		}
+		if c.r < c.w && !requestStart(c.rbuf[c.r]) {
+			// Not HTTP at all (a TLS ClientHello in a CONNECT tunnel, a
+			// stray binary protocol): no use waiting for a header block.
+			c.state.Store(int32(stateActive))
+			_, _ = c.bw.WriteString(malformedAnswer)
+			_ = c.bw.Flush()
+			c.close()
+			return false
+		}
 		if end := headerBlockEnd(c.rbuf[c.r:c.w]); end > 0 {
 			c.state.Store(int32(stateActive))
 			if end < len(h2PrefaceStart) {
@@ -498,6 +507,12 @@ func indexByte(b []byte, c byte) int {
 		}
 	}
 	return -1
+}
+
+// requestStart reports whether b can begin a request: a method's first
+// character, or a CR or LF before the request line.
+func requestStart(b byte) bool {
+	return b == '\r' || b == '\n' || httpguts.IsTokenRune(rune(b))
 }
 
 // h2PrefaceStart is what net/http's server reads before it tells an
