@@ -2,6 +2,7 @@ package outbound_test
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"net"
 	"net/http"
@@ -112,5 +113,21 @@ func TestRequestShorterThanPrefaceAnsweredAtOnce(t *testing.T) {
 		if resp.StatusCode != http.StatusBadRequest {
 			t.Fatalf("%q: got %d, want 400", req, resp.StatusCode)
 		}
+	}
+}
+
+// An endpoint that does not accept within connectTimeout is a connect
+// failure (502 upstream_connect_failure), not the request's own deadline
+// (504): the request had most of its time left.
+func TestConnectTimeoutIsAConnectFailure(t *testing.T) {
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {"127.0.0.1:9"}}, // never dialed: see DialContext
+		policies: "service: svc\nconnectTimeout: 50ms\ntimeout: 10s\nretry: {attempts: 1}\n",
+		transport: proxyhttp.TransportConfig{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			<-ctx.Done() // a SYN nobody answers, without sending one
+			return nil, ctx.Err()
+		}}})
+	resp, body := sc.get(t, sc.client(t), "svc", "/")
+	if resp.StatusCode != http.StatusBadGateway || resp.Header.Get(proxyhttp.ErrorHeader) != proxyhttp.ReasonConnectFailure {
+		t.Fatalf("got %d %q %s, want 502 upstream_connect_failure", resp.StatusCode, resp.Header.Get(proxyhttp.ErrorHeader), body)
 	}
 }

@@ -85,10 +85,14 @@ func startSidecar(t testing.TB, o options) *sidecar {
 		t.Fatalf("NewStatic: %v", err)
 	}
 	sc := &sidecar{}
-	var d net.Dialer
+	dial := o.transport.DialContext
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
 	o.transport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		sc.dials.Add(1)
-		return d.DialContext(ctx, network, addr)
+		return dial(ctx, network, addr)
 	}
 	ps, err := policy.Parse([]byte(o.policies), "test policies")
 	if err != nil {

@@ -414,10 +414,19 @@ func (t *Transport) Dial(ctx context.Context, addr string) (net.Conn, error) {
 	c, err := t.dial(dctx, "tcp", addr)
 	cancel()
 	if err != nil {
+		if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+			// The connect timeout, not the request's deadline: a connect
+			// failure, which must not read as the request timing out.
+			err = fmt.Errorf("%w after %v", ErrConnectTimeout, timeout)
+		}
 		return nil, &ConnectError{Addr: addr, Err: err}
 	}
 	return c, nil
 }
+
+// ErrConnectTimeout is a *ConnectError's cause when the endpoint did not
+// accept the connection within the connect timeout.
+var ErrConnectTimeout = errors.New("connect timeout")
 
 // safeToResend reports whether a request that failed on a reused connection
 // with err, before any response byte, may be sent again.
