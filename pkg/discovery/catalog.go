@@ -67,18 +67,12 @@ func (c *Consul) followCatalog(ctx context.Context, cat *catalog) {
 		}
 		return min(time.Duration(len(*names))*catalogPacePerName, catalogMaxPace)
 	}
-	f.run(ctx, func(q *api.QueryOptions) (*api.QueryMeta, error) {
+	f.lastErr = &cat.lastErr
+	f.run(ctx, func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
 		q.Datacenter = cat.dc
-		var meta *api.QueryMeta
-		var err error
 		svcs, meta, err = c.cfg.Client.Catalog().Services(q)
-		if err != nil {
-			msg := err.Error()
-			cat.lastErr.Store(&msg)
-		}
 		return meta, err
 	}, func(changed bool) {
-		cat.lastErr.Store(nil)
 		if !changed && cat.names.Load() != nil {
 			return
 		}
@@ -112,10 +106,11 @@ func (cat *catalog) knows(ctx context.Context, service string, wait time.Duratio
 	return known, true, nil
 }
 
-// noAnswer is the error of a name the catalog could not be asked about.
-func (cat *catalog) noAnswer(service string) error {
+// noAnswer is the error of a service Consul could not be asked about, with
+// the last error of the query that would have answered, if any.
+func noAnswer(service string, lastErr *atomic.Pointer[string]) error {
 	detail := "Consul has not answered"
-	if e := cat.lastErr.Load(); e != nil {
+	if e := lastErr.Load(); e != nil {
 		detail += ": " + *e
 	}
 	return fmt.Errorf("%w for %s: %s", ErrNoAnswer, service, detail)

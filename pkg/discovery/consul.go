@@ -3,7 +3,6 @@ package discovery
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"slices"
@@ -202,11 +201,7 @@ func (c *Consul) Resolve(ctx context.Context, service string) (*EndpointSet, err
 	if set := c.persisted(w); set != nil {
 		return set, nil
 	}
-	detail := "Consul has not answered"
-	if e := w.lastErr.Load(); e != nil {
-		detail += ": " + *e
-	}
-	return nil, fmt.Errorf("%w for %s: %s", ErrNoAnswer, service, detail)
+	return nil, noAnswer(service, &w.lastErr)
 }
 
 // persisted puts the persisted set of w's service, if any, in force until
@@ -246,7 +241,7 @@ func (c *Consul) watchFor(ctx context.Context, service string) (*watch, error) {
 	case ok && !known:
 		return nil, ErrUnknownService
 	case !ok && c.cache.get(service) == nil:
-		return nil, cat.noAnswer(service)
+		return nil, noAnswer(service, &cat.lastErr)
 	}
 
 	c.mu.Lock()
@@ -317,18 +312,13 @@ func (c *Consul) follower(what string, attrs ...any) follower {
 func (c *Consul) run(ctx context.Context, w *watch) {
 	name, _ := pathName(w.service) // Resolve let only valid names in
 	var entries []*api.ServiceEntry
-	c.follower("health", "service", w.service).run(ctx, func(q *api.QueryOptions) (*api.QueryMeta, error) {
+	f := c.follower("health", "service", w.service)
+	f.lastErr = &w.lastErr
+	f.run(ctx, func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
 		q.Datacenter = w.opts.Datacenter
-		var meta *api.QueryMeta
-		var err error
 		entries, meta, err = c.cfg.Client.Health().ServiceMultipleTags(name, w.opts.Tags, true, q)
-		if err != nil {
-			msg := err.Error()
-			w.lastErr.Store(&msg)
-		}
 		return meta, err
 	}, func(changed bool) {
-		w.lastErr.Store(nil)
 		if changed {
 			c.update(ctx, w, entries)
 		}

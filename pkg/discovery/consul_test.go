@@ -16,10 +16,16 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 )
 
-func client(t *testing.T, a *consultest.Agent) *api.Client {
+func client(t testing.TB, a *consultest.Agent) *api.Client {
+	t.Helper()
+	return clientAt(t, a.Addr())
+}
+
+// clientAt is a Consul client for the HTTP API at addr (host:port).
+func clientAt(t testing.TB, addr string) *api.Client {
 	t.Helper()
 	cfg := api.DefaultConfig()
-	cfg.Address = a.Addr()
+	cfg.Address = addr
 	c, err := api.NewClient(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -21,18 +21,6 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/panics"
 )
 
-// clientAt is a Consul client for the HTTP API at addr (host:port).
-func clientAt(t *testing.T, addr string) *api.Client {
-	t.Helper()
-	cfg := api.DefaultConfig()
-	cfg.Address = addr
-	c, err := api.NewClient(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
 // panicCount is how many panics package panics recovered at where so far.
 func panicCount(where string) uint64 {
 	for _, c := range panics.Counts() {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"math/rand/v2"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -35,6 +36,9 @@ type follower struct {
 	// pace, when set, may lengthen the settle window after an answer: for
 	// an answer whose cost grows with its size.
 	pace func() time.Duration
+	// lastErr, when set, holds the error of the last query until an answer
+	// comes, for callers to say why there is none.
+	lastErr *atomic.Pointer[string]
 }
 
 // run queries until ctx ends. ask sends one query with q and keeps what it
@@ -47,6 +51,9 @@ func (f follower) run(ctx context.Context, ask func(q *api.QueryOptions) (*api.Q
 	for ctx.Err() == nil {
 		q := (&api.QueryOptions{WaitIndex: index, WaitTime: f.wait + rand.N(f.wait/16+1)}).WithContext(ctx)
 		meta, err := ask(q)
+		if f.lastErr != nil {
+			f.keepErr(err)
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -86,6 +93,15 @@ func (f follower) run(ctx context.Context, ask func(q *api.QueryOptions) (*api.Q
 			return
 		}
 	}
+}
+
+func (f follower) keepErr(err error) {
+	if err == nil {
+		f.lastErr.Store(nil)
+		return
+	}
+	msg := err.Error()
+	f.lastErr.Store(&msg)
 }
 
 // nextIndex is the WaitIndex of the next blocking query after an answer

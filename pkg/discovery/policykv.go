@@ -106,9 +106,7 @@ func (w *PolicyWatcher) follow(ctx context.Context) {
 	var pushed map[string]uint64 // ModifyIndex by service, as last pushed; nil before the first push
 	f := follower{log: w.log, attrs: []any{"prefix", policy.KVPrefix}, wait: w.cfg.WaitTime, settle: w.cfg.Settle,
 		failed: "Consul KV query failed; keeping the last policies", again: "Consul KV answers again"}
-	f.run(ctx, func(q *api.QueryOptions) (*api.QueryMeta, error) {
-		var meta *api.QueryMeta
-		var err error
+	f.run(ctx, func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
 		pairs, meta, err = w.cfg.Client.KV().List(policy.KVPrefix, q)
 		return meta, err
 	}, func(changed bool) {

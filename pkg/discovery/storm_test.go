@@ -54,22 +54,12 @@ func reportStorm(b *testing.B, with, without time.Duration, perSecond int) {
 	b.ReportMetric(0, "ns/op")
 }
 
-func stormClient(b *testing.B, a *consultest.Agent) *api.Client {
-	cfg := api.DefaultConfig()
-	cfg.Address = a.Addr()
-	c, err := api.NewClient(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return c
-}
-
 // BenchmarkPolicyKVStorm: one of 200 policy keys written 100 times a
 // second, followed by the policy watch pushing into a real policy.Store.
 func BenchmarkPolicyKVStorm(b *testing.B) {
 	const keys, perSecond = 200, 100
 	agent := consultest.Start(b)
-	c := stormClient(b, agent)
+	c := client(b, agent)
 	doc := func(i int) []byte {
 		return fmt.Appendf(nil, "timeout: %dms\nretry: {attempts: 3, perTryTimeout: 300ms, on: [connect-failure, reset, 503]}\n"+
 			"circuitBreaker: {consecutiveFailures: 5, failureRatio: 0.5, minRequests: 20, window: 10s, openDuration: 30s}\n"+
@@ -105,7 +95,7 @@ func BenchmarkPolicyKVStorm(b *testing.B) {
 func BenchmarkEndpointStorm(b *testing.B) {
 	const instances, perSecond = 100, 70
 	agent := consultest.Start(b)
-	c := stormClient(b, agent)
+	c := client(b, agent)
 	for i := range instances {
 		reg := &api.AgentServiceRegistration{ID: fmt.Sprintf("web-%03d", i), Name: "web", Port: 8080,
 			Address: fmt.Sprintf("10.1.%d.%d", i/250, i%250+1), Tags: []string{"v1", "blue"},
