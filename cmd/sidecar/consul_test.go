@@ -344,14 +344,9 @@ func (cs *consulSidecar) staleness(t *testing.T, service string) float64 {
 // writes them) from the metrics endpoint.
 func (cs *consulSidecar) metric(t *testing.T, series string) float64 {
 	t.Helper()
-	resp, err := cs.client.Get("http://" + cs.metrics + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
 	prefix := series + " "
-	for _, line := range strings.Split(string(b), "\n") {
+	m := fetch(t, "http://"+cs.metrics+"/metrics")
+	for _, line := range strings.Split(m, "\n") {
 		if v, ok := strings.CutPrefix(line, prefix); ok {
 			f, err := strconv.ParseFloat(v, 64)
 			if err != nil {
@@ -360,6 +355,6 @@ func (cs *consulSidecar) metric(t *testing.T, series string) float64 {
 			return f
 		}
 	}
-	t.Fatalf("no %s... line in /metrics:\n%s", prefix, b)
+	t.Fatalf("no %s... line in /metrics:\n%s", prefix, m)
 	return 0
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -41,7 +40,7 @@ func TestCraftedAuthorityNeverReachesConsul(t *testing.T) {
 	if got, failure := cs.call("web"); got != "web-1" {
 		t.Fatalf("after the crafted names, web answers %q %s; want web-1", got, failure)
 	}
-	if m := fetchMetrics(t, cs); strings.Contains(m, "sidecar_panics_total{") {
+	if m := fetch(t, "http://"+cs.metrics+"/metrics"); strings.Contains(m, "sidecar_panics_total{") {
 		t.Errorf("a panic was recovered:\n%s", grepLines(m, "sidecar_panics_total"))
 	}
 }
@@ -81,19 +80,8 @@ func TestConsulInstanceAtOwnListenerRefused(t *testing.T) {
 	if got, failure := cs.call("web"); got != "web-1" {
 		t.Fatalf("the sidecar stopped serving: %q %s", got, failure)
 	}
-	m := fetchMetrics(t, cs)
+	m := fetch(t, "http://"+cs.metrics+"/metrics")
 	if !strings.Contains(m, `sidecar_refused_endpoints_total{reason="own_listener",service="evil"}`) {
 		t.Errorf("no refused endpoint counted for evil:\n%s", grepLines(m, "sidecar_refused"))
 	}
-}
-
-func fetchMetrics(t *testing.T, cs *consulSidecar) string {
-	t.Helper()
-	resp, err := cs.client.Get("http://" + cs.metrics + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return string(b)
 }
