@@ -592,14 +592,18 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 				}
 			}()
 			err := pc.writeBody(req)
+			if err == nil {
+				// Before the result is sent: once it is, the connection
+				// may already carry the next request.
+				pc.startHeaderTimeout(ctx)
+			}
 			sent = true
 			bw.done <- err
 			if err != nil {
-				// Wake the reader: the request can't be completed.
+				// Wake the reader: the request can't be completed (and
+				// the connection is never reused).
 				_ = pc.conn.SetDeadline(aLongTimeAgo)
-				return
 			}
-			pc.startHeaderTimeout(ctx)
 		}()
 	}
 
