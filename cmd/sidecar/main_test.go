@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -20,6 +21,8 @@ import (
 
 	"github.com/spf13/pflag"
 	"go.uber.org/goleak"
+
+	"github.com/sidecar-mesh/sidecar/internal/freeport"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -34,14 +37,18 @@ func cli(t *testing.T, ctx context.Context, env map[string]string, args ...strin
 	return out.String(), errb.String(), err
 }
 
+// freePort is a free loopback address for a listener the test starts
+// later, from below the ephemeral range: a port that listening on port 0
+// gives can be taken as the source port of any outgoing connection (of
+// this test or of another package's, run at the same time) before the
+// listener binds it.
 func freePort(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ports, err := freeport.Stable(1, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0]))
 }
 
 func TestVersion(t *testing.T) {
