@@ -546,7 +546,7 @@ func parseFraming(block []byte) (framing, string) {
 		// Only SP and HTAB are whitespace around a value (RFC 9110, 5.5),
 		// as net/textproto trims: "\vchunked" is not "chunked".
 		name, value := line[:colon], bytes.Trim(line[colon+1:], " \t")
-		if !validHeaderName(name) {
+		if !isToken(name) {
 			return f, "invalid header name " + quote(name)
 		}
 		switch {
@@ -585,29 +585,17 @@ func parseFraming(block []byte) (framing, string) {
 	return f, ""
 }
 
-// validMethod reports whether m is a token (RFC 9110, 9.1): net/http's
-// HTTP/1 server checks it, its HTTP/2 server does not, and a method with a
-// space would become another request line upstream.
-func validMethod(m string) bool {
-	if m == "" {
-		return false
-	}
-	for i := 0; i < len(m); i++ {
-		if !httpguts.IsTokenRune(rune(m[i])) {
-			return false
-		}
-	}
-	return true
-}
-
-// validHeaderName reports whether b is a token (RFC 9110, 5.1): no spaces,
-// no separators, so "Transfer-Encoding :" can't slip past as another name.
-func validHeaderName(b []byte) bool {
+// isToken reports whether b is a token (RFC 9110, 5.6.2): a header name
+// (no spaces, no separators, so "Transfer-Encoding :" can't slip past as
+// another name) or a method (net/http's HTTP/1 server checks methods, its
+// HTTP/2 server does not, and a method with a space would become another
+// request line upstream).
+func isToken[T string | []byte](b T) bool {
 	if len(b) == 0 {
 		return false
 	}
-	for _, c := range b {
-		if !httpguts.IsTokenRune(rune(c)) {
+	for i := range len(b) {
+		if !httpguts.IsTokenRune(rune(b[i])) {
 			return false
 		}
 	}
@@ -767,7 +755,7 @@ func underscoredLookalike(h http.Header) string {
 // "trailers". net/http's HTTP/2 server lets them through; a proxy must not
 // forward them. "" when the fields are fine.
 func h2Malformed(r *http.Request) string {
-	if !validMethod(r.Method) {
+	if !isToken(r.Method) {
 		return "method " + quote([]byte(r.Method)) + " is not a token"
 	}
 	if !httpguts.ValidHostHeader(r.Host) {

@@ -424,9 +424,7 @@ func (c *h1Conn) serveOne() bool {
 			// Not HTTP at all (a TLS ClientHello in a CONNECT tunnel, a
 			// stray binary protocol): no use waiting for a header block.
 			c.state.Store(int32(stateActive))
-			_, _ = c.bw.WriteString(malformedAnswer)
-			_ = c.bw.Flush()
-			c.close()
+			c.refuseMalformed()
 			return false
 		}
 		if end := headerBlockEnd(c.rbuf[c.r:c.w]); end > 0 {
@@ -436,9 +434,7 @@ func (c *h1Conn) serveOne() bool {
 				// the least); net/http would first wait for the 14 bytes
 				// that tell an HTTP/2 preface apart, until the header
 				// timeout. Its answer, at once.
-				_, _ = c.bw.WriteString(malformedAnswer)
-				_ = c.bw.Flush()
-				c.close()
+				c.refuseMalformed()
 				return false
 			}
 			if end > c.srv.limits.MaxHeaderBytes {
@@ -521,6 +517,14 @@ const h2PrefaceStart = "PRI * HTTP/2.0"
 
 // malformedAnswer is net/http's answer to a request it cannot parse.
 const malformedAnswer = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request"
+
+// refuseMalformed answers as net/http does a request it cannot parse, and
+// ends the connection.
+func (c *h1Conn) refuseMalformed() {
+	_, _ = c.bw.WriteString(malformedAnswer)
+	_ = c.bw.Flush()
+	c.close()
+}
 
 // handOver gives the connection, with every byte not consumed, to net/http.
 func (c *h1Conn) handOver() {
