@@ -9,7 +9,7 @@ IMAGE_INIT ?= sidecar-init:$(VERSION)
 export GOTOOLCHAIN := local
 export GOFLAGS     := -buildvcs=false
 
-.PHONY: all build test test-tools vet fmt-check leak-check unit run demo bench bench-go chaos fuzz tools image image-init clean
+.PHONY: all build test test-tools vet fmt-check leak-check unit docs run demo bench bench-go chaos fuzz tools image image-init clean
 
 all: build
 
@@ -71,6 +71,10 @@ fuzz:
 		echo "== $${t#*:} (./$${t%%:*}, $(FUZZTIME))"; \
 		$(GO) test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 10s ./$${t%%:*}/; \
 	done
+
+## docs: regenerate docs/configuration.md's key table from the settings table
+docs:
+	$(GO) test -run '^TestConfigReference$$' -count=1 ./cmd/sidecar -update-docs
 
 ## tools: install what tests and benchmarks need (cached, idempotent)
 tools:

@@ -17,7 +17,7 @@ import (
 )
 
 // knownH2specFailures are the h2spec cases the listeners fail on purpose,
-// each explained in the README ("HTTP/2 conformance"), as "section: case".
+// each explained in docs/grpc.md ("HTTP/2 conformance"), as "section: case".
 var knownH2specFailures = []string{
 	// An invalid preface on a port that serves HTTP/1.1 too is an HTTP/1.1
 	// request, answered 400 before the connection is closed.

@@ -23,7 +23,10 @@ import (
 type setting struct {
 	flag  string
 	usage string
-	env   []string // standard variables read too, after SIDECAR_*
+	// key is the config file's key (empty: the setting has none); def is
+	// the default, as shown.
+	key, def string
+	env      []string // standard variables read too, after SIDECAR_*
 	// list settings may repeat; in the environment, entries are separated
 	// by sep.
 	list bool
@@ -38,10 +41,24 @@ func (s setting) envName() string {
 	return "SIDECAR_" + strings.ToUpper(strings.ReplaceAll(s.flag, "-", "_"))
 }
 
+// sources says, for --help, where else the setting comes from and its
+// default.
+func (s setting) sources() []string {
+	var out []string
+	if s.key != "" {
+		out = append(out, "key "+s.key)
+	}
+	out = append(out, "env "+strings.Join(append([]string{s.envName()}, s.env...), ", "))
+	if s.def != "" {
+		out = append(out, "default "+s.def)
+	}
+	return out
+}
+
 var settings = []setting{
-	{flag: "service", usage: "name of the app this sidecar fronts: its Consul service name and span service.name (key: service)",
+	{flag: "service", usage: "name of the app this sidecar fronts: its Consul service name and span service.name", key: "service",
 		set: func(c *config.Config, v string) error { c.Service = v; return nil }},
-	{flag: "app-port", usage: "port of the app on 127.0.0.1, for inbound traffic and probes (key: appPort)",
+	{flag: "app-port", usage: "port of the app on 127.0.0.1, for inbound traffic and probes", key: "appPort",
 		set: func(c *config.Config, v string) error {
 			p, err := strconv.Atoi(v)
 			if err != nil {
@@ -50,22 +67,22 @@ var settings = []setting{
 			c.AppPort = p
 			return nil
 		}},
-	{flag: "advertise-addr", usage: "IP address peers reach this pod at, registered in Consul (key: advertiseAddr, default $POD_IP)",
+	{flag: "advertise-addr", usage: "IP address peers reach this pod at, registered in Consul", key: "advertiseAddr",
 		env: []string{"POD_IP"},
 		set: func(c *config.Config, v string) error { c.AdvertiseAddr = v; return nil }},
-	{flag: "outbound-addr", usage: "address of the outbound proxy the app calls (key: listeners.outbound, default " + config.DefaultOutbound + ")",
+	{flag: "outbound-addr", usage: "address of the outbound proxy the app calls", key: "listeners.outbound", def: config.DefaultOutbound,
 		set: func(c *config.Config, v string) error { c.Listeners.Outbound = v; return nil }},
-	{flag: "inbound-addr", usage: "address of the inbound proxy in front of the app (key: listeners.inbound, default " + config.DefaultInbound + ")",
+	{flag: "inbound-addr", usage: "address of the inbound proxy in front of the app", key: "listeners.inbound", def: config.DefaultInbound,
 		set: func(c *config.Config, v string) error { c.Listeners.Inbound = v; return nil }},
-	{flag: "admin-addr", usage: "address of the admin API (key: listeners.admin, default " + config.DefaultAdmin + ")",
+	{flag: "admin-addr", usage: "address of the admin API", key: "listeners.admin", def: config.DefaultAdmin,
 		set: func(c *config.Config, v string) error { c.Listeners.Admin = v; return nil }},
-	{flag: "allow-non-loopback-admin", usage: "let the admin API listen on an address other than loopback, true or false (key: none, deliberately: a config file can't open the admin API to the network; default false)",
+	{flag: "allow-non-loopback-admin", usage: "let the admin API listen on an address other than loopback, true or false; deliberately no key: a config file can't open the admin API to the network", def: "false",
 		set: func(c *config.Config, v string) error { return setBool(v, &c.AllowNonLoopbackAdmin) }},
-	{flag: "health-addr", usage: "address of the health endpoints for the kubelet (key: listeners.health, default " + config.DefaultHealth + ")",
+	{flag: "health-addr", usage: "address of the health endpoints for the kubelet", key: "listeners.health", def: config.DefaultHealth,
 		set: func(c *config.Config, v string) error { c.Listeners.Health = v; return nil }},
-	{flag: "metrics-addr", usage: "address of the Prometheus metrics endpoint (key: listeners.metrics, default " + config.DefaultMetrics + ")",
+	{flag: "metrics-addr", usage: "address of the Prometheus metrics endpoint", key: "listeners.metrics", def: config.DefaultMetrics,
 		set: func(c *config.Config, v string) error { c.Listeners.Metrics = v; return nil }},
-	{flag: "consul-addr", usage: "host:port of the Consul agent's HTTP API; empty: static endpoints only (key: discovery.consul.address)",
+	{flag: "consul-addr", usage: "host:port of the Consul agent's HTTP API; empty: static endpoints only", key: "discovery.consul.address",
 		env: []string{"CONSUL_HTTP_ADDR"},
 		set: func(c *config.Config, v string) error {
 			if c.Discovery.Consul == nil {
@@ -74,7 +91,7 @@ var settings = []setting{
 			c.Discovery.Consul.Address = v
 			return nil
 		}},
-	{flag: "consul-allow-loopback-endpoints", usage: "use Consul instances at loopback, link-local or unspecified addresses (the sidecar's own host), true or false (key: discovery.consul.allowLoopbackEndpoints, default false)",
+	{flag: "consul-allow-loopback-endpoints", usage: "use Consul instances at loopback, link-local or unspecified addresses (the sidecar's own host), true or false", key: "discovery.consul.allowLoopbackEndpoints", def: "false",
 		set: func(c *config.Config, v string) error {
 			if c.Discovery.Consul == nil {
 				c.Discovery.Consul = &config.Consul{}
@@ -82,7 +99,7 @@ var settings = []setting{
 			return setBool(v, &c.Discovery.Consul.AllowLoopbackEndpoints)
 		}},
 	{flag: "static", list: true, sep: ";",
-		usage: "static endpoints of a service as SERVICE=IP:PORT[,IP:PORT...]; repeatable; replaces the config file's entry for SERVICE (key: discovery.static; env entries separated by ';')",
+		usage: "static endpoints of a service as SERVICE=IP:PORT[,IP:PORT...]; repeatable; replaces the config file's entry for SERVICE; in the environment separated by ';'", key: "discovery.static",
 		set: func(c *config.Config, v string) error {
 			name, addrs, ok := strings.Cut(v, "=")
 			if !ok || name == "" {
@@ -101,7 +118,7 @@ var settings = []setting{
 			return nil
 		}},
 	{flag: "allow-host", list: true, sep: ",",
-		usage: "external host or host:port the app may reach directly through the outbound port (DNS, IP literals, CONNECT); repeatable (key: allowHosts; env entries separated by ',')",
+		usage: "external host or host:port the app may reach directly through the outbound port (DNS, IP literals, CONNECT); repeatable; in the environment separated by ','", key: "allowHosts",
 		reset: func(c *config.Config) { c.AllowHosts = nil },
 		set: func(c *config.Config, v string) error {
 			if v = strings.TrimSpace(v); v != "" {
@@ -109,9 +126,9 @@ var settings = []setting{
 			}
 			return nil
 		}},
-	{flag: "policy-file", usage: "file of Policy documents, reloaded when it changes (key: policyFile)",
+	{flag: "policy-file", usage: "file of Policy documents, reloaded when it changes", key: "policyFile",
 		set: func(c *config.Config, v string) error { c.PolicyFile = v; return nil }},
-	{flag: "outbound-max-in-flight", usage: "most outbound requests in flight, all services together; over it 503 overloaded (key: limits.outboundMaxInFlight, default 10000)",
+	{flag: "outbound-max-in-flight", usage: "most outbound requests in flight, all services together; over it 503 overloaded", key: "limits.outboundMaxInFlight", def: "10000",
 		set: func(c *config.Config, v string) error {
 			n, err := strconv.Atoi(v)
 			if err != nil {
@@ -120,7 +137,7 @@ var settings = []setting{
 			c.Limits.OutboundMaxInFlight = n
 			return nil
 		}},
-	{flag: "inbound-max-in-flight", usage: "most inbound requests in flight to the app; over it 503 overloaded (key: limits.inboundMaxInFlight, default 1024)",
+	{flag: "inbound-max-in-flight", usage: "most inbound requests in flight to the app; over it 503 overloaded", key: "limits.inboundMaxInFlight", def: "1024",
 		set: func(c *config.Config, v string) error {
 			n, err := strconv.Atoi(v)
 			if err != nil {
@@ -129,7 +146,7 @@ var settings = []setting{
 			c.Limits.InboundMaxInFlight = n
 			return nil
 		}},
-	{flag: "max-response-header-bytes", usage: "largest status line and header block accepted from an upstream or the app; over it 502 upstream_bad_response (key: limits.maxResponseHeaderBytes, default 65536)",
+	{flag: "max-response-header-bytes", usage: "largest status line and header block accepted from an upstream or the app; over it 502 upstream_bad_response", key: "limits.maxResponseHeaderBytes", def: "65536",
 		set: func(c *config.Config, v string) error {
 			n, err := strconv.Atoi(v)
 			if err != nil {
@@ -138,62 +155,62 @@ var settings = []setting{
 			c.Limits.MaxResponseHeaderBytes = n
 			return nil
 		}},
-	{flag: "transparent", usage: "serve connections redirected to the outbound port by `sidecar iptables`: route HTTP by Host, then by the original destination; pass other TCP through, true or false (key: transparent.enabled, default false)",
+	{flag: "transparent", usage: "serve connections redirected to the outbound port by `sidecar iptables`: route HTTP by Host, then by the original destination; pass other TCP through, true or false", key: "transparent.enabled", def: "false",
 		set: func(c *config.Config, v string) error { return setBool(v, &c.Transparent.Enabled) }},
-	{flag: "transparent-ipv6", usage: "with --transparent, also listen on [::1] at the outbound port, where ip6tables redirects, true or false (key: transparent.ipv6, default true)",
+	{flag: "transparent-ipv6", usage: "with --transparent, also listen on [::1] at the outbound port, where ip6tables redirects, true or false", key: "transparent.ipv6", def: "true",
 		set: func(c *config.Config, v string) error {
 			c.Transparent.IPv6 = new(bool)
 			return setBool(v, c.Transparent.IPv6)
 		}},
-	{flag: "transparent-sniff-timeout", usage: "how long a redirected connection may stay silent before it is taken for a server-speaks-first protocol and passed through (key: transparent.sniffTimeout, default 200ms)",
+	{flag: "transparent-sniff-timeout", usage: "how long a redirected connection may stay silent before it is taken for a server-speaks-first protocol and passed through", key: "transparent.sniffTimeout", def: "200ms",
 		set: func(c *config.Config, v string) (err error) {
 			c.Transparent.SniffTimeout, err = policy.ParseDuration(v)
 			return err
 		}},
-	{flag: "transparent-connect-timeout", usage: "connect timeout of a TCP passthrough to the original destination (key: transparent.connectTimeout, default 5s)",
+	{flag: "transparent-connect-timeout", usage: "connect timeout of a TCP passthrough to the original destination", key: "transparent.connectTimeout", def: "5s",
 		set: func(c *config.Config, v string) (err error) {
 			c.Transparent.ConnectTimeout, err = policy.ParseDuration(v)
 			return err
 		}},
-	{flag: "transparent-opaque-ports", usage: "destination ports passed through without sniffing, comma-separated, or none (key: transparent.opaquePorts, default 25,587,3306,4444,5432,6379,9300,11211)",
+	{flag: "transparent-opaque-ports", usage: "destination ports passed through without sniffing, comma-separated, or none", key: "transparent.opaquePorts", def: "25,587,3306,4444,5432,6379,9300,11211",
 		set: func(c *config.Config, v string) (err error) {
 			c.Transparent.OpaquePorts, err = config.ParsePorts(v)
 			return err
 		}},
-	{flag: "transparent-tcp-passthrough", usage: "where non-HTTP TCP may go: any, known (endpoints of known services and allowHosts) or none (key: transparent.tcpPassthrough, default any)",
+	{flag: "transparent-tcp-passthrough", usage: "where non-HTTP TCP may go: any, known (endpoints of known services and allowHosts) or none", key: "transparent.tcpPassthrough", def: "any",
 		set: func(c *config.Config, v string) error { c.Transparent.TCPPassthrough = v; return nil }},
-	{flag: "readiness-probe", usage: "the app's readiness probe as KIND[,key=value...]: KIND is http:/PATH, tcp, grpc or grpc:SERVICE; keys port, status, interval, timeout, initialDelay, failureThreshold, successThreshold (key: probes.readiness)",
+	{flag: "readiness-probe", usage: "the app's readiness probe as KIND[,key=value...]: KIND is http:/PATH, tcp, grpc or grpc:SERVICE; keys port, status, interval, timeout, initialDelay, failureThreshold, successThreshold", key: "probes.readiness",
 		set: func(c *config.Config, v string) (err error) {
 			c.Probes.Readiness, err = config.ParseProbe(v)
 			return err
 		}},
-	{flag: "liveness-probe", usage: "the app's liveness probe, as --readiness-probe (key: probes.liveness)",
+	{flag: "liveness-probe", usage: "the app's liveness probe, as --readiness-probe", key: "probes.liveness",
 		set: func(c *config.Config, v string) (err error) {
 			c.Probes.Liveness, err = config.ParseProbe(v)
 			return err
 		}},
-	{flag: "startup-probe", usage: "the app's startup probe, as --readiness-probe (key: probes.startup)",
+	{flag: "startup-probe", usage: "the app's startup probe, as --readiness-probe", key: "probes.startup",
 		set: func(c *config.Config, v string) (err error) { c.Probes.Startup, err = config.ParseProbe(v); return err }},
-	{flag: "drain-window", usage: "how long after SIGTERM the sidecar keeps serving while it reports not ready and is deregistered (key: lifecycle.drainWindow, default 5s)",
+	{flag: "drain-window", usage: "how long after SIGTERM the sidecar keeps serving while it reports not ready and is deregistered", key: "lifecycle.drainWindow", def: "5s",
 		set: func(c *config.Config, v string) (err error) {
 			c.Lifecycle.DrainWindow, err = policy.ParseDuration(v)
 			return err
 		}},
-	{flag: "shutdown-timeout", usage: "the longest wait for in-flight requests after the drain window (key: lifecycle.shutdownTimeout, default 20s)",
+	{flag: "shutdown-timeout", usage: "the longest wait for in-flight requests after the drain window", key: "lifecycle.shutdownTimeout", def: "20s",
 		set: func(c *config.Config, v string) (err error) {
 			c.Lifecycle.ShutdownTimeout, err = policy.ParseDuration(v)
 			return err
 		}},
-	{flag: "tracing-endpoint", usage: "OTLP collector for spans, host:port or URL; empty: tracing off (key: tracing.endpoint)",
+	{flag: "tracing-endpoint", usage: "OTLP collector for spans, host:port or URL; empty: tracing off", key: "tracing.endpoint",
 		env: []string{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"},
 		set: func(c *config.Config, v string) error { c.Tracing.Endpoint = redact.URL(v); return nil }},
-	{flag: "tracing-protocol", usage: "OTLP protocol: grpc or http/protobuf (key: tracing.protocol, default grpc)",
+	{flag: "tracing-protocol", usage: "OTLP protocol: grpc or http/protobuf", key: "tracing.protocol", def: "grpc",
 		env: []string{"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"},
 		set: func(c *config.Config, v string) error { c.Tracing.Protocol = v; return nil }},
-	{flag: "tracing-sampler", usage: "sampler: always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio (key: tracing.sampler, default parentbased_traceidratio)",
+	{flag: "tracing-sampler", usage: "sampler: always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio", key: "tracing.sampler", def: "parentbased_traceidratio",
 		env: []string{"OTEL_TRACES_SAMPLER"},
 		set: func(c *config.Config, v string) error { c.Tracing.Sampler = v; return nil }},
-	{flag: "tracing-sampler-arg", usage: "ratio of the ratio samplers, 0 to 1 (key: tracing.samplerArg, default 0.01)",
+	{flag: "tracing-sampler-arg", usage: "ratio of the ratio samplers, 0 to 1", key: "tracing.samplerArg", def: "0.01",
 		env: []string{"OTEL_TRACES_SAMPLER_ARG"},
 		set: func(c *config.Config, v string) error {
 			f, err := strconv.ParseFloat(v, 64)
@@ -204,7 +221,7 @@ var settings = []setting{
 			return nil
 		}},
 	{flag: "tracing-propagators", list: true, sep: ",",
-		usage: "trace header formats: tracecontext, baggage, b3, b3multi, jaeger, xray, ottrace; repeatable (key: tracing.propagators, default tracecontext,baggage)",
+		usage: "trace header formats: tracecontext, baggage, b3, b3multi, jaeger, xray, ottrace; repeatable", key: "tracing.propagators", def: "tracecontext,baggage",
 		env:   []string{"OTEL_PROPAGATORS"},
 		reset: func(c *config.Config) { c.Tracing.Propagators = nil },
 		set: func(c *config.Config, v string) error {
@@ -213,10 +230,10 @@ var settings = []setting{
 			}
 			return nil
 		}},
-	{flag: "tracing-service-name", usage: "service.name of the spans (key: tracing.serviceName, default service)",
+	{flag: "tracing-service-name", usage: "service.name of the spans", key: "tracing.serviceName", def: "service",
 		env: []string{"OTEL_SERVICE_NAME"},
 		set: func(c *config.Config, v string) error { c.Tracing.ServiceName = v; return nil }},
-	{flag: "request-metrics", usage: "per-request metrics, true or false (key: requestMetrics, default true)",
+	{flag: "request-metrics", usage: "per-request metrics, true or false", key: "requestMetrics", def: "true",
 		set: func(c *config.Config, v string) error {
 			b, err := strconv.ParseBool(v)
 			if err != nil {
@@ -225,9 +242,9 @@ var settings = []setting{
 			c.RequestMetrics = &b
 			return nil
 		}},
-	{flag: "log-level", usage: "debug, info, warn or error (key: log.level, default info)",
+	{flag: "log-level", usage: "debug, info, warn or error", key: "log.level", def: "info",
 		set: func(c *config.Config, v string) error { c.Log.Level = v; return nil }},
-	{flag: "log-format", usage: "json or text (key: log.format, default json)",
+	{flag: "log-format", usage: "json or text", key: "log.format", def: "json",
 		set: func(c *config.Config, v string) error { c.Log.Format = v; return nil }},
 }
 
@@ -267,11 +284,7 @@ func (o *runOptions) addFlags(fs *pflag.FlagSet) {
 	}
 	fs.StringVarP(&o.configFile, "config", "c", "", "configuration file (YAML); without it, "+without+" (env SIDECAR_CONFIG)")
 	for _, s := range settings {
-		usage := s.usage + " [env " + s.envName()
-		for _, e := range s.env {
-			usage += ", " + e
-		}
-		usage += "]"
+		usage := s.usage + " (" + strings.Join(s.sources(), ", ") + ")"
 		if s.list {
 			o.lists[s.flag] = fs.StringArray(s.flag, nil, usage)
 		} else {

@@ -29,7 +29,7 @@ import (
 // costs a proxy a goroutine and a read syscall per request (its background
 // read that watches for a client gone), three read-deadline changes per
 // request and some twenty allocations; on a 2-core pod that is a third of
-// the sidecar's CPU per request (see README, "Benchmarks").
+// the sidecar's CPU per request (see docs/benchmarks.md).
 //
 // The fast path takes only what it can serve exactly as net/http does: a
 // header block the framing check passed, with a request line "METHOD

@@ -16,7 +16,7 @@ import (
 // which then polls every 20 µs for a millisecond or more. A sidecar at a
 // few thousand requests per second goes idle between requests all the
 // time: on a 2-core pod at 1000 requests per second that monitor was a
-// third of the sidecar's CPU (see README, "Benchmarks"). The socket is
+// third of the sidecar's CPU (see docs/benchmarks.md). The socket is
 // non-blocking, so its reads and writes never block in the kernel: made as
 // raw syscalls through the connection's RawConn, they leave the runtime's
 // state alone, and the netpoller still parks the goroutine when a read

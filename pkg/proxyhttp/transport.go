@@ -27,7 +27,7 @@ import (
 //
 // Why not http.Transport: it runs a reader and a writer goroutine per
 // connection and hands every request and response across channels, which on
-// a 2-core pod cost the proxy more than half its throughput (see README). It
+// a 2-core pod cost the proxy more than half its throughput (see docs/design.md). It
 // also replays idempotent requests on dead pooled connections behind the
 // caller's back. Here the calling goroutine writes the request and reads the
 // response itself, on a connection it owns until the response body is done;

@@ -1,5 +1,5 @@
 // Command benchreport turns the raw runs of bench/run.sh into the markdown
-// results table and the SVG latency plot the README shows.
+// results table and the SVG latency plot docs/benchmarks.md shows.
 //
 //	benchreport -runs runs.tsv -header header.md -capacity 21000 \
 //	    -md bench/results.md -svg bench/latency.svg
