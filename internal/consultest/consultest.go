@@ -18,7 +18,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,6 +26,7 @@ import (
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/internal/freeport"
+	"github.com/sidecar-mesh/sidecar/internal/toolbin"
 )
 
 const (
@@ -70,7 +70,7 @@ type ports struct {
 // a leader. The agent is stopped, and its directory removed, when t ends.
 func Start(t testing.TB) *Agent {
 	t.Helper()
-	bin, err := findBinary()
+	bin, err := toolbin.Find("consul")
 	if err != nil {
 		missingBinary(t, err)
 		return nil
@@ -280,59 +280,6 @@ func leader(ctx context.Context, client *http.Client, addr string) (string, erro
 		return "", fmt.Errorf("GET %s: got body %q, want a JSON string: %v", url, body, err)
 	}
 	return l, nil
-}
-
-// findBinary returns the consul binary tests use: $SIDECAR_CONSUL_BIN when set
-// (and then only that), else `consul` on PATH, else the scripts/tools.sh
-// cache ($SIDECAR_TOOLS_CACHE or ${XDG_CACHE_HOME:-$HOME/.cache}/sidecar-tools,
-// then bin/consul).
-func findBinary() (string, error) {
-	if bin := os.Getenv("SIDECAR_CONSUL_BIN"); bin != "" {
-		if err := checkExecutable(bin); err != nil {
-			return "", fmt.Errorf("SIDECAR_CONSUL_BIN=%s: %w", bin, err)
-		}
-		return bin, nil
-	}
-	if bin, err := exec.LookPath("consul"); err == nil {
-		return bin, nil
-	}
-	cached, err := cachedBinary()
-	if err != nil {
-		return "", fmt.Errorf("consul is not on PATH and the tools cache is unknown: %w", err)
-	}
-	if err := checkExecutable(cached); err != nil {
-		return "", fmt.Errorf("consul is not on PATH nor in the tools cache: %w", err)
-	}
-	return cached, nil
-}
-
-// cachedBinary is where scripts/tools.sh links the consul it built (the
-// same lookup as TOOLS_CACHE there; not os.UserCacheDir, which differs on macOS).
-func cachedBinary() (string, error) {
-	root := os.Getenv("SIDECAR_TOOLS_CACHE")
-	if root == "" {
-		cache := os.Getenv("XDG_CACHE_HOME")
-		if cache == "" {
-			home, err := os.UserHomeDir()
-			if err != nil {
-				return "", err
-			}
-			cache = filepath.Join(home, ".cache")
-		}
-		root = filepath.Join(cache, "sidecar-tools")
-	}
-	return filepath.Join(root, "bin", "consul"), nil
-}
-
-func checkExecutable(path string) error {
-	info, err := os.Stat(path)
-	if err != nil {
-		return err
-	}
-	if info.IsDir() || info.Mode().Perm()&0o111 == 0 {
-		return fmt.Errorf("%s is not an executable file (mode %s)", path, info.Mode())
-	}
-	return nil
 }
 
 // missingBinary fails the test when $CI is set, and skips it otherwise.

@@ -3,9 +3,7 @@ package consultest
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"io"
-	"io/fs"
 	"net/http"
 	"strings"
 	"testing"
@@ -61,29 +59,6 @@ func TestAgentKVHealthStopRestart(t *testing.T) {
 		t.Fatalf("GET /v1/status/leader after Restart: got leader %q, error %v; want a leader", l, err)
 	}
 	call(t, http.MethodGet, base+"/v1/kv/consultest/greeting?raw", "", http.StatusNotFound, "")
-}
-
-func TestMissingBinaryNamed(t *testing.T) {
-	t.Setenv("SIDECAR_CONSUL_BIN", "/nonexistent/consul")
-	bin, err := findBinary()
-	if err == nil {
-		t.Fatalf("findBinary with SIDECAR_CONSUL_BIN=/nonexistent/consul: got %q, want an error (no fallback to PATH or the cache)", bin)
-	}
-	if !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), "SIDECAR_CONSUL_BIN=/nonexistent/consul") {
-		t.Fatalf("findBinary with SIDECAR_CONSUL_BIN=/nonexistent/consul: got error %q, want a not-exist error naming the variable", err)
-	}
-}
-
-func TestCachedBinaryPath(t *testing.T) {
-	t.Setenv("SIDECAR_TOOLS_CACHE", "")
-	t.Setenv("XDG_CACHE_HOME", "/xdg")
-	if got, err := cachedBinary(); err != nil || got != "/xdg/sidecar-tools/bin/consul" {
-		t.Fatalf("cachedBinary with XDG_CACHE_HOME=/xdg: got %q, %v; want /xdg/sidecar-tools/bin/consul", got, err)
-	}
-	t.Setenv("SIDECAR_TOOLS_CACHE", "/tools")
-	if got, err := cachedBinary(); err != nil || got != "/tools/bin/consul" {
-		t.Fatalf("cachedBinary with SIDECAR_TOOLS_CACHE=/tools: got %q, %v; want /tools/bin/consul", got, err)
-	}
 }
 
 // call sends body (none when empty) and checks the status and, when

@@ -38,6 +38,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sidecar-mesh/sidecar/internal/toolbin"
 )
 
 const (
@@ -607,7 +609,7 @@ func freePorts(n int) ([]int, error) {
 // name on PATH, else (cached) the scripts/tools.sh cache, else /usr/bin.
 func findBinary(name, env string, cached bool) (string, error) {
 	if bin := os.Getenv(env); bin != "" {
-		if err := checkExecutable(bin); err != nil {
+		if err := toolbin.Executable(bin); err != nil {
 			return "", fmt.Errorf("%s=%s: %w", env, bin, err)
 		}
 		return bin, nil
@@ -617,38 +619,19 @@ func findBinary(name, env string, cached bool) (string, error) {
 	}
 	var tried []string
 	if cached {
-		root := os.Getenv("SIDECAR_TOOLS_CACHE")
-		if root == "" {
-			cache := os.Getenv("XDG_CACHE_HOME")
-			if cache == "" {
-				home, err := os.UserHomeDir()
-				if err != nil {
-					return "", fmt.Errorf("%s is not on PATH and the tools cache is unknown: %w", name, err)
-				}
-				cache = filepath.Join(home, ".cache")
-			}
-			root = filepath.Join(cache, "sidecar-tools")
+		bin, err := toolbin.Cached(name)
+		if err != nil {
+			return "", fmt.Errorf("%s is not on PATH and the tools cache is unknown: %w", name, err)
 		}
-		tried = append(tried, filepath.Join(root, "bin", name))
+		tried = append(tried, bin)
 	}
 	tried = append(tried, filepath.Join("/usr/bin", name), filepath.Join("/usr/sbin", name))
 	for _, bin := range tried {
-		if checkExecutable(bin) == nil {
+		if toolbin.Executable(bin) == nil {
 			return bin, nil
 		}
 	}
 	return "", fmt.Errorf("%s is not on PATH nor in %s", name, strings.Join(tried, ", "))
-}
-
-func checkExecutable(path string) error {
-	info, err := os.Stat(path)
-	if err != nil {
-		return err
-	}
-	if info.IsDir() || info.Mode().Perm()&0o111 == 0 {
-		return fmt.Errorf("%s is not an executable file (mode %s)", path, info.Mode())
-	}
-	return nil
 }
 
 // missingBinary fails the test when $CI is set, and skips it otherwise.

@@ -1,5 +1,6 @@
-// Package toolbin finds the real tools integration tests run (h2spec and
-// the like) where scripts/tools.sh installs them.
+// Package toolbin finds the real tools integration tests run (h2spec,
+// Consul, kube-apiserver and the like) where scripts/tools.sh installs
+// them.
 package toolbin
 
 import (
@@ -19,7 +20,7 @@ import (
 // that installs it.
 func Path(t testing.TB, name string) string {
 	t.Helper()
-	bin, err := find(name)
+	bin, err := Find(name)
 	if err == nil {
 		return bin
 	}
@@ -63,22 +64,43 @@ func envName(name string) string {
 	return "SIDECAR_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_")) + "_BIN"
 }
 
-func find(name string) (string, error) {
-	if bin := os.Getenv(envName(name)); bin != "" {
-		return bin, executable(bin)
+// Find returns the binary of tool name as Path does, or an error that says
+// where it looked.
+func Find(name string) (string, error) {
+	env := envName(name)
+	if bin := os.Getenv(env); bin != "" {
+		if err := Executable(bin); err != nil {
+			return "", fmt.Errorf("%s=%s: %w", env, bin, err)
+		}
+		return bin, nil
 	}
 	if bin, err := exec.LookPath(name); err == nil {
 		return bin, nil
 	}
+	bin, err := Cached(name)
+	if err != nil {
+		return "", fmt.Errorf("%s is not on PATH and the tools cache is unknown: %w", name, err)
+	}
+	if err := Executable(bin); err != nil {
+		return "", fmt.Errorf("%s is not on PATH nor in the tools cache: %w", name, err)
+	}
+	return bin, nil
+}
+
+// Cached is where scripts/tools.sh links tool name, whether or not it is
+// there: bin/NAME in the cache.
+func Cached(name string) (string, error) {
 	root, err := cacheRoot()
 	if err != nil {
 		return "", err
 	}
-	bin := filepath.Join(root, "bin", name)
-	return bin, executable(bin)
+	return filepath.Join(root, "bin", name), nil
 }
 
-// cacheRoot is where scripts/tools.sh keeps what it installs.
+// cacheRoot is where scripts/tools.sh keeps what it installs: the same
+// lookup as TOOLS_CACHE there ($SIDECAR_TOOLS_CACHE, else
+// ${XDG_CACHE_HOME:-$HOME/.cache}/sidecar-tools; not os.UserCacheDir,
+// which differs on macOS).
 func cacheRoot() (string, error) {
 	if root := os.Getenv("SIDECAR_TOOLS_CACHE"); root != "" {
 		return root, nil
@@ -94,13 +116,14 @@ func cacheRoot() (string, error) {
 	return filepath.Join(cache, "sidecar-tools"), nil
 }
 
-func executable(path string) error {
+// Executable says why path is not an executable file, or nil.
+func Executable(path string) error {
 	info, err := os.Stat(path)
 	if err != nil {
 		return err
 	}
 	if info.IsDir() || info.Mode().Perm()&0o111 == 0 {
-		return fmt.Errorf("%s is not an executable file", path)
+		return fmt.Errorf("%s is not an executable file (mode %s)", path, info.Mode())
 	}
 	return nil
 }
