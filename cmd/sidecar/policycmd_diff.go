@@ -8,6 +8,8 @@ import (
 	"strconv"
 
 	"github.com/spf13/cobra"
+
+	"github.com/sidecar-mesh/sidecar/internal/lcs"
 )
 
 // Exit codes of `policy diff`, as diff(1) has them.
@@ -87,12 +89,14 @@ Consul unreachable, a bad flag).`,
 // nothing.
 func unifiedDiff(w io.Writer, from, to string, a, b []string) error {
 	const contextLines = 3
-	ops := diffLines(a, b)
+	// A shortest edit script: quadratic, fine for policy documents of
+	// tens of lines.
+	ops := lcs.Script(len(a), len(b), func(i, j int) bool { return a[i] == b[j] })
 	// Each hunk is a range of ops: changes with their context, merged when
 	// their contexts touch.
 	var hunks [][2]int
 	for k, op := range ops {
-		if op.kind == ' ' {
+		if op.Kind == lcs.Keep {
 			continue
 		}
 		start, end := max(k-contextLines, 0), min(k+1+contextLines, len(ops))
@@ -109,13 +113,13 @@ func unifiedDiff(w io.Writer, from, to string, a, b []string) error {
 		return err
 	}
 	for _, h := range hunks {
-		aStart, bStart := ops[h[0]].a, ops[h[0]].b
+		aStart, bStart := ops[h[0]].A, ops[h[0]].B
 		var aCount, bCount int
 		for _, op := range ops[h[0]:h[1]] {
-			if op.kind != '+' {
+			if op.Kind != lcs.Insert {
 				aCount++
 			}
-			if op.kind != '-' {
+			if op.Kind != lcs.Delete {
 				bCount++
 			}
 		}
@@ -123,7 +127,13 @@ func unifiedDiff(w io.Writer, from, to string, a, b []string) error {
 			return err
 		}
 		for _, op := range ops[h[0]:h[1]] {
-			if _, err := fmt.Fprintf(w, "%c%s\n", op.kind, op.text); err != nil {
+			var line string
+			if op.Kind == lcs.Insert {
+				line = b[op.B]
+			} else {
+				line = a[op.A]
+			}
+			if _, err := fmt.Fprintf(w, "%c%s\n", op.Kind, line); err != nil {
 				return err
 			}
 		}
@@ -141,47 +151,4 @@ func hunkRange(start, count int) string {
 		return strconv.Itoa(start + 1)
 	}
 	return strconv.Itoa(start+1) + "," + strconv.Itoa(count)
-}
-
-// diffOp is one line of an edit script: kept (' '), removed ('-') or
-// added ('+'); a and b are the 0-based lines of each side it stands at.
-type diffOp struct {
-	kind byte
-	text string
-	a, b int
-}
-
-// diffLines is a shortest edit script from a to b, by longest common
-// subsequence: quadratic, fine for policy documents of tens of lines.
-func diffLines(a, b []string) []diffOp {
-	n, m := len(a), len(b)
-	lcs := make([][]int, n+1)
-	for i := range lcs {
-		lcs[i] = make([]int, m+1)
-	}
-	for i := n - 1; i >= 0; i-- {
-		for j := m - 1; j >= 0; j-- {
-			if a[i] == b[j] {
-				lcs[i][j] = lcs[i+1][j+1] + 1
-			} else {
-				lcs[i][j] = max(lcs[i+1][j], lcs[i][j+1])
-			}
-		}
-	}
-	var ops []diffOp
-	i, j := 0, 0
-	for i < n || j < m {
-		switch {
-		case i < n && j < m && a[i] == b[j]:
-			ops = append(ops, diffOp{' ', a[i], i, j})
-			i, j = i+1, j+1
-		case j == m || (i < n && lcs[i+1][j] >= lcs[i][j+1]):
-			ops = append(ops, diffOp{'-', a[i], i, j})
-			i++
-		default:
-			ops = append(ops, diffOp{'+', b[j], i, j})
-			j++
-		}
-	}
-	return ops
 }

@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/sidecar-mesh/sidecar/internal/lcs"
 )
 
 // Operation is one RFC 6902 JSON Patch operation: "add", "remove" or
@@ -282,31 +284,18 @@ func (d *differ) diffSequence(a, b []*yaml.Node, path string) {
 			d.diff(a[i], b[i], path+"/"+strconv.Itoa(i))
 		}
 	}
-	// lcs[i*(m+1)+j] is the LCS length of am[i:] and bm[j:].
-	w := m + 1
-	lcs := make([]int32, (n+1)*w)
-	d.steps += len(lcs)
-	for i := n - 1; i >= 0; i-- {
-		for j := m - 1; j >= 0; j-- {
-			if d.same(am[i], bm[j]) {
-				lcs[i*w+j] = lcs[(i+1)*w+j+1] + 1
-			} else {
-				lcs[i*w+j] = max(lcs[(i+1)*w+j], lcs[i*w+j+1])
-			}
-		}
-	}
-	i, j, k := 0, 0, pre
-	for i < n || j < m {
-		switch {
-		case i < n && j < m && lcs[i*w+j] == lcs[(i+1)*w+j+1]+1 && d.same(am[i], bm[j]):
-			d.diff(am[i], bm[j], path+"/"+strconv.Itoa(k))
-			i, j, k = i+1, j+1, k+1
-		case i < n && (j == m || lcs[(i+1)*w+j] >= lcs[i*w+j+1]):
+	d.steps += (n + 1) * (m + 1) // the alignment's table
+	k := pre
+	for _, op := range lcs.Script(n, m, func(i, j int) bool { return d.same(am[i], bm[j]) }) {
+		switch op.Kind {
+		case lcs.Keep:
+			d.diff(am[op.A], bm[op.B], path+"/"+strconv.Itoa(k))
+			k++
+		case lcs.Delete:
 			d.add("remove", path+"/"+strconv.Itoa(k), nil)
-			i++
-		default:
-			d.add("add", path+"/"+strconv.Itoa(k), bm[j])
-			j, k = j+1, k+1
+		case lcs.Insert:
+			d.add("add", path+"/"+strconv.Itoa(k), bm[op.B])
+			k++
 		}
 	}
 	for s := range suf {
