@@ -14,6 +14,7 @@
 package transparent
 
 import (
+	"github.com/sidecar-mesh/sidecar/internal/readahead"
 	"github.com/sidecar-mesh/sidecar/pkg/panics"
 
 	"context"
@@ -360,14 +361,7 @@ func (c *Conn) OriginalDst() netip.AddrPort { return c.dst }
 
 // Read implements net.Conn. Like any net.Conn read side, not for
 // concurrent readers.
-func (c *Conn) Read(p []byte) (int, error) {
-	if len(c.head) > 0 {
-		n := copy(p, c.head)
-		c.head = c.head[n:]
-		return n, nil
-	}
-	return c.Conn.Read(p)
-}
+func (c *Conn) Read(p []byte) (int, error) { return readahead.Read(&c.head, c.Conn, p) }
 
 // CloseWrite half-closes the connection.
 func (c *Conn) CloseWrite() error {
