@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/readlimit"
 )
@@ -210,11 +211,11 @@ func (o *applyOptions) run(ctx context.Context) error {
 	if o.dryRun {
 		return o.printDryRun(changes)
 	}
-	var writes []kvWrite
+	var writes []discovery.PolicyWrite
 	var written []change
 	for _, c := range changes {
 		if c.changed() {
-			writes = append(writes, kvWrite{key: c.key, value: c.value, cas: o.cas.on, index: o.cas.expected(c.cur.modifyIndex())})
+			writes = append(writes, discovery.PolicyWrite{Key: c.key, Value: c.value, CAS: o.cas.on, Index: o.cas.expected(c.cur.modifyIndex())})
 			written = append(written, c)
 		}
 	}

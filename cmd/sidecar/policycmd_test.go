@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/sidecar-mesh/sidecar/internal/consultest"
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 )
 
@@ -374,9 +375,9 @@ func TestPolicyCheckAndSet(t *testing.T) {
 	if _, err := c.KV().Put(&api.KVPair{Key: policy.KVKey("users"), Value: []byte(doc("9s"))}, nil); err != nil {
 		t.Fatal(err)
 	}
-	_, err = kv.write(context.Background(), []kvWrite{
-		{key: policy.KVKey("third"), value: []byte("service: third\n"), cas: true, index: 0},
-		{key: policy.KVKey("users"), value: []byte(doc("2s")), cas: true, index: stale},
+	_, err = kv.write(context.Background(), []discovery.PolicyWrite{
+		{Key: policy.KVKey("third"), Value: []byte("service: third\n"), CAS: true, Index: 0},
+		{Key: policy.KVKey("users"), Value: []byte(doc("2s")), CAS: true, Index: stale},
 	})
 	if !errors.As(err, &conflict) || conflict.key != "sidecar/policies/users" || conflict.expected != stale || conflict.current != kvIndex(t, c, "users") {
 		t.Fatalf("transaction with a stale index: %v; want a conflict on sidecar/policies/users, expected %d", err, stale)
