@@ -1,7 +1,10 @@
-// Package metrics holds the per-request Prometheus metrics both proxies
-// record, with labels bounded by construction: service (only services known
-// to discovery, or the app's own), direction, method (the standard ones, else
-// "other") and status code class. Never endpoint addresses or paths.
+// Package metrics holds the sidecar's Prometheus registry and its /metrics
+// handler, the per-request metrics both proxies record, and the metrics of
+// discovery, the policy store, transparent interception, tracing and the
+// panics recovered. Labels are bounded by construction: service (only
+// services known to discovery, or the app's own), direction, method (the
+// standard ones, else "other"), status code class, source and fixed
+// reasons. Never endpoint addresses or paths.
 package metrics
 
 import (

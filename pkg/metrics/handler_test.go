@@ -1,4 +1,4 @@
-package main
+package metrics
 
 import (
 	"io"
@@ -6,13 +6,11 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
-
-	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 )
 
 // The metrics port serves GET and HEAD /metrics and nothing else.
 func TestMetricsPortServesOnlyMetrics(t *testing.T) {
-	srv := httptest.NewServer(metricsHandler(newRegistry(discovery.Chain{})))
+	srv := httptest.NewServer(Handler(NewRegistry()))
 	defer srv.Close()
 	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
 	for _, tc := range []struct {
