@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"slices"
 	"strconv"
@@ -270,21 +269,17 @@ func perTryExpired(actx context.Context, perTry bool, now time.Time) bool {
 	return ok && !now.Before(dl)
 }
 
-// backoffDelay is exponential from base to max with full jitter; a
-// Retry-After in seconds from the response raises it, up to max(cap, 1s).
+// backoffDelay is the backoff before retry number retry (policy.Backoff.Delay,
+// what policy explain reasons with), raised by the response's Retry-After
+// in seconds.
 func backoffDelay(b *policy.Backoff, retry int, resp *http.Response) time.Duration {
-	d := b.Base.D() << min(retry-1, 16)
-	if d <= 0 || d > b.Max.D() {
-		d = b.Max.D()
-	}
-	d = rand.N(d + 1)
+	var retryAfter time.Duration
 	if resp != nil {
 		if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s > 0 {
-			ra := min(time.Duration(s)*time.Second, max(b.Max.D(), time.Second))
-			d = max(d, ra)
+			retryAfter = time.Duration(s) * time.Second
 		}
 	}
-	return d
+	return b.Delay(retry, retryAfter)
 }
 
 // discard drains a little of a response being retried so its connection

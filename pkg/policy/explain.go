@@ -36,12 +36,12 @@ type Explanation struct {
 	// included: retry.attempts, or 1 when nothing can be retried (no
 	// retry.on conditions, or a budget of ratio 0 and minPerSecond 0).
 	MaxAttempts int `json:"maxAttempts"`
-	// Backoffs is the longest backoff before each retry (exponential from
-	// retry.backoff.base, capped at retry.backoff.max; full jitter picks
-	// anything from 0 to it).
+	// Backoffs is the longest backoff before each retry (Backoff.Longest:
+	// exponential from retry.backoff.base, capped at retry.backoff.max;
+	// full jitter picks anything from 0 to it).
 	Backoffs []Duration `json:"backoffs"`
 	// RetryAfterMax is how long a Retry-After answer can stretch one
-	// backoff: max(retry.backoff.max, 1s).
+	// backoff (Backoff.RetryAfterMax): max(retry.backoff.max, 1s).
 	RetryAfterMax Duration `json:"retryAfterMax"`
 	// AttemptsTime is MaxAttempts × perTryTimeout plus every backoff at its
 	// longest; 0 when perTryTimeout is 0 (attempts are bounded only by
@@ -268,13 +268,9 @@ func (e *Explanation) analyze() {
 	}
 	e.Backoffs = []Duration{}
 	for k := 1; k < e.MaxAttempts; k++ {
-		d := r.Backoff.Base.D() << min(k-1, 16)
-		if d <= 0 || d > r.Backoff.Max.D() {
-			d = r.Backoff.Max.D()
-		}
-		e.Backoffs = append(e.Backoffs, Duration(d))
+		e.Backoffs = append(e.Backoffs, Duration(r.Backoff.Longest(k)))
 	}
-	e.RetryAfterMax = Duration(max(r.Backoff.Max.D(), time.Second))
+	e.RetryAfterMax = Duration(r.Backoff.RetryAfterMax())
 	backoffSum := func(n int) (s time.Duration) {
 		for _, b := range e.Backoffs[:n] {
 			s += b.D()
