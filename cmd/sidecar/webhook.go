@@ -189,7 +189,7 @@ func newWebhookHandler(in *inject.Injector, log *slog.Logger, budget *reviewBudg
 		}
 		review, d, err := in.Review(body)
 		if err != nil {
-			log.Warn("bad admission request", "remote", r.RemoteAddr, "error", err.Error())
+			log.Warn("bad admission request", "remote", r.RemoteAddr, "err", err.Error())
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}

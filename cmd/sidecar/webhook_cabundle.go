@@ -106,7 +106,7 @@ func (s *caBundleSyncer) run(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			s.log.Warn("caBundle not updated; retrying", "error", err.Error(), "in", backoff.String())
+			s.log.Warn("caBundle not updated; retrying", "err", err.Error(), "in", backoff.String())
 			retry = time.NewTimer(backoff)
 			wait = retry.C
 			backoff = min(2*backoff, caBundleRetryMax)

@@ -43,7 +43,7 @@ func newCertReloader(certFile, keyFile string, log *slog.Logger) (*certReloader,
 // GetCertificate is a tls.Config.GetCertificate.
 func (c *certReloader) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	if err := c.reload(); err != nil {
-		c.log.Warn("TLS certificate not reloaded; serving the previous one", "error", err.Error())
+		c.log.Warn("TLS certificate not reloaded; serving the previous one", "err", err.Error())
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

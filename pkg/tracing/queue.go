@@ -120,7 +120,7 @@ func (q *exportQueue) export(batch []sdktrace.ReadOnlySpan) []sdktrace.ReadOnlyS
 		q.dropped.Add(uint64(len(batch)))
 		if now := time.Now().Unix(); now-q.lastWarn.Load() >= 60 {
 			q.lastWarn.Store(now)
-			q.log.Warn("spans dropped: the collector did not take them", "spans", len(batch), "error", err.Error())
+			q.log.Warn("spans dropped: the collector did not take them", "spans", len(batch), "err", err.Error())
 		}
 	} else {
 		q.exported.Add(uint64(len(batch)))
