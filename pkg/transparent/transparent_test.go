@@ -97,7 +97,9 @@ func TestSniff(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			client, server := tcpPair(t)
+			wrote := make(chan struct{})
 			go func() {
+				defer close(wrote)
 				for _, s := range tc.send {
 					_, _ = client.Write([]byte(s))
 					time.Sleep(10 * time.Millisecond)
@@ -119,7 +121,10 @@ func TestSniff(t *testing.T) {
 				t.Errorf("sniff took %v, want at most %v", took, tc.maxDelay)
 			}
 			// The deadline is cleared for whoever reads next.
-			go func() { _, _ = client.Write([]byte("z")) }()
+			<-wrote
+			if _, err := client.Write([]byte("z")); err != nil {
+				t.Fatal(err)
+			}
 			var b [1]byte
 			if _, err := io.ReadFull(server, b[:]); err != nil {
 				t.Errorf("read after sniff: %v", err)
@@ -224,7 +229,10 @@ func TestPassthroughByteExact(t *testing.T) {
 	payload := make([]byte, 1<<20)
 	_, _ = rand.Read(payload)
 	payload[0] = 0x16
+	wrote := make(chan struct{})
+	defer func() { c.Close(); <-wrote }()
 	go func() {
+		defer close(wrote)
 		_, _ = c.Write(payload)
 		_ = c.(*net.TCPConn).CloseWrite()
 	}()
@@ -297,6 +305,12 @@ func TestRedirectedHTTPComesOutOfAccept(t *testing.T) {
 				return
 			}
 			accepted <- c
+		}
+	}()
+	defer func() {
+		_ = l.Close()
+		for c := range accepted { // until the Accept loop above ends
+			c.Close()
 		}
 	}()
 

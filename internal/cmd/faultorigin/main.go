@@ -66,7 +66,8 @@ func run() error {
 		srv.SetFaults(nf)
 	})
 	control := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() { _ = control.Serve(ln) }()
+	served := make(chan struct{}) // closed once Serve returned, after Shutdown
+	go func() { defer close(served); _ = control.Serve(ln) }()
 	fmt.Printf("listening %s control %s\n", srv.Addr(), ln.Addr())
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -74,5 +75,7 @@ func run() error {
 	<-ctx.Done()
 	shutdown, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	return control.Shutdown(shutdown)
+	err = control.Shutdown(shutdown)
+	<-served
+	return err
 }
