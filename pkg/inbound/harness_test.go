@@ -2,12 +2,14 @@ package inbound_test
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -94,81 +96,81 @@ func roundTrip(t *testing.T, addr, request string) (*http.Response, string) {
 	return resp, body
 }
 
-// fakeClock is a Clock whose time moves only on Advance. Timers that come
-// due fire then; created reports each new timer's duration.
-type fakeClock struct {
-	mu      sync.Mutex // guards now and timers
-	now     time.Time
-	timers  []*fakeTimer
-	created chan time.Duration
+// memListener is a listener in memory: each Dial hands Accept the other
+// end of a net.Pipe. Made in a synctest bubble, its connections block
+// durably (a socket's do not), so virtual time passes while an app served
+// on it holds a request. Dial counts the connections made.
+type memListener struct {
+	conns  chan net.Conn
+	closed chan struct{}
+	once   sync.Once
+	dials  atomic.Int64
 }
 
-type fakeTimer struct {
-	clock *fakeClock
-	at    time.Time
-	c     chan time.Time
+var _ net.Listener = (*memListener)(nil)
+
+func newMemListener() *memListener {
+	return &memListener{conns: make(chan net.Conn), closed: make(chan struct{})}
 }
 
-func newFakeClock() *fakeClock {
-	return &fakeClock{now: time.Unix(1_000_000, 0), created: make(chan time.Duration, 64)}
-}
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *fakeClock) NewTimer(d time.Duration) inbound.Timer {
-	c.mu.Lock()
-	t := &fakeTimer{clock: c, at: c.now.Add(d), c: make(chan time.Time, 1)}
-	if d <= 0 {
-		t.c <- c.now
-	} else {
-		c.timers = append(c.timers, t)
-	}
-	c.mu.Unlock()
+func (l *memListener) Accept() (net.Conn, error) {
 	select {
-	case c.created <- d:
-	default:
+	case c := <-l.conns:
+		return c, nil
+	case <-l.closed:
+		return nil, net.ErrClosed
 	}
-	return t
 }
 
-// Advance moves time on by d and fires the timers that come due.
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
-	keep := c.timers[:0]
-	for _, t := range c.timers {
-		if t.at.After(c.now) {
-			keep = append(keep, t)
-			continue
-		}
-		t.c <- c.now
-	}
-	clear(c.timers[len(keep):])
-	c.timers = keep
+func (l *memListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return nil
 }
 
-func (t *fakeTimer) C() <-chan time.Time { return t.c }
+func (l *memListener) Addr() net.Addr { return memAddr{} }
 
-func (t *fakeTimer) Stop() bool {
-	c := t.clock
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for i, x := range c.timers {
-		if x == t {
-			c.timers = append(c.timers[:i], c.timers[i+1:]...)
-			return true
-		}
+// Dial connects to the listener, whatever the address; it is a
+// ProberConfig.DialContext.
+func (l *memListener) Dial(ctx context.Context, _, _ string) (net.Conn, error) {
+	l.dials.Add(1)
+	client, server := net.Pipe()
+	select {
+	case l.conns <- server:
+		return client, nil
+	case <-l.closed:
+		return nil, syscall.ECONNREFUSED
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
-	return false
+}
+
+type memAddr struct{}
+
+func (memAddr) Network() string { return "memory" }
+func (memAddr) String() string  { return "memory" }
+
+// startMemApp serves h on a memListener until the test ends. Call it in
+// the bubble whose prober dials it.
+func startMemApp(t *testing.T, h http.HandlerFunc) *memListener {
+	t.Helper()
+	ln := newMemListener()
+	srv := &http.Server{Handler: h}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = srv.Serve(ln)
+	}()
+	t.Cleanup(func() {
+		_ = srv.Close()
+		<-served
+	})
+	return ln
 }
 
 // within waits for a value from ch, failing the test after 10 s: a
-// safety net for a broken prober, not a timing assumption.
+// safety net for a broken prober, not a timing assumption. In a synctest
+// bubble the 10 s are virtual: they pass only once every goroutine of the
+// bubble is stuck.
 func within[T any](t *testing.T, ch <-chan T, what string) T {
 	t.Helper()
 	select {

@@ -174,9 +174,10 @@ type ProberConfig struct {
 	// OnResult is called after every probe with its error (nil: passed),
 	// after OnChange, on the prober's goroutine. It must not block. Nil: none.
 	OnResult func(err error)
-	// Clock times the initial delay and the intervals. Timeouts bound real
-	// I/O and always use real time. Nil: the system clock.
-	Clock Clock
+	// DialContext, when set, replaces the TCP dialer of every kind of probe
+	// (tests connect probes to an app in memory with it); the probe's
+	// timeout still bounds it. Nil: a net.Dialer.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 	// Logger receives transitions; nil discards them.
 	Logger *slog.Logger
 }
@@ -208,7 +209,6 @@ type Prober struct {
 	desc     string // what is probed, for errors
 	check    func(ctx context.Context) error
 	release  func()
-	clock    Clock
 	log      *slog.Logger
 	onChange func(bool)
 	onResult func(error)
@@ -246,23 +246,19 @@ func NewProber(cfg ProberConfig) (*Prober, error) {
 	p := &Prober{
 		name:     name,
 		probe:    probe,
-		clock:    cfg.Clock,
 		log:      componentLogger(cfg.Logger, "inbound.probe").With("probe", name),
 		onChange: cfg.OnChange,
 		onResult: cfg.OnResult,
 		done:     make(chan struct{}),
 		release:  func() {},
 	}
-	if p.clock == nil {
-		p.clock = systemClock{}
-	}
 	switch {
 	case probe.HTTP != nil:
-		p.check, p.release, p.desc = httpCheck(addr, probe)
+		p.check, p.release, p.desc = httpCheck(addr, probe, cfg.DialContext)
 	case probe.TCP:
-		p.check, p.desc = tcpCheck(addr), "TCP connect "+addr
+		p.check, p.desc = tcpCheck(addr, cfg.DialContext), "TCP connect "+addr
 	default:
-		p.check = grpcCheck(addr, probe.GRPC.Service)
+		p.check = grpcCheck(addr, probe.GRPC.Service, cfg.DialContext)
 		p.desc = "gRPC health " + addr + " service " + strconv.Quote(probe.GRPC.Service)
 	}
 	p.state.OK = cfg.InitiallyOK
@@ -340,16 +336,16 @@ func (p *Prober) State() ProbeState {
 // run probes until ctx ends.
 func (p *Prober) run(ctx context.Context) {
 	if d := p.probe.InitialDelay; d > 0 {
-		t := p.clock.NewTimer(d)
+		t := time.NewTimer(d)
 		select {
 		case <-ctx.Done():
 			t.Stop()
 			return
-		case <-t.C():
+		case <-t.C:
 		}
 	}
 	for {
-		next := p.clock.NewTimer(p.probe.Interval)
+		next := time.NewTimer(p.probe.Interval)
 		err := p.probeOnce(ctx)
 		if ctx.Err() != nil {
 			next.Stop()
@@ -360,7 +356,7 @@ func (p *Prober) run(ctx context.Context) {
 		case <-ctx.Done():
 			next.Stop()
 			return
-		case <-next.C():
+		case <-next.C:
 		}
 	}
 }
@@ -385,7 +381,7 @@ func (p *Prober) record(err error) {
 	p.mu.Lock()
 	s := &p.state
 	s.Probes++
-	s.LastProbe = p.clock.Now()
+	s.LastProbe = time.Now()
 	if err == nil {
 		s.ConsecutiveSuccesses++
 		s.ConsecutiveFailures = 0
@@ -421,9 +417,12 @@ func (p *Prober) record(err error) {
 	}
 }
 
+// dialFunc connects to the app; nil means a net.Dialer.
+type dialFunc = func(ctx context.Context, network, addr string) (net.Conn, error)
+
 // httpCheck is an HTTP GET on a new connection each time (as the kubelet
 // does), so that an app that stopped accepting connections fails it.
-func httpCheck(addr string, probe Probe) (check func(context.Context) error, release func(), desc string) {
+func httpCheck(addr string, probe Probe, dial dialFunc) (check func(context.Context) error, release func(), desc string) {
 	h := probe.HTTP
 	url := "http://" + addr + h.Path
 	header := http.Header{"User-Agent": {"sidecar-probe/1"}, "Accept": {"*/*"}}
@@ -440,7 +439,7 @@ func httpCheck(addr string, probe Probe) (check func(context.Context) error, rel
 	// The probe's context bounds it; the transport's own limits lie past
 	// that, so that a timeout reads as one.
 	limit := probe.Timeout + time.Second
-	t := proxyhttp.NewTransport(proxyhttp.TransportConfig{DialTimeout: limit, ResponseHeaderTimeout: limit})
+	t := proxyhttp.NewTransport(proxyhttp.TransportConfig{DialTimeout: limit, ResponseHeaderTimeout: limit, DialContext: dial})
 	check = func(ctx context.Context) error {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 		if err != nil {
@@ -464,10 +463,12 @@ func httpCheck(addr string, probe Probe) (check func(context.Context) error, rel
 	return check, t.Close, "HTTP GET " + redact.URL(url).Redacted()
 }
 
-func tcpCheck(addr string) func(context.Context) error {
+func tcpCheck(addr string, dial dialFunc) func(context.Context) error {
+	if dial == nil {
+		dial = new(net.Dialer).DialContext
+	}
 	return func(ctx context.Context) error {
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", addr)
+		c, err := dial(ctx, "tcp", addr)
 		if err != nil {
 			return err
 		}
@@ -478,12 +479,19 @@ func tcpCheck(addr string) func(context.Context) error {
 // grpcCheck asks grpc.health.v1.Health/Check on a new connection each
 // time (as the kubelet does), so no reconnect backoff of a long-lived
 // connection delays noticing that the app is back.
-func grpcCheck(addr, service string) func(context.Context) error {
+func grpcCheck(addr, service string, dial dialFunc) func(context.Context) error {
 	req := &healthpb.HealthCheckRequest{Service: service}
+	opts := []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithUserAgent("sidecar-probe/1"),
+	}
+	if dial != nil {
+		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			return dial(ctx, "tcp", addr)
+		}))
+	}
 	return func(ctx context.Context) error {
-		conn, err := grpc.NewClient("passthrough:///"+addr,
-			grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithUserAgent("sidecar-probe/1"))
+		conn, err := grpc.NewClient("passthrough:///"+addr, opts...)
 		if err != nil {
 			return err
 		}

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"google.golang.org/grpc"
@@ -18,66 +19,106 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 )
 
-// probeRun is a Prober on a fake clock; every probe's result arrives on
-// results and every transition is appended to changes.
+// probeRun is a started Prober; every probe's result arrives on results,
+// with the time it ended, and every transition is appended to changes.
+//
+// The tests whose probes wait for time run the prober in a testing/synctest
+// bubble, where the initial delay, the intervals and the timeouts are
+// virtual. The bubble's clock moves only while every goroutine in it waits
+// on something of the bubble's, never during I/O on a real socket: a probe
+// of an app outside the bubble, on loopback, takes no virtual time, and
+// one due after an interval comes exactly one interval after the previous
+// one. An app that must hold a probe while virtual time passes is served
+// in memory, in the bubble (startMemApp).
 type probeRun struct {
 	p        *inbound.Prober
-	clock    *fakeClock
 	interval time.Duration
-	results  chan error
+	results  chan probeResult
+	last     time.Time // when the previous probe's result came (Start before the first)
 
 	mu      sync.Mutex // guards changes
 	changes []bool
 }
 
+// probeResult is one probe's error (nil: passed) and when it ended.
+type probeResult struct {
+	err error
+	at  time.Time
+}
+
 func startProber(t *testing.T, addr string, probe inbound.Probe, initiallyOK bool) *probeRun {
 	t.Helper()
-	r := &probeRun{clock: newFakeClock(), interval: probe.WithDefaults().Interval, results: make(chan error, 64)}
-	p, err := inbound.NewProber(inbound.ProberConfig{
-		Name:        "readiness",
-		Probe:       probe,
-		AppAddr:     addr,
-		InitiallyOK: initiallyOK,
-		OnChange: func(ok bool) {
-			r.mu.Lock()
-			r.changes = append(r.changes, ok)
-			r.mu.Unlock()
-		},
-		OnResult: func(err error) { r.results <- err },
-		Clock:    r.clock,
-	})
+	return startProberWith(t, inbound.ProberConfig{AppAddr: addr, Probe: probe, InitiallyOK: initiallyOK})
+}
+
+// startProberWith starts a prober named readiness with cfg, whose OnChange
+// and OnResult it sets.
+func startProberWith(t *testing.T, cfg inbound.ProberConfig) *probeRun {
+	t.Helper()
+	r := &probeRun{interval: cfg.Probe.WithDefaults().Interval, results: make(chan probeResult, 64)}
+	cfg.Name = "readiness"
+	cfg.OnChange = func(ok bool) {
+		r.mu.Lock()
+		r.changes = append(r.changes, ok)
+		r.mu.Unlock()
+	}
+	cfg.OnResult = func(err error) { r.results <- probeResult{err, time.Now()} }
+	p, err := inbound.NewProber(cfg)
 	if err != nil {
 		t.Fatalf("NewProber: %v", err)
 	}
 	r.p = p
+	r.last = time.Now()
 	p.Start()
 	t.Cleanup(p.Stop)
 	return r
 }
 
-// first waits for the probe that runs at Start (no initial delay).
+// take waits for the next probe's result and returns how long after the
+// previous one (after Start for the first) it came, and its error.
+func (r *probeRun) take(t *testing.T, what string) (time.Duration, error) {
+	t.Helper()
+	res := within(t, r.results, what)
+	after := res.at.Sub(r.last)
+	r.last = res.at
+	return after, res.err
+}
+
+// first waits for the probe that runs at Start (no initial delay): it ends
+// before an interval has passed, in a bubble or not.
 func (r *probeRun) first(t *testing.T) error {
 	t.Helper()
-	return within(t, r.results, "probe result")
+	after, err := r.take(t, "first probe result")
+	if after >= r.interval {
+		t.Fatalf("the first probe ended %v after Start, want it at Start (the interval is %v)", after, r.interval)
+	}
+	return err
 }
 
-// afterDelay ends the initial delay and waits for the first probe's
-// result.
+// after waits for the next probe's result, which must come exactly want
+// after the previous one (after Start for the first). In a bubble only:
+// elsewhere a probe takes time too.
+func (r *probeRun) after(t *testing.T, what string, want time.Duration) error {
+	t.Helper()
+	got, err := r.take(t, what)
+	if got != want {
+		t.Fatalf("%s came %v after the previous one (or Start), want %v", what, got, want)
+	}
+	return err
+}
+
+// afterDelay waits for the first probe's result, due when the initial
+// delay ends.
 func (r *probeRun) afterDelay(t *testing.T, delay time.Duration) error {
 	t.Helper()
-	if d := within(t, r.clock.created, "initial delay timer"); d != delay {
-		t.Fatalf("first timer %v, want the initial delay %v", d, delay)
-	}
-	r.clock.Advance(delay)
-	return within(t, r.results, "probe result")
+	return r.after(t, "the probe after the initial delay", delay)
 }
 
-// next lets one interval pass and waits for that probe's result. The
-// timer for it exists already: the prober sets it before each probe.
+// next waits for the result of the probe due one interval after the
+// previous one.
 func (r *probeRun) next(t *testing.T) error {
 	t.Helper()
-	r.clock.Advance(r.interval)
-	return within(t, r.results, "probe result")
+	return r.after(t, "the next probe", r.interval)
 }
 
 // expect checks the state after thresholds and the transitions so far.
@@ -104,46 +145,48 @@ func TestHTTPProbeThresholds(t *testing.T) {
 		paths.Store(r.URL.RequestURI()+" "+r.Header.Get("User-Agent"), true)
 		w.WriteHeader(int(code.Load()))
 	})
-	run := startProber(t, app.addr(), inbound.Probe{
-		HTTP:             &inbound.HTTPProbe{Path: "/health?full=1"},
-		FailureThreshold: 3,
-		SuccessThreshold: 2,
-	}, false)
+	synctest.Test(t, func(t *testing.T) {
+		run := startProber(t, app.addr(), inbound.Probe{
+			HTTP:             &inbound.HTTPProbe{Path: "/health?full=1"},
+			FailureThreshold: 3,
+			SuccessThreshold: 2,
+		}, false)
 
-	if err := run.first(t); err != nil {
-		t.Fatalf("probe 1 against a healthy app: %v", err)
-	}
-	run.expect(t, "1 success of 2 needed", false)
-	if err := run.p.Err(); err == nil || !strings.Contains(err.Error(), "1 of 2") {
-		t.Fatalf("Err() = %v, want it to say 1 of 2 successes", err)
-	}
-	run.next(t)
-	run.expect(t, "2 successes", true, true)
-
-	code.Store(503)
-	for i := 1; i <= 2; i++ {
-		if err := run.next(t); err == nil || !strings.Contains(err.Error(), "status 503") {
-			t.Fatalf("probe against an app answering 503: err %v, want one naming status 503", err)
+		if err := run.first(t); err != nil {
+			t.Fatalf("probe 1 against a healthy app: %v", err)
 		}
-		run.expect(t, strconv.Itoa(i)+" failures of 3", true, true)
-	}
-	run.next(t)
-	run.expect(t, "3 failures", false, true, false)
-	if err := run.p.Err(); err == nil || !strings.Contains(err.Error(), "status 503") {
-		t.Fatalf("Err() = %v, want the last failure", err)
-	}
-	run.next(t)
-	run.expect(t, "4 failures", false, true, false)
+		run.expect(t, "1 success of 2 needed", false)
+		if err := run.p.Err(); err == nil || !strings.Contains(err.Error(), "1 of 2") {
+			t.Fatalf("Err() = %v, want it to say 1 of 2 successes", err)
+		}
+		run.next(t)
+		run.expect(t, "2 successes", true, true)
 
-	code.Store(204)
-	run.next(t)
-	run.expect(t, "1 success after failing", false, true, false)
-	run.next(t)
-	run.expect(t, "2 successes after failing", true, true, false, true)
+		code.Store(503)
+		for i := 1; i <= 2; i++ {
+			if err := run.next(t); err == nil || !strings.Contains(err.Error(), "status 503") {
+				t.Fatalf("probe against an app answering 503: err %v, want one naming status 503", err)
+			}
+			run.expect(t, strconv.Itoa(i)+" failures of 3", true, true)
+		}
+		run.next(t)
+		run.expect(t, "3 failures", false, true, false)
+		if err := run.p.Err(); err == nil || !strings.Contains(err.Error(), "status 503") {
+			t.Fatalf("Err() = %v, want the last failure", err)
+		}
+		run.next(t)
+		run.expect(t, "4 failures", false, true, false)
 
-	if s := run.p.State(); s.Probes != 8 || s.ConsecutiveSuccesses != 2 || s.LastProbe.IsZero() {
-		t.Fatalf("State() = %+v, want 8 probes, 2 successes in a row and a probe time", s)
-	}
+		code.Store(204)
+		run.next(t)
+		run.expect(t, "1 success after failing", false, true, false)
+		run.next(t)
+		run.expect(t, "2 successes after failing", true, true, false, true)
+
+		if s := run.p.State(); s.Probes != 8 || s.ConsecutiveSuccesses != 2 || !s.LastProbe.Equal(run.last) {
+			t.Fatalf("State() = %+v, want 8 probes, 2 successes in a row and the last probe at %v", s, run.last)
+		}
+	})
 	if _, ok := paths.Load("/health?full=1 sidecar-probe/1"); !ok {
 		t.Fatalf("the app never saw GET /health?full=1 from sidecar-probe/1")
 	}
@@ -171,30 +214,32 @@ func TestHTTPProbeStatusRangeHeadersAndPort(t *testing.T) {
 		{"max 299, min by default", 0, 299, []int{200, 299}, []int{302, 404}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			code.Store(int64(tc.pass[0]))
-			run := startProber(t, closedAddr(t), inbound.Probe{
-				HTTP: &inbound.HTTPProbe{
-					Headers:   http.Header{"Host": {"orders.internal"}, "X-Probe": {"yes"}},
-					StatusMin: tc.min, StatusMax: tc.max,
-				},
-				Port:             portNum, // the app address's port is closed: only the override reaches the app
-				FailureThreshold: 1,
-			}, false)
-			if err := run.first(t); err != nil {
-				t.Fatalf("status %d: %v, want a pass", tc.pass[0], err)
-			}
-			for _, c := range tc.pass[1:] {
-				code.Store(int64(c))
-				if err := run.next(t); err != nil {
-					t.Errorf("status %d: %v, want a pass", c, err)
+			synctest.Test(t, func(t *testing.T) {
+				code.Store(int64(tc.pass[0]))
+				run := startProber(t, closedAddr(t), inbound.Probe{
+					HTTP: &inbound.HTTPProbe{
+						Headers:   http.Header{"Host": {"orders.internal"}, "X-Probe": {"yes"}},
+						StatusMin: tc.min, StatusMax: tc.max,
+					},
+					Port:             portNum, // the app address's port is closed: only the override reaches the app
+					FailureThreshold: 1,
+				}, false)
+				if err := run.first(t); err != nil {
+					t.Fatalf("status %d: %v, want a pass", tc.pass[0], err)
 				}
-			}
-			for _, c := range tc.fail {
-				code.Store(int64(c))
-				if err := run.next(t); err == nil {
-					t.Errorf("status %d passed, want a failure", c)
+				for _, c := range tc.pass[1:] {
+					code.Store(int64(c))
+					if err := run.next(t); err != nil {
+						t.Errorf("status %d: %v, want a pass", c, err)
+					}
 				}
-			}
+				for _, c := range tc.fail {
+					code.Store(int64(c))
+					if err := run.next(t); err == nil {
+						t.Errorf("status %d passed, want a failure", c)
+					}
+				}
+			})
 		})
 	}
 	if host.Load() != "orders.internal" || probeHeader.Load() != "yes" {
@@ -202,53 +247,67 @@ func TestHTTPProbeStatusRangeHeadersAndPort(t *testing.T) {
 	}
 }
 
+// The app holds the probe's request until the probe gives up: it is served
+// in memory, in the bubble, so that the timeout's virtual 50 ms pass.
 func TestHTTPProbeTimeout(t *testing.T) {
-	app := startApp(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
-	run := startProber(t, app.addr(), inbound.Probe{HTTP: &inbound.HTTPProbe{}, Timeout: 50 * time.Millisecond, FailureThreshold: 1}, true)
-	if err := run.first(t); err == nil || !strings.Contains(err.Error(), "no answer within 50ms") {
-		t.Fatalf("probe of an app that never answers: %v, want a timeout", err)
-	}
-	run.expect(t, "timed out", false, false)
+	synctest.Test(t, func(t *testing.T) {
+		app := startMemApp(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+		run := startProberWith(t, inbound.ProberConfig{
+			AppAddr:     "127.0.0.1:8080",
+			DialContext: app.Dial,
+			Probe:       inbound.Probe{HTTP: &inbound.HTTPProbe{}, Timeout: 50 * time.Millisecond, FailureThreshold: 1},
+			InitiallyOK: true,
+		})
+		err := run.after(t, "the probe of an app that never answers", 50*time.Millisecond)
+		if err == nil || !strings.Contains(err.Error(), "no answer within 50ms") {
+			t.Fatalf("probe of an app that never answers: %v, want a timeout", err)
+		}
+		run.expect(t, "timed out", false, false)
+		if n := app.dials.Load(); n != 1 {
+			t.Fatalf("the probe dialed the app %d times through DialContext, want 1", n)
+		}
+	})
 }
 
 func TestTCPProbe(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	run := startProber(t, addr, inbound.Probe{TCP: true, FailureThreshold: 1}, false)
-	if err := run.first(t); err != nil {
-		t.Fatalf("TCP probe of a listening port: %v", err)
-	}
-	run.expect(t, "listening", true, true)
+	synctest.Test(t, func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		run := startProber(t, addr, inbound.Probe{TCP: true, FailureThreshold: 1}, false)
+		if err := run.first(t); err != nil {
+			t.Fatalf("TCP probe of a listening port: %v", err)
+		}
+		run.expect(t, "listening", true, true)
 
-	ln.Close()
-	if err := run.next(t); err == nil || !strings.Contains(err.Error(), "refused") {
-		t.Fatalf("TCP probe of a closed port: %v, want connection refused", err)
-	}
-	run.expect(t, "closed", false, true, false)
+		ln.Close()
+		if err := run.next(t); err == nil || !strings.Contains(err.Error(), "refused") {
+			t.Fatalf("TCP probe of a closed port: %v, want connection refused", err)
+		}
+		run.expect(t, "closed", false, true, false)
 
-	ln, err = net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatalf("listening again on %s: %v", addr, err)
-	}
-	defer ln.Close()
-	if err := run.next(t); err != nil {
-		t.Fatalf("TCP probe of the port listening again: %v", err)
-	}
-	run.expect(t, "listening again", true, true, false, true)
+		ln, err = net.Listen("tcp", addr)
+		if err != nil {
+			t.Fatalf("listening again on %s: %v", addr, err)
+		}
+		defer ln.Close()
+		if err := run.next(t); err != nil {
+			t.Fatalf("TCP probe of the port listening again: %v", err)
+		}
+		run.expect(t, "listening again", true, true, false, true)
+	})
 }
 
-// startGRPCApp is a real grpc-go server with the standard health service.
-func startGRPCApp(t *testing.T) (*health.Server, string, func()) {
+// startGRPCApp serves a real grpc-go server with the standard health
+// service on ln until stop or the end of the test. A server in a synctest
+// bubble must be stopped in it, one outside outside it: Stop waits on a
+// sync.Cond its connections' goroutines signal.
+func startGRPCApp(t *testing.T, ln net.Listener) (hs *health.Server, stop func()) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	srv := grpc.NewServer()
-	hs := health.NewServer()
+	hs = health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)
 	done := make(chan struct{})
 	go func() {
@@ -256,48 +315,88 @@ func startGRPCApp(t *testing.T) (*health.Server, string, func()) {
 		_ = srv.Serve(ln)
 	}()
 	var once sync.Once
-	stop := func() {
+	stop = func() {
 		once.Do(func() {
 			srv.Stop()
 			<-done
 		})
 	}
 	t.Cleanup(stop)
-	return hs, ln.Addr().String(), stop
+	return hs, stop
 }
 
+// The app is served in memory, in the bubble, to be stopped there
+// (TestGRPCProbeErrors probes over loopback).
 func TestGRPCProbe(t *testing.T) {
-	hs, addr, stop := startGRPCApp(t)
-	hs.SetServingStatus("orders", healthpb.HealthCheckResponse_SERVING)
-	run := startProber(t, addr, inbound.Probe{GRPC: &inbound.GRPCProbe{Service: "orders"}, FailureThreshold: 2}, false)
+	synctest.Test(t, func(t *testing.T) {
+		app := newMemListener()
+		hs, stop := startGRPCApp(t, app)
+		hs.SetServingStatus("orders", healthpb.HealthCheckResponse_SERVING)
+		run := startProberWith(t, inbound.ProberConfig{AppAddr: "127.0.0.1:8080", DialContext: app.Dial,
+			Probe: inbound.Probe{GRPC: &inbound.GRPCProbe{Service: "orders"}, FailureThreshold: 2}})
 
-	if err := run.first(t); err != nil {
-		t.Fatalf("gRPC probe of a SERVING service: %v", err)
-	}
-	run.expect(t, "SERVING", true, true)
+		if err := run.first(t); err != nil {
+			t.Fatalf("gRPC probe of a SERVING service: %v", err)
+		}
+		run.expect(t, "SERVING", true, true)
 
-	hs.SetServingStatus("orders", healthpb.HealthCheckResponse_NOT_SERVING)
-	if err := run.next(t); err == nil || !strings.Contains(err.Error(), "NOT_SERVING") {
-		t.Fatalf("gRPC probe of a NOT_SERVING service: %v, want an error naming NOT_SERVING", err)
-	}
-	run.expect(t, "NOT_SERVING once", true, true)
-	run.next(t)
-	run.expect(t, "NOT_SERVING twice", false, true, false)
+		hs.SetServingStatus("orders", healthpb.HealthCheckResponse_NOT_SERVING)
+		if err := run.next(t); err == nil || !strings.Contains(err.Error(), "NOT_SERVING") {
+			t.Fatalf("gRPC probe of a NOT_SERVING service: %v, want an error naming NOT_SERVING", err)
+		}
+		run.expect(t, "NOT_SERVING once", true, true)
+		run.next(t)
+		run.expect(t, "NOT_SERVING twice", false, true, false)
 
-	hs.SetServingStatus("orders", healthpb.HealthCheckResponse_SERVING)
-	run.next(t)
-	run.expect(t, "SERVING again", true, true, false, true)
+		hs.SetServingStatus("orders", healthpb.HealthCheckResponse_SERVING)
+		run.next(t)
+		run.expect(t, "SERVING again", true, true, false, true)
 
-	stop()
-	if err := run.next(t); err == nil {
-		t.Fatalf("gRPC probe of a stopped server passed")
-	}
-	run.next(t)
-	run.expect(t, "server stopped", false, true, false, true, false)
+		stop()
+		if err := run.next(t); err == nil {
+			t.Fatalf("gRPC probe of a stopped server passed")
+		}
+		run.next(t)
+		run.expect(t, "server stopped", false, true, false, true, false)
+	})
+}
+
+// Each kind of probe connects through ProberConfig.DialContext when it is
+// set: here to apps served in memory.
+func TestProbesDialThroughDialContext(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		httpApp := startMemApp(t, func(w http.ResponseWriter, r *http.Request) {})
+		grpcApp := newMemListener()
+		startGRPCApp(t, grpcApp)
+
+		for _, tc := range []struct {
+			probe inbound.Probe
+			app   *memListener
+		}{
+			{inbound.Probe{HTTP: &inbound.HTTPProbe{}}, httpApp},
+			{inbound.Probe{TCP: true}, httpApp},
+			{inbound.Probe{GRPC: &inbound.GRPCProbe{}}, grpcApp},
+		} {
+			before := tc.app.dials.Load()
+			run := startProberWith(t, inbound.ProberConfig{AppAddr: "127.0.0.1:8080", DialContext: tc.app.Dial, Probe: tc.probe})
+			if err := run.first(t); err != nil {
+				t.Errorf("%+v probe of an app in memory: %v, want a pass", tc.probe, err)
+			}
+			if n := tc.app.dials.Load() - before; n != 1 {
+				t.Errorf("%+v probe: %d dials through DialContext, want 1", tc.probe, n)
+			}
+			run.p.Stop()
+		}
+	})
 }
 
 func TestGRPCProbeErrors(t *testing.T) {
-	_, addr, _ := startGRPCApp(t)
+	app, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	startGRPCApp(t, app)
+	addr := app.Addr().String()
 	noHealth := grpc.NewServer()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -331,32 +430,30 @@ func TestGRPCProbeErrors(t *testing.T) {
 }
 
 func TestInitialDelay(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	run := startProber(t, ln.Addr().String(), inbound.Probe{TCP: true, InitialDelay: 5 * time.Second}, false)
-	if d := within(t, run.clock.created, "initial delay timer"); d != 5*time.Second {
-		t.Fatalf("first timer %v, want the 5s initial delay", d)
-	}
-	run.clock.Advance(5*time.Second - time.Millisecond)
-	select {
-	case err := <-run.results:
-		t.Fatalf("a probe ran before the initial delay ended (%v)", err)
-	default:
-	}
-	if s := run.p.State(); s.Probes != 0 || s.OK {
-		t.Fatalf("State() before the initial delay = %+v, want no probes and not OK", s)
-	}
-	if err := run.p.Err(); err == nil || !strings.Contains(err.Error(), "no result yet") {
-		t.Fatalf("Err() before the first probe = %v, want 'no result yet'", err)
-	}
-	run.clock.Advance(time.Millisecond)
-	if err := within(t, run.results, "probe result"); err != nil {
-		t.Fatalf("first probe after the delay: %v", err)
-	}
-	run.expect(t, "after the delay", true, true)
+	synctest.Test(t, func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		run := startProber(t, ln.Addr().String(), inbound.Probe{TCP: true, InitialDelay: 5 * time.Second}, false)
+		time.Sleep(5*time.Second - time.Millisecond) // virtual
+		select {
+		case res := <-run.results:
+			t.Fatalf("a probe ran before the initial delay ended (%v)", res.err)
+		default:
+		}
+		if s := run.p.State(); s.Probes != 0 || s.OK {
+			t.Fatalf("State() before the initial delay = %+v, want no probes and not OK", s)
+		}
+		if err := run.p.Err(); err == nil || !strings.Contains(err.Error(), "no result yet") {
+			t.Fatalf("Err() before the first probe = %v, want 'no result yet'", err)
+		}
+		if err := run.afterDelay(t, 5*time.Second); err != nil {
+			t.Fatalf("first probe after the delay: %v", err)
+		}
+		run.expect(t, "after the delay", true, true)
+	})
 }
 
 func TestStopMidProbeRecordsNothing(t *testing.T) {
