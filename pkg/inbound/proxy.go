@@ -25,7 +25,7 @@ const DefaultMaxInFlight = 1024
 // StatusClientClosed is the status an Observer is given for a request whose
 // client went away before anything was answered (nginx's 499). It is never
 // written.
-const StatusClientClosed = 499
+const StatusClientClosed = proxyhttp.StatusClientClosed
 
 // Config configures the inbound proxy. The zero value of a field means its
 // default, except AppAddr, which is required.
@@ -98,6 +98,7 @@ type Proxy struct {
 	log       *slog.Logger
 	transport *proxyhttp.Transport
 	fw        *proxyhttp.Forwarder
+	toApp     *appReachability // the transport, minding whether the app accepts connections
 
 	inFlight atomic.Int64
 	waiters  atomic.Int64  // goroutines in Wait
@@ -127,7 +128,8 @@ func New(cfg Config) (*Proxy, error) {
 		log:       componentLogger(cfg.Logger, "inbound").With("app", cfg.AppAddr),
 		transport: proxyhttp.NewTransport(cfg.Transport),
 	}
-	p.fw = &proxyhttp.Forwarder{Next: &appReachability{next: p.transport, log: p.log}, OnError: p.handleError}
+	p.fw = &proxyhttp.Forwarder{OnError: p.handleError}
+	p.toApp = &appReachability{next: p.transport, log: p.log}
 	return p, nil
 }
 
@@ -218,19 +220,16 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, v proxyhttp.Verdict) {
 	if v.Reason != "" {
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
-			Service: p.service, Detail: v.Reason})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, p.service, v.Reason))
 		return
 	}
 	if r.Method == http.MethodConnect {
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
-			Service: p.service, Detail: "CONNECT is not served on the inbound port"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonNotAllowed, p.service, "CONNECT is not served on the inbound port"))
 		return
 	}
 	if p.inFlight.Add(1) > p.max {
 		p.release()
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonOverloaded,
-			Service: p.service, Detail: "the app's inbound concurrency limit is reached"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonOverloaded, p.service, "the app's inbound concurrency limit is reached"))
 		return
 	}
 	defer p.release()
@@ -242,7 +241,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, v proxyhttp.Verdic
 		// errors are told apart from the app's.
 		r.Body = proxyhttp.NewBodyReader(w, r, p.bodyRead)
 	}
-	p.fw.Forward(w, r, p.app)
+	p.fw.Forward(w, r, p.toApp, p.app)
 }
 
 // reject answers with a local error, noting its reason for the Observer.
@@ -254,50 +253,17 @@ func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *proxyhttp.Loca
 }
 
 // handleError answers a request the app could not be asked or could not
-// answer.
+// answer. The inbound path has no retries or deadlines of its own, so only
+// the transport's and the client's errors arrive here.
 func (p *Proxy) handleError(w http.ResponseWriter, r *http.Request, err error) {
-	e := p.localError(err)
-	if e == nil {
+	e := proxyhttp.LocalReply(p.service, err)
+	if e.Status == StatusClientClosed {
 		// The client went away: nobody to answer, and net/http must not
 		// send an implicit 200.
 		panic(http.ErrAbortHandler)
 	}
 	p.log.Debug("request failed", "reason", e.Reason, "err", err)
 	p.reject(w, r, e)
-}
-
-// localError maps an error on the way to the app to the local error of
-// DESIGN.md; nil means the client is gone. The inbound path has no
-// retries or deadlines of its own, so only the transport's and the
-// client's errors arrive here.
-func (p *Proxy) localError(err error) *proxyhttp.LocalError {
-	var le *proxyhttp.LocalError
-	if errors.As(err, &le) {
-		return le
-	}
-	status, reason := http.StatusBadGateway, proxyhttp.ReasonUpstreamReset
-	var ce *proxyhttp.ClientError
-	var conn *proxyhttp.ConnectError
-	var bad *proxyhttp.BadResponseError
-	if errors.As(err, &ce) {
-		switch {
-		case ce.Gone():
-			return nil
-		case ce.Timeout():
-			status, reason = http.StatusRequestTimeout, proxyhttp.ReasonRequestTimeout
-		default:
-			status, reason = http.StatusBadRequest, proxyhttp.ReasonBadRequest
-		}
-	} else if errors.Is(err, context.Canceled) {
-		return nil
-	} else if errors.Is(err, proxyhttp.ErrResponseHeaderTimeout) {
-		status, reason = http.StatusGatewayTimeout, proxyhttp.ReasonUpstreamTimeout
-	} else if errors.As(err, &conn) {
-		status, reason = http.StatusBadGateway, proxyhttp.ReasonConnectFailure
-	} else if errors.As(err, &bad) {
-		status, reason = http.StatusBadGateway, proxyhttp.ReasonUpstreamBadResponse
-	}
-	return &proxyhttp.LocalError{Status: status, Reason: reason, Service: p.service, Detail: err.Error()}
 }
 
 // componentLogger returns l (nil: one that discards) for a component.

@@ -27,7 +27,7 @@ func (c *testChain) get(path string) (int, string) {
 	req, _ := http.NewRequest("GET", "http://svc"+path, nil)
 	resp, err := c.rt.RoundTrip(req)
 	if err != nil {
-		le := errorFor("svc", err)
+		le := proxyhttp.LocalReply("svc", err)
 		return le.Status, le.Reason
 	}
 	discard(resp)

@@ -70,13 +70,17 @@ func (o *countingObserver) StreamCut(_, reason string) {
 	o.cut[reason]++
 }
 
-// testChain is the resilience and pick layers over a fake transport, for
-// service "svc" on the given endpoints.
+// testChain is the chain of calls to service "svc" on the given endpoints,
+// from the concurrency limits on (no telemetry, no local-reply mapping),
+// over a fake transport.
 type testChain struct {
 	rt       http.RoundTripper
+	chain    *chain
 	states   *stateRegistry
 	observer *countingObserver
 	calls    atomic.Int64
+	// connectTimeout is the connect timeout the transport was last given.
+	connectTimeout atomic.Int64
 }
 
 func newTestChain(t *testing.T, policies string, endpoints []string, transport rtFunc) *testChain {
@@ -97,12 +101,20 @@ func newTestChainWith(t *testing.T, policies Policies, endpoints []string, trans
 	}
 	c := &testChain{observer: &countingObserver{retries: map[string]int{}, shed: map[string]int{}, cut: map[string]int{}}}
 	c.states = &stateRegistry{observer: c.observer, log: slog.New(slog.DiscardHandler), policies: policies}
-	counted := rtFunc(func(r *http.Request) (*http.Response, error) {
-		c.calls.Add(1)
-		return transport(r)
+	c.chain = &chain{policies: policies, states: c.states, observer: c.observer, log: slog.New(slog.DiscardHandler),
+		maxInFlight: DefaultMaxInFlight,
+		send: func(r *http.Request, connectTimeout time.Duration) (*http.Response, error) {
+			c.calls.Add(1)
+			c.connectTimeout.Store(int64(connectTimeout))
+			return transport(r)
+		}}
+	c.rt = rtFunc(func(r *http.Request) (*http.Response, error) {
+		set, err := static.Resolve(r.Context(), "svc")
+		if err != nil {
+			return nil, err
+		}
+		return c.chain.limit(c.chain.open("svc", set), r)
 	})
-	c.rt = &resilienceLayer{policies: policies, states: c.states, maxInFlight: DefaultMaxInFlight,
-		next: &pickLayer{resolver: static, log: slog.New(slog.DiscardHandler), observer: c.observer, next: counted}}
 	return c
 }
 
@@ -460,7 +472,7 @@ func TestOverallConcurrencyLimit(t *testing.T) {
 			<-hold
 			return answer(200), nil
 		})
-		c.rt.(*resilienceLayer).maxInFlight = 3
+		c.chain.maxInFlight = 3
 		codes := make(chan int, 5)
 		for range 5 {
 			go func() {
@@ -481,21 +493,19 @@ func TestOverallConcurrencyLimit(t *testing.T) {
 		for range 3 {
 			<-codes
 		}
-		if c.observer.shed[proxyhttp.ReasonOverloaded] != 2 || c.rt.(*resilienceLayer).inFlight.Load() != 0 {
-			t.Fatalf("shed %d, in flight %d; want 2 and 0", c.observer.shed[proxyhttp.ReasonOverloaded], c.rt.(*resilienceLayer).inFlight.Load())
+		if c.observer.shed[proxyhttp.ReasonOverloaded] != 2 || c.chain.inFlight.Load() != 0 {
+			t.Fatalf("shed %d, in flight %d; want 2 and 0", c.observer.shed[proxyhttp.ReasonOverloaded], c.chain.inFlight.Load())
 		}
 	})
 }
 
 // The policy's connect timeout reaches the transport with each attempt.
 func TestConnectTimeoutFromPolicy(t *testing.T) {
-	var got any
 	c := newTestChain(t, "service: svc\nconnectTimeout: 250ms\n", []string{"10.0.0.1:80"}, func(r *http.Request) (*http.Response, error) {
-		got = r.Context().Value(proxyhttp.ConnectTimeoutKey{})
 		return answer(200), nil
 	})
 	c.do(context.Background(), "GET", nil)
-	if got != 250*time.Millisecond {
+	if got := time.Duration(c.connectTimeout.Load()); got != 250*time.Millisecond {
 		t.Fatalf("the transport saw connect timeout %v, want 250ms", got)
 	}
 }

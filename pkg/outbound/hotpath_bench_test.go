@@ -44,13 +44,19 @@ func BenchmarkChain(b *testing.B) {
 	static, _ := discovery.NewStatic(map[string][]string{"svc": {"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"}})
 	resp := &http.Response{StatusCode: 200, Header: http.Header{}}
 	states := &stateRegistry{observer: NopObserver{}}
-	rt := &resilienceLayer{policies: NewStaticPolicies(nil), states: states, maxInFlight: DefaultMaxInFlight,
-		next: &pickLayer{resolver: static, observer: NopObserver{},
-			next: rtFunc(func(*http.Request) (*http.Response, error) {
-				r := *resp
-				r.Body = io.NopCloser(strings.NewReader(""))
-				return &r, nil
-			})}}
+	ch := &chain{policies: NewStaticPolicies(nil), states: states, observer: NopObserver{}, maxInFlight: DefaultMaxInFlight,
+		send: func(*http.Request, time.Duration) (*http.Response, error) {
+			r := *resp
+			r.Body = io.NopCloser(strings.NewReader(""))
+			return &r, nil
+		}}
+	rt := rtFunc(func(req *http.Request) (*http.Response, error) {
+		set, err := static.Resolve(req.Context(), "svc")
+		if err != nil {
+			return nil, err
+		}
+		return ch.limit(ch.open("svc", set), req)
+	})
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		req, _ := http.NewRequestWithContext(context.Background(), "GET", "http://svc/", nil)

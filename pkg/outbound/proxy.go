@@ -1,11 +1,33 @@
-// Package outbound is the sidecar's outbound proxy: the listener the app
-// sends its calls to (127.0.0.1:15001), routing by service name, and the
-// chain of layers each call goes through on its way to an endpoint.
+// Package outbound is the sidecar's outbound proxy: the handler of the
+// listener the app sends its calls to (127.0.0.1:15001).
+//
+// A request takes one path, in three files read in order:
+//
+//   - proxy.go, ServeHTTP: the checks of its head (framing verdict, hop
+//     marker, Host, scheme), then route, then its body (read whole up to
+//     64 KiB, or recorded as it streams), then the Forwarder.
+//   - route.go, route: the service the request names (by Host or absolute
+//     URL; on a redirected connection, by its original destination), made
+//     into a call: the service, the endpoint set discovery has, the policy
+//     in force and the service's state (breaker, retry budget, limiter,
+//     outlier detection), looked up once. Or an allow-listed host, sent
+//     straight to the transport. Or the local error that refuses it.
+//   - call.go, chain.do: the call's span and metrics -> concurrency limits
+//     -> deadline -> breaker -> retry loop { pick -> attempt span -> send
+//     -> outcome to outlier detection } -> the local-reply mapper
+//     (proxyhttp.LocalReply), which makes every failure the LocalError of
+//     the call's service.
+//
+// Nothing of a call travels in the request's URL or context: the chain
+// takes the call explicitly. New behaviour plugs in at one point each:
+// hedging in chain.attempts (a second attempt while the first is out),
+// a load-aware picker behind chain.pick (roundRobin today), and mTLS
+// origination in the sender (chain.send, the transport), which gets each
+// attempt's endpoint.
 package outbound
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -21,6 +43,7 @@ import (
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/sidecar-mesh/sidecar/internal/readahead"
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
@@ -79,21 +102,22 @@ const DefaultMaxInFlight = 10000
 // with 400 and never forwarded) and can be sent again without the client.
 const maxBufferedBody = 64 << 10
 
-// Proxy is the outbound http.Handler. Safe for concurrent use.
+// Proxy is the outbound http.Handler: the edge checks of a request
+// (ServeHTTP), its routing (route), then the chain of a call to a service
+// (call.go) or the transport to an allow-listed host. Safe for concurrent
+// use.
 type Proxy struct {
-	resolver   discovery.Resolver
-	limits     proxyhttp.Limits
-	log        *slog.Logger
-	transport  *proxyhttp.Transport
-	allow      map[string]bool
-	states     *stateRegistry
-	hop        []string             // the hop marker's value, shared read-only
-	resilience *resilienceLayer     // for InFlight
-	metrics    *metrics.Requests    // for requests refused before routing
-	service    *proxyhttp.Forwarder // to services known to discovery
-	direct     *proxyhttp.Forwarder // to allow-listed external hosts
-	tunnels    sync.WaitGroup
-	serveConn  func(net.Conn, []byte) // the listener's ServeConn; nil: none
+	resolver  discovery.Resolver
+	limits    proxyhttp.Limits
+	log       *slog.Logger
+	transport *proxyhttp.Transport
+	allow     map[string]bool
+	hop       []string          // the hop marker's value, shared read-only
+	chain     *chain            // of every call to a service
+	metrics   *metrics.Requests // for requests refused before routing
+	fw        *proxyhttp.Forwarder
+	tunnels   sync.WaitGroup
+	serveConn func(net.Conn, []byte) // the listener's ServeConn; nil: none
 }
 
 var _ http.Handler = (*Proxy)(nil)
@@ -133,7 +157,6 @@ func New(cfg Config) (*Proxy, error) {
 	if maxInFlight <= 0 {
 		maxInFlight = DefaultMaxInFlight
 	}
-	p.states = &stateRegistry{observer: observer, log: p.log, policies: policies}
 	if cfg.Tracer != nil && cfg.Propagator == nil {
 		return nil, errors.New("outbound: a Tracer needs a Propagator")
 	}
@@ -142,39 +165,24 @@ func New(cfg Config) (*Proxy, error) {
 		cfg.HopID = strconv.FormatUint(rand.Uint64(), 36)
 	}
 	p.hop = []string{cfg.HopID}
-	p.service = &proxyhttp.Forwarder{Next: p.chain(cfg, policies, maxInFlight, observer), OnError: p.handleError}
-	p.direct = &proxyhttp.Forwarder{Next: p.transport, OnError: p.handleError}
+	p.chain = &chain{
+		policies:    policies,
+		states:      &stateRegistry{observer: observer, log: p.log, policies: policies},
+		observer:    observer,
+		log:         p.log,
+		tracer:      cfg.Tracer,
+		prop:        cfg.Propagator,
+		metrics:     cfg.Metrics,
+		send:        p.transport.Send,
+		isOwn:       cfg.IsOwn,
+		maxInFlight: int64(maxInFlight),
+	}
+	p.fw = &proxyhttp.Forwarder{OnError: p.handleError}
 	return p, nil
 }
 
-// chain builds the path every call to a service takes, in one visible
-// order, each layer an http.RoundTripper wrapping the next:
-//
-//	telemetry: the request's span (under the caller's trace context) and
-//	    metrics
-//	-> resilience: concurrency limits (all services, then the service)
-//	    -> overall deadline (lifted for a stream once its headers come:
-//	    streamIdleTimeout then) -> circuit breaker (once per request, told
-//	    its outcome after retries) -> retry loop, each attempt under its
-//	    per-try deadline
-//	-> pick (round robin over the service's healthy, non-ejected endpoints;
-//	   outcomes feed outlier ejection; each attempt's span, whose context
-//	   the upstream gets in its trace headers)
-//	-> transport (pooled HTTP/1.1, connect timeout from the policy)
-func (p *Proxy) chain(cfg Config, policies Policies, maxInFlight int, observer Observer) http.RoundTripper {
-	var rt http.RoundTripper = p.transport
-	rt = &pickLayer{resolver: cfg.Resolver, log: p.log, observer: observer, tracer: cfg.Tracer, prop: cfg.Propagator,
-		isOwn: cfg.IsOwn, next: rt}
-	p.resilience = &resilienceLayer{policies: policies, states: p.states, maxInFlight: int64(maxInFlight), next: rt}
-	rt = p.resilience
-	if cfg.Tracer != nil || cfg.Metrics != nil {
-		rt = &telemetryLayer{tracer: cfg.Tracer, prop: cfg.Propagator, metrics: cfg.Metrics, next: rt}
-	}
-	return rt
-}
-
 // InFlight is the number of requests in flight to services now.
-func (p *Proxy) InFlight() int64 { return p.resilience.inFlight.Load() }
+func (p *Proxy) InFlight() int64 { return p.chain.inFlight.Load() }
 
 // Close releases pooled upstream connections and waits for CONNECT tunnels.
 func (p *Proxy) Close() {
@@ -182,21 +190,23 @@ func (p *Proxy) Close() {
 	p.tunnels.Wait()
 }
 
-// ServeHTTP routes one request from the app.
+// ServeHTTP routes one request from the app: the checks of its head, then
+// route, then its body, then the call to a service or the transport to an
+// allow-listed host.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if v := proxyhttp.TakeVerdict(r); v.Reason != "" {
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: v.Reason})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "", v.Reason))
 		return
 	}
 	if hops, ok := r.Header[proxyhttp.HopHeader]; ok && p.sentBefore(hops) {
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusLoopDetected, Reason: proxyhttp.ReasonLoop,
-			Detail: "this request was forwarded by this sidecar already: discovery or a proxy sends it back here"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonLoop, "",
+			"this request was forwarded by this sidecar already: discovery or a proxy sends it back here"))
 		return
 	}
 	host := strings.ToLower(r.Host)
 	if host == "" {
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
-			Detail: "no Host header and no absolute URL: name the service you are calling"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "",
+			"no Host header and no absolute URL: name the service you are calling"))
 		return
 	}
 	if r.Method == http.MethodConnect {
@@ -204,21 +214,24 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.URL.Scheme != "" && r.URL.Scheme != "http" {
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
-			Detail: "scheme " + r.URL.Scheme + " is not proxied; send plain http (use CONNECT for TLS to allowed hosts)"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "",
+			"scheme "+r.URL.Scheme+" is not proxied; send plain http (use CONNECT for TLS to allowed hosts)"))
 		return
 	}
 	if r.URL.User != nil { // RFC 9110, 4.2.4: it hides the real authority
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
-			Detail: "userinfo (user@) in the request URL is not allowed"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "", "userinfo (user@) in the request URL is not allowed"))
 		return
 	}
 
 	// Unknown services are refused here, before any body is read.
-	fw, target, lerr := p.route(r, host)
+	c, direct, lerr := p.route(r, host)
 	if lerr != nil {
 		p.reject(w, r, lerr)
 		return
+	}
+	service := direct
+	if c != nil {
+		service = c.service
 	}
 
 	if r.Body != nil && r.Body != http.NoBody && r.ProtoMajor == 2 {
@@ -233,7 +246,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	} else if r.Body != nil && r.Body != http.NoBody {
 		body, err := p.prepareBody(w, r)
 		if err != nil {
-			p.handleError(w, r, err)
+			p.replyError(w, r, proxyhttp.LocalReply(service, err), err)
 			return
 		}
 		r2 := *r
@@ -243,17 +256,19 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		r = &r2
 	}
-	if fw == p.service {
-		// The marker goes on after the client's Connection header has
-		// named its options, which could otherwise take it off again.
-		proxyhttp.RemoveConnectionOptions(r.Header)
-		if prior, ok := r.Header[proxyhttp.HopHeader]; ok {
-			r.Header[proxyhttp.HopHeader] = append(prior[:len(prior):len(prior)], p.hop...)
-		} else {
-			r.Header[proxyhttp.HopHeader] = p.hop
-		}
+	if c == nil {
+		p.fw.Forward(w, r, p.transport, direct)
+		return
 	}
-	fw.Forward(w, r, target)
+	// The marker goes on after the client's Connection header has named
+	// its options, which could otherwise take it off again.
+	proxyhttp.RemoveConnectionOptions(r.Header)
+	if prior, ok := r.Header[proxyhttp.HopHeader]; ok {
+		r.Header[proxyhttp.HopHeader] = append(prior[:len(prior):len(prior)], p.hop...)
+	} else {
+		r.Header[proxyhttp.HopHeader] = p.hop
+	}
+	p.fw.Forward(w, r, c, "")
 }
 
 // sentBefore reports whether a request's hop markers hold this proxy's.
@@ -376,24 +391,26 @@ type prefixedBody struct {
 	rest   io.ReadCloser
 }
 
-func (b *prefixedBody) Read(p []byte) (int, error) {
-	if len(b.prefix) > 0 {
-		n := copy(p, b.prefix)
-		b.prefix = b.prefix[n:]
-		return n, nil
-	}
-	return b.rest.Read(p)
-}
+func (b *prefixedBody) Read(p []byte) (int, error) { return readahead.Read(&b.prefix, b.rest, p) }
 
 func (b *prefixedBody) Close() error { return b.rest.Close() }
 
+// reject answers a request refused before it was sent anywhere.
 func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *proxyhttp.LocalError) {
 	p.metrics.Rejected(metrics.Outbound, e.Reason)
 	proxyhttp.WriteError(w, r, e)
 }
 
+// handleError is the Forwarder's: it answers a request that could not be
+// sent or answered. A call's errors come as the LocalError of its service
+// (the chain maps them); others, to an allow-listed host, are mapped for
+// the host.
 func (p *Proxy) handleError(w http.ResponseWriter, r *http.Request, err error) {
-	e := errorFor(discovery.ServiceName(r.Host), err)
+	p.replyError(w, r, proxyhttp.LocalReply(discovery.ServiceName(r.Host), err), err)
+}
+
+// replyError answers with e, the local reply to err.
+func (p *Proxy) replyError(w http.ResponseWriter, r *http.Request, e *proxyhttp.LocalError, err error) {
 	if e.Status == StatusClientClosed {
 		// Nobody to answer; abort rather than let net/http send an
 		// implicit 200.
@@ -405,52 +422,17 @@ func (p *Proxy) handleError(w http.ResponseWriter, r *http.Request, err error) {
 
 // StatusClientClosed is the status recorded for a request whose client went
 // away before it was answered (nginx's 499). It is never written.
-const StatusClientClosed = 499
+const StatusClientClosed = proxyhttp.StatusClientClosed
 
 // routeError maps a discovery error to the local error of DESIGN.md.
 func routeError(service string, err error) *proxyhttp.LocalError {
-	if errors.Is(err, discovery.ErrUnknownService) {
-		return &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonUnknownService,
-			Service: service, Detail: "no discovery source knows this service"}
-	}
-	if errors.Is(err, discovery.ErrNoAnswer) {
-		return &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonNoHealthyEndpoints,
-			Service: service, Detail: err.Error()}
-	}
-	return errorFor(service, err)
-}
-
-// errorFor is the one place that maps an error on the outbound path to the
-// status and reason the app sees (DESIGN.md, "Errors the sidecar itself
-// produces").
-func errorFor(service string, err error) *proxyhttp.LocalError {
-	var le *proxyhttp.LocalError
-	if errors.As(err, &le) {
-		return le
-	}
-	e := &proxyhttp.LocalError{Service: service, Detail: err.Error()}
-	var ce *proxyhttp.ClientError
-	var conn *proxyhttp.ConnectError
-	var bad *proxyhttp.BadResponseError
 	switch {
-	case errors.As(err, &ce) && ce.Timeout():
-		e.Status, e.Reason = http.StatusRequestTimeout, proxyhttp.ReasonRequestTimeout
-	case errors.As(err, &ce) && ce.Gone():
-		e.Status, e.Reason = StatusClientClosed, "client_closed"
-	case errors.As(err, &ce):
-		e.Status, e.Reason = http.StatusBadRequest, proxyhttp.ReasonBadRequest
-	case errors.Is(err, context.Canceled):
-		e.Status, e.Reason = StatusClientClosed, "client_closed"
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, proxyhttp.ErrResponseHeaderTimeout):
-		e.Status, e.Reason = http.StatusGatewayTimeout, proxyhttp.ReasonUpstreamTimeout
-	case errors.As(err, &conn):
-		e.Status, e.Reason = http.StatusBadGateway, proxyhttp.ReasonConnectFailure
-	case errors.As(err, &bad):
-		e.Status, e.Reason = http.StatusBadGateway, proxyhttp.ReasonUpstreamBadResponse
-	default:
-		e.Status, e.Reason = http.StatusBadGateway, proxyhttp.ReasonUpstreamReset
+	case errors.Is(err, discovery.ErrUnknownService):
+		return proxyhttp.Refuse(proxyhttp.ReasonUnknownService, service, "no discovery source knows this service")
+	case errors.Is(err, discovery.ErrNoAnswer):
+		return proxyhttp.Refuse(proxyhttp.ReasonNoHealthyEndpoints, service, err.Error())
 	}
-	return e
+	return proxyhttp.LocalReply(service, err)
 }
 
 // SetConnServer gives the proxy the server of its own listener, so that a
@@ -472,14 +454,13 @@ func (p *Proxy) connect(w http.ResponseWriter, r *http.Request, host string) {
 		return
 	}
 	if discovery.IsIPLiteral(host) {
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
-			Detail: "CONNECT to an IP address is not allowed; call the service by name, or add " + host + " to allowHosts"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonNotAllowed, "",
+			"CONNECT to an IP address is not allowed; call the service by name, or add "+host+" to allowHosts"))
 		return
 	}
 	service := discovery.ServiceName(host)
 	if !discovery.ValidServiceName(service) {
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
-			Detail: "CONNECT to " + policy.Quote(host) + ": not a service name"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "", "CONNECT to "+policy.Quote(host)+": not a service name"))
 		return
 	}
 	if _, err := p.resolver.Resolve(r.Context(), service); err != nil {
@@ -491,13 +472,13 @@ func (p *Proxy) connect(w http.ResponseWriter, r *http.Request, host string) {
 		return
 	}
 	if p.serveConn == nil || r.ProtoMajor != 1 {
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Service: service,
-			Detail: "CONNECT to a service needs HTTP/1.1; or send the request itself to this port"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, service,
+			"CONNECT to a service needs HTTP/1.1; or send the request itself to this port"))
 		return
 	}
 	conn, brw, err := http.NewResponseController(proxyhttp.HijackAware(w, r)).Hijack()
 	if err != nil {
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Service: service, Detail: "CONNECT needs HTTP/1.1"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, service, "CONNECT needs HTTP/1.1"))
 		return
 	}
 	_ = conn.SetDeadline(time.Time{})
@@ -518,7 +499,7 @@ func (p *Proxy) connect(w http.ResponseWriter, r *http.Request, host string) {
 func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 	p.tunnels.Add(1)
 	defer p.tunnels.Done()
-	dst, err := p.transport.Dial(r.Context(), r.Host)
+	dst, err := p.transport.Dial(r.Context(), r.Host, 0)
 	if err != nil {
 		p.handleError(w, r, err)
 		return
@@ -526,7 +507,7 @@ func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 	src, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		_ = dst.Close()
-		p.reject(w, r, &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest, Detail: "CONNECT needs HTTP/1.1"})
+		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "", "CONNECT needs HTTP/1.1"))
 		return
 	}
 	_ = src.SetDeadline(time.Time{})

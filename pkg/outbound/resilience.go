@@ -3,7 +3,6 @@ package outbound
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"math"
@@ -235,222 +234,10 @@ func isLocalError(err error) bool {
 	return errors.As(err, &le)
 }
 
-// resilienceLayer applies the service's policy around the rest of the
-// chain: concurrency limits (all services, then this one), the overall
-// deadline, the circuit breaker (asked once per request, told the outcome
-// after retries), then the retry loop, each attempt under its per-try
-// deadline, no retry into a breaker that opened meanwhile.
-type resilienceLayer struct {
-	policies Policies
-	states   *stateRegistry
-	next     http.RoundTripper
-
-	// inFlight counts requests to every service; over maxInFlight a request
-	// is refused.
-	inFlight    atomic.Int64
-	maxInFlight int64
-}
-
-var _ http.RoundTripper = (*resilienceLayer)(nil)
-
-func (l *resilienceLayer) RoundTrip(req *http.Request) (*http.Response, error) {
-	service := req.URL.Host
-	p := l.policies.For(service)
-	st := l.states.get(service, p)
-
-	// The caller's own deadline (a gRPC client's grpc-timeout, or its
-	// disconnect) bounds everything, a stream too; the policy's timeout
-	// bounds the wait for a slot, every attempt and backoff and, unless the
-	// answer is a stream, its body. The sooner wins.
-	caller, cancelCaller := req.Context(), context.CancelFunc(nil)
-	timeout := p.Timeout.D()
-	if d, ok := grpcTimeout(req.Header); ok {
-		caller, cancelCaller = context.WithTimeoutCause(caller, d, errCallerDeadline)
-		timeout = min(timeout, d)
-	}
-
-	// Concurrency: over the sidecar's limit a request is refused at once;
-	// over the service's it waits in the service's bounded line
-	// (concurrency.maxQueued, none by default) for at most
-	// concurrency.queueTimeout, else it is refused. Memory stays bounded
-	// however hard the app pushes.
-	if n := l.inFlight.Add(1); n > l.maxInFlight {
-		l.inFlight.Add(-1)
-		stopCaller(cancelCaller)
-		return nil, l.shed(req, service, "the sidecar's limit on outbound requests in flight (limits.outboundMaxInFlight)")
-	}
-	c := p.Concurrency
-	maxInFlight := int64(*c.MaxInFlight)
-	// wait: for a slot, within the timeout.
-	ok, wait := st.limit.acquire(caller, maxInFlight, *c.MaxQueued, min(c.QueueTimeout.D(), timeout))
-	if !ok {
-		l.inFlight.Add(-1)
-		stopCaller(cancelCaller)
-		if *c.MaxQueued > 0 {
-			return nil, l.shed(req, service, "concurrency limit of the service reached and no slot within concurrency.queueTimeout or room in its line (concurrency.maxQueued)")
-		}
-		return nil, l.shed(req, service, "concurrency limit of the service reached (concurrency.maxInFlight)")
-	}
-	ctx := newDeadlineCtx(caller, p.Timeout.D()-wait, errTimeout)
-	resp, attempt, err := l.attempts(ctx, req, service, p, st)
-	fb := &finishBody{layer: l, state: st, maxInFlight: maxInFlight, ctx: ctx, attempt: attempt, cancelCaller: cancelCaller}
-	if err != nil {
-		// Told by the context, not the error: a dial cut short by the
-		// deadline reports only that it was canceled.
-		expired := ctx.Err() == context.DeadlineExceeded
-		fb.finish()
-		if expired && req.Context().Err() == nil && !isPerTryTimeout(err) {
-			return nil, &proxyhttp.LocalError{Status: http.StatusGatewayTimeout, Reason: proxyhttp.ReasonUpstreamTimeout,
-				Service: service, Detail: "no response within the timeout of " + timeout.String()}
-		}
-		return nil, err
-	}
-	if resp.StatusCode == http.StatusSwitchingProtocols {
-		// An upgraded connection lives on its own: no deadline, no slot.
-		fb.finish()
-		return resp, nil
-	}
-	fb.ReadCloser, fb.resp, fb.service = resp.Body, resp, service
-	if proxyhttp.IsStream(resp) {
-		// A stream runs as long as it keeps sending: the policy's
-		// deadlines, which bounded the wait for its headers, give way to
-		// streamIdleTimeout (the caller's own deadline stays).
-		fb.stream = ctx.lift(p.StreamIdleTimeout.D()) && (attempt == nil || attempt.lift(0))
-	}
-	resp.Body = fb
-	return resp, nil
-}
-
 // stopCaller releases the caller's deadline, if the request carried one.
 func stopCaller(cancel context.CancelFunc) {
 	if cancel != nil {
 		cancel()
-	}
-}
-
-// release gives back a request's concurrency slots, the service's to the
-// first request waiting for one.
-func (l *resilienceLayer) release(st *serviceState, maxInFlight int64) {
-	st.limit.release(maxInFlight)
-	l.inFlight.Add(-1)
-}
-
-func (l *resilienceLayer) shed(req *http.Request, service, detail string) error {
-	proxyhttp.CloseBody(req)
-	l.states.observer.Shed(service, proxyhttp.ReasonOverloaded)
-	return &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonOverloaded,
-		Service: service, Detail: detail}
-}
-
-// attempts runs the retry loop: retries only on the policy's conditions,
-// for idempotent requests (or any request on a connect failure), with a
-// replayable body, within the retry budget, preferring another endpoint,
-// never into an open breaker, and never starting an attempt the overall
-// deadline can't cover. With a response it returns the last attempt's
-// per-try deadline (nil without one), for the caller to lift for a stream
-// and to end once the response is done.
-func (l *resilienceLayer) attempts(rctx *deadlineCtx, req *http.Request, service string, p *policy.Policy, st *serviceState) (*http.Response, *deadlineCtx, error) {
-	r := p.Retry
-	st.budget.request(time.Now())
-	br := st.breaker.Load()
-	actxs := &attemptCtx{Context: rctx, info: attemptInfo{policy: p, state: st}}
-	info := &actxs.info
-	var ctx context.Context = actxs
-	cur := req
-	grpc := proxyhttp.IsGRPC(req)
-	// The breaker counts requests, by their outcome after retries: a
-	// request it lets through is one call of done, whatever its attempts.
-	// An instance that fails is outlier detection's to eject, and a
-	// request that fails everywhere one failure.
-	done, berr := br.Allow()
-	if berr != nil {
-		proxyhttp.CloseBody(cur)
-		l.states.observer.Shed(service, proxyhttp.ReasonCircuitOpen)
-		return nil, nil, &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonCircuitOpen,
-			Service: service, Detail: "circuit breaker " + br.State().String()}
-	}
-	for attempt := 1; ; attempt++ {
-		actx, perTry := ctx, (*deadlineCtx)(nil)
-		if pt := r.PerTryTimeout.D(); pt > 0 {
-			perTry = newDeadlineCtx(ctx, pt, errPerTryTimeout)
-			actx = perTry
-		}
-		info.attempt = attempt
-		areq := cur.WithContext(actx)
-		if req.ProtoMajor == 2 {
-			// Each HTTP/2 attempt writes its own header map: the HTTP/2
-			// transport may still be encoding an abandoned attempt's
-			// headers when the next one sets its trace headers.
-			areq.Header = cur.Header.Clone()
-		}
-		if grpc {
-			// The upstream learns the time left of the caller's own
-			// deadline, which bounds a stream too; not the policy's, which
-			// bound only the wait for a stream's headers: told them, the
-			// server would end its stream there.
-			if dl, ok := rctx.callerDeadline(); ok {
-				areq.Header.Set("Grpc-Timeout", encodeGRPCTimeout(time.Until(dl)))
-			}
-		}
-		resp, err := l.next.RoundTrip(areq)
-		if err != nil && ctx.Err() == nil && perTryExpired(actx, r.PerTryTimeout.D() > 0, time.Now()) {
-			err = fmt.Errorf("%w: %w", errPerTryTimeout, context.DeadlineExceeded)
-		}
-		if grpc && err == nil && attempt < *r.Attempts && ctx.Err() == nil {
-			resp = settleGRPC(r, req, resp)
-		}
-
-		reason := ""
-		if attempt < *r.Attempts && ctx.Err() == nil && br.State() != gobreaker.StateOpen {
-			reason = retryReason(r, req, resp, err)
-		}
-		var (
-			delay time.Duration
-			next  *http.Request
-			ok    bool
-		)
-		if reason != "" {
-			delay = backoffDelay(r.Backoff, attempt, resp)
-			if deadlineAllows(ctx, delay) {
-				next, ok = proxyhttp.Rewound(req) // only bodies held in memory replay
-			}
-		}
-		if ok && !st.budget.allowRetry(time.Now(), *r.Budget.Ratio, *r.Budget.MinPerSecond) {
-			l.states.observer.RetryBudgetExhausted(service)
-			ok = false
-		}
-		if !ok {
-			if next != nil && next != req {
-				proxyhttp.CloseBody(next)
-			}
-			if err != nil {
-				done(breakerOutcome(nil, err))
-				endPerTry(perTry)
-				return nil, nil, err
-			}
-			if grpcOutcomePending(resp) {
-				// A gRPC answer whose status was not settled above is
-				// judged by its trailers, when its body ends.
-				resp.Body = &grpcEnd{ReadCloser: resp.Body, resp: resp, end: func() { done(breakerOutcome(resp, nil)) }}
-			} else {
-				done(breakerOutcome(resp, nil))
-			}
-			return resp, perTry, nil
-		}
-		if resp != nil {
-			discard(resp)
-		}
-		endPerTry(perTry)
-		l.states.observer.Retried(service, reason)
-		if !sleep(ctx, delay) {
-			proxyhttp.CloseBody(next)
-			err := ctx.Err()
-			done(breakerOutcome(nil, err))
-			return nil, nil, err
-		}
-		info.avoid = info.picked
-		info.retryOf, info.backoff = reason, delay
-		cur = next
 	}
 }
 
@@ -478,7 +265,7 @@ func endPerTry(perTry *deadlineCtx) {
 type finishBody struct {
 	io.ReadCloser
 	once         sync.Once
-	layer        *resilienceLayer
+	chain        *chain
 	state        *serviceState
 	maxInFlight  int64              // the service's limit when the request started
 	ctx          *deadlineCtx       // the request's deadline
@@ -520,8 +307,8 @@ func (b *finishBody) cutStream(err error) error {
 	}
 	if !b.cut {
 		b.cut = true
-		b.layer.states.observer.StreamCut(b.service, reason)
-		b.layer.states.log.Debug("stream cut", "service", b.service, "reason", reason, "detail", detail)
+		b.chain.observer.StreamCut(b.service, reason)
+		b.chain.log.Debug("stream cut", "service", b.service, "reason", reason, "detail", detail)
 	}
 	if isGRPCResponse(b.resp) {
 		b.resp.Trailer = http.Header{"Grpc-Status": {"4"}, "Grpc-Message": {"stream cut by the sidecar: " + detail}}
@@ -540,7 +327,7 @@ func (b *finishBody) finish() {
 	endPerTry(b.attempt)
 	b.ctx.end()
 	stopCaller(b.cancelCaller)
-	b.layer.release(b.state, b.maxInFlight)
+	b.chain.release(b.state, b.maxInFlight)
 }
 
 // Why the chain cut a stream (StreamCutError.Reason, Observer.StreamCut).
@@ -592,7 +379,7 @@ type EjectedEndpoint struct {
 func (p *Proxy) Status() []ServiceStatus {
 	now := time.Now()
 	var out []ServiceStatus
-	p.states.states.Range(func(k, v any) bool {
+	p.chain.states.states.Range(func(k, v any) bool {
 		st := v.(*serviceState)
 		var s ServiceStatus
 		s.Service = k.(string)

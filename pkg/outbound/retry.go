@@ -15,44 +15,6 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
-// attemptKey finds a request's attemptInfo in its context.
-type attemptKey struct{}
-
-// attemptInfo hands the pick layer the request's policy and service state
-// (looked up once per request), tells it which endpoint to avoid (the one
-// that just failed) and records the one it picked.
-type attemptInfo struct {
-	policy *policy.Policy
-	state  *serviceState
-	avoid  string
-	picked string
-	// For the attempt's span: its number (1 for the first try), why it is
-	// a retry ("" for the first) and the backoff waited before it.
-	attempt int
-	retryOf string
-	backoff time.Duration
-}
-
-// attemptCtx is the context of a request's attempts. It answers for the
-// attemptInfo and the policy's connect timeout (for the transport) itself,
-// in one allocation, instead of two context.WithValue layers. The context
-// package still sees its parent's cancelation through Value, so no
-// goroutine is started to propagate it.
-type attemptCtx struct {
-	context.Context
-	info attemptInfo
-}
-
-func (c *attemptCtx) Value(key any) any {
-	switch key.(type) {
-	case attemptKey:
-		return &c.info
-	case proxyhttp.ConnectTimeoutKey:
-		return c.info.policy.ConnectTimeout.D()
-	}
-	return c.Context.Value(key)
-}
-
 // budget caps retries at a share of recent requests plus a floor per
 // second, so that retries cannot multiply the load on a service that is
 // down: over any span of time, retries <= ratio * requests + minPerSecond
@@ -196,7 +158,7 @@ func settleGRPC(p *policy.Retry, req *http.Request, resp *http.Response) *http.R
 		!slices.ContainsFunc(p.On, func(c string) bool { return strings.HasPrefix(c, "grpc-") }) {
 		return resp
 	}
-	if _, ok := proxyhttp.Rewound(req); !ok {
+	if !requestEnded(req) {
 		return resp
 	}
 	var one [1]byte
@@ -208,6 +170,21 @@ func settleGRPC(p *policy.Retry, req *http.Request, resp *http.Response) *http.R
 	// (moving the status into the headers would break it for a client when
 	// other trailers follow).
 	return resp
+}
+
+// requestEnded reports whether the whole of req's body was taken and can be
+// sent again: none, or one that ended within the record. A body not read
+// from yet is still streaming: the HTTP/2 transport may write it only
+// after the answer's headers came back, and a bidi client may wait for
+// those headers before it sends.
+func requestEnded(req *http.Request) bool {
+	if rb, ok := req.Body.(*replayBody); ok {
+		rb.mu.Lock()
+		defer rb.mu.Unlock()
+		return rb.complete
+	}
+	_, ok := proxyhttp.Rewound(req)
+	return ok
 }
 
 // grpcStatus is a gRPC answer's grpc-status as far as it is known: from a

@@ -9,9 +9,9 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
-// route chooses where a request goes: the forwarder and its target (a
-// service name, or an allow-listed host:port), or the local error that
-// refuses it.
+// route chooses where a request goes: a call to a service (with the
+// endpoints, policy and state it will use), or an allow-listed host:port
+// to send it to directly, or the local error that refuses it.
 //
 //  1. An allow-listed Host goes there directly.
 //  2. A Host that names a service known to discovery goes to that service.
@@ -24,20 +24,20 @@ import (
 //     maps to nothing is refused like an IP literal: 403 not_allowed.
 //  4. Otherwise IP literals get 403 not_allowed and unknown names 503
 //     unknown_service, as on a connection made to the listener itself.
-func (p *Proxy) route(r *http.Request, host string) (*proxyhttp.Forwarder, string, *proxyhttp.LocalError) {
+func (p *Proxy) route(r *http.Request, host string) (*call, string, *proxyhttp.LocalError) {
 	if p.allowed(host) {
-		return p.direct, host, nil
+		return nil, host, nil
 	}
 	service := discovery.ServiceName(host)
 	_, redirected := proxyhttp.OriginalDst(r.Context())
 	if !discovery.IsIPLiteral(host) {
 		if !discovery.ValidServiceName(service) {
-			return nil, "", &proxyhttp.LocalError{Status: http.StatusBadRequest, Reason: proxyhttp.ReasonBadRequest,
-				Detail: "the host " + policy.Quote(host) + " is not a service name (letters, digits, '-', '_' and '.')"}
+			return nil, "", proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "",
+				"the host "+policy.Quote(host)+" is not a service name (letters, digits, '-', '_' and '.')")
 		}
-		_, err := p.resolver.Resolve(r.Context(), service)
+		set, err := p.resolver.Resolve(r.Context(), service)
 		if err == nil {
-			return p.service, service, nil
+			return p.chain.open(service, set), "", nil
 		}
 		if !redirected || !errors.Is(err, discovery.ErrUnknownService) {
 			return nil, "", routeError(service, err)
@@ -48,32 +48,33 @@ func (p *Proxy) route(r *http.Request, host string) (*proxyhttp.Forwarder, strin
 			detail = "a gRPC channel to the sidecar's address sends that address as its authority: set the authority to the service's name " +
 				"(grpc-go grpc.WithAuthority, grpcurl -authority, grpc-js and Python option grpc.default_authority)"
 		}
-		return nil, "", &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed, Service: service, Detail: detail}
+		return nil, "", proxyhttp.Refuse(proxyhttp.ReasonNotAllowed, service, detail)
 	}
 	return p.routeByOriginalDst(r, host)
 }
 
 // routeByOriginalDst routes a request on a redirected connection by the
 // address the app dialed.
-func (p *Proxy) routeByOriginalDst(r *http.Request, host string) (*proxyhttp.Forwarder, string, *proxyhttp.LocalError) {
+func (p *Proxy) routeByOriginalDst(r *http.Request, host string) (*call, string, *proxyhttp.LocalError) {
 	dst, _ := proxyhttp.OriginalDst(r.Context())
 	if rr, ok := p.resolver.(discovery.ReverseResolver); ok {
 		service, err := rr.ServiceAt(r.Context(), dst)
 		switch {
 		case err == nil:
-			if _, err := p.resolver.Resolve(r.Context(), service); err != nil {
+			set, err := p.resolver.Resolve(r.Context(), service)
+			if err != nil {
 				return nil, "", routeError(service, err)
 			}
-			return p.service, service, nil
+			return p.chain.open(service, set), "", nil
 		case !errors.Is(err, discovery.ErrUnknownService):
-			return nil, "", &proxyhttp.LocalError{Status: http.StatusServiceUnavailable, Reason: proxyhttp.ReasonUnknownService,
-				Detail: "discovery could not say which service has an endpoint at " + dst.String() + ": " + err.Error()}
+			return nil, "", proxyhttp.Refuse(proxyhttp.ReasonUnknownService, "",
+				"discovery could not say which service has an endpoint at "+dst.String()+": "+err.Error())
 		}
 	}
 	if p.allowed(dst.String()) {
-		return p.direct, dst.String(), nil
+		return nil, dst.String(), nil
 	}
-	return nil, "", &proxyhttp.LocalError{Status: http.StatusForbidden, Reason: proxyhttp.ReasonNotAllowed,
-		Detail: "the original destination " + dst.String() + " (Host " + host + ") is not an endpoint of a service known to discovery; " +
-			"call the service by name or add the address to allowHosts"}
+	return nil, "", proxyhttp.Refuse(proxyhttp.ReasonNotAllowed, "",
+		"the original destination "+dst.String()+" (Host "+host+") is not an endpoint of a service known to discovery; "+
+			"call the service by name or add the address to allowHosts")
 }

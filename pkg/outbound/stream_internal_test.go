@@ -117,7 +117,7 @@ func TestStreamOutlivesTimeoutUntilIdle(t *testing.T) {
 		if c.observer.cut[StreamCutIdle] != 1 || len(c.observer.cut) != 1 {
 			t.Fatalf("streams counted as cut: %v, want 1 for idle", c.observer.cut)
 		}
-		if n := c.rt.(*resilienceLayer).inFlight.Load(); n != 0 {
+		if n := c.chain.inFlight.Load(); n != 0 {
 			t.Fatalf("%d requests still in flight after both streams ended, want 0", n)
 		}
 	})

@@ -2,68 +2,42 @@ package outbound
 
 import (
 	"cmp"
+	"context"
 	"io"
+	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
-	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/tracing"
 )
 
-// telemetryLayer is the chain's first layer: the request's client span,
-// under the trace context the app sent (if any), and its metrics. The
-// attempts below get their own spans (pickLayer). Local errors of the chain
-// (circuit_open, no_healthy_endpoints, overloaded, upstream_timeout) end
-// the span with an error status and their reason.
-type telemetryLayer struct {
-	tracer  trace.Tracer // nil: no spans
-	prop    propagation.TextMapPropagator
-	metrics *metrics.Requests // nil: no request metrics
-	next    http.RoundTripper
-}
-
-var _ http.RoundTripper = (*telemetryLayer)(nil)
-
-func (l *telemetryLayer) RoundTrip(req *http.Request) (*http.Response, error) {
-	service := req.URL.Host
-	series := l.metrics.For(metrics.Outbound, service, req.Method)
-	start := time.Now()
-	var span trace.Span
-	if l.tracer != nil {
-		ctx := l.prop.Extract(req.Context(), tracing.HeaderCarrier(req.Header))
-		// A span not sampled drops its name: it is built only for the
-		// sampled ones.
-		ctx, span = l.tracer.Start(ctx, "request", clientSpan)
-		if span.IsRecording() {
-			span.SetName(req.Method + " " + service)
-			span.SetAttributes(attribute.String("sidecar.service", service),
-				attribute.String("http.request.method", req.Method),
-				attribute.String("url.path", req.URL.Path),
-				attribute.String("network.protocol.version", protoVersion(req)))
-		}
-		req = req.WithContext(ctx)
+// startRequest starts the call's client span, under the trace context
+// the app sent (if any), and returns the request under it. The attempts
+// get spans of their own (startAttempt). Without a tracer it returns req
+// and a nil span.
+func (ch *chain) startRequest(c *call, req *http.Request) (*http.Request, trace.Span) {
+	if ch.tracer == nil {
+		return req, nil
 	}
-	resp, err := l.next.RoundTrip(req)
-	if err != nil {
-		e := errorFor(service, err)
-		endRequest(span, series, start, e.Status, e.Reason, e.Error())
-		return nil, err
+	ctx := ch.prop.Extract(req.Context(), tracing.HeaderCarrier(req.Header))
+	// A span not sampled drops its name: it is built only for the sampled
+	// ones.
+	ctx, span := ch.tracer.Start(ctx, "request", clientSpan)
+	if span.IsRecording() {
+		span.SetName(req.Method + " " + c.service)
+		span.SetAttributes(attribute.String("sidecar.service", c.service),
+			attribute.String("http.request.method", req.Method),
+			attribute.String("url.path", req.URL.Path),
+			attribute.String("network.protocol.version", protoVersion(req)))
 	}
-	if series == nil && span == nil {
-		return resp, nil
-	}
-	if resp.StatusCode == http.StatusSwitchingProtocols {
-		endRequest(span, series, start, resp.StatusCode, "", "")
-		return resp, nil
-	}
-	resp.Body = &telemetryBody{ReadCloser: resp.Body, span: span, series: series, start: start, resp: resp}
-	return resp, nil
+	return req.WithContext(ctx), span
 }
 
 // clientSpan is the start option of the client spans, made once.
@@ -125,4 +99,58 @@ func (b *telemetryBody) Close() error {
 		endRequest(b.span, b.series, b.start, b.resp.StatusCode, "", "")
 	})
 	return err
+}
+
+// startAttempt starts the span of one attempt, under the request's span,
+// named so that a retry and its reason read at a glance in a trace view:
+// "attempt 2 (retry: 503)".
+func (ch *chain) startAttempt(c *call, req *http.Request, endpoint string) (context.Context, trace.Span) {
+	ctx, span := ch.tracer.Start(req.Context(), "attempt", clientSpan)
+	if span.IsRecording() {
+		// Named only when sampled: the others drop their name.
+		name := "attempt " + strconv.Itoa(c.attempt)
+		if c.retryOf != "" {
+			name += " (retry: " + c.retryOf + ")"
+		}
+		span.SetName(name)
+		host, port, _ := net.SplitHostPort(endpoint)
+		portN, _ := strconv.Atoi(port)
+		span.SetAttributes(
+			attribute.Int("sidecar.attempt", c.attempt),
+			attribute.String("sidecar.service", c.service),
+			attribute.String("server.address", host),
+			attribute.Int("server.port", portN),
+			attribute.String("sidecar.breaker.state", c.state.breaker.Load().State().String()),
+			attribute.String("http.request.method", req.Method),
+		)
+		if c.retryOf != "" {
+			span.SetAttributes(attribute.String("sidecar.retry.reason", c.retryOf),
+				attribute.Float64("sidecar.retry.backoff_ms", float64(c.backoff)/float64(time.Millisecond)),
+				attribute.Int("http.request.resend_count", c.attempt-1))
+		}
+	}
+	return ctx, span
+}
+
+// endAttempt ends an attempt's span with its outcome: the status, or the
+// failure.
+func endAttempt(span trace.Span, resp *http.Response, err error) {
+	if span.IsRecording() {
+		if err != nil {
+			span.RecordError(err)
+			span.SetStatus(codes.Error, err.Error())
+		} else {
+			span.SetAttributes(attribute.Int("http.response.status_code", resp.StatusCode))
+			if g := grpcStatus(resp); g != "" {
+				span.SetAttributes(attribute.String("rpc.grpc.status_code", g))
+				if g != "0" {
+					span.SetStatus(codes.Error, "grpc-status "+g)
+				}
+			}
+			if resp.StatusCode >= 500 {
+				span.SetStatus(codes.Error, resp.Status)
+			}
+		}
+	}
+	span.End()
 }

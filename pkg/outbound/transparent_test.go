@@ -188,3 +188,29 @@ func TestRoutingByOriginalDestination(t *testing.T) {
 		}
 	})
 }
+
+// A request routed by its original destination is answered for the service
+// it was routed to, not for the name in its Host: a connect failure to the
+// endpoint of "users" that the app called as users.default.svc.cluster.local
+// says "users", as the metrics and spans do.
+func TestRoutedByDestinationErrorNamesTheService(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close() // connections to it are refused
+	addr, red := startTransparent(t, map[string][]string{"users": {dead.String()}}, nil)
+	resp, err := red.client(t, addr, dead).Get("http://users.default.svc.cluster.local/users/1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var e struct{ Error, Service, Detail string }
+	if err := json.NewDecoder(resp.Body).Decode(&e); err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusBadGateway || e.Error != "upstream_connect_failure" || e.Service != "users" {
+		t.Fatalf("%d %+v; want 502 upstream_connect_failure for service users", resp.StatusCode, e)
+	}
+}

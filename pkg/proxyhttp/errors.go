@@ -1,7 +1,9 @@
 package proxyhttp
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strconv"
 	"strings"
@@ -26,7 +28,79 @@ const (
 	// ReasonLoop: the request came back to the sidecar that sent it, or
 	// every endpoint of the service is one of the sidecar's own listeners.
 	ReasonLoop = "loop"
+	// ReasonClientClosed: the client went away before it was answered.
+	// Recorded, never written.
+	ReasonClientClosed = "client_closed"
 )
+
+// StatusClientClosed is the status recorded for a request whose client went
+// away before it was answered (nginx's 499). It is never written.
+const StatusClientClosed = 499
+
+// statusOf is the status of each reason (DESIGN.md, "Errors the sidecar
+// itself produces").
+func statusOf(reason string) int {
+	switch reason {
+	case ReasonUnknownService, ReasonNoHealthyEndpoints, ReasonCircuitOpen, ReasonOverloaded:
+		return http.StatusServiceUnavailable
+	case ReasonUpstreamTimeout:
+		return http.StatusGatewayTimeout
+	case ReasonConnectFailure, ReasonUpstreamReset, ReasonUpstreamBadResponse:
+		return http.StatusBadGateway
+	case ReasonBadRequest:
+		return http.StatusBadRequest
+	case ReasonRequestTimeout:
+		return http.StatusRequestTimeout
+	case ReasonNotAllowed:
+		return http.StatusForbidden
+	case ReasonLoop:
+		return http.StatusLoopDetected
+	case ReasonClientClosed:
+		return StatusClientClosed
+	}
+	return http.StatusInternalServerError
+}
+
+// Refuse is the local error for reason, with its status: the one place a
+// LocalError is made, with LocalReply. service may be empty (the request
+// named none).
+func Refuse(reason, service, detail string) *LocalError {
+	return &LocalError{Status: statusOf(reason), Reason: reason, Service: service, Detail: detail}
+}
+
+// LocalReply maps an error that ended a request on either proxy, on its
+// way to service (the service the request was routed to; the app on the
+// inbound side), to what the client is answered: a LocalError as it is,
+// the client's own failures (its body broke or stalled, it went away), a
+// deadline, a connect failure, a broken answer, else a reset. A request
+// whose client is gone maps to ReasonClientClosed: nobody is answered.
+func LocalReply(service string, err error) *LocalError {
+	var le *LocalError
+	if errors.As(err, &le) {
+		return le
+	}
+	var ce *ClientError
+	var conn *ConnectError
+	var bad *BadResponseError
+	reason := ReasonUpstreamReset
+	switch {
+	case errors.As(err, &ce) && ce.Timeout():
+		reason = ReasonRequestTimeout
+	case errors.As(err, &ce) && ce.Gone():
+		reason = ReasonClientClosed
+	case errors.As(err, &ce):
+		reason = ReasonBadRequest
+	case errors.Is(err, context.Canceled):
+		reason = ReasonClientClosed
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, ErrResponseHeaderTimeout):
+		reason = ReasonUpstreamTimeout
+	case errors.As(err, &conn):
+		reason = ReasonConnectFailure
+	case errors.As(err, &bad):
+		reason = ReasonUpstreamBadResponse
+	}
+	return Refuse(reason, service, err.Error())
+}
 
 // HopHeader marks a request the outbound proxy forwarded with the proxy's
 // own id, so that a request that comes back to it (discovery pointing at

@@ -18,13 +18,11 @@ import (
 // inbound request is the handler's to prepare, and its header map is edited
 // in place before any layer sees it.
 //
-// The zero value is not usable: Next and OnError are required. Safe for
-// concurrent use.
+// The zero value is not usable: OnError is required. Safe for concurrent
+// use.
 type Forwarder struct {
-	// Next sends the prepared request upstream; its URL host names the
-	// destination the Forward caller chose.
-	Next http.RoundTripper
-	// OnError answers the client when Next fails.
+	// OnError answers the client when the request could not be sent or
+	// answered.
 	OnError func(w http.ResponseWriter, r *http.Request, err error)
 }
 
@@ -41,9 +39,11 @@ var (
 	teTrailers = []string{"trailers"}
 )
 
-// Forward proxies r to the endpoint chosen for host (a service name, or an
-// allow-listed host:port).
-func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string) {
+// Forward proxies r through to: the prepared request goes to addr, a fixed
+// destination (the app, an allow-listed host:port), or, with addr empty,
+// to wherever to sends it (a call to a service picks an endpoint per
+// attempt).
+func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, to http.RoundTripper, addr string) {
 	upgrade := upgradeType(r.Header)
 	if httpguts.HeaderValuesContainsToken(r.Header["Upgrade"], "h2c") {
 		// An h2c upgrade would turn the connection into an HTTP/2 tunnel
@@ -78,14 +78,14 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, host string)
 	delete(r.Header, "Expect")
 
 	out := CopyRequest(r)
-	out.URL.Scheme, out.URL.Host = "http", host
+	out.URL.Scheme, out.URL.Host = "http", addr
 	out.RequestURI = ""
 	out.Close = false
 	if r.ContentLength == 0 {
 		out.Body = nil // a 0-length body is no body for the transport
 	}
 
-	resp, err := f.Next.RoundTrip(out)
+	resp, err := to.RoundTrip(out)
 	if err != nil {
 		f.OnError(w, r, Cause(r, err))
 		return
@@ -199,16 +199,14 @@ func (f *Forwarder) upgraded(w http.ResponseWriter, r *http.Request, resp *http.
 	respUpgrade := upgradeType(resp.Header)
 	if !ok || reqUpgrade == "" || !strings.EqualFold(reqUpgrade, respUpgrade) {
 		resp.Body.Close()
-		f.OnError(w, r, &LocalError{Status: http.StatusBadGateway, Reason: ReasonUpstreamReset,
-			Detail: "upstream switched to protocol " + respUpgrade + " when " + reqUpgrade + " was asked for"})
+		f.OnError(w, r, Refuse(ReasonUpstreamReset, "", "upstream switched to protocol "+respUpgrade+" when "+reqUpgrade+" was asked for"))
 		return
 	}
 	removeHopByHop(resp.Header)
 	conn, brw, err := http.NewResponseController(HijackAware(w, r)).Hijack()
 	if err != nil {
 		backConn.Close()
-		f.OnError(w, r, &LocalError{Status: http.StatusBadRequest, Reason: ReasonBadRequest,
-			Detail: "protocol upgrade needs HTTP/1.1"})
+		f.OnError(w, r, Refuse(ReasonBadRequest, "", "protocol upgrade needs HTTP/1.1"))
 		return
 	}
 	resp.Header["Connection"] = []string{"Upgrade"}

@@ -72,14 +72,14 @@ func FuzzForwardHeaders(f *testing.F) {
 		r.Header, r.RemoteAddr = reqH, "10.1.2.3:4567"
 		var sent http.Header
 		fw := &proxyhttp.Forwarder{
-			Next: roundTripFunc(func(out *http.Request) (*http.Response, error) {
-				sent = out.Header.Clone()
-				return &http.Response{StatusCode: 200, Header: respH.Clone(), Body: io.NopCloser(strings.NewReader("ok"))}, nil
-			}),
 			OnError: func(w http.ResponseWriter, _ *http.Request, err error) { t.Fatalf("Forward failed: %v", err) },
 		}
+		upstream := roundTripFunc(func(out *http.Request) (*http.Response, error) {
+			sent = out.Header.Clone()
+			return &http.Response{StatusCode: 200, Header: respH.Clone(), Body: io.NopCloser(strings.NewReader("ok"))}, nil
+		})
 		rec := httptest.NewRecorder()
-		fw.Forward(rec, r, "127.0.0.1:9")
+		fw.Forward(rec, r, upstream, "127.0.0.1:9")
 
 		upgrade := upgradeOf(orig)
 		sidecarSets := map[string]bool{"X-Forwarded-For": true, "X-Forwarded-Proto": true, "X-Forwarded-Host": true}

@@ -216,7 +216,7 @@ func TestBrokenBodyIsAnsweredNotAborted(t *testing.T) {
 			return nil, errors.New("the request's context was never canceled")
 		}
 	})
-	fw := &Forwarder{Next: next, OnError: func(w http.ResponseWriter, r *http.Request, err error) {
+	fw := &Forwarder{OnError: func(w http.ResponseWriter, r *http.Request, err error) {
 		var ce *ClientError
 		switch {
 		case errors.As(err, &ce) && ce.Timeout():
@@ -229,7 +229,7 @@ func TestBrokenBodyIsAnsweredNotAborted(t *testing.T) {
 	}}
 	srv := startFastLimits(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		r.Body = NewBodyReader(w, r, 100*time.Millisecond)
-		fw.Forward(w, r, "upstream.invalid")
+		fw.Forward(w, r, next, "upstream.invalid")
 	}), Limits{})
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -57,9 +57,8 @@ func TestIdleConnectionsReaped(t *testing.T) {
 	}
 }
 
-// A connect timeout in the request's context replaces the DialTimeout for
-// a new connection.
-func TestConnectTimeoutFromContext(t *testing.T) {
+// Send's connect timeout replaces the DialTimeout for a new connection.
+func TestConnectTimeoutOfSend(t *testing.T) {
 	var budgets []time.Duration
 	tr := NewTransport(TransportConfig{DialTimeout: 5 * time.Second,
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -68,10 +67,10 @@ func TestConnectTimeoutFromContext(t *testing.T) {
 			return nil, errors.New("no network here")
 		}})
 	defer tr.Close()
-	for _, ctx := range []context.Context{context.Background(), WithConnectTimeout(context.Background(), 50*time.Millisecond)} {
-		req, _ := http.NewRequestWithContext(ctx, "GET", "http://10.0.0.1:80/", nil)
+	for _, timeout := range []time.Duration{0, 50 * time.Millisecond} {
+		req, _ := http.NewRequest("GET", "http://10.0.0.1:80/", nil)
 		var ce *ConnectError
-		if _, err := tr.RoundTrip(req); !errors.As(err, &ce) {
+		if _, err := tr.Send(req, timeout); !errors.As(err, &ce) {
 			t.Fatalf("RoundTrip: %v, want a *ConnectError", err)
 		}
 	}

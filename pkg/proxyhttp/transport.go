@@ -1,10 +1,9 @@
 package proxyhttp
 
 import (
-	"github.com/sidecar-mesh/sidecar/pkg/panics"
-
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -19,6 +18,9 @@ import (
 
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
+
+	"github.com/sidecar-mesh/sidecar/internal/readahead"
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
 )
 
 // Transport is the sidecar's HTTP/1.1 client: a synchronous, pooled
@@ -234,14 +236,25 @@ func (e *UpstreamError) Unwrap() error { return e.Err }
 // goroutine instead of a writer goroutine.
 const maxInlineBody = 64 << 10
 
-// RoundTrip implements http.RoundTripper.
-func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+// RoundTrip implements http.RoundTripper: Send with the transport's
+// DialTimeout.
+func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) { return t.Send(req, 0) }
+
+// Send sends req to the endpoint in its URL host, giving up on a new
+// connection after connectTimeout (0: the transport's DialTimeout); a
+// connection taken from the pool is not affected.
+func (t *Transport) Send(req *http.Request, connectTimeout time.Duration) (*http.Response, error) {
 	if req.URL.Scheme != "http" {
 		CloseBody(req)
 		return nil, fmt.Errorf("outbound transport: unsupported scheme %q", req.URL.Scheme)
 	}
 	if req.ProtoMajor == 2 {
-		return t.roundTripH2(req)
+		if connectTimeout > 0 {
+			// The HTTP/2 transport dials on its own, with the request's
+			// context: the timeout goes there.
+			req = req.WithContext(context.WithValue(req.Context(), connectTimeoutKey{}, connectTimeout))
+		}
+		return t.roundTripH2(req, connectTimeout)
 	}
 	addr := req.URL.Host
 	if _, _, err := net.SplitHostPort(addr); err != nil {
@@ -250,7 +263,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	upgrade := isUpgrade(req)
 	cur := req
 	for fresh := upgrade; ; fresh = true {
-		pc, err := t.getConn(req.Context(), addr, fresh)
+		pc, err := t.getConn(req.Context(), addr, fresh, connectTimeout)
 		if err != nil {
 			CloseBody(cur)
 			return nil, err
@@ -276,9 +289,9 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // reached the endpoint. The HTTP/2 transport itself resends only requests
 // the server provably did not process (REFUSED_STREAM, GOAWAY beyond their
 // stream): such a resend is part of one attempt.
-func (t *Transport) roundTripH2(req *http.Request) (*http.Response, error) {
+func (t *Transport) roundTripH2(req *http.Request, connectTimeout time.Duration) (*http.Response, error) {
 	if !IsGRPC(req) && t.speaksOnlyHTTP1(req.URL.Host) {
-		return t.RoundTrip(asHTTP1(req))
+		return t.Send(asHTTP1(req), connectTimeout)
 	}
 	resp, err := t.h2.RoundTrip(req)
 	if err == nil {
@@ -289,7 +302,7 @@ func (t *Transport) roundTripH2(req *http.Request) (*http.Response, error) {
 	case errors.Is(err, errHTTP1Peer) && !IsGRPC(req):
 		// The endpoint answered the connection preface in HTTP/1.x, before
 		// any request was written: this one goes over HTTP/1.1.
-		return t.RoundTrip(asHTTP1(req))
+		return t.Send(asHTTP1(req), connectTimeout)
 	case errors.As(err, &ce):
 		return nil, ce
 	case req.Context().Err() != nil:
@@ -327,14 +340,12 @@ var errHTTP1Peer = errors.New("the endpoint speaks HTTP/1.x, not HTTP/2 with pri
 // nothing of any request was sent. The transport then gets a connection
 // that swallows its own copy of the preface and hands back the bytes read.
 func (t *Transport) dialH2(ctx context.Context, addr string) (net.Conn, error) {
-	c, err := t.Dial(ctx, addr)
+	timeout, _ := ctx.Value(connectTimeoutKey{}).(time.Duration)
+	c, err := t.Dial(ctx, addr, timeout)
 	if err != nil {
 		return nil, err
 	}
-	deadline := time.Now().Add(t.dialer.Timeout)
-	if d, ok := ctx.Value(ConnectTimeoutKey{}).(time.Duration); ok && d > 0 {
-		deadline = time.Now().Add(d)
-	}
+	deadline := time.Now().Add(cmp.Or(timeout, t.dialer.Timeout))
 	_ = c.SetDeadline(deadline)
 	head := make([]byte, 9) // a frame header
 	n := 0
@@ -366,14 +377,7 @@ type primedConn struct {
 	skip []byte // what is left of the preface to swallow, for its writer
 }
 
-func (c *primedConn) Read(p []byte) (int, error) {
-	if len(c.read) > 0 {
-		n := copy(p, c.read)
-		c.read = c.read[n:]
-		return n, nil
-	}
-	return c.Conn.Read(p)
-}
+func (c *primedConn) Read(p []byte) (int, error) { return readahead.Read(&c.read, c.Conn, p) }
 
 func (c *primedConn) Write(p []byte) (int, error) {
 	if len(c.skip) > 0 {
@@ -391,25 +395,14 @@ func (c *primedConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
-// ConnectTimeoutKey is the context key of a per-request connect timeout, a
-// time.Duration: with it the Transport gives up on a new connection after
-// that long instead of its DialTimeout. A connection taken from the pool is
-// not affected.
-type ConnectTimeoutKey struct{}
+// connectTimeoutKey carries Send's connect timeout to the HTTP/2
+// transport's dial (dialH2), which gets only the request's context.
+type connectTimeoutKey struct{}
 
-// WithConnectTimeout returns ctx carrying d under ConnectTimeoutKey.
-func WithConnectTimeout(ctx context.Context, d time.Duration) context.Context {
-	return context.WithValue(ctx, ConnectTimeoutKey{}, d)
-}
-
-// Dial opens a new TCP connection to addr within the connect timeout (the
-// context's, from WithConnectTimeout, or the DialTimeout). A failure is a
-// *ConnectError: nothing was sent.
-func (t *Transport) Dial(ctx context.Context, addr string) (net.Conn, error) {
-	timeout := t.dialer.Timeout
-	if d, ok := ctx.Value(ConnectTimeoutKey{}).(time.Duration); ok && d > 0 {
-		timeout = d
-	}
+// Dial opens a new TCP connection to addr within timeout (0: the
+// DialTimeout). A failure is a *ConnectError: nothing was sent.
+func (t *Transport) Dial(ctx context.Context, addr string, timeout time.Duration) (net.Conn, error) {
+	timeout = cmp.Or(timeout, t.dialer.Timeout)
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	c, err := t.dial(dctx, "tcp", addr)
 	cancel()
@@ -468,7 +461,7 @@ func (t *Transport) pool(addr string) *hostPool {
 	return p.(*hostPool)
 }
 
-func (t *Transport) getConn(ctx context.Context, addr string, fresh bool) (*persistConn, error) {
+func (t *Transport) getConn(ctx context.Context, addr string, fresh bool, connectTimeout time.Duration) (*persistConn, error) {
 	if !fresh {
 		p := t.pool(addr)
 		for {
@@ -495,7 +488,7 @@ func (t *Transport) getConn(ctx context.Context, addr string, fresh bool) (*pers
 			return pc, nil
 		}
 	}
-	c, err := t.Dial(ctx, addr)
+	c, err := t.Dial(ctx, addr, connectTimeout)
 	if err != nil {
 		return nil, err
 	}

@@ -1,0 +1,386 @@
+package outbound
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sony/gobreaker/v2"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/metrics"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/tracing"
+)
+
+// call is one request from the app to a service, as route made it: the
+// service it goes to and what the chain needs of it, looked up once when
+// the request was routed: the endpoint set discovery had then, the policy
+// in force then, and the service's state (breaker, retry budget,
+// concurrency limiter, outlier detection). The chain takes it explicitly:
+// nothing of it travels in the request's URL or context, and every error
+// of the call is answered for its service.
+type call struct {
+	chain   *chain
+	service string
+	set     *discovery.EndpointSet
+	policy  *policy.Policy
+	state   *serviceState
+
+	// The attempt under way: its number (1 for the first try), why it is
+	// a retry ("" for the first), the backoff waited before it, and the
+	// endpoint of the attempt before it, which the picker avoids.
+	attempt int
+	retryOf string
+	backoff time.Duration
+	avoid   string
+}
+
+var _ http.RoundTripper = (*call)(nil)
+
+// RoundTrip sends the request the Forwarder prepared through the chain.
+func (c *call) RoundTrip(req *http.Request) (*http.Response, error) { return c.chain.do(c, req) }
+
+// chain is the path every call to a service takes; do is the whole of it,
+// top to bottom. One per Proxy; safe for concurrent use.
+//
+// Where new behaviour plugs in: hedging is a second attempt started from
+// attempts while the first is out; a load-aware picker replaces roundRobin
+// behind chain.pick; mTLS origination is the sender's (the transport's
+// dial), which is told the endpoint of each attempt.
+type chain struct {
+	policies Policies
+	states   *stateRegistry
+	observer Observer
+	log      *slog.Logger
+	tracer   trace.Tracer // nil: no spans
+	prop     propagation.TextMapPropagator
+	metrics  *metrics.Requests // nil: no request metrics
+	// send sends one attempt to the endpoint in its URL host, connecting
+	// within connectTimeout: the pooled transport.
+	send func(req *http.Request, connectTimeout time.Duration) (*http.Response, error)
+
+	// isOwn reports whether an endpoint is one of the sidecar's own
+	// listeners: such an endpoint is never called. nil: none is.
+	isOwn func(netip.AddrPort) bool
+	// pickers holds a *roundRobin per service, rebuilt whenever discovery
+	// publishes a new set (compared by pointer: sets are immutable).
+	pickers sync.Map
+	// refusedLogged holds the endpoints already logged as refused.
+	refusedLogged sync.Map
+
+	// inFlight counts requests to every service; over maxInFlight a request
+	// is refused.
+	inFlight    atomic.Int64
+	maxInFlight int64
+}
+
+// open makes the call of a request routed to service, whose endpoints
+// discovery has as set.
+func (ch *chain) open(service string, set *discovery.EndpointSet) *call {
+	p := ch.policies.For(service)
+	return &call{chain: ch, service: service, set: set, policy: p, state: ch.states.get(service, p)}
+}
+
+// do runs one call, in this order:
+//
+//	the request's span (under the caller's trace context) and metrics
+//	-> concurrency limits: the sidecar's, then the service's (its line)
+//	-> the overall deadline (lifted for a stream once its headers come:
+//	   streamIdleTimeout then)
+//	-> the circuit breaker: asked once, told the outcome after retries
+//	-> the retry loop; each attempt under its per-try deadline:
+//	   pick (round robin over non-ejected endpoints, not the last one)
+//	   -> the attempt's span -> send -> its outcome to outlier detection
+//	-> the local-reply mapper: a failure becomes the LocalError the app is
+//	   answered with, for the call's service
+func (ch *chain) do(c *call, req *http.Request) (*http.Response, error) {
+	start := time.Now()
+	series := ch.metrics.For(metrics.Outbound, c.service, req.Method)
+	sent, span := ch.startRequest(c, req)
+	resp, err := ch.limit(c, sent)
+	if err != nil {
+		// The client's own failure, if its body broke, is what it is
+		// answered for (proxyhttp.Cause).
+		e := proxyhttp.LocalReply(c.service, proxyhttp.Cause(req, err))
+		endRequest(span, series, start, e.Status, e.Reason, e.Error())
+		return nil, e
+	}
+	if series == nil && span == nil {
+		return resp, nil
+	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		endRequest(span, series, start, resp.StatusCode, "", "")
+		return resp, nil
+	}
+	resp.Body = &telemetryBody{ReadCloser: resp.Body, span: span, series: series, start: start, resp: resp}
+	return resp, nil
+}
+
+// limit applies the concurrency limits and the overall deadline around
+// the call's attempts. The caller's own deadline (a gRPC client's
+// grpc-timeout, or its disconnect) bounds everything, a stream too; the
+// policy's timeout bounds the wait for a slot, every attempt and backoff
+// and, unless the answer is a stream, its body. The sooner wins.
+func (ch *chain) limit(c *call, req *http.Request) (*http.Response, error) {
+	p, st := c.policy, c.state
+	caller, cancelCaller := req.Context(), context.CancelFunc(nil)
+	timeout := p.Timeout.D()
+	if d, ok := grpcTimeout(req.Header); ok {
+		caller, cancelCaller = context.WithTimeoutCause(caller, d, errCallerDeadline)
+		timeout = min(timeout, d)
+	}
+
+	// Over the sidecar's limit a request is refused at once; over the
+	// service's it waits in the service's bounded line
+	// (concurrency.maxQueued) for at most concurrency.queueTimeout, else it
+	// is refused. Memory stays bounded however hard the app pushes.
+	if n := ch.inFlight.Add(1); n > ch.maxInFlight {
+		ch.inFlight.Add(-1)
+		stopCaller(cancelCaller)
+		return nil, ch.shed(c, req, "the sidecar's limit on outbound requests in flight (limits.outboundMaxInFlight)")
+	}
+	cc := p.Concurrency
+	maxInFlight := int64(*cc.MaxInFlight)
+	ok, wait := st.limit.acquire(caller, maxInFlight, *cc.MaxQueued, min(cc.QueueTimeout.D(), timeout))
+	if !ok {
+		ch.inFlight.Add(-1)
+		stopCaller(cancelCaller)
+		if *cc.MaxQueued > 0 {
+			return nil, ch.shed(c, req, "concurrency limit of the service reached and no slot within concurrency.queueTimeout or room in its line (concurrency.maxQueued)")
+		}
+		return nil, ch.shed(c, req, "concurrency limit of the service reached (concurrency.maxInFlight)")
+	}
+	ctx := newDeadlineCtx(caller, p.Timeout.D()-wait, errTimeout)
+	resp, attempt, err := ch.attempts(c, ctx, req)
+	fb := &finishBody{chain: ch, state: st, maxInFlight: maxInFlight, ctx: ctx, attempt: attempt, cancelCaller: cancelCaller}
+	if err != nil {
+		// Told by the context, not the error: a dial cut short by the
+		// deadline reports only that it was canceled.
+		expired := ctx.Err() == context.DeadlineExceeded
+		fb.finish()
+		if expired && req.Context().Err() == nil && !isPerTryTimeout(err) {
+			return nil, proxyhttp.Refuse(proxyhttp.ReasonUpstreamTimeout, c.service, "no response within the timeout of "+timeout.String())
+		}
+		return nil, err
+	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		// An upgraded connection lives on its own: no deadline, no slot.
+		fb.finish()
+		return resp, nil
+	}
+	fb.ReadCloser, fb.resp, fb.service = resp.Body, resp, c.service
+	if proxyhttp.IsStream(resp) {
+		// A stream runs as long as it keeps sending: the policy's
+		// deadlines, which bounded the wait for its headers, give way to
+		// streamIdleTimeout (the caller's own deadline stays).
+		fb.stream = ctx.lift(p.StreamIdleTimeout.D()) && (attempt == nil || attempt.lift(0))
+	}
+	resp.Body = fb
+	return resp, nil
+}
+
+// shed refuses a call over a concurrency limit.
+func (ch *chain) shed(c *call, req *http.Request, detail string) error {
+	proxyhttp.CloseBody(req)
+	ch.observer.Shed(c.service, proxyhttp.ReasonOverloaded)
+	return proxyhttp.Refuse(proxyhttp.ReasonOverloaded, c.service, detail)
+}
+
+// release gives back a request's concurrency slots, the service's to the
+// first request waiting for one.
+func (ch *chain) release(st *serviceState, maxInFlight int64) {
+	st.limit.release(maxInFlight)
+	ch.inFlight.Add(-1)
+}
+
+// attempts asks the breaker, then runs the retry loop: retries only on the
+// policy's conditions, for idempotent requests (or any request on a
+// connect failure), with a replayable body, within the retry budget,
+// preferring another endpoint, never into an open breaker, and never
+// starting an attempt the overall deadline can't cover. With a response it
+// returns the last attempt's per-try deadline (nil without one), for the
+// caller to lift for a stream and to end once the response is done.
+func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.Response, *deadlineCtx, error) {
+	r, st := c.policy.Retry, c.state
+	st.budget.request(time.Now())
+	br := st.breaker.Load()
+	cur := req
+	grpc := proxyhttp.IsGRPC(req)
+	// The breaker counts requests, by their outcome after retries: a
+	// request it lets through is one call of done, whatever its attempts.
+	// An instance that fails is outlier detection's to eject, and a
+	// request that fails everywhere one failure.
+	done, berr := br.Allow()
+	if berr != nil {
+		proxyhttp.CloseBody(cur)
+		ch.observer.Shed(c.service, proxyhttp.ReasonCircuitOpen)
+		return nil, nil, proxyhttp.Refuse(proxyhttp.ReasonCircuitOpen, c.service, "circuit breaker "+br.State().String())
+	}
+	for attempt := 1; ; attempt++ {
+		var actx context.Context = ctx
+		var perTry *deadlineCtx
+		if pt := r.PerTryTimeout.D(); pt > 0 {
+			perTry = newDeadlineCtx(ctx, pt, errPerTryTimeout)
+			actx = perTry
+		}
+		c.attempt = attempt
+		areq := cur.WithContext(actx)
+		if req.ProtoMajor == 2 {
+			// Each HTTP/2 attempt writes its own header map: the HTTP/2
+			// transport may still be encoding an abandoned attempt's
+			// headers when the next one sets its trace headers.
+			areq.Header = cur.Header.Clone()
+		}
+		if grpc {
+			// The upstream learns the time left of the caller's own
+			// deadline, which bounds a stream too; not the policy's, which
+			// bound only the wait for a stream's headers: told them, the
+			// server would end its stream there.
+			if dl, ok := ctx.callerDeadline(); ok {
+				areq.Header.Set("Grpc-Timeout", encodeGRPCTimeout(time.Until(dl)))
+			}
+		}
+		resp, picked, err := ch.attempt(c, areq)
+		if err != nil && ctx.Err() == nil && perTryExpired(actx, r.PerTryTimeout.D() > 0, time.Now()) {
+			err = fmt.Errorf("%w: %w", errPerTryTimeout, context.DeadlineExceeded)
+		}
+		if grpc && err == nil && attempt < *r.Attempts && ctx.Err() == nil {
+			resp = settleGRPC(r, req, resp)
+		}
+
+		reason := ""
+		if attempt < *r.Attempts && ctx.Err() == nil && br.State() != gobreaker.StateOpen {
+			reason = retryReason(r, req, resp, err)
+		}
+		var (
+			delay time.Duration
+			next  *http.Request
+			ok    bool
+		)
+		if reason != "" {
+			delay = backoffDelay(r.Backoff, attempt, resp)
+			if deadlineAllows(ctx, delay) {
+				next, ok = proxyhttp.Rewound(req) // only bodies held in memory replay
+			}
+		}
+		if ok && !st.budget.allowRetry(time.Now(), *r.Budget.Ratio, *r.Budget.MinPerSecond) {
+			ch.observer.RetryBudgetExhausted(c.service)
+			ok = false
+		}
+		if !ok {
+			if next != nil && next != req {
+				proxyhttp.CloseBody(next)
+			}
+			if err != nil {
+				done(breakerOutcome(nil, err))
+				endPerTry(perTry)
+				return nil, nil, err
+			}
+			if grpcOutcomePending(resp) {
+				// A gRPC answer whose status was not settled above is
+				// judged by its trailers, when its body ends.
+				resp.Body = &grpcEnd{ReadCloser: resp.Body, resp: resp, end: func() { done(breakerOutcome(resp, nil)) }}
+			} else {
+				done(breakerOutcome(resp, nil))
+			}
+			return resp, perTry, nil
+		}
+		if resp != nil {
+			discard(resp)
+		}
+		endPerTry(perTry)
+		ch.observer.Retried(c.service, reason)
+		if !sleep(ctx, delay) {
+			proxyhttp.CloseBody(next)
+			err := ctx.Err()
+			done(breakerOutcome(nil, err))
+			return nil, nil, err
+		}
+		c.avoid, c.retryOf, c.backoff = picked, reason, delay
+		cur = next
+	}
+}
+
+// attempt sends one attempt of the call to an endpoint the picker chooses
+// and feeds its outcome to outlier detection: at once, or, for a gRPC
+// answer whose status comes in its trailers, when its body ends. It
+// returns the endpoint picked ("" when none could be).
+func (ch *chain) attempt(c *call, req *http.Request) (*http.Response, string, error) {
+	ep, lerr := ch.pick(c, time.Now())
+	if lerr != nil {
+		proxyhttp.CloseBody(req)
+		return nil, "", lerr
+	}
+	ch.observer.Attempted(c.service)
+	var span trace.Span
+	if ch.tracer != nil {
+		var ctx context.Context
+		ctx, span = ch.startAttempt(c, req, ep.Addr)
+		req = req.WithContext(ctx)
+		// The upstream's spans hang under this attempt's.
+		ch.prop.Inject(ctx, tracing.HeaderCarrier(req.Header))
+	}
+	out := proxyhttp.CopyRequest(req)
+	out.URL.Host = ep.Addr
+	resp, err := ch.send(out, c.policy.ConnectTimeout.D())
+	end := attemptEnd{chain: ch, span: span, call: c, endpoint: ep.Addr}
+	if err == nil && grpcOutcomePending(resp) {
+		later := end
+		resp.Body = &grpcEnd{ReadCloser: resp.Body, resp: resp, end: func() { later.record(resp, nil) }}
+		return resp, ep.Addr, nil
+	}
+	end.record(resp, err)
+	return resp, ep.Addr, err
+}
+
+// pick chooses the endpoint of an attempt: round robin over the call's
+// endpoint set, less the sidecar's own listeners and the ejected
+// endpoints, not the endpoint of the attempt before when there is
+// another. It never blocks and never does I/O.
+func (ch *chain) pick(c *call, now time.Time) (discovery.Endpoint, *proxyhttp.LocalError) {
+	if len(c.set.Endpoints) == 0 {
+		return discovery.Endpoint{}, proxyhttp.Refuse(proxyhttp.ReasonNoHealthyEndpoints, c.service,
+			"the service is known but has no healthy endpoint")
+	}
+	rr := ch.picker(c.set)
+	if len(rr.eps) == 0 {
+		return discovery.Endpoint{}, proxyhttp.Refuse(proxyhttp.ReasonLoop, c.service,
+			"every endpoint discovery has for the service is one of the sidecar's own listeners")
+	}
+	return pickHealthy(rr, &c.state.outliers, c.avoid, now), nil
+}
+
+// attemptEnd is what judging an attempt needs: its span, its call and the
+// endpoint it went to.
+type attemptEnd struct {
+	chain    *chain
+	span     trace.Span
+	call     *call
+	endpoint string
+}
+
+// record ends the attempt's span and feeds its outcome to outlier
+// detection.
+func (a attemptEnd) record(resp *http.Response, err error) {
+	if a.span != nil {
+		endAttempt(a.span, resp, err)
+	}
+	c := a.call
+	if failed := attemptFailed(resp, err); failed || err == nil {
+		od := c.policy.OutlierDetection
+		if c.state.outliers.record(a.endpoint, failed, c.set, od, time.Now()) {
+			a.chain.log.Warn("endpoint ejected", "service", c.service, "endpoint", a.endpoint,
+				"for", od.EjectionTime.String())
+			a.chain.observer.EndpointEjected(c.service)
+		}
+	}
+}
