@@ -3,6 +3,8 @@ package discovery_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/http"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -24,13 +26,45 @@ func client(t testing.TB, a *consultest.Agent) *api.Client {
 // clientAt is a Consul client for the HTTP API at addr (host:port).
 func clientAt(t testing.TB, addr string) *api.Client {
 	t.Helper()
+	return newClient(t, addr, nil)
+}
+
+// countingClient is a client of a that counts in failed the requests that
+// got no answer at all (the agent down): a test waits for queries to fail,
+// not for time to pass.
+func countingClient(t *testing.T, a *consultest.Agent) (c *api.Client, failed *atomic.Int64) {
+	t.Helper()
+	failed = new(atomic.Int64)
+	return newClient(t, a.Addr(), failed), failed
+}
+
+// newClient is a client for addr; a nil failed counts nothing.
+func newClient(t testing.TB, addr string, failed *atomic.Int64) *api.Client {
+	t.Helper()
 	cfg := api.DefaultConfig()
 	cfg.Address = addr
+	if failed != nil {
+		cfg.HttpClient = &http.Client{Transport: failCounter{cfg.Transport, failed}}
+	}
 	c, err := api.NewClient(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return c
+}
+
+// failCounter counts the round trips of rt that end in an error.
+type failCounter struct {
+	rt http.RoundTripper
+	n  *atomic.Int64
+}
+
+func (f failCounter) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := f.rt.RoundTrip(r)
+	if err != nil {
+		f.n.Add(1)
+	}
+	return resp, err
 }
 
 func register(t *testing.T, c *api.Client, reg *api.AgentServiceRegistration) {
@@ -64,19 +98,26 @@ func addrs(set *discovery.EndpointSet) []string {
 	return out
 }
 
-// eventually polls f until it returns "" or the deadline passes; the last
-// message is the failure.
+// eventually polls f until it returns "" or 15 s pass; the last message is
+// the failure. It is the tests' one wait: the agent is a real process, on
+// real time, and says when something changed only to a blocking query.
 func eventually(t *testing.T, what string, f func() string) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	msg := ""
-	for time.Now().Before(deadline) {
-		if msg = f(); msg == "" {
+	deadline := time.NewTimer(15 * time.Second)
+	defer deadline.Stop()
+	poll := time.NewTicker(10 * time.Millisecond)
+	defer poll.Stop()
+	for {
+		msg := f()
+		if msg == "" {
 			return
 		}
-		time.Sleep(50 * time.Millisecond)
+		select {
+		case <-deadline.C:
+			t.Fatalf("%s: still, after 15s: %s", what, msg)
+		case <-poll.C:
+		}
 	}
-	t.Fatalf("%s: %s", what, msg)
 }
 
 func TestConsulWatch(t *testing.T) {
@@ -168,23 +209,30 @@ func TestConsulOutageKeepsLastKnownGood(t *testing.T) {
 	c := client(t, agent)
 	register(t, c, &api.AgentServiceRegistration{ID: "users-1", Name: "users", Address: "10.0.0.2", Port: 8080})
 	cache := filepath.Join(t.TempDir(), "endpoints.json")
-	d := newConsul(t, discovery.ConsulConfig{Client: c, CacheFile: cache, WaitTime: time.Second})
+	watched, failed := countingClient(t, agent)
+	d := newConsul(t, discovery.ConsulConfig{Client: watched, CacheFile: cache, WaitTime: time.Second})
 	ctx := context.Background()
 	if _, err := d.Resolve(ctx, "users"); err != nil {
 		t.Fatal(err)
 	}
 
 	agent.Stop()
-	for range 20 {
+	// Several failed queries (backoff from 250ms): the last known set is
+	// served all along, and its age grows.
+	before := failed.Load()
+	eventually(t, "the outage", func() string {
 		set, err := d.Resolve(ctx, "users")
 		if err != nil || !slices.Equal(addrs(set), []string{"10.0.0.2:8080"}) {
 			t.Fatalf("during the outage Resolve(users) = %v, %v; want the last known set", set, err)
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if age := d.Staleness()["users"]; age < time.Second {
-		t.Fatalf("staleness %v after 2s of outage, want it to grow", age)
-	}
+		if n := failed.Load() - before; n < 3 {
+			return fmt.Sprintf("%d failed queries since the agent stopped, want 3", n)
+		}
+		if age := d.Staleness()["users"]; age < time.Second {
+			return fmt.Sprintf("staleness %v after 3 failed queries, want it to grow past 1s", age)
+		}
+		return ""
+	})
 
 	// A sidecar started during the outage routes from the persisted sets.
 	d2 := newConsul(t, discovery.ConsulConfig{Client: c, CacheFile: cache, FirstWait: 200 * time.Millisecond})
