@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"go.uber.org/goleak"
@@ -61,26 +62,9 @@ func TestClassify(t *testing.T) {
 	}
 }
 
-// tcpPair is a connected TCP pair on loopback.
-func tcpPair(t *testing.T) (client, server net.Conn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err = net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err = ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close(); server.Close() })
-	return client, server
-}
-
+// TestSniff runs each case in a synctest bubble, over a net.Pipe: the
+// pauses between the pieces sent, the sniff's timeout and the time it took
+// are virtual.
 func TestSniff(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
@@ -96,44 +80,53 @@ func TestSniff(t *testing.T) {
 		{"token-stalls", []string{"HELLO"}, false, time.Second},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			client, server := tcpPair(t)
-			wrote := make(chan struct{})
-			go func() {
-				defer close(wrote)
-				for _, s := range tc.send {
-					_, _ = client.Write([]byte(s))
-					time.Sleep(10 * time.Millisecond)
+			synctest.Test(t, func(t *testing.T) {
+				client, server := net.Pipe()
+				defer server.Close()
+				defer client.Close()
+				// A pipe's Write returns once the other end has read it all.
+				write := func(pieces ...string) (wrote chan struct{}) {
+					wrote = make(chan struct{})
+					go func() {
+						defer close(wrote)
+						for _, s := range pieces {
+							_, _ = client.Write([]byte(s))
+							time.Sleep(10 * time.Millisecond)
+						}
+					}()
+					return wrote
 				}
-			}()
-			start := time.Now()
-			http, head, err := sniff(server, 300*time.Millisecond, maxSniff)
-			took := time.Since(start)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if http != tc.http {
-				t.Errorf("sniff of %q: http = %v, want %v", tc.send, http, tc.http)
-			}
-			if want := strings.Join(tc.send, ""); !strings.HasPrefix(want, string(head)) || (tc.http && string(head) != want && tc.name != "http") {
-				t.Errorf("sniff returned head %q, want (a prefix of) %q", head, want)
-			}
-			if took > tc.maxDelay {
-				t.Errorf("sniff took %v, want at most %v", took, tc.maxDelay)
-			}
-			// The deadline is cleared for whoever reads next.
-			<-wrote
-			if _, err := client.Write([]byte("z")); err != nil {
-				t.Fatal(err)
-			}
-			var b [1]byte
-			if _, err := io.ReadFull(server, b[:]); err != nil {
-				t.Errorf("read after sniff: %v", err)
-			}
+				wrote := write(tc.send...)
+				start := time.Now()
+				http, head, err := sniff(server, 300*time.Millisecond, maxSniff)
+				took := time.Since(start)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if http != tc.http {
+					t.Errorf("sniff of %q: http = %v, want %v", tc.send, http, tc.http)
+				}
+				if want := strings.Join(tc.send, ""); !strings.HasPrefix(want, string(head)) || (tc.http && string(head) != want && tc.name != "http") {
+					t.Errorf("sniff returned head %q, want (a prefix of) %q", head, want)
+				}
+				if took > tc.maxDelay {
+					t.Errorf("sniff took %v, want at most %v", took, tc.maxDelay)
+				}
+				// The deadline is cleared for whoever reads next.
+				<-wrote
+				wrote = write("z")
+				var b [1]byte
+				if _, err := io.ReadFull(server, b[:]); err != nil {
+					t.Errorf("read after sniff: %v", err)
+				}
+				<-wrote
+			})
 		})
 	}
 }
 
-// observer counts what a Listener reports.
+// observer counts what a Listener reports, and signals reported after each
+// report, so that a test waits for reports (waitFor) instead of polling.
 type observer struct {
 	mu       sync.Mutex
 	accepted map[string]int
@@ -141,21 +134,31 @@ type observer struct {
 	bytes    map[string]int
 	open     atomic.Int64
 	opened   atomic.Int64
+	reported chan struct{} // holds a value once something was reported since the last receive
 }
 
 func newObserver() *observer {
-	return &observer{accepted: map[string]int{}, refused: map[string]int{}, bytes: map[string]int{}}
+	return &observer{accepted: map[string]int{}, refused: map[string]int{}, bytes: map[string]int{},
+		reported: make(chan struct{}, 1)}
 }
 
-func (o *observer) Accepted(p string) { o.mu.Lock(); o.accepted[p]++; o.mu.Unlock() }
-func (o *observer) Refused(r string)  { o.mu.Lock(); o.refused[r]++; o.mu.Unlock() }
+func (o *observer) Accepted(p string) { o.mu.Lock(); o.accepted[p]++; o.mu.Unlock(); o.report() }
+func (o *observer) Refused(r string)  { o.mu.Lock(); o.refused[r]++; o.mu.Unlock(); o.report() }
 func (o *observer) PassthroughOpened() {
 	o.open.Add(1)
 	o.opened.Add(1)
+	o.report()
 }
-func (o *observer) PassthroughClosed()                 { o.open.Add(-1) }
-func (o *observer) Bytes(d string, n int)              { o.mu.Lock(); o.bytes[d] += n; o.mu.Unlock() }
+func (o *observer) PassthroughClosed()                 { o.open.Add(-1); o.report() }
+func (o *observer) Bytes(d string, n int)              { o.mu.Lock(); o.bytes[d] += n; o.mu.Unlock(); o.report() }
 func (o *observer) get(m map[string]int, k string) int { o.mu.Lock(); defer o.mu.Unlock(); return m[k] }
+
+func (o *observer) report() {
+	select {
+	case o.reported <- struct{}{}:
+	default: // one is pending already
+	}
+}
 
 // echoServer echoes every connection until the client half-closes, then
 // half-closes too. With banner set it speaks first.
@@ -243,7 +246,7 @@ func TestPassthroughByteExact(t *testing.T) {
 	if !bytes.Equal(got, payload) {
 		t.Fatalf("echo through the passthrough: got %d bytes, want the %d sent, byte-exact (equal: %v)", len(got), len(payload), bytes.Equal(got, payload))
 	}
-	waitFor(t, func() bool { return o.open.Load() == 0 }, "the passthrough to close")
+	waitFor(t, o, func() bool { return o.open.Load() == 0 }, "the passthrough to close")
 	if s, r := o.get(o.bytes, DirectionSent), o.get(o.bytes, DirectionReceived); s != len(payload) || r != len(payload) {
 		t.Errorf("bytes counted sent=%d received=%d, want %d each", s, r, len(payload))
 	}
@@ -360,7 +363,7 @@ func TestRefusals(t *testing.T) {
 		dst := echoServer(t, "")
 		l, o := listen(t, Config{IsOwn: func(a netip.AddrPort) bool { return a == dst }}, dst)
 		expectReset(t, l.Addr().String())
-		waitFor(t, func() bool { return o.get(o.refused, RefusedLoop) == 1 }, "a loop refusal")
+		waitFor(t, o, func() bool { return o.get(o.refused, RefusedLoop) == 1 }, "a loop refusal")
 	})
 	t.Run("connect-failure", func(t *testing.T) {
 		ln, _ := net.Listen("tcp", "127.0.0.1:0")
@@ -368,13 +371,13 @@ func TestRefusals(t *testing.T) {
 		ln.Close() // nothing listens there now
 		l, o := listen(t, Config{}, dst)
 		expectReset(t, l.Addr().String())
-		waitFor(t, func() bool { return o.get(o.refused, RefusedConnectFailure) == 1 }, "a connect failure")
+		waitFor(t, o, func() bool { return o.get(o.refused, RefusedConnectFailure) == 1 }, "a connect failure")
 	})
 	t.Run("not-allowed", func(t *testing.T) {
 		dst := echoServer(t, "")
 		l, o := listen(t, Config{AllowTCP: func(context.Context, netip.AddrPort) bool { return false }}, dst)
 		expectReset(t, l.Addr().String())
-		waitFor(t, func() bool { return o.get(o.refused, RefusedNotAllowed) == 1 }, "a not_allowed refusal")
+		waitFor(t, o, func() bool { return o.get(o.refused, RefusedNotAllowed) == 1 }, "a not_allowed refusal")
 	})
 }
 
@@ -454,13 +457,15 @@ func TestOwnAddrs(t *testing.T) {
 	}
 }
 
-func waitFor(t *testing.T, cond func() bool, what string) {
+// waitFor waits until cond holds, looking again after each report to o.
+func waitFor(t *testing.T, o *observer, cond func() bool, what string) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	timeout := time.After(5 * time.Second)
 	for !cond() {
-		if time.Now().After(deadline) {
+		select {
+		case <-o.reported:
+		case <-timeout:
 			t.Fatalf("timed out waiting for %s", what)
 		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
