@@ -2,6 +2,8 @@ package filewatch_test
 
 import (
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -15,16 +17,19 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// follower runs a watcher and records what it reports.
+// follower runs a watcher and records what it reports: its changes, and
+// its transitions, which it logs (logged holds a value once a line was
+// logged since the last receive).
 type follower struct {
 	changes chan string
 	logs    *logtest.Buffer
+	logged  chan struct{}
 }
 
 func follow(t *testing.T, path, initial string, interval time.Duration) *follower {
 	t.Helper()
-	log, logs := logtest.New()
-	f := &follower{changes: make(chan string, 100), logs: logs}
+	f := &follower{changes: make(chan string, 100), logs: new(logtest.Buffer), logged: make(chan struct{}, 1)}
+	log := slog.New(slog.NewTextHandler(io.MultiWriter(f.logs, signal(f.logged)), &slog.HandlerOptions{Level: slog.LevelDebug}))
 	w, err := filewatch.Start(filewatch.Config{
 		Path: path, Initial: []byte(initial), Interval: interval, Debounce: 20 * time.Millisecond, Logger: log,
 	}, func(data []byte) { f.changes <- string(data) })
@@ -48,16 +53,30 @@ func (f *follower) next(t *testing.T, what, want string) {
 	}
 }
 
-// waitLog waits until msg has been logged n times.
+// waitLog waits until msg has been logged n times, looking again after
+// each line logged.
 func (f *follower) waitLog(t *testing.T, msg string, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	timeout := time.After(10 * time.Second)
 	for f.logs.Count(msg) < n {
-		if time.Now().After(deadline) {
+		select {
+		case <-f.logged:
+		case <-timeout:
 			t.Fatalf("%q logged %d times within 10s, want %d", msg, f.logs.Count(msg), n)
 		}
-		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// signal is a writer that discards what it is given and then puts a value
+// in its channel, unless one is there already.
+type signal chan struct{}
+
+func (s signal) Write(p []byte) (int, error) {
+	select {
+	case s <- struct{}{}:
+	default:
+	}
+	return len(p), nil
 }
 
 func write(t *testing.T, path, content string) {
