@@ -115,18 +115,22 @@ func passingIDs(t *testing.T, base, name string) []string {
 }
 
 // waitFor polls cond every 50 ms until it holds or timeout passes; cond's
-// string says what it saw last.
+// string says what it saw last. The agent is a real process, on real time.
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	poll := time.NewTicker(50 * time.Millisecond)
+	defer poll.Stop()
 	for {
 		ok, saw := cond()
 		if ok {
 			return
 		}
-		if time.Now().After(deadline) {
+		select {
+		case <-deadline.C:
 			t.Fatalf("waiting %s for %s: last saw %s", timeout, what, saw)
+		case <-poll.C:
 		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }
