@@ -12,8 +12,10 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/sidecar-mesh/sidecar/pkg/config"
+	"github.com/sidecar-mesh/sidecar/pkg/panics"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/redact"
+	"github.com/sidecar-mesh/sidecar/pkg/sidecar"
 )
 
 // setting is one configuration key as a flag and an environment variable.
@@ -349,25 +351,20 @@ func (o *runOptions) validate() error {
 	return nil
 }
 
-// run starts the sidecar and serves until ctx ends, then shuts down.
+// run starts the sidecar and serves until ctx ends, then shuts down. The
+// drain window and the shutdown timeout bound the shutdown; a second
+// signal ends the process at once (see main).
 func (o *runOptions) run(ctx context.Context) error {
 	log := newLogger(o.stderr, o.cfg.Log)
 	if o.noFile {
 		sayNoConfigFile(log, o.cfg)
 	}
-	sc, err := start(o.cfg, log)
+	panics.SetLogger(log)
+	sc, err := sidecar.New(o.cfg, sidecar.WithLogger(log), sidecar.WithVersion(currentBuild()))
 	if err != nil {
 		return err
 	}
-	select {
-	case <-ctx.Done():
-	case <-sc.quit:
-	}
-	log.Info("shutting down", "drainWindow", o.cfg.Lifecycle.DrainWindow.String(),
-		"shutdownTimeout", o.cfg.Lifecycle.ShutdownTimeout.String())
-	// The drain window and the shutdown timeout bound the shutdown; a
-	// second signal ends the process at once (see main).
-	return sc.shutdown(context.Background())
+	return sc.Run(ctx)
 }
 
 // sayNoConfigFile logs, once at startup, that run has no config file and
@@ -409,6 +406,16 @@ log; "sidecar demo" runs it with example services.`,
 	}
 	o.addFlags(cmd.Flags())
 	return cmd
+}
+
+// setBool sets *dst from a flag's or variable's true or false.
+func setBool(v string, dst *bool) error {
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return fmt.Errorf("want true or false, got %q", v)
+	}
+	*dst = b
+	return nil
 }
 
 func newLogger(w io.Writer, c config.Log) *slog.Logger {

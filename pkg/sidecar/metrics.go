@@ -1,49 +1,59 @@
-package main
+package sidecar
 
 import (
-	"net/http"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promauto"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
+	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
-	"github.com/sidecar-mesh/sidecar/pkg/panics"
 )
 
-// newRegistry is the sidecar's Prometheus registry: process and Go runtime
-// collectors, and discovery's view of every service in use.
-func newRegistry(resolver discovery.Resolver) *prometheus.Registry {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		collectors.NewGoCollector(),
-		&discoveryCollector{resolver: resolver},
-		panicCollector{},
-	)
-	return reg
+// registerMetrics builds the sidecar's registry: the process, Go runtime
+// and recovered panics, discovery's view of every service in use, the
+// policy store's updates, the outbound resilience chain, the requests
+// (unless requestMetrics is off) and the spans dropped.
+func (s *Sidecar) registerMetrics() {
+	reg := metrics.NewRegistry()
+	reg.MustRegister(metrics.NewDiscoveryCollector(s.resolver))
+	if s.consul != nil {
+		reg.MustRegister(metrics.NewDroppedEndpointsCollector(s.consul))
+	}
+	reg.MustRegister(metrics.NewPolicyCollector(s.policies.store))
+	s.resilience, s.registry = newResilienceMetrics(reg), reg
+	if s.cfg.RequestMetrics == nil || *s.cfg.RequestMetrics {
+		s.requests = metrics.NewRequests(reg)
+	}
+	reg.MustRegister(metrics.NewDroppedSpansCounter(s.tracing.Dropped))
 }
 
-// panicCollector reports the panics recovered so far (package panics), by
-// where they happened: a request handler, a watcher, a background loop.
-type panicCollector struct{}
-
-var panicsDesc = prometheus.NewDesc("sidecar_panics_total",
-	"Panics recovered without stopping the process, by where they happened; each is a bug worth reporting.",
-	[]string{"where"}, nil)
-
-func (panicCollector) Describe(ch chan<- *prometheus.Desc) { ch <- panicsDesc }
-
-func (panicCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, c := range panics.Counts() {
-		ch <- prometheus.MustNewConstMetric(panicsDesc, prometheus.CounterValue, float64(c.N), c.Where)
+// registerHealthMetrics reports, at each scrape, whether each of the app's
+// probes that is configured passes, and whether /healthz/ready would
+// answer 200.
+func (s *Sidecar) registerHealthMetrics(readiness, liveness, startup *inbound.Prober) {
+	for _, p := range []struct {
+		name   string
+		prober *inbound.Prober
+	}{{"readiness", readiness}, {"liveness", liveness}, {"startup", startup}} {
+		if p.prober != nil {
+			s.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sidecar_app_probe_passing",
+				Help: "1 while the app passes the probe (after its thresholds), else 0.", ConstLabels: prometheus.Labels{"probe": p.name}},
+				func() float64 { return b2f(p.prober.OK()) }))
+		}
 	}
+	s.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sidecar_ready",
+		Help: "1 while /healthz/ready answers 200: outbound up, the app ready, no drain."},
+		func() float64 { return b2f(len(s.healthH.Ready()) == 0) }))
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // resilienceMetrics counts what the outbound resilience chain decides (it
@@ -174,61 +184,4 @@ func (c *resilienceCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(serviceInFlightDesc, prometheus.GaugeValue, float64(st.InFlight), st.Service)
 		ch <- prometheus.MustNewConstMetric(ejectedDesc, prometheus.GaugeValue, float64(len(st.Ejected)), st.Service)
 	}
-}
-
-// discoveryCollector reports, per known service, its healthy endpoints and
-// how long ago its source last confirmed them. Labels are service names
-// only, never endpoint addresses.
-type discoveryCollector struct {
-	resolver discovery.Resolver
-}
-
-var (
-	endpointsDesc = prometheus.NewDesc("sidecar_discovery_endpoints",
-		"Healthy endpoints of a service, as discovery sees them now.", []string{"service", "source"}, nil)
-	stalenessDesc = prometheus.NewDesc("sidecar_discovery_staleness_seconds",
-		"Seconds since the source last confirmed a service's endpoints; it grows while Consul is unreachable.",
-		[]string{"service", "source"}, nil)
-)
-
-func (c *discoveryCollector) Describe(ch chan<- *prometheus.Desc) {
-	ch <- endpointsDesc
-	ch <- stalenessDesc
-}
-
-func (c *discoveryCollector) Collect(ch chan<- prometheus.Metric) {
-	now := time.Now()
-	for _, s := range c.resolver.Services() {
-		ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, float64(len(s.Endpoints)), s.Service, s.Source)
-		staleness := 0.0
-		if s.Source != "static" {
-			staleness = now.Sub(s.UpdatedAt).Seconds()
-		}
-		ch <- prometheus.MustNewConstMetric(stalenessDesc, prometheus.GaugeValue, staleness, s.Service, s.Source)
-	}
-}
-
-// droppedCollector reports the endpoints Consul answered that were not
-// used because they point at the sidecar's own host, by reason.
-type droppedCollector struct{ consul *discovery.Consul }
-
-var droppedDesc = prometheus.NewDesc("sidecar_discovery_dropped_endpoints_total",
-	"Endpoints from Consul not used because they point at the sidecar's own host (discovery.consul.allowLoopbackEndpoints), each counted once when it appears, by reason: loopback, link-local, unspecified.",
-	[]string{"reason"}, nil)
-
-func (droppedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- droppedDesc }
-
-func (c droppedCollector) Collect(ch chan<- prometheus.Metric) {
-	for reason, n := range c.consul.DroppedEndpoints() {
-		ch <- prometheus.MustNewConstMetric(droppedDesc, prometheus.CounterValue, float64(n), reason)
-	}
-}
-
-// metricsHandler serves the registry at GET (and HEAD) /metrics, with
-// OpenMetrics when asked for; any other path is 404 and any other method
-// 405.
-func metricsHandler(reg *prometheus.Registry) http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{EnableOpenMetrics: true, Registry: reg}))
-	return mux
 }

@@ -1,12 +1,9 @@
-package main
+package sidecar
 
 import (
 	"fmt"
 	"log/slog"
 	"time"
-
-	consulapi "github.com/hashicorp/consul/api"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
@@ -52,11 +49,12 @@ func loadPolicies(cfg *config.Config, log *slog.Logger) (*policySources, error) 
 	return ps, nil
 }
 
-// watch starts following the policy file and, given a Consul client, the
-// policy keys in Consul KV. It waits up to co.FirstWait (default 1s) for
-// Consul's first answer, so that the first requests already have KV's
-// policies; without an answer it goes on with the file and inline ones.
-func (ps *policySources) watch(client *consulapi.Client, co *config.Consul) error {
+// watch starts following the policy file and, given a Consul client in
+// kv, the policy keys in Consul KV. It waits up to co.FirstWait (default
+// 1s) for Consul's first answer, so that the first requests already have
+// KV's policies; without an answer it goes on with the file and inline
+// ones.
+func (ps *policySources) watch(kv discovery.PolicyWatchConfig, co *config.Consul) error {
 	if ps.path != "" {
 		w, err := filewatch.Start(filewatch.Config{Path: ps.path, Initial: ps.initial, Logger: ps.log}, func(data []byte) {
 			// A rejection is logged, counted and shown by the store.
@@ -67,15 +65,14 @@ func (ps *policySources) watch(client *consulapi.Client, co *config.Consul) erro
 		}
 		ps.file = w
 	}
-	if client == nil {
+	if kv.Client == nil {
 		return nil
 	}
-	kv, err := discovery.WatchPolicies(discovery.PolicyWatchConfig{Client: client, WaitTime: co.WaitTime.D(), Logger: ps.log},
-		func(docs map[string]policy.KVDocument) { _ = ps.store.SetConsul(docs) })
+	w, err := discovery.WatchPolicies(kv, func(docs map[string]policy.KVDocument) { _ = ps.store.SetConsul(docs) })
 	if err != nil {
 		return err
 	}
-	ps.kv = kv
+	ps.kv = w
 	wait := co.FirstWait.D()
 	if wait <= 0 {
 		wait = time.Second
@@ -83,7 +80,7 @@ func (ps *policySources) watch(client *consulapi.Client, co *config.Consul) erro
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
-	case <-kv.Synced():
+	case <-w.Synced():
 	case <-t.C:
 		ps.log.Warn("no answer from Consul KV yet; starting with the inline and file policies", "waited", wait.String())
 	}
@@ -100,30 +97,5 @@ func (ps *policySources) close() {
 	}
 	if ps.kv != nil {
 		ps.kv.Close()
-	}
-}
-
-// policyCollector reports the store's reloads and rejections per source at
-// scrape time. The source label is one of inline, file and consul.
-type policyCollector struct{ store *policy.Store }
-
-var (
-	policyReloadsDesc = prometheus.NewDesc("sidecar_policy_reloads_total",
-		"Policy updates accepted, by source (inline, file, consul): a policy file counts once per new content, a Consul key once per new value or deletion.",
-		[]string{"source"}, nil)
-	policyRejectionsDesc = prometheus.NewDesc("sidecar_policy_rejections_total",
-		"Policy updates rejected (the last good policy stayed in force), by source (inline, file, consul).",
-		[]string{"source"}, nil)
-)
-
-func (c policyCollector) Describe(ch chan<- *prometheus.Desc) {
-	ch <- policyReloadsDesc
-	ch <- policyRejectionsDesc
-}
-
-func (c policyCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, st := range c.store.Stats() {
-		ch <- prometheus.MustNewConstMetric(policyReloadsDesc, prometheus.CounterValue, float64(st.Reloads), st.Source)
-		ch <- prometheus.MustNewConstMetric(policyRejectionsDesc, prometheus.CounterValue, float64(st.Rejections), st.Source)
 	}
 }

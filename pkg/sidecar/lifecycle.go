@@ -1,0 +1,178 @@
+package sidecar
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"time"
+)
+
+// Run serves, registers the app in Consul, and waits until ctx ends or the
+// admin API asks to quit (POST /quitquitquit); then it shuts down and
+// returns what went wrong on the way (see the package doc). The drain
+// window and the shutdown timeout bound the shutdown, not ctx. Call it
+// once.
+func (s *Sidecar) Run(ctx context.Context) error {
+	s.serve()
+	if s.registration.Client != nil {
+		if err := s.register(); err != nil {
+			s.log.Warn("not registering the app in Consul", "reason", err.Error())
+		}
+	}
+	inboundAddr := ""
+	if s.inbound != nil {
+		inboundAddr = s.inbound.Addr().String()
+	}
+	s.log.Info("sidecar ready", "outbound", s.outbound.Addr().String(), "inbound", inboundAddr,
+		"admin", s.adminLn.Addr().String(), "health", s.healthLn.Addr().String(), "metrics", s.metricLn.Addr().String(),
+		"probes", len(s.probers), "static_services", len(s.static.Services()), "consul", s.consul != nil,
+		"registered", s.reg.Load() != nil)
+
+	select {
+	case <-ctx.Done():
+	case <-s.quit:
+	}
+	s.log.Info("shutting down", "drainWindow", s.cfg.Lifecycle.DrainWindow.String(),
+		"shutdownTimeout", s.cfg.Lifecycle.ShutdownTimeout.String())
+	return s.shutdown(context.Background())
+}
+
+// serve starts every listener's server and the probers.
+func (s *Sidecar) serve() {
+	s.goServe(s.outbound.Serve)
+	if s.inbound != nil {
+		s.goServe(s.inbound.Serve)
+	}
+	for _, srv := range []struct {
+		s  *http.Server
+		ln net.Listener
+	}{{s.admin, s.adminLn}, {s.metrics, s.metricLn}, {s.health, s.healthLn}} {
+		s.goServe(func() error { return srv.s.Serve(srv.ln) })
+	}
+	if s.startup != nil {
+		s.startup.Start()
+	} else {
+		s.startedOnce.Do(s.startProbers)
+	}
+	s.outboundUp.Store(true)
+}
+
+// startProbers starts the app's probes other than the startup probe.
+func (s *Sidecar) startProbers() {
+	for _, p := range s.probers {
+		if p != s.startup {
+			p.Start()
+		}
+	}
+}
+
+// goServe runs serve until its server is shut down; shutdown collects the
+// results.
+func (s *Sidecar) goServe(serve func() error) {
+	s.serving++
+	go func() {
+		if err := serve(); !errors.Is(err, http.ErrServerClosed) {
+			s.errs <- err
+			return
+		}
+		s.errs <- nil
+	}()
+}
+
+// appReady is what the Consul check reports: the app passes its readiness
+// probe (or has none) and the sidecar is not draining.
+func (s *Sidecar) appReady() bool {
+	return s.outboundUp.Load() && !s.healthH.Draining() && s.readiness.OK()
+}
+
+// drain starts draining, once: /healthz/ready and the app's readyz answer
+// 503, the Consul check goes critical and the app is deregistered, and
+// inbound responses carry Connection: close so that clients move to other
+// instances. Everything keeps serving.
+func (s *Sidecar) drain(ctx context.Context) {
+	s.drainOnce.Do(func() {
+		s.log.Info("draining: reporting not ready and deregistering")
+		s.healthH.Drain()
+		if s.inbound != nil {
+			s.inbound.SetKeepAlivesEnabled(false)
+		}
+		if reg := s.reg.Load(); reg != nil {
+			if err := reg.Deregister(ctx); err != nil {
+				s.log.Warn("deregistering from Consul", "error", err.Error())
+			}
+		}
+	})
+}
+
+// drainSoon drains on a goroutine of the sidecar's, for the admin API:
+// shutdown waits for it.
+func (s *Sidecar) drainSoon() {
+	s.drainMu.Lock()
+	defer s.drainMu.Unlock()
+	if s.closing {
+		return // shutdown drains
+	}
+	s.drains.Go(func() { s.drain(context.Background()) })
+}
+
+// quitNow asks Run to shut down, as SIGTERM does.
+func (s *Sidecar) quitNow() { s.quitOnce.Do(func() { close(s.quit) }) }
+
+// shutdown drains, keeps serving the app's inbound and outbound traffic for
+// the drain window, then stops accepting and waits for in-flight requests
+// until ctx ends, and releases everything. No accepted request is dropped
+// unless ctx ends first.
+func (s *Sidecar) shutdown(ctx context.Context) error {
+	s.drainMu.Lock()
+	s.closing = true
+	s.drainMu.Unlock()
+	s.drain(ctx)
+	s.drains.Wait()
+	if w := s.cfg.Lifecycle.DrainWindow.D(); w > 0 {
+		s.log.Info("drain window", "for", w.String())
+		t := time.NewTimer(w)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+		}
+	}
+	wait, cancel := context.WithTimeout(ctx, s.cfg.Lifecycle.ShutdownTimeout.D())
+	defer cancel()
+	s.log.Info("closing listeners and waiting for in-flight requests", "inbound", s.inFlightInbound(), "outbound", s.proxy.InFlight())
+	var err error
+	if s.inbound != nil {
+		err = errors.Join(err, s.inbound.Shutdown(wait), s.app.Wait(wait))
+	}
+	err = errors.Join(err, s.outbound.Shutdown(wait), s.shutdownTransparent(wait))
+	s.outboundUp.Store(false)
+	err = errors.Join(err, s.admin.Shutdown(wait), s.metrics.Shutdown(wait), s.health.Shutdown(wait))
+	for _, p := range s.probers {
+		p.Stop()
+	}
+	s.proxy.Close()
+	if s.app != nil {
+		s.app.Close()
+	}
+	if s.consul != nil {
+		s.consul.Close()
+	}
+	s.policies.close()
+	// What is left of the spans goes out before the exit, within the
+	// shutdown's bounds.
+	flush, cancelFlush := context.WithTimeout(context.Background(), 5*time.Second)
+	err = errors.Join(err, s.tracing.Shutdown(flush))
+	cancelFlush()
+	for range s.serving {
+		err = errors.Join(err, <-s.errs)
+	}
+	return err
+}
+
+func (s *Sidecar) inFlightInbound() int64 {
+	if s.app == nil {
+		return 0
+	}
+	return s.app.InFlight()
+}
