@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"go.uber.org/goleak"
@@ -102,21 +103,28 @@ func TestSetupValidates(t *testing.T) {
 }
 
 // A Shutdown whose deadline passes while an export hangs returns, cuts the
-// export short and leaves no goroutine behind (goleak checks).
+// export short and leaves no goroutine behind (goleak checks). In a
+// testing/synctest bubble: the deadline is virtual.
 func TestShutdownBounded(t *testing.T) {
-	exp := &hangingExporter{}
-	q := newExportQueue(exp, 10, slog.New(slog.DiscardHandler))
-	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(q), sdktrace.WithSampler(sdktrace.AlwaysSample()))
-	_, span := tp.Tracer("test").Start(context.Background(), "s")
-	span.End()
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-	defer cancel()
-	if err := tp.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Shutdown with a hanging collector: %v, want the deadline", err)
-	}
-	if q.dropped.Load() != 1 || !exp.shut.Load() {
-		t.Fatalf("dropped %d, exporter shut %v; want the span dropped and the exporter closed", q.dropped.Load(), exp.shut.Load())
-	}
+	synctest.Test(t, func(t *testing.T) {
+		exp := &hangingExporter{}
+		q := newExportQueue(exp, 10, slog.New(slog.DiscardHandler))
+		tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(q), sdktrace.WithSampler(sdktrace.AlwaysSample()))
+		_, span := tp.Tracer("test").Start(context.Background(), "s")
+		span.End()
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		if err := tp.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Shutdown with a hanging collector: %v, want the deadline", err)
+		}
+		if took := time.Since(start); took != 50*time.Millisecond {
+			t.Fatalf("Shutdown with a hanging collector returned after %v, want its 50ms deadline", took)
+		}
+		if q.dropped.Load() != 1 || !exp.shut.Load() {
+			t.Fatalf("dropped %d, exporter shut %v; want the span dropped and the exporter closed", q.dropped.Load(), exp.shut.Load())
+		}
+	})
 }
 
 // hangingExporter never finishes an export before its context ends.
