@@ -3,7 +3,11 @@ package lcs
 import (
 	"strings"
 	"testing"
+
+	"go.uber.org/goleak"
 )
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // render writes a script as one letter an op: the element kept (lower
 // case), deleted ("-x") or inserted ("+x").

@@ -4,7 +4,11 @@ import (
 	"io"
 	"strings"
 	"testing"
+
+	"go.uber.org/goleak"
 )
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // reader is a stream with head read ahead of rest.
 type reader struct {

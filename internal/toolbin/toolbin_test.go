@@ -5,7 +5,11 @@ import (
 	"io/fs"
 	"strings"
 	"testing"
+
+	"go.uber.org/goleak"
 )
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 func TestFindNamedOnly(t *testing.T) {
 	t.Setenv("SIDECAR_CONSUL_BIN", "/nonexistent/consul")
