@@ -99,7 +99,7 @@ func (s *Sidecar) drain(ctx context.Context) {
 		}
 		if reg := s.reg.Load(); reg != nil {
 			if err := reg.Deregister(ctx); err != nil {
-				s.log.Warn("deregistering from Consul", "error", err.Error())
+				s.log.Warn("deregistering from Consul", "err", err.Error())
 			}
 		}
 	})
