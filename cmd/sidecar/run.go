@@ -237,12 +237,8 @@ var settings = []setting{
 		set: func(c *config.Config, v string) error { c.Tracing.ServiceName = v; return nil }},
 	{flag: "request-metrics", usage: "per-request metrics, true or false", key: "requestMetrics", def: "true",
 		set: func(c *config.Config, v string) error {
-			b, err := strconv.ParseBool(v)
-			if err != nil {
-				return fmt.Errorf("want true or false, got %q", v)
-			}
-			c.RequestMetrics = &b
-			return nil
+			c.RequestMetrics = new(bool)
+			return setBool(v, c.RequestMetrics)
 		}},
 	{flag: "log-level", usage: "debug, info, warn or error", key: "log.level", def: "info",
 		set: func(c *config.Config, v string) error { c.Log.Level = v; return nil }},
