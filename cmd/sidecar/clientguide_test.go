@@ -27,7 +27,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/sidecar-mesh/sidecar/internal/toolbin"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 )
 
 // clientGuide is the page whose examples TestClientGuide runs.
@@ -397,7 +397,7 @@ func startGuideUpstream(t *testing.T) *guideUpstream {
 	reflection.Register(gs)
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /users/1", func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get(proxyhttp.HopHeader) == "" {
+		if r.Header.Get(forward.HopHeader) == "" {
 			up.direct.Add(1)
 		} else {
 			up.http.Add(1)
@@ -443,7 +443,7 @@ type guideHealth struct {
 }
 
 func (h *guideHealth) Check(ctx context.Context, in *healthpb.HealthCheckRequest) (*healthpb.HealthCheckResponse, error) {
-	if md, _ := metadata.FromIncomingContext(ctx); len(md.Get(proxyhttp.HopHeader)) > 0 {
+	if md, _ := metadata.FromIncomingContext(ctx); len(md.Get(forward.HopHeader)) > 0 {
 		h.up.grpc.Add(1)
 	} else {
 		h.up.direct.Add(1)

@@ -22,12 +22,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 )
 
 // Limits are the listener limits Run expects: timeouts short enough that
 // the slow clients of the table are cut off within the test.
-var Limits = proxyhttp.Limits{ReadHeaderTimeout: 300 * time.Millisecond, BodyReadTimeout: 300 * time.Millisecond}
+var Limits = downstream.Limits{ReadHeaderTimeout: 300 * time.Millisecond, BodyReadTimeout: 300 * time.Millisecond}
 
 // Listener names the listener under attack.
 type Listener int
@@ -277,7 +278,7 @@ func (c Case) run(t *testing.T, tg Target, w Want) Result {
 	}
 	res := Result{Case: c.Name, Class: c.Class, Responses: len(resps)}
 	if len(resps) > 0 {
-		res.Status, res.Reason = resps[0].StatusCode, resps[0].Header.Get(proxyhttp.ErrorHeader)
+		res.Status, res.Reason = resps[0].StatusCode, resps[0].Header.Get(forward.ErrorHeader)
 	}
 	got := tg.Upstream.Requests()[before:]
 	partial := 0

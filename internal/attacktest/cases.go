@@ -5,7 +5,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 )
 
 // head joins request lines with CRLF and ends the header block.
@@ -21,9 +21,9 @@ const second = "GET /second HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
 
 // The answers most cases expect.
 var (
-	badRequest = Want{Status: 400, Reason: proxyhttp.ReasonBadRequest}
-	notAllowed = Want{Status: 403, Reason: proxyhttp.ReasonNotAllowed}
-	unknown    = Want{Status: 503, Reason: proxyhttp.ReasonUnknownService}
+	badRequest = Want{Status: 400, Reason: forward.ReasonBadRequest}
+	notAllowed = Want{Status: 403, Reason: forward.ReasonNotAllowed}
+	unknown    = Want{Status: 503, Reason: forward.ReasonUnknownService}
 	served     = Want{Status: 200, Forwarded: 1}
 	// toApp is the inbound answer to a request aimed elsewhere: the
 	// inbound port only ever reaches its app.
@@ -34,7 +34,7 @@ var (
 	// body after its first chunk: the inbound port streams bodies, so the
 	// app has the headers and the first chunk when the fault is read; its
 	// request is cut off there (never complete) and the client gets 400.
-	streamedThenRefused = Want{Status: 400, Reason: proxyhttp.ReasonBadRequest, Partial: true}
+	streamedThenRefused = Want{Status: 400, Reason: forward.ReasonBadRequest, Partial: true}
 )
 
 // goAnswers is a request net/http refuses before any handler runs: its own
@@ -176,7 +176,7 @@ func Cases() []Case {
 		// 408; one that keeps moving is served.
 		{Name: "slowloris header", Class: "slow", Steps: slowHeader, Out: Want{}, In: Want{}},
 		{Name: "stalled body", Class: "slow", Steps: []Step{{Write: post("Content-Length: 10") + "hel", Pause: time.Second}},
-			Out: Want{Status: 408, Reason: proxyhttp.ReasonRequestTimeout}, In: Want{Status: 408, Reason: proxyhttp.ReasonRequestTimeout, Partial: true}},
+			Out: Want{Status: 408, Reason: forward.ReasonRequestTimeout}, In: Want{Status: 408, Reason: forward.ReasonRequestTimeout, Partial: true}},
 		{Name: "body that keeps moving", Class: "slow", Steps: movingBody, Out: withCheck(served, header("Content-Length", "5")), In: toApp},
 
 		// Hop-by-hop abuse: a client's Connection header names headers

@@ -11,7 +11,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 )
 
 // H2Case is one HTTP/2 request made of header fields no client library
@@ -67,8 +67,8 @@ func RunH2(t *testing.T, tg Target) {
 			}
 			// The sidecar's own 400, not an upstream's answer to what was
 			// forwarded.
-			if want == 400 && !c.GoAnswers && reason != proxyhttp.ReasonBadRequest {
-				t.Errorf("%s: x-sidecar-error %q, want %q", tg.Listener, reason, proxyhttp.ReasonBadRequest)
+			if want == 400 && !c.GoAnswers && reason != forward.ReasonBadRequest {
+				t.Errorf("%s: x-sidecar-error %q, want %q", tg.Listener, reason, forward.ReasonBadRequest)
 			}
 			if wantFwd := btoi(want == 200); got != wantFwd {
 				t.Errorf("%s: the upstream received %d requests, want %d", tg.Listener, got, wantFwd)

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 )
 
 // This half of the suite turns the table around: the upstream is the
@@ -261,12 +261,12 @@ func Call(client *http.Client, addr, method, tag string, tl *Tally, mu *sync.Mut
 		if tl.FirstOther == "" {
 			tl.FirstOther = err.Error()
 		}
-	case resp.Header.Get(proxyhttp.ErrorHeader) == "upstream_bad_response" && resp.StatusCode == http.StatusBadGateway:
+	case resp.Header.Get(forward.ErrorHeader) == "upstream_bad_response" && resp.StatusCode == http.StatusBadGateway:
 		tl.Bad++
-	case resp.Header.Get(proxyhttp.ErrorHeader) != "":
+	case resp.Header.Get(forward.ErrorHeader) != "":
 		tl.Other++
 		if tl.FirstOther == "" {
-			tl.FirstOther = fmt.Sprintf("%d %s %.200s", resp.StatusCode, resp.Header.Get(proxyhttp.ErrorHeader), body)
+			tl.FirstOther = fmt.Sprintf("%d %s %.200s", resp.StatusCode, resp.Header.Get(forward.ErrorHeader), body)
 		}
 	case resp.Header.Get("X-Tag") != tag || (method == http.MethodGet && resp.StatusCode == 200 && string(body) != "tag="+tag):
 		tl.Mismatch++

@@ -3,7 +3,10 @@
 // it.
 package readahead
 
-import "io"
+import (
+	"io"
+	"net"
+)
 
 // Read is the Read of a stream whose first bytes were read ahead: it
 // copies from *head, consuming it, while *head holds anything, and reads r
@@ -16,3 +19,13 @@ func Read(head *[]byte, r io.Reader, p []byte) (int, error) {
 	}
 	return r.Read(p)
 }
+
+// Conn is a connection whose first bytes, Head, were read ahead: Read
+// gives them back first. (A server that sniffed a connection's protocol
+// hands it on this way.)
+type Conn struct {
+	net.Conn
+	Head []byte
+}
+
+func (c *Conn) Read(p []byte) (int, error) { return Read(&c.Head, c.Conn, p) }

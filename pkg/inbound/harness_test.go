@@ -15,8 +15,8 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -49,9 +49,9 @@ func startInbound(t *testing.T, cfg inbound.Config) (*inbound.Proxy, string) {
 	if err != nil {
 		t.Fatalf("inbound.New: %v", err)
 	}
-	srv, err := proxyhttp.Listen("inbound", "127.0.0.1:0", p, cfg.Limits, nil)
+	srv, err := downstream.Listen("inbound", "127.0.0.1:0", p, cfg.Limits, nil)
 	if err != nil {
-		t.Fatalf("proxyhttp.Listen: %v", err)
+		t.Fatalf("downstream.Listen: %v", err)
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve() }()

@@ -21,8 +21,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/sidecar-mesh/sidecar/pkg/panics"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 	"github.com/sidecar-mesh/sidecar/pkg/redact"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // Probe defaults (DESIGN.md, "Config file").
@@ -439,7 +439,7 @@ func httpCheck(addr string, probe Probe, dial dialFunc) (check func(context.Cont
 	// The probe's context bounds it; the transport's own limits lie past
 	// that, so that a timeout reads as one.
 	limit := probe.Timeout + time.Second
-	t := proxyhttp.NewTransport(proxyhttp.TransportConfig{DialTimeout: limit, ResponseHeaderTimeout: limit, DialContext: dial})
+	t := upstream.NewTransport(upstream.TransportConfig{DialTimeout: limit, ResponseHeaderTimeout: limit, DialContext: dial})
 	check = func(ctx context.Context) error {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 		if err != nil {

@@ -15,7 +15,9 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // DefaultMaxInFlight is the concurrency limit of the inbound proxy when
@@ -25,7 +27,7 @@ const DefaultMaxInFlight = 1024
 // StatusClientClosed is the status an Observer is given for a request whose
 // client went away before anything was answered (nginx's 499). It is never
 // written.
-const StatusClientClosed = proxyhttp.StatusClientClosed
+const StatusClientClosed = forward.StatusClientClosed
 
 // Config configures the inbound proxy. The zero value of a field means its
 // default, except AppAddr, which is required.
@@ -43,11 +45,11 @@ type Config struct {
 	// Transport configures the connections to the app. Its
 	// ResponseHeaderTimeout (default 15s) bounds how long the app may take
 	// to start answering.
-	Transport proxyhttp.TransportConfig
+	Transport upstream.TransportConfig
 	// Limits bound the listener (header size, read timeouts); they should
-	// be the ones given to proxyhttp.Listen. Only BodyReadTimeout is used
+	// be the ones given to downstream.Listen. Only BodyReadTimeout is used
 	// here.
-	Limits proxyhttp.Limits
+	Limits downstream.Limits
 	// Observer is told about every request (spans, metrics). Nil: none.
 	Observer Observer
 	// Logger receives state transitions; nil discards them.
@@ -87,7 +89,7 @@ type Result struct {
 }
 
 // Proxy is the inbound http.Handler: it forwards every request to the app.
-// Serve it with proxyhttp.Listen, whose framing check it relies on. Safe for
+// Serve it with downstream.Listen, whose framing check it relies on. Safe for
 // concurrent use; the zero value is not usable, call New.
 type Proxy struct {
 	app       string
@@ -96,8 +98,8 @@ type Proxy struct {
 	bodyRead  time.Duration
 	observer  Observer
 	log       *slog.Logger
-	transport *proxyhttp.Transport
-	fw        *proxyhttp.Forwarder
+	transport *upstream.Transport
+	fw        *forward.Forwarder
 	toApp     *appReachability // the transport, minding whether the app accepts connections
 
 	inFlight atomic.Int64
@@ -126,9 +128,9 @@ func New(cfg Config) (*Proxy, error) {
 		bodyRead:  cfg.Limits.WithDefaults().BodyReadTimeout,
 		observer:  cfg.Observer,
 		log:       componentLogger(cfg.Logger, "inbound").With("app", cfg.AppAddr),
-		transport: proxyhttp.NewTransport(cfg.Transport),
+		transport: upstream.NewTransport(cfg.Transport),
 	}
-	p.fw = &proxyhttp.Forwarder{OnError: p.handleError}
+	p.fw = &forward.Forwarder{OnError: p.handleError}
 	p.toApp = &appReachability{next: p.transport, log: p.log}
 	return p, nil
 }
@@ -142,7 +144,7 @@ func (p *Proxy) InFlight() int64 { return p.inFlight.Load() }
 
 // Wait blocks until no request is in flight or ctx ends, and returns
 // ctx.Err() in the second case. New requests may still arrive while it
-// waits: for a drain, stop the listener (proxyhttp.Server.Shutdown) first.
+// waits: for a drain, stop the listener (downstream.Server.Shutdown) first.
 // Unlike Shutdown, it also waits for upgraded connections.
 func (p *Proxy) Wait(ctx context.Context) error {
 	p.waiters.Add(1)
@@ -183,14 +185,14 @@ func (p *Proxy) release() {
 
 // ServeHTTP forwards one request to the app.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	v := proxyhttp.TakeVerdict(r)
+	v := downstream.TakeVerdict(r)
 	if p.observer == nil {
 		p.serve(w, r, v)
 		return
 	}
 	// What Start adds (trace context) must reach the app: the client's
 	// Connection header may not name it for deletion.
-	proxyhttp.RemoveConnectionOptions(r.Header)
+	forward.RemoveConnectionOptions(r.Header)
 	start := time.Now()
 	if r2 := p.observer.Start(r); r2 != nil {
 		r = r2
@@ -218,45 +220,45 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	completed = true
 }
 
-func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, v proxyhttp.Verdict) {
+func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, v downstream.Verdict) {
 	if v.Reason != "" {
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, p.service, v.Reason))
+		p.reject(w, r, forward.Refuse(forward.ReasonBadRequest, p.service, v.Reason))
 		return
 	}
 	if r.Method == http.MethodConnect {
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonNotAllowed, p.service, "CONNECT is not served on the inbound port"))
+		p.reject(w, r, forward.Refuse(forward.ReasonNotAllowed, p.service, "CONNECT is not served on the inbound port"))
 		return
 	}
 	if p.inFlight.Add(1) > p.max {
 		p.release()
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonOverloaded, p.service, "the app's inbound concurrency limit is reached"))
+		p.reject(w, r, forward.Refuse(forward.ReasonOverloaded, p.service, "the app's inbound concurrency limit is reached"))
 		return
 	}
 	defer p.release()
 	// A hop marker is about the way a request took to this pod; what the
 	// app calls while serving it are new requests.
-	delete(r.Header, proxyhttp.HopHeader)
+	delete(r.Header, forward.HopHeader)
 	if r.Body != nil && r.Body != http.NoBody {
 		// The handler owns r: reads get a progress timeout and client
 		// errors are told apart from the app's.
-		r.Body = proxyhttp.NewBodyReader(w, r, p.bodyRead)
+		r.Body = downstream.NewBodyReader(w, r, p.bodyRead)
 	}
 	p.fw.Forward(w, r, p.toApp, p.app)
 }
 
 // reject answers with a local error, noting its reason for the Observer.
-func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *proxyhttp.LocalError) {
+func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *forward.LocalError) {
 	if rec, ok := w.(*recorder); ok {
 		rec.reason = e.Reason
 	}
-	proxyhttp.WriteError(w, r, e)
+	forward.WriteError(w, r, e)
 }
 
 // handleError answers a request the app could not be asked or could not
 // answer. The inbound path has no retries or deadlines of its own, so only
 // the transport's and the client's errors arrive here.
 func (p *Proxy) handleError(w http.ResponseWriter, r *http.Request, err error) {
-	e := proxyhttp.LocalReply(p.service, err)
+	e := forward.LocalReply(p.service, err)
 	if e.Status == StatusClientClosed {
 		// The client went away: nobody to answer, and net/http must not
 		// send an implicit 200.
@@ -284,7 +286,7 @@ type appReachability struct {
 
 func (a *appReachability) RoundTrip(r *http.Request) (*http.Response, error) {
 	resp, err := a.next.RoundTrip(r)
-	var ce *proxyhttp.ConnectError
+	var ce *upstream.ConnectError
 	switch {
 	case errors.As(err, &ce):
 		if !a.down.Swap(true) {

@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
 func TestForwardsToAppWhateverHost(t *testing.T) {
@@ -72,9 +72,9 @@ func TestMalformedRequestsNeverReachTheApp(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			resp, body := roundTrip(t, addr, tc.request)
-			if resp.StatusCode != http.StatusBadRequest || resp.Header.Get(proxyhttp.ErrorHeader) != proxyhttp.ReasonBadRequest {
-				t.Fatalf("got %d %s=%q %q, want 400 bad_request", resp.StatusCode, proxyhttp.ErrorHeader,
-					resp.Header.Get(proxyhttp.ErrorHeader), body)
+			if resp.StatusCode != http.StatusBadRequest || resp.Header.Get(forward.ErrorHeader) != forward.ReasonBadRequest {
+				t.Fatalf("got %d %s=%q %q, want 400 bad_request", resp.StatusCode, forward.ErrorHeader,
+					resp.Header.Get(forward.ErrorHeader), body)
 			}
 		})
 	}
@@ -111,7 +111,7 @@ func TestConcurrencyLimit(t *testing.T) {
 	}
 	for range 2 {
 		resp, body := roundTrip(t, addr, "GET /more HTTP/1.1\r\nHost: orders\r\n\r\n")
-		if resp.StatusCode != 503 || resp.Header.Get(proxyhttp.ErrorHeader) != proxyhttp.ReasonOverloaded {
+		if resp.StatusCode != 503 || resp.Header.Get(forward.ErrorHeader) != forward.ReasonOverloaded {
 			t.Fatalf("request over the limit: got %d %q, want 503 overloaded", resp.StatusCode, body)
 		}
 	}
@@ -158,13 +158,13 @@ func closedAddr(t *testing.T) string {
 func TestAppDown(t *testing.T) {
 	_, addr := startInbound(t, inbound.Config{AppAddr: closedAddr(t), Service: "orders"})
 	resp, body := roundTrip(t, addr, "GET /orders HTTP/1.1\r\nHost: orders\r\n\r\n")
-	if resp.StatusCode != http.StatusBadGateway || resp.Header.Get(proxyhttp.ErrorHeader) != proxyhttp.ReasonConnectFailure {
-		t.Fatalf("got %d %s=%q, want 502 %s", resp.StatusCode, proxyhttp.ErrorHeader,
-			resp.Header.Get(proxyhttp.ErrorHeader), proxyhttp.ReasonConnectFailure)
+	if resp.StatusCode != http.StatusBadGateway || resp.Header.Get(forward.ErrorHeader) != forward.ReasonConnectFailure {
+		t.Fatalf("got %d %s=%q, want 502 %s", resp.StatusCode, forward.ErrorHeader,
+			resp.Header.Get(forward.ErrorHeader), forward.ReasonConnectFailure)
 	}
-	var e proxyhttp.LocalError
-	if err := json.Unmarshal([]byte(body), &e); err != nil || e.Reason != proxyhttp.ReasonConnectFailure || e.Service != "orders" {
-		t.Fatalf("body %q (%v), want JSON naming %s and service orders", body, err, proxyhttp.ReasonConnectFailure)
+	var e forward.LocalError
+	if err := json.Unmarshal([]byte(body), &e); err != nil || e.Reason != forward.ReasonConnectFailure || e.Service != "orders" {
+		t.Fatalf("body %q (%v), want JSON naming %s and service orders", body, err, forward.ReasonConnectFailure)
 	}
 }
 
@@ -172,8 +172,8 @@ func TestConnectRefused(t *testing.T) {
 	app := startApp(t, func(w http.ResponseWriter, r *http.Request) {})
 	_, addr := startInbound(t, inbound.Config{AppAddr: app.addr()})
 	resp, _ := roundTrip(t, addr, "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
-	if resp.StatusCode != http.StatusForbidden || resp.Header.Get(proxyhttp.ErrorHeader) != proxyhttp.ReasonNotAllowed {
-		t.Fatalf("CONNECT: got %d, want 403 %s", resp.StatusCode, proxyhttp.ReasonNotAllowed)
+	if resp.StatusCode != http.StatusForbidden || resp.Header.Get(forward.ErrorHeader) != forward.ReasonNotAllowed {
+		t.Fatalf("CONNECT: got %d, want 403 %s", resp.StatusCode, forward.ReasonNotAllowed)
 	}
 	if n := app.hits.Load(); n != 0 {
 		t.Fatalf("app handled %d requests, want 0", n)
@@ -296,7 +296,7 @@ func TestObserver(t *testing.T) {
 	want := []struct {
 		status int
 		reason string
-	}{{http.StatusCreated, ""}, {http.StatusBadRequest, proxyhttp.ReasonBadRequest}}
+	}{{http.StatusCreated, ""}, {http.StatusBadRequest, forward.ReasonBadRequest}}
 	for i, w := range want {
 		e := ends[i]
 		if e.res.Status != w.status || e.res.Reason != w.reason || !e.marked || e.res.Duration <= 0 {
@@ -304,8 +304,8 @@ func TestObserver(t *testing.T) {
 		}
 	}
 	down := obsDown.waitEnds(t, 1)
-	if r := down[0].res; r.Status != http.StatusBadGateway || r.Reason != proxyhttp.ReasonConnectFailure || down[0].method != "GET" {
-		t.Errorf("End with the app down: %s %+v, want GET 502 %s", down[0].method, r, proxyhttp.ReasonConnectFailure)
+	if r := down[0].res; r.Status != http.StatusBadGateway || r.Reason != forward.ReasonConnectFailure || down[0].method != "GET" {
+		t.Errorf("End with the app down: %s %+v, want GET 502 %s", down[0].method, r, forward.ReasonConnectFailure)
 	}
 	obs.mu.Lock()
 	defer obs.mu.Unlock()

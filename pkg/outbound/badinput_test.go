@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 )
 
 // Every request-smuggling shape is answered 400 bad_request by the sidecar
@@ -140,7 +140,7 @@ func TestSlowlorisHeader(t *testing.T) {
 	up := newUpstream(t, hostEcho)
 	sc := startSidecar(t, options{
 		static: map[string][]string{"svc": {up.addr()}},
-		limits: proxyhttp.Limits{ReadHeaderTimeout: 300 * time.Millisecond},
+		limits: downstream.Limits{ReadHeaderTimeout: 300 * time.Millisecond},
 	})
 	c, err := net.Dial("tcp", sc.addr)
 	if err != nil {
@@ -164,7 +164,7 @@ func TestStalledBody(t *testing.T) {
 	up := newUpstream(t, hostEcho)
 	sc := startSidecar(t, options{
 		static: map[string][]string{"svc": {up.addr()}},
-		limits: proxyhttp.Limits{BodyReadTimeout: 300 * time.Millisecond},
+		limits: downstream.Limits{BodyReadTimeout: 300 * time.Millisecond},
 	})
 	c, err := net.Dial("tcp", sc.addr)
 	if err != nil {

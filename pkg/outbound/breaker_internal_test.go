@@ -15,8 +15,8 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
 var threeEndpoints = []string{"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"}
@@ -27,7 +27,7 @@ func (c *testChain) get(path string) (int, string) {
 	req, _ := http.NewRequest("GET", "http://svc"+path, nil)
 	resp, err := c.rt.RoundTrip(req)
 	if err != nil {
-		le := proxyhttp.LocalReply("svc", err)
+		le := forward.LocalReply("svc", err)
 		return le.Status, le.Reason
 	}
 	discard(resp)
@@ -93,8 +93,8 @@ func TestDefaultBreakerIgnoresAFailingPath(t *testing.T) {
 		})
 		t.Logf("answers by path %v; %d attempts, %d ejections, breaker transitions %v",
 			got, c.calls.Load(), c.observer.ejections, c.observer.transitions)
-		if len(c.observer.transitions) != 0 || c.observer.shed[proxyhttp.ReasonCircuitOpen] != 0 {
-			t.Fatalf("the breaker moved %v and refused %d requests, want it closed throughout", c.observer.transitions, c.observer.shed[proxyhttp.ReasonCircuitOpen])
+		if len(c.observer.transitions) != 0 || c.observer.shed[forward.ReasonCircuitOpen] != 0 {
+			t.Fatalf("the breaker moved %v and refused %d requests, want it closed throughout", c.observer.transitions, c.observer.shed[forward.ReasonCircuitOpen])
 		}
 		if len(got["/"]) != 1 || len(got["/bad"]) != 1 || got["/"]["200"]+got["/bad"]["503"] != 20000 {
 			t.Fatalf("answers by path %v, want only 200 for / and only the upstream's 503 for /bad", got)
@@ -170,7 +170,7 @@ func TestDefaultBreakerOpensWhenAllFail(t *testing.T) {
 		attempts := c.calls.Load()
 		t.Logf("%d requests reached the upstream (%d attempts, bound %d) before the breaker opened; transitions %v",
 			upstream, attempts, bound, c.observer.transitions)
-		if upstream != cb.RunToTrip() || strings.Count(strings.Join(reasons, ","), proxyhttp.ReasonCircuitOpen) != 300-upstream {
+		if upstream != cb.RunToTrip() || strings.Count(strings.Join(reasons, ","), forward.ReasonCircuitOpen) != 300-upstream {
 			t.Fatalf("%d requests answered by the upstream, then %v; want %d, then circuit_open only", upstream, reasons[upstream:upstream+3], cb.RunToTrip())
 		}
 		if attempts > bound {
@@ -183,7 +183,7 @@ func TestDefaultBreakerOpensWhenAllFail(t *testing.T) {
 		if code, reason := c.get("/"); code != 503 || reason != "" {
 			t.Fatalf("half-open probe while down: %d %q, want the upstream's 503", code, reason)
 		}
-		if code, reason := c.get("/"); reason != proxyhttp.ReasonCircuitOpen {
+		if code, reason := c.get("/"); reason != forward.ReasonCircuitOpen {
 			t.Fatalf("after a failed probe: %d %q, want circuit_open", code, reason)
 		}
 		mu.Lock()

@@ -15,10 +15,12 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 	"github.com/sidecar-mesh/sidecar/pkg/tracing"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // call is one request from the app to a service, as route made it: the
@@ -109,8 +111,8 @@ func (ch *chain) do(c *call, req *http.Request) (*http.Response, error) {
 	resp, err := ch.limit(c, sent)
 	if err != nil {
 		// The client's own failure, if its body broke, is what it is
-		// answered for (proxyhttp.Cause).
-		e := proxyhttp.LocalReply(c.service, proxyhttp.Cause(req, err))
+		// answered for (downstream.Cause).
+		e := forward.LocalReply(c.service, downstream.Cause(req, err))
 		endRequest(span, series, start, e.Status, e.Reason, e.Error())
 		return nil, e
 	}
@@ -168,7 +170,7 @@ func (ch *chain) limit(c *call, req *http.Request) (*http.Response, error) {
 		expired := ctx.Err() == context.DeadlineExceeded
 		fb.finish()
 		if expired && req.Context().Err() == nil && !isPerTryTimeout(err) {
-			return nil, proxyhttp.Refuse(proxyhttp.ReasonUpstreamTimeout, c.service, "no response within the timeout of "+timeout.String())
+			return nil, forward.Refuse(forward.ReasonUpstreamTimeout, c.service, "no response within the timeout of "+timeout.String())
 		}
 		return nil, err
 	}
@@ -178,7 +180,7 @@ func (ch *chain) limit(c *call, req *http.Request) (*http.Response, error) {
 		return resp, nil
 	}
 	fb.ReadCloser, fb.resp, fb.service = resp.Body, resp, c.service
-	if proxyhttp.IsStream(resp) {
+	if forward.IsStream(resp) {
 		// A stream runs as long as it keeps sending: the policy's
 		// deadlines, which bounded the wait for its headers, give way to
 		// streamIdleTimeout (the caller's own deadline stays).
@@ -190,9 +192,9 @@ func (ch *chain) limit(c *call, req *http.Request) (*http.Response, error) {
 
 // shed refuses a call over a concurrency limit.
 func (ch *chain) shed(c *call, req *http.Request, detail string) error {
-	proxyhttp.CloseBody(req)
-	ch.observer.Shed(c.service, proxyhttp.ReasonOverloaded)
-	return proxyhttp.Refuse(proxyhttp.ReasonOverloaded, c.service, detail)
+	upstream.CloseBody(req)
+	ch.observer.Shed(c.service, forward.ReasonOverloaded)
+	return forward.Refuse(forward.ReasonOverloaded, c.service, detail)
 }
 
 // release gives back a request's concurrency slots, the service's to the
@@ -214,16 +216,16 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 	st.budget.request(time.Now())
 	br := st.breaker.Load()
 	cur := req
-	grpc := proxyhttp.IsGRPC(req)
+	grpc := upstream.IsGRPC(req)
 	// The breaker counts requests, by their outcome after retries: a
 	// request it lets through is one call of done, whatever its attempts.
 	// An instance that fails is outlier detection's to eject, and a
 	// request that fails everywhere one failure.
 	done, berr := br.Allow()
 	if berr != nil {
-		proxyhttp.CloseBody(cur)
-		ch.observer.Shed(c.service, proxyhttp.ReasonCircuitOpen)
-		return nil, nil, proxyhttp.Refuse(proxyhttp.ReasonCircuitOpen, c.service, "circuit breaker "+br.State().String())
+		upstream.CloseBody(cur)
+		ch.observer.Shed(c.service, forward.ReasonCircuitOpen)
+		return nil, nil, forward.Refuse(forward.ReasonCircuitOpen, c.service, "circuit breaker "+br.State().String())
 	}
 	for attempt := 1; ; attempt++ {
 		var actx context.Context = ctx
@@ -269,7 +271,7 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 		if reason != "" {
 			delay = backoffDelay(r.Backoff, attempt, resp)
 			if deadlineAllows(ctx, delay) {
-				next, ok = proxyhttp.Rewound(req) // only bodies held in memory replay
+				next, ok = upstream.Rewound(req) // only bodies held in memory replay
 			}
 		}
 		if ok && !st.budget.allowRetry(time.Now(), *r.Budget.Ratio, *r.Budget.MinPerSecond) {
@@ -278,7 +280,7 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 		}
 		if !ok {
 			if next != nil && next != req {
-				proxyhttp.CloseBody(next)
+				upstream.CloseBody(next)
 			}
 			if err != nil {
 				done(breakerOutcome(nil, err))
@@ -300,7 +302,7 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 		endPerTry(perTry)
 		ch.observer.Retried(c.service, reason)
 		if !sleep(ctx, delay) {
-			proxyhttp.CloseBody(next)
+			upstream.CloseBody(next)
 			err := ctx.Err()
 			done(breakerOutcome(nil, err))
 			return nil, nil, err
@@ -317,7 +319,7 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 func (ch *chain) attempt(c *call, req *http.Request) (*http.Response, string, error) {
 	ep, lerr := ch.pick(c, time.Now())
 	if lerr != nil {
-		proxyhttp.CloseBody(req)
+		upstream.CloseBody(req)
 		return nil, "", lerr
 	}
 	ch.observer.Attempted(c.service)
@@ -329,7 +331,7 @@ func (ch *chain) attempt(c *call, req *http.Request) (*http.Response, string, er
 		// The upstream's spans hang under this attempt's.
 		ch.prop.Inject(ctx, tracing.HeaderCarrier(req.Header))
 	}
-	out := proxyhttp.CopyRequest(req)
+	out := forward.CopyRequest(req)
 	out.URL.Host = ep.Addr
 	resp, err := ch.send(out, c.policy.ConnectTimeout.D())
 	end := attemptEnd{chain: ch, span: span, call: c, endpoint: ep.Addr}
@@ -346,14 +348,14 @@ func (ch *chain) attempt(c *call, req *http.Request) (*http.Response, string, er
 // endpoint set, less the sidecar's own listeners and the ejected
 // endpoints, not the endpoint of the attempt before when there is
 // another. It never blocks and never does I/O.
-func (ch *chain) pick(c *call, now time.Time) (discovery.Endpoint, *proxyhttp.LocalError) {
+func (ch *chain) pick(c *call, now time.Time) (discovery.Endpoint, *forward.LocalError) {
 	if len(c.set.Endpoints) == 0 {
-		return discovery.Endpoint{}, proxyhttp.Refuse(proxyhttp.ReasonNoHealthyEndpoints, c.service,
+		return discovery.Endpoint{}, forward.Refuse(forward.ReasonNoHealthyEndpoints, c.service,
 			"the service is known but has no healthy endpoint")
 	}
 	rr := ch.picker(c.set)
 	if len(rr.eps) == 0 {
-		return discovery.Endpoint{}, proxyhttp.Refuse(proxyhttp.ReasonLoop, c.service,
+		return discovery.Endpoint{}, forward.Refuse(forward.ReasonLoop, c.service,
 			"every endpoint discovery has for the service is one of the sidecar's own listeners")
 	}
 	return pickHealthy(rr, &c.state.outliers, c.avoid, now), nil

@@ -20,8 +20,8 @@ import (
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
 type rtFunc func(*http.Request) (*http.Response, error)
@@ -126,7 +126,7 @@ func (c *testChain) do(ctx context.Context, method string, header http.Header) (
 	}
 	resp, err := c.rt.RoundTrip(req)
 	if err != nil {
-		var le *proxyhttp.LocalError
+		var le *forward.LocalError
 		if errors.As(err, &le) {
 			return le.Status, le.Reason
 		}
@@ -162,7 +162,7 @@ circuitBreaker: {consecutiveFailures: 5, openDuration: 30s, halfOpenRequests: 2}
 			}
 		}
 		time.Sleep(30 * time.Second)
-		if code, reason := c.do(ctx, "GET", nil); code != 503 || reason != proxyhttp.ReasonCircuitOpen {
+		if code, reason := c.do(ctx, "GET", nil); code != 503 || reason != forward.ReasonCircuitOpen {
 			t.Fatalf("when openDuration ends: %d %q, want 503 circuit_open", code, reason)
 		}
 		if n := c.calls.Load(); n != 5 {
@@ -183,7 +183,7 @@ circuitBreaker: {consecutiveFailures: 5, openDuration: 30s, halfOpenRequests: 2}
 			t.Fatalf("half-open let %d probes through, want exactly 2", n)
 		}
 		for range 8 {
-			if reason := <-results; reason != proxyhttp.ReasonCircuitOpen {
+			if reason := <-results; reason != forward.ReasonCircuitOpen {
 				t.Fatalf("a request beyond the probes got %q, want circuit_open", reason)
 			}
 		}
@@ -200,8 +200,8 @@ circuitBreaker: {consecutiveFailures: 5, openDuration: 30s, halfOpenRequests: 2}
 		if got := strings.Join(c.observer.transitions, " "); got != want {
 			t.Fatalf("transitions %q, want %q", got, want)
 		}
-		if c.observer.shed[proxyhttp.ReasonCircuitOpen] != 9 {
-			t.Fatalf("%d requests counted as shed by the breaker, want 9", c.observer.shed[proxyhttp.ReasonCircuitOpen])
+		if c.observer.shed[forward.ReasonCircuitOpen] != 9 {
+			t.Fatalf("%d requests counted as shed by the breaker, want 9", c.observer.shed[forward.ReasonCircuitOpen])
 		}
 	})
 }
@@ -298,7 +298,7 @@ retry: {attempts: 5, perTryTimeout: 150ms, on: [timeout], backoff: {base: 25ms, 
 			return nil, r.Context().Err()
 		})
 		code, reason := c.do(context.Background(), "GET", nil)
-		if code != 504 || reason != proxyhttp.ReasonUpstreamTimeout {
+		if code != 504 || reason != forward.ReasonUpstreamTimeout {
 			t.Fatalf("got %d %q, want 504 upstream_timeout", code, reason)
 		}
 		if d := time.Since(start); d != 200*time.Millisecond {
@@ -354,7 +354,7 @@ func TestCallerDeadlineWins(t *testing.T) {
 		})
 		start := time.Now()
 		code, reason := c.do(context.Background(), "GET", http.Header{"Grpc-Timeout": {"100m"}})
-		if code != 504 || reason != proxyhttp.ReasonUpstreamTimeout || time.Since(start) != 100*time.Millisecond {
+		if code != 504 || reason != forward.ReasonUpstreamTimeout || time.Since(start) != 100*time.Millisecond {
 			t.Fatalf("got %d %q after %v, want 504 upstream_timeout after 100ms", code, reason, time.Since(start))
 		}
 		if n := c.calls.Load(); n != 1 {
@@ -493,8 +493,8 @@ func TestOverallConcurrencyLimit(t *testing.T) {
 		for range 3 {
 			<-codes
 		}
-		if c.observer.shed[proxyhttp.ReasonOverloaded] != 2 || c.chain.inFlight.Load() != 0 {
-			t.Fatalf("shed %d, in flight %d; want 2 and 0", c.observer.shed[proxyhttp.ReasonOverloaded], c.chain.inFlight.Load())
+		if c.observer.shed[forward.ReasonOverloaded] != 2 || c.chain.inFlight.Load() != 0 {
+			t.Fatalf("shed %d, in flight %d; want 2 and 0", c.observer.shed[forward.ReasonOverloaded], c.chain.inFlight.Load())
 		}
 	})
 }

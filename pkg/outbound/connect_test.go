@@ -24,7 +24,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/sidecar-mesh/sidecar/internal/toolbin"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 )
 
 // hopSeen is a gRPC health server that records whether the calls it gets
@@ -36,7 +36,7 @@ type hopSeen struct {
 
 func (h *hopSeen) Check(ctx context.Context, in *healthpb.HealthCheckRequest) (*healthpb.HealthCheckResponse, error) {
 	h.calls.Add(1)
-	if md, _ := metadata.FromIncomingContext(ctx); len(md.Get(strings.ToLower(proxyhttp.HopHeader))) > 0 {
+	if md, _ := metadata.FromIncomingContext(ctx); len(md.Get(strings.ToLower(forward.HopHeader))) > 0 {
 		h.marked.Add(1)
 	}
 	return h.HealthServer.Check(ctx, in)
@@ -112,14 +112,14 @@ func TestConnectRefusals(t *testing.T) {
 		status int
 		reason string
 	}{
-		{"127.0.0.1:80", 403, proxyhttp.ReasonNotAllowed},
-		{"nosuch:80", 503, proxyhttp.ReasonUnknownService},
+		{"127.0.0.1:80", 403, forward.ReasonNotAllowed},
+		{"nosuch:80", 503, forward.ReasonUnknownService},
 	} {
 		resp, body := sc.raw(t, "CONNECT "+tc.target+" HTTP/1.1\r\nHost: "+tc.target+"\r\n\r\n")
-		if resp.StatusCode != tc.status || resp.Header.Get(proxyhttp.ErrorHeader) != tc.reason {
-			t.Errorf("CONNECT %s: got %d %q %s, want %d %s", tc.target, resp.StatusCode, resp.Header.Get(proxyhttp.ErrorHeader), body, tc.status, tc.reason)
+		if resp.StatusCode != tc.status || resp.Header.Get(forward.ErrorHeader) != tc.reason {
+			t.Errorf("CONNECT %s: got %d %q %s, want %d %s", tc.target, resp.StatusCode, resp.Header.Get(forward.ErrorHeader), body, tc.status, tc.reason)
 		}
-		if tc.reason == proxyhttp.ReasonUnknownService && strings.Contains(body, "add it to allowHosts") {
+		if tc.reason == forward.ReasonUnknownService && strings.Contains(body, "add it to allowHosts") {
 			t.Errorf("CONNECT %s: the hint sends a known-service user to allowHosts: %s", tc.target, body)
 		}
 	}
@@ -182,7 +182,7 @@ func TestConnectUndiciAndWebSocket(t *testing.T) {
 	var marked atomic.Int64
 	mux := http.NewServeMux()
 	mux.HandleFunc("/hello", func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get(proxyhttp.HopHeader) != "" {
+		if r.Header.Get(forward.HopHeader) != "" {
 			marked.Add(1)
 		}
 		io.WriteString(w, "hello "+r.Host)

@@ -10,7 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // Fields that may not stand in a trailer (RFC 9110, 6.5.1: framing,
@@ -97,7 +99,7 @@ func TestConnectionNamedResponseHeadersDropped(t *testing.T) {
 // timeout (here a minute) ends the wait for bytes that never come.
 func TestRequestShorterThanPrefaceAnsweredAtOnce(t *testing.T) {
 	sc := startSidecar(t, options{static: map[string][]string{"svc": {"127.0.0.1:1"}},
-		limits: proxyhttp.Limits{ReadHeaderTimeout: time.Minute}})
+		limits: downstream.Limits{ReadHeaderTimeout: time.Minute}})
 	for _, req := range []string{"GET /\r\n\r\n", "G\r\n\r\n", "\r\n\r\n\r\n", "GET /\n\n"} {
 		c, err := net.Dial("tcp", sc.addr)
 		if err != nil {
@@ -122,12 +124,12 @@ func TestRequestShorterThanPrefaceAnsweredAtOnce(t *testing.T) {
 func TestConnectTimeoutIsAConnectFailure(t *testing.T) {
 	sc := startSidecar(t, options{static: map[string][]string{"svc": {"127.0.0.1:9"}}, // never dialed: see DialContext
 		policies: "service: svc\nconnectTimeout: 50ms\ntimeout: 10s\nretry: {attempts: 1}\n",
-		transport: proxyhttp.TransportConfig{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		transport: upstream.TransportConfig{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			<-ctx.Done() // a SYN nobody answers, without sending one
 			return nil, ctx.Err()
 		}}})
 	resp, body := sc.get(t, sc.client(t), "svc", "/")
-	if resp.StatusCode != http.StatusBadGateway || resp.Header.Get(proxyhttp.ErrorHeader) != proxyhttp.ReasonConnectFailure {
-		t.Fatalf("got %d %q %s, want 502 upstream_connect_failure", resp.StatusCode, resp.Header.Get(proxyhttp.ErrorHeader), body)
+	if resp.StatusCode != http.StatusBadGateway || resp.Header.Get(forward.ErrorHeader) != forward.ReasonConnectFailure {
+		t.Fatalf("got %d %q %s, want 502 upstream_connect_failure", resp.StatusCode, resp.Header.Get(forward.ErrorHeader), body)
 	}
 }

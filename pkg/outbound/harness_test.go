@@ -19,23 +19,24 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// upstream is a real HTTP server that counts the requests it was handed.
-type upstream struct {
+// server is a real HTTP server that counts the requests it was handed.
+type server struct {
 	*httptest.Server
 	requests atomic.Int64
 }
 
-func newUpstream(t *testing.T, h http.HandlerFunc) *upstream {
+func newUpstream(t *testing.T, h http.HandlerFunc) *server {
 	t.Helper()
-	u := &upstream{}
+	u := &server{}
 	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.requests.Add(1)
 		h(w, r)
@@ -44,7 +45,7 @@ func newUpstream(t *testing.T, h http.HandlerFunc) *upstream {
 	return u
 }
 
-func (u *upstream) addr() string { return strings.TrimPrefix(u.URL, "http://") }
+func (u *server) addr() string { return strings.TrimPrefix(u.URL, "http://") }
 
 // sidecar is the outbound proxy on a real loopback listener.
 type sidecar struct {
@@ -56,8 +57,8 @@ type sidecar struct {
 type options struct {
 	static     map[string][]string
 	allowHosts []string
-	limits     proxyhttp.Limits
-	transport  proxyhttp.TransportConfig
+	limits     downstream.Limits
+	transport  upstream.TransportConfig
 	policies   string // Policy documents (YAML)
 	// isOwn is the proxy's IsOwn.
 	isOwn func(netip.AddrPort) bool
@@ -121,7 +122,7 @@ func startSidecar(t testing.TB, o options) *sidecar {
 			sc.proxy.ServeHTTP(w, r)
 		})
 	}
-	srv, err := proxyhttp.Listen("outbound", cmp.Or(o.listen, "127.0.0.1:0"), h, o.limits, nil)
+	srv, err := downstream.Listen("outbound", cmp.Or(o.listen, "127.0.0.1:0"), h, o.limits, nil)
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}

@@ -7,7 +7,7 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 )
 
 // An endpoint that is one of the sidecar's own listeners is never called:
@@ -37,8 +37,8 @@ func TestOwnListenerEndpointsRefused(t *testing.T) {
 	}
 	dials := sc.dials.Load()
 	resp, _ := sc.get(t, c, "self", "/")
-	if resp.StatusCode != http.StatusLoopDetected || resp.Header.Get(proxyhttp.ErrorHeader) != proxyhttp.ReasonLoop {
-		t.Fatalf("self: got %d %q, want 508 loop", resp.StatusCode, resp.Header.Get(proxyhttp.ErrorHeader))
+	if resp.StatusCode != http.StatusLoopDetected || resp.Header.Get(forward.ErrorHeader) != forward.ReasonLoop {
+		t.Fatalf("self: got %d %q, want 508 loop", resp.StatusCode, resp.Header.Get(forward.ErrorHeader))
 	}
 	if d := sc.dials.Load() - dials; d != 0 {
 		t.Fatalf("self: %d dials, want none", d)
@@ -63,8 +63,8 @@ func TestHopMarkerStopsALoop(t *testing.T) {
 	sc := startSidecar(t, options{static: map[string][]string{"loop": {self}}, listen: self, arrivals: &arrivals})
 	c := sc.client(t)
 	resp, _ := sc.get(t, c, "loop", "/")
-	if resp.StatusCode != http.StatusLoopDetected || resp.Header.Get(proxyhttp.ErrorHeader) != proxyhttp.ReasonLoop {
-		t.Fatalf("got %d %q, want 508 loop", resp.StatusCode, resp.Header.Get(proxyhttp.ErrorHeader))
+	if resp.StatusCode != http.StatusLoopDetected || resp.Header.Get(forward.ErrorHeader) != forward.ReasonLoop {
+		t.Fatalf("got %d %q, want 508 loop", resp.StatusCode, resp.Header.Get(forward.ErrorHeader))
 	}
 	if n := arrivals.Load(); n != 2 {
 		t.Fatalf("the sidecar saw %d arrivals of the request, want 2 (the app's, and its own once)", n)

@@ -1,9 +1,10 @@
 package outbound_test
 
 import (
-	"github.com/sidecar-mesh/sidecar/internal/faultserver"
 	"net/http"
 	"testing"
+
+	"github.com/sidecar-mesh/sidecar/internal/faultserver"
 )
 
 const noRetries = "retry: {attempts: 1}\n"

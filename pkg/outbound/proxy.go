@@ -15,7 +15,7 @@
 //   - call.go, chain.do: the call's span and metrics -> concurrency limits
 //     -> deadline -> breaker -> retry loop { pick -> attempt span -> send
 //     -> outcome to outlier detection } -> the local-reply mapper
-//     (proxyhttp.LocalReply), which makes every failure the LocalError of
+//     (forward.LocalReply), which makes every failure the LocalError of
 //     the call's service.
 //
 // Nothing of a call travels in the request's URL or context: the chain
@@ -45,9 +45,11 @@ import (
 
 	"github.com/sidecar-mesh/sidecar/internal/readahead"
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // Config configures the outbound proxy. The zero value of a field means its
@@ -77,16 +79,16 @@ type Config struct {
 	// Metrics records requests (count, duration); nil: none.
 	Metrics *metrics.Requests
 	// Transport configures the upstream connections.
-	Transport proxyhttp.TransportConfig
+	Transport upstream.TransportConfig
 	// Limits bound the listener (header size, read timeouts).
-	Limits proxyhttp.Limits
+	Limits downstream.Limits
 	// Logger receives state transitions and errors; nil discards them.
 	Logger *slog.Logger
 	// IsOwn reports whether an endpoint address is one of the sidecar's
 	// own listeners: such an endpoint is never called (a service whose
 	// every endpoint is one gets 508 loop). nil: no endpoint is.
 	IsOwn func(netip.AddrPort) bool
-	// HopID names this proxy in the hop marker (proxyhttp.HopHeader) it
+	// HopID names this proxy in the hop marker (forward.HopHeader) it
 	// adds to every request it forwards; a request that arrives with it
 	// is refused as a loop. Empty: a random id.
 	HopID string
@@ -108,14 +110,14 @@ const maxBufferedBody = 64 << 10
 // use.
 type Proxy struct {
 	resolver  discovery.Resolver
-	limits    proxyhttp.Limits
+	limits    downstream.Limits
 	log       *slog.Logger
-	transport *proxyhttp.Transport
+	transport *upstream.Transport
 	allow     map[string]bool
 	hop       []string          // the hop marker's value, shared read-only
 	chain     *chain            // of every call to a service
 	metrics   *metrics.Requests // for requests refused before routing
-	fw        *proxyhttp.Forwarder
+	fw        *forward.Forwarder
 	tunnels   sync.WaitGroup
 	serveConn func(net.Conn, []byte) // the listener's ServeConn; nil: none
 }
@@ -135,7 +137,7 @@ func New(cfg Config) (*Proxy, error) {
 		resolver:  cfg.Resolver,
 		limits:    cfg.Limits.WithDefaults(),
 		log:       log.With("component", "outbound"),
-		transport: proxyhttp.NewTransport(cfg.Transport),
+		transport: upstream.NewTransport(cfg.Transport),
 		allow:     make(map[string]bool, len(cfg.AllowHosts)),
 	}
 	for _, h := range cfg.AllowHosts {
@@ -177,7 +179,7 @@ func New(cfg Config) (*Proxy, error) {
 		isOwn:       cfg.IsOwn,
 		maxInFlight: int64(maxInFlight),
 	}
-	p.fw = &proxyhttp.Forwarder{OnError: p.handleError}
+	p.fw = &forward.Forwarder{OnError: p.handleError}
 	return p, nil
 }
 
@@ -194,18 +196,18 @@ func (p *Proxy) Close() {
 // route, then its body, then the call to a service or the transport to an
 // allow-listed host.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if v := proxyhttp.TakeVerdict(r); v.Reason != "" {
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "", v.Reason))
+	if v := downstream.TakeVerdict(r); v.Reason != "" {
+		p.reject(w, r, forward.Refuse(forward.ReasonBadRequest, "", v.Reason))
 		return
 	}
-	if hops, ok := r.Header[proxyhttp.HopHeader]; ok && p.sentBefore(hops) {
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonLoop, "",
+	if hops, ok := r.Header[forward.HopHeader]; ok && p.sentBefore(hops) {
+		p.reject(w, r, forward.Refuse(forward.ReasonLoop, "",
 			"this request was forwarded by this sidecar already: discovery or a proxy sends it back here"))
 		return
 	}
 	host := strings.ToLower(r.Host)
 	if host == "" {
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "",
+		p.reject(w, r, forward.Refuse(forward.ReasonBadRequest, "",
 			"no Host header and no absolute URL: name the service you are calling"))
 		return
 	}
@@ -214,12 +216,12 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.URL.Scheme != "" && r.URL.Scheme != "http" {
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "",
+		p.reject(w, r, forward.Refuse(forward.ReasonBadRequest, "",
 			"scheme "+r.URL.Scheme+" is not proxied; send plain http (use CONNECT for TLS to allowed hosts)"))
 		return
 	}
 	if r.URL.User != nil { // RFC 9110, 4.2.4: it hides the real authority
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "", "userinfo (user@) in the request URL is not allowed"))
+		p.reject(w, r, forward.Refuse(forward.ReasonBadRequest, "", "userinfo (user@) in the request URL is not allowed"))
 		return
 	}
 
@@ -246,7 +248,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	} else if r.Body != nil && r.Body != http.NoBody {
 		body, err := p.prepareBody(w, r)
 		if err != nil {
-			p.replyError(w, r, proxyhttp.LocalReply(service, err), err)
+			p.replyError(w, r, forward.LocalReply(service, err), err)
 			return
 		}
 		r2 := *r
@@ -262,11 +264,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// The marker goes on after the client's Connection header has named
 	// its options, which could otherwise take it off again.
-	proxyhttp.RemoveConnectionOptions(r.Header)
-	if prior, ok := r.Header[proxyhttp.HopHeader]; ok {
-		r.Header[proxyhttp.HopHeader] = append(prior[:len(prior):len(prior)], p.hop...)
+	forward.RemoveConnectionOptions(r.Header)
+	if prior, ok := r.Header[forward.HopHeader]; ok {
+		r.Header[forward.HopHeader] = append(prior[:len(prior):len(prior)], p.hop...)
 	} else {
-		r.Header[proxyhttp.HopHeader] = p.hop
+		r.Header[forward.HopHeader] = p.hop
 	}
 	p.fw.Forward(w, r, c, "")
 }
@@ -303,7 +305,7 @@ type preparedBody struct {
 // prepareBody reads a body of up to maxBufferedBody into memory before
 // anything is forwarded; a larger one streams on from what was read.
 func (p *Proxy) prepareBody(w http.ResponseWriter, r *http.Request) (preparedBody, error) {
-	br := proxyhttp.NewBodyReader(w, r, p.limits.BodyReadTimeout)
+	br := downstream.NewBodyReader(w, r, p.limits.BodyReadTimeout)
 	if r.ContentLength > maxBufferedBody || (r.ContentLength < 0 && len(r.Trailer) > 0) {
 		return preparedBody{rc: br, length: r.ContentLength}, nil
 	}
@@ -396,9 +398,9 @@ func (b *prefixedBody) Read(p []byte) (int, error) { return readahead.Read(&b.pr
 func (b *prefixedBody) Close() error { return b.rest.Close() }
 
 // reject answers a request refused before it was sent anywhere.
-func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *proxyhttp.LocalError) {
+func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *forward.LocalError) {
 	p.metrics.Rejected(metrics.Outbound, e.Reason)
-	proxyhttp.WriteError(w, r, e)
+	forward.WriteError(w, r, e)
 }
 
 // handleError is the Forwarder's: it answers a request that could not be
@@ -406,33 +408,33 @@ func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *proxyhttp.Loca
 // (the chain maps them); others, to an allow-listed host, are mapped for
 // the host.
 func (p *Proxy) handleError(w http.ResponseWriter, r *http.Request, err error) {
-	p.replyError(w, r, proxyhttp.LocalReply(discovery.ServiceName(r.Host), err), err)
+	p.replyError(w, r, forward.LocalReply(discovery.ServiceName(r.Host), err), err)
 }
 
 // replyError answers with e, the local reply to err.
-func (p *Proxy) replyError(w http.ResponseWriter, r *http.Request, e *proxyhttp.LocalError, err error) {
+func (p *Proxy) replyError(w http.ResponseWriter, r *http.Request, e *forward.LocalError, err error) {
 	if e.Status == StatusClientClosed {
 		// Nobody to answer; abort rather than let net/http send an
 		// implicit 200.
 		panic(http.ErrAbortHandler)
 	}
 	p.log.Debug("request failed", "service", e.Service, "reason", e.Reason, "err", err)
-	proxyhttp.WriteError(w, r, e)
+	forward.WriteError(w, r, e)
 }
 
 // StatusClientClosed is the status recorded for a request whose client went
 // away before it was answered (nginx's 499). It is never written.
-const StatusClientClosed = proxyhttp.StatusClientClosed
+const StatusClientClosed = forward.StatusClientClosed
 
 // routeError maps a discovery error to the local error of DESIGN.md.
-func routeError(service string, err error) *proxyhttp.LocalError {
+func routeError(service string, err error) *forward.LocalError {
 	switch {
 	case errors.Is(err, discovery.ErrUnknownService):
-		return proxyhttp.Refuse(proxyhttp.ReasonUnknownService, service, "no discovery source knows this service")
+		return forward.Refuse(forward.ReasonUnknownService, service, "no discovery source knows this service")
 	case errors.Is(err, discovery.ErrNoAnswer):
-		return proxyhttp.Refuse(proxyhttp.ReasonNoHealthyEndpoints, service, err.Error())
+		return forward.Refuse(forward.ReasonNoHealthyEndpoints, service, err.Error())
 	}
-	return proxyhttp.LocalReply(service, err)
+	return forward.LocalReply(service, err)
 }
 
 // SetConnServer gives the proxy the server of its own listener, so that a
@@ -450,35 +452,35 @@ func (p *Proxy) SetConnServer(serve func(c net.Conn, buffered []byte)) { p.serve
 // is. Anything else is refused, with what would make it work.
 func (p *Proxy) connect(w http.ResponseWriter, r *http.Request, host string) {
 	if p.allowed(host) {
-		p.tunnel(proxyhttp.HijackAware(w, r), r)
+		p.tunnel(downstream.HijackAware(w, r), r)
 		return
 	}
 	if discovery.IsIPLiteral(host) {
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonNotAllowed, "",
+		p.reject(w, r, forward.Refuse(forward.ReasonNotAllowed, "",
 			"CONNECT to an IP address is not allowed; call the service by name, or add "+host+" to allowHosts"))
 		return
 	}
 	service := discovery.ServiceName(host)
 	if !discovery.ValidServiceName(service) {
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "", "CONNECT to "+policy.Quote(host)+": not a service name"))
+		p.reject(w, r, forward.Refuse(forward.ReasonBadRequest, "", "CONNECT to "+policy.Quote(host)+": not a service name"))
 		return
 	}
 	if _, err := p.resolver.Resolve(r.Context(), service); err != nil {
 		e := routeError(service, err)
-		if e.Reason == proxyhttp.ReasonUnknownService {
+		if e.Reason == forward.ReasonUnknownService {
 			e.Detail = "no discovery source knows this service; CONNECT reaches services discovery knows, and external hosts in allowHosts"
 		}
 		p.reject(w, r, e)
 		return
 	}
 	if p.serveConn == nil || r.ProtoMajor != 1 {
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, service,
+		p.reject(w, r, forward.Refuse(forward.ReasonBadRequest, service,
 			"CONNECT to a service needs HTTP/1.1; or send the request itself to this port"))
 		return
 	}
-	conn, brw, err := http.NewResponseController(proxyhttp.HijackAware(w, r)).Hijack()
+	conn, brw, err := http.NewResponseController(downstream.HijackAware(w, r)).Hijack()
 	if err != nil {
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, service, "CONNECT needs HTTP/1.1"))
+		p.reject(w, r, forward.Refuse(forward.ReasonBadRequest, service, "CONNECT needs HTTP/1.1"))
 		return
 	}
 	_ = conn.SetDeadline(time.Time{})
@@ -507,7 +509,7 @@ func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 	src, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		_ = dst.Close()
-		p.reject(w, r, proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "", "CONNECT needs HTTP/1.1"))
+		p.reject(w, r, forward.Refuse(forward.ReasonBadRequest, "", "CONNECT needs HTTP/1.1"))
 		return
 	}
 	_ = src.SetDeadline(time.Time{})
@@ -516,5 +518,5 @@ func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 		_ = dst.Close()
 		return
 	}
-	proxyhttp.Splice(src, brw.Reader, dst)
+	forward.Splice(src, brw.Reader, dst)
 }

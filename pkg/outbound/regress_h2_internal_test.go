@@ -15,8 +15,8 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
 // h2Setup runs an h2c upstream with handler, the outbound proxy for service
@@ -43,7 +43,7 @@ func h2Setup(t *testing.T, handler http.HandlerFunc, cfg Config, policies string
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := proxyhttp.Listen("outbound", "127.0.0.1:0", px, proxyhttp.Limits{}, nil)
+	srv, err := downstream.Listen("outbound", "127.0.0.1:0", px, downstream.Limits{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

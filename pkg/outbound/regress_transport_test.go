@@ -14,7 +14,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // rawUpstream runs fn for each accepted connection.
@@ -115,7 +117,7 @@ func TestHeaderTimeoutAfterStreamedBody(t *testing.T) {
 	})
 	defer close(release)
 	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.addr()}},
-		transport: proxyhttp.TransportConfig{ResponseHeaderTimeout: 300 * time.Millisecond}})
+		transport: upstream.TransportConfig{ResponseHeaderTimeout: 300 * time.Millisecond}})
 	for _, size := range []int{1000, 100 << 10} {
 		c := sc.client(t)
 		c.Timeout = 3 * time.Second
@@ -162,7 +164,7 @@ func TestUploadWriterEndsWithResponse(t *testing.T) {
 		io.WriteString(w, "early")
 	})
 	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.addr()}},
-		limits: proxyhttp.Limits{BodyReadTimeout: 2 * time.Second}})
+		limits: downstream.Limits{BodyReadTimeout: 2 * time.Second}})
 	start := time.Now()
 	conn, err := net.Dial("tcp", sc.addr)
 	if err != nil {
@@ -249,8 +251,8 @@ func TestHugeResponseHeaderKeepsMemoryFlat(t *testing.T) {
 	before := rssBytes(t)
 	for range 3 {
 		resp, body := sc.get(t, c, "svc", "/")
-		if resp.StatusCode != http.StatusBadGateway || resp.Header.Get(proxyhttp.ErrorHeader) != proxyhttp.ReasonUpstreamBadResponse {
-			t.Fatalf("got %d %q %.100q, want 502 upstream_bad_response", resp.StatusCode, resp.Header.Get(proxyhttp.ErrorHeader), body)
+		if resp.StatusCode != http.StatusBadGateway || resp.Header.Get(forward.ErrorHeader) != forward.ReasonUpstreamBadResponse {
+			t.Fatalf("got %d %q %.100q, want 502 upstream_bad_response", resp.StatusCode, resp.Header.Get(forward.ErrorHeader), body)
 		}
 	}
 	if grew := rssBytes(t) - before; grew > 16<<20 {

@@ -12,8 +12,8 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
 // reload replaces the store's policy file with doc, which must be accepted.
@@ -57,7 +57,7 @@ circuitBreaker: {consecutiveFailures: 3, openDuration: 30s, minRequests: 1000}
 		for range 3 {
 			expect("tripping the breaker", "", c.calls.Load()+1)
 		}
-		expect("breaker open", proxyhttp.ReasonCircuitOpen, 3)
+		expect("breaker open", forward.ReasonCircuitOpen, 3)
 
 		reload(t, store, `
 service: svc
@@ -65,9 +65,9 @@ timeout: 4s
 retry: {attempts: 1, perTryTimeout: 2s}
 circuitBreaker: {consecutiveFailures: 3, openDuration: 30000ms, minRequests: 1000}
 `)
-		expect("after a reload of timeout and retry", proxyhttp.ReasonCircuitOpen, 3)
+		expect("after a reload of timeout and retry", forward.ReasonCircuitOpen, 3)
 		time.Sleep(10 * time.Second)
-		expect("10s later, openDuration 30s", proxyhttp.ReasonCircuitOpen, 3)
+		expect("10s later, openDuration 30s", forward.ReasonCircuitOpen, 3)
 
 		reload(t, store, `
 service: svc
@@ -78,7 +78,7 @@ circuitBreaker: {consecutiveFailures: 3, openDuration: 10s, minRequests: 1000}
 		expect("after openDuration changed: a fresh, closed breaker", "", 4)
 		expect("second failure", "", 5)
 		expect("third failure", "", 6)
-		expect("the fresh breaker open", proxyhttp.ReasonCircuitOpen, 6)
+		expect("the fresh breaker open", forward.ReasonCircuitOpen, 6)
 		time.Sleep(10*time.Second + time.Millisecond)
 		expect("10s later: half-open lets a probe through", "", 7)
 
@@ -171,7 +171,7 @@ func TestReloadSparesRequestsInFlight(t *testing.T) {
 			t.Fatalf("the request in flight during the reload got %q, want the upstream's OK after 1s", got)
 		}
 		start := time.Now()
-		if code, reason := c.do(context.Background(), "GET", nil); code != 504 || reason != proxyhttp.ReasonUpstreamTimeout || time.Since(start) != 200*time.Millisecond {
+		if code, reason := c.do(context.Background(), "GET", nil); code != 504 || reason != forward.ReasonUpstreamTimeout || time.Since(start) != 200*time.Millisecond {
 			t.Fatalf("the next request: %d %q after %v, want 504 upstream_timeout after 200ms", code, reason, time.Since(start))
 		}
 	})

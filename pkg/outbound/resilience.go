@@ -17,8 +17,9 @@ import (
 
 	"github.com/sony/gobreaker/v2"
 
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 )
 
 // Policies gives the effective policy of a service. Implementations are
@@ -171,7 +172,7 @@ var (
 // nothing; any other answer (2xx-4xx) is a success.
 func breakerOutcome(resp *http.Response, err error) error {
 	switch {
-	case err != nil && (errors.Is(err, context.Canceled) || proxyhttp.IsClientErr(err) || isLocalError(err)):
+	case err != nil && (errors.Is(err, context.Canceled) || downstream.IsClientErr(err) || isLocalError(err)):
 		return errNotCounted
 	case err != nil:
 		return errUpstreamFailed
@@ -230,7 +231,7 @@ func grpcFailure(code string) bool {
 }
 
 func isLocalError(err error) bool {
-	var le *proxyhttp.LocalError
+	var le *forward.LocalError
 	return errors.As(err, &le)
 }
 

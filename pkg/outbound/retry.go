@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // budget caps retries at a share of recent requests plus a floor per
@@ -183,7 +183,7 @@ func requestEnded(req *http.Request) bool {
 		defer rb.mu.Unlock()
 		return rb.complete
 	}
-	_, ok := proxyhttp.Rewound(req)
+	_, ok := upstream.Rewound(req)
 	return ok
 }
 
@@ -214,17 +214,17 @@ func encodeGRPCTimeout(d time.Duration) string {
 }
 
 func isConnectError(err error) bool {
-	var ce *proxyhttp.ConnectError
+	var ce *upstream.ConnectError
 	return errors.As(err, &ce)
 }
 
 func isUpstreamError(err error) bool {
-	var ue *proxyhttp.UpstreamError
+	var ue *upstream.UpstreamError
 	return errors.As(err, &ue)
 }
 
 func retryableMethod(p *policy.Retry, req *http.Request) bool {
-	return slices.Contains(p.Methods, req.Method) || proxyhttp.HasIdempotencyKey(req)
+	return slices.Contains(p.Methods, req.Method) || upstream.HasIdempotencyKey(req)
 }
 
 func isPerTryTimeout(err error) bool { return errors.Is(err, errPerTryTimeout) }

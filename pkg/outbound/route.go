@@ -5,8 +5,10 @@ import (
 	"net/http"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // route chooses where a request goes: a call to a service (with the
@@ -24,15 +26,15 @@ import (
 //     maps to nothing is refused like an IP literal: 403 not_allowed.
 //  4. Otherwise IP literals get 403 not_allowed and unknown names 503
 //     unknown_service, as on a connection made to the listener itself.
-func (p *Proxy) route(r *http.Request, host string) (*call, string, *proxyhttp.LocalError) {
+func (p *Proxy) route(r *http.Request, host string) (*call, string, *forward.LocalError) {
 	if p.allowed(host) {
 		return nil, host, nil
 	}
 	service := discovery.ServiceName(host)
-	_, redirected := proxyhttp.OriginalDst(r.Context())
+	_, redirected := downstream.OriginalDst(r.Context())
 	if !discovery.IsIPLiteral(host) {
 		if !discovery.ValidServiceName(service) {
-			return nil, "", proxyhttp.Refuse(proxyhttp.ReasonBadRequest, "",
+			return nil, "", forward.Refuse(forward.ReasonBadRequest, "",
 				"the host "+policy.Quote(host)+" is not a service name (letters, digits, '-', '_' and '.')")
 		}
 		set, err := p.resolver.Resolve(r.Context(), service)
@@ -44,19 +46,19 @@ func (p *Proxy) route(r *http.Request, host string) (*call, string, *proxyhttp.L
 		}
 	} else if !redirected {
 		detail := "IP addresses are not routed; call the service by name or add the address to allowHosts"
-		if proxyhttp.IsGRPC(r) {
+		if upstream.IsGRPC(r) {
 			detail = "a gRPC channel to the sidecar's address sends that address as its authority: set the authority to the service's name " +
 				"(grpc-go grpc.WithAuthority, grpcurl -authority, grpc-js and Python option grpc.default_authority)"
 		}
-		return nil, "", proxyhttp.Refuse(proxyhttp.ReasonNotAllowed, service, detail)
+		return nil, "", forward.Refuse(forward.ReasonNotAllowed, service, detail)
 	}
 	return p.routeByOriginalDst(r, host)
 }
 
 // routeByOriginalDst routes a request on a redirected connection by the
 // address the app dialed.
-func (p *Proxy) routeByOriginalDst(r *http.Request, host string) (*call, string, *proxyhttp.LocalError) {
-	dst, _ := proxyhttp.OriginalDst(r.Context())
+func (p *Proxy) routeByOriginalDst(r *http.Request, host string) (*call, string, *forward.LocalError) {
+	dst, _ := downstream.OriginalDst(r.Context())
 	if rr, ok := p.resolver.(discovery.ReverseResolver); ok {
 		service, err := rr.ServiceAt(r.Context(), dst)
 		switch {
@@ -67,14 +69,14 @@ func (p *Proxy) routeByOriginalDst(r *http.Request, host string) (*call, string,
 			}
 			return p.chain.open(service, set), "", nil
 		case !errors.Is(err, discovery.ErrUnknownService):
-			return nil, "", proxyhttp.Refuse(proxyhttp.ReasonUnknownService, "",
+			return nil, "", forward.Refuse(forward.ReasonUnknownService, "",
 				"discovery could not say which service has an endpoint at "+dst.String()+": "+err.Error())
 		}
 	}
 	if p.allowed(dst.String()) {
 		return nil, dst.String(), nil
 	}
-	return nil, "", proxyhttp.Refuse(proxyhttp.ReasonNotAllowed, "",
+	return nil, "", forward.Refuse(forward.ReasonNotAllowed, "",
 		"the original destination "+dst.String()+" (Host "+host+") is not an endpoint of a service known to discovery; "+
 			"call the service by name or add the address to allowHosts")
 }

@@ -18,7 +18,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // The routing fuzz target's world: one service and two allow-listed
@@ -60,7 +60,7 @@ func FuzzRouting(f *testing.F) {
 		Resolver:   discovery.Chain{static},
 		Policies:   outbound.NewStaticPolicies(ps),
 		AllowHosts: []string{fuzzAllowed, fuzzExternal},
-		Transport: proxyhttp.TransportConfig{DialContext: func(_ context.Context, _, addr string) (net.Conn, error) {
+		Transport: upstream.TransportConfig{DialContext: func(_ context.Context, _, addr string) (net.Conn, error) {
 			mu.Lock()
 			dials = append(dials, addr)
 			mu.Unlock()

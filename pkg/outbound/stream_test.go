@@ -66,7 +66,7 @@ func (d *decisions) breaker() (transitions []string, refused int) {
 
 // sseUpstream serves an event stream: events events, one every gap, then
 // it ends the stream, or with silent stays quiet until the request ends.
-func sseUpstream(t *testing.T, events int, gap time.Duration, silent bool) *upstream {
+func sseUpstream(t *testing.T, events int, gap time.Duration, silent bool) *server {
 	return newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		w.WriteHeader(200)

@@ -15,9 +15,9 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 	"github.com/sidecar-mesh/sidecar/pkg/transparent"
 )
 
@@ -69,7 +69,7 @@ func startTransparent(t *testing.T, static map[string][]string, allow []string) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := proxyhttp.Listen("outbound", "127.0.0.1:0", proxy, proxyhttp.Limits{}, nil)
+	srv, err := downstream.Listen("outbound", "127.0.0.1:0", proxy, downstream.Limits{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +93,7 @@ func startTransparent(t *testing.T, static map[string][]string, allow []string) 
 }
 
 func TestRoutingByOriginalDestination(t *testing.T) {
-	var failing, healthy, external *upstream
+	var failing, healthy, external *server
 	failing = newUpstream(t, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusServiceUnavailable) })
 	healthy = newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Seen-Forwarded-For", r.Header.Get("X-Forwarded-For"))

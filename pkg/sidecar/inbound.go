@@ -8,8 +8,9 @@ import (
 	"strconv"
 
 	"github.com/sidecar-mesh/sidecar/pkg/config"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // listenInbound builds the app's probers and the health endpoints and
@@ -87,12 +88,12 @@ func (s *Sidecar) listenInbound() error {
 	}
 	s.app, err = inbound.New(inbound.Config{AppAddr: appAddr, Service: cfg.Service,
 		MaxInFlight: cfg.Limits.InboundMaxInFlight, Observer: observer, Logger: s.log,
-		Transport: proxyhttp.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes}})
+		Transport: upstream.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes}})
 	if err != nil {
 		return err
 	}
 	s.resilience.setInbound(s.app)
-	s.inbound, err = proxyhttp.Listen("inbound", cfg.Listeners.Inbound, s.app, proxyhttp.Limits{}, s.log)
+	s.inbound, err = downstream.Listen("inbound", cfg.Listeners.Inbound, s.app, downstream.Limits{}, s.log)
 	return err
 }
 

@@ -48,12 +48,13 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/admin"
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
 	"github.com/sidecar-mesh/sidecar/pkg/tracing"
 	"github.com/sidecar-mesh/sidecar/pkg/transparent"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // Sidecar is one sidecar: its listeners and what serves them. The zero
@@ -63,15 +64,15 @@ type Sidecar struct {
 	log      *slog.Logger
 	cfg      *config.Config
 	version  any
-	outbound *proxyhttp.Server
+	outbound *downstream.Server
 	proxy    *outbound.Proxy
 
 	// transparent serves redirected connections under outbound; nil
 	// unless transparent.enabled.
 	transparent *transparent.Listener
 
-	inbound  *proxyhttp.Server // nil without appPort
-	app      *inbound.Proxy    // nil without appPort
+	inbound  *downstream.Server // nil without appPort
+	app      *inbound.Proxy     // nil without appPort
 	admin    *http.Server
 	adminLn  net.Listener
 	metrics  *http.Server
@@ -204,13 +205,13 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 	s.proxy, err = outbound.New(outbound.Config{Resolver: s.resolver, Policies: s.policies.store,
 		AllowHosts: cfg.AllowHosts, MaxInFlight: cfg.Limits.OutboundMaxInFlight, Observer: s.resilience,
 		Tracer: s.tracer(), Propagator: s.tracing.Propagator(), Metrics: s.requests, Logger: log,
-		Transport: proxyhttp.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes},
+		Transport: upstream.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes},
 		IsOwn:     s.isOwnEndpoint})
 	if err != nil {
 		return nil, err
 	}
 	s.resilience.setProxy(s.proxy)
-	s.outbound, err = proxyhttp.Listen("outbound", cfg.Listeners.Outbound, s.proxy, proxyhttp.Limits{}, log)
+	s.outbound, err = downstream.Listen("outbound", cfg.Listeners.Outbound, s.proxy, downstream.Limits{}, log)
 	if err != nil {
 		return nil, err
 	}
@@ -251,7 +252,7 @@ func (s *Sidecar) release() {
 			_ = ln.Close()
 		}
 	}
-	for _, srv := range []*proxyhttp.Server{s.outbound, s.inbound} {
+	for _, srv := range []*downstream.Server{s.outbound, s.inbound} {
 		if srv != nil {
 			_ = srv.Listener.Close()
 		}

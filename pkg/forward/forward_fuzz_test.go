@@ -1,4 +1,4 @@
-package proxyhttp_test
+package forward_test
 
 import (
 	"bufio"
@@ -11,7 +11,7 @@ import (
 	"testing"
 
 	"github.com/sidecar-mesh/sidecar/internal/attacktest"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 )
 
 // hopByHop are the headers that never cross a proxy (RFC 9110 7.6.1, and
@@ -55,23 +55,23 @@ func FuzzForwardHeaders(f *testing.F) {
 		delete(orig, "Expect") // the sidecar sends the body at once and drops it
 
 		once := reqH.Clone()
-		proxyhttp.RemoveConnectionOptions(once)
+		forward.RemoveConnectionOptions(once)
 		twice := once.Clone()
-		proxyhttp.RemoveConnectionOptions(twice)
+		forward.RemoveConnectionOptions(twice)
 		if !equalHeaders(once, twice) {
 			t.Fatalf("RemoveConnectionOptions is not idempotent: %v, then %v", once, twice)
 		}
 
 		// As the inbound proxy does: options removed, then the observer
 		// adds its headers, then Forward.
-		proxyhttp.RemoveConnectionOptions(reqH)
+		forward.RemoveConnectionOptions(reqH)
 		for k, v := range added {
 			reqH[k] = []string{v}
 		}
 		r := httptest.NewRequest("GET", "http://svc/", nil)
 		r.Header, r.RemoteAddr = reqH, "10.1.2.3:4567"
 		var sent http.Header
-		fw := &proxyhttp.Forwarder{
+		fw := &forward.Forwarder{
 			OnError: func(w http.ResponseWriter, _ *http.Request, err error) { t.Fatalf("Forward failed: %v", err) },
 		}
 		upstream := roundTripFunc(func(out *http.Request) (*http.Response, error) {

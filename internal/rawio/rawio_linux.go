@@ -1,4 +1,6 @@
-package proxyhttp
+// Package rawio makes the reads and writes of a TCP connection raw syscalls,
+// which leave the Go runtime's monitor thread asleep (see Wrap).
+package rawio
 
 import (
 	"errors"
@@ -46,9 +48,9 @@ type rawTCPConn struct {
 	writeFn func(fd uintptr) bool
 }
 
-// rawIO returns c with raw-syscall reads and writes when it is a TCP
+// Wrap returns c with raw-syscall reads and writes when it is a TCP
 // connection, else c itself.
-func rawIO(c net.Conn) net.Conn {
+func Wrap(c net.Conn) net.Conn {
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
 		return c

@@ -1,4 +1,4 @@
-package proxyhttp
+package downstream
 
 // One connection of the fast path: its lifecycle (read a header block,
 // serve the request, keep alive or close), the watch for a client gone
@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/sidecar-mesh/sidecar/internal/readahead"
 	"github.com/sidecar-mesh/sidecar/pkg/panics"
 )
 
@@ -249,7 +250,7 @@ func (c *h1Conn) handOver() {
 		c.fc.unread(pending)
 		conn = c.fc
 	} else {
-		conn = &primedConn{Conn: c.conn, read: append([]byte(nil), pending...)}
+		conn = &readahead.Conn{Conn: c.conn, Head: append([]byte(nil), pending...)}
 	}
 	c.r, c.w = 0, 0
 	c.setReadDeadline(time.Time{})

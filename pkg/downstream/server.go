@@ -1,11 +1,15 @@
-// Package proxyhttp holds what the sidecar's two proxies (outbound and
-// inbound) share: hardened server settings, the framing check that keeps
-// smuggled requests out, the local error responses of DESIGN.md, the
-// forwarder that copies a request through and its answer back, and the
-// pooled HTTP/1.1 transport to upstreams.
-package proxyhttp
+// Package downstream is the serving side of the sidecar's two proxies:
+// the listeners that take requests from apps and peers. Listen binds a
+// hardened server: the framing check (framing.go) that keeps smuggled and
+// malformed requests out, the HTTP/1.1 fast path (h1*.go) with net/http's
+// server behind it for everything else (h2c included), the verdicts a
+// handler takes for each request (TakeVerdict), request bodies read with a
+// progress timeout whose failures are the client's (BodyReader,
+// ClientError), and the original destination of a redirected connection.
+package downstream
 
 import (
+	"github.com/sidecar-mesh/sidecar/internal/readahead"
 	"github.com/sidecar-mesh/sidecar/pkg/panics"
 
 	"context"
@@ -162,7 +166,7 @@ func (s *Server) Serve() error {
 // already read. It returns at once; Shutdown and Close cover c.
 func (s *Server) ServeConn(c net.Conn, buffered []byte) {
 	if len(buffered) > 0 {
-		c = &primedConn{Conn: c, read: buffered}
+		c = &readahead.Conn{Conn: c, Head: buffered}
 	}
 	fl, ok := s.Listener.(*FramingListener)
 	if !ok {
@@ -232,6 +236,12 @@ func (e *ClientError) Gone() bool {
 	}
 	return errors.Is(e.Err, errStreamReset) || errors.Is(e.Err, io.ErrUnexpectedEOF) || errors.Is(e.Err, io.EOF) ||
 		errors.Is(e.Err, syscall.ECONNRESET) || errors.Is(e.Err, net.ErrClosed)
+}
+
+// IsClientErr reports whether err came from reading the client's request.
+func IsClientErr(err error) bool {
+	var ce *ClientError
+	return errors.As(err, &ce)
 }
 
 // errStreamReset marks a body read that failed because the client reset

@@ -1,4 +1,4 @@
-package proxyhttp
+package downstream
 
 // Parsing a header block of the fast path into a request, exactly as
 // net/http would, or refusing it (the connection is then handed over).

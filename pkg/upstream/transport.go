@@ -1,4 +1,11 @@
-package proxyhttp
+// Package upstream is the sidecar's side towards endpoints: the pooled
+// transport both proxies send through (HTTP/1.1 on connections the calling
+// goroutine owns; HTTP/2 through x/net/http2, with a fallback for
+// endpoints that only speak HTTP/1.1), the rules of connection reuse and
+// the limits on answers, the errors that tell a connect failure, a reset
+// and a broken answer apart, and the helpers of sending a request again
+// (Rewound, HasIdempotencyKey).
+package upstream
 
 import (
 	"bufio"
@@ -13,13 +20,17 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
 
+	"github.com/sidecar-mesh/sidecar/internal/ascii"
+	"github.com/sidecar-mesh/sidecar/internal/rawio"
 	"github.com/sidecar-mesh/sidecar/internal/readahead"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/panics"
 )
 
@@ -480,7 +491,7 @@ func (t *Transport) getConn(ctx context.Context, addr string, fresh bool, connec
 			// to a HEAD, a response nobody asked for) would be read as the
 			// next request's answer. One non-blocking peek sees it, as
 			// net/http's read kept pending on idle connections does.
-			if time.Since(pc.idleAt) > t.idleConnTimeout || !connAlive(pc.conn) {
+			if time.Since(pc.idleAt) > t.idleConnTimeout || !rawio.Alive(pc.conn) {
 				_ = pc.conn.Close()
 				continue
 			}
@@ -492,7 +503,7 @@ func (t *Transport) getConn(ctx context.Context, addr string, fresh bool, connec
 	if err != nil {
 		return nil, err
 	}
-	c = rawIO(c)
+	c = rawio.Wrap(c)
 	pc := &persistConn{t: t, addr: addr, conn: c, bw: bufio.NewWriterSize(c, 4096)}
 	pc.head.conn, pc.head.left = c, -1
 	pc.br = bufio.NewReaderSize(&pc.head, 4096)
@@ -544,7 +555,7 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 		if bw != nil {
 			_ = bw.abort()
 		}
-		if IsClientErr(err) {
+		if downstream.IsClientErr(err) {
 			return nil, err // a client read error also cancels ctx: keep the cause
 		}
 		if ctxErr := ctx.Err(); ctxErr != nil {
@@ -565,7 +576,7 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 		pc.startHeaderTimeout(ctx)
 	case req.GetBody != nil && req.ContentLength >= 0 && req.ContentLength <= maxInlineBody:
 		if err := pc.writeBody(req); err != nil {
-			if IsClientErr(err) {
+			if downstream.IsClientErr(err) {
 				return fail(err)
 			}
 			return fail(&UpstreamError{Addr: pc.addr, Op: "write request", Written: true, Err: err})
@@ -613,7 +624,7 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 			} else {
 				werr, _ = bw.poll()
 			}
-			if werr != nil && IsClientErr(werr) {
+			if werr != nil && downstream.IsClientErr(werr) {
 				return fail(werr)
 			}
 			if werr != nil {
@@ -771,7 +782,7 @@ func dropConnectionOptions(h http.Header, head []byte) {
 			head = nil
 		}
 		name, value, ok := bytes.Cut(line, []byte(":"))
-		if !ok || !asciiEqualFold(bytes.TrimSpace(name), "connection") {
+		if !ok || !ascii.EqualFold(bytes.TrimSpace(name), "connection") {
 			continue
 		}
 		for _, opt := range bytes.Split(value, []byte(",")) {
@@ -896,7 +907,7 @@ var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return 
 // streamed upload reaches the endpoint as it arrives. It closes the body.
 func (pc *persistConn) writeBody(req *http.Request) (err error) {
 	defer func() {
-		if cerr := req.Body.Close(); err == nil && cerr != nil && IsClientErr(cerr) {
+		if cerr := req.Body.Close(); err == nil && cerr != nil && downstream.IsClientErr(cerr) {
 			err = cerr
 		}
 	}()
@@ -1053,16 +1064,20 @@ func Rewound(req *http.Request) (*http.Request, bool) {
 	return &r, true
 }
 
-func IsClientErr(err error) bool {
-	var ce *ClientError
-	return errors.As(err, &ce)
-}
-
 func CloseBody(req *http.Request) {
 	if req.Body != nil {
 		_ = req.Body.Close()
 	}
 }
+
+// IsGRPC reports whether r is a gRPC call (HTTP/2 with a gRPC content type).
+func IsGRPC(r *http.Request) bool {
+	return r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")
+}
+
+// aLongTimeAgo is a deadline in the past: set, it ends a blocked read or
+// write at once.
+var aLongTimeAgo = time.Unix(1, 0)
 
 func isTimeout(err error) bool {
 	var ne net.Error

@@ -1,4 +1,4 @@
-package proxyhttp
+package downstream
 
 import (
 	"bufio"
@@ -15,7 +15,7 @@ import (
 )
 
 // The fast path (h1.go) must answer exactly as net/http does. Each case
-// sends the same raw bytes to a proxyhttp.Server and to a plain
+// sends the same raw bytes to a downstream.Server and to a plain
 // http.Server with the same handler and compares the raw bytes that come
 // back, Date values aside.
 

@@ -1,4 +1,4 @@
-package proxyhttp_test
+package upstream_test
 
 import (
 	"bufio"
@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/internal/attacktest"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // FuzzResponse holds the transport to what it may do with any bytes an
@@ -50,7 +50,7 @@ func FuzzResponse(f *testing.F) {
 		dials := 0
 		var servers sync.WaitGroup
 		defer servers.Wait()
-		tr := proxyhttp.NewTransport(proxyhttp.TransportConfig{
+		tr := upstream.NewTransport(upstream.TransportConfig{
 			MaxResponseHeaderBytes: limit,
 			ResponseHeaderTimeout:  5 * time.Second,
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -94,8 +94,8 @@ func FuzzResponse(f *testing.F) {
 		req, _ := http.NewRequest(method, "http://svc/", nil)
 		resp, err := tr.RoundTrip(req)
 		if err != nil {
-			var ue *proxyhttp.UpstreamError
-			var ce *proxyhttp.ConnectError
+			var ue *upstream.UpstreamError
+			var ce *upstream.ConnectError
 			if !errors.As(err, &ue) && !errors.As(err, &ce) {
 				t.Fatalf("RoundTrip failed with %T %v, want an *UpstreamError or *ConnectError", err, err)
 			}

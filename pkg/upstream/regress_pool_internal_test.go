@@ -1,4 +1,4 @@
-package proxyhttp
+package upstream
 
 import (
 	"context"
@@ -11,7 +11,11 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
 )
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // Idle connections are only checked when popped; the pool is LIFO, so after
 // a burst the older ones are never popped and stay open (CLOSE_WAIT once the

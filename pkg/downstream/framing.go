@@ -1,4 +1,4 @@
-package proxyhttp
+package downstream
 
 import (
 	"bufio"
@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/sidecar-mesh/sidecar/internal/ascii"
+	"github.com/sidecar-mesh/sidecar/internal/rawio"
 	"golang.org/x/net/http/httpguts"
 )
 
@@ -100,7 +102,7 @@ func (l *FramingListener) wrap(c net.Conn) *framingConn {
 	if max <= 0 {
 		max = 1 << 20
 	}
-	return &framingConn{Conn: rawIO(c), maxHeader: max + 4096, headerTimeout: l.ReadHeaderTimeout}
+	return &framingConn{Conn: rawio.Wrap(c), maxHeader: max + 4096, headerTimeout: l.ReadHeaderTimeout}
 }
 
 // framingConn is not safe for concurrent Reads (net/http never does that);
@@ -550,7 +552,7 @@ func parseFraming(block []byte) (framing, string) {
 			return f, "invalid header name " + quote(name)
 		}
 		switch {
-		case asciiEqualFold(name, "content-length"):
+		case ascii.EqualFold(name, "content-length"):
 			n, ok := parseDecimal(value)
 			if !ok {
 				return f, "invalid Content-Length"
@@ -559,12 +561,12 @@ func parseFraming(block []byte) (framing, string) {
 				return f, "conflicting Content-Length headers"
 			}
 			clSeen, f.length = true, n
-		case asciiEqualFold(name, "transfer-encoding"):
+		case ascii.EqualFold(name, "transfer-encoding"):
 			if teSeen {
 				return f, "more than one Transfer-Encoding header"
 			}
 			teSeen = true
-			if !asciiEqualFold(value, "chunked") {
+			if !ascii.EqualFold(value, "chunked") {
 				return f, "unsupported Transfer-Encoding " + quote(value)
 			}
 			f.chunked = true
@@ -644,22 +646,6 @@ func parseChunkSize(line []byte) (int64, bool) {
 		return 0, false
 	}
 	return n, true
-}
-
-func asciiEqualFold(b []byte, s string) bool {
-	if len(b) != len(s) {
-		return false
-	}
-	for i := range b {
-		c := b[i]
-		if 'A' <= c && c <= 'Z' {
-			c += 'a' - 'A'
-		}
-		if c != s[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // lookalike reports whether b is s (lower-case, with '-') spelled with at

@@ -1,4 +1,9 @@
-package proxyhttp
+// Package forward is what both proxies do with a request they accepted:
+// forward it (Forwarder: hop-by-hop headers, X-Forwarded-*, trailers,
+// flushes, protocol upgrades) and, when they can't, answer it themselves
+// (errors.go: the reasons of DESIGN.md, Refuse and LocalReply, which make
+// every LocalError, and WriteError, which answers HTTP and gRPC clients).
+package forward
 
 import (
 	"io"
@@ -6,7 +11,9 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"golang.org/x/net/http/httpguts"
 )
 
@@ -87,7 +94,7 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, to http.Roun
 
 	resp, err := to.RoundTrip(out)
 	if err != nil {
-		f.OnError(w, r, Cause(r, err))
+		f.OnError(w, r, downstream.Cause(r, err))
 		return
 	}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
@@ -161,6 +168,9 @@ func CopyRequest(r *http.Request) *http.Request {
 	return &c.r
 }
 
+// copyBufPool holds the buffers responses are copied through.
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
 // copyBody streams the response body, flushing after each read when the
 // response is a stream.
 func copyBody(w http.ResponseWriter, body io.Reader, flush bool) error {
@@ -203,7 +213,7 @@ func (f *Forwarder) upgraded(w http.ResponseWriter, r *http.Request, resp *http.
 		return
 	}
 	removeHopByHop(resp.Header)
-	conn, brw, err := http.NewResponseController(HijackAware(w, r)).Hijack()
+	conn, brw, err := http.NewResponseController(downstream.HijackAware(w, r)).Hijack()
 	if err != nil {
 		backConn.Close()
 		f.OnError(w, r, Refuse(ReasonBadRequest, "", "protocol upgrade needs HTTP/1.1"))

@@ -1,4 +1,4 @@
-package proxyhttp
+package downstream
 
 // The response writer of the fast path: net/http's response and
 // chunkWriter, ported.
@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/sidecar-mesh/sidecar/internal/readahead"
 	"golang.org/x/net/http/httpguts"
 )
 
@@ -225,7 +226,7 @@ func (w *h1Response) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	c.srv.forget(c)
 	pending := append([]byte(nil), c.rbuf[c.r:c.w]...)
 	c.r, c.w = 0, 0
-	br := bufio.NewReader(&primedConn{Conn: c.conn, read: pending})
+	br := bufio.NewReader(&readahead.Conn{Conn: c.conn, Head: pending})
 	bw := bufio.NewWriter(c.conn)
 	return c.conn, bufio.NewReadWriter(br, bw), nil
 }

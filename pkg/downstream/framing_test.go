@@ -1,7 +1,6 @@
-package proxyhttp
+package downstream
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"io"
@@ -9,7 +8,6 @@ import (
 	"net/http"
 	"strings"
 	"testing"
-	"time"
 
 	"go.uber.org/goleak"
 )
@@ -137,49 +135,6 @@ func TestHTTP2PrefacePassesThrough(t *testing.T) {
 	}
 }
 
-// Through a real server: the handler sees the verdict; a bad request gets
-// the local 400 and the connection closes.
-func TestServerVerdicts(t *testing.T) {
-	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if v := TakeVerdict(r); v.Reason != "" {
-			WriteError(w, r, &LocalError{Status: 400, Reason: ReasonBadRequest, Detail: v.Reason})
-			return
-		}
-		io.WriteString(w, "ok")
-	})
-	srv, err := Listen("test", "127.0.0.1:0", h, Limits{}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve() }()
-	defer func() {
-		srv.HTTP.Close()
-		<-done
-	}()
-	c, err := net.Dial("tcp", srv.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n")
-	br := bufio.NewReader(c)
-	for i, want := range []int{200, 400} {
-		resp, err := http.ReadResponse(br, nil)
-		if err != nil {
-			t.Fatalf("response %d: %v", i, err)
-		}
-		io.Copy(io.Discard, resp.Body)
-		if resp.StatusCode != want {
-			t.Fatalf("response %d: %d, want %d", i, resp.StatusCode, want)
-		}
-		if want == 400 && (resp.Header.Get(ErrorHeader) != "bad_request" || !resp.Close) {
-			t.Fatalf("rejection: header %q close %v, want bad_request and Connection: close", resp.Header.Get(ErrorHeader), resp.Close)
-		}
-	}
-}
-
 func TestListenPortInUse(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -191,70 +146,6 @@ func TestListenPortInUse(t *testing.T) {
 		t.Fatalf("Listen on a taken port: %v; want an 'already in use' error naming the address", err)
 	}
 }
-
-// net/http cancels a request's context when a read on its connection fails,
-// so a transport sending a broken body may report the cancellation instead
-// of the body's error. The client is still owed its answer: Forward hands
-// OnError the body's error. The upstream here always reports the
-// cancellation, the order the race picks at times.
-func TestBrokenBodyIsAnsweredNotAborted(t *testing.T) {
-	cases := []struct {
-		name, request string
-		status        int
-		reason        string
-	}{
-		{"malformed chunk line", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n2\nxy\r\n0\r\n\r\n", 400, ReasonBadRequest},
-		{"obs-fold in a trailer", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: a\r\n b\r\n\r\n", 400, ReasonBadRequest},
-		{"stalled chunked body", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", 408, ReasonRequestTimeout},
-	}
-	next := brokenBodyUpstream(func(r *http.Request) (*http.Response, error) {
-		_, _ = io.Copy(io.Discard, r.Body) // fails: the body is broken
-		select {
-		case <-r.Context().Done():
-			return nil, r.Context().Err()
-		case <-time.After(5 * time.Second):
-			return nil, errors.New("the request's context was never canceled")
-		}
-	})
-	fw := &Forwarder{OnError: func(w http.ResponseWriter, r *http.Request, err error) {
-		var ce *ClientError
-		switch {
-		case errors.As(err, &ce) && ce.Timeout():
-			WriteError(w, r, &LocalError{Status: 408, Reason: ReasonRequestTimeout, Detail: err.Error()})
-		case errors.As(err, &ce) && !ce.Gone():
-			WriteError(w, r, &LocalError{Status: 400, Reason: ReasonBadRequest, Detail: err.Error()})
-		default:
-			panic(http.ErrAbortHandler) // as the listeners do for a client gone
-		}
-	}}
-	srv := startFastLimits(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		r.Body = NewBodyReader(w, r, 100*time.Millisecond)
-		fw.Forward(w, r, next, "upstream.invalid")
-	}), Limits{})
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			c, err := net.Dial("tcp", srv.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			io.WriteString(c, tc.request)
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-			if err != nil {
-				t.Fatalf("no answer: %v", err)
-			}
-			resp.Body.Close()
-			if resp.StatusCode != tc.status || resp.Header.Get(ErrorHeader) != tc.reason {
-				t.Fatalf("answer %d %q, want %d %q", resp.StatusCode, resp.Header.Get(ErrorHeader), tc.status, tc.reason)
-			}
-		})
-	}
-}
-
-type brokenBodyUpstream func(*http.Request) (*http.Response, error)
-
-func (f brokenBodyUpstream) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
 // A body's failure is its own request's cause: not another stream's on an
 // HTTP/2 connection, nor another request's on an HTTP/1 one.

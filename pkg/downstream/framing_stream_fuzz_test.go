@@ -1,4 +1,4 @@
-package proxyhttp
+package downstream
 
 import (
 	"bytes"

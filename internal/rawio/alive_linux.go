@@ -1,4 +1,4 @@
-package proxyhttp
+package rawio
 
 import (
 	"net"
@@ -6,12 +6,12 @@ import (
 	"unsafe"
 )
 
-// connAlive reports whether a pooled connection may carry the next request:
+// Alive reports whether a pooled connection may carry the next request:
 // the peer has not closed it, and it holds no byte nobody asked for (a
 // server's 408 before closing, a body longer than its Content-Length, a
 // body to a HEAD, an unsolicited response). One non-blocking MSG_PEEK
 // recv, no goroutine per idle connection.
-func connAlive(c net.Conn) bool {
+func Alive(c net.Conn) bool {
 	if rc, ok := c.(*rawTCPConn); ok {
 		return rc.idleAndEmpty()
 	}
@@ -31,7 +31,7 @@ func connAlive(c net.Conn) bool {
 	return err == nil && alive
 }
 
-// idleAndEmpty is connAlive for a raw connection, without an allocation.
+// idleAndEmpty is Alive for a raw connection, without an allocation.
 func (c *rawTCPConn) idleAndEmpty() bool {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()

@@ -1,4 +1,4 @@
-package proxyhttp
+package downstream
 
 // The request body of the fast path, framed by Content-Length.
 

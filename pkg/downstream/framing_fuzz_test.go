@@ -1,4 +1,4 @@
-package proxyhttp_test
+package downstream_test
 
 import (
 	"bytes"
@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/internal/attacktest"
-	"github.com/sidecar-mesh/sidecar/pkg/proxyhttp"
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 )
 
 // FuzzFraming holds the framing check to net/http: the same client bytes
@@ -72,7 +72,7 @@ func (s served) String() string {
 }
 
 // serveStream serves one connection that sends stream and then ends, on
-// an HTTP/1.1 server configured as proxyhttp.Listen configures one, with
+// an HTTP/1.1 server configured as downstream.Listen configures one, with
 // or without the framing check, and returns what the handler saw.
 func serveStream(t *testing.T, stream []byte, check bool) []served {
 	var (
@@ -85,7 +85,7 @@ func serveStream(t *testing.T, stream []byte, check bool) []served {
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			s := served{method: r.Method, uri: r.RequestURI, host: r.Host}
 			if check {
-				s.verdict = proxyhttp.TakeVerdict(r).Reason
+				s.verdict = downstream.TakeVerdict(r).Reason
 			}
 			b, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
 			s.body, s.bodyErr = string(b), err != nil
@@ -103,8 +103,8 @@ func serveStream(t *testing.T, stream []byte, check bool) []served {
 	}
 	var ln net.Listener = &oneConn{conn: &streamConn{r: bytes.NewReader(stream)}, done: make(chan struct{})}
 	if check {
-		srv.ConnContext = proxyhttp.ConnContext
-		ln = &proxyhttp.FramingListener{Listener: ln, MaxHeaderBytes: srv.MaxHeaderBytes}
+		srv.ConnContext = downstream.ConnContext
+		ln = &downstream.FramingListener{Listener: ln, MaxHeaderBytes: srv.MaxHeaderBytes}
 	}
 	srv.ErrorLog = log.New(io.Discard, "", 0)
 	served := make(chan struct{})

@@ -1,4 +1,4 @@
-package proxyhttp
+package forward
 
 import (
 	"context"
@@ -7,6 +7,9 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // Reasons of the errors the sidecar produces itself (DESIGN.md). They are the
@@ -79,9 +82,9 @@ func LocalReply(service string, err error) *LocalError {
 	if errors.As(err, &le) {
 		return le
 	}
-	var ce *ClientError
-	var conn *ConnectError
-	var bad *BadResponseError
+	var ce *downstream.ClientError
+	var conn *upstream.ConnectError
+	var bad *upstream.BadResponseError
 	reason := ReasonUpstreamReset
 	switch {
 	case errors.As(err, &ce) && ce.Timeout():
@@ -92,7 +95,7 @@ func LocalReply(service string, err error) *LocalError {
 		reason = ReasonBadRequest
 	case errors.Is(err, context.Canceled):
 		reason = ReasonClientClosed
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, ErrResponseHeaderTimeout):
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, upstream.ErrResponseHeaderTimeout):
 		reason = ReasonUpstreamTimeout
 	case errors.As(err, &conn):
 		reason = ReasonConnectFailure
@@ -144,7 +147,7 @@ func (e *LocalError) Error() string {
 func WriteError(w http.ResponseWriter, r *http.Request, e *LocalError) {
 	h := w.Header()
 	h.Set(ErrorHeader, e.Reason)
-	if r != nil && IsGRPC(r) {
+	if r != nil && upstream.IsGRPC(r) {
 		h.Set("Content-Type", "application/grpc")
 		h.Set("Grpc-Status", strconv.Itoa(GRPCCode(e.Status)))
 		h.Set("Grpc-Message", grpcMessage(e.Error()))
@@ -161,11 +164,6 @@ func WriteError(w http.ResponseWriter, r *http.Request, e *LocalError) {
 	}
 	w.WriteHeader(e.Status)
 	_, _ = w.Write(body)
-}
-
-// IsGRPC reports whether r is a gRPC call (HTTP/2 with a gRPC content type).
-func IsGRPC(r *http.Request) bool {
-	return r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")
 }
 
 // GRPC status codes the sidecar answers with (google.golang.org/grpc/codes).
