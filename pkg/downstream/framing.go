@@ -155,23 +155,18 @@ func (c *framingConn) CloseWrite() error {
 	return c.Conn.Close()
 }
 
-// unread puts b, bytes Read returned and nobody consumed, back in front of
-// what Read returns next. They were checked already, and their verdicts
-// are still queued: the next reader of the connection (net/http's server,
-// when the fast path hands a connection over) takes them in step.
-func (c *framingConn) unread(b []byte) {
-	if len(b) == 0 {
-		return
-	}
-	nb := make([]byte, len(b)+c.w-c.r, max(len(b)+c.w-c.r, 4096))
-	copy(nb, b)
-	copy(nb[len(b):], c.buf[c.r:c.w])
-	shift := len(b) - c.r
-	c.rel += shift
-	c.scan = max(c.scan+shift, c.rel)
-	c.w += shift
-	c.r = 0
-	c.buf = nb[:cap(nb)]
+// resume starts the check on a connection whose first bytes a reader
+// other than Read took (the fast path, which parses and checks the blocks
+// it serves itself): b are the bytes it read and did not consume, at the
+// start of a header block, to be checked before anything else. started
+// says whether bytes came before them (only a connection's first bytes
+// can be HTTP/2's preface), afterPOST whether a POST's body ended right
+// before them (up to four CR/LF bytes are dropped then).
+func (c *framingConn) resume(b []byte, started, afterPOST bool) {
+	c.buf = append(make([]byte, 0, max(len(b), 4096)), b...)
+	c.buf = c.buf[:cap(c.buf)]
+	c.r, c.rel, c.scan, c.w = 0, 0, 0, len(b)
+	c.state, c.started, c.afterPOST = stHeader, started, afterPOST
 }
 
 func (c *framingConn) pushVerdict(v Verdict) {

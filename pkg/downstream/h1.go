@@ -136,6 +136,10 @@ const (
 func (s *h1Server) newConn(c net.Conn) *h1Conn {
 	hc := &h1Conn{srv: s, conn: c, since: time.Now()}
 	hc.fc, _ = c.(*framingConn)
+	hc.rd = c
+	if hc.fc != nil {
+		hc.rd = hc.fc.Conn
+	}
 	if ra := c.RemoteAddr(); ra != nil {
 		hc.remoteAddr = ra.String()
 	}

@@ -23,13 +23,19 @@ import (
 // h1Conn is one client connection on the fast path. Its fields are owned by
 // its serve goroutine, except those under bgMu.
 type h1Conn struct {
-	srv        *h1Server
-	conn       net.Conn
-	fc         *framingConn // nil when the listener does not check framing
-	ctx        context.Context
-	remoteAddr string
-	since      time.Time
-	state      atomic.Int32
+	srv  *h1Server
+	conn net.Conn
+	fc   *framingConn // nil when the listener does not check framing
+	// rd is what the fast path reads from: under the framing check, the
+	// connection the check reads (parse applies its rules to the blocks
+	// it serves, in its one pass over them, and a connection handed over
+	// resumes the check with what is left); else conn.
+	rd          net.Conn
+	headerClock bool // a partial header block started the header timeout
+	ctx         context.Context
+	remoteAddr  string
+	since       time.Time
+	state       atomic.Int32
 
 	rbuf     []byte // bytes read from conn: rbuf[r:w] not consumed yet
 	r, w     int
@@ -117,7 +123,7 @@ func (c *h1Conn) close() {
 
 func (c *h1Conn) setReadDeadline(t time.Time) {
 	c.deadline = t
-	_ = c.conn.SetReadDeadline(t)
+	_ = c.rd.SetReadDeadline(t)
 }
 
 // fill reads more from the connection into rbuf; it fails for a header
@@ -137,7 +143,7 @@ func (c *h1Conn) fill() error {
 			c.rbuf = nb
 		}
 	}
-	n, err := readSome(c.conn, c.rbuf[c.w:])
+	n, err := readSome(c.rd, c.rbuf[c.w:])
 	c.w += n
 	return err
 }
@@ -190,6 +196,14 @@ func (c *h1Conn) serveOne() bool {
 		if c.w-c.r > maxBlock {
 			c.handOver() // net/http answers 431
 			return false
+		}
+		if c.r < c.w && !c.headerClock && c.srv.limits.ReadHeaderTimeout > 0 {
+			// Part of a header block is in: the rest must come within
+			// the header timeout, on every request of the connection.
+			c.headerClock = true
+			if t := time.Now().Add(c.srv.limits.ReadHeaderTimeout); c.deadline.IsZero() || t.Before(c.deadline) {
+				c.setReadDeadline(t)
+			}
 		}
 		if !c.more() {
 			return false
@@ -247,7 +261,10 @@ func (c *h1Conn) handOver() {
 	pending := c.rbuf[c.r:c.w]
 	var conn net.Conn
 	if c.fc != nil {
-		c.fc.unread(pending)
+		// The check starts on these bytes: the fast path checked only
+		// the blocks it served. Only a connection's first bytes can be
+		// HTTP/2's preface.
+		c.fc.resume(pending, c.served > 0, c.lastPOST)
 		conn = c.fc
 	} else {
 		conn = &readahead.Conn{Conn: c.conn, Head: append([]byte(nil), pending...)}
@@ -261,6 +278,7 @@ func (c *h1Conn) handOver() {
 // serveBlock serves the request whose header block is rbuf[r:end], or hands
 // the connection over.
 func (c *h1Conn) serveBlock(end int) bool {
+	c.headerClock = false
 	var req http.Request // on the stack: serveRequest gives the handler a copy with its context
 	if !c.parse(c.rbuf[c.r:end], &req) {
 		c.handOver()
@@ -392,14 +410,14 @@ func (c *h1Conn) startReadLocked() {
 	c.bgAborted = false
 	c.bgDone = make(chan struct{})
 	c.deadline = time.Time{}
-	_ = c.conn.SetReadDeadline(time.Time{})
+	_ = c.rd.SetReadDeadline(time.Time{})
 	go c.backgroundRead(c.bgDone)
 }
 
 func (c *h1Conn) backgroundRead(done chan struct{}) {
 	defer close(done)
 	var b [1]byte
-	n, err := c.conn.Read(b[:])
+	n, err := c.rd.Read(b[:])
 	c.bgMu.Lock()
 	defer c.bgMu.Unlock()
 	if n == 1 {
@@ -425,7 +443,7 @@ func (c *h1Conn) stopWatch() {
 	if st == bgRunning {
 		c.bgAborted = true
 		c.deadline = aLongTimeAgo
-		_ = c.conn.SetReadDeadline(aLongTimeAgo)
+		_ = c.rd.SetReadDeadline(aLongTimeAgo)
 	}
 	done := c.bgDone
 	c.bgMu.Unlock()
@@ -456,5 +474,5 @@ func (c *h1Conn) readBody(p []byte) (int, error) {
 		c.r += n
 		return n, nil
 	}
-	return c.conn.Read(p)
+	return c.rd.Read(p)
 }

@@ -104,7 +104,7 @@ func (w *h1Response) SetReadDeadline(t time.Time) error {
 	w.c.bgMu.Lock()
 	defer w.c.bgMu.Unlock()
 	w.c.deadline = t
-	return w.c.conn.SetReadDeadline(t)
+	return w.c.rd.SetReadDeadline(t)
 }
 
 func (w *h1Response) SetWriteDeadline(t time.Time) error {
@@ -226,9 +226,11 @@ func (w *h1Response) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	c.srv.forget(c)
 	pending := append([]byte(nil), c.rbuf[c.r:c.w]...)
 	c.r, c.w = 0, 0
-	br := bufio.NewReader(&readahead.Conn{Conn: c.conn, Head: pending})
-	bw := bufio.NewWriter(c.conn)
-	return c.conn, bufio.NewReadWriter(br, bw), nil
+	// The connection the fast path reads: past the framing check, which
+	// has no say in what a hijacked connection carries.
+	br := bufio.NewReader(&readahead.Conn{Conn: c.rd, Head: pending})
+	bw := bufio.NewWriter(c.rd)
+	return c.rd, bufio.NewReadWriter(br, bw), nil
 }
 
 // finish ends the response once the handler returned.
