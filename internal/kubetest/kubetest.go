@@ -288,6 +288,27 @@ func SelfSignedCert(hosts []string) (certPEM, keyPEM []byte, err error) {
 		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), nil
 }
 
+// WriteCert writes a fresh SelfSignedCert for 127.0.0.1 and localhost to
+// certFile and keyFile, each written beside and renamed into place, as the
+// kubelet swaps the files of a mounted Secret, and returns the
+// certificate's PEM.
+func WriteCert(t testing.TB, certFile, keyFile string) []byte {
+	t.Helper()
+	certPEM, keyPEM, err := SelfSignedCert([]string{"127.0.0.1", "localhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for file, data := range map[string][]byte{certFile: certPEM, keyFile: keyPEM} {
+		if err := os.WriteFile(file+".new", data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(file+".new", file); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return certPEM
+}
+
 func (s *Server) checkReady(ctx context.Context) error {
 	resp, err := s.Do(ctx, http.MethodGet, "/readyz", nil)
 	if err != nil {
@@ -461,6 +482,29 @@ func (s *Server) Create(ctx context.Context, obj []byte, opts CreateOptions) (*R
 			Object: m.Kind + " " + m.Metadata.Name}
 	}
 	return resp, nil
+}
+
+// CreateOnce creates obj as Create does, unless it exists already.
+func (s *Server) CreateOnce(ctx context.Context, obj []byte) error {
+	_, err := s.Create(ctx, obj, CreateOptions{})
+	var apiErr *APIError
+	if errors.As(err, &apiErr) && apiErr.Status == http.StatusConflict {
+		return nil
+	}
+	return err
+}
+
+// Namespace creates a namespace with labels, and its default service
+// account (no controller manager runs to make it), unless they exist.
+func (s *Server) Namespace(ctx context.Context, name string, labels map[string]string) error {
+	ns, _ := json.Marshal(map[string]any{"apiVersion": "v1", "kind": "Namespace",
+		"metadata": map[string]any{"name": name, "labels": labels}})
+	if err := s.CreateOnce(ctx, ns); err != nil {
+		return err
+	}
+	sa, _ := json.Marshal(map[string]any{"apiVersion": "v1", "kind": "ServiceAccount",
+		"metadata": map[string]any{"name": "default", "namespace": name}})
+	return s.CreateOnce(ctx, sa)
 }
 
 // APIError is an answer other than success.

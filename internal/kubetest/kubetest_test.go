@@ -1,10 +1,14 @@
 package kubetest
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -33,6 +37,14 @@ func TestServerValidatesStrictlyAndStops(t *testing.T) {
 	if _, err := s.Create(ctx, []byte(`{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"kt"}}`), CreateOptions{}); err != nil {
 		t.Fatalf("creating namespace kt: %v", err)
 	}
+	// Namespace leaves one that exists alone, and gives it its default
+	// service account.
+	if err := s.Namespace(ctx, "kt", nil); err != nil {
+		t.Fatalf("Namespace kt, which exists: %v, want nil", err)
+	}
+	if resp, err := s.Do(ctx, http.MethodGet, "/api/v1/namespaces/kt/serviceaccounts/default", nil); err != nil || resp.Status != http.StatusOK {
+		t.Fatalf("GET kt's default service account after Namespace: %v %+v, want 200", err, resp)
+	}
 	cm := `{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c","namespace":"kt"},"data":{"a":"b"}}`
 	if _, err := s.Create(ctx, []byte(cm), CreateOptions{DryRun: true}); err != nil {
 		t.Fatalf("dry-run ConfigMap: %v", err)
@@ -60,5 +72,24 @@ func TestServerValidatesStrictlyAndStops(t *testing.T) {
 	s.Stop()
 	if _, err := s.Do(ctx, http.MethodGet, "/version", nil); err == nil {
 		t.Fatal("GET /version after Stop: got an answer, want a connection error")
+	}
+}
+
+// TestWriteCert: the files hold a matching pair, the newest, and nothing is
+// left beside them.
+func TestWriteCert(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	first := WriteCert(t, certFile, keyFile)
+	second := WriteCert(t, certFile, keyFile)
+	if _, err := tls.LoadX509KeyPair(certFile, keyFile); err != nil {
+		t.Fatalf("loading the written pair: %v", err)
+	}
+	got, _ := os.ReadFile(certFile)
+	if !bytes.Equal(got, second) || bytes.Equal(first, second) {
+		t.Errorf("after two writes the certificate file holds the first certificate or they are equal; want the second, a new one")
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 2 {
+		t.Errorf("%d files in the directory, want 2 (tls.crt, tls.key)", len(entries))
 	}
 }
