@@ -2,43 +2,17 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"mime"
 	"net"
-	"net/http"
-	"sync"
-	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/inject"
-)
-
-// Limits of the webhook's HTTPS server. The API server posts one
-// AdmissionReview per request, with a timeout of its own (at most 30 s);
-// pods are at most about 1.5 MB in etcd, and an AdmissionReview carries one.
-// The API server speaks HTTP/2 to webhooks: one connection per API server
-// carries all its calls.
-const (
-	webhookMaxBody           = 4 << 20
-	webhookMaxHeaderBytes    = 64 << 10
-	webhookMaxConns          = 512
-	webhookMaxConnsPerClient = 128
-	webhookReadHeaderTimeout = 5 * time.Second
-	webhookReadTimeout       = 15 * time.Second
-	webhookWriteTimeout      = 15 * time.Second
-	webhookIdleTimeout       = 90 * time.Second
-	webhookShutdownTimeout   = 10 * time.Second
-	// webhookReviewBytes bounds the bytes of the reviews worked on at once
-	// (reviewBudget): a review takes up to about 80 times its size in
-	// memory (a pod of many tiny containers, decoded).
-	webhookReviewBytes = 4 << 20
+	"github.com/sidecar-mesh/sidecar/pkg/webhook"
 )
 
 // webhookOptions are the inputs of `sidecar webhook`.
@@ -49,9 +23,9 @@ type webhookOptions struct {
 	logLevel  string
 	logFormat string
 	flags     injectFlags
-	// maxConns and maxConnsPerClient bound the connections (connGuard).
+	// maxConns and maxConnsPerClient bound the connections.
 	maxConns, maxConnsPerClient int
-	// caBundle management (optional): see caBundleSyncer.
+	// caBundle management (optional): see webhook.CABundleConfig.
 	caBundleFile  string
 	webhookConfig string
 	kubeAPIServer string
@@ -66,7 +40,7 @@ type webhookOptions struct {
 }
 
 func (o *webhookOptions) complete() (err error) {
-	o.log = newLogger(o.stderr, config.Log{Level: o.logLevel, Format: o.logFormat}).With("component", "webhook")
+	o.log = newLogger(o.stderr, config.Log{Level: o.logLevel, Format: o.logFormat})
 	o.injector, err = o.flags.injector()
 	return err
 }
@@ -93,128 +67,34 @@ func (o *webhookOptions) validate() error {
 	return errors.Join(errs...)
 }
 
-// run serves until ctx ends, then shuts down gracefully.
+// run binds the webhook and serves it until ctx ends, then shuts it down
+// gracefully.
 func (o *webhookOptions) run(ctx context.Context) error {
-	var syncer *caBundleSyncer
+	cfg := webhook.Config{
+		Injector:          o.injector,
+		Addr:              o.addr,
+		CertFile:          o.certFile,
+		KeyFile:           o.keyFile,
+		MaxConns:          o.maxConns,
+		MaxConnsPerClient: o.maxConnsPerClient,
+		Logger:            o.log,
+	}
 	if o.caBundleFile != "" {
-		var err error
-		syncer, err = newCABundleSyncer(o.webhookConfig, o.caBundleFile, o.kubeAPIServer, o.kubeTokenFile, o.kubeCAFile, o.getenv, o.log)
-		if err != nil {
-			return err
+		cfg.CABundle = &webhook.CABundleConfig{
+			File:          o.caBundleFile,
+			WebhookConfig: o.webhookConfig,
+			APIServer:     o.kubeAPIServer,
+			TokenFile:     o.kubeTokenFile,
+			CAFile:        o.kubeCAFile,
+			Getenv:        o.getenv,
 		}
 	}
-	certs, err := newCertReloader(o.certFile, o.keyFile, o.log)
+	srv, err := webhook.New(cfg)
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", o.addr)
-	if err != nil {
-		return fmt.Errorf("webhook listener on %s: %w", o.addr, err)
-	}
-	guard := newConnGuard(o.maxConns, o.maxConnsPerClient, o.log)
-	srv := &http.Server{
-		Handler:           newWebhookHandler(o.injector, o.log, newReviewBudget(webhookReviewBytes)),
-		ConnState:         guard.ConnState,
-		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate},
-		ReadHeaderTimeout: webhookReadHeaderTimeout,
-		ReadTimeout:       webhookReadTimeout,
-		WriteTimeout:      webhookWriteTimeout,
-		IdleTimeout:       webhookIdleTimeout,
-		MaxHeaderBytes:    webhookMaxHeaderBytes,
-		ErrorLog:          slog.NewLogLogger(o.log.Handler(), slog.LevelDebug),
-	}
-	o.log.Info("webhook serving", "addr", ln.Addr().String(), "image", o.flags.image, "version", version)
-	errc := make(chan error, 1)
-	go func() { errc <- srv.ServeTLS(guard.Listener(ln), "", "") }()
-	syncDone := make(chan struct{})
-	syncCtx, stopSync := context.WithCancel(ctx)
-	defer func() { stopSync(); <-syncDone }()
-	if syncer != nil {
-		// A rotated certificate may come with a new CA.
-		certs.onReload = syncer.Kick
-		go func() { defer close(syncDone); syncer.run(syncCtx) }()
-	} else {
-		close(syncDone)
-	}
-	select {
-	case err := <-errc:
-		return fmt.Errorf("webhook server: %w", err)
-	case <-ctx.Done():
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), webhookShutdownTimeout)
-	defer cancel()
-	err = srv.Shutdown(sctx)
-	<-errc // ServeTLS returned ErrServerClosed
-	o.log.Info("webhook stopped")
-	return err
-}
-
-// newWebhookHandler answers:
-//
-//	POST /inject   AdmissionReview v1 -> AdmissionReview v1 (JSON Patch)
-//	GET  /healthz  200 "ok"
-//
-// Reviews wait for their share of budget (their size) before they are read;
-// one that waits until its caller gives up is answered 503.
-func newWebhookHandler(in *inject.Injector, log *slog.Logger, budget *reviewBudget) http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		_, _ = io.WriteString(w, "ok\n")
-	})
-	mux.HandleFunc("POST /inject", func(w http.ResponseWriter, r *http.Request) {
-		if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
-			http.Error(w, "want Content-Type: application/json", http.StatusUnsupportedMediaType)
-			return
-		}
-		size := r.ContentLength
-		if size < 0 || size > webhookMaxBody {
-			size = webhookMaxBody
-		}
-		release, err := budget.acquire(r.Context(), size)
-		if err != nil {
-			http.Error(w, "busy with other reviews", http.StatusServiceUnavailable)
-			return
-		}
-		defer release()
-		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, webhookMaxBody))
-		if err != nil {
-			var tooBig *http.MaxBytesError
-			if errors.As(err, &tooBig) {
-				http.Error(w, fmt.Sprintf("AdmissionReview larger than %d bytes", tooBig.Limit), http.StatusRequestEntityTooLarge)
-				return
-			}
-			http.Error(w, "reading the request: "+err.Error(), http.StatusBadRequest)
-			return
-		}
-		review, d, err := in.Review(body)
-		if err != nil {
-			log.Warn("bad admission request", "remote", r.RemoteAddr, "err", err.Error())
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
-		}
-		out, err := json.Marshal(review)
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
-		}
-		attrs := []any{"uid", d.UID, "namespace", d.Namespace, "pod", d.Name, "operation", d.Operation, "injected", d.Injected, "proto", r.Proto}
-		switch {
-		case d.Denied != "":
-			attrs = append(attrs, "denied", d.Denied)
-		case d.Skipped != "":
-			attrs = append(attrs, "skipped", d.Skipped)
-		default:
-			attrs = append(attrs, "patchOps", d.Patch)
-		}
-		if len(d.Warnings) > 0 {
-			attrs = append(attrs, "warnings", d.Warnings)
-		}
-		log.Info("admission", attrs...)
-		w.Header().Set("Content-Type", "application/json")
-		_, _ = w.Write(out)
-	})
-	return mux
+	o.log.Info("webhook serving", "component", "webhook", "addr", srv.Addr().String(), "image", o.flags.image, "version", version)
+	return srv.Run(ctx)
 }
 
 func newWebhookCommand(stdout, stderr io.Writer, getenv func(string) string) *cobra.Command {
@@ -245,8 +125,8 @@ is closed to make room, so idle connections can't keep the API server out.`,
 	}
 	fs := cmd.Flags()
 	fs.StringVar(&o.addr, "addr", "0.0.0.0:9443", "address of the HTTPS listener")
-	fs.IntVar(&o.maxConns, "max-conns", webhookMaxConns, "most connections open at once; over it, the longest idle one is closed for a new one, or the new one refused when none is idle")
-	fs.IntVar(&o.maxConnsPerClient, "max-conns-per-client", webhookMaxConnsPerClient, "most connections open at once from one source address, with the same rule")
+	fs.IntVar(&o.maxConns, "max-conns", webhook.DefaultMaxConns, "most connections open at once; over it, the longest idle one is closed for a new one, or the new one refused when none is idle")
+	fs.IntVar(&o.maxConnsPerClient, "max-conns-per-client", webhook.DefaultMaxConnsPerClient, "most connections open at once from one source address, with the same rule")
 	fs.StringVar(&o.certFile, "tls-cert-file", "", "PEM certificate (chain) of the webhook's server name; reloaded when it changes")
 	fs.StringVar(&o.keyFile, "tls-key-file", "", "PEM private key of --tls-cert-file; reloaded when it changes")
 	fs.StringVar(&o.logLevel, "log-level", "info", "the webhook's log level: debug, info, warn or error")
@@ -258,52 +138,4 @@ is closed to make room, so idle connections can't keep the API server out.`,
 	fs.StringVar(&o.kubeCAFile, "kube-ca-file", "", "CA of --kube-api-server; default: the pod's service account ca.crt")
 	o.flags.addFlags(fs)
 	return cmd
-}
-
-// reviewBudget bounds the bytes of the AdmissionReviews being worked on at
-// once. Each review costs memory in proportion to its pod, so a burst of
-// large pods takes turns instead of taking the webhook past its memory
-// limit (a restart would let the API server create pods without the
-// sidecar); pods of ordinary size never wait. A review larger than the
-// whole budget runs alone. Safe for concurrent use.
-type reviewBudget struct {
-	size int64
-
-	mu    sync.Mutex // guards the fields below
-	used  int64
-	freed chan struct{} // closed (and replaced) whenever bytes are released
-}
-
-func newReviewBudget(size int64) *reviewBudget {
-	return &reviewBudget{size: size, freed: make(chan struct{})}
-}
-
-// acquire waits until n bytes (at most the whole budget) are free or ctx
-// ends, and returns the function that gives them back.
-func (b *reviewBudget) acquire(ctx context.Context, n int64) (release func(), err error) {
-	n = min(n, b.size)
-	for {
-		b.mu.Lock()
-		if b.used+n <= b.size {
-			b.used += n
-			b.mu.Unlock()
-			var once sync.Once
-			return func() { once.Do(func() { b.release(n) }) }, nil
-		}
-		freed := b.freed
-		b.mu.Unlock()
-		select {
-		case <-freed:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-}
-
-func (b *reviewBudget) release(n int64) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.used -= n
-	close(b.freed)
-	b.freed = make(chan struct{})
 }

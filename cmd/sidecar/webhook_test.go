@@ -7,11 +7,8 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
-	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -106,149 +103,30 @@ func (w *runningWebhook) stop(t *testing.T) {
 	}
 }
 
-// writeCert writes a fresh self-signed certificate for 127.0.0.1 and
-// returns its PEM.
-func writeCert(t *testing.T, certFile, keyFile string) []byte {
-	t.Helper()
-	certPEM, keyPEM, err := kubetest.SelfSignedCert([]string{"127.0.0.1", "localhost"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Written beside and renamed into place, as the kubelet swaps a Secret.
-	for file, data := range map[string][]byte{certFile: certPEM, keyFile: keyPEM} {
-		if err := os.WriteFile(file+".new", data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Rename(file+".new", file); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return certPEM
-}
-
-func serialOf(t *testing.T, certPEM []byte) string {
-	t.Helper()
-	b, _ := pem.Decode(certPEM)
-	c, err := x509.ParseCertificate(b.Bytes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c.SerialNumber.String()
-}
-
-// servedSerial dials the webhook and returns the serial of the certificate
-// it presents.
-func servedSerial(t *testing.T, addr string) string {
-	t.Helper()
-	conn, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true})
-	if err != nil {
-		t.Fatalf("TLS dial %s: %v", addr, err)
-	}
-	defer conn.Close()
-	return conn.ConnectionState().PeerCertificates[0].SerialNumber.String()
-}
-
-func clientFor(certPEM []byte) *http.Client {
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(certPEM)
-	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		TLSClientConfig: &tls.Config{RootCAs: pool}, DisableKeepAlives: true}}
-}
-
-func TestWebhookServesAndReloadsCertificate(t *testing.T) {
+// TestWebhookCommand: `sidecar webhook` serves over TLS with the pair its
+// flags name, and says where it serves, with what image and version, and
+// that it stopped.
+func TestWebhookCommand(t *testing.T) {
 	dir := t.TempDir()
 	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
-	first := writeCert(t, certFile, keyFile)
+	cert := kubetest.WriteCert(t, certFile, keyFile)
 	w := startWebhook(t, func(string) string { return "" }, "--tls-cert-file="+certFile, "--tls-key-file="+keyFile, "--image=sidecar:hook")
-	client := clientFor(first)
-	base := "https://" + w.addr
-
-	resp, err := client.Get(base + "/healthz")
+	if l := w.logs.logLines("webhook serving")[0]; l["component"] != "webhook" || l["image"] != "sidecar:hook" || l["version"] != version {
+		t.Errorf("log line %v: want component webhook, image sidecar:hook, version %s", l, version)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(cert)
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: pool}, DisableKeepAlives: true}}
+	resp, err := client.Get("https://" + w.addr + "/healthz")
 	if err != nil || resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET /healthz: %v %v, want 200", err, resp)
 	}
 	resp.Body.Close()
-
-	// An AdmissionReview for a pod: a JSON Patch that adds the sidecar.
-	pod := `{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a","ports":[{"containerPort":8080}]}]}}`
-	review := podReview(pod)
-	resp, err = client.Post(base+"/inject", "application/json", strings.NewReader(review))
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	var out struct {
-		APIVersion string `json:"apiVersion"`
-		Response   struct {
-			UID       string `json:"uid"`
-			Allowed   bool   `json:"allowed"`
-			PatchType string `json:"patchType"`
-			Patch     []byte `json:"patch"`
-		} `json:"response"`
-	}
-	if err := json.Unmarshal(body, &out); err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("POST /inject: %d %s (%v)", resp.StatusCode, body, err)
-	}
-	if out.APIVersion != "admission.k8s.io/v1" || out.Response.UID != "u-1" || !out.Response.Allowed || out.Response.PatchType != "JSONPatch" ||
-		!bytes.Contains(out.Response.Patch, []byte(`{"op":"add","path":"/spec/initContainers","value":[{"name":"sidecar","image":"sidecar:hook"`)) {
-		t.Fatalf("POST /inject: got %s\npatch %s\nwant an allowed response for u-1 whose JSON Patch adds the sidecar", body, out.Response.Patch)
-	}
-	if l := w.logs.logLines("admission"); len(l) != 1 || l[0]["injected"] != true || l[0]["pod"] != "p" {
-		t.Errorf("admission log lines: got %v, want one saying pod p was injected", l)
-	}
-
-	// Wrong content type, oversized body, bad review.
-	for _, tc := range []struct {
-		name, ctype string
-		body        io.Reader
-		want        int
-	}{
-		{"text body", "text/plain", strings.NewReader(review), http.StatusUnsupportedMediaType},
-		{"5 MiB body", "application/json", io.LimitReader(zeros{}, 5<<20), http.StatusRequestEntityTooLarge},
-		{"not a review", "application/json", strings.NewReader(`{"kind":"Pod"}`), http.StatusBadRequest},
-	} {
-		resp, err := client.Post(base+"/inject", tc.ctype, tc.body)
-		if err != nil {
-			t.Fatalf("%s: %v", tc.name, err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != tc.want {
-			t.Errorf("%s: POST /inject answered %d, want %d", tc.name, resp.StatusCode, tc.want)
-		}
-	}
-
-	// A new certificate in the files is served without a restart.
-	if got, want := servedSerial(t, w.addr), serialOf(t, first); got != want {
-		t.Fatalf("serving serial %s, want %s (the first certificate)", got, want)
-	}
-	second := writeCert(t, certFile, keyFile)
-	if got, want := servedSerial(t, w.addr), serialOf(t, second); got != want {
-		t.Fatalf("after rewriting the files: serving serial %s, want %s (the new certificate)", got, want)
-	}
-	// A broken pair is not loaded: the last good certificate stays.
-	if err := os.WriteFile(keyFile, []byte("not a key"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if got, want := servedSerial(t, w.addr), serialOf(t, second); got != want {
-		t.Fatalf("after a broken key: serving serial %s, want %s (the last good certificate)", got, want)
-	}
-	if n := len(w.logs.logLines("TLS certificate reloaded")); n != 1 {
-		t.Errorf("%d \"TLS certificate reloaded\" log lines, want 1", n)
-	}
-	if !strings.Contains(w.logs.String(), "serving the previous one") {
-		t.Errorf("no warning logged about the broken key pair:\n%s", w.logs)
-	}
 	w.stop(t)
-	if n := len(w.logs.logLines("webhook stopped")); n != 1 {
-		t.Errorf("%d \"webhook stopped\" log lines, want 1", n)
+	if l := w.logs.logLines("webhook stopped"); len(l) != 1 || l[0]["component"] != "webhook" {
+		t.Errorf("\"webhook stopped\" log lines %v, want one of component webhook", l)
 	}
-}
-
-// podReview is the AdmissionReview the API server sends for the creation
-// of pod (JSON) in namespace ns, with uid u-1.
-func podReview(pod string) string {
-	return fmt.Sprintf(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u-1","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"namespace":"ns","operation":"CREATE","userInfo":{},"object":%s}}`, pod)
 }
 
 type zeros struct{}
@@ -261,7 +139,7 @@ func (zeros) Read(p []byte) (int, error) {
 func TestWebhookCommandErrors(t *testing.T) {
 	dir := t.TempDir()
 	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
-	writeCert(t, certFile, keyFile)
+	kubetest.WriteCert(t, certFile, keyFile)
 	for _, tc := range []struct {
 		args []string
 		want string

@@ -1,4 +1,4 @@
-package main
+package webhook
 
 import (
 	"bufio"
@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecar-mesh/sidecar/internal/kubetest"
 	"github.com/sidecar-mesh/sidecar/pkg/inject"
 )
 
@@ -29,8 +30,8 @@ import (
 func TestWebhookIdleConnectionsDontLockOut(t *testing.T) {
 	dir := t.TempDir()
 	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
-	cert := writeCert(t, certFile, keyFile)
-	w := startWebhook(t, func(string) string { return "" }, "--tls-cert-file="+certFile, "--tls-key-file="+keyFile, "--image=sidecar:hook")
+	cert := kubetest.WriteCert(t, certFile, keyFile)
+	w := startWebhook(t, Config{CertFile: certFile, KeyFile: keyFile, Injector: injector(t, "sidecar:hook")})
 
 	const idle = 600
 	conns := openIdleConns(t, w.addr, cert, "127.0.0.2", idle)
@@ -67,10 +68,10 @@ func TestWebhookIdleConnectionsDontLockOut(t *testing.T) {
 			open++
 		}
 	}
-	if open != webhookMaxConnsPerClient {
-		t.Errorf("%d of the idle client's %d connections still open, want %d (its share)", open, idle, webhookMaxConnsPerClient)
+	if open != DefaultMaxConnsPerClient {
+		t.Errorf("%d of the idle client's %d connections still open, want %d (its share)", open, idle, DefaultMaxConnsPerClient)
 	}
-	if l := w.logs.logLines("webhook connections over their limits: idle ones closed to make room, the rest refused (is something other than the API server connecting?)"); len(l) == 0 {
+	if l := logLines(w.logs, "webhook connections over their limits: idle ones closed to make room, the rest refused (is something other than the API server connecting?)"); len(l) == 0 {
 		t.Errorf("no warning logged about the connections over the limits")
 	}
 }
@@ -233,7 +234,7 @@ func TestWebhookHandlerWaitsForBudget(t *testing.T) {
 		t.Fatal(err)
 	}
 	budget := newReviewBudget(1 << 20)
-	h := newWebhookHandler(in, slog.New(slog.NewTextHandler(io.Discard, nil)), budget)
+	h := newHandler(in, slog.New(slog.NewTextHandler(io.Discard, nil)), budget)
 	review := podReview(`{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a"}]}}`)
 	post := func(ctx context.Context) int {
 		req := httptest.NewRequestWithContext(ctx, http.MethodPost, "/inject", strings.NewReader(review))
