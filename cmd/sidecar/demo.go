@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -42,13 +43,15 @@ endpoints (no Consul), and print commands to try. Takes the same flags as
 				return err
 			}
 			var servers []*http.Server
+			var serving sync.WaitGroup
 			defer func() {
 				for _, s := range servers {
 					_ = s.Close()
 				}
+				serving.Wait()
 			}()
 			for i, addr := range demoUpstreams {
-				s, err := startExampleUpstream(addr, fmt.Sprintf("user-service-%d", i+1))
+				s, err := startExampleUpstream(addr, fmt.Sprintf("user-service-%d", i+1), &serving)
 				if err != nil {
 					return err
 				}
@@ -74,8 +77,8 @@ Ctrl-C stops it.
 }
 
 // startExampleUpstream serves a tiny JSON API that says which instance
-// answered.
-func startExampleUpstream(addr, name string) (*http.Server, error) {
+// answered, until the server is closed; serving is done when it stopped.
+func startExampleUpstream(addr, name string, serving *sync.WaitGroup) (*http.Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("example upstream %s: %w", name, err)
@@ -102,6 +105,6 @@ func startExampleUpstream(addr, name string) (*http.Server, error) {
 		})
 	})
 	s := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() { _ = s.Serve(ln) }() // ends with Close
+	serving.Go(func() { _ = s.Serve(ln) })
 	return s, nil
 }
