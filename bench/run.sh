@@ -785,6 +785,7 @@ main() {
 	local v
 	for v in $(compgen -e); do
 		case $v in
+		SIDECAR_BIN) export -n SIDECAR_BIN ;; # this script's own setting
 		SIDECAR_* | OTEL_* | CONSUL_*) unset "$v" ;;
 		esac
 	done
