@@ -13,9 +13,11 @@ export GOFLAGS     := -buildvcs=false
 
 all: build
 
-## build: static binary in bin/sidecar (the Dockerfile builds it the same way)
+## build: static binaries: bin/sidecar, the whole command line (inject and webhook
+## included), and bin/sidecar-pod, what the image runs in pods (-tags noinjector)
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/sidecar ./cmd/sidecar
+	CGO_ENABLED=0 $(GO) build -tags noinjector -trimpath -ldflags "$(LDFLAGS)" -o bin/sidecar-pod ./cmd/sidecar
 
 ## test: tools, vet, gofmt, the goroutine-leak guard, and every test with -race
 test: test-tools vet fmt-check leak-check unit

@@ -763,8 +763,8 @@ build() {
 		SIDECAR=$SIDECAR_BIN
 		log "using prebuilt sidecar $SIDECAR"
 	else
-		log "building sidecar (as make build does)"
-		CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$WORK/bin/sidecar" ./cmd/sidecar ||
+		log "building sidecar (as the image builds the per-pod binary)"
+		CGO_ENABLED=0 go build -tags noinjector -trimpath -ldflags "-s -w" -o "$WORK/bin/sidecar" ./cmd/sidecar ||
 			die "building ./cmd/sidecar failed (SIDECAR_BIN=/path/to/sidecar uses a prebuilt one)"
 		SIDECAR=$WORK/bin/sidecar
 	fi

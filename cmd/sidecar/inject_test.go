@@ -1,3 +1,5 @@
+//go:build !noinjector
+
 package main
 
 import (

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"debug/buildinfo"
 	"debug/elf"
 	"encoding/json"
 	"io"
@@ -318,8 +319,9 @@ func TestDemo(t *testing.T) {
 	}
 }
 
-// The binary built the Dockerfile's way is static: no interpreter, no shared
-// libraries.
+// The binaries built the Dockerfile's way are static, and the per-pod one
+// (/out/sidecar) links none of Kubernetes' API packages, which only the
+// injector's commands need.
 func TestDockerfileBuildIsStatic(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
@@ -328,28 +330,47 @@ func TestDockerfileBuildIsStatic(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := regexp.MustCompile(`(?m)^RUN (CGO_ENABLED=0 go build .*) -o /out/sidecar (\./cmd/sidecar)$`).FindSubmatch(df)
-	if m == nil {
-		t.Fatal("Dockerfile has no `RUN CGO_ENABLED=0 go build ... -o /out/sidecar ./cmd/sidecar` line")
+	builds := regexp.MustCompile(`(?m)^RUN (CGO_ENABLED=0 go build .*) -o /out/(sidecar|sidecar-injector) (\./cmd/sidecar)$`).FindAllSubmatch(df, -1)
+	if len(builds) != 2 {
+		t.Fatalf("Dockerfile has %d `RUN CGO_ENABLED=0 go build ... -o /out/NAME ./cmd/sidecar` lines, want 2 (sidecar, sidecar-injector)", len(builds))
 	}
-	bin := filepath.Join(t.TempDir(), "sidecar")
-	line := strings.NewReplacer("${VERSION}", "test", "${COMMIT}", "test").Replace(string(m[1]))
-	cmd := exec.Command("sh", "-c", line+" -o "+bin+" "+string(m[2]))
-	cmd.Dir = "../.."
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", line, err, out)
-	}
-	f, err := elf.Open(bin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	for _, p := range f.Progs {
-		if p.Type == elf.PT_INTERP || p.Type == elf.PT_DYNAMIC {
-			t.Fatalf("binary built as the Dockerfile does has program header %v: not static", p.Type)
+	for _, m := range builds {
+		name := string(m[2])
+		bin := filepath.Join(t.TempDir(), name)
+		line := strings.NewReplacer("${VERSION}", "test", "${COMMIT}", "test").Replace(string(m[1]))
+		cmd := exec.Command("sh", "-c", line+" -o "+bin+" "+string(m[3]))
+		cmd.Dir = "../.."
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", line, err, out)
 		}
-	}
-	if libs, _ := f.ImportedLibraries(); len(libs) > 0 {
-		t.Fatalf("binary needs shared libraries %v", libs)
+		f, err := elf.Open(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range f.Progs {
+			if p.Type == elf.PT_INTERP || p.Type == elf.PT_DYNAMIC {
+				t.Fatalf("%s built as the Dockerfile does has program header %v: not static", name, p.Type)
+			}
+		}
+		if libs, _ := f.ImportedLibraries(); len(libs) > 0 {
+			t.Fatalf("%s needs shared libraries %v", name, libs)
+		}
+		f.Close()
+		info, err := buildinfo.ReadFile(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kube := 0
+		for _, d := range info.Deps {
+			if strings.HasPrefix(d.Path, "k8s.io/") {
+				kube++
+			}
+		}
+		if name == "sidecar" && kube > 0 {
+			t.Errorf("the per-pod sidecar links %d Kubernetes modules; built with -tags noinjector it should link none", kube)
+		}
+		if name == "sidecar-injector" && kube == 0 {
+			t.Errorf("sidecar-injector links no Kubernetes module: inject and webhook are missing")
+		}
 	}
 }

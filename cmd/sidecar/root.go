@@ -28,7 +28,8 @@ resilience policy, and forwards the call.`,
 		newVersionCommand(stdout),
 		newPolicyCommand(stdin, stdout, stderr, getenv), newStatusCommand(stdout, getenv),
 	)
-	root.AddCommand(newInjectCommand(stdin, stdout, stderr), newWebhookCommand(stdout, stderr, getenv), newHookCommand(stderr))
+	root.AddCommand(injectorCommands(stdin, stdout, stderr, getenv)...)
+	root.AddCommand(newHookCommand(stderr))
 	root.AddCommand(newIptablesCommand(stdout))
 	return root
 }
