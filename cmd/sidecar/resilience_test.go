@@ -110,6 +110,7 @@ policies:
 		`sidecar_shed_requests_total{reason="circuit_open",service="svc"} 6`,
 		`sidecar_requests_in_flight{direction="outbound"} 0`,
 		`sidecar_outlier_ejected_endpoints{service="svc"} 0`,
+		`sidecar_concurrency_limit{service="svc"} 1024`,
 	} {
 		if !strings.Contains(m, want) {
 			t.Errorf("/metrics lacks %q", want)

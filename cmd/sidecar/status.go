@@ -226,13 +226,20 @@ func (o *statusOptions) table(w io.Writer, st sidecarStatus) error {
 			for _, e := range s.Ejected {
 				ejected = append(ejected, fmt.Sprintf("%s (ejection %d, until %s)", e.Addr, e.Ejections, e.Until.UTC().Format(time.RFC3339)))
 			}
+			limit := strconv.FormatInt(s.Limit, 10)
+			if a := s.Adaptive; a != nil {
+				limit += fmt.Sprintf(" adaptive (minRTT %gms, now %gms)", a.MinRTTMs, a.SampleRTTMs)
+				if a.Probing {
+					limit += " probing"
+				}
+			}
 			rows = append(rows, []string{s.Service, s.Breaker.State,
 				strconv.FormatUint(uint64(s.Breaker.Requests), 10), strconv.FormatUint(uint64(s.Breaker.Failures), 10),
-				strconv.FormatInt(s.InFlight, 10),
+				strconv.FormatInt(s.InFlight, 10), limit,
 				fmt.Sprintf("%d of %d", s.RetryBudget.Retries, s.RetryBudget.Requests),
 				orDash(strings.Join(ejected, ", "))})
 		}
-		if err := writeTableOrNone(w, []string{"SERVICE", "BREAKER", "REQUESTS", "FAILURES", "IN-FLIGHT", "RETRIES (10s)", "EJECTED"},
+		if err := writeTableOrNone(w, []string{"SERVICE", "BREAKER", "REQUESTS", "FAILURES", "IN-FLIGHT", "LIMIT", "RETRIES (10s)", "EJECTED"},
 			rows, "no service called yet"); err != nil {
 			return err
 		}

@@ -43,12 +43,13 @@ retry: {perTryTimeout: 1s, on: [connect-failure, timeout, 503]}
 		{EndpointSet: discovery.EndpointSet{Service: "billing", Source: "static", UpdatedAt: at, Endpoints: []discovery.Endpoint{}}, AgeSeconds: 61},
 	}}
 	var users outbound.ServiceStatus
-	users.Service, users.InFlight = "users", 2
+	users.Service, users.InFlight, users.Limit = "users", 2, 12
+	users.Adaptive = &outbound.AdaptiveStatus{MinRTTMs: 4.2, SampleRTTMs: 5.05}
 	users.Breaker.State, users.Breaker.Requests, users.Breaker.Failures = "closed", 40, 3
 	users.RetryBudget.Requests, users.RetryBudget.Retries = 40, 3
 	users.Ejected = []outbound.EjectedEndpoint{{Addr: "10.0.0.2:8080", Until: at.Add(30 * time.Second), Ejections: 1}}
 	var billing outbound.ServiceStatus
-	billing.Service, billing.Breaker.State, billing.Ejected = "billing", "open", []outbound.EjectedEndpoint{}
+	billing.Service, billing.Breaker.State, billing.Ejected, billing.Limit = "billing", "open", []outbound.EjectedEndpoint{}, 1024
 	billing.Breaker.Requests, billing.Breaker.Failures, billing.Breaker.ConsecutiveFailures = 5, 5, 5
 	policies := []policy.Status{
 		{Service: "*", Source: "file:/etc/sidecar/policies.yaml", Version: "a1b2c3d4e5f6", Effective: policy.Effective("*", by)},
@@ -178,7 +179,7 @@ policies:
 	for _, want := range []*regexp.Regexp{
 		regexp.MustCompile(`Sidecar at ` + regexp.QuoteMeta(admin) + `: sidecar \S+ \(commit `),
 		regexp.MustCompile(`(?m)^user-service +static +1 +\d+s +` + regexp.QuoteMeta(upAddr) + `$`),
-		regexp.MustCompile(`(?m)^user-service +closed +3 +0 +0 +0 of 3 +-$`),
+		regexp.MustCompile(`(?m)^user-service +closed +3 +0 +0 +1024 +0 of 3 +-$`),
 	} {
 		if !want.MatchString(text) {
 			t.Errorf("status lacks %s:\n%s", want, text)

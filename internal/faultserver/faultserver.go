@@ -24,6 +24,13 @@ import (
 type Faults struct {
 	// Latency delays every answer (the client's cancellation ends it).
 	Latency time.Duration
+	// Workers, when set, is how many requests the server works on at once,
+	// each for Latency: the others wait for a worker, first come first
+	// served, and are worked on even when their client went away
+	// meanwhile, as a thread pool serves its queue. It gives the server a
+	// capacity, Workers/Latency requests per second, past which its
+	// latency grows with its queue. 0: no limit.
+	Workers int
 	// ResetRatio of requests get a TCP reset and no response.
 	ResetRatio float64
 	// CutBodyRatio of requests get a 200 whose body stops halfway and the
@@ -45,11 +52,13 @@ type Faults struct {
 type Server struct {
 	addr string
 
-	mu     sync.Mutex // guards faults, ln, srv
-	faults Faults
-	ln     net.Listener
-	srv    *http.Server
-	served sync.WaitGroup
+	mu      sync.Mutex // guards faults, ln, srv, stop, workers
+	faults  Faults
+	ln      net.Listener
+	srv     *http.Server
+	stop    chan struct{} // closed when srv stops: requests waiting for a worker give up
+	workers chan struct{} // one token per busy worker; cap Faults.Workers
+	served  sync.WaitGroup
 
 	requests    atomic.Int64
 	inFlight    atomic.Int64
@@ -127,6 +136,9 @@ func (s *Server) Refuse() {
 	s.mu.Lock()
 	srv := s.srv
 	s.srv, s.ln = nil, nil
+	if srv != nil {
+		close(s.stop)
+	}
 	s.mu.Unlock()
 	if srv != nil {
 		_ = srv.Close()
@@ -158,7 +170,7 @@ func (s *Server) serve(ln net.Listener) {
 		},
 	}
 	s.mu.Lock()
-	s.ln, s.srv = ln, srv
+	s.ln, s.srv, s.stop = ln, srv, make(chan struct{})
 	s.mu.Unlock()
 	s.served.Add(1)
 	go func() {
@@ -177,11 +189,19 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		(*fn)(r)
 	}
 	s.mu.Lock()
-	f := s.faults
+	f, stop := s.faults, s.stop
+	if f.Workers > 0 && cap(s.workers) != f.Workers {
+		s.workers = make(chan struct{}, f.Workers)
+	}
+	workers := s.workers
 	s.mu.Unlock()
 	_, _ = io.Copy(io.Discard, r.Body)
 
-	if f.Latency > 0 {
+	if f.Workers > 0 {
+		if !work(workers, f.Latency, stop) {
+			return
+		}
+	} else if f.Latency > 0 {
 		t := time.NewTimer(f.Latency)
 		select {
 		case <-t.C:
@@ -221,6 +241,25 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 }
 
 func draw(ratio float64) bool { return ratio > 0 && rand.Float64() < ratio }
+
+// work waits for a worker and holds it for d, whatever the client does;
+// false if the server stopped first.
+func work(workers chan struct{}, d time.Duration, stop <-chan struct{}) bool {
+	select {
+	case workers <- struct{}{}:
+	case <-stop:
+		return false
+	}
+	defer func() { <-workers }()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-stop:
+		return false
+	}
+}
 
 // reset closes the connection with a TCP RST (SO_LINGER 0) before any byte
 // of a response.

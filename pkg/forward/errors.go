@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/upstream"
@@ -123,6 +124,9 @@ type LocalError struct {
 	Reason  string `json:"error"`
 	Service string `json:"service,omitempty"`
 	Detail  string `json:"detail,omitempty"`
+	// RetryAfter, when set, is sent as a Retry-After header (whole
+	// seconds, rounded up) to a client that is not gRPC's.
+	RetryAfter time.Duration `json:"-"`
 }
 
 func (e *LocalError) Error() string {
@@ -159,6 +163,9 @@ func WriteError(w http.ResponseWriter, r *http.Request, e *LocalError) {
 	h.Set("Content-Type", "application/json")
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	h.Set("Cache-Control", "no-store")
+	if e.RetryAfter > 0 {
+		h.Set("Retry-After", strconv.FormatInt(int64((e.RetryAfter+time.Second-1)/time.Second), 10))
+	}
 	if (e.Status == http.StatusBadRequest || e.Status == http.StatusRequestTimeout) && (r == nil || r.ProtoMajor < 2) {
 		h.Set("Connection", "close")
 	}

@@ -144,18 +144,23 @@ func (ch *chain) limit(c *call, req *http.Request) (*http.Response, error) {
 	// Over the sidecar's limit a request is refused at once; over the
 	// service's it waits in the service's bounded line
 	// (concurrency.maxQueued) for at most concurrency.queueTimeout, else it
-	// is refused. Memory stays bounded however hard the app pushes.
+	// is refused; over an adaptive limit it is refused at once, told when
+	// to come back (adaptive.go says why). Memory stays bounded however
+	// hard the app pushes.
 	if n := ch.inFlight.Add(1); n > ch.maxInFlight {
 		ch.inFlight.Add(-1)
 		stopCaller(cancelCaller)
 		return nil, ch.shed(c, req, "the sidecar's limit on outbound requests in flight (limits.outboundMaxInFlight)")
 	}
 	cc := p.Concurrency
-	maxInFlight := int64(*cc.MaxInFlight)
-	ok, wait := st.limit.acquire(caller, maxInFlight, *cc.MaxQueued, min(cc.QueueTimeout.D(), timeout))
+	maxInFlight, maxQueued := st.concurrency(cc) // with concurrency.adaptive, no line
+	ok, wait := st.limit.acquire(caller, maxInFlight, maxQueued, min(cc.QueueTimeout.D(), timeout))
 	if !ok {
 		ch.inFlight.Add(-1)
 		stopCaller(cancelCaller)
+		if cc.IsAdaptive() {
+			return nil, ch.shedAdaptive(c, req, maxInFlight)
+		}
 		if *cc.MaxQueued > 0 {
 			return nil, ch.shed(c, req, "concurrency limit of the service reached and no slot within concurrency.queueTimeout or room in its line (concurrency.maxQueued)")
 		}
@@ -317,7 +322,8 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 // answer whose status comes in its trailers, when its body ends. It
 // returns the endpoint picked ("" when none could be).
 func (ch *chain) attempt(c *call, req *http.Request) (*http.Response, string, error) {
-	ep, lerr := ch.pick(c, time.Now())
+	start := time.Now()
+	ep, lerr := ch.pick(c, start)
 	if lerr != nil {
 		upstream.CloseBody(req)
 		return nil, "", lerr
@@ -334,6 +340,7 @@ func (ch *chain) attempt(c *call, req *http.Request) (*http.Response, string, er
 	out := forward.CopyRequest(req)
 	out.URL.Host = ep.Addr
 	resp, err := ch.send(out, c.policy.ConnectTimeout.D())
+	ch.sampleLatency(c, req, start, resp, err)
 	end := attemptEnd{chain: ch, span: span, call: c, endpoint: ep.Addr}
 	if err == nil && grpcOutcomePending(resp) {
 		later := end

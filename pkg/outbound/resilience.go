@@ -61,8 +61,9 @@ func (s *StaticPolicies) For(service string) *policy.Policy {
 // only a change of the circuitBreaker section's values replaces the
 // breaker; everything else is kept whatever the policy says.
 type serviceState struct {
-	limit   limiter
-	breaker atomic.Pointer[breaker]
+	limit    limiter
+	adaptive adaptive // the limit, with concurrency.adaptive
+	breaker  atomic.Pointer[breaker]
 	// checked is the newest policy the breaker's settings were compared
 	// with; a request carrying it needs no comparison.
 	checked  atomic.Pointer[policy.Policy]
@@ -354,6 +355,10 @@ type ServiceStatus struct {
 	Service  string `json:"service"`
 	InFlight int64  `json:"inFlight"`
 	Queued   int64  `json:"queued,omitempty"` // waiting for a slot (concurrency.maxQueued)
+	// Limit is the service's concurrency limit in force:
+	// concurrency.maxInFlight, or the adaptive limit now.
+	Limit    int64           `json:"limit"`
+	Adaptive *AdaptiveStatus `json:"adaptive,omitempty"` // nil: the limit is fixed
 	Breaker  struct {
 		State               string `json:"state"`
 		Requests            uint32 `json:"requests"`
@@ -385,6 +390,11 @@ func (p *Proxy) Status() []ServiceStatus {
 		var s ServiceStatus
 		s.Service = k.(string)
 		s.InFlight, s.Queued = st.limit.inFlight.Load(), st.limit.waiting()
+		if cc := p.chain.policies.For(s.Service).Concurrency; cc.IsAdaptive() {
+			s.Limit, s.Adaptive = st.adaptive.status(int64(cc.Floor()), int64(*cc.MaxInFlight))
+		} else {
+			s.Limit = int64(*cc.MaxInFlight)
+		}
 		br := st.breaker.Load()
 		c := br.Counts()
 		s.Breaker.State = br.State().String()

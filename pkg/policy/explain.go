@@ -335,6 +335,9 @@ func boundsWords(p Policy) []string {
 }
 
 func concurrencyWords(service string, c *Concurrency) string {
+	if c.IsAdaptive() {
+		return adaptiveWords(service, c)
+	}
 	w := fmt.Sprintf("At most %d requests to %s in flight from this sidecar (each pod's sidecar counts its own); ", *c.MaxInFlight, service)
 	if *c.MaxQueued == 0 {
 		w += "the next is answered 503 overloaded at once: nothing queues."

@@ -268,8 +268,8 @@ func TestExplainOrigins(t *testing.T) {
 				t.Errorf("%s: origin %q; want %q (fields %v)", path, got[path], origin, got)
 			}
 		}
-		if len(e.Fields) != 23 {
-			t.Errorf("%d fields; want 23 (every leaf of a policy)", len(e.Fields))
+		if len(e.Fields) != 24 {
+			t.Errorf("%d fields; want 24 (every leaf of a policy)", len(e.Fields))
 		}
 	}
 	e := Explain("svc", by)

@@ -109,10 +109,17 @@ type OutlierDetection struct {
 // request waits for a slot, first come first served, if fewer than
 // MaxQueued wait already, for at most QueueTimeout (and never past the
 // request's timeout); else it is answered 503 overloaded at once.
+//
+// With Adaptive, the limit follows the service's measured latency instead,
+// between AdaptiveFloor and MaxInFlight (adaptive.go says how); a request
+// over it is answered 503 overloaded at once, with a Retry-After, and
+// MaxQueued and QueueTimeout do not apply. Nil or false: the fixed
+// MaxInFlight.
 type Concurrency struct {
 	MaxInFlight  *int      `yaml:"maxInFlight,omitempty" json:"maxInFlight,omitempty"`
 	MaxQueued    *int      `yaml:"maxQueued,omitempty" json:"maxQueued,omitempty"`
 	QueueTimeout *Duration `yaml:"queueTimeout,omitempty" json:"queueTimeout,omitempty"`
+	Adaptive     *bool     `yaml:"adaptive,omitempty" json:"adaptive,omitempty"`
 }
 
 func ptr[T any](v T) *T { return &v }
@@ -164,7 +171,7 @@ func Defaults() Policy {
 			EjectionTime:        ptr(Duration(30 * time.Second)),
 			MaxEjectionPercent:  ptr(50),
 		},
-		Concurrency: &Concurrency{MaxInFlight: ptr(1024), MaxQueued: ptr(1024), QueueTimeout: ptr(Duration(time.Second))},
+		Concurrency: &Concurrency{MaxInFlight: ptr(1024), MaxQueued: ptr(1024), QueueTimeout: ptr(Duration(time.Second)), Adaptive: ptr(false)},
 	}
 }
 

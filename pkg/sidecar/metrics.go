@@ -155,6 +155,8 @@ var (
 		"Outbound requests in flight to a service.", []string{"service"}, nil)
 	ejectedDesc = prometheus.NewDesc("sidecar_outlier_ejected_endpoints",
 		"Endpoints of a service out of rotation now.", []string{"service"}, nil)
+	limitDesc = prometheus.NewDesc("sidecar_concurrency_limit",
+		"Outbound requests to a service allowed in flight now: concurrency.maxInFlight, or the adaptive limit (concurrency.adaptive).", []string{"service"}, nil)
 )
 
 func (c *resilienceCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -162,6 +164,7 @@ func (c *resilienceCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- inFlightDesc
 	ch <- serviceInFlightDesc
 	ch <- ejectedDesc
+	ch <- limitDesc
 }
 
 func (c *resilienceCollector) Collect(ch chan<- prometheus.Metric) {
@@ -183,5 +186,6 @@ func (c *resilienceCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(serviceInFlightDesc, prometheus.GaugeValue, float64(st.InFlight), st.Service)
 		ch <- prometheus.MustNewConstMetric(ejectedDesc, prometheus.GaugeValue, float64(len(st.Ejected)), st.Service)
+		ch <- prometheus.MustNewConstMetric(limitDesc, prometheus.GaugeValue, float64(st.Limit), st.Service)
 	}
 }
