@@ -316,7 +316,9 @@ func (c *Consul) run(ctx context.Context, w *watch) {
 	f.lastErr = &w.lastErr
 	f.run(ctx, func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
 		q.Datacenter = w.opts.Datacenter
-		entries, meta, err = c.cfg.Client.Health().ServiceMultipleTags(name, w.opts.Tags, true, q)
+		// Passing and warning instances, as Consul's DNS and its service
+		// mesh use them: a warning one gets its Weights.Warning.
+		entries, meta, err = c.cfg.Client.Health().ServiceMultipleTags(name, w.opts.Tags, false, q)
 		return meta, err
 	}, func(changed bool) {
 		if changed {
@@ -338,6 +340,10 @@ func (c *Consul) update(ctx context.Context, w *watch, entries []*api.ServiceEnt
 		if !ok {
 			continue
 		}
+		weight, ok := entryWeight(e)
+		if !ok {
+			continue // critical, in maintenance, or warning with no weight for it
+		}
 		if reason := ownHostAddr(host); reason != "" && !c.cfg.AllowLoopbackEndpoints {
 			if dropped == nil {
 				dropped = map[string]bool{}
@@ -350,7 +356,7 @@ func (c *Consul) update(ctx context.Context, w *watch, entries []*api.ServiceEnt
 			}
 			continue
 		}
-		eps = append(eps, Endpoint{Addr: addr})
+		eps = append(eps, Endpoint{Addr: addr, Weight: weight})
 	}
 	w.dropped = dropped
 	slices.SortFunc(eps, func(a, b Endpoint) int { return strings.Compare(a.Addr, b.Addr) })
@@ -392,6 +398,25 @@ func entryAddr(e *api.ServiceEntry) (host, addr string, ok bool) {
 		return "", "", false
 	}
 	return host, net.JoinHostPort(host, strconv.Itoa(e.Service.Port)), true
+}
+
+// entryWeight is an instance's weight by the state of its checks:
+// Weights.Passing when they pass, Weights.Warning when one warns (Consul's
+// defaults, 1 and 1, when the instance has none); ok is false for an
+// instance that must get no traffic: a check critical or in maintenance, or
+// warning with a Warning weight of 0.
+func entryWeight(e *api.ServiceEntry) (weight int, ok bool) {
+	passing, warning := e.Service.Weights.Passing, e.Service.Weights.Warning
+	if passing <= 0 && warning <= 0 {
+		passing, warning = 1, 1 // no weights registered
+	}
+	switch e.Checks.AggregatedStatus() {
+	case api.HealthPassing:
+		return max(passing, 1), true
+	case api.HealthWarning:
+		return warning, warning > 0
+	}
+	return 0, false
 }
 
 func (c *Consul) known(ctx context.Context, w *watch) (bool, error) {

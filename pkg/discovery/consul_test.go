@@ -343,3 +343,47 @@ func TestRegistration(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// Each instance carries its weight: Weights.Passing while its checks
+// pass, Weights.Warning while one warns (Consul's defaults, 1 and 1,
+// without weights); a critical instance, and a warning one whose Warning
+// weight is 0, get no traffic.
+func TestConsulWeights(t *testing.T) {
+	agent := consultest.Start(t)
+	c := client(t, agent)
+	ttl := func(status string) *api.AgentServiceCheck {
+		return &api.AgentServiceCheck{TTL: "10m", Status: status}
+	}
+	for _, reg := range []*api.AgentServiceRegistration{
+		{ID: "heavy", Name: "weighted", Address: "10.0.0.1", Port: 80, Weights: &api.AgentWeights{Passing: 3, Warning: 1}},
+		{ID: "light", Name: "weighted", Address: "10.0.0.2", Port: 80, Weights: &api.AgentWeights{Passing: 1, Warning: 1}},
+		{ID: "plain", Name: "weighted", Address: "10.0.0.3", Port: 80},
+		{ID: "warning", Name: "weighted", Address: "10.0.0.4", Port: 80, Weights: &api.AgentWeights{Passing: 5, Warning: 2}, Check: ttl(api.HealthWarning)},
+		{ID: "warning-off", Name: "weighted", Address: "10.0.0.5", Port: 80, Weights: &api.AgentWeights{Passing: 5, Warning: 0}, Check: ttl(api.HealthWarning)},
+		{ID: "critical", Name: "weighted", Address: "10.0.0.6", Port: 80, Weights: &api.AgentWeights{Passing: 5, Warning: 5}, Check: ttl(api.HealthCritical)},
+	} {
+		register(t, c, reg)
+	}
+	d := newConsul(t, discovery.ConsulConfig{Client: c})
+	set, err := d.Resolve(context.Background(), "weighted")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []discovery.Endpoint{{Addr: "10.0.0.1:80", Weight: 3}, {Addr: "10.0.0.2:80", Weight: 1}, {Addr: "10.0.0.3:80", Weight: 1}, {Addr: "10.0.0.4:80", Weight: 2}}
+	if !slices.Equal(set.Endpoints, want) {
+		t.Fatalf("endpoints %v, want %v", set.Endpoints, want)
+	}
+	// An instance whose check passes again is back at its Passing weight.
+	if err := c.Agent().UpdateTTL("service:warning", "", api.HealthPassing); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "passing again", func() string {
+		s, _ := d.Resolve(context.Background(), "weighted")
+		for _, ep := range s.Endpoints {
+			if ep.Addr == "10.0.0.4:80" && ep.Weight == 5 {
+				return ""
+			}
+		}
+		return "10.0.0.4:80 not at its Passing weight 5 yet"
+	})
+}

@@ -23,6 +23,10 @@ var ErrUnknownService = errors.New("unknown service")
 type Endpoint struct {
 	// Addr is host:port, with an IP literal host for every source shipped here.
 	Addr string `json:"addr"`
+	// Weight is the endpoint's share of the traffic against the others'
+	// (Consul's Weights.Passing, or Weights.Warning while a check warns);
+	// 0 is 1, the weight of every static endpoint.
+	Weight int `json:"weight,omitempty"`
 }
 
 // EndpointSet is the set of healthy endpoints of one service at one moment.

@@ -36,6 +36,7 @@ type adaptive struct {
 	rtts      []time.Duration // the window's samples, the first maxWindowSamples of them
 	seen      int             // the window's samples, kept or not
 	peak      int64           // the most requests in flight at an answer in the window
+	pinned    time.Time       // since when the limit is at the floor; zero: it is not
 }
 
 // maxWindowSamples bounds the samples a window keeps for its median: at
@@ -90,8 +91,11 @@ func (a *adaptive) observe(started, now time.Time, rtt time.Duration, inFlight, 
 	}
 	s := a.median()
 	a.sampleRTT = s
-	if float64(s) <= float64(a.minRTT)*(1+policy.AdaptiveConfirm) {
+	switch {
+	case float64(s) <= float64(a.minRTT)*(1+policy.AdaptiveConfirm):
 		a.confirmed, a.minRTT = now, min(a.minRTT, s)
+	case a.limit <= float64(floor) && !a.pinned.IsZero() && now.Sub(a.pinned) >= policy.AdaptivePinned:
+		a.confirmed, a.minRTT = now, s // nothing queued by this sidecar at the floor
 	}
 	next := gradientStep(a.limit, a.minRTT, s)
 	if next > a.limit {
@@ -103,6 +107,12 @@ func (a *adaptive) observe(started, now time.Time, rtt time.Duration, inFlight, 
 	}
 	a.set(next, floor, ceiling)
 	a.reset(now)
+	switch {
+	case a.limit > float64(floor):
+		a.pinned = time.Time{}
+	case a.pinned.IsZero():
+		a.pinned = now
+	}
 	if now.Sub(a.confirmed) >= a.unconf {
 		a.startProbe(now, floor)
 	}

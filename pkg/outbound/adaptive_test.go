@@ -18,20 +18,29 @@ import (
 
 // model is a service of workers; each request takes service time of one.
 type model struct {
-	workers chan struct{}
+	workers atomic.Pointer[chan struct{}]
 	service atomic.Int64 // time.Duration
 }
 
 func newModel(workers int, service time.Duration) *model {
-	m := &model{workers: make(chan struct{}, workers)}
+	m := &model{}
+	m.setWorkers(workers)
 	m.service.Store(int64(service))
 	return m
 }
 
+// setWorkers gives the service n workers from now on (those at work
+// finish as they were).
+func (m *model) setWorkers(n int) {
+	w := make(chan struct{}, n)
+	m.workers.Store(&w)
+}
+
 func (m *model) serve() {
-	m.workers <- struct{}{}
+	w := *m.workers.Load()
+	w <- struct{}{}
 	time.Sleep(time.Duration(m.service.Load()))
-	<-m.workers
+	<-w
 }
 
 // openLoad drives a limiter with an adaptive limit over a model.
@@ -96,11 +105,13 @@ func (l *openLoad) seen(n int64) {
 
 func (l *openLoad) limit() int64 { return l.a.cur.Load() }
 
-// Latency that rises with no more load (the service got slower) makes the
-// limit fall, down to the floor and never under it; when latency
-// recovers the limit rises again to what the load needs. A service whose
-// latency stays higher is measured again within the probe interval, and
-// its limit rises to what the load needs at the new latency.
+// Latency that rises because the service queues (it lost most of its
+// workers) makes the limit fall, keeping the queue short and the service
+// busy; when latency recovers (the workers are back) the limit rises again
+// to what the load needs. Latency that rises with no queue (the service got
+// slower) drives the limit down to the floor, never under it; held there,
+// the limit takes the latency at the floor as the service's new minRTT and
+// rises to what the load needs at it.
 func TestAdaptiveFollowsLatency(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		m := newModel(1000, 10*time.Millisecond) // no queue: latency is the service's own
@@ -116,37 +127,41 @@ func TestAdaptiveFollowsLatency(t *testing.T) {
 			t.Errorf("minRTT %v, want 10ms", st)
 		}
 
-		m.service.Store(int64(40 * time.Millisecond))
+		m.setWorkers(10) // capacity 1000 req/s: half the load queues
 		l.run(2000, 3*time.Second)
-		if after := l.limit(); after >= before/2 {
-			t.Errorf("latency 10ms -> 40ms: limit %d -> %d, want it at least halved", before, after)
+		if after := l.limit(); after >= before || after > 20 {
+			t.Errorf("the service queueing: limit %d -> %d, want it lower, at most 20 (10 workers and a little queue)", before, after)
 		}
-		if lo := l.lo.Load(); lo < policy.AdaptiveFloor {
-			t.Errorf("the limit fell to %d, under the floor %d", lo, policy.AdaptiveFloor)
+		if served := l.served.Load(); served < 2700 {
+			t.Errorf("the service queueing: %d served in 3s, want at least 2700 (90%% of its capacity)", served)
 		}
-		if l.limit() != policy.AdaptiveFloor {
-			t.Errorf("after 3s at 4x the latency the limit is %d, want the floor %d", l.limit(), policy.AdaptiveFloor)
+		if slow := time.Duration(l.slowest.Load()); slow > 200*time.Millisecond {
+			t.Errorf("the service queueing: the slowest request took %v, want at most 200ms", slow)
+		}
+		low := l.limit()
+		t.Logf("10ms, 1000 workers: limit %d; 10 workers: limit %d, served %d, shed %d, slowest %v", before, low, l.served.Load(), l.shed.Load(), time.Duration(l.slowest.Load()))
+
+		m.setWorkers(1000)
+		l.run(2000, 3*time.Second)
+		if got := l.limit(); got < 20 || got <= low {
+			t.Errorf("the workers back for 3s: limit %d -> %d, want it to rise to 20 or more (the load's 20 in flight)", low, got)
+		}
+		if l.shed.Load() > l.served.Load()/10 {
+			t.Errorf("the workers back: %d shed, %d served; want under a tenth shed", l.shed.Load(), l.served.Load())
 		}
 
-		m.service.Store(int64(10 * time.Millisecond))
-		l.run(2000, 3*time.Second)
-		if got := l.limit(); got < 20 {
-			t.Errorf("latency back at 10ms for 3s: limit %d, want 20 or more (the load's 20 in flight)", got)
+		t.Logf("workers back: limit %d, served %d, shed %d", l.limit(), l.served.Load(), l.shed.Load())
+		m.service.Store(int64(40 * time.Millisecond)) // 4x slower, no queue
+		l.run(2000, 5*time.Second)
+		if lo := l.lo.Load(); lo != policy.AdaptiveFloor {
+			t.Errorf("latency 10ms -> 40ms: lowest limit %d, want the floor %d", lo, policy.AdaptiveFloor)
 		}
-		if l.shed.Load() > l.served.Load() {
-			t.Errorf("latency back at 10ms: %d shed, %d served; want most served", l.shed.Load(), l.served.Load())
-		}
-
-		// 40ms for good: minRTT goes unconfirmed, is measured again, and
-		// the limit rises to the 80 in flight that 2000 req/s of 40ms need.
-		m.service.Store(int64(40 * time.Millisecond))
-		probe := time.Duration(float64(policy.AdaptiveProbeInterval) * (1 + policy.AdaptiveProbeJitter))
-		l.run(2000, probe+3*time.Second)
 		if l.a.minRTT != 40*time.Millisecond {
-			t.Errorf("after %v at 40ms: minRTT %v, want 40ms (measured again)", probe, l.a.minRTT)
+			t.Errorf("after 5s at 40ms: minRTT %v, want 40ms (taken at the floor)", l.a.minRTT)
 		}
+		t.Logf("40ms: limit %d (lowest %d), served %d, shed %d", l.limit(), l.lo.Load(), l.served.Load(), l.shed.Load())
 		if got := l.limit(); got < 80 {
-			t.Errorf("after minRTT was measured again at 40ms: limit %d, want 80 or more", got)
+			t.Errorf("after minRTT was taken at 40ms: limit %d, want 80 or more (2000 req/s of 40ms)", got)
 		}
 	})
 }
@@ -170,6 +185,10 @@ func TestAdaptiveOverload(t *testing.T) {
 		}
 		if l.a.minRTT != service {
 			t.Errorf("minRTT %v, want %v", l.a.minRTT, service)
+		}
+		// The standing queue never confirms minRTT: probes measure it.
+		if since := time.Since(l.a.confirmed); since > policy.AdaptiveProbeInterval*3/2 {
+			t.Errorf("minRTT last measured %v ago, want a probe within %v", since, policy.AdaptiveProbeInterval*3/2)
 		}
 		if lim := l.limit(); lim < workers || lim > 3*workers {
 			t.Errorf("limit %d, want it between %d and %d (the service's %d workers, and a little queue)", lim, workers, 3*workers, workers)

@@ -73,22 +73,6 @@ func (o *outliers) record(addr string, failed bool, set *discovery.EndpointSet, 
 	return true
 }
 
-// pickHealthy picks round robin, skipping ejected endpoints; if every
-// endpoint is ejected it picks one anyway (panic mode: better some traffic
-// than none).
-func pickHealthy(rr *roundRobin, o *outliers, avoid string, now time.Time) discovery.Endpoint {
-	n := len(rr.eps)
-	first := rr.pick()
-	ep := first
-	for i := 0; i < n; i++ {
-		if !o.ejected(ep.Addr, now) && (ep.Addr != avoid || n == 1) {
-			return ep
-		}
-		ep = rr.pick()
-	}
-	return first
-}
-
 // attemptFailed is the outlier detector's view of an attempt: transport
 // failures and 5xx answers; never the client's own cancellation.
 func attemptFailed(resp *http.Response, err error) bool {

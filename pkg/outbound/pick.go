@@ -1,45 +1,24 @@
 package outbound
 
 import (
-	"math/rand/v2"
 	"net/netip"
-	"sync/atomic"
+	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 )
 
-// roundRobin picks over one immutable endpoint set, less the endpoints that
-// are the sidecar's own listeners. It never blocks and never does I/O.
-// Safe for concurrent use.
-type roundRobin struct {
-	set  *discovery.EndpointSet
-	eps  []discovery.Endpoint // set.Endpoints less the own ones
-	next atomic.Uint64
-}
-
-func newRoundRobin(set *discovery.EndpointSet, eps []discovery.Endpoint) *roundRobin {
-	rr := &roundRobin{set: set, eps: eps}
-	// A random start keeps a fleet of sidecars from marching in step onto
-	// the same first endpoint.
-	rr.next.Store(rand.Uint64())
-	return rr
-}
-
-func (rr *roundRobin) pick() discovery.Endpoint {
-	eps := rr.eps
-	return eps[rr.next.Add(1)%uint64(len(eps))]
-}
-
-// picker returns the round robin over set, built once per set.
-func (ch *chain) picker(set *discovery.EndpointSet) *roundRobin {
-	if v, ok := ch.pickers.Load(set.Service); ok {
-		if rr := v.(*roundRobin); rr.set == set {
-			return rr
+// balancer returns the balancer of the call's endpoint set under its
+// policy's loadBalancer, built once per set and policy.
+func (ch *chain) balancer(c *call) *balancer {
+	lb := c.policy.LoadBalancer
+	if v, ok := ch.pickers.Load(c.service); ok {
+		if b := v.(*balancer); b.set == c.set && b.lb == lb {
+			return b
 		}
 	}
-	rr := newRoundRobin(set, ch.callable(set))
-	ch.pickers.Store(set.Service, rr)
-	return rr
+	b := newBalancer(c.set, ch.callable(c.set), lb, &c.state.endpoints, time.Now())
+	ch.pickers.Store(c.service, b)
+	return b
 }
 
 // callable returns the endpoints of set the sidecar may call: not its own

@@ -70,6 +70,8 @@ type serviceState struct {
 	rebuild  sync.Mutex // serializes comparing and replacing the breaker
 	budget   budget
 	outliers outliers
+	// endpoints is what the balancers learned of each endpoint.
+	endpoints endpointRegistry
 }
 
 // breaker is a circuit breaker with the settings it was built from.

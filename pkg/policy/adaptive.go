@@ -31,7 +31,12 @@ import (
 // sidecars of a fleet do not all probe at once: a service that runs with
 // no queue confirms minRTT all the time and is never probed again; one
 // that runs with a standing queue is, since its latency cannot tell the
-// queue from the service. The √limit term is the queue the limit allows
+// queue from the service. A limit held at the floor for AdaptivePinned
+// takes its windows' median as minRTT at once: at the floor this sidecar
+// queues nothing, so the latency it sees there is the service's own (or
+// its own, when it is the sidecar's CPU that is short), and a service that
+// got slower for good, or a sidecar short of CPU, is not held at the
+// floor until the next probe. The √limit term is the queue the limit allows
 // on purpose: enough to keep the service busy between windows, small
 // beside the limit.
 const (
@@ -63,6 +68,10 @@ const (
 	AdaptiveProbeInterval = 30 * time.Second
 	AdaptiveProbeJitter   = 0.15
 	AdaptiveProbeSamples  = 20
+	// AdaptivePinned is how long the limit stays at the floor before the
+	// latency there is taken as minRTT: ten windows, enough to tell a
+	// lasting rise from a burst.
+	AdaptivePinned = time.Second
 	// AdaptiveRetryAfter is the Retry-After of a request the adaptive
 	// limit sheds: the header counts whole seconds, and one is the
 	// shortest wait it can ask for.
@@ -85,10 +94,11 @@ func adaptiveWords(service string, c *Concurrency) string {
 		"every %s (and %d answers) it moves by minRTT+%d%% over the median latency of the window, "+
 		"at most halved or doubled, plus a queue of its square root: it falls as soon as latency rises past minRTT+%d%%, "+
 		"and rises, smoothed, while latency stays under it and more than half of it is in use. "+
-		"minRTT is measured again, at the floor, when no window confirmed it for %s. "+
+		"minRTT is measured again, at the floor, when no window confirmed it for %s, and taken from the windows "+
+		"when the limit stayed at the floor for %s. "+
 		"A request over the limit is answered 503 overloaded at once, with Retry-After: %d; "+
 		"concurrency.maxQueued and queueTimeout do not apply. The sidecar-wide limits.outboundMaxInFlight applies too.",
 		service, c.Floor(), *c.MaxInFlight, c.Floor(), AdaptiveProbeSamples, min(AdaptiveInitial, *c.MaxInFlight),
 		FormatDuration(AdaptiveWindow), AdaptiveWindowSamples, int(AdaptiveBuffer*100), int(AdaptiveBuffer*100),
-		FormatDuration(AdaptiveProbeInterval), int(AdaptiveRetryAfter/time.Second))
+		FormatDuration(AdaptiveProbeInterval), FormatDuration(AdaptivePinned), int(AdaptiveRetryAfter/time.Second))
 }

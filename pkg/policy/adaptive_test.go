@@ -49,7 +49,7 @@ func TestExplainAdaptive(t *testing.T) {
 	e := Explain("users", map[string]Policy{"users": {Service: "users", Concurrency: &Concurrency{MaxInFlight: new(200), Adaptive: new(true)}}})
 	w := strings.Join(e.Concurrency, " ")
 	for _, want := range []string{"is adaptive", "between 3 and 200", "minRTT+25%", "every 100ms", "503 overloaded at once, with Retry-After: 1",
-		"measured again, at the floor, when no window confirmed it for 30s"} {
+		"measured again, at the floor, when no window confirmed it for 30s", "stayed at the floor for 1s"} {
 		if !strings.Contains(w, want) {
 			t.Errorf("explanation lacks %q:\n%s", want, w)
 		}

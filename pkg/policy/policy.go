@@ -47,6 +47,7 @@ type Policy struct {
 	CircuitBreaker   *CircuitBreaker   `yaml:"circuitBreaker,omitempty" json:"circuitBreaker,omitempty"`
 	OutlierDetection *OutlierDetection `yaml:"outlierDetection,omitempty" json:"outlierDetection,omitempty"`
 	Concurrency      *Concurrency      `yaml:"concurrency,omitempty" json:"concurrency,omitempty"`
+	LoadBalancer     *LoadBalancer     `yaml:"loadBalancer,omitempty" json:"loadBalancer,omitempty"`
 }
 
 // Retry says when and how a failed attempt is tried again.
@@ -104,6 +105,30 @@ type OutlierDetection struct {
 	EjectionTime        *Duration `yaml:"ejectionTime,omitempty" json:"ejectionTime,omitempty"`
 	MaxEjectionPercent  *int      `yaml:"maxEjectionPercent,omitempty" json:"maxEjectionPercent,omitempty"`
 }
+
+// LoadBalancer chooses among the service's endpoints. Every policy honours
+// the endpoints' weights (Consul's Weights.Passing, or Weights.Warning for
+// an instance whose checks warn) and skips ejected endpoints.
+type LoadBalancer struct {
+	// Policy is round-robin (smoothly weighted when weights differ),
+	// least-request (the fewer requests in flight of two endpoints picked
+	// at random) or p2c-ewma (of two at random, the lower peak-EWMA
+	// latency times requests in flight, as Linkerd's balancer).
+	Policy *string `yaml:"policy,omitempty" json:"policy,omitempty"`
+	// SlowStart ramps a new endpoint's share of the traffic up over this
+	// long, from a tenth of its weight; 0: none.
+	SlowStart *Duration `yaml:"slowStart,omitempty" json:"slowStart,omitempty"`
+}
+
+// Load-balancing policies (LoadBalancer.Policy).
+const (
+	RoundRobin   = "round-robin"
+	LeastRequest = "least-request"
+	P2CEWMA      = "p2c-ewma"
+)
+
+// LoadBalancers are the values of loadBalancer.policy.
+var LoadBalancers = []string{RoundRobin, LeastRequest, P2CEWMA}
 
 // Concurrency bounds requests in flight to the service. Past MaxInFlight a
 // request waits for a slot, first come first served, if fewer than
@@ -171,7 +196,8 @@ func Defaults() Policy {
 			EjectionTime:        ptr(Duration(30 * time.Second)),
 			MaxEjectionPercent:  ptr(50),
 		},
-		Concurrency: &Concurrency{MaxInFlight: ptr(1024), MaxQueued: ptr(1024), QueueTimeout: ptr(Duration(time.Second)), Adaptive: ptr(false)},
+		Concurrency:  &Concurrency{MaxInFlight: ptr(1024), MaxQueued: ptr(1024), QueueTimeout: ptr(Duration(time.Second)), Adaptive: ptr(false)},
+		LoadBalancer: &LoadBalancer{Policy: ptr(RoundRobin), SlowStart: ptr(Duration(0))},
 	}
 }
 
@@ -382,6 +408,12 @@ func (p Policy) Validate() error {
 		intIn("concurrency.maxInFlight", c.MaxInFlight, 1, 1000000)
 		intIn("concurrency.maxQueued", c.MaxQueued, 0, 100000)
 		durIn("concurrency.queueTimeout", c.QueueTimeout, time.Millisecond, time.Hour, false)
+	}
+	if lb := p.LoadBalancer; lb != nil {
+		if lb.Policy != nil && !slices.Contains(LoadBalancers, *lb.Policy) {
+			add("loadBalancer.policy", Quote(*lb.Policy), strings.Join(LoadBalancers, ", "))
+		}
+		durIn("loadBalancer.slowStart", lb.SlowStart, time.Second, time.Hour, true)
 	}
 	return errs.err()
 }
