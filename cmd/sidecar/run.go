@@ -240,6 +240,19 @@ var settings = []setting{
 			c.RequestMetrics = new(bool)
 			return setBool(v, c.RequestMetrics)
 		}},
+	{flag: "access-log", usage: "one JSON line per outbound request, true or false", key: "accessLog.enabled", def: "false",
+		set: func(c *config.Config, v string) error { return setBool(v, &c.AccessLog.Enabled) }},
+	{flag: "access-log-sample", usage: "share of requests the access log writes, more than 0 and at most 1", key: "accessLog.sample", def: "1",
+		set: func(c *config.Config, v string) error {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil || f <= 0 || f > 1 {
+				return fmt.Errorf("want a number more than 0 and at most 1, got %q", v)
+			}
+			c.AccessLog.Sample = f
+			return nil
+		}},
+	{flag: "access-log-failures-only", usage: "the access log writes failed requests only, true or false", key: "accessLog.failuresOnly", def: "false",
+		set: func(c *config.Config, v string) error { return setBool(v, &c.AccessLog.FailuresOnly) }},
 	{flag: "log-level", usage: "debug, info, warn or error", key: "log.level", def: "info",
 		set: func(c *config.Config, v string) error { c.Log.Level = v; return nil }},
 	{flag: "log-format", usage: "json or text", key: "log.format", def: "json",

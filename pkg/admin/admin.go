@@ -12,6 +12,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/loopback"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
 )
 
 // Sources supplies what the admin API shows. Each func is called per request
@@ -33,6 +34,9 @@ type Sources struct {
 	Drain, Quit func()
 	// Policies reports the policies in force; nil omits the endpoints.
 	Policies PolicyStatuses
+	// Requests keeps the failed requests and feeds the tap; nil omits
+	// GET /requests/failed and GET /tap.
+	Requests *requestlog.Recorder
 	// Profiling serves Go's runtime profiles (net/http/pprof) under
 	// /debug/pprof/, to loopback clients only, whatever address the admin
 	// listener is bound to. False omits the endpoints.
@@ -60,6 +64,11 @@ type PolicyStatuses interface {
 //	GET /policies   per service: the policy in force, its source and
 //	                version, and the last rejected update ([]policy.Status)
 //	GET /policies/{service}  one service's, called or not (policy.Status)
+//	GET /requests/failed[?service=S]  the most recent failed requests,
+//	                newest first, with their attempts ([]requestlog.Request)
+//	GET /tap[?service=S][&failures=true]  a live stream, one JSON line per
+//	                request (requestlog.Request), rate-capped, for a few
+//	                watchers at once (429 to more)
 //	POST /drain     start draining and keep running (for jobs that end on
 //	                their own terms)
 //	POST /quitquitquit  drain, then exit, as on SIGTERM
@@ -112,6 +121,19 @@ func Handler(s Sources) http.Handler {
 				return
 			}
 			writeJSON(w, st)
+		})
+	}
+	if s.Requests != nil {
+		mux.HandleFunc("GET /requests/failed", func(w http.ResponseWriter, r *http.Request) {
+			service, ok := serviceParam(w, r)
+			if ok {
+				writeJSON(w, s.Requests.Failed(service))
+			}
+		})
+		mux.HandleFunc("GET /tap", func(w http.ResponseWriter, r *http.Request) {
+			if service, ok := serviceParam(w, r); ok {
+				tap(w, r, s.Requests, requestlog.TapFilter{Service: service, FailuresOnly: r.URL.Query().Get("failures") == "true"})
+			}
 		})
 	}
 	for path, fn := range map[string]func(){"POST /drain": s.Drain, "POST /quitquitquit": s.Quit} {
@@ -173,6 +195,65 @@ func loopbackOnly(h http.Handler) http.Handler {
 		}
 		h.ServeHTTP(w, r)
 	})
+}
+
+// serviceParam is the request's ?service=, "" for none; an invalid one is
+// answered with 400.
+func serviceParam(w http.ResponseWriter, r *http.Request) (string, bool) {
+	service := r.URL.Query().Get("service")
+	if service != "" && !discovery.ValidServiceName(service) {
+		writeError(w, http.StatusBadRequest, "service "+policy.Quote(service)+" is not a service name")
+		return "", false
+	}
+	return service, true
+}
+
+// tap streams the requests f matches, one JSON line each, until the
+// client goes away or the recorder ends its taps (the admin server's
+// shutdown). The admin server's write timeout does not apply to it.
+func tap(w http.ResponseWriter, r *http.Request, rec *requestlog.Recorder, f requestlog.TapFilter) {
+	t, err := rec.Tap(f)
+	if err != nil {
+		writeError(w, http.StatusTooManyRequests, "a few taps at most watch at once: "+err.Error())
+		return
+	}
+	defer t.Stop()
+	rc := http.NewResponseController(w)
+	_ = rc.SetWriteDeadline(time.Time{})
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusOK)
+	_ = rc.Flush()
+	enc := json.NewEncoder(w)
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case req, ok := <-t.Lines():
+			if !ok {
+				return
+			}
+			if enc.Encode(req) != nil {
+				return
+			}
+			// Flush what came together at once.
+			for more := len(t.Lines()); more > 0; more-- {
+				if req, ok = <-t.Lines(); !ok || enc.Encode(req) != nil {
+					return
+				}
+			}
+			if rc.Flush() != nil {
+				return
+			}
+		}
+	}
+}
+
+func writeError(w http.ResponseWriter, status int, why string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]string{"error": why})
 }
 
 func forbidden(w http.ResponseWriter, why string) {

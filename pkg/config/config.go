@@ -54,6 +54,9 @@ type Config struct {
 	// RequestMetrics turns the per-request metrics (count and duration by
 	// service, direction, method and code class) on or off. Default on.
 	RequestMetrics *bool `yaml:"requestMetrics,omitempty" json:"requestMetrics,omitempty"`
+	// AccessLog writes one JSON line per outbound request; off by
+	// default.
+	AccessLog AccessLog `yaml:"accessLog,omitempty" json:"accessLog"`
 	// Lifecycle configures the drain on shutdown.
 	Lifecycle Lifecycle `yaml:"lifecycle,omitempty" json:"lifecycle"`
 	// Log configures logging.
@@ -338,6 +341,21 @@ type Log struct {
 	Format string `yaml:"format,omitempty" json:"format,omitempty"`
 }
 
+// AccessLog configures the access log: one line per outbound request
+// (service, method, path, status, reason, attempts, duration, upstream
+// endpoint, trace ID) through the sidecar's logger, at info level, written
+// off the request path (a line the writer cannot keep up with is dropped).
+type AccessLog struct {
+	// Enabled turns it on. False: no line per request.
+	Enabled bool `yaml:"enabled,omitempty" json:"enabled"`
+	// Sample is the share of requests logged, more than 0 and at most 1;
+	// 0 (unset): 1, every request.
+	Sample float64 `yaml:"sample,omitempty" json:"sample,omitempty"`
+	// FailuresOnly logs failed requests only (the sidecar's own errors,
+	// 5xx answers, gRPC server failures).
+	FailuresOnly bool `yaml:"failuresOnly,omitempty" json:"failuresOnly"`
+}
+
 // Default listener addresses (DESIGN.md, "Ports").
 const (
 	DefaultOutbound = "127.0.0.1:15001"
@@ -453,6 +471,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := c.InlinePolicies(); err != nil {
 		errs = append(errs, err)
+	}
+	if s := c.AccessLog.Sample; s < 0 || s > 1 {
+		add("accessLog.sample: %v is not allowed (allowed: more than 0, at most 1; 0 for 1)", s)
 	}
 	if err := CheckLogLevel(c.Log.Level); err != nil {
 		add("log.level: %v", err)

@@ -69,7 +69,7 @@ policyFile: policies.yaml
 func TestLoadErrorsNameFileLineAndKey(t *testing.T) {
 	dir := t.TempDir()
 	cases := []struct{ name, doc, want string }{
-		{"unknown top-level key", "service: a\nappport: 1\n", `bad.yaml:2: unknown key "appport" (allowed: advertiseAddr, allowHosts, appPort,`},
+		{"unknown top-level key", "service: a\nappport: 1\n", `bad.yaml:2: unknown key "appport" (allowed: accessLog, advertiseAddr, allowHosts, appPort,`},
 		{"unknown nested key", "listeners:\n  outbound: 127.0.0.1:1\n  outbund: x\n", `bad.yaml:3: unknown key "listeners.outbund" (allowed: admin, health, inbound, metrics, outbound)`},
 		{"unknown probe key", "probes:\n  readiness:\n    htp: /x\n", `bad.yaml:3: unknown key "probes.readiness.htp"`},
 		{"wrong type", "appPort: eighty\n", "bad.yaml:1: cannot unmarshal !!str `eighty` into int"},

@@ -19,6 +19,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
 	"github.com/sidecar-mesh/sidecar/pkg/tracing"
 	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
@@ -37,17 +38,20 @@ type call struct {
 	policy  *policy.Policy
 	state   *serviceState
 
-	// The attempt under way: what the balancer knows of its endpoint, and
-	// when it was picked (for the endpoint's latency).
-	picked   *endpointStats
-	pickedAt time.Time
-	// Its number (1 for the first try), why it is a retry ("" for the
-	// first), the backoff waited before it, and the endpoint of the
-	// attempt before it, which the picker avoids.
+	// The attempt under way: its number (1 for the first try), why it is
+	// a retry ("" for the first), the backoff waited before it, and the
+	// endpoint of the attempt before it, which the picker avoids.
 	attempt int
 	retryOf string
 	backoff time.Duration
 	avoid   string
+
+	// What the recorder may be told of the attempts (record.go): the
+	// first one's note in place, the retries' in a list made only when
+	// there are retries, and why no attempt followed the last.
+	first   attemptNote
+	retries []attemptNote
+	stop    string
 }
 
 var _ http.RoundTripper = (*call)(nil)
@@ -59,7 +63,7 @@ func (c *call) RoundTrip(req *http.Request) (*http.Response, error) { return c.c
 // top to bottom. One per Proxy; safe for concurrent use.
 //
 // Where new behaviour plugs in: hedging is a second attempt started from
-// attempts while the first is out; a new load-balancing policy is a case of balancer.pick
+// attempts while the first is out; a load-aware picker replaces roundRobin
 // behind chain.pick; mTLS origination is the sender's (the transport's
 // dial), which is told the endpoint of each attempt.
 type chain struct {
@@ -69,7 +73,8 @@ type chain struct {
 	log      *slog.Logger
 	tracer   trace.Tracer // nil: no spans
 	prop     propagation.TextMapPropagator
-	metrics  *metrics.Requests // nil: no request metrics
+	metrics  *metrics.Requests    // nil: no request metrics
+	recorder *requestlog.Recorder // nil: no failure recorder, tap or access log
 	// send sends one attempt to the endpoint in its URL host, connecting
 	// within connectTimeout: the pooled transport.
 	send func(req *http.Request, connectTimeout time.Duration) (*http.Response, error)
@@ -77,9 +82,8 @@ type chain struct {
 	// isOwn reports whether an endpoint is one of the sidecar's own
 	// listeners: such an endpoint is never called. nil: none is.
 	isOwn func(netip.AddrPort) bool
-	// pickers holds a *balancer per service, rebuilt whenever discovery
-	// publishes a new set (compared by pointer: sets are immutable) or
-	// the policy's loadBalancer changes.
+	// pickers holds a *roundRobin per service, rebuilt whenever discovery
+	// publishes a new set (compared by pointer: sets are immutable).
 	pickers sync.Map
 	// refusedLogged holds the endpoints already logged as refused.
 	refusedLogged sync.Map
@@ -109,6 +113,8 @@ func (ch *chain) open(service string, set *discovery.EndpointSet) *call {
 //	   -> the attempt's span -> send -> its outcome to outlier detection
 //	-> the local-reply mapper: a failure becomes the LocalError the app is
 //	   answered with, for the call's service
+//	-> the recorder, told of a failed call (and of every call while
+//	   someone taps or the access log writes them all)
 func (ch *chain) do(c *call, req *http.Request) (*http.Response, error) {
 	start := time.Now()
 	series := ch.metrics.For(metrics.Outbound, c.service, req.Method)
@@ -119,16 +125,34 @@ func (ch *chain) do(c *call, req *http.Request) (*http.Response, error) {
 		// answered for (downstream.Cause).
 		e := forward.LocalReply(c.service, downstream.Cause(req, err))
 		endRequest(span, series, start, e.Status, e.Reason, e.Error())
+		if ch.recorder != nil {
+			ch.record(c, req, span, start, nil, e)
+		}
 		return nil, e
 	}
-	if series == nil && span == nil {
+	// A gRPC answer's outcome is known when its trailers come: it is
+	// recorded when its body is closed.
+	recordAtEnd := false
+	if ch.recorder != nil {
+		grpc := isGRPCResponse(resp)
+		if grpc && resp.StatusCode == http.StatusOK && grpcStatus(resp) == "" {
+			recordAtEnd = true
+		} else if grpc || resp.StatusCode >= 500 || ch.recorder.Wants() {
+			ch.record(c, req, span, start, resp, nil)
+		}
+	}
+	if series == nil && span == nil && !recordAtEnd {
 		return resp, nil
 	}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		endRequest(span, series, start, resp.StatusCode, "", "")
 		return resp, nil
 	}
-	resp.Body = &telemetryBody{ReadCloser: resp.Body, span: span, series: series, start: start, resp: resp}
+	tb := &telemetryBody{ReadCloser: resp.Body, span: span, series: series, start: start, resp: resp}
+	if recordAtEnd {
+		tb.chain, tb.call, tb.req = ch, c, req
+	}
+	resp.Body = tb
 	return resp, nil
 }
 
@@ -233,6 +257,7 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 	// request that fails everywhere one failure.
 	done, berr := br.Allow()
 	if berr != nil {
+		c.stop = requestlog.StopBreakerOpen
 		upstream.CloseBody(cur)
 		ch.observer.Shed(c.service, forward.ReasonCircuitOpen)
 		return nil, nil, forward.Refuse(forward.ReasonCircuitOpen, c.service, "circuit breaker "+br.State().String())
@@ -269,9 +294,29 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 			resp = settleGRPC(r, req, resp)
 		}
 
-		reason := ""
-		if attempt < *r.Attempts && ctx.Err() == nil && br.State() != gobreaker.StateOpen {
-			reason = retryReason(r, req, resp, err)
+		// reason is why the outcome is tried again; cause why it is not,
+		// should it be a failure (for the recorder).
+		reason, cause := "", ""
+		var bs gobreaker.State
+		judged := false
+		switch {
+		case attempt >= *r.Attempts:
+			cause = requestlog.StopAttemptsUsedUp
+		case ctx.Err() != nil:
+			cause = requestlog.StopDeadline
+		default:
+			bs, judged = br.State(), true
+			if bs == gobreaker.StateOpen {
+				cause = requestlog.StopBreakerOpen
+			} else if reason = retryReason(r, req, resp, err); reason == "" {
+				cause = requestlog.StopNotRetryable
+			}
+		}
+		if picked != "" {
+			n := c.note(attempt)
+			n.err, n.breaker, n.judged = err, bs, judged
+		} else {
+			cause = "" // no endpoint to try: the local error says why
 		}
 		var (
 			delay time.Duration
@@ -280,15 +325,18 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 		)
 		if reason != "" {
 			delay = backoffDelay(r.Backoff, attempt, resp)
+			cause = requestlog.StopDeadline
 			if deadlineAllows(ctx, delay) {
 				next, ok = upstream.Rewound(req) // only bodies held in memory replay
+				cause = requestlog.StopBodyNotReplayable
 			}
 		}
 		if ok && !st.budget.allowRetry(time.Now(), *r.Budget.Ratio, *r.Budget.MinPerSecond) {
 			ch.observer.RetryBudgetExhausted(c.service)
-			ok = false
+			ok, cause = false, requestlog.StopBudgetExhausted
 		}
 		if !ok {
+			c.stop = cause
 			if next != nil && next != req {
 				upstream.CloseBody(next)
 			}
@@ -312,6 +360,7 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 		endPerTry(perTry)
 		ch.observer.Retried(c.service, reason)
 		if !sleep(ctx, delay) {
+			c.stop = requestlog.StopDeadline
 			upstream.CloseBody(next)
 			err := ctx.Err()
 			done(breakerOutcome(nil, err))
@@ -345,6 +394,9 @@ func (ch *chain) attempt(c *call, req *http.Request) (*http.Response, string, er
 	out := forward.CopyRequest(req)
 	out.URL.Host = ep.Addr
 	resp, err := ch.send(out, c.policy.ConnectTimeout.D())
+	n := c.note(c.attempt)
+	n.endpoint, n.took, n.resp = ep.Addr, time.Since(start), resp
+	n.retryOf, n.backoff = c.retryOf, c.backoff
 	ch.sampleLatency(c, req, start, resp, err)
 	end := attemptEnd{chain: ch, span: span, call: c, endpoint: ep.Addr}
 	if err == nil && grpcOutcomePending(resp) {
@@ -365,16 +417,12 @@ func (ch *chain) pick(c *call, now time.Time) (discovery.Endpoint, *forward.Loca
 		return discovery.Endpoint{}, forward.Refuse(forward.ReasonNoHealthyEndpoints, c.service,
 			"the service is known but has no healthy endpoint")
 	}
-	b := ch.balancer(c)
-	if len(b.eps) == 0 {
+	rr := ch.picker(c.set)
+	if len(rr.eps) == 0 {
 		return discovery.Endpoint{}, forward.Refuse(forward.ReasonLoop, c.service,
 			"every endpoint discovery has for the service is one of the sidecar's own listeners")
 	}
-	i := b.pick(&c.state.outliers, c.avoid, now)
-	if b.learns() {
-		c.picked, c.pickedAt = b.stats[i], now
-	}
-	return b.eps[i], nil
+	return pickHealthy(rr, &c.state.outliers, c.avoid, now), nil
 }
 
 // attemptEnd is what judging an attempt needs: its span, its call and the
@@ -393,12 +441,6 @@ func (a attemptEnd) record(resp *http.Response, err error) {
 		endAttempt(a.span, resp, err)
 	}
 	c := a.call
-	if s := c.picked; s != nil {
-		now := time.Now()
-		s.inFlight.Add(-1)
-		s.observe(now.Sub(c.pickedAt), now)
-		c.picked = nil
-	}
 	if failed := attemptFailed(resp, err); failed || err == nil {
 		od := c.policy.OutlierDetection
 		if c.state.outliers.record(a.endpoint, failed, c.set, od, time.Now()) {

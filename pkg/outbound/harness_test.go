@@ -23,6 +23,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
 	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
@@ -49,9 +50,10 @@ func (u *server) addr() string { return strings.TrimPrefix(u.URL, "http://") }
 
 // sidecar is the outbound proxy on a real loopback listener.
 type sidecar struct {
-	addr  string
-	dials atomic.Int64
-	proxy *outbound.Proxy
+	addr     string
+	dials    atomic.Int64
+	proxy    *outbound.Proxy
+	recorder *requestlog.Recorder // as the sidecar runs it: on, no access log
 }
 
 type options struct {
@@ -71,6 +73,9 @@ type options struct {
 	telemetry *telemetry
 	// observer is the proxy's Observer; nil: none.
 	observer outbound.Observer
+	// recorder is the proxy's Recorder; nil: a new one with the
+	// defaults.
+	recorder *requestlog.Recorder
 }
 
 type telemetry struct {
@@ -85,7 +90,10 @@ func startSidecar(t testing.TB, o options) *sidecar {
 	if err != nil {
 		t.Fatalf("NewStatic: %v", err)
 	}
-	sc := &sidecar{}
+	sc := &sidecar{recorder: o.recorder}
+	if sc.recorder == nil {
+		sc.recorder = requestlog.New(requestlog.Config{})
+	}
 	dial := o.transport.DialContext
 	if dial == nil {
 		var d net.Dialer
@@ -107,6 +115,7 @@ func startSidecar(t testing.TB, o options) *sidecar {
 		Limits:     o.limits,
 		IsOwn:      o.isOwn,
 		Observer:   o.observer,
+		Recorder:   sc.recorder,
 	}
 	if o.telemetry != nil {
 		cfg.Tracer, cfg.Propagator, cfg.Metrics = o.telemetry.tracer, o.telemetry.prop, o.telemetry.metrics
@@ -140,6 +149,7 @@ func startSidecar(t testing.TB, o options) *sidecar {
 			t.Errorf("Serve: %v", err)
 		}
 		sc.proxy.Close()
+		sc.recorder.Close()
 	})
 	return sc
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
 )
 
 // BenchmarkHotPath is the per-request bookkeeping of the resilience chain
@@ -20,7 +21,7 @@ func BenchmarkHotPath(b *testing.B) {
 	set := &discovery.EndpointSet{Service: "svc", Endpoints: []discovery.Endpoint{{Addr: "10.0.0.1:80"}, {Addr: "10.0.0.2:80"}, {Addr: "10.0.0.3:80"}}}
 	r := &stateRegistry{observer: NopObserver{}}
 	st := r.get("svc", &p)
-	bal := newBalancer(set, set.Endpoints, p.LoadBalancer, &st.endpoints, time.Now())
+	rr := newRoundRobin(set, set.Endpoints)
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
@@ -30,8 +31,8 @@ func BenchmarkHotPath(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			i := bal.pick(&st.outliers, "", now)
-			st.outliers.record(bal.eps[i].Addr, false, set, p.OutlierDetection, now)
+			ep := pickHealthy(rr, &st.outliers, "", now)
+			st.outliers.record(ep.Addr, false, set, p.OutlierDetection, now)
 			done(nil)
 		}
 	})
@@ -39,12 +40,15 @@ func BenchmarkHotPath(b *testing.B) {
 
 // BenchmarkChain is one request through the resilience and pick layers to
 // a transport that answers at once: what the chain costs a request, its
-// allocations included.
+// allocations included, with the failure recorder on as the sidecar runs
+// it (nobody tapping).
 func BenchmarkChain(b *testing.B) {
 	static, _ := discovery.NewStatic(map[string][]string{"svc": {"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"}})
 	resp := &http.Response{StatusCode: 200, Header: http.Header{}}
 	states := &stateRegistry{observer: NopObserver{}}
-	ch := &chain{policies: NewStaticPolicies(nil), states: states, observer: NopObserver{}, maxInFlight: DefaultMaxInFlight,
+	rec := requestlog.New(requestlog.Config{})
+	b.Cleanup(rec.Close)
+	ch := &chain{policies: NewStaticPolicies(nil), states: states, observer: NopObserver{}, maxInFlight: DefaultMaxInFlight, recorder: rec,
 		send: func(*http.Request, time.Duration) (*http.Response, error) {
 			r := *resp
 			r.Body = io.NopCloser(strings.NewReader(""))
@@ -55,7 +59,7 @@ func BenchmarkChain(b *testing.B) {
 		if err != nil {
 			return nil, err
 		}
-		return ch.limit(ch.open("svc", set), req)
+		return ch.do(ch.open("svc", set), req)
 	})
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {

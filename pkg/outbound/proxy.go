@@ -21,7 +21,7 @@
 // Nothing of a call travels in the request's URL or context: the chain
 // takes the call explicitly. New behaviour plugs in at one point each:
 // hedging in chain.attempts (a second attempt while the first is out),
-// a balancing policy in balancer.pick (behind chain.pick), and mTLS
+// a load-aware picker behind chain.pick (roundRobin today), and mTLS
 // origination in the sender (chain.send, the transport), which gets each
 // attempt's endpoint.
 package outbound
@@ -49,6 +49,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
+	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
 	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
@@ -78,6 +79,10 @@ type Config struct {
 	Propagator propagation.TextMapPropagator
 	// Metrics records requests (count, duration); nil: none.
 	Metrics *metrics.Requests
+	// Recorder is told of every failed call to a service, with its
+	// attempts, and of every call while it Wants them (a tap, the access
+	// log); nil: none.
+	Recorder *requestlog.Recorder
 	// Transport configures the upstream connections.
 	Transport upstream.TransportConfig
 	// Limits bound the listener (header size, read timeouts).
@@ -175,6 +180,7 @@ func New(cfg Config) (*Proxy, error) {
 		tracer:      cfg.Tracer,
 		prop:        cfg.Propagator,
 		metrics:     cfg.Metrics,
+		recorder:    cfg.Recorder,
 		send:        p.transport.Send,
 		isOwn:       cfg.IsOwn,
 		maxInFlight: int64(maxInFlight),

@@ -74,7 +74,8 @@ func endRequest(span trace.Span, series *metrics.Series, start time.Time, status
 }
 
 // telemetryBody ends the request's span and records its metrics when the
-// response body is closed.
+// response body is closed; with a chain, it also hands the call to the
+// recorder then (a gRPC answer, whose outcome is in its trailers).
 type telemetryBody struct {
 	io.ReadCloser
 	once   sync.Once
@@ -82,6 +83,9 @@ type telemetryBody struct {
 	series *metrics.Series
 	start  time.Time
 	resp   *http.Response
+	chain  *chain // nil: nothing to record
+	call   *call
+	req    *http.Request
 }
 
 func (b *telemetryBody) Close() error {
@@ -97,6 +101,9 @@ func (b *telemetryBody) Close() error {
 			}
 		}
 		endRequest(b.span, b.series, b.start, b.resp.StatusCode, "", "")
+		if b.chain != nil {
+			b.chain.record(b.call, b.req, b.span, b.start, b.resp, nil)
+		}
 	})
 	return err
 }

@@ -152,6 +152,7 @@ func (s *Sidecar) shutdown(ctx context.Context) error {
 		p.Stop()
 	}
 	s.proxy.Close()
+	s.recorder.Close() // after the proxy: the access log has every request's line
 	if s.app != nil {
 		s.app.Close()
 	}

@@ -52,6 +52,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
+	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
 	"github.com/sidecar-mesh/sidecar/pkg/tracing"
 	"github.com/sidecar-mesh/sidecar/pkg/transparent"
 	"github.com/sidecar-mesh/sidecar/pkg/upstream"
@@ -90,6 +91,7 @@ type Sidecar struct {
 	startedOnce sync.Once
 	tracing     *tracing.Provider
 	requests    *metrics.Requests // nil with requestMetrics off
+	recorder    *requestlog.Recorder
 	resilience  *resilienceMetrics
 	registry    *prometheus.Registry
 	static      *discovery.Static
@@ -202,9 +204,14 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 		return nil, err
 	}
 	s.registerMetrics()
+	var accessLog *slog.Logger
+	if cfg.AccessLog.Enabled {
+		accessLog = log.With("component", "access")
+	}
+	s.recorder = requestlog.New(requestlog.Config{AccessLog: accessLog, Sample: cfg.AccessLog.Sample, FailuresOnly: cfg.AccessLog.FailuresOnly})
 	s.proxy, err = outbound.New(outbound.Config{Resolver: s.resolver, Policies: s.policies.store,
 		AllowHosts: cfg.AllowHosts, MaxInFlight: cfg.Limits.OutboundMaxInFlight, Observer: s.resilience,
-		Tracer: s.tracer(), Propagator: s.tracing.Propagator(), Metrics: s.requests, Logger: log,
+		Tracer: s.tracer(), Propagator: s.tracing.Propagator(), Metrics: s.requests, Logger: log, Recorder: s.recorder,
 		Transport: upstream.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes},
 		IsOwn:     s.isOwnEndpoint})
 	if err != nil {
@@ -239,8 +246,10 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 		Drain:      s.drainSoon,
 		Quit:       s.quitNow,
 		Policies:   s.policies.store,
+		Requests:   s.recorder,
 		Profiling:  true, // loopback clients only
 	}))
+	s.admin.RegisterOnShutdown(s.recorder.CloseTaps) // the taps' streams end
 	return s, nil
 }
 
@@ -260,6 +269,7 @@ func (s *Sidecar) release() {
 	if s.proxy != nil {
 		s.proxy.Close()
 	}
+	s.recorder.Close()
 	if s.consul != nil {
 		s.consul.Close()
 	}
