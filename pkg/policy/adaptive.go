@@ -2,6 +2,7 @@ package policy
 
 import (
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -101,4 +102,24 @@ func adaptiveWords(service string, c *Concurrency) string {
 		service, c.Floor(), *c.MaxInFlight, c.Floor(), AdaptiveProbeSamples, min(AdaptiveInitial, *c.MaxInFlight),
 		FormatDuration(AdaptiveWindow), AdaptiveWindowSamples, int(AdaptiveBuffer*100), int(AdaptiveBuffer*100),
 		FormatDuration(AdaptiveProbeInterval), FormatDuration(AdaptivePinned), int(AdaptiveRetryAfter/time.Second))
+}
+
+// adaptiveWarning warns that a line set by a document (not a default) does
+// nothing under an adaptive limit; nil when there is nothing to say.
+func adaptiveWarning(c *Concurrency, fields []Field) *Warning {
+	if !c.IsAdaptive() {
+		return nil
+	}
+	var set []string
+	for _, f := range fields {
+		if (f.Path == "concurrency.maxQueued" || f.Path == "concurrency.queueTimeout") && f.Origin != FromDefault {
+			set = append(set, f.Path)
+		}
+	}
+	if len(set) == 0 {
+		return nil
+	}
+	return &Warning{Code: "adaptive-limit-has-no-line", Fields: set, Message: fmt.Sprintf(
+		"concurrency.adaptive is on: a request over the limit is refused at once (503 overloaded, Retry-After: %d), "+
+			"so %s has no effect.", int(AdaptiveRetryAfter/time.Second), strings.Join(set, " and "))}
 }

@@ -57,6 +57,14 @@ func TestExplainAdaptive(t *testing.T) {
 	if f := fieldOf(e, "concurrency.adaptive"); f.Value != "true" || f.Origin != "users" {
 		t.Errorf("field concurrency.adaptive: %+v, want true from users", f)
 	}
+	if w := warningOf(e, "adaptive-limit-has-no-line"); w != nil {
+		t.Errorf("warning %+v with the default line, want none", *w)
+	}
+	e = Explain("users", map[string]Policy{"*": {Service: "*", Concurrency: &Concurrency{MaxQueued: new(10)}},
+		"users": {Service: "users", Concurrency: &Concurrency{Adaptive: new(true)}}})
+	if w := warningOf(e, "adaptive-limit-has-no-line"); w == nil || !strings.Contains(w.Message, "so concurrency.maxQueued has no effect") {
+		t.Errorf("warnings %+v, want adaptive-limit-has-no-line for concurrency.maxQueued", e.Warnings)
+	}
 	e = Explain("users", nil)
 	if f := fieldOf(e, "concurrency.adaptive"); f.Value != "false" || f.Origin != FromDefault {
 		t.Errorf("field concurrency.adaptive: %+v, want false from the defaults", f)
@@ -70,4 +78,13 @@ func fieldOf(e Explanation, path string) Field {
 		}
 	}
 	return Field{}
+}
+
+func warningOf(e Explanation, code string) *Warning {
+	for i := range e.Warnings {
+		if e.Warnings[i].Code == code {
+			return &e.Warnings[i]
+		}
+	}
+	return nil
 }

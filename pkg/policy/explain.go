@@ -659,6 +659,9 @@ func (e *Explanation) warnings(backoffs time.Duration) []Warning {
 			inFlight, FormatDuration(slow), int(math.Floor(perWindow)), FormatDuration(window), e.target(), minReq,
 			plural(cb.RunToTrip(), "failure"))
 	}
+	if w := adaptiveWarning(p.Concurrency, e.Fields); w != nil {
+		out = append(out, *w)
+	}
 	switch pct := *od.MaxEjectionPercent; {
 	case pct == 100:
 		add("all-endpoints-ejectable", []string{"outlierDetection.maxEjectionPercent"},
