@@ -38,9 +38,13 @@ type call struct {
 	policy  *policy.Policy
 	state   *serviceState
 
-	// The attempt under way: its number (1 for the first try), why it is
-	// a retry ("" for the first), the backoff waited before it, and the
-	// endpoint of the attempt before it, which the picker avoids.
+	// The attempt under way: what the balancer knows of its endpoint, and
+	// when it was picked (for the endpoint's latency).
+	picked   *endpointStats
+	pickedAt time.Time
+	// Its number (1 for the first try), why it is a retry ("" for the
+	// first), the backoff waited before it, and the endpoint of the
+	// attempt before it, which the picker avoids.
 	attempt int
 	retryOf string
 	backoff time.Duration
@@ -63,7 +67,7 @@ func (c *call) RoundTrip(req *http.Request) (*http.Response, error) { return c.c
 // top to bottom. One per Proxy; safe for concurrent use.
 //
 // Where new behaviour plugs in: hedging is a second attempt started from
-// attempts while the first is out; a load-aware picker replaces roundRobin
+// attempts while the first is out; a new load-balancing policy is a case of balancer.pick
 // behind chain.pick; mTLS origination is the sender's (the transport's
 // dial), which is told the endpoint of each attempt.
 type chain struct {
@@ -82,8 +86,9 @@ type chain struct {
 	// isOwn reports whether an endpoint is one of the sidecar's own
 	// listeners: such an endpoint is never called. nil: none is.
 	isOwn func(netip.AddrPort) bool
-	// pickers holds a *roundRobin per service, rebuilt whenever discovery
-	// publishes a new set (compared by pointer: sets are immutable).
+	// pickers holds a *balancer per service, rebuilt whenever discovery
+	// publishes a new set (compared by pointer: sets are immutable) or
+	// the policy's loadBalancer changes.
 	pickers sync.Map
 	// refusedLogged holds the endpoints already logged as refused.
 	refusedLogged sync.Map
@@ -394,10 +399,10 @@ func (ch *chain) attempt(c *call, req *http.Request) (*http.Response, string, er
 	out := forward.CopyRequest(req)
 	out.URL.Host = ep.Addr
 	resp, err := ch.send(out, c.policy.ConnectTimeout.D())
+	ch.sampleLatency(c, req, start, resp, err)
 	n := c.note(c.attempt)
 	n.endpoint, n.took, n.resp = ep.Addr, time.Since(start), resp
 	n.retryOf, n.backoff = c.retryOf, c.backoff
-	ch.sampleLatency(c, req, start, resp, err)
 	end := attemptEnd{chain: ch, span: span, call: c, endpoint: ep.Addr}
 	if err == nil && grpcOutcomePending(resp) {
 		later := end
@@ -417,12 +422,16 @@ func (ch *chain) pick(c *call, now time.Time) (discovery.Endpoint, *forward.Loca
 		return discovery.Endpoint{}, forward.Refuse(forward.ReasonNoHealthyEndpoints, c.service,
 			"the service is known but has no healthy endpoint")
 	}
-	rr := ch.picker(c.set)
-	if len(rr.eps) == 0 {
+	b := ch.balancer(c)
+	if len(b.eps) == 0 {
 		return discovery.Endpoint{}, forward.Refuse(forward.ReasonLoop, c.service,
 			"every endpoint discovery has for the service is one of the sidecar's own listeners")
 	}
-	return pickHealthy(rr, &c.state.outliers, c.avoid, now), nil
+	i := b.pick(&c.state.outliers, c.avoid, now)
+	if b.learns() {
+		c.picked, c.pickedAt = b.stats[i], now
+	}
+	return b.eps[i], nil
 }
 
 // attemptEnd is what judging an attempt needs: its span, its call and the
@@ -441,6 +450,12 @@ func (a attemptEnd) record(resp *http.Response, err error) {
 		endAttempt(a.span, resp, err)
 	}
 	c := a.call
+	if s := c.picked; s != nil {
+		now := time.Now()
+		s.inFlight.Add(-1)
+		s.observe(now.Sub(c.pickedAt), now)
+		c.picked = nil
+	}
 	if failed := attemptFailed(resp, err); failed || err == nil {
 		od := c.policy.OutlierDetection
 		if c.state.outliers.record(a.endpoint, failed, c.set, od, time.Now()) {

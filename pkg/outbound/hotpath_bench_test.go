@@ -21,7 +21,7 @@ func BenchmarkHotPath(b *testing.B) {
 	set := &discovery.EndpointSet{Service: "svc", Endpoints: []discovery.Endpoint{{Addr: "10.0.0.1:80"}, {Addr: "10.0.0.2:80"}, {Addr: "10.0.0.3:80"}}}
 	r := &stateRegistry{observer: NopObserver{}}
 	st := r.get("svc", &p)
-	rr := newRoundRobin(set, set.Endpoints)
+	bal := newBalancer(set, set.Endpoints, p.LoadBalancer, &st.endpoints, time.Now())
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
@@ -31,8 +31,8 @@ func BenchmarkHotPath(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			ep := pickHealthy(rr, &st.outliers, "", now)
-			st.outliers.record(ep.Addr, false, set, p.OutlierDetection, now)
+			i := bal.pick(&st.outliers, "", now)
+			st.outliers.record(bal.eps[i].Addr, false, set, p.OutlierDetection, now)
 			done(nil)
 		}
 	})

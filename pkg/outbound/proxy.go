@@ -21,7 +21,7 @@
 // Nothing of a call travels in the request's URL or context: the chain
 // takes the call explicitly. New behaviour plugs in at one point each:
 // hedging in chain.attempts (a second attempt while the first is out),
-// a load-aware picker behind chain.pick (roundRobin today), and mTLS
+// a balancing policy in balancer.pick (behind chain.pick), and mTLS
 // origination in the sender (chain.send, the transport), which gets each
 // attempt's endpoint.
 package outbound
