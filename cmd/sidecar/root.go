@@ -27,6 +27,7 @@ resilience policy, and forwards the call.`,
 		newDemoCommand(stdout, stderr, getenv),
 		newVersionCommand(stdout),
 		newPolicyCommand(stdin, stdout, stderr, getenv), newStatusCommand(stdout, getenv),
+		newWhyCommand(stdout, getenv), newTapCommand(stdout, getenv),
 	)
 	root.AddCommand(injectorCommands(stdin, stdout, stderr, getenv)...)
 	root.AddCommand(newHookCommand(stderr))
