@@ -396,6 +396,9 @@ set_test() {
 	want_cmd javac 'default-jdk-headless|openjdk-17-jdk-headless'
 	want_py_module requests python3-requests
 	want_py_module grpc python3-grpcio
+	# A real browser for the admin status page: headless Chromium loads
+	# it from a running sidecar (TestStatusPageInBrowser).
+	want_cmd chromium chromium
 	install_grpcurl
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/loopback"
+	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
 )
@@ -27,7 +28,7 @@ type Sources struct {
 	Version any
 	// Resilience returns the per-service breaker, budget and ejection
 	// state; nil omits the endpoint.
-	Resilience func() any
+	Resilience func() []outbound.ServiceStatus
 	// Drain starts draining (not ready, deregistered, keep-alive connections
 	// closed) and Quit starts the shutdown SIGTERM starts; both return at
 	// once. Nil omits the endpoint.
@@ -56,6 +57,10 @@ type PolicyStatuses interface {
 
 // Handler returns the admin API:
 //
+//	GET /           the status page (HTML, reloads itself, nothing
+//	                fetched from elsewhere): services and their endpoints,
+//	                ejected ones marked, breakers, retry budget use, in
+//	                flight and queued, policies, recent failures
 //	GET /config     the effective configuration
 //	GET /endpoints  every known service with its endpoints, source and age
 //	GET /version    the build
@@ -83,6 +88,7 @@ type PolicyStatuses interface {
 // profiles answer loopback peers only (403 to others).
 func Handler(s Sources) http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", statusPageHandler(s))
 	mux.HandleFunc("GET /config", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, s.Config())
 	})

@@ -242,7 +242,7 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 		Config:     func() any { return cfg },
 		Resolver:   s.resolver,
 		Version:    s.version,
-		Resilience: func() any { return s.proxy.Status() },
+		Resilience: s.proxy.Status,
 		Drain:      s.drainSoon,
 		Quit:       s.quitNow,
 		Policies:   s.policies.store,
