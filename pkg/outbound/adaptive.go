@@ -120,11 +120,11 @@ func (a *adaptive) observe(started, now time.Time, rtt time.Duration, inFlight, 
 
 // gradientStep is the limit the gradient moves limit to, before smoothing
 // and bounds: limit × gradient plus its square root, the gradient being
-// minRTT with its buffer over sampleRTT, within [0.5, 2].
+// the target latency over sampleRTT, within [0.5, 2].
 func gradientStep(limit float64, minRTT, sampleRTT time.Duration) float64 {
 	g := 2.0
 	if sampleRTT > 0 {
-		g = min(max(float64(minRTT)*(1+policy.AdaptiveBuffer)/float64(sampleRTT), 0.5), 2)
+		g = min(max(float64(policy.AdaptiveTarget(minRTT))/float64(sampleRTT), 0.5), 2)
 	}
 	next := limit * g
 	return next + math.Sqrt(next)

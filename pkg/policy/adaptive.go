@@ -12,7 +12,7 @@ import (
 // queued (its minimum round-trip time, minRTT, plus a buffer) to the
 // latency it has now (sampleRTT):
 //
-//	gradient = clamp((minRTT × (1 + AdaptiveBuffer)) / sampleRTT, 0.5, 2)
+//	gradient = clamp(AdaptiveTarget(minRTT) / sampleRTT, 0.5, 2)
 //	limit'   = limit × gradient + √(limit × gradient)
 //
 // within [AdaptiveFloor, concurrency.maxInFlight]. sampleRTT is the median
@@ -55,8 +55,13 @@ const (
 	AdaptiveWindow        = 100 * time.Millisecond
 	AdaptiveWindowSamples = 5
 	// AdaptiveBuffer is the share of minRTT that latency may rise by
-	// before the limit falls (Envoy's buffer, 25%).
+	// before the limit falls (Envoy's buffer, 25%), and AdaptiveSlack the
+	// least it may rise by: a service that answers in a fraction of a
+	// millisecond sees its latency jump by more whenever the sidecar's
+	// process waits for a CPU, which fewer requests in flight would not
+	// help.
 	AdaptiveBuffer = 0.25
+	AdaptiveSlack  = time.Millisecond
 	// AdaptiveSmoothing is the share of a computed rise the limit takes.
 	AdaptiveSmoothing = 0.5
 	// AdaptiveConfirm is how close to minRTT (above it) a window's median
@@ -79,6 +84,13 @@ const (
 	AdaptiveRetryAfter = time.Second
 )
 
+// AdaptiveTarget is the latency an adaptive limit holds a service to, the
+// latency with nothing queued being minRTT: minRTT plus AdaptiveBuffer of
+// it, and at least AdaptiveSlack more.
+func AdaptiveTarget(minRTT time.Duration) time.Duration {
+	return minRTT + max(time.Duration(float64(minRTT)*AdaptiveBuffer), AdaptiveSlack)
+}
+
 // IsAdaptive reports whether the limit is adaptive.
 func (c *Concurrency) IsAdaptive() bool { return c != nil && c.Adaptive != nil && *c.Adaptive }
 
@@ -92,15 +104,15 @@ func adaptiveWords(service string, c *Concurrency) string {
 	return fmt.Sprintf("The limit on requests to %s in flight from this sidecar (each pod's sidecar counts its own) is adaptive: "+
 		"it follows the service's latency, between %d and %d (concurrency.maxInFlight). "+
 		"It starts at %d while it measures the latency with nothing queued (minRTT, the median of %d answers), then at %d; "+
-		"every %s (and %d answers) it moves by minRTT+%d%% over the median latency of the window, "+
-		"at most halved or doubled, plus a queue of its square root: it falls as soon as latency rises past minRTT+%d%%, "+
+		"every %s (and %d answers) it moves by minRTT+%d%% (+%s at least) over the median latency of the window, "+
+		"at most halved or doubled, plus a queue of its square root: it falls as soon as latency rises past that, "+
 		"and rises, smoothed, while latency stays under it and more than half of it is in use. "+
 		"minRTT is measured again, at the floor, when no window confirmed it for %s, and taken from the windows "+
 		"when the limit stayed at the floor for %s. "+
 		"A request over the limit is answered 503 overloaded at once, with Retry-After: %d; "+
 		"concurrency.maxQueued and queueTimeout do not apply. The sidecar-wide limits.outboundMaxInFlight applies too.",
 		service, c.Floor(), *c.MaxInFlight, c.Floor(), AdaptiveProbeSamples, min(AdaptiveInitial, *c.MaxInFlight),
-		FormatDuration(AdaptiveWindow), AdaptiveWindowSamples, int(AdaptiveBuffer*100), int(AdaptiveBuffer*100),
+		FormatDuration(AdaptiveWindow), AdaptiveWindowSamples, int(AdaptiveBuffer*100), FormatDuration(AdaptiveSlack),
 		FormatDuration(AdaptiveProbeInterval), FormatDuration(AdaptivePinned), int(AdaptiveRetryAfter/time.Second))
 }
 

@@ -3,6 +3,7 @@ package policy
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 // concurrency.adaptive is off by default, set like any field, merged over
@@ -48,10 +49,15 @@ func TestConcurrencyAdaptive(t *testing.T) {
 func TestExplainAdaptive(t *testing.T) {
 	e := Explain("users", map[string]Policy{"users": {Service: "users", Concurrency: &Concurrency{MaxInFlight: new(200), Adaptive: new(true)}}})
 	w := strings.Join(e.Concurrency, " ")
-	for _, want := range []string{"is adaptive", "between 3 and 200", "minRTT+25%", "every 100ms", "503 overloaded at once, with Retry-After: 1",
+	for _, want := range []string{"is adaptive", "between 3 and 200", "minRTT+25% (+1ms at least)", "every 100ms", "503 overloaded at once, with Retry-After: 1",
 		"measured again, at the floor, when no window confirmed it for 30s", "stayed at the floor for 1s"} {
 		if !strings.Contains(w, want) {
 			t.Errorf("explanation lacks %q:\n%s", want, w)
+		}
+	}
+	for minRTT, want := range map[time.Duration]time.Duration{100 * time.Microsecond: 1100 * time.Microsecond, 20 * time.Millisecond: 25 * time.Millisecond} {
+		if got := AdaptiveTarget(minRTT); got != want {
+			t.Errorf("AdaptiveTarget(%v) = %v, want %v", minRTT, got, want)
 		}
 	}
 	if f := fieldOf(e, "concurrency.adaptive"); f.Value != "true" || f.Origin != "users" {
