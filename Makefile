@@ -40,7 +40,7 @@ leak-check:
 unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
 
-## run / demo: sidecar demo, the sidecar with two example upstreams of user-service
+## run / demo: sidecar demo, the sidecar with three example upstreams of user-service (the third fails half its calls)
 run demo:
 	$(GO) run ./cmd/sidecar demo
 

@@ -238,9 +238,13 @@ func checkSidecarCommand(args []string) error {
 }
 
 // The README's quick start works as written: `sidecar demo` (what `make
-// run` runs) and then each of its curl commands, run by curl, print what
-// the README says they do. The README's 15001 and 15000 are the test
-// sidecar's ports.
+// run` runs) and then each of its commands print what the README says they
+// do: the curl commands run by curl, the sidecar commands by the CLI (in
+// process, told the test sidecar's admin address as $SIDECAR_ADMIN_ADDR).
+// The README's 15001 and 15000 are the test sidecar's ports. The demo's
+// third instance fails half its calls: the POSTs that meet it fail and
+// `sidecar why` explains them; `sidecar tap` prints the requests the test
+// sends while it watches.
 func TestReadmeQuickStart(t *testing.T) {
 	curl := toolbin.Path(t, "curl")
 	out, adm, metrics := freePort(t), freePort(t), freePort(t)
@@ -250,16 +254,28 @@ func TestReadmeQuickStart(t *testing.T) {
 
 	b := taggedBlock(t, filepath.Join(repoRoot, "README.md"), "quickstart")
 	want := []*regexp.Regexp{
-		regexp.MustCompile(`"instance":"user-service-[12]".*"path":"/users/1"`),
-		regexp.MustCompile(`"instance":"user-service-[12]".*"path":"/users/1"`),
-		regexp.MustCompile(`(?s)user-service-[12]: event 1\n.*event 5\n`),
+		regexp.MustCompile(`"instance":"user-service-[123]".*"path":"/users/1"`),
+		regexp.MustCompile(`"instance":"user-service-[123]".*"path":"/users/1"`),
+		regexp.MustCompile(`(?s)user-service-[123]: event 1\n.*event 5\n`),
 		regexp.MustCompile(`(?si)^HTTP/1.1 503 .*x-sidecar-error: unknown_service`),
-		regexp.MustCompile(`(?s)"user-service".*127\.0\.0\.1:900[12]`),
+		regexp.MustCompile(`(?s)"user-service".*127\.0\.0\.1:900[123]`),
+		regexp.MustCompile(`^((200|503) ){30}$`),
+		regexp.MustCompile(`(?m)^\d\d:\d\d:\d\d\.\d{3} POST user-service/users -> 503 after 1 attempt in [\d.]+ ms\n` +
+			`  1\) 127\.0\.0\.1:9003 503 \([\d.]+ ms\)\n` +
+			`  stopped: POST is not retried \(retry\.methods; an Idempotency-Key header allows it\)\n`),
+		regexp.MustCompile(`^(\d\d:\d\d:\d\d\.\d{3} GET user-service/users/2 -> 200 in [\d.]+ ms \[.+\]\n){5}$`),
 	}
 	if len(b.lines) != len(want) {
 		t.Fatalf("README's quick start has %d commands, this test knows %d", len(b.lines), len(want))
 	}
 	for i, line := range b.lines {
+		if strings.HasPrefix(line, "sidecar ") {
+			got, err := quickStartCLI(t, line, out, adm)
+			if err != nil || !want[i].MatchString(got) {
+				t.Errorf("%s\n  error: %v\n  printed: %s\n  want match: %s", line, err, got, want[i])
+			}
+			continue
+		}
 		line = strings.ReplaceAll(line, "127.0.0.1:15001", out)
 		line = strings.ReplaceAll(line, "127.0.0.1:15000", adm)
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -269,6 +285,46 @@ func TestReadmeQuickStart(t *testing.T) {
 		cancel()
 		if err != nil || !want[i].Match(got) {
 			t.Errorf("%s\n  exit: %v\n  printed: %s\n  want match: %s", line, err, got, want[i])
+		}
+	}
+}
+
+// quickStartCLI runs a sidecar command of the quick start in process
+// against the sidecar at adm; for `sidecar tap` it sends GET
+// user-service/users/2 through out while the tap watches.
+func quickStartCLI(t *testing.T, line, out, adm string) (string, error) {
+	cmds, err := shellCommands([]string{line})
+	if err != nil || len(cmds) != 1 {
+		t.Fatalf("%s: not one command: %v", line, err)
+	}
+	env := map[string]string{"SIDECAR_ADMIN_ADDR": adm}
+	if cmds[0][1] != "tap" {
+		stdout, _, err := cliIn(t, env, "", cmds[0][1:]...)
+		return stdout, err
+	}
+	type result struct {
+		out string
+		err error
+	}
+	tapped := make(chan result, 1)
+	go func() {
+		stdout, _, err := cliIn(t, env, "", cmds[0][1:]...)
+		tapped <- result{stdout, err}
+	}()
+	c := &http.Client{Timeout: 10 * time.Second}
+	for sent := 0; ; sent++ {
+		select {
+		case r := <-tapped:
+			return r.out, r.err
+		case <-time.After(20 * time.Millisecond): // the pace of the requests, not a wait for an outcome
+			if sent > 500 {
+				t.Fatalf("%s printed no 5 requests of 500 sent", line)
+			}
+			req, _ := http.NewRequest(http.MethodGet, "http://"+out+"/users/2", nil)
+			req.Host = "user-service"
+			if resp, err := c.Do(req); err == nil {
+				resp.Body.Close()
+			}
 		}
 	}
 }

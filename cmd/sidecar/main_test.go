@@ -305,12 +305,12 @@ func TestDemo(t *testing.T) {
 	}
 	defer mresp.Body.Close()
 	mb, _ := io.ReadAll(mresp.Body)
-	for _, want := range []string{`sidecar_discovery_endpoints{service="user-service",source="static"} 2`, "process_resident_memory_bytes", "go_goroutines"} {
+	for _, want := range []string{`sidecar_discovery_endpoints{service="user-service",source="static"} 3`, "process_resident_memory_bytes", "go_goroutines"} {
 		if !strings.Contains(string(mb), want) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
-	if !strings.Contains(stdout.String(), "user-service has two instances, on 127.0.0.1:9001 and 127.0.0.1:9002.") ||
+	if !strings.Contains(stdout.String(), "user-service has three instances, on 127.0.0.1:9001, 127.0.0.1:9002, 127.0.0.1:9003;") ||
 		!strings.Contains(stdout.String(), "curl -x http://"+out) {
 		t.Fatalf("demo did not print its instances and the curl commands:\n%s", stdout.String())
 	}
