@@ -87,7 +87,8 @@ func (ch *chain) record(c *call, req *http.Request, span trace.Span, start time.
 	if !failed && !ch.recorder.Wants() {
 		return
 	}
-	out := &head
+	out := new(requestlog.Request) // head stays on the stack for the calls not kept
+	*out = head
 	out.Time, out.Path, out.DurationMs = start, cut(req.URL.Path, requestlog.MaxPath), ms(time.Since(start))
 	if span != nil {
 		if sc := span.SpanContext(); sc.IsSampled() {
