@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -246,5 +248,54 @@ func TestRecordedGRPCFailures(t *testing.T) {
 				t.Errorf("recorded attempts %q, stop %q; want %q, %q", a, r.Stop, tc.attempts, tc.stop)
 			}
 		})
+	}
+}
+
+// The failures kept stay bounded however many come: 2,000 failed requests
+// from 8 clients to 300 services through a real sidecar leave the
+// recorder's capacity kept (4 of each of 20 services, and 4 in the ring
+// the others share), never more of one service than its ring holds.
+// (requestlog's TestRingBounded records 200,000 at the recorder's own
+// speed.)
+func TestRecordedFailuresBounded(t *testing.T) {
+	static := map[string][]string{}
+	for i := range 300 {
+		static["svc-"+strconv.Itoa(i)] = []string{} // known, no endpoint: each request fails at once
+	}
+	rec := requestlog.New(requestlog.Config{PerService: 4, MaxServices: 20})
+	sc := startSidecar(t, options{static: static, recorder: rec})
+	c := sc.client(t)
+	const requests, clients = 2000, 8
+	start := time.Now()
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	for g := range clients {
+		wg.Go(func() {
+			for i := g; i < requests; i += clients {
+				resp, err := c.Get("http://svc-" + strconv.Itoa(i%300) + "/" + strconv.Itoa(i))
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusServiceUnavailable {
+					failed.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d failed requests in %v (%.0f a second): %d kept, capacity %d", failed.Load(), time.Since(start),
+		float64(failed.Load())/time.Since(start).Seconds(), rec.Kept(), rec.Capacity())
+	if failed.Load() != requests {
+		t.Fatalf("%d of %d requests failed, want all", failed.Load(), requests)
+	}
+	if kept := rec.Kept(); kept != rec.Capacity() || rec.Capacity() != 21*4 {
+		t.Errorf("kept %d, capacity %d: want 21×4, every ring full", kept, rec.Capacity())
+	}
+	for _, svc := range []string{"svc-0", "svc-299"} {
+		if n := len(rec.Failed(svc)); n > 4 {
+			t.Errorf("%s has %d kept, want at most 4", svc, n)
+		}
 	}
 }
