@@ -50,6 +50,9 @@
 #   sidecar-queued   :18051  the same with a line: concurrency.maxQueued:
 #                            $BENCH_OVERLOAD_QUEUE, queueTimeout:
 #                            $BENCH_OVERLOAD_QUEUE_TIMEOUT
+#   sidecar-adaptive :18061  the sidecar with concurrency.adaptive: true and
+#                            nothing tuned by hand (maxInFlight at its
+#                            default, 1024, is the limit's ceiling)
 #
 # Phases:
 #   open      per round, each contestant in turn: openloop (internal/cmd/openloop)
@@ -60,7 +63,9 @@
 #             -c$C -d$BENCH_DURATION --latency.
 #   overload  the overload sidecar, fresh: openloop at half the capacity (steady
 #             state), then at twice the capacity, BENCH_OVERLOAD_CONNS connections;
-#             then the queued sidecar, fresh, at twice the capacity.
+#             then the queued sidecar, fresh, at twice the capacity; then the
+#             adaptive sidecar the same way (its warm-up is not -strict: the
+#             limit starts at its floor, 3, while it measures the latency).
 # Around every run the contestant's processes are sampled: CPU time (utime +
 # stime from /proc/PID/stat, summed over the process group: nginx's workers
 # too) and peak RSS (VmHWM from /proc/PID/status, reset before the run by
@@ -108,6 +113,7 @@ readonly PORTS_BARE=(18011 18010 18091 18021)
 readonly PORTS_1CPU=(18041 18040 18093 18023)
 readonly PORTS_OVERLOAD=(18031 18030 18092 18022)
 readonly PORTS_QUEUED=(18051 18050 18094 18024)
+readonly PORTS_ADAPTIVE=(18061 18060 18095 18025)
 # Jaeger: OTLP gRPC, OTLP HTTP, query HTTP, query gRPC, health.
 readonly PORTS_JAEGER=(18317 18318 18686 18685 18133)
 readonly TRACE_SERVICE=bench-sidecar
@@ -325,6 +331,7 @@ addr_of() {
 	sidecar-1cpu) echo "$HOST:${PORTS_1CPU[0]}" ;;
 	sidecar-overload) echo "$HOST:${PORTS_OVERLOAD[0]}" ;;
 	sidecar-queued) echo "$HOST:${PORTS_QUEUED[0]}" ;;
+	sidecar-adaptive) echo "$HOST:${PORTS_ADAPTIVE[0]}" ;;
 	haproxy) echo "$HOST:$PORT_HAPROXY" ;;
 	nginx) echo "$HOST:$PORT_NGINX" ;;
 	*) die "unknown contestant $1" ;;
@@ -701,6 +708,19 @@ policies:
 	measured overload-queued sidecar-queued "$over" 1 "$f" "${ARGS[@]}" -out "$f"
 	log "overload with a line at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
 	stop sidecar-queued
+
+	start_sidecar sidecar-adaptive PORTS_ADAPTIVE "$(tracing_yaml)
+policies:
+  - service: \"*\"
+    concurrency: {adaptive: true}"
+	check_contestant sidecar-adaptive
+	openloop_args sidecar-adaptive "$BENCH_OPEN_RATE" 3s "$BENCH_OPEN_CONNS"
+	"${ARGS[@]}" -out "$WORK/runs/adaptive-warmup.json" >/dev/null || die "sidecar-adaptive: warm-up failed"
+	f=$WORK/runs/overload-adaptive.json
+	openloop_args sidecar-adaptive "$over" "$BENCH_OVERLOAD_DURATION" "$BENCH_OVERLOAD_CONNS"
+	measured overload-adaptive sidecar-adaptive "$over" 1 "$f" "${ARGS[@]}" -out "$f"
+	log "overload with an adaptive limit at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
+	stop sidecar-adaptive
 }
 
 # ---- main -----------------------------------------------------------------------------
@@ -816,6 +836,7 @@ main() {
 	"$WORK/bin/benchreport" -runs "$WORK/runs.tsv" -header "$WORK/header.md" \
 		-capacity "${CAPACITY:-0}" -limit "concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT, maxQueued: 0 (no line; policy for \"*\")" \
 		-queued "maxQueued: $BENCH_OVERLOAD_QUEUE, queueTimeout: $BENCH_OVERLOAD_QUEUE_TIMEOUT" \
+		-adaptive "concurrency.adaptive: true, maxInFlight 1024 its ceiling" \
 		-md "$BENCH_OUT" -svg "$BENCH_PLOT" || die "benchreport failed"
 	echo
 	cat "$BENCH_OUT"

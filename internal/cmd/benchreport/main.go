@@ -10,7 +10,8 @@
 //
 // phase is closed (wrk, load = connections), open (openloop at load
 // requests per second), steady or overload (the overload sidecar at load
-// requests per second); file is wrk's output or openloop's JSON, relative to
+// requests per second), overload-queued or overload-adaptive (its
+// variants with a line and with an adaptive limit); file is wrk's output or openloop's JSON, relative to
 // the runs file; cpu_s is the CPU time the contestant's processes used during
 // the run, hwm_kb their peak RSS summed and anon_kb their private
 // (anonymous) RSS at the end of the run (all empty for direct, which is the
@@ -61,6 +62,7 @@ func run() error {
 	capacity := flag.Float64("capacity", 0, "the sidecar capacity (req/s) the overload rates were derived from")
 	limit := flag.String("limit", "", "how the overload sidecar was limited, for the report")
 	queued := flag.String("queued", "", "the line of the queued overload sidecar, for the report")
+	adaptive := flag.String("adaptive", "", "the limit of the adaptive overload sidecar, for the report")
 	mdPath := flag.String("md", "", "markdown results file to write")
 	svgPath := flag.String("svg", "", "SVG latency plot to write")
 	svgRef := flag.String("svg-ref", "", "how the markdown links the plot (default: the -svg path relative to -md)")
@@ -85,7 +87,7 @@ func run() error {
 			ref = *svgPath
 		}
 	}
-	rep := &report{runs: runs, capacity: *capacity, limit: *limit, queued: *queued, svgRef: ref}
+	rep := &report{runs: runs, capacity: *capacity, limit: *limit, queued: *queued, adaptive: *adaptive, svgRef: ref}
 	md := rep.markdown(string(header))
 	if err := writeFile(*mdPath, md); err != nil {
 		return err
@@ -184,7 +186,7 @@ func readRuns(path string) ([]*runRec, error) {
 		switch r.phase {
 		case "closed":
 			err = r.parseWrk(file)
-		case "open", "steady", "overload", "overload-queued":
+		case "open", "steady", "overload", "overload-queued", "overload-adaptive":
 			err = r.parseOpen(file)
 		default:
 			err = fmt.Errorf("unknown phase %q", r.phase)
@@ -260,6 +262,7 @@ type report struct {
 	capacity float64
 	limit    string
 	queued   string
+	adaptive string
 	svgRef   string
 }
 
@@ -542,6 +545,9 @@ func (rp *report) targets(b *strings.Builder) {
 		if q, ok := rp.overloadRun("overload-queued"); ok {
 			goodput(q, ", with a line ("+rp.queued+")")
 		}
+		if a, ok := rp.overloadRun("overload-adaptive"); ok {
+			goodput(a, ", adaptive ("+rp.adaptive+")")
+		}
 		if st, ok := rp.overloadRun("steady"); ok {
 			r := ov.hwm / st.hwm
 			fmt.Fprintf(b, "| peak RSS at 2× overload ≤ %.0f× steady state | %s MB vs %s MB: %s× | %s |\n",
@@ -635,6 +641,9 @@ func (rp *report) overloadTable(b *strings.Builder) {
 	row("2× capacity", ov)
 	if q, ok := rp.overloadRun("overload-queued"); ok {
 		row("2× capacity, with a line ("+rp.queued+")", q)
+	}
+	if a, ok := rp.overloadRun("overload-adaptive"); ok {
+		row("2× capacity, adaptive ("+rp.adaptive+")", a)
 	}
 	if len(o.ErrorKinds) > 0 || len(o.Statuses) > 0 {
 		fmt.Fprintf(b, "\nAnswers at 2× capacity by status: %s", kv(o.Statuses))

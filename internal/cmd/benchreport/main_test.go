@@ -50,13 +50,14 @@ func TestReportFromEveryPhase(t *testing.T) {
 	add("steady", "sidecar-overload", 10000, write("steady", open(900, 100000, 0, 10)), "5.000", "25600", "9216")
 	add("overload", "sidecar-overload", 40000, write("over", open(900, 70000, 330000, 10)), "9.000", "30720", "10240")
 	add("overload-queued", "sidecar-queued", 40000, write("queued", open(900, 400000, 0, 20)), "9.000", "30720", "10240")
+	add("overload-adaptive", "sidecar-adaptive", 40000, write("adaptive", open(700, 190000, 210000, 10)), "9.000", "30720", "10240")
 	runs := write("runs.tsv", "phase\tcontestant\tload\tround\tfile\tcpu_s\tgen_cpu_s\thwm_kb\tanon_kb\n"+strings.Join(rows, "\n")+"\n")
 
 	rs, err := readRuns(filepath.Join(dir, runs))
 	if err != nil {
 		t.Fatal(err)
 	}
-	rep := &report{runs: rs, capacity: 20000, limit: "concurrency.maxInFlight: 32", queued: "maxQueued: 32", svgRef: "latency.svg"}
+	rep := &report{runs: rs, capacity: 20000, limit: "concurrency.maxInFlight: 32", queued: "maxQueued: 32", adaptive: "concurrency.adaptive: true", svgRef: "latency.svg"}
 	md := rep.markdown("# header\n")
 	for _, want := range []string{
 		"| throughput ≥ HAProxy's, 64 connections | 20000 req/s vs 40000: 0.50× | **not met** |",
@@ -65,6 +66,8 @@ func TestReportFromEveryPhase(t *testing.T) {
 		"| goodput at 2× overload ≥ 90% of capacity | 7000 req/s of 20000: 35% | **not met** |",
 		"| goodput at 2× overload ≥ 90% of capacity, with a line (maxQueued: 32) | 20000 req/s of 20000: 100% | **met** |",
 		"| 2× capacity, with a line (maxQueued: 32) | 1000 | 400000 | 20000 | 100% | 0.0% |",
+		"| goodput at 2× overload ≥ 90% of capacity, adaptive (concurrency.adaptive: true) | 19000 req/s of 20000: 95% | **met** |",
+		"| 2× capacity, adaptive (concurrency.adaptive: true) | 1000 | 400000 | 19000 | 95% | 52.5% |",
 		"![latency by percentile at 1000 req/s](latency.svg)",
 	} {
 		if !strings.Contains(md, want) {
