@@ -64,6 +64,7 @@ func TestRecordedFailures(t *testing.T) {
 		w.WriteHeader(http.StatusServiceUnavailable)
 	}
 	internal := func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusInternalServerError) }
+	hang := func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() } // until the sidecar gives up
 	const retry = `retry: {attempts: 3, backoff: {base: 1ms, max: 2ms}, on: [connect-failure, 503], budget: {ratio: 1, minPerSecond: 100}}`
 	for _, tc := range []struct {
 		name     string
@@ -90,6 +91,8 @@ func TestRecordedFailures(t *testing.T) {
 			policy: `timeout: 1s
 retry: {attempts: 3, backoff: {base: 1ms, max: 10s}, on: [503], budget: {ratio: 1, minPerSecond: 100}}`,
 			status: 503, attempts: []string{"503 ()"}, stop: requestlog.StopDeadline},
+		{name: "deadline passed", handler: hang, policy: "timeout: 100ms\n" + retry,
+			status: 504, reason: "upstream_timeout", attempts: []string{"timeout ()"}, stop: requestlog.StopDeadline},
 		{name: "breaker open", handler: unavailable, requests: 1,
 			policy: `retry: {attempts: 1}
 circuitBreaker: {consecutiveFailures: 1, openDuration: 1m}`,
@@ -297,5 +300,63 @@ func TestRecordedFailuresBounded(t *testing.T) {
 		if n := len(rec.Failed(svc)); n > 4 {
 			t.Errorf("%s has %d kept, want at most 4", svc, n)
 		}
+	}
+}
+
+// A retry is not sent into a breaker that opened while the request was
+// under way: request a's second attempt is held at the upstream until
+// request b has failed (its three attempts answered 503), which opens the
+// breaker (one failed request trips it); a then stops after that attempt,
+// the breaker open.
+func TestRecordedBreakerOpenedMidRetries(t *testing.T) {
+	var aCalls atomic.Int64
+	aSecond, bDone := make(chan struct{}), make(chan struct{})
+	u := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("X-Who") == "a" && aCalls.Add(1) == 2 {
+			close(aSecond)
+			<-bDone
+		}
+		w.WriteHeader(http.StatusServiceUnavailable)
+	})
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {u.addr()}}, policies: `service: svc
+retry: {attempts: 3, backoff: {base: 1ms, max: 2ms}, on: [503], budget: {ratio: 1, minPerSecond: 100}}
+circuitBreaker: {consecutiveFailures: 1, openDuration: 1m}
+`})
+	c := sc.client(t)
+	send := func(who string) *http.Response {
+		req, _ := http.NewRequest(http.MethodGet, "http://svc/"+who, nil)
+		req.Header.Set("X-Who", who)
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Errorf("GET svc/%s: %v", who, err)
+			return nil
+		}
+		resp.Body.Close()
+		return resp
+	}
+	aResp := make(chan *http.Response, 1)
+	go func() { aResp <- send("a") }()
+	<-aSecond
+	if resp := send("b"); resp == nil || resp.StatusCode != 503 {
+		t.Fatalf("b: %v, want 503", resp)
+	}
+	close(bDone)
+	if resp := <-aResp; resp == nil || resp.StatusCode != 503 {
+		t.Fatalf("a: %v, want 503", resp)
+	}
+	var a requestlog.Request
+	for _, r := range sc.recorder.Failed("svc") {
+		if r.Path == "/a" {
+			a = r
+		}
+	}
+	if got := attemptsOf(a); !slices.Equal(got, []string{"503 ()", "503 (503)"}) || a.Stop != requestlog.StopBreakerOpen {
+		t.Fatalf("a recorded attempts %q, stop %q; want [503 () 503 (503)], %s", got, a.Stop, requestlog.StopBreakerOpen)
+	}
+	if s := a.Attempts[1].BreakerState; s != "open" {
+		t.Errorf("a's second attempt recorded the breaker %s, want open", s)
+	}
+	if n := aCalls.Load(); n != 2 {
+		t.Errorf("the upstream had %d attempts of a, want 2", n)
 	}
 }
