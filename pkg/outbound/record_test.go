@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel/propagation"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
@@ -358,5 +360,33 @@ circuitBreaker: {consecutiveFailures: 1, openDuration: 1m}
 	}
 	if n := aCalls.Load(); n != 2 {
 		t.Errorf("the upstream had %d attempts of a, want 2", n)
+	}
+}
+
+// A traced request's failure carries its trace ID: the one of the
+// traceparent the app sent, sampled, so that `sidecar why` can link the
+// trace. An untraced one carries none.
+func TestRecordedTraceID(t *testing.T) {
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSampler(sdktrace.ParentBased(sdktrace.NeverSample())))
+	t.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
+	u := newUpstream(t, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusInternalServerError) })
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {u.addr()}}, telemetry: &telemetry{
+		tracer: tp.Tracer("test"), prop: propagation.TraceContext{}}})
+	c := sc.client(t)
+	for _, tc := range []struct{ path, traceparent, want string }{
+		{"/traced", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "4bf92f3577b34da6a3ce929d0e0e4736"},
+		{"/untraced", "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", ""},
+	} {
+		req, _ := http.NewRequest(http.MethodGet, "http://svc"+tc.path, nil)
+		req.Header.Set("Traceparent", tc.traceparent)
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		got := sc.recorder.Failed("svc")
+		if len(got) == 0 || got[0].Path != tc.path || got[0].TraceID != tc.want {
+			t.Errorf("%s: recorded %+v, want trace ID %q", tc.path, got, tc.want)
+		}
 	}
 }
