@@ -5,6 +5,7 @@ package admin
 
 import (
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/pprof"
 	"time"
@@ -219,7 +220,11 @@ func serviceParam(w http.ResponseWriter, r *http.Request) (string, bool) {
 // shutdown). The admin server's write timeout does not apply to it.
 func tap(w http.ResponseWriter, r *http.Request, rec *requestlog.Recorder, f requestlog.TapFilter) {
 	t, err := rec.Tap(f)
-	if err != nil {
+	switch {
+	case errors.Is(err, requestlog.ErrClosed):
+		writeError(w, http.StatusServiceUnavailable, err.Error())
+		return
+	case err != nil:
 		writeError(w, http.StatusTooManyRequests, "a few taps at most watch at once: "+err.Error())
 		return
 	}

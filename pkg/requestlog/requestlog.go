@@ -152,13 +152,17 @@ type Recorder struct {
 	rings map[string]*ring
 	other ring // services past MaxServices, and requests of no service
 
-	tapMu    sync.Mutex // guards taps
-	taps     []*Tap
-	watching atomic.Bool // len(taps) > 0
+	tapMu      sync.Mutex // guards taps and tapsClosed
+	taps       []*Tap
+	tapsClosed bool        // CloseTaps was called: no more taps
+	watching   atomic.Bool // len(taps) > 0
 
+	// logQueue is never closed: a request that finishes after Close
+	// queues its line, which nobody writes, or drops it.
 	logQueue chan *Request // nil without an access log
-	logDone  chan struct{}
-	dropped  atomic.Int64 // access log lines dropped, the queue full
+	logStop  chan struct{} // closed by Close
+	logDone  chan struct{} // closed when the writer has stopped
+	dropped  atomic.Int64  // access log lines dropped, the queue full
 	closed   sync.Once
 }
 
@@ -183,7 +187,7 @@ func New(cfg Config) *Recorder {
 	r := &Recorder{cfg: cfg, rings: map[string]*ring{}, other: ring{buf: make([]*Request, cfg.PerService)}}
 	if cfg.AccessLog != nil {
 		r.logQueue = make(chan *Request, accessLogQueue)
-		r.logDone = make(chan struct{})
+		r.logStop, r.logDone = make(chan struct{}), make(chan struct{})
 		go r.writeLog()
 	}
 	return r
@@ -315,6 +319,9 @@ func (g *ring) list() []*Request {
 // ErrTooManyWatchers refuses a tap when MaxWatchers already watch.
 var ErrTooManyWatchers = errors.New("too many taps watching already")
 
+// ErrClosed refuses a tap once the recorder's taps were closed.
+var ErrClosed = errors.New("the sidecar is shutting down")
+
 // TapFilter chooses what a tap sees.
 type TapFilter struct {
 	Service      string // "": every service
@@ -340,6 +347,9 @@ func (r *Recorder) Tap(f TapFilter) (*Tap, error) {
 	t := &Tap{r: r, filter: f, lines: make(chan *Request, 64)}
 	r.tapMu.Lock()
 	defer r.tapMu.Unlock()
+	if r.tapsClosed {
+		return nil, ErrClosed
+	}
 	if len(r.taps) >= r.cfg.MaxWatchers {
 		return nil, ErrTooManyWatchers
 	}
@@ -401,8 +411,9 @@ func (r *Recorder) publish(req *Request, failed bool) {
 	}
 }
 
-// CloseTaps ends every tap (their channels close): for the admin server's
-// shutdown, which waits for its streams.
+// CloseTaps ends every tap (their channels close) and refuses new ones
+// (ErrClosed): for the admin server's shutdown, which waits for its
+// streams.
 func (r *Recorder) CloseTaps() {
 	if r == nil {
 		return
@@ -412,7 +423,7 @@ func (r *Recorder) CloseTaps() {
 	for _, t := range r.taps {
 		close(t.lines)
 	}
-	r.taps = nil
+	r.taps, r.tapsClosed = nil, true
 	r.watching.Store(false)
 }
 
@@ -425,36 +436,54 @@ func (r *Recorder) Close() {
 	r.CloseTaps()
 	r.closed.Do(func() {
 		if r.logQueue != nil {
-			close(r.logQueue)
+			close(r.logStop)
 			<-r.logDone
 		}
 	})
 }
 
-// writeLog writes the access log until Close.
+// writeLog writes the access log until Close, and then what was queued
+// by then.
 func (r *Recorder) writeLog() {
 	defer close(r.logDone)
-	log := r.cfg.AccessLog
-	for req := range r.logQueue {
-		attrs := []slog.Attr{
-			slog.String("service", req.Service), slog.String("method", req.Method), slog.String("path", req.Path),
-			slog.Int("status", req.Status), slog.Float64("durationMs", req.DurationMs), slog.Int("attempts", len(req.Attempts)),
+	for {
+		select {
+		case req := <-r.logQueue:
+			r.writeLine(req)
+		case <-r.logStop:
+			for {
+				select {
+				case req := <-r.logQueue:
+					r.writeLine(req)
+				default:
+					return
+				}
+			}
 		}
-		if req.Reason != "" {
-			attrs = append(attrs, slog.String("reason", req.Reason))
-		}
-		if req.GRPCStatus != "" {
-			attrs = append(attrs, slog.String("grpcStatus", req.GRPCStatus))
-		}
-		if n := len(req.Attempts); n > 0 {
-			attrs = append(attrs, slog.String("upstream", req.Attempts[n-1].Endpoint))
-		}
-		if req.Stop != "" {
-			attrs = append(attrs, slog.String("stop", req.Stop))
-		}
-		if req.TraceID != "" {
-			attrs = append(attrs, slog.String("traceId", req.TraceID))
-		}
-		log.LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
 	}
+}
+
+// writeLine writes one request's line.
+func (r *Recorder) writeLine(req *Request) {
+	log := r.cfg.AccessLog
+	attrs := []slog.Attr{
+		slog.String("service", req.Service), slog.String("method", req.Method), slog.String("path", req.Path),
+		slog.Int("status", req.Status), slog.Float64("durationMs", req.DurationMs), slog.Int("attempts", len(req.Attempts)),
+	}
+	if req.Reason != "" {
+		attrs = append(attrs, slog.String("reason", req.Reason))
+	}
+	if req.GRPCStatus != "" {
+		attrs = append(attrs, slog.String("grpcStatus", req.GRPCStatus))
+	}
+	if n := len(req.Attempts); n > 0 {
+		attrs = append(attrs, slog.String("upstream", req.Attempts[n-1].Endpoint))
+	}
+	if req.Stop != "" {
+		attrs = append(attrs, slog.String("stop", req.Stop))
+	}
+	if req.TraceID != "" {
+		attrs = append(attrs, slog.String("traceId", req.TraceID))
+	}
+	log.LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
 }

@@ -168,3 +168,24 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// A request that finishes after Close (one the shutdown's timeout left
+// behind) is taken without a panic and without a line; a tap asked for
+// after CloseTaps is refused.
+func TestAfterClose(t *testing.T) {
+	var buf syncBuffer
+	r := New(Config{AccessLog: slog.New(slog.NewJSONHandler(&buf, nil))})
+	r.Record(failure("a", 1))
+	r.Close()
+	r.Record(failure("a", 2))
+	r.Close()
+	if n := strings.Count(buf.String(), `"msg":"request"`); n != 1 {
+		t.Errorf("%d access log lines, want the one recorded before Close:\n%s", n, buf.String())
+	}
+	if _, err := r.Tap(TapFilter{}); err != ErrClosed {
+		t.Errorf("Tap after Close: %v, want ErrClosed", err)
+	}
+	if got := len(r.Failed("a")); got != 2 {
+		t.Errorf("%d failures kept, want both", got)
+	}
+}
