@@ -48,7 +48,8 @@ type balancer struct {
 // endpointStats is what the balancers learn of one endpoint of a service.
 // Safe for concurrent use.
 type endpointStats struct {
-	inFlight atomic.Int64 // attempts picked and not yet judged
+	picks    atomic.Int64 // attempts sent to it, for the admin API
+	inFlight atomic.Int64 // attempts picked and not yet judged (policies that learn)
 	since    time.Time    // when the endpoint joined the service's set (slow start)
 
 	mu       sync.Mutex // guards the latency estimate
@@ -181,15 +182,18 @@ func (b *balancer) slowStarting(now time.Time) bool {
 // and reports its latency. o says which endpoints are
 // ejected; avoid is the endpoint of the attempt before.
 func (b *balancer) pick(o *outliers, avoid string, now time.Time) int {
+	var i int
 	switch {
 	case b.learns():
-		i := b.p2c(o, avoid, now)
+		i = b.p2c(o, avoid, now)
 		b.stats[i].inFlight.Add(1)
-		return i
 	case b.weighted || b.slowStarting(now):
-		return b.smoothWeighted(o, avoid, now)
+		i = b.smoothWeighted(o, avoid, now)
+	default:
+		i = b.roundRobin(o, avoid, now)
 	}
-	return b.roundRobin(o, avoid, now)
+	b.stats[i].picks.Add(1)
+	return i
 }
 
 // learns reports whether the policy weighs requests in flight and
@@ -292,4 +296,53 @@ func (b *balancer) cost(i int, now time.Time) float64 {
 		c *= max(b.stats[i].latency(now), 1)
 	}
 	return c / b.share(i, now)
+}
+
+// BalancerStatus is what a service's balancer knows of its endpoints, for
+// the admin API.
+type BalancerStatus struct {
+	Policy    string             `json:"policy"`
+	Endpoints []BalancedEndpoint `json:"endpoints"`
+}
+
+// BalancedEndpoint is one endpoint as the balancer sees it.
+type BalancedEndpoint struct {
+	Addr   string `json:"addr"`
+	Weight int    `json:"weight"`
+	// Picks are the attempts sent to it since it joined the set; Share is
+	// their part of all the set's picks.
+	Picks int64   `json:"picks"`
+	Share float64 `json:"share"`
+	// InFlight and LatencyMs are what least-request and p2c-ewma weigh.
+	InFlight  int64   `json:"inFlight,omitempty"`
+	LatencyMs float64 `json:"latencyMs,omitempty"`
+	// SlowStartUntil is when its slow start ends, while it lasts.
+	SlowStartUntil *time.Time `json:"slowStartUntil,omitempty"`
+}
+
+// status reports the balancer's view at now.
+func (b *balancer) status(now time.Time) *BalancerStatus {
+	st := &BalancerStatus{Policy: b.policy, Endpoints: make([]BalancedEndpoint, len(b.eps))}
+	var total int64
+	for i, ep := range b.eps {
+		s := b.stats[i]
+		e := BalancedEndpoint{Addr: ep.Addr, Weight: b.weights[i], Picks: s.picks.Load()}
+		total += e.Picks
+		if b.learns() {
+			e.InFlight = s.inFlight.Load()
+		}
+		if b.policy == policy.P2CEWMA {
+			e.LatencyMs = math.Round(s.latency(now)/float64(time.Microsecond)) / 1000
+		}
+		if end := s.since.Add(b.slowStart); b.slowStart > 0 && now.Before(end) {
+			e.SlowStartUntil = &end
+		}
+		st.Endpoints[i] = e
+	}
+	for i := range st.Endpoints {
+		if total > 0 {
+			st.Endpoints[i].Share = math.Round(1000*float64(st.Endpoints[i].Picks)/float64(total)) / 1000
+		}
+	}
+	return st
 }

@@ -62,6 +62,19 @@ func TestBalancersAgainstASlowInstance(t *testing.T) {
 		}
 		slices.Sort(took)
 		shares[lb] = float64(slow.requests.Load()-before) / float64(clients*each)
+		// The admin API's view: the policy, and every attempt counted on
+		// the endpoint it went to.
+		for _, st := range sc.proxy.Status() {
+			if st.Service != "svc" {
+				continue
+			}
+			b := st.Balancer
+			if b == nil || b.Policy != lb || len(b.Endpoints) != 2 || b.Endpoints[0].Picks+b.Endpoints[1].Picks != clients*each {
+				t.Errorf("%s: /resilience balancer %+v; want the policy and %d picks", lb, b, clients*each)
+			} else if lb == "p2c-ewma" && (b.Endpoints[0].LatencyMs <= 0 || b.Endpoints[1].LatencyMs <= 0) {
+				t.Errorf("p2c-ewma: /resilience shows no latency estimates: %+v", b.Endpoints)
+			}
+		}
 		t.Logf("%s: %.1f%% of %d requests to the slow instance, p99 %v", lb, 100*shares[lb], clients*each,
 			took[len(took)*99/100].Round(100*time.Microsecond))
 	}

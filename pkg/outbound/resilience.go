@@ -372,6 +372,9 @@ type ServiceStatus struct {
 		Retries  int64 `json:"retries"`
 	} `json:"retryBudget"`
 	Ejected []EjectedEndpoint `json:"ejected"`
+	// Balancer is how the service's attempts were spread over its
+	// endpoints; nil before its first attempt.
+	Balancer *BalancerStatus `json:"balancer,omitempty"`
 }
 
 // EjectedEndpoint is an endpoint out of rotation.
@@ -403,6 +406,9 @@ func (p *Proxy) Status() []ServiceStatus {
 		s.Breaker.Requests, s.Breaker.Failures, s.Breaker.ConsecutiveFailures = c.Requests, c.TotalFailures, c.ConsecutiveFailures
 		s.RetryBudget.Requests, s.RetryBudget.Retries = st.budget.usage(now)
 		s.Ejected = st.outliers.ejectedList(now)
+		if v, ok := p.chain.pickers.Load(s.Service); ok {
+			s.Balancer = v.(*balancer).status(now)
+		}
 		out = append(out, s)
 		return true
 	})
