@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/internal/consultest"
+	"github.com/sidecar-mesh/sidecar/internal/logtest"
 	"github.com/sidecar-mesh/sidecar/internal/toolbin"
 )
 
@@ -248,7 +249,7 @@ func checkSidecarCommand(args []string) error {
 func TestReadmeQuickStart(t *testing.T) {
 	curl := toolbin.Path(t, "curl")
 	out, adm, metrics := freePort(t), freePort(t), freePort(t)
-	runInProcess(t, &lockedBuffer{}, &lockedBuffer{}, "demo", "--outbound-addr", out, "--admin-addr", adm,
+	runInProcess(t, &logtest.Buffer{}, &logtest.Buffer{}, "demo", "--outbound-addr", out, "--admin-addr", adm,
 		"--metrics-addr", metrics, "--health-addr", freePort(t), "--drain-window", "1ms")
 	waitServing(t, "http://"+adm+"/version")
 

@@ -24,6 +24,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/sidecar-mesh/sidecar/internal/freeport"
+	"github.com/sidecar-mesh/sidecar/internal/logtest"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -185,7 +186,7 @@ func TestRunWithoutConfig(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, adm := freePort(t), freePort(t)
-			var stderr lockedBuffer
+			var stderr logtest.Buffer
 			runInProcess(t, io.Discard, &stderr, append([]string{"run", "--outbound-addr", out, "--admin-addr", adm,
 				"--metrics-addr", freePort(t), "--health-addr", freePort(t), "--drain-window", "1ms"}, tc.args...)...)
 			client := &http.Client{Timeout: 5 * time.Second}
@@ -268,7 +269,7 @@ func runInProcess(t *testing.T, stdout, stderr io.Writer, args ...string) {
 // outbound proxy on its flags' addresses, and the admin API.
 func TestDemo(t *testing.T) {
 	out, adm, metrics := freePort(t), freePort(t), freePort(t)
-	var stdout, stderr lockedBuffer
+	var stdout, stderr logtest.Buffer
 	runInProcess(t, &stdout, &stderr, "demo", "--outbound-addr", out, "--admin-addr", adm, "--metrics-addr", metrics,
 		"--health-addr", freePort(t), "--drain-window", "1ms")
 	client := &http.Client{Timeout: 5 * time.Second}

@@ -3,58 +3,24 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"io"
 	"net/http"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/internal/kubetest"
+	"github.com/sidecar-mesh/sidecar/internal/logtest"
 )
-
-// lockedBuffer is a goroutine-safe log sink.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// logLines returns the JSON log lines with the given msg.
-func (b *lockedBuffer) logLines(msg string) []map[string]any {
-	var out []map[string]any
-	sc := bufio.NewScanner(strings.NewReader(b.String()))
-	for sc.Scan() {
-		var m map[string]any
-		if json.Unmarshal(sc.Bytes(), &m) == nil && m["msg"] == msg {
-			out = append(out, m)
-		}
-	}
-	return out
-}
 
 // runningWebhook is `sidecar webhook` started in-process.
 type runningWebhook struct {
 	addr   string
-	logs   *lockedBuffer
+	logs   *logtest.Buffer
 	cancel context.CancelFunc
 	done   chan error
 }
@@ -63,7 +29,7 @@ type runningWebhook struct {
 // until it serves.
 func startWebhook(t *testing.T, getenv func(string) string, args ...string) *runningWebhook {
 	t.Helper()
-	w := &runningWebhook{logs: &lockedBuffer{}, done: make(chan error, 1)}
+	w := &runningWebhook{logs: &logtest.Buffer{}, done: make(chan error, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	w.cancel = cancel
 	cmd := newRootCommand(strings.NewReader(""), io.Discard, w.logs, getenv)
@@ -72,7 +38,7 @@ func startWebhook(t *testing.T, getenv func(string) string, args ...string) *run
 	t.Cleanup(func() { w.stop(t) })
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if l := w.logs.logLines("webhook serving"); len(l) > 0 {
+		if l := w.logs.Lines("webhook serving"); len(l) > 0 {
 			w.addr = l[0]["addr"].(string)
 			return w
 		}
@@ -113,7 +79,7 @@ func TestWebhookCommand(t *testing.T) {
 	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
 	cert := kubetest.WriteCert(t, certFile, keyFile)
 	w := startWebhook(t, func(string) string { return "" }, "--tls-cert-file="+certFile, "--tls-key-file="+keyFile, "--image=sidecar:hook")
-	if l := w.logs.logLines("webhook serving")[0]; l["component"] != "webhook" || l["image"] != "sidecar:hook" || l["version"] != version {
+	if l := w.logs.Lines("webhook serving")[0]; l["component"] != "webhook" || l["image"] != "sidecar:hook" || l["version"] != version {
 		t.Errorf("log line %v: want component webhook, image sidecar:hook, version %s", l, version)
 	}
 	pool := x509.NewCertPool()
@@ -126,7 +92,7 @@ func TestWebhookCommand(t *testing.T) {
 	}
 	resp.Body.Close()
 	w.stop(t)
-	if l := w.logs.logLines("webhook stopped"); len(l) != 1 || l[0]["component"] != "webhook" {
+	if l := w.logs.Lines("webhook stopped"); len(l) != 1 || l[0]["component"] != "webhook" {
 		t.Errorf("\"webhook stopped\" log lines %v, want one of component webhook", l)
 	}
 }

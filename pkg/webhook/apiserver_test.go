@@ -94,7 +94,7 @@ func TestKubernetesAPIServerCallsWebhook(t *testing.T) {
 
 	k.namespace("mesh", map[string]string{"sidecar.mesh/inject": "enabled"})
 	k.namespace("plain", nil)
-	admissions := func() int { return len(logLines(w.logs, "admission")) }
+	admissions := func() int { return len(w.logs.Lines("admission")) }
 
 	// A pod in the labelled namespace: stored with the sidecar.
 	stored := k.createPod("mesh", "web", nil, nil)
@@ -172,7 +172,7 @@ func TestKubernetesAPIServerCallsWebhook(t *testing.T) {
 		t.Errorf("pod mesh/after-rotation: init containers %v, want the sidecar", p.Spec.InitContainers)
 	}
 	waitLogLines(t, w, "caBundle updated", 2) // start and rotation
-	for _, l := range logLines(w.logs, "admission") {
+	for _, l := range w.logs.Lines("admission") {
 		if l["proto"] != "HTTP/2.0" {
 			t.Errorf("admission log line %v: the API server called over %v, want HTTP/2.0 (one connection carries its calls)", l, l["proto"])
 		}
@@ -267,7 +267,7 @@ func waitLogLines(t *testing.T, w *runningWebhook, msg string, n int) {
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		got := len(logLines(w.logs, msg))
+		got := len(w.logs.Lines(msg))
 		if got == n {
 			return
 		}

@@ -71,7 +71,7 @@ func TestWebhookIdleConnectionsDontLockOut(t *testing.T) {
 	if open != DefaultMaxConnsPerClient {
 		t.Errorf("%d of the idle client's %d connections still open, want %d (its share)", open, idle, DefaultMaxConnsPerClient)
 	}
-	if l := logLines(w.logs, "webhook connections over their limits: idle ones closed to make room, the rest refused (is something other than the API server connecting?)"); len(l) == 0 {
+	if l := w.logs.Lines("webhook connections over their limits: idle ones closed to make room, the rest refused (is something other than the API server connecting?)"); len(l) == 0 {
 		t.Errorf("no warning logged about the connections over the limits")
 	}
 }

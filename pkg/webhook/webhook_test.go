@@ -1,7 +1,6 @@
 package webhook
 
 import (
-	"bufio"
 	"bytes"
 	"cmp"
 	"context"
@@ -27,19 +26,6 @@ import (
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
-
-// logLines returns the JSON log lines of logs with the given msg.
-func logLines(logs *logtest.Buffer, msg string) []map[string]any {
-	var out []map[string]any
-	sc := bufio.NewScanner(strings.NewReader(logs.String()))
-	for sc.Scan() {
-		var m map[string]any
-		if json.Unmarshal(sc.Bytes(), &m) == nil && m["msg"] == msg {
-			out = append(out, m)
-		}
-	}
-	return out
-}
 
 // runningWebhook is a Server serving until the test ends.
 type runningWebhook struct {
@@ -164,7 +150,7 @@ func TestWebhookServesAndReloadsCertificate(t *testing.T) {
 		!bytes.Contains(out.Response.Patch, []byte(`{"op":"add","path":"/spec/initContainers","value":[{"name":"sidecar","image":"sidecar:hook"`)) {
 		t.Fatalf("POST /inject: got %s\npatch %s\nwant an allowed response for u-1 whose JSON Patch adds the sidecar", body, out.Response.Patch)
 	}
-	if l := logLines(w.logs, "admission"); len(l) != 1 || l[0]["injected"] != true || l[0]["pod"] != "p" {
+	if l := w.logs.Lines("admission"); len(l) != 1 || l[0]["injected"] != true || l[0]["pod"] != "p" {
 		t.Errorf("admission log lines: got %v, want one saying pod p was injected", l)
 	}
 
@@ -203,14 +189,14 @@ func TestWebhookServesAndReloadsCertificate(t *testing.T) {
 	if got, want := servedSerial(t, w.addr), serialOf(t, second); got != want {
 		t.Fatalf("after a broken key: serving serial %s, want %s (the last good certificate)", got, want)
 	}
-	if n := len(logLines(w.logs, "TLS certificate reloaded")); n != 1 {
+	if n := len(w.logs.Lines("TLS certificate reloaded")); n != 1 {
 		t.Errorf("%d \"TLS certificate reloaded\" log lines, want 1", n)
 	}
 	if !strings.Contains(w.logs.String(), "serving the previous one") {
 		t.Errorf("no warning logged about the broken key pair:\n%s", w.logs)
 	}
 	w.stop(t)
-	if n := len(logLines(w.logs, "webhook stopped")); n != 1 {
+	if n := len(w.logs.Lines("webhook stopped")); n != 1 {
 		t.Errorf("%d \"webhook stopped\" log lines, want 1", n)
 	}
 }
