@@ -38,6 +38,8 @@ type balancer struct {
 	stats     []*endpointStats     // theirs, in the same order
 	weights   []int                // theirs, each at least 1
 	weighted  bool                 // weights differ: round robin is weighted
+	// rampUntil is when the last of its endpoints' slow starts ends.
+	rampUntil time.Time
 
 	next atomic.Uint64 // round robin's turn
 	// smooth is weighted round robin's running state, one per endpoint.
@@ -88,15 +90,13 @@ func (s *endpointStats) observe(rtt time.Duration, now time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	v := float64(rtt)
-	cur := s.rtt
-	if s.observed {
-		cur *= math.Exp(-float64(now.Sub(s.updated)) / float64(ewmaDecay))
-	}
-	if !s.observed || v >= cur {
+	decay := math.Exp(-float64(now.Sub(s.updated)) / float64(ewmaDecay))
+	if cur := s.rtt * decay; !s.observed || v >= cur {
 		s.rtt = v
 	} else {
-		decay := math.Exp(-float64(now.Sub(s.updated)) / float64(ewmaDecay))
-		s.rtt = cur*decay + v*(1-decay)
+		// The estimate as it has decayed since, and the new latency by
+		// the weight that time gives it (tower's and Linkerd's peak EWMA).
+		s.rtt = cur + v*(1-decay)
 	}
 	s.updated, s.observed = now, true
 }
@@ -109,26 +109,38 @@ type endpointRegistry struct {
 }
 
 // of returns the stats of eps, in order, making those of endpoints new to
-// the set, and forgets those of endpoints no longer in it: one that
-// comes back is new again (and starts slowly again).
-func (r *endpointRegistry) of(eps []discovery.Endpoint, now time.Time) []*endpointStats {
+// the set. With keep, eps is the service's set from now on: the registry
+// keeps their stats and forgets those of endpoints no longer in it (one
+// that comes back is new again, and starts slowly again). Without, the
+// registry is left as it is.
+func (r *endpointRegistry) of(eps []discovery.Endpoint, now time.Time, keep bool) []*endpointStats {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	next := make(map[string]*endpointStats, len(eps))
+	var next map[string]*endpointStats
+	if keep {
+		next = make(map[string]*endpointStats, len(eps))
+	}
 	out := make([]*endpointStats, len(eps))
 	for i, ep := range eps {
 		s := r.stats[ep.Addr]
 		if s == nil {
 			s = &endpointStats{since: now}
 		}
-		next[ep.Addr], out[i] = s, s
+		if keep {
+			next[ep.Addr] = s
+		}
+		out[i] = s
 	}
-	r.stats = next
+	if keep {
+		r.stats = next
+	}
 	return out
 }
 
-// newBalancer builds the balancer of set's callable endpoints eps under lb.
-func newBalancer(set *discovery.EndpointSet, eps []discovery.Endpoint, lb *policy.LoadBalancer, reg *endpointRegistry, now time.Time) *balancer {
+// newBalancer builds the balancer of set's callable endpoints eps under lb,
+// with what reg learned of them; keep makes set the service's current one
+// in reg (see endpointRegistry.of).
+func newBalancer(set *discovery.EndpointSet, eps []discovery.Endpoint, lb *policy.LoadBalancer, reg *endpointRegistry, now time.Time, keep bool) *balancer {
 	b := &balancer{set: set, lb: lb, policy: policy.RoundRobin, eps: eps, weights: make([]int, len(eps))}
 	if lb != nil {
 		if lb.Policy != nil {
@@ -144,7 +156,14 @@ func newBalancer(set *discovery.EndpointSet, eps []discovery.Endpoint, lb *polic
 			b.weighted = true
 		}
 	}
-	b.stats = reg.of(eps, now)
+	b.stats = reg.of(eps, now, keep)
+	if b.slowStart > 0 {
+		for _, st := range b.stats {
+			if end := st.since.Add(b.slowStart); end.After(b.rampUntil) {
+				b.rampUntil = end
+			}
+		}
+	}
 	b.smooth = make([]float64, len(eps))
 	// A random start keeps a fleet of sidecars from marching in step onto
 	// the same first endpoint.
@@ -165,17 +184,7 @@ func (b *balancer) share(i int, now time.Time) float64 {
 }
 
 // slowStarting reports whether an endpoint is still ramping up at now.
-func (b *balancer) slowStarting(now time.Time) bool {
-	if b.slowStart <= 0 {
-		return false
-	}
-	for _, s := range b.stats {
-		if now.Sub(s.since) < b.slowStart {
-			return true
-		}
-	}
-	return false
-}
+func (b *balancer) slowStarting(now time.Time) bool { return now.Before(b.rampUntil) }
 
 // pick chooses an endpoint for an attempt. A policy that learns counts
 // it in flight there; the attempt's judge (attemptEnd.record) takes it out

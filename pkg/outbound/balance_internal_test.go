@@ -28,7 +28,7 @@ func endpoints(weights ...int) *discovery.EndpointSet {
 func TestSmoothWeightedRoundRobin(t *testing.T) {
 	set := endpoints(3, 1)
 	var reg endpointRegistry
-	b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now())
+	b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now(), true)
 	var o outliers
 	counts := make([]int, 2)
 	lastLight := -10
@@ -52,7 +52,7 @@ func TestSmoothWeightedRoundRobin(t *testing.T) {
 func TestRoundRobinSkipsEjectedAndAvoided(t *testing.T) {
 	set := endpoints(0, 0, 0)
 	var reg endpointRegistry
-	b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now())
+	b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now(), true)
 	var o outliers
 	now := time.Now()
 	o.endpoints = map[string]*endpointHealth{set.Endpoints[1].Addr: {ejectedUntil: now.Add(time.Hour)}}
@@ -68,7 +68,7 @@ func TestRoundRobinSkipsEjectedAndAvoided(t *testing.T) {
 func TestLeastRequest(t *testing.T) {
 	set := endpoints(0, 0)
 	var reg endpointRegistry
-	b := newBalancer(set, set.Endpoints, lbPolicy(policy.LeastRequest, 0), &reg, time.Now())
+	b := newBalancer(set, set.Endpoints, lbPolicy(policy.LeastRequest, 0), &reg, time.Now(), true)
 	b.stats[0].inFlight.Store(10)
 	var o outliers
 	for range 50 {
@@ -86,7 +86,7 @@ func TestP2CEWMAAvoidsTheSlowEndpoint(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		set := endpoints(0, 0)
 		var reg endpointRegistry
-		b := newBalancer(set, set.Endpoints, lbPolicy(policy.P2CEWMA, 0), &reg, time.Now())
+		b := newBalancer(set, set.Endpoints, lbPolicy(policy.P2CEWMA, 0), &reg, time.Now(), true)
 		latency := []time.Duration{time.Millisecond, 50 * time.Millisecond}
 		var o outliers
 		type pending struct {
@@ -128,10 +128,10 @@ func TestSlowStartRamps(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var reg endpointRegistry
 		old := endpoints(0)
-		newBalancer(old, old.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now())
+		newBalancer(old, old.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now(), true)
 		time.Sleep(time.Minute) // the first endpoint is long established
 		set := endpoints(0, 0)
-		b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 10*time.Second), &reg, time.Now())
+		b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 10*time.Second), &reg, time.Now(), true)
 		var o outliers
 		shares := make([]float64, 10)
 		for s := range 10 {
@@ -164,7 +164,7 @@ func TestBalancersSkipEjected(t *testing.T) {
 	for _, name := range policy.LoadBalancers {
 		set := endpoints(1, 2, 3, 1)
 		var reg endpointRegistry
-		b := newBalancer(set, set.Endpoints, lbPolicy(name, 0), &reg, time.Now())
+		b := newBalancer(set, set.Endpoints, lbPolicy(name, 0), &reg, time.Now(), true)
 		now := time.Now()
 		var o outliers
 		o.endpoints = map[string]*endpointHealth{set.Endpoints[2].Addr: {ejectedUntil: now.Add(time.Hour)}}
@@ -178,4 +178,29 @@ func TestBalancersSkipEjected(t *testing.T) {
 			}
 		}
 	}
+}
+
+// A retry of a call routed before discovery's last change is served on a
+// balancer of its own: the service's current balancer stays, and so does
+// when its endpoints joined (a slow start is not begun again).
+func TestOlderSetLeavesTheBalancerAlone(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ch := &chain{}
+		st := &serviceState{}
+		p := policy.Effective("svc", map[string]policy.Policy{"svc": {Service: "svc", LoadBalancer: lbPolicy(policy.RoundRobin, 10*time.Second)}})
+		old := endpoints(0)
+		old.UpdatedAt = time.Now()
+		time.Sleep(time.Second)
+		cur := endpoints(0, 0)
+		cur.UpdatedAt = time.Now()
+		current := ch.balancer(&call{service: "svc", set: cur, policy: &p, state: st})
+		joined := current.stats[1].since
+		time.Sleep(time.Second)
+		if b := ch.balancer(&call{service: "svc", set: old, policy: &p, state: st}); b == current || len(b.eps) != 1 {
+			t.Fatalf("the older set's call got the current balancer")
+		}
+		if b := ch.balancer(&call{service: "svc", set: cur, policy: &p, state: st}); b != current || !b.stats[1].since.Equal(joined) {
+			t.Fatalf("the current balancer was replaced, or its new endpoint's slow start begun again")
+		}
+	})
 }

@@ -12,11 +12,18 @@ import (
 func (ch *chain) balancer(c *call) *balancer {
 	lb := c.policy.LoadBalancer
 	if v, ok := ch.pickers.Load(c.service); ok {
-		if b := v.(*balancer); b.set == c.set && b.lb == lb {
+		b := v.(*balancer)
+		if b.set == c.set && b.lb == lb {
 			return b
 		}
+		if b.set != c.set && c.set.UpdatedAt.Before(b.set.UpdatedAt) {
+			// A call routed before discovery's last change, retrying:
+			// served on a balancer of its own, so that the service's
+			// current one, and when its endpoints joined, stay as they are.
+			return newBalancer(c.set, ch.callable(c.set), lb, &c.state.endpoints, time.Now(), false)
+		}
 	}
-	b := newBalancer(c.set, ch.callable(c.set), lb, &c.state.endpoints, time.Now())
+	b := newBalancer(c.set, ch.callable(c.set), lb, &c.state.endpoints, time.Now(), true)
 	ch.pickers.Store(c.service, b)
 	return b
 }
