@@ -410,13 +410,49 @@ func entryWeight(e *api.ServiceEntry) (weight int, ok bool) {
 	if passing <= 0 && warning <= 0 {
 		passing, warning = 1, 1 // no weights registered
 	}
-	switch e.Checks.AggregatedStatus() {
+	switch checksStatus(e.Checks) {
 	case api.HealthPassing:
 		return max(passing, 1), true
 	case api.HealthWarning:
 		return warning, warning > 0
 	}
 	return 0, false
+}
+
+// checksStatus is api.HealthChecks.AggregatedStatus without trusting the
+// answer's shape: a null check is skipped where AggregatedStatus
+// dereferences it. Maintenance wins over critical, critical over warning,
+// warning over passing; no checks is passing, and a status Consul does not
+// define is "" (no traffic).
+func checksStatus(checks api.HealthChecks) string {
+	var warning, critical, maintenance bool
+	for _, c := range checks {
+		if c == nil {
+			continue
+		}
+		if c.CheckID == api.NodeMaint || strings.HasPrefix(c.CheckID, api.ServiceMaintPrefix) {
+			maintenance = true
+			continue
+		}
+		switch c.Status {
+		case api.HealthPassing:
+		case api.HealthWarning:
+			warning = true
+		case api.HealthCritical:
+			critical = true
+		default:
+			return ""
+		}
+	}
+	switch {
+	case maintenance:
+		return api.HealthMaint
+	case critical:
+		return api.HealthCritical
+	case warning:
+		return api.HealthWarning
+	}
+	return api.HealthPassing
 }
 
 func (c *Consul) known(ctx context.Context, w *watch) (bool, error) {

@@ -98,8 +98,8 @@ func TestConsulServiceAtSkipsNamesThatArePaths(t *testing.T) {
 }
 
 // Every answer is decoded without trusting its shape: entries without a
-// Service or a Node, a null catalog. A server stands in for Consul, since a
-// real agent does not send these.
+// Service or a Node, null checks, a null catalog. A server stands in for
+// Consul, since a real agent does not send these.
 func TestConsulAnswersWithMissingParts(t *testing.T) {
 	answers := map[string]string{
 		"/v1/catalog/services": `{"web": [], "Upper": null}`,
@@ -107,7 +107,14 @@ func TestConsulAnswersWithMissingParts(t *testing.T) {
 			{"Node": null, "Service": {"Port": 80}},
 			{"Node": {"Address": "10.0.0.2"}, "Service": {"Address": "", "Port": 81}},
 			{"Node": null, "Service": {"Address": "10.0.0.1", "Port": 80}},
-			{"Node": null, "Service": {"Address": "10.0.0.3", "Port": 70000}}]`,
+			{"Node": null, "Service": {"Address": "10.0.0.3", "Port": 70000}},
+			{"Service": {"Address": "10.0.0.5", "Port": 80}, "Checks": [null]},
+			{"Service": {"Address": "10.0.0.6", "Port": 80}, "Checks": null},
+			{"Node": null, "Service": {"Address": "10.0.0.7", "Port": 80, "Weights": null},
+				"Checks": [null, {"CheckID": "serfHealth", "Status": "warning"}, null]},
+			{"Service": {"Address": "10.0.0.8", "Port": 80}, "Checks": [null, {"CheckID": "c", "Status": "critical"}]},
+			{"Service": {"Address": "10.0.0.9", "Port": 80}, "Checks": [{"CheckID": "_service_maintenance:web", "Status": "passing"}, null]},
+			{"Service": {"Address": "10.0.0.10", "Port": 80}, "Checks": [null, {"CheckID": "c", "Status": "bogus"}]}]`,
 		"/v1/health/service/upper": `[{"Node": null, "Service": {"Address": "10.0.0.4", "Port": 80}}]`,
 	}
 	fake := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -134,8 +141,10 @@ func TestConsulAnswersWithMissingParts(t *testing.T) {
 	ctx := context.Background()
 
 	set, err := d.Resolve(ctx, "web")
-	if err != nil || !slices.Equal(addrs(set), []string{"10.0.0.1:80", "10.0.0.2:81"}) {
-		t.Fatalf("Resolve(web) = %v, %v; want 10.0.0.1:80 and 10.0.0.2:81 (entries without a Service, an address or a valid port skipped)", set, err)
+	want := []string{"10.0.0.1:80", "10.0.0.2:81", "10.0.0.5:80", "10.0.0.6:80", "10.0.0.7:80"}
+	if err != nil || !slices.Equal(addrs(set), want) {
+		t.Fatalf("Resolve(web) = %v, %v; want %v (entries without a Service, an address or a valid port skipped, "+
+			"null checks skipped, a critical, maintenance or unknown check excluding its instance)", set, err, want)
 	}
 	set, err = d.Resolve(ctx, "upper")
 	if err != nil || !slices.Equal(addrs(set), []string{"10.0.0.4:80"}) {
