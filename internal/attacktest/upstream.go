@@ -25,19 +25,26 @@ import (
 // Misbehaviour is one way an upstream breaks HTTP in its answers.
 type Misbehaviour struct {
 	Name string
-	// Class groups them: desync (bytes nobody asked for), size, interim,
-	// framing, syntax.
+	// Class groups them: desync (bytes nobody asked for), hop-by-hop,
+	// size, interim, framing, syntax.
 	Class string
 	// Method is the clients' method; "" is GET, "HEAD/GET" alternates.
 	Method string
 	// Answer returns what the upstream writes for the request tagged tag:
 	// answer, then stray (bytes past the end of the answer, or nothing).
 	Answer func(method, tag string) (answer, stray string)
+	// Split, when not "", is where the answer is cut in two writes a moment
+	// apart, so that its head does not come in one read.
+	Split string
 	// Bad marks an answer the listener must refuse: 502
 	// upstream_bad_response. Otherwise every answer a client gets is its
 	// own.
 	Bad bool
 }
+
+// Hidden is the header an answer's Connection header names (hop-by-hop):
+// a client that gets it got what was meant for the listener alone.
+const Hidden = "X-Internal"
 
 // Poison is the response stray bytes carry: whoever gets it got an answer
 // meant for nobody.
@@ -82,6 +89,25 @@ func Misbehaviours() []Misbehaviour {
 		{Name: "Content-Length and chunked", Class: "framing", Answer: func(_, tag string) (string, string) {
 			body := "tag=" + tag
 			return fmt.Sprintf("HTTP/1.1 200 OK\r\nX-Tag: %s\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", tag, len(body), body), Poison
+		}},
+
+		// hop-by-hop: the answer names Hidden in its Connection header,
+		// however the head comes; the client must not get it.
+		{Name: "Connection-named header", Class: "hop-by-hop", Answer: func(_, tag string) (string, string) {
+			return tagged(200, tag, "Connection: "+Hidden+"\r\n"+Hidden+": secret\r\n"), ""
+		}},
+		{Name: "Connection: close and a named header", Class: "hop-by-hop", Answer: func(_, tag string) (string, string) {
+			return tagged(200, tag, "Connection: close, "+Hidden+"\r\n"+Hidden+": secret\r\n"), ""
+		}},
+		{Name: "Connection: close and a named header in an 8 KiB head", Class: "hop-by-hop", Answer: func(_, tag string) (string, string) {
+			return tagged(200, tag, "X-Pad: "+strings.Repeat("p", 8<<10)+"\r\nConnection: close, "+Hidden+"\r\n"+Hidden+": secret\r\n"), ""
+		}},
+		{Name: "Connection: close and a named header in a head split across writes", Class: "hop-by-hop",
+			Split: "Connection: close, " + Hidden + "\r\n", Answer: func(_, tag string) (string, string) {
+				return tagged(200, tag, "Connection: close, "+Hidden+"\r\n"+Hidden+": secret\r\n"), ""
+			}},
+		{Name: "Connection: close and a named header on a continuation line", Class: "hop-by-hop", Answer: func(_, tag string) (string, string) {
+			return tagged(200, tag, "Connection: close,\r\n "+Hidden+"\r\n"+Hidden+": secret\r\n"), ""
 		}},
 
 		// Answers the listener must refuse, closing the connection.
@@ -205,6 +231,14 @@ func (u *MisbehavingUpstream) serve(c net.Conn) {
 		_, _ = io.Copy(io.Discard, req.Body)
 		answer, stray := u.m.Answer(req.Method, req.Header.Get("X-Tag"))
 		u.answered.Add(1)
+		if i := strings.Index(answer, u.m.Split); u.m.Split != "" && i >= 0 {
+			i += len(u.m.Split)
+			if _, err := io.WriteString(c, answer[:i]); err != nil {
+				return
+			}
+			time.Sleep(5 * time.Millisecond) // for the listener to read the first part alone
+			answer = answer[i:]
+		}
 		if !u.Late || stray == "" {
 			if _, err := io.WriteString(c, answer+stray); err != nil {
 				return
@@ -229,12 +263,13 @@ type Tally struct {
 	Mismatch   int // answers carrying another tag, or the poison
 	Bad        int // 502 upstream_bad_response
 	Other      int // anything else (another local error, a failed request)
+	Leaked     int // answers carrying Hidden, whatever else they are
 	FirstMiss  string
 	FirstOther string
 }
 
 func (t Tally) String() string {
-	s := fmt.Sprintf("own %d, mismatched %d, upstream_bad_response %d, other %d", t.Own, t.Mismatch, t.Bad, t.Other)
+	s := fmt.Sprintf("own %d, mismatched %d, upstream_bad_response %d, other %d, %s leaked %d", t.Own, t.Mismatch, t.Bad, t.Other, Hidden, t.Leaked)
 	if t.FirstOther != "" {
 		s += " (first other: " + t.FirstOther + ")"
 	}
@@ -255,6 +290,9 @@ func Call(client *http.Client, addr, method, tag string, tl *Tally, mu *sync.Mut
 	}
 	mu.Lock()
 	defer mu.Unlock()
+	if err == nil && resp.Header.Get(Hidden) != "" {
+		tl.Leaked++
+	}
 	switch {
 	case err != nil:
 		tl.Other++
@@ -294,8 +332,11 @@ func RunUpstream(t *testing.T, l Listener, start func(t *testing.T, upstreamAddr
 			defer tr.CloseIdleConnections()
 			client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
 			n := perClient
-			if m.Bad {
+			switch {
+			case m.Bad:
 				n = min(n, 10) // each is refused the same way; the large ones are slow to send
+			case m.Class == "hop-by-hop":
+				n = min(n, 25) // most close their connection: one dial per answer
 			}
 			var tl Tally
 			var mu sync.Mutex
@@ -354,6 +395,9 @@ func check(t *testing.T, m Misbehaviour, tl Tally, total int) {
 	t.Helper()
 	if tl.Mismatch != 0 {
 		t.Errorf("%d of %d clients got an answer that was not theirs; first: %s", tl.Mismatch, total, tl.FirstMiss)
+	}
+	if tl.Leaked != 0 {
+		t.Errorf("%d of %d clients got %s, named in the upstream's Connection header", tl.Leaked, total, Hidden)
 	}
 	if m.Bad && tl.Bad != total {
 		t.Errorf("%s; want all %d answered 502 upstream_bad_response", tl, total)

@@ -61,8 +61,10 @@ func TestForbiddenTrailersDropped(t *testing.T) {
 }
 
 // Headers an upstream's Connection header names are hop-by-hop: they never
-// reach the client.
+// reach the client, whatever the size of the head, however it is split
+// across writes, and when the name is on a continuation line.
 func TestConnectionNamedResponseHeadersDropped(t *testing.T) {
+	pad := "X-Pad: " + strings.Repeat("p", 8<<10) + "\r\n" // past the reader's 4 KiB buffer
 	addr := rawUpstream(t, func(c net.Conn, br *bufio.Reader) {
 		for {
 			req, err := http.ReadRequest(br)
@@ -70,22 +72,41 @@ func TestConnectionNamedResponseHeadersDropped(t *testing.T) {
 				return
 			}
 			io.Copy(io.Discard, req.Body)
-			conn := "X-Internal, keep-alive"
-			if req.URL.Path == "/close" {
+			conn, extra := "X-Internal, keep-alive", ""
+			switch req.URL.Path {
+			case "/close", "/close/split":
 				conn = "close, x-internal"
+			case "/close/big":
+				conn, extra = "close, x-internal", pad
+			case "/close/fold":
+				conn = "close,\r\n x-internal"
+			case "/big":
+				extra = pad
 			}
-			io.WriteString(c, "HTTP/1.1 200 OK\r\nConnection: "+conn+"\r\nX-Internal: secret\r\nX-Public: yes\r\nContent-Length: 2\r\n\r\nok")
+			head := "HTTP/1.1 200 OK\r\n" + extra + "Connection: " + conn + "\r\n"
+			rest := "X-Internal: secret\r\nX-Public: yes\r\nContent-Length: 2\r\n\r\nok"
+			if strings.HasSuffix(req.URL.Path, "/split") {
+				io.WriteString(c, head)
+				time.Sleep(20 * time.Millisecond) // for the sidecar to read the first part alone
+				head = ""
+			}
+			io.WriteString(c, head+rest)
 		}
 	})
 	sc := startSidecar(t, options{static: map[string][]string{"svc": {addr}}})
 	c := sc.client(t)
-	for _, path := range []string{"/", "/", "/close"} { // the fast path, and again on a kept-alive connection
-		resp, _ := sc.get(t, c, "svc", path)
+	// The fast path, and again on a kept-alive connection; then heads that
+	// do not come whole in the first read.
+	for _, path := range []string{"/", "/", "/close", "/big", "/close/big", "/close/split", "/close/fold"} {
+		resp, body := sc.get(t, c, "svc", path)
+		if resp.StatusCode != 200 || body != "ok" {
+			t.Fatalf("GET %s: got %d %q, want 200 \"ok\"", path, resp.StatusCode, body)
+		}
 		if v := resp.Header.Get("X-Internal"); v != "" {
-			t.Fatalf("the client got X-Internal: %q, named in the upstream's Connection header", v)
+			t.Fatalf("GET %s: the client got X-Internal: %q, named in the upstream's Connection header", path, v)
 		}
 		if resp.Header.Get("X-Public") != "yes" {
-			t.Fatalf("the client lost X-Public: %v", resp.Header)
+			t.Fatalf("GET %s: the client lost X-Public: %v", path, resp.Header)
 		}
 	}
 	resp, _ := sc.raw(t, "GET / HTTP/1.0\r\nHost: svc\r\n\r\n") // net/http's path

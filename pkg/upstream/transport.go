@@ -738,17 +738,24 @@ func (pc *persistConn) readResponse(req *http.Request) (*http.Response, error) {
 		// The reader may fill its buffer past the head: allow that much
 		// more through, then count the head's own bytes exactly.
 		before := int64(pc.br.Buffered())
-		onHand, _ := pc.br.Peek(int(before)) // the head, when it came whole
+		head, _ := pc.br.Peek(int(before))
+		if !bytes.Contains(head, headEnd) {
+			// The head did not come whole: the reader will reuse its
+			// buffer for the rest, so keep a copy of it as it comes.
+			pc.head.seen = append(make([]byte, 0, 2*len(head)), head...)
+		}
 		pc.head.read, pc.head.over, pc.head.left = 0, false, pc.t.maxHeaderBytes+int64(pc.br.Size())
 		resp, err := http.ReadResponse(pc.br, req)
 		headBytes := before + pc.head.read - int64(pc.br.Buffered())
 		pc.head.left = -1
-		if err == nil && resp.Close && headBytes <= int64(len(onHand)) {
+		if pc.head.seen != nil {
+			head, pc.head.seen = pc.head.seen, nil
+		}
+		if err == nil && resp.Close && headBytes <= int64(len(head)) {
 			// ReadResponse drops a Connection header that says "close",
 			// and with it the names of the other hop-by-hop headers it
-			// lists: read them from the head, which the reader still
-			// holds as it was (it did not need to read more).
-			dropConnectionOptions(resp.Header, onHand[:headBytes])
+			// lists: read them from the head as it came.
+			dropConnectionOptions(resp.Header, head[:headBytes])
 		}
 		switch {
 		case err != nil && pc.head.over, err == nil && headBytes > pc.t.maxHeaderBytes:
@@ -771,9 +778,14 @@ func (pc *persistConn) readResponse(req *http.Request) (*http.Response, error) {
 	}
 }
 
+// headEnd ends a head whose lines end in CRLF.
+var headEnd = []byte("\r\n\r\n")
+
 // dropConnectionOptions deletes from h the headers that the Connection
-// fields of the raw response head name.
+// fields of the raw response head name, continuation lines (obs-fold, which
+// ReadResponse joins to the field they follow) included.
 func dropConnectionOptions(h http.Header, head []byte) {
+	inConnection := false
 	for len(head) > 0 {
 		line := head
 		if i := bytes.IndexByte(head, '\n'); i >= 0 {
@@ -781,8 +793,14 @@ func dropConnectionOptions(h http.Header, head []byte) {
 		} else {
 			head = nil
 		}
-		name, value, ok := bytes.Cut(line, []byte(":"))
-		if !ok || !ascii.EqualFold(bytes.TrimSpace(name), "connection") {
+		value := line
+		if len(line) == 0 || line[0] != ' ' && line[0] != '\t' {
+			var name []byte
+			var ok bool
+			name, value, ok = bytes.Cut(line, []byte(":"))
+			inConnection = ok && ascii.EqualFold(bytes.TrimSpace(name), "connection")
+		}
+		if !inConnection {
 			continue
 		}
 		for _, opt := range bytes.Split(value, []byte(",")) {
@@ -807,9 +825,10 @@ func isIOError(err error) bool {
 // header line of any length from growing the reader without bound.
 type headLimiter struct {
 	conn net.Conn
-	left int64 // bytes that may still be read; < 0: no limit
-	read int64 // bytes read under the limit
-	over bool  // the limit was reached
+	left int64  // bytes that may still be read; < 0: no limit
+	read int64  // bytes read under the limit
+	over bool   // the limit was reached
+	seen []byte // when not nil, what was read under the limit is appended
 }
 
 var errHeadTooLarge = errors.New("response header too large")
@@ -828,6 +847,9 @@ func (l *headLimiter) Read(p []byte) (int, error) {
 	n, err := l.conn.Read(p)
 	l.left -= int64(n)
 	l.read += int64(n)
+	if l.seen != nil {
+		l.seen = append(l.seen, p[:n]...)
+	}
 	return n, err
 }
 
