@@ -247,6 +247,8 @@ func renderExplain(w io.Writer, r explainReport) error {
 		{"Circuit breaker (one per service):", e.CircuitBreaker},
 		{"Outlier detection:", e.OutlierDetection},
 		{"Concurrency:", e.Concurrency},
+		{"Load balancing:", e.LoadBalancer},
+		{"Hedging:", e.Hedge},
 	} {
 		b.WriteString("\n" + section.title + "\n")
 		for _, l := range section.lines {

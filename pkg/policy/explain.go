@@ -75,6 +75,10 @@ type Explanation struct {
 	CircuitBreaker   []string `json:"circuitBreaker"`
 	OutlierDetection []string `json:"outlierDetection"`
 	Concurrency      []string `json:"concurrency"`
+	// LoadBalancer and Hedge say how an attempt's endpoint is chosen, and
+	// when a request is sent to a second one while the first is out.
+	LoadBalancer []string `json:"loadBalancer"`
+	Hedge        []string `json:"hedge"`
 
 	Warnings []Warning `json:"warnings"`
 }
@@ -310,6 +314,8 @@ func (e *Explanation) analyze() {
 	e.CircuitBreaker = breakerWords(e.target(), cb)
 	e.OutlierDetection = outlierWords(e.target(), od)
 	e.Concurrency = []string{concurrencyWords(e.target(), p.Concurrency)}
+	e.LoadBalancer = []string{balancerWords(p.LoadBalancer)}
+	e.Hedge = []string{e.hedgeWords()}
 	e.Warnings = e.warnings(backoffSum(max(e.MaxAttempts-1, 0)))
 }
 
@@ -332,6 +338,47 @@ func boundsWords(p Policy) []string {
 			"trailers, HTTP an aborted body.",
 		"Every one ends at the caller's own deadline (a gRPC client's grpc-timeout) or when the caller goes away.",
 	}
+}
+
+func balancerWords(lb *LoadBalancer) string {
+	var w string
+	switch *lb.Policy {
+	case LeastRequest:
+		w = "least-request: of two endpoints drawn at random, the one with fewer requests in flight from this sidecar (per unit of weight)."
+	case P2CEWMA:
+		w = "p2c-ewma: of two endpoints drawn at random, the one with the lower peak-EWMA latency times requests in flight " +
+			"(per unit of weight): a slow or stalled endpoint gets little traffic until it answers fast again."
+	default:
+		w = "round-robin: the endpoints in turn, smoothly weighted when their weights differ."
+	}
+	w += " Consul's instance weights count (Weights.Passing, Weights.Warning for an instance whose checks warn); ejected endpoints " +
+		"are skipped, and a retry goes to another endpoint when there is one."
+	if d := lb.SlowStart.D(); d > 0 {
+		w += " A new or returning endpoint's share ramps up from a tenth of its weight over slowStart (" + FormatDuration(d) + ")."
+	}
+	return w
+}
+
+// hedgeWords says when a request is hedged, and what a hedge costs.
+func (e *Explanation) hedgeWords() string {
+	p := e.Effective
+	h, r := p.Hedge, p.Retry
+	if !h.On() {
+		return "Off (hedge.delay 0s): each attempt runs alone; a retry starts only once it failed."
+	}
+	who := "an idempotent request (retry.methods: " + strings.Join(r.Methods, ", ") + ", or any with an Idempotency-Key)"
+	if len(r.Methods) == 0 {
+		who = "a request with an Idempotency-Key (retry.methods is empty)"
+	}
+	delay := FormatDuration(h.Delay.D())
+	w := fmt.Sprintf("When %s, whose body is held in memory, has no answer %s after an attempt started, it is also sent to another "+
+		"endpoint, up to %s, one delay apart; the first complete answer wins (a success, or a failure retry.on does not name) "+
+		"and the other attempts are cancelled.", who, delay, plural(*h.MaxHedges, "hedge"))
+	hedges := min(*h.MaxHedges, e.MaxAttempts-1)
+	w += fmt.Sprintf(" Each hedge is an attempt: with retry.attempts %d, a request sends at most %s, and every hedge takes a retry "+
+		"from the retry budget (%s of requests plus %d a second), so hedging adds no more load than retries could.",
+		*r.Attempts, plural(hedges, "hedge"), percent(*r.Budget.Ratio), *r.Budget.MinPerSecond)
+	return w
 }
 
 func concurrencyWords(service string, c *Concurrency) string {
@@ -661,6 +708,22 @@ func (e *Explanation) warnings(backoffs time.Duration) []Warning {
 	}
 	if w := adaptiveWarning(p.Concurrency, e.Fields); w != nil {
 		out = append(out, *w)
+	}
+	if h := p.Hedge; h.On() {
+		switch {
+		case e.MaxAttempts < 2:
+			add("hedge-never-sent", []string{"hedge.delay", "retry.attempts", "retry.budget"},
+				"hedge.delay is set but no hedge is ever sent: a hedge is an attempt, and retry.attempts, retry.on and retry.budget "+
+					"allow only one. Raise retry.attempts to %d and give the budget a ratio.", 1+*h.MaxHedges)
+		case P > 0 && h.Delay.D() >= P:
+			add("hedge-after-per-try-timeout", []string{"hedge.delay", "retry.perTryTimeout"},
+				"hedge.delay (%s) is not shorter than retry.perTryTimeout (%s): an attempt times out before its hedge is due. "+
+					"A delay near the service's 95th percentile latency hedges the slowest 5%%.",
+				FormatDuration(h.Delay.D()), FormatDuration(P))
+		case h.Delay.D() >= T:
+			add("hedge-after-timeout", []string{"hedge.delay", "timeout"},
+				"hedge.delay (%s) is not shorter than timeout (%s): no hedge is ever due.", FormatDuration(h.Delay.D()), FormatDuration(T))
+		}
 	}
 	switch pct := *od.MaxEjectionPercent; {
 	case pct == 100:

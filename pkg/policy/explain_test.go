@@ -60,6 +60,7 @@ func TestExplainAnalysis(t *testing.T) {
 		messageHas []string // in the warnings' messages
 		breakerHas string
 		outlierHas string
+		hedgeHas   string
 	}{
 		{
 			name: "defaults", want: defaultOutcome,
@@ -178,6 +179,24 @@ func TestExplainAnalysis(t *testing.T) {
 				backoffsSum: 75 * time.Millisecond, factorAt10: 2.2, factorAt1k: 1.21},
 			warnings: []string{"connect-timeout-unused"},
 		},
+		{
+			name: "hedged", policy: "retry: {perTryTimeout: 1s, on: [timeout]}\nhedge: {delay: 20ms}", want: perTry1s, warnings: []string{},
+			hedgeHas: "When an idempotent request (retry.methods: GET, HEAD, OPTIONS, PUT, DELETE, or any with an Idempotency-Key), whose body " +
+				"is held in memory, has no answer 20ms after an attempt started, it is also sent to another endpoint, up to 1 hedge",
+		},
+		{
+			name: "hedges that cannot be sent", policy: "retry: {attempts: 1}\nhedge: {delay: 20ms, maxHedges: 2}", want: oneAttempt,
+			warnings: []string{"hedge-never-sent"}, messageHas: []string{"Raise retry.attempts to 3"},
+			hedgeHas: "a request sends at most 0 hedges",
+		},
+		{
+			name: "hedge after the per-try timeout", policy: "retry: {perTryTimeout: 1s, on: [timeout]}\nhedge: {delay: 1s}", want: perTry1s,
+			warnings: []string{"hedge-after-per-try-timeout"},
+		},
+		{
+			name: "hedging off", policy: "", want: defaultOutcome, warnings: []string{"no-per-try-timeout"},
+			hedgeHas: "Off (hedge.delay 0s)",
+		},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -212,6 +231,9 @@ func TestExplainAnalysis(t *testing.T) {
 			}
 			if tc.breakerHas != "" && !strings.Contains(strings.Join(e.CircuitBreaker, "\n"), tc.breakerHas) {
 				t.Errorf("breaker words lack %q:\n%s", tc.breakerHas, strings.Join(e.CircuitBreaker, "\n"))
+			}
+			if tc.hedgeHas != "" && !strings.Contains(strings.Join(e.Hedge, "\n"), tc.hedgeHas) {
+				t.Errorf("hedge words lack %q:\n%s", tc.hedgeHas, strings.Join(e.Hedge, "\n"))
 			}
 			if tc.outlierHas != "" && !strings.Contains(strings.Join(e.OutlierDetection, "\n"), tc.outlierHas) {
 				t.Errorf("outlier words lack %q:\n%s", tc.outlierHas, strings.Join(e.OutlierDetection, "\n"))

@@ -48,6 +48,7 @@ type Policy struct {
 	OutlierDetection *OutlierDetection `yaml:"outlierDetection,omitempty" json:"outlierDetection,omitempty"`
 	Concurrency      *Concurrency      `yaml:"concurrency,omitempty" json:"concurrency,omitempty"`
 	LoadBalancer     *LoadBalancer     `yaml:"loadBalancer,omitempty" json:"loadBalancer,omitempty"`
+	Hedge            *Hedge            `yaml:"hedge,omitempty" json:"hedge,omitempty"`
 }
 
 // Retry says when and how a failed attempt is tried again.
@@ -118,6 +119,26 @@ type LoadBalancer struct {
 	// SlowStart ramps a new endpoint's share of the traffic up over this
 	// long, from a tenth of its weight; 0: none.
 	SlowStart *Duration `yaml:"slowStart,omitempty" json:"slowStart,omitempty"`
+}
+
+// Hedge sends an idempotent request (retry.methods, or one with an
+// Idempotency-Key) whose body is held in memory to another endpoint too
+// once Delay has passed without an answer, up to MaxHedges more times, one
+// Delay apart. The first complete answer wins and the other attempts are
+// cancelled. Each hedge is an attempt: it counts against retry.attempts
+// and takes a retry from the retry budget, so hedging never adds more load
+// than retries could.
+type Hedge struct {
+	// Delay is how long an attempt goes without an answer before a hedge
+	// is sent; 0: no hedging.
+	Delay *Duration `yaml:"delay,omitempty" json:"delay,omitempty"`
+	// MaxHedges is the most hedges one request sends.
+	MaxHedges *int `yaml:"maxHedges,omitempty" json:"maxHedges,omitempty"`
+}
+
+// On reports whether h hedges at all.
+func (h *Hedge) On() bool {
+	return h != nil && h.Delay != nil && *h.Delay > 0 && h.MaxHedges != nil && *h.MaxHedges > 0
 }
 
 // Load-balancing policies (LoadBalancer.Policy).
@@ -198,6 +219,7 @@ func Defaults() Policy {
 		},
 		Concurrency:  &Concurrency{MaxInFlight: ptr(1024), MaxQueued: ptr(1024), QueueTimeout: ptr(Duration(time.Second)), Adaptive: ptr(false)},
 		LoadBalancer: &LoadBalancer{Policy: ptr(RoundRobin), SlowStart: ptr(Duration(0))},
+		Hedge:        &Hedge{Delay: ptr(Duration(0)), MaxHedges: ptr(1)},
 	}
 }
 
@@ -414,6 +436,10 @@ func (p Policy) Validate() error {
 			add("loadBalancer.policy", Quote(*lb.Policy), strings.Join(LoadBalancers, ", "))
 		}
 		durIn("loadBalancer.slowStart", lb.SlowStart, time.Second, time.Hour, true)
+	}
+	if h := p.Hedge; h != nil {
+		durIn("hedge.delay", h.Delay, time.Millisecond, time.Minute, true)
+		intIn("hedge.maxHedges", h.MaxHedges, 1, 3)
 	}
 	return errs.err()
 }

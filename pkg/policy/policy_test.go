@@ -106,6 +106,7 @@ retry: {attempts: 0, perTryTimeout: 3h, backoff: {base: 1s, max: 10ms}, on: [som
 circuitBreaker: {consecutiveFailures: 0, failureRatio: 0, minRequests: 0, window: 1ms, openDuration: 2h, halfOpenRequests: 0}
 outlierDetection: {consecutiveFailures: 0, ejectionTime: 1ms, maxEjectionPercent: 101}
 concurrency: {maxInFlight: 0}
+hedge: {delay: 2m, maxHedges: 4}
 `, []string{
 			"p.yaml:1: document 1: timeout: 2h0m0s is not allowed (allowed: 1ms to 1h0m0s)",
 			"streamIdleTimeout: 25h0m0s is not allowed (allowed: 1ms to 24h0m0s)",
@@ -129,6 +130,8 @@ concurrency: {maxInFlight: 0}
 			"outlierDetection.ejectionTime: 1ms",
 			"outlierDetection.maxEjectionPercent: 101 is not allowed (allowed: 0 to 100)",
 			"concurrency.maxInFlight: 0 is not allowed (allowed: 1 to 1000000)",
+			"hedge.delay: 2m0s is not allowed (allowed: 1ms to 1m0s, or 0 for none)",
+			"hedge.maxHedges: 4 is not allowed (allowed: 1 to 3)",
 		}},
 		{"bad service and version", "apiVersion: v2\nkind: Route\nservice: Users_1\n", []string{`apiVersion: "v2"`, `kind: "Route"`, `service: "Users_1"`}},
 		{"duplicate service", "service: a\n---\nservice: a\n", []string{`document 2: service "a" already has a policy in document 1`}},
