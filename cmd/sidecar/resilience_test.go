@@ -111,6 +111,7 @@ policies:
 		`sidecar_requests_in_flight{direction="outbound"} 0`,
 		`sidecar_outlier_ejected_endpoints{service="svc"} 0`,
 		`sidecar_concurrency_limit{service="svc"} 1024`,
+		`sidecar_endpoint_attempts_total{endpoint="` + down.Addr() + `",service="svc"} 8`,
 	} {
 		if !strings.Contains(m, want) {
 			t.Errorf("/metrics lacks %q", want)
@@ -121,6 +122,44 @@ policies:
 	}
 	if r := fetch(t, "http://"+rs.admin+"/resilience"); !strings.Contains(r, `"state": "open"`) {
 		t.Fatalf("admin /resilience = %s, want the breaker open", r)
+	}
+}
+
+// Hedges show in /metrics: sent, and won when their answer is the one the
+// app got. Here every request's first attempt goes to an instance that
+// stalls, and its hedge, 20ms later, to one that answers.
+func TestHedgeMetrics(t *testing.T) {
+	stalled := faultserver.New(t, faultserver.Faults{StallRatio: 1, Stall: 10 * time.Second})
+	quick := faultserver.New(t, faultserver.Faults{})
+	rs := runSidecar(t, `
+discovery: {static: {svc: [`+stalled.Addr()+`, `+quick.Addr()+`]}}
+policies:
+  - service: svc
+    loadBalancer: {policy: least-request}
+    hedge: {delay: 20ms}
+`)
+	client := &http.Client{Timeout: 5 * time.Second}
+	for range 6 {
+		req, _ := http.NewRequest("GET", "http://"+rs.out+"/", nil)
+		req.Host = "svc"
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("status %d, want the hedge's 200", resp.StatusCode)
+		}
+	}
+	// least-request sends a first attempt to the stalled instance while
+	// it has none in flight there: each hedge that wins cancels the
+	// stalled attempt, so requests keep meeting it. Every attempt sent to
+	// it is one of its arrivals, each hedge won by the quick one.
+	sent, won := metricValue(t, rs.metrics, `sidecar_hedges_total{service="svc"}`), metricValue(t, rs.metrics, `sidecar_hedges_won_total{service="svc"}`)
+	picks := metricValue(t, rs.metrics, `sidecar_endpoint_attempts_total{endpoint="`+stalled.Addr()+`",service="svc"}`)
+	if won < 1 || won > sent || picks != float64(stalled.Requests()) {
+		t.Fatalf("hedges sent %v, won %v; attempts at the stalled instance %v, its arrivals %d; want hedges won, "+
+			"and one attempt per arrival", sent, won, picks, stalled.Requests())
 	}
 }
 

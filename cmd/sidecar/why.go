@@ -108,8 +108,8 @@ func explain(r requestlog.Request, jaeger string) string {
 	b.WriteString("\n")
 	for i, a := range r.Attempts {
 		fmt.Fprintf(&b, "  %d) ", i+1)
-		if a.RetryReason != "" {
-			fmt.Fprintf(&b, "retry on %s after %s backoff, ", a.RetryReason, requestlog.Millis(a.BackoffMs))
+		if why := a.Why(); why != "" {
+			b.WriteString(why + ", ")
 		}
 		fmt.Fprintf(&b, "%s %s (%s)", a.Endpoint, a.Outcome, requestlog.Millis(a.DurationMs))
 		if a.BreakerState != "" && a.BreakerState != "closed" {

@@ -31,6 +31,11 @@ type Faults struct {
 	// capacity, Workers/Latency requests per second, past which its
 	// latency grows with its queue. 0: no limit.
 	Workers int
+	// StallRatio of requests wait Stall more before they are answered (the
+	// client's cancellation ends the wait): a pause, as a garbage
+	// collection or a slow disk makes one.
+	StallRatio float64
+	Stall      time.Duration
 	// ResetRatio of requests get a TCP reset and no response.
 	ResetRatio float64
 	// CutBodyRatio of requests get a 200 whose body stops halfway and the
@@ -64,8 +69,12 @@ type Server struct {
 	inFlight    atomic.Int64
 	failed      atomic.Int64
 	connections atomic.Int64
-	byMethod    sync.Map // method -> *atomic.Int64
-	arrivals    atomic.Pointer[func(*http.Request)]
+	stalls      atomic.Int64 // requests stalled (Faults.StallRatio)
+	// stallsServed are the stalled requests whose client waited the
+	// stall out.
+	stallsServed atomic.Int64
+	byMethod     sync.Map // method -> *atomic.Int64
+	arrivals     atomic.Pointer[func(*http.Request)]
 }
 
 // Start starts a server with faults on a free loopback port; Close stops it.
@@ -112,6 +121,11 @@ func (s *Server) OnRequest(fn func(*http.Request)) {
 
 // Requests is how many requests reached the handler (executions).
 func (s *Server) Requests() int64 { return s.requests.Load() }
+
+// Stalls returns how many requests were stalled (Faults.StallRatio), and
+// how many of them were answered after the whole stall rather than given up
+// by their client.
+func (s *Server) Stalls() (stalled, served int64) { return s.stalls.Load(), s.stallsServed.Load() }
 
 // InFlight is how many requests are in the handler now.
 func (s *Server) InFlight() int64 { return s.inFlight.Load() }
@@ -205,6 +219,17 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		t := time.NewTimer(f.Latency)
 		select {
 		case <-t.C:
+		case <-r.Context().Done():
+			t.Stop()
+			return
+		}
+	}
+	if draw(f.StallRatio) {
+		s.stalls.Add(1)
+		t := time.NewTimer(f.Stall)
+		select {
+		case <-t.C:
+			s.stallsServed.Add(1)
 		case <-r.Context().Done():
 			t.Stop()
 			return

@@ -3,6 +3,7 @@ package outbound
 import (
 	"math"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -189,8 +190,9 @@ func (b *balancer) slowStarting(now time.Time) bool { return now.Before(b.rampUn
 // pick chooses an endpoint for an attempt. A policy that learns counts
 // it in flight there; the attempt's judge (attemptEnd.record) takes it out
 // and reports its latency. o says which endpoints are
-// ejected; avoid is the endpoint of the attempt before.
-func (b *balancer) pick(o *outliers, avoid string, now time.Time) int {
+// ejected; avoid holds the endpoints of the attempt before (a retry's) or
+// of the attempts still out (a hedge's).
+func (b *balancer) pick(o *outliers, avoid []string, now time.Time) int {
 	var i int
 	switch {
 	case b.learns():
@@ -212,16 +214,16 @@ func (b *balancer) learns() bool {
 }
 
 // eligible reports whether endpoint i may take the attempt: not ejected,
-// and not the one to avoid when there is another.
-func (b *balancer) eligible(i int, o *outliers, avoid string, now time.Time) bool {
+// and not one to avoid when there is another.
+func (b *balancer) eligible(i int, o *outliers, avoid []string, now time.Time) bool {
 	addr := b.eps[i].Addr
-	return !o.ejected(addr, now) && (addr != avoid || len(b.eps) == 1)
+	return !o.ejected(addr, now) && (len(b.eps) == 1 || !slices.Contains(avoid, addr))
 }
 
 // roundRobin takes the endpoints in turn, skipping ineligible ones; if
 // every endpoint is ejected it picks one anyway (panic mode: better some
 // traffic than none).
-func (b *balancer) roundRobin(o *outliers, avoid string, now time.Time) int {
+func (b *balancer) roundRobin(o *outliers, avoid []string, now time.Time) int {
 	n := uint64(len(b.eps))
 	first := int(b.next.Add(1) % n)
 	for k := 0; k < len(b.eps); k++ {
@@ -238,7 +240,7 @@ func (b *balancer) roundRobin(o *outliers, avoid string, now time.Time) int {
 
 // smoothWeighted is weighted round robin without bursts: nginx's smooth
 // algorithm over the eligible endpoints' shares.
-func (b *balancer) smoothWeighted(o *outliers, avoid string, now time.Time) int {
+func (b *balancer) smoothWeighted(o *outliers, avoid []string, now time.Time) int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	best, total := -1, 0.0
@@ -263,7 +265,7 @@ func (b *balancer) smoothWeighted(o *outliers, avoid string, now time.Time) int 
 // p2c draws two eligible endpoints at random and takes the cheaper:
 // requests in flight (least-request), or latency times requests in flight
 // (p2c-ewma), per unit of share.
-func (b *balancer) p2c(o *outliers, avoid string, now time.Time) int {
+func (b *balancer) p2c(o *outliers, avoid []string, now time.Time) int {
 	n := len(b.eps)
 	if n == 1 {
 		return 0

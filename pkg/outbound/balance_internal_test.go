@@ -33,7 +33,7 @@ func TestSmoothWeightedRoundRobin(t *testing.T) {
 	counts := make([]int, 2)
 	lastLight := -10
 	for n := range 400 {
-		i := b.pick(&o, "", time.Now())
+		i := b.pick(&o, nil, time.Now())
 		counts[i]++
 		if i == 1 {
 			if n-lastLight < 4 {
@@ -57,7 +57,7 @@ func TestRoundRobinSkipsEjectedAndAvoided(t *testing.T) {
 	now := time.Now()
 	o.endpoints = map[string]*endpointHealth{set.Endpoints[1].Addr: {ejectedUntil: now.Add(time.Hour)}}
 	for range 30 {
-		i := b.pick(&o, set.Endpoints[0].Addr, now)
+		i := b.pick(&o, []string{set.Endpoints[0].Addr}, now)
 		if i != 2 {
 			t.Fatalf("picked %s; want the one neither ejected nor avoided", set.Endpoints[i].Addr)
 		}
@@ -72,7 +72,7 @@ func TestLeastRequest(t *testing.T) {
 	b.stats[0].inFlight.Store(10)
 	var o outliers
 	for range 50 {
-		if i := b.pick(&o, "", time.Now()); i != 1 {
+		if i := b.pick(&o, nil, time.Now()); i != 1 {
 			t.Fatalf("picked the endpoint with 10 in flight over one with none")
 		}
 		b.stats[1].inFlight.Add(-1)
@@ -98,7 +98,7 @@ func TestP2CEWMAAvoidsTheSlowEndpoint(t *testing.T) {
 		// 8 requests in flight at a time, for 20 s of virtual time.
 		for end := time.Now().Add(20 * time.Second); time.Now().Before(end); {
 			for len(inflight) < 8 {
-				i := b.pick(&o, "", time.Now())
+				i := b.pick(&o, nil, time.Now())
 				counts[i]++
 				inflight = append(inflight, pending{i, time.Now().Add(latency[i])})
 			}
@@ -137,7 +137,7 @@ func TestSlowStartRamps(t *testing.T) {
 		for s := range 10 {
 			n := 0
 			for range 1000 {
-				if b.pick(&o, "", time.Now()) == 1 {
+				if b.pick(&o, nil, time.Now()) == 1 {
 					n++
 				}
 			}
@@ -169,7 +169,7 @@ func TestBalancersSkipEjected(t *testing.T) {
 		var o outliers
 		o.endpoints = map[string]*endpointHealth{set.Endpoints[2].Addr: {ejectedUntil: now.Add(time.Hour)}}
 		for range 200 {
-			i := b.pick(&o, set.Endpoints[rand.IntN(4)].Addr, now)
+			i := b.pick(&o, []string{set.Endpoints[rand.IntN(4)].Addr}, now)
 			if i == 2 {
 				t.Fatalf("%s picked the ejected endpoint", name)
 			}

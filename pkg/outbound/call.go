@@ -38,17 +38,9 @@ type call struct {
 	policy  *policy.Policy
 	state   *serviceState
 
-	// The attempt under way: what the balancer knows of its endpoint, and
-	// when it was picked (for the endpoint's latency).
-	picked   *endpointStats
-	pickedAt time.Time
-	// Its number (1 for the first try), why it is a retry ("" for the
-	// first), the backoff waited before it, and the endpoint of the
-	// attempt before it, which the picker avoids.
-	attempt int
-	retryOf string
-	backoff time.Duration
-	avoid   string
+	// last is the endpoint of the last attempt judged, which a retry
+	// avoids (a slice of it, so that avoiding costs no allocation).
+	last [1]string
 
 	// What the recorder may be told of the attempts (record.go): the
 	// first one's note in place, the retries' in a list made only when
@@ -56,6 +48,7 @@ type call struct {
 	first   attemptNote
 	retries []attemptNote
 	stop    string
+	judged  int // the number of the attempt judged last
 }
 
 var _ http.RoundTripper = (*call)(nil)
@@ -66,10 +59,9 @@ func (c *call) RoundTrip(req *http.Request) (*http.Response, error) { return c.c
 // chain is the path every call to a service takes; do is the whole of it,
 // top to bottom. One per Proxy; safe for concurrent use.
 //
-// Where new behaviour plugs in: hedging is a second attempt started from
-// attempts while the first is out; a new load-balancing policy is a case of balancer.pick
-// behind chain.pick; mTLS origination is the sender's (the transport's
-// dial), which is told the endpoint of each attempt.
+// Where new behaviour plugs in: a new load-balancing policy is a case of
+// balancer.pick behind chain.pick; mTLS origination is the sender's (the
+// transport's dial), which is told the endpoint of each attempt.
 type chain struct {
 	policies Policies
 	states   *stateRegistry
@@ -243,19 +235,47 @@ func (ch *chain) release(st *serviceState, maxInFlight int64) {
 	ch.inFlight.Add(-1)
 }
 
+// try is one attempt of a call: its number (1 for the first), why it was
+// sent (the retry.on condition of a retry, Hedge for a hedge, "" for the
+// first), the backoff waited before it, the endpoints it avoids, and once
+// picked its endpoint and what the balancer knows of it. Each attempt has
+// its own, so that hedges can run side by side.
+type try struct {
+	n       int
+	retryOf string
+	backoff time.Duration
+	avoid   []string
+
+	endpoint string
+	picked   *endpointStats // nil unless the balancer learns from outcomes
+	pickedAt time.Time
+}
+
+// tried is an attempt's outcome: its answer or error, under its per-try
+// deadline (nil without one), and how long it took.
+type tried struct {
+	try
+	resp   *http.Response
+	err    error
+	perTry *deadlineCtx
+	took   time.Duration
+	lost   bool // cancelled: another attempt's answer won
+}
+
 // attempts asks the breaker, then runs the retry loop: retries only on the
 // policy's conditions, for idempotent requests (or any request on a
 // connect failure), with a replayable body, within the retry budget,
 // preferring another endpoint, never into an open breaker, and never
-// starting an attempt the overall deadline can't cover. With a response it
-// returns the last attempt's per-try deadline (nil without one), for the
-// caller to lift for a stream and to end once the response is done.
+// starting an attempt the overall deadline can't cover. An attempt of a
+// request that can be hedged races hedges (hedge.go). With a response it
+// returns the winning attempt's per-try deadline (nil without one), for
+// the caller to lift for a stream and to end once the response is done.
 func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.Response, *deadlineCtx, error) {
 	r, st := c.policy.Retry, c.state
 	st.budget.request(time.Now())
 	br := st.breaker.Load()
 	cur := req
-	grpc := upstream.IsGRPC(req)
+	hedging := ch.hedgeable(c, req)
 	// The breaker counts requests, by their outcome after retries: a
 	// request it lets through is one call of done, whatever its attempts.
 	// An instance that fails is outlier detection's to eject, and a
@@ -267,37 +287,17 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 		ch.observer.Shed(c.service, forward.ReasonCircuitOpen)
 		return nil, nil, forward.Refuse(forward.ReasonCircuitOpen, c.service, "circuit breaker "+br.State().String())
 	}
-	for attempt := 1; ; attempt++ {
-		var actx context.Context = ctx
-		var perTry *deadlineCtx
-		if pt := r.PerTryTimeout.D(); pt > 0 {
-			perTry = newDeadlineCtx(ctx, pt, errPerTryTimeout)
-			actx = perTry
+	next := try{n: 1}
+	for {
+		var t tried
+		if hedging && next.n < *r.Attempts {
+			t = ch.race(c, ctx, req, cur, next)
+		} else {
+			t = ch.attempt(c, ctx, req, cur, next, nil)
 		}
-		c.attempt = attempt
-		areq := cur.WithContext(actx)
-		if req.ProtoMajor == 2 {
-			// Each HTTP/2 attempt writes its own header map: the HTTP/2
-			// transport may still be encoding an abandoned attempt's
-			// headers when the next one sets its trace headers.
-			areq.Header = cur.Header.Clone()
-		}
-		if grpc {
-			// The upstream learns the time left of the caller's own
-			// deadline, which bounds a stream too; not the policy's, which
-			// bound only the wait for a stream's headers: told them, the
-			// server would end its stream there.
-			if dl, ok := ctx.callerDeadline(); ok {
-				areq.Header.Set("Grpc-Timeout", encodeGRPCTimeout(time.Until(dl)))
-			}
-		}
-		resp, picked, err := ch.attempt(c, areq)
-		if err != nil && ctx.Err() == nil && perTryExpired(actx, r.PerTryTimeout.D() > 0, time.Now()) {
-			err = fmt.Errorf("%w: %w", errPerTryTimeout, context.DeadlineExceeded)
-		}
-		if grpc && err == nil && attempt < *r.Attempts && ctx.Err() == nil {
-			resp = settleGRPC(r, req, resp)
-		}
+		resp, err := t.resp, t.err
+		// The attempts sent so far: a race may have sent hedges.
+		attempt := max(t.n, c.noted())
 
 		// reason is why the outcome is tried again; cause why it is not,
 		// should it be a failure (for the recorder).
@@ -317,22 +317,23 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 				cause = requestlog.StopNotRetryable
 			}
 		}
-		if picked != "" {
-			n := c.note(attempt)
+		if t.endpoint != "" {
+			n := c.note(t.n)
 			n.err, n.breaker, n.judged = err, bs, judged
+			c.judged = t.n
 		} else {
 			cause = "" // no endpoint to try: the local error says why
 		}
 		var (
 			delay time.Duration
-			next  *http.Request
+			again *http.Request
 			ok    bool
 		)
 		if reason != "" {
 			delay = backoffDelay(r.Backoff, attempt, resp)
 			cause = requestlog.StopDeadline
 			if deadlineAllows(ctx, delay) {
-				next, ok = upstream.Rewound(req) // only bodies held in memory replay
+				again, ok = upstream.Rewound(req) // only bodies held in memory replay
 				cause = requestlog.StopBodyNotReplayable
 			}
 		}
@@ -342,12 +343,12 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 		}
 		if !ok {
 			c.stop = cause
-			if next != nil && next != req {
-				upstream.CloseBody(next)
+			if again != nil && again != req {
+				upstream.CloseBody(again)
 			}
 			if err != nil {
 				done(breakerOutcome(nil, err))
-				endPerTry(perTry)
+				endPerTry(t.perTry)
 				return nil, nil, err
 			}
 			if grpcOutcomePending(resp) {
@@ -357,90 +358,144 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 			} else {
 				done(breakerOutcome(resp, nil))
 			}
-			return resp, perTry, nil
+			return resp, t.perTry, nil
 		}
 		if resp != nil {
 			discard(resp)
 		}
-		endPerTry(perTry)
+		endPerTry(t.perTry)
 		ch.observer.Retried(c.service, reason)
 		if !sleep(ctx, delay) {
 			c.stop = requestlog.StopDeadline
-			upstream.CloseBody(next)
+			upstream.CloseBody(again)
 			err := ctx.Err()
 			done(breakerOutcome(nil, err))
 			return nil, nil, err
 		}
-		c.avoid, c.retryOf, c.backoff = picked, reason, delay
-		cur = next
+		c.last[0] = t.endpoint
+		next = try{n: attempt + 1, retryOf: reason, backoff: delay, avoid: c.last[:]}
+		cur = again
 	}
 }
 
-// attempt sends one attempt of the call to an endpoint the picker chooses
-// and feeds its outcome to outlier detection: at once, or, for a gRPC
-// answer whose status comes in its trailers, when its body ends. It
-// returns the endpoint picked ("" when none could be).
-func (ch *chain) attempt(c *call, req *http.Request) (*http.Response, string, error) {
+// attempt sends one attempt of the call, as t says, with cur (req, or a
+// copy of it whose body reads from the start again) under its per-try
+// deadline, to the endpoint t names or else one the picker chooses, and
+// feeds its outcome to outlier detection: at once, or, for a gRPC answer
+// whose status comes in its trailers, when its body ends. It notes the
+// attempt in the call, unless it runs in a race (race is the context the
+// race cancels it by, with errHedgeLost), which notes its attempts itself.
+func (ch *chain) attempt(c *call, ctx *deadlineCtx, req, cur *http.Request, t try, race context.Context) tried {
 	start := time.Now()
-	ep, lerr := ch.pick(c, start)
-	if lerr != nil {
-		upstream.CloseBody(req)
-		return nil, "", lerr
+	if t.endpoint == "" {
+		if lerr := ch.pick(c, &t, start); lerr != nil {
+			upstream.CloseBody(cur)
+			return tried{try: t, err: lerr}
+		}
+	}
+	r := c.policy.Retry
+	var actx context.Context = ctx
+	if race != nil {
+		actx = race
+	}
+	var perTry *deadlineCtx
+	if pt := r.PerTryTimeout.D(); pt > 0 {
+		perTry = newDeadlineCtx(actx, pt, errPerTryTimeout)
+		actx = perTry
+	}
+	areq := cur.WithContext(actx)
+	if req.ProtoMajor == 2 || race != nil {
+		// Each HTTP/2 attempt writes its own header map: the HTTP/2
+		// transport may still be encoding an abandoned attempt's
+		// headers when the next one sets its trace headers. So does each
+		// of a race's attempts, which run side by side.
+		areq.Header = cur.Header.Clone()
+	}
+	if upstream.IsGRPC(req) {
+		// The upstream learns the time left of the caller's own
+		// deadline, which bounds a stream too; not the policy's, which
+		// bound only the wait for a stream's headers: told them, the
+		// server would end its stream there.
+		if dl, ok := ctx.callerDeadline(); ok {
+			areq.Header.Set("Grpc-Timeout", encodeGRPCTimeout(time.Until(dl)))
+		}
 	}
 	ch.observer.Attempted(c.service)
 	var span trace.Span
 	if ch.tracer != nil {
-		var ctx context.Context
-		ctx, span = ch.startAttempt(c, req, ep.Addr)
-		req = req.WithContext(ctx)
+		var sctx context.Context
+		sctx, span = ch.startAttempt(c, &t, areq)
+		areq = areq.WithContext(sctx)
 		// The upstream's spans hang under this attempt's.
-		ch.prop.Inject(ctx, tracing.HeaderCarrier(req.Header))
+		ch.prop.Inject(sctx, tracing.HeaderCarrier(areq.Header))
 	}
-	out := forward.CopyRequest(req)
-	out.URL.Host = ep.Addr
+	out := forward.CopyRequest(areq)
+	out.URL.Host = t.endpoint
 	resp, err := ch.send(out, c.policy.ConnectTimeout.D())
-	ch.sampleLatency(c, req, start, resp, err)
-	n := c.note(c.attempt)
-	n.endpoint, n.took, n.resp = ep.Addr, time.Since(start), resp
-	n.retryOf, n.backoff = c.retryOf, c.backoff
-	end := attemptEnd{chain: ch, span: span, call: c, endpoint: ep.Addr}
-	if err == nil && grpcOutcomePending(resp) {
-		later := end
-		resp.Body = &grpcEnd{ReadCloser: resp.Body, resp: resp, end: func() { later.record(resp, nil) }}
-		return resp, ep.Addr, nil
+	ch.sampleLatency(c, areq, start, resp, err)
+	switch {
+	case err == nil || ctx.Err() != nil:
+	case race != nil && context.Cause(race) == errHedgeLost:
+		err = errHedgeLost
+	case perTryExpired(actx, r.PerTryTimeout.D() > 0, time.Now()):
+		err = fmt.Errorf("%w: %w", errPerTryTimeout, context.DeadlineExceeded)
 	}
-	end.record(resp, err)
-	return resp, ep.Addr, err
+	res := tried{try: t, resp: resp, err: err, perTry: perTry, took: time.Since(start)}
+	end := attemptEnd{chain: ch, span: span, call: c, try: t}
+	if err == nil && grpcOutcomePending(resp) {
+		later := end // only this path puts the judge on the heap
+		resp.Body = &grpcEnd{ReadCloser: resp.Body, resp: resp, end: func() { later.record(resp, nil) }}
+	} else {
+		end.record(resp, err)
+	}
+	if err == nil && upstream.IsGRPC(req) && t.n < *r.Attempts && ctx.Err() == nil {
+		res.resp = settleGRPC(r, req, resp)
+	}
+	if race == nil {
+		c.noteTried(&res)
+	}
+	return res
 }
 
-// pick chooses the endpoint of an attempt: round robin over the call's
-// endpoint set, less the sidecar's own listeners and the ejected
-// endpoints, not the endpoint of the attempt before when there is
-// another. It never blocks and never does I/O.
-func (ch *chain) pick(c *call, now time.Time) (discovery.Endpoint, *forward.LocalError) {
+// noteTried notes an attempt's outcome in the call, for the recorder.
+func (c *call) noteTried(t *tried) {
+	if t.endpoint == "" {
+		return
+	}
+	n := c.note(t.n)
+	n.endpoint, n.took, n.resp, n.err, n.lost = t.endpoint, t.took, t.resp, t.err, t.lost
+	n.retryOf, n.backoff = t.retryOf, t.backoff
+}
+
+// pick chooses the endpoint of an attempt: by the service's balancer over
+// the call's endpoint set, less the sidecar's own listeners and the
+// ejected endpoints, not one the attempt avoids when there is another. It
+// never blocks and never does I/O.
+func (ch *chain) pick(c *call, t *try, now time.Time) *forward.LocalError {
 	if len(c.set.Endpoints) == 0 {
-		return discovery.Endpoint{}, forward.Refuse(forward.ReasonNoHealthyEndpoints, c.service,
+		return forward.Refuse(forward.ReasonNoHealthyEndpoints, c.service,
 			"the service is known but has no healthy endpoint")
 	}
 	b := ch.balancer(c)
 	if len(b.eps) == 0 {
-		return discovery.Endpoint{}, forward.Refuse(forward.ReasonLoop, c.service,
+		return forward.Refuse(forward.ReasonLoop, c.service,
 			"every endpoint discovery has for the service is one of the sidecar's own listeners")
 	}
-	i := b.pick(&c.state.outliers, c.avoid, now)
+	i := b.pick(&c.state.outliers, t.avoid, now)
 	if b.learns() {
-		c.picked, c.pickedAt = b.stats[i], now
+		t.picked, t.pickedAt = b.stats[i], now
 	}
-	return b.eps[i], nil
+	t.endpoint = b.eps[i].Addr
+	return nil
 }
 
 // attemptEnd is what judging an attempt needs: its span, its call and the
-// endpoint it went to.
+// attempt, with its endpoint.
 type attemptEnd struct {
-	chain    *chain
-	span     trace.Span
-	call     *call
-	endpoint string
+	chain *chain
+	span  trace.Span
+	call  *call
+	try   try
 }
 
 // record ends the attempt's span and feeds its outcome to outlier
@@ -450,16 +505,15 @@ func (a attemptEnd) record(resp *http.Response, err error) {
 		endAttempt(a.span, resp, err)
 	}
 	c := a.call
-	if s := c.picked; s != nil {
+	if s := a.try.picked; s != nil {
 		now := time.Now()
 		s.inFlight.Add(-1)
-		s.observe(now.Sub(c.pickedAt), now)
-		c.picked = nil
+		s.observe(now.Sub(a.try.pickedAt), now)
 	}
 	if failed := attemptFailed(resp, err); failed || err == nil {
 		od := c.policy.OutlierDetection
-		if c.state.outliers.record(a.endpoint, failed, c.set, od, time.Now()) {
-			a.chain.log.Warn("endpoint ejected", "service", c.service, "endpoint", a.endpoint,
+		if c.state.outliers.record(a.try.endpoint, failed, c.set, od, time.Now()) {
+			a.chain.log.Warn("endpoint ejected", "service", c.service, "endpoint", a.try.endpoint,
 				"for", od.EjectionTime.String())
 			a.chain.observer.EndpointEjected(c.service)
 		}

@@ -41,6 +41,8 @@ type countingObserver struct {
 	ejections   int
 	shed        map[string]int
 	cut         map[string]int // streams cut, by reason
+	hedges      int
+	hedgesWon   int
 }
 
 func (o *countingObserver) Retried(_, reason string) {
@@ -63,6 +65,9 @@ func (o *countingObserver) Shed(_, reason string) {
 	defer o.mu.Unlock()
 	o.shed[reason]++
 }
+
+func (o *countingObserver) Hedged(string)   { o.mu.Lock(); o.hedges++; o.mu.Unlock() }
+func (o *countingObserver) HedgeWon(string) { o.mu.Lock(); o.hedgesWon++; o.mu.Unlock() }
 
 func (o *countingObserver) StreamCut(_, reason string) {
 	o.mu.Lock()

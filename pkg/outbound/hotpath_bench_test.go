@@ -31,7 +31,7 @@ func BenchmarkHotPath(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			i := bal.pick(&st.outliers, "", now)
+			i := bal.pick(&st.outliers, nil, now)
 			st.outliers.record(bal.eps[i].Addr, false, set, p.OutlierDetection, now)
 			done(nil)
 		}

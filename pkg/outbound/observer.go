@@ -31,6 +31,11 @@ type Observer interface {
 	// reason (StreamCutIdle: silent for streamIdleTimeout;
 	// StreamCutDeadline: the caller's deadline passed).
 	StreamCut(service, reason string)
+	// Hedged: a hedge of a request to the service was sent (hedge.delay
+	// passed without an answer).
+	Hedged(service string)
+	// HedgeWon: a hedge's answer was the one the app got.
+	HedgeWon(service string)
 }
 
 // NopObserver observes nothing; embed it to implement only some methods.
@@ -44,5 +49,7 @@ func (NopObserver) Shed(service, reason string)                  {}
 func (NopObserver) Attempted(service string)                     {}
 func (NopObserver) EndpointRefused(service, reason string)       {}
 func (NopObserver) StreamCut(service, reason string)             {}
+func (NopObserver) Hedged(service string)                        {}
+func (NopObserver) HedgeWon(service string)                      {}
 
 var _ Observer = NopObserver{}

@@ -1,6 +1,7 @@
 package outbound
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"net/http"
@@ -32,6 +33,7 @@ type attemptNote struct {
 	backoff  time.Duration
 	breaker  gobreaker.State
 	judged   bool // breaker was read when the attempt was judged
+	lost     bool // cancelled: another attempt of a race answered first
 }
 
 // note is the note of attempt number n (1 for the first try).
@@ -109,13 +111,14 @@ func (ch *chain) record(c *call, req *http.Request, span trace.Span, start time.
 			DurationMs:   ms(n.took),
 			RetryReason:  n.retryOf,
 			BackoffMs:    ms(n.backoff),
+			Lost:         n.lost,
 			BreakerState: bs.String(),
 		})
 	}
 	if failed {
 		out.Stop = c.stop
 		if tried > 0 && (out.Stop == requestlog.StopAttemptsUsedUp || out.Stop == requestlog.StopNotRetryable) {
-			last := c.note(tried)
+			last := c.note(cmp.Or(c.judged, tried))
 			out.Stop = stopCause(c.policy.Retry, req, last.resp, last.err, c.stop)
 		}
 	}
@@ -133,8 +136,11 @@ func outcome(n *attemptNote) string {
 		return s
 	}
 	err := n.err
-	if err == nil {
+	switch {
+	case err == nil:
 		return "unknown"
+	case n.lost:
+		return "cancelled: another attempt answered first"
 	}
 	var le *forward.LocalError
 	var ce *upstream.ConnectError

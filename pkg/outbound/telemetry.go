@@ -110,30 +110,39 @@ func (b *telemetryBody) Close() error {
 
 // startAttempt starts the span of one attempt, under the request's span,
 // named so that a retry and its reason read at a glance in a trace view:
-// "attempt 2 (retry: 503)".
-func (ch *chain) startAttempt(c *call, req *http.Request, endpoint string) (context.Context, trace.Span) {
+// "attempt 2 (retry: 503)", "attempt 2 (hedge)".
+func (ch *chain) startAttempt(c *call, t *try, req *http.Request) (context.Context, trace.Span) {
 	ctx, span := ch.tracer.Start(req.Context(), "attempt", clientSpan)
 	if span.IsRecording() {
 		// Named only when sampled: the others drop their name.
-		name := "attempt " + strconv.Itoa(c.attempt)
-		if c.retryOf != "" {
-			name += " (retry: " + c.retryOf + ")"
+		name := "attempt " + strconv.Itoa(t.n)
+		switch t.retryOf {
+		case "":
+		case Hedge:
+			name += " (hedge)"
+		default:
+			name += " (retry: " + t.retryOf + ")"
 		}
 		span.SetName(name)
-		host, port, _ := net.SplitHostPort(endpoint)
+		host, port, _ := net.SplitHostPort(t.endpoint)
 		portN, _ := strconv.Atoi(port)
 		span.SetAttributes(
-			attribute.Int("sidecar.attempt", c.attempt),
+			attribute.Int("sidecar.attempt", t.n),
 			attribute.String("sidecar.service", c.service),
 			attribute.String("server.address", host),
 			attribute.Int("server.port", portN),
 			attribute.String("sidecar.breaker.state", c.state.breaker.Load().State().String()),
 			attribute.String("http.request.method", req.Method),
 		)
-		if c.retryOf != "" {
-			span.SetAttributes(attribute.String("sidecar.retry.reason", c.retryOf),
-				attribute.Float64("sidecar.retry.backoff_ms", float64(c.backoff)/float64(time.Millisecond)),
-				attribute.Int("http.request.resend_count", c.attempt-1))
+		switch t.retryOf {
+		case "":
+		case Hedge:
+			span.SetAttributes(attribute.Bool("sidecar.hedge", true),
+				attribute.Int("http.request.resend_count", t.n-1))
+		default:
+			span.SetAttributes(attribute.String("sidecar.retry.reason", t.retryOf),
+				attribute.Float64("sidecar.retry.backoff_ms", float64(t.backoff)/float64(time.Millisecond)),
+				attribute.Int("http.request.resend_count", t.n-1))
 		}
 	}
 	return ctx, span

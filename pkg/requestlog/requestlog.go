@@ -58,9 +58,13 @@ type Attempt struct {
 	Outcome    string  `json:"outcome"`
 	DurationMs float64 `json:"durationMs"`
 	// RetryReason is the retry.on condition this attempt retried ("" for
-	// the first), after BackoffMs of backoff.
+	// the first), after BackoffMs of backoff; Hedge for a hedge, sent
+	// while the attempts before it were still out.
 	RetryReason string  `json:"retryReason,omitempty"`
 	BackoffMs   float64 `json:"backoffMs,omitempty"`
+	// Lost: the attempt was cancelled because another one's answer came
+	// first (a hedge's, or the one it hedged).
+	Lost bool `json:"lost,omitempty"`
 	// BreakerState is the service's circuit breaker when the chain judged
 	// the attempt: "closed", "open" or "half-open".
 	BreakerState string `json:"breakerState"`

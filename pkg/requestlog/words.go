@@ -23,8 +23,10 @@ func (r *Request) Answer() string {
 // the policy field that decided; "" when Stop is.
 func (r *Request) StopWords() string {
 	last := ""
-	if n := len(r.Attempts); n > 0 {
-		last = r.Attempts[n-1].Outcome
+	for _, a := range r.Attempts {
+		if !a.Lost {
+			last = a.Outcome
+		}
 	}
 	switch r.Stop {
 	case StopAttemptsUsedUp:
@@ -46,6 +48,22 @@ func (r *Request) StopWords() string {
 		return last + " is not a retry.on condition"
 	}
 	return r.Stop
+}
+
+// Hedge is the RetryReason of a hedge.
+const Hedge = "hedge"
+
+// Why says why an attempt was made, in a few words: "retry on 503 after
+// 25 ms backoff", "hedge: no answer yet within hedge.delay"; "" for a
+// first attempt.
+func (a *Attempt) Why() string {
+	switch a.RetryReason {
+	case "":
+		return ""
+	case Hedge:
+		return "hedge: no answer yet within hedge.delay"
+	}
+	return "retry on " + a.RetryReason + " after " + Millis(a.BackoffMs) + " backoff"
 }
 
 // Millis writes a duration in milliseconds for people: "61 ms", "0.4 ms".

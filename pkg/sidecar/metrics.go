@@ -69,6 +69,8 @@ type resilienceMetrics struct {
 	attempts    *prometheus.CounterVec
 	refused     *prometheus.CounterVec
 	streamsCut  *prometheus.CounterVec
+	hedges      *prometheus.CounterVec
+	hedgesWon   *prometheus.CounterVec
 	// attemptsBy caches the attempts counter per service: Attempted runs
 	// on every attempt, and label hashing is not free.
 	attemptsBy sync.Map
@@ -101,6 +103,12 @@ func newResilienceMetrics(reg prometheus.Registerer) *resilienceMetrics {
 	m.streamsCut = f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_streams_cut_total",
 		Help: "Streaming answers (gRPC, text/event-stream, bodies of unknown length) the sidecar ended, by reason: idle (nothing from the upstream for streamIdleTimeout) or deadline (the caller's grpc-timeout passed)."},
 		[]string{"service", "reason"})
+	m.hedges = f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_hedges_total",
+		Help: "Hedges sent: attempts of an idempotent request sent to another endpoint once hedge.delay passed without an answer."},
+		[]string{"service"})
+	m.hedgesWon = f.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_hedges_won_total",
+		Help: "Hedges whose answer was the one the app got (the attempts before them were cancelled)."},
+		[]string{"service"})
 	reg.MustRegister(&resilienceCollector{m: m})
 	return m
 }
@@ -125,6 +133,12 @@ func (m *resilienceMetrics) EndpointRefused(service, reason string) {
 }
 func (m *resilienceMetrics) StreamCut(service, reason string) {
 	m.streamsCut.WithLabelValues(service, reason).Inc()
+}
+func (m *resilienceMetrics) Hedged(service string) {
+	m.hedges.WithLabelValues(service).Inc()
+}
+func (m *resilienceMetrics) HedgeWon(service string) {
+	m.hedgesWon.WithLabelValues(service).Inc()
 }
 
 func (m *resilienceMetrics) Attempted(service string) {
@@ -157,6 +171,9 @@ var (
 		"Endpoints of a service out of rotation now.", []string{"service"}, nil)
 	limitDesc = prometheus.NewDesc("sidecar_concurrency_limit",
 		"Outbound requests to a service allowed in flight now: concurrency.maxInFlight, or the adaptive limit (concurrency.adaptive).", []string{"service"}, nil)
+	endpointAttemptsDesc = prometheus.NewDesc("sidecar_endpoint_attempts_total",
+		"Outbound attempts the balancer sent to each endpoint of a service since the endpoint joined its set: their shares are the balancer's choices.",
+		[]string{"service", "endpoint"}, nil)
 )
 
 func (c *resilienceCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -165,6 +182,7 @@ func (c *resilienceCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- serviceInFlightDesc
 	ch <- ejectedDesc
 	ch <- limitDesc
+	ch <- endpointAttemptsDesc
 }
 
 func (c *resilienceCollector) Collect(ch chan<- prometheus.Metric) {
@@ -187,5 +205,10 @@ func (c *resilienceCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(serviceInFlightDesc, prometheus.GaugeValue, float64(st.InFlight), st.Service)
 		ch <- prometheus.MustNewConstMetric(ejectedDesc, prometheus.GaugeValue, float64(len(st.Ejected)), st.Service)
 		ch <- prometheus.MustNewConstMetric(limitDesc, prometheus.GaugeValue, float64(st.Limit), st.Service)
+		if b := st.Balancer; b != nil {
+			for _, ep := range b.Endpoints {
+				ch <- prometheus.MustNewConstMetric(endpointAttemptsDesc, prometheus.CounterValue, float64(ep.Picks), st.Service, ep.Addr)
+			}
+		}
 	}
 }
