@@ -32,6 +32,14 @@ func TestUpstreamAttacks(t *testing.T) {
 	}, 8, 150)
 }
 
+// The HTTP/2 upstream table against the inbound listener: an h2c app.
+func TestH2UpstreamAttacks(t *testing.T) {
+	attacktest.RunH2Upstream(t, attacktest.Inbound, func(t *testing.T, app string) string {
+		_, addr := startInbound(t, inbound.Config{AppAddr: app})
+		return addr
+	}, 8, 50)
+}
+
 // The HTTP/2 table against the inbound listener.
 func TestH2Attacks(t *testing.T) {
 	app, decoy := attacktest.NewUpstream(t), attacktest.NewUpstream(t)

@@ -28,6 +28,13 @@ func TestUpstreamAttacks(t *testing.T) {
 	}, 8, 150)
 }
 
+// The HTTP/2 upstream table against the outbound listener.
+func TestH2UpstreamAttacks(t *testing.T) {
+	attacktest.RunH2Upstream(t, attacktest.Outbound, func(t *testing.T, upstream string) string {
+		return startSidecar(t, options{static: map[string][]string{"svc": {upstream}}, policies: "service: svc\nretry: {attempts: 1}\n" + noBreaker + noOutliers}).addr
+	}, 8, 50)
+}
+
 // The HTTP/2 table against the outbound listener: methods, :authority and
 // header names checked as on HTTP/1.
 func TestH2Attacks(t *testing.T) {
