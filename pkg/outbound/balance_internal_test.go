@@ -144,6 +144,7 @@ func TestSlowStartRamps(t *testing.T) {
 			shares[s] = float64(n) / 1000
 			time.Sleep(time.Second)
 		}
+		t.Logf("the new endpoint's share in each second of a 10s slow start: %v", shares)
 		if shares[0] > 0.12 || shares[9] < 0.45 {
 			t.Fatalf("the new endpoint's share per second %v: want about 0.09 at first, about half at the end", shares)
 		}
