@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -24,7 +25,7 @@ import (
 // TestWebhookIdleConnectionsDontLockOut: more idle TLS connections from
 // one client than the webhook's whole connection limit (512) don't keep
 // another client's AdmissionReview from its answer, and the idle client
-// keeps no more than its share (128). With a plain limit, the 513th
+// keeps no more than its share (32). With a plain limit, the 513th
 // connection waited in the kernel's queue until an idle one timed out (90
 // s), and the API server, after its 5 s, created pods without the sidecar.
 func TestWebhookIdleConnectionsDontLockOut(t *testing.T) {
@@ -60,7 +61,7 @@ func TestWebhookIdleConnectionsDontLockOut(t *testing.T) {
 		t.Fatalf("with %d idle connections from 127.0.0.2, an AdmissionReview from 127.0.0.1: %d %s; want 200 with a patch", idle, resp.StatusCode, body)
 	}
 
-	// The idle client kept its newest 128 connections; the older ones were
+	// The idle client kept its newest 32 connections; the older ones were
 	// closed to make room.
 	open := 0
 	for _, c := range conns {
@@ -255,5 +256,169 @@ func TestWebhookHandlerWaitsForBudget(t *testing.T) {
 	release()
 	if code := post(context.Background()); code != http.StatusOK {
 		t.Errorf("a review with room: %d, want 200", code)
+	}
+}
+
+// TestWebhookTricklingBodiesDontLockOut: connections whose request headers
+// are complete and whose bodies trickle in a byte a second, 110 from each
+// of five addresses and opened again as soon as the webhook closes them,
+// don't keep another client's AdmissionReviews from their answers within
+// the API server's 5 s; and such a connection is cut a few seconds after
+// its headers. They counted as busy, so none could be closed to make room:
+// with 128 per client, five addresses filled all 512 places for the 15 s of
+// the read timeout, and 1 review in 20 was answered.
+func TestWebhookTricklingBodiesDontLockOut(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	cert := kubetest.WriteCert(t, certFile, keyFile)
+	w := startWebhook(t, Config{CertFile: certFile, KeyFile: keyFile, Injector: injector(t, "sidecar:hook")})
+
+	// A connection whose body stops after its first byte is answered 408,
+	// not left to hold its place until the read timeout (15 s).
+	one := newTricklers(w.addr, cert, []string{"127.0.0.7"}, 1)
+	one.tick()
+	start := time.Now()
+	c := one.conns[0].c
+	if c == nil {
+		t.Fatalf("a connection from 127.0.0.7 was refused; want it admitted")
+	}
+	c.SetReadDeadline(start.Add(20 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	took := time.Since(start)
+	one.close()
+	if err != nil || resp.StatusCode != http.StatusRequestTimeout || took > bodyTimeout+2*time.Second {
+		status := "no answer"
+		if err == nil {
+			status = resp.Status
+		}
+		t.Errorf("a review whose body stalled after its first byte: %s (%v) after %v; want 408 within %v", status, err, took.Round(time.Millisecond), bodyTimeout+2*time.Second)
+	}
+
+	addrs := []string{"127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"}
+	tr := newTricklers(w.addr, cert, addrs, 110)
+	tr.tick() // opens them all before the reviews start
+	stopTrickling := tr.run()
+	defer stopTrickling()
+
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(cert)
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		TLSClientConfig:   &tls.Config{RootCAs: pool},
+		DisableKeepAlives: true,
+		DialContext:       (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}}).DialContext,
+	}}
+	review := podReview(`{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"ns"},"spec":{"containers":[{"name":"app","image":"a"}]}}`)
+	const reviews = 20
+	answered := 0
+	var failures []string
+	for i := range reviews {
+		if i > 0 {
+			time.Sleep(250 * time.Millisecond)
+		}
+		resp, err := client.Post("https://"+w.addr+"/inject", "application/json", strings.NewReader(review))
+		if err != nil {
+			failures = append(failures, err.Error())
+			continue
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"patchType":"JSONPatch"`) {
+			failures = append(failures, fmt.Sprintf("%d %s", resp.StatusCode, body))
+			continue
+		}
+		answered++
+	}
+	stopTrickling()
+	if answered != reviews {
+		t.Errorf("with 110 connections trickling bodies from each of %d addresses, %d of %d AdmissionReviews from 127.0.0.1 answered within 5 s, want all; first failure: %s (trickling connections opened %d, refused %d)",
+			len(addrs), answered, reviews, failures[0], tr.opened, tr.refused)
+	}
+}
+
+// tricklers are connections that send a request's headers at once and then
+// its body a byte at each tick; a connection the webhook refuses or closes
+// is opened again at the next tick. Not safe for concurrent use.
+type tricklers struct {
+	t               *testing.T
+	addr            string
+	cfg             *tls.Config
+	conns           []trickler
+	opened, refused int
+}
+
+type trickler struct {
+	from string
+	c    *tls.Conn
+}
+
+func newTricklers(addr string, cert []byte, from []string, per int) *tricklers {
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(cert)
+	tr := &tricklers{addr: addr, cfg: &tls.Config{RootCAs: pool, NextProtos: []string{"http/1.1"}}}
+	for _, f := range from {
+		for range per {
+			tr.conns = append(tr.conns, trickler{from: f})
+		}
+	}
+	return tr
+}
+
+const trickleHeaders = "POST /inject HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+
+func (tr *tricklers) tick() {
+	for i := range tr.conns {
+		k := &tr.conns[i]
+		if k.c != nil {
+			k.c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+			if _, err := io.WriteString(k.c, " "); err == nil {
+				continue
+			}
+			k.c.Close()
+			k.c = nil
+		}
+		dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(k.from)}, Timeout: time.Second}
+		c, err := tls.DialWithDialer(dialer, "tcp", tr.addr, tr.cfg)
+		if err != nil {
+			tr.refused++
+			continue
+		}
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		if _, err := io.WriteString(c, trickleHeaders); err != nil {
+			c.Close()
+			tr.refused++
+			continue
+		}
+		k.c = c
+		tr.opened++
+	}
+}
+
+// run ticks every second until the function it returns is called, which
+// closes the connections; calling it again does nothing.
+func (tr *tricklers) run() (stop func()) {
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-tick.C:
+				tr.tick()
+			}
+		}
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(quit); <-done; tr.close() }) }
+}
+
+func (tr *tricklers) close() {
+	for i := range tr.conns {
+		if c := tr.conns[i].c; c != nil {
+			c.Close()
+			tr.conns[i].c = nil
+		}
 	}
 }

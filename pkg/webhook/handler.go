@@ -9,7 +9,9 @@ import (
 	"log/slog"
 	"mime"
 	"net/http"
+	"os"
 	"sync"
+	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/inject"
 )
@@ -42,11 +44,18 @@ func newHandler(in *inject.Injector, log *slog.Logger, budget *reviewBudget) htt
 			return
 		}
 		defer release()
+		// A body that trickles in is cut off (ErrNotSupported only outside
+		// a server, in tests).
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyTimeout))
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 		if err != nil {
 			var tooBig *http.MaxBytesError
 			if errors.As(err, &tooBig) {
 				http.Error(w, fmt.Sprintf("AdmissionReview larger than %d bytes", tooBig.Limit), http.StatusRequestEntityTooLarge)
+				return
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				http.Error(w, fmt.Sprintf("AdmissionReview not read within %v", bodyTimeout), http.StatusRequestTimeout)
 				return
 			}
 			http.Error(w, "reading the request: "+err.Error(), http.StatusBadRequest)

@@ -14,7 +14,8 @@
 // answered:
 //
 //   - Bounded requests: 64 KiB of header, 4 MiB of body (a pod is at most
-//     about 1.5 MB in etcd), read and write timeouts of 15 s.
+//     about 1.5 MB in etcd), read and write timeouts of 15 s, and 3 s to
+//     read a review's body once its headers are in.
 //   - Bounded memory: reviews wait for their share of a budget of review
 //     bytes worked on at once, since a review takes up to about 80 times
 //     its size decoded; one whose caller gives up waiting is answered 503
@@ -49,10 +50,15 @@ import (
 
 // Default bounds of the connections (Config.MaxConns, MaxConnsPerClient).
 // The API server speaks HTTP/2 to webhooks: one connection per API server
-// carries all its calls.
+// carries all its calls, and it opens another only past 250 reviews in
+// flight on it (the server's stream limit). 32 per source address leaves
+// room for several API servers behind one address (a NAT, a Konnectivity
+// agent) and for the connections they replace, while it takes 16
+// addresses to fill the 512: a few sources holding connections busy
+// can't keep the API server out.
 const (
 	DefaultMaxConns          = 512
-	DefaultMaxConnsPerClient = 128
+	DefaultMaxConnsPerClient = 32
 )
 
 // Limits of the webhook's HTTPS server. The API server posts one
@@ -66,6 +72,13 @@ const (
 	writeTimeout      = 15 * time.Second
 	idleTimeout       = 90 * time.Second
 	shutdownTimeout   = 10 * time.Second
+	// bodyTimeout bounds the read of a review's body, from when the
+	// handler starts on it. The API server sends the body at once, and a
+	// review of at most 3 MiB takes milliseconds on a cluster's network; a
+	// connection whose body trickles in counts as busy, so it can't be
+	// closed to make room, and without this bound it would hold its place
+	// (and its share of reviewBytes) for the whole readTimeout.
+	bodyTimeout = 3 * time.Second
 	// reviewBytes bounds the bytes of the reviews worked on at once
 	// (reviewBudget): a review takes up to about 80 times its size in
 	// memory (a pod of many tiny containers, decoded).
