@@ -176,9 +176,15 @@ func (in *Injector) list(text, js []byte, items []json.RawMessage, where string)
 	if seq == nil || seq.Kind != yaml.SequenceNode || len(seq.Content) != len(items) {
 		return nil, nil, fmt.Errorf("%s): items: not a sequence of %d objects", where, len(items))
 	}
+	// A List in flow style (JSON, as kubectl get -o json writes) is
+	// written in block style, as patching it whole would (a block value
+	// added inside flow collections turns them to block style), so that
+	// its items can be written one by one too.
+	root.Style &^= yaml.FlowStyle
+	seq.Style &^= yaml.FlowStyle
 	// The document with a placeholder for its items, written around the
-	// items written one by one; when the items don't sit in block style at
-	// the left margin, the document is written whole at the end.
+	// items written one by one; when the items don't sit at the left
+	// margin, the document is written whole at the end.
 	nodes := seq.Content
 	seq.Content = []*yaml.Node{{Kind: yaml.ScalarNode, Tag: "!!str", Value: itemsPlaceholder}}
 	frame, err := encodeYAML(doc)
@@ -226,10 +232,6 @@ func (in *Injector) list(text, js []byte, items []json.RawMessage, where string)
 		out.Write(tail)
 		return out.Bytes(), notices, nil
 	}
-	// As a patch by path would: a block value added inside flow
-	// collections turns them to block style.
-	root.Style &^= yaml.FlowStyle
-	seq.Style &^= yaml.FlowStyle
 	b, err := encodeYAML(doc)
 	if err != nil {
 		return nil, notices, fmt.Errorf("%s): encoding: %w", where, err)

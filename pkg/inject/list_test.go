@@ -2,6 +2,7 @@ package inject
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"runtime"
 	"runtime/metrics"
@@ -24,28 +25,52 @@ func podList(n int) []byte {
 	return b.Bytes()
 }
 
+// podListJSON is what `kubectl get pods -o json` writes for n small pods.
+func podListJSON(n int) []byte {
+	js, err := sigsyaml.YAMLToJSON(podList(n))
+	if err != nil {
+		panic(err)
+	}
+	var b bytes.Buffer
+	if err := json.Indent(&b, js, "", "    "); err != nil {
+		panic(err)
+	}
+	b.WriteByte('\n')
+	return b.Bytes()
+}
+
 // TestListHeldInProportion: a List's items are injected and written one by
-// one, so the heap holds the document and the output, about 7 KB an item
-// here; written as one document, the YAML encoder held every event of
+// one, YAML or JSON (flow style, written in block style as when written
+// whole), so the heap holds the document and the output, about 7 KB an
+// item here; written as one document, the YAML encoder held every event of
 // every item to the end (about 140 KB an item: 10,000 pods took 3 GB).
 func TestListHeldInProportion(t *testing.T) {
 	const n = 2000
-	input := podList(n)
-	in := newTestInjector(t, nil)
-	runtime.GC()
-	peak := peakLiveHeap(func() {
-		var out bytes.Buffer
-		if _, err := in.Documents(bytes.NewReader(input), &out); err != nil {
-			t.Fatal(err)
-		}
-		if got := strings.Count(out.String(), "\n    - name: sidecar\n"); got != n {
-			t.Fatalf("%d sidecars in the output, want %d", got, n)
-		}
-	})
-	if limit := uint64(8<<20 + n*20<<10); peak > limit {
-		t.Errorf("injecting a List of %d pods (%d KB): live heap up to %d MB, want at most %d MB (20 KB an item)", n, len(input)>>10, peak>>20, limit>>20)
+	for _, c := range []struct {
+		name  string
+		input []byte
+	}{
+		{"YAML", podList(n)},
+		{"JSON", podListJSON(n)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			in := newTestInjector(t, nil)
+			runtime.GC()
+			peak := peakLiveHeap(func() {
+				var out bytes.Buffer
+				if _, err := in.Documents(bytes.NewReader(c.input), &out); err != nil {
+					t.Fatal(err)
+				}
+				if got := strings.Count(out.String(), "\n    - name: sidecar\n"); got != n {
+					t.Fatalf("%d sidecars in the output, want %d", got, n)
+				}
+			})
+			if limit := uint64(8<<20 + n*20<<10); peak > limit {
+				t.Errorf("injecting a %s List of %d pods (%d KB): live heap up to %d MB, want at most %d MB (20 KB an item)", c.name, n, len(c.input)>>10, peak>>20, limit>>20)
+			}
+			t.Logf("%s List of %d pods (%d KB): live heap up to %d MB", c.name, n, len(c.input)>>10, peak>>20)
+		})
 	}
-	t.Logf("List of %d pods (%d KB): live heap up to %d MB", n, len(input)>>10, peak>>20)
 }
 
 // peakLiveHeap runs f and returns the largest live heap a garbage
@@ -74,6 +99,28 @@ func peakLiveHeap(f func()) uint64 {
 	return <-peak
 }
 
+// jsonList is a List as `kubectl get -o json` writes it.
+const jsonList = `{
+    "apiVersion": "v1",
+    "items": [
+        {
+            "apiVersion": "v1",
+            "data": {"a": "yes"},
+            "kind": "ConfigMap",
+            "metadata": {"name": "c"}
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"labels": {"app": "web"}, "name": "web"},
+            "spec": {"containers": [{"image": "web:1", "name": "web", "ports": [{"containerPort": 8080}]}]}
+        }
+    ],
+    "kind": "List",
+    "metadata": {"resourceVersion": ""}
+}
+`
+
 // TestListWrittenAsWhole: a List written item by item reads byte for byte
 // as the same List patched and written whole, comments included; a List
 // the placeholder can't stand in for is written whole.
@@ -89,6 +136,7 @@ func TestListWrittenAsWhole(t *testing.T) {
 		"a config map kept":   "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: c}, data: {a: 'yes'}}\n- apiVersion: v1\n" + pod("one"),
 		"flow items":          "apiVersion: v1\nkind: List\nitems: [{apiVersion: v1, kind: Pod, metadata: {name: p}, spec: {containers: [{name: a, image: b}]}}]\n",
 		"flow list":           "{apiVersion: v1, kind: List, items: [{apiVersion: v1, kind: Pod, metadata: {name: p}, spec: {containers: [{name: a, image: b}]}}]}\n",
+		"JSON":                jsonList,
 		"anchors":             "apiVersion: v1\nkind: List\nitems:\n- &p\n  apiVersion: v1\n" + pod("one") + "- *p\n",
 		"a list in a list":    "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: List\n  items:\n  - apiVersion: v1\n  " + strings.ReplaceAll(pod("one"), "\n  ", "\n    "),
 		"a PodList":           "apiVersion: v1\nkind: PodList\nitems:\n- apiVersion: v1\n" + pod("one"),
@@ -139,21 +187,32 @@ func wholeDocument(t *testing.T, in *Injector, text []byte) string {
 }
 
 // BenchmarkDocumentsList injects a List of 10,000 small pods, as
-// `kubectl get pods -o yaml | sidecar inject -f -` does.
+// `kubectl get pods -o yaml | sidecar inject -f -` does, and as JSON
+// (`-o json`).
 func BenchmarkDocumentsList(b *testing.B) {
-	input := podList(10000)
+	const n = 10000
 	in, err := New(testConfig())
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.SetBytes(int64(len(input)))
-	b.ReportAllocs()
-	var out bytes.Buffer
-	for b.Loop() {
-		out.Reset()
-		if _, err := in.Documents(bytes.NewReader(input), &out); err != nil {
-			b.Fatal(err)
-		}
+	for _, c := range []struct {
+		name  string
+		input []byte
+	}{
+		{"yaml", podList(n)},
+		{"json", podListJSON(n)},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			b.SetBytes(int64(len(c.input)))
+			b.ReportAllocs()
+			var out bytes.Buffer
+			for b.Loop() {
+				out.Reset()
+				if _, err := in.Documents(bytes.NewReader(c.input), &out); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/n, "ns/item")
+		})
 	}
-	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/10000, "ns/item")
 }
