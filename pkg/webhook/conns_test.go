@@ -120,7 +120,9 @@ func stillOpen(c *tls.Conn) bool {
 
 // TestConnGuard: over a bound, the longest idle connection of the same
 // client goes, else of the client with the most connections; busy ones
-// never do, and with every candidate busy the new connection is refused.
+// never do, and with every candidate busy the new connection is refused;
+// with the default bounds, five clients can't fill every place with busy
+// connections.
 func TestConnGuard(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	g := newConnGuard(4, 3, log)
@@ -171,6 +173,25 @@ func TestConnGuard(t *testing.T) {
 	a1.Close()
 	if g.open() != 3 {
 		t.Fatalf("after a1 closed: open %d, want 3", g.open())
+	}
+
+	// With the default bounds, five clients holding as many busy
+	// connections as they can (bodies trickling in) leave room for
+	// another: each holds its share, and the rest are refused.
+	g = newConnGuard(DefaultMaxConns, DefaultMaxConnsPerClient, log)
+	for i := range 5 {
+		from := fmt.Sprintf("10.0.1.%d", i+1)
+		for range 110 {
+			if gc := conn("busy", from); gc != nil {
+				g.ConnState(gc, http.StateActive)
+			}
+		}
+	}
+	if open := g.open(); open != 5*DefaultMaxConnsPerClient {
+		t.Errorf("five clients opening 110 busy connections each: %d open, want %d (their shares)", open, 5*DefaultMaxConnsPerClient)
+	}
+	if e1 := conn("e1", "10.0.0.5"); e1 == nil {
+		t.Errorf("a connection from another client, with five holding %d busy ones: refused, want admitted", g.open())
 	}
 }
 
