@@ -43,6 +43,7 @@ type balancer struct {
 	rampUntil time.Time
 
 	next atomic.Uint64 // round robin's turn
+	rand *rand.Rand    // its draws; nil: the global source
 	// smooth is weighted round robin's running state, one per endpoint.
 	mu     sync.Mutex // guards smooth
 	smooth []float64
@@ -141,8 +142,8 @@ func (r *endpointRegistry) of(eps []discovery.Endpoint, now time.Time, keep bool
 // newBalancer builds the balancer of set's callable endpoints eps under lb,
 // with what reg learned of them; keep makes set the service's current one
 // in reg (see endpointRegistry.of).
-func newBalancer(set *discovery.EndpointSet, eps []discovery.Endpoint, lb *policy.LoadBalancer, reg *endpointRegistry, now time.Time, keep bool) *balancer {
-	b := &balancer{set: set, lb: lb, policy: policy.RoundRobin, eps: eps, weights: make([]int, len(eps))}
+func newBalancer(set *discovery.EndpointSet, eps []discovery.Endpoint, lb *policy.LoadBalancer, reg *endpointRegistry, now time.Time, keep bool, r *rand.Rand) *balancer {
+	b := &balancer{set: set, lb: lb, policy: policy.RoundRobin, eps: eps, weights: make([]int, len(eps)), rand: r}
 	if lb != nil {
 		if lb.Policy != nil {
 			b.policy = *lb.Policy
@@ -168,7 +169,7 @@ func newBalancer(set *discovery.EndpointSet, eps []discovery.Endpoint, lb *polic
 	b.smooth = make([]float64, len(eps))
 	// A random start keeps a fleet of sidecars from marching in step onto
 	// the same first endpoint.
-	b.next.Store(rand.Uint64())
+	b.next.Store(b.uint64())
 	return b
 }
 
@@ -182,6 +183,20 @@ func (b *balancer) share(i int, now time.Time) float64 {
 		}
 	}
 	return w
+}
+
+func (b *balancer) intN(n int) int {
+	if b.rand == nil {
+		return rand.IntN(n)
+	}
+	return b.rand.IntN(n)
+}
+
+func (b *balancer) uint64() uint64 {
+	if b.rand == nil {
+		return rand.Uint64()
+	}
+	return b.rand.Uint64()
 }
 
 // slowStarting reports whether an endpoint is still ramping up at now.
@@ -274,11 +289,11 @@ func (b *balancer) p2c(o *outliers, avoid []string, now time.Time) int {
 	// tries, then a scan from a random start; -1 if there is none.
 	draw := func(not int) int {
 		for range 4 {
-			if i := rand.IntN(n); i != not && b.eligible(i, o, avoid, now) {
+			if i := b.intN(n); i != not && b.eligible(i, o, avoid, now) {
 				return i
 			}
 		}
-		start := rand.IntN(n)
+		start := b.intN(n)
 		for k := range n {
 			if i := (start + k) % n; i != not && b.eligible(i, o, avoid, now) {
 				return i

@@ -28,7 +28,7 @@ func endpoints(weights ...int) *discovery.EndpointSet {
 func TestSmoothWeightedRoundRobin(t *testing.T) {
 	set := endpoints(3, 1)
 	var reg endpointRegistry
-	b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now(), true)
+	b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now(), true, nil)
 	var o outliers
 	counts := make([]int, 2)
 	lastLight := -10
@@ -52,7 +52,7 @@ func TestSmoothWeightedRoundRobin(t *testing.T) {
 func TestRoundRobinSkipsEjectedAndAvoided(t *testing.T) {
 	set := endpoints(0, 0, 0)
 	var reg endpointRegistry
-	b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now(), true)
+	b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now(), true, nil)
 	var o outliers
 	now := time.Now()
 	o.endpoints = map[string]*endpointHealth{set.Endpoints[1].Addr: {ejectedUntil: now.Add(time.Hour)}}
@@ -68,7 +68,7 @@ func TestRoundRobinSkipsEjectedAndAvoided(t *testing.T) {
 func TestLeastRequest(t *testing.T) {
 	set := endpoints(0, 0)
 	var reg endpointRegistry
-	b := newBalancer(set, set.Endpoints, lbPolicy(policy.LeastRequest, 0), &reg, time.Now(), true)
+	b := newBalancer(set, set.Endpoints, lbPolicy(policy.LeastRequest, 0), &reg, time.Now(), true, nil)
 	b.stats[0].inFlight.Store(10)
 	var o outliers
 	for range 50 {
@@ -86,7 +86,7 @@ func TestP2CEWMAAvoidsTheSlowEndpoint(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		set := endpoints(0, 0)
 		var reg endpointRegistry
-		b := newBalancer(set, set.Endpoints, lbPolicy(policy.P2CEWMA, 0), &reg, time.Now(), true)
+		b := newBalancer(set, set.Endpoints, lbPolicy(policy.P2CEWMA, 0), &reg, time.Now(), true, nil)
 		latency := []time.Duration{time.Millisecond, 50 * time.Millisecond}
 		var o outliers
 		type pending struct {
@@ -128,10 +128,10 @@ func TestSlowStartRamps(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var reg endpointRegistry
 		old := endpoints(0)
-		newBalancer(old, old.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now(), true)
+		newBalancer(old, old.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now(), true, nil)
 		time.Sleep(time.Minute) // the first endpoint is long established
 		set := endpoints(0, 0)
-		b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 10*time.Second), &reg, time.Now(), true)
+		b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 10*time.Second), &reg, time.Now(), true, nil)
 		var o outliers
 		shares := make([]float64, 10)
 		for s := range 10 {
@@ -165,7 +165,7 @@ func TestBalancersSkipEjected(t *testing.T) {
 	for _, name := range policy.LoadBalancers {
 		set := endpoints(1, 2, 3, 1)
 		var reg endpointRegistry
-		b := newBalancer(set, set.Endpoints, lbPolicy(name, 0), &reg, time.Now(), true)
+		b := newBalancer(set, set.Endpoints, lbPolicy(name, 0), &reg, time.Now(), true, nil)
 		now := time.Now()
 		var o outliers
 		o.endpoints = map[string]*endpointHealth{set.Endpoints[2].Addr: {ejectedUntil: now.Add(time.Hour)}}

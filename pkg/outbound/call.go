@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"net/netip"
 	"sync"
@@ -74,6 +75,8 @@ type chain struct {
 	// send sends one attempt to the endpoint in its URL host, connecting
 	// within connectTimeout: the pooled transport.
 	send func(req *http.Request, connectTimeout time.Duration) (*http.Response, error)
+	// rand draws the chain's random choices; nil: the global source.
+	rand *rand.Rand
 
 	// isOwn reports whether an endpoint is one of the sidecar's own
 	// listeners: such an endpoint is never called. nil: none is.
@@ -330,7 +333,7 @@ func (ch *chain) attempts(c *call, ctx *deadlineCtx, req *http.Request) (*http.R
 			ok    bool
 		)
 		if reason != "" {
-			delay = backoffDelay(r.Backoff, attempt, resp)
+			delay = backoffDelay(r.Backoff, attempt, resp, ch.rand)
 			cause = requestlog.StopDeadline
 			if deadlineAllows(ctx, delay) {
 				again, ok = upstream.Rewound(req) // only bodies held in memory replay

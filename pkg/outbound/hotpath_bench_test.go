@@ -21,7 +21,7 @@ func BenchmarkHotPath(b *testing.B) {
 	set := &discovery.EndpointSet{Service: "svc", Endpoints: []discovery.Endpoint{{Addr: "10.0.0.1:80"}, {Addr: "10.0.0.2:80"}, {Addr: "10.0.0.3:80"}}}
 	r := &stateRegistry{observer: NopObserver{}}
 	st := r.get("svc", &p)
-	bal := newBalancer(set, set.Endpoints, p.LoadBalancer, &st.endpoints, time.Now(), true)
+	bal := newBalancer(set, set.Endpoints, p.LoadBalancer, &st.endpoints, time.Now(), true, nil)
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {

@@ -20,10 +20,10 @@ func (ch *chain) balancer(c *call) *balancer {
 			// A call routed before discovery's last change, retrying:
 			// served on a balancer of its own, so that the service's
 			// current one, and when its endpoints joined, stay as they are.
-			return newBalancer(c.set, ch.callable(c.set), lb, &c.state.endpoints, time.Now(), false)
+			return newBalancer(c.set, ch.callable(c.set), lb, &c.state.endpoints, time.Now(), false, ch.rand)
 		}
 	}
-	b := newBalancer(c.set, ch.callable(c.set), lb, &c.state.endpoints, time.Now(), true)
+	b := newBalancer(c.set, ch.callable(c.set), lb, &c.state.endpoints, time.Now(), true, ch.rand)
 	ch.pickers.Store(c.service, b)
 	return b
 }

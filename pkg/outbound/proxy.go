@@ -97,6 +97,17 @@ type Config struct {
 	// adds to every request it forwards; a request that arrives with it
 	// is refused as a loop. Empty: a random id.
 	HopID string
+
+	// Send, when set, sends each attempt of a call to a service in place
+	// of the pooled transport, to the endpoint in the request's URL host,
+	// connecting within connectTimeout: policy simulation's modelled
+	// instances. Allow-listed hosts still go through the transport.
+	Send func(req *http.Request, connectTimeout time.Duration) (*http.Response, error)
+	// Rand draws the chain's random choices (backoff jitter, the
+	// balancers' draws and first turn), so that a simulation seeded the
+	// same makes the same choices; it must be safe for concurrent use.
+	// nil: the global source.
+	Rand *rand.Rand
 }
 
 // DefaultMaxInFlight is Config.MaxInFlight's default: far above what one app
@@ -182,8 +193,12 @@ func New(cfg Config) (*Proxy, error) {
 		metrics:     cfg.Metrics,
 		recorder:    cfg.Recorder,
 		send:        p.transport.Send,
+		rand:        cfg.Rand,
 		isOwn:       cfg.IsOwn,
 		maxInFlight: int64(maxInFlight),
+	}
+	if cfg.Send != nil {
+		p.chain.send = cfg.Send
 	}
 	p.fw = &forward.Forwarder{OnError: p.handleError}
 	return p, nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"slices"
 	"strconv"
@@ -247,16 +248,16 @@ func perTryExpired(actx context.Context, perTry bool, now time.Time) bool {
 }
 
 // backoffDelay is the backoff before retry number retry (policy.Backoff.Delay,
-// what policy explain reasons with), raised by the response's Retry-After
-// in seconds.
-func backoffDelay(b *policy.Backoff, retry int, resp *http.Response) time.Duration {
+// what policy explain reasons with, drawn from r), raised by the response's
+// Retry-After in seconds.
+func backoffDelay(b *policy.Backoff, retry int, resp *http.Response, r *rand.Rand) time.Duration {
 	var retryAfter time.Duration
 	if resp != nil {
 		if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s > 0 {
 			retryAfter = time.Duration(s) * time.Second
 		}
 	}
-	return b.Delay(retry, retryAfter)
+	return b.Delay(retry, retryAfter, r)
 }
 
 // discard drains a little of a response being retried so its connection

@@ -22,10 +22,16 @@ func (b *Backoff) Longest(n int) time.Duration {
 func (b *Backoff) RetryAfterMax() time.Duration { return max(b.Max.D(), time.Second) }
 
 // Delay is the backoff before retry n: anything from 0 to Longest(n)
-// (full jitter), raised to retryAfter (an answer's Retry-After, 0 for
-// none) up to RetryAfterMax. Safe for concurrent use.
-func (b *Backoff) Delay(n int, retryAfter time.Duration) time.Duration {
-	d := rand.N(b.Longest(n) + 1)
+// (full jitter, drawn from r, or the global source when r is nil), raised
+// to retryAfter (an answer's Retry-After, 0 for none) up to RetryAfterMax.
+// Safe for concurrent use if r is.
+func (b *Backoff) Delay(n int, retryAfter time.Duration, r *rand.Rand) time.Duration {
+	var d time.Duration
+	if r == nil {
+		d = rand.N(b.Longest(n) + 1)
+	} else {
+		d = time.Duration(r.Int64N(int64(b.Longest(n) + 1)))
+	}
 	if retryAfter > 0 {
 		d = max(d, min(retryAfter, b.RetryAfterMax()))
 	}

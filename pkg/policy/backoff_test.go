@@ -27,13 +27,13 @@ func TestBackoff(t *testing.T) {
 		t.Errorf("RetryAfterMax with max 5s = %s, want 5s", got)
 	}
 	for range 100 {
-		if d := b.Delay(2, 0); d < 0 || d > 50*time.Millisecond {
+		if d := b.Delay(2, 0, nil); d < 0 || d > 50*time.Millisecond {
 			t.Fatalf("Delay(2, 0) with base 25ms = %s, want within [0, 50ms]", d)
 		}
-		if d := b.Delay(2, 500*time.Millisecond); d != 500*time.Millisecond {
+		if d := b.Delay(2, 500*time.Millisecond, nil); d != 500*time.Millisecond {
 			t.Fatalf("Delay(2, Retry-After 500ms) = %s, want 500ms", d)
 		}
-		if d := b.Delay(2, time.Hour); d != time.Second {
+		if d := b.Delay(2, time.Hour, nil); d != time.Second {
 			t.Fatalf("Delay(2, Retry-After 1h) with max 250ms = %s, want 1s (RetryAfterMax)", d)
 		}
 	}
