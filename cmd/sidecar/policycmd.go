@@ -505,6 +505,6 @@ only if nobody changed it since it was read.`,
 
 	cmd.AddCommand(list, get, newPolicyApplyCommand(target, stdin, stdout), del,
 		newPolicyValidateCommand(stdin, stdout, stderr), newPolicyDiffCommand(target, stdin, stdout),
-		newPolicyExplainCommand(target, stdin, stdout))
+		newPolicyExplainCommand(target, stdin, stdout), newPolicySimulateCommand(stdin, stdout))
 	return cmd
 }

@@ -1,0 +1,111 @@
+package simulate
+
+import (
+	"encoding/json"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
+)
+
+// scenario builds a Scenario for tests, with defaults.
+func testScenario(t *testing.T, rate float64, d time.Duration, groups ...Instances) *Scenario {
+	t.Helper()
+	return &Scenario{APIVersion: APIVersion, Kind: Kind, Service: "echo", Rate: rate, Duration: policy.Duration(d), Instances: groups}
+}
+
+func docs(t *testing.T, yaml string) Policies {
+	t.Helper()
+	if yaml == "" {
+		return Policies{Name: "default"}
+	}
+	ps, err := policy.Parse([]byte("service: echo\n"+yaml), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Policies{Name: yaml, Docs: ps}
+}
+
+func simulate(t *testing.T, s *Scenario, p Policies, seed uint64) Result {
+	t.Helper()
+	var r Result
+	synctest.Test(t, func(t *testing.T) {
+		var err error
+		if r, err = run(s, p, seed); err != nil {
+			t.Fatal(err)
+		}
+	})
+	return r
+}
+
+var fast = Latency{P50: policy.Duration(5 * time.Millisecond), P99: policy.Duration(20 * time.Millisecond)}
+
+// One instance of three failing half its calls for thirty seconds: the
+// default policy's retries hide it (a retry goes to another instance),
+// without retries a sixth of the requests of the window fail.
+func TestSimulateFailingInstance(t *testing.T) {
+	s := testScenario(t, 200, time.Minute,
+		Instances{Count: 2, Latency: fast},
+		Instances{Count: 1, Latency: fast, FailureRate: 0.5, From: policy.Duration(10 * time.Second), To: policy.Duration(40 * time.Second)})
+	start := time.Now()
+	def := simulate(t, s, docs(t, ""), 1)
+	none := simulate(t, s, docs(t, "retry: {attempts: 1}"), 1)
+	t.Logf("%d requests, 60 virtual seconds each, in %v", def.Requests+none.Requests, time.Since(start))
+	for _, r := range []Result{def, none} {
+		t.Logf("%s: success %.4f, attempts/request %.3f, retries %v, ejections %d, breaker openings %d, p99 %.1fms",
+			r.Policy, r.SuccessRate, r.AttemptsPerRequest, r.Retries, r.Ejections, r.BreakerOpenings, r.P99Ms)
+	}
+	if def.Requests < 11000 || def.Requests > 13000 || none.Requests != def.Requests {
+		t.Fatalf("%d and %d requests, want the same, about 12,000 (200/s for 60s)", def.Requests, none.Requests)
+	}
+	if def.SuccessRate < 0.999 || def.Retries["503"] == 0 || def.BreakerOpenings != 0 {
+		t.Fatalf("default policy: success %.4f, retries %v, breaker openings %d; want >= 99.9%% by retries, breaker closed",
+			def.SuccessRate, def.Retries, def.BreakerOpenings)
+	}
+	// Without retries the failures reach the app until outlier detection
+	// ejects the instance (5 failures in a row) for 30s: past the window.
+	if failed := none.Requests - none.Succeeded; failed < 5 || failed > 100 || none.AttemptsPerRequest != 1 || none.Ejections != 1 {
+		t.Fatalf("no retries: %d failed, attempts/request %.3f, %d ejections; want the failures until one ejection, one attempt each",
+			failed, none.AttemptsPerRequest, none.Ejections)
+	}
+	if def.RecoverySeconds == nil || *def.RecoverySeconds < 0 {
+		t.Fatalf("recovery %v, want a second of full success after the window", def.RecoverySeconds)
+	}
+}
+
+// The same seed gives the same results, to the last field; another seed
+// other ones.
+func TestSimulateIsDeterministic(t *testing.T) {
+	s := testScenario(t, 300, 20*time.Second,
+		Instances{Count: 2, Latency: fast},
+		Instances{Count: 1, Latency: fast, FailureRate: 0.3, Failure: "reset", From: policy.Duration(5 * time.Second)})
+	p := docs(t, "retry: {perTryTimeout: 15ms, on: [timeout, reset, 503]}\nloadBalancer: {policy: p2c-ewma}\nhedge: {delay: 10ms}")
+	a, _ := json.Marshal(simulate(t, s, p, 7))
+	b, _ := json.Marshal(simulate(t, s, p, 7))
+	c, _ := json.Marshal(simulate(t, s, p, 8))
+	if string(a) != string(b) {
+		t.Fatalf("two runs with seed 7 differ:\n%s\n%s", a, b)
+	}
+	if string(a) == string(c) {
+		t.Fatal("seeds 7 and 8 gave the same results")
+	}
+}
+
+// POSTs without an Idempotency-Key are never executed twice under a policy
+// that keeps to idempotent methods, whatever fails; a policy that retries
+// POST on a reset executes some twice, and the simulation counts them.
+func TestSimulateCountsDuplicates(t *testing.T) {
+	s := testScenario(t, 100, 20*time.Second,
+		Instances{Count: 3, Latency: fast, FailureRate: 0.2, Failure: "reset"})
+	s.Requests = &Requests{Methods: map[string]float64{"GET": 1, "POST": 1}, BodyBytes: 100}
+	safe := simulate(t, s, docs(t, ""), 3)
+	risky := simulate(t, s, docs(t, "retry: {methods: [GET, POST]}"), 3)
+	if safe.Duplicates != 0 {
+		t.Fatalf("default policy executed %d POSTs twice, want none", safe.Duplicates)
+	}
+	if risky.Duplicates == 0 {
+		t.Fatal("a policy retrying POST on resets executed none twice")
+	}
+	t.Logf("POSTs executed more than once: default %d, retrying POST %d of %d requests", safe.Duplicates, risky.Duplicates, risky.Requests)
+}
