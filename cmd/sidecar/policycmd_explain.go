@@ -263,6 +263,8 @@ func renderExplain(w io.Writer, r explainReport) error {
 		for _, wn := range e.Warnings {
 			b.WriteString(wrap(wn.Message+" ["+wn.Code+"]", "  ! ", "    "))
 		}
+		b.WriteString("\n" + wrap("To see what this policy does when instances fail, before it ships: sidecar policy simulate "+
+			"--scenario FILE -f POLICY (a failure model of the service; see sidecar policy simulate --help).", "", ""))
 	}
 	_, err := w.Write(b.Bytes())
 	return err
