@@ -354,6 +354,9 @@ func RunUpstream(t *testing.T, l Listener, start func(t *testing.T, upstreamAddr
 			total := clients * n
 			t.Logf("upstream attack: %s: %s: %s: %s (%d upstream connections for %d answers)", l, m.Class, m.Name, tl, u.conns.Load(), u.answered.Load())
 			check(t, m, tl, total)
+			if c, a := u.conns.Load(), u.answered.Load(); m.Bad && c != a {
+				t.Errorf("%d upstream connections for %d refused answers; want one each (a connection that carried a refused answer is closed, never reused)", c, a)
+			}
 
 			if m.Bad || t.Failed() {
 				return
