@@ -251,3 +251,32 @@ instances:
 		agree(t, "slow instance", real, sim.Results[0])
 	})
 }
+
+// The README's simulation runs as written: its scenario and policies,
+// saved as the files its command names, give the table it shows, to the
+// byte (the seed is the default one).
+func TestReadmeSimulation(t *testing.T) {
+	readme := filepath.Join(repoRoot, "README.md")
+	dir := t.TempDir()
+	for _, name := range []string{"scenario.yaml", "defaults.yaml", "no-retries.yaml", "aggressive.yaml"} {
+		b := taggedBlock(t, readme, name)
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(strings.Join(b.lines, "\n")+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmds, err := shellCommands(taggedBlock(t, readme, "simulate").lines)
+	if err != nil || len(cmds) != 1 || cmds[0][0] != "sidecar" {
+		t.Fatalf("the README's simulate block: %v %q, want one sidecar command", err, cmds)
+	}
+	args := cmds[0][1:]
+	cmd := exec.Command(sidecarBinary(t), args...)
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("sidecar %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	want := strings.Join(taggedBlock(t, readme, "simulate-output").lines, "\n") + "\n"
+	if string(out) != want {
+		t.Fatalf("sidecar %s printed\n%s\nthe README shows\n%s", strings.Join(args, " "), out, want)
+	}
+}
