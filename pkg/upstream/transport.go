@@ -93,7 +93,9 @@ type TransportConfig struct {
 	// MaxResponseHeaderBytes bounds a response's status line and header
 	// block (each interim 1xx response's too; for HTTP/2, the header list).
 	// Over it the response is refused with a *BadResponseError and the
-	// connection closed. Default 64 KiB, as Envoy's 60 KiB.
+	// connection closed (for HTTP/2, the stream reset, or the connection
+	// closed when the block goes on past the limit). Default 64 KiB, as
+	// Envoy's 60 KiB.
 	MaxResponseHeaderBytes int
 	// DialContext, when set, replaces the TCP dialer (tests count dials with
 	// it). DialTimeout still bounds it.
