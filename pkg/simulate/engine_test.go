@@ -109,3 +109,50 @@ func TestSimulateCountsDuplicates(t *testing.T) {
 	}
 	t.Logf("POSTs executed more than once: default %d, retrying POST %d of %d requests", safe.Duplicates, risky.Duplicates, risky.Requests)
 }
+
+// Instances that join and leave change the endpoint set as discovery
+// would: a request is never sent to an instance before it joins, and after
+// it leaves only a connection refused (a connect failure, retried
+// elsewhere) can come of one. A stalling instance is cut by the per-try
+// timeout and retried.
+func TestSimulateJoinLeaveAndStall(t *testing.T) {
+	stays := Instances{Count: 1, Latency: fast}
+	joins := Instances{Count: 1, Latency: fast, Join: policy.Duration(10 * time.Second), Leave: policy.Duration(20 * time.Second)}
+	stalls := Instances{Count: 1, Latency: fast, FailureRate: 0.2, Failure: FailStall}
+	s := testScenario(t, 100, 30*time.Second, stays, joins, stalls)
+	r := simulate(t, s, docs(t, "retry: {perTryTimeout: 100ms, on: [timeout, connect-failure, 503]}\noutlierDetection: {consecutiveFailures: 100000}"), 5)
+	t.Logf("success %.4f, attempts/request %.3f, retries %v, p99 %.1fms", r.SuccessRate, r.AttemptsPerRequest, r.Retries, r.P99Ms)
+	if r.SuccessRate < 0.995 || r.Retries["timeout"] == 0 {
+		t.Fatalf("success %.4f with retries %v; want stalls cut and retried", r.SuccessRate, r.Retries)
+	}
+	// Attempts per second: two instances before 10s and after 20s,
+	// three between: the joining one takes a third of the first
+	// attempts while it is there.
+	var before, during float64
+	for _, sec := range r.Timeline[2:8] {
+		before += float64(sec.Attempts) / float64(sec.Requests)
+	}
+	for _, sec := range r.Timeline[12:18] {
+		during += float64(sec.Attempts) / float64(sec.Requests)
+	}
+	t.Logf("attempts per request: %.3f with two instances, %.3f with three", before/6, during/6)
+	// The stalling instance takes a half, then a third of the first
+	// attempts: fewer stalls to retry while the third one is there.
+	if during >= before {
+		t.Fatalf("attempts per request %.3f with three instances, %.3f with two; want fewer retries with the joined one", during/6, before/6)
+	}
+}
+
+// A minute at 1,000 requests a second takes a few seconds.
+func TestSimulateThousandPerSecond(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a minute at 1,000/s")
+	}
+	s := testScenario(t, 1000, time.Minute, Instances{Count: 3, Latency: fast, FailureRate: 0.1, From: policy.Duration(20 * time.Second), To: policy.Duration(30 * time.Second)})
+	start := time.Now()
+	r := simulate(t, s, docs(t, ""), 1)
+	t.Logf("%d requests, 60 virtual seconds, in %v", r.Requests, time.Since(start))
+	if r.Requests < 58000 || r.Requests > 62000 {
+		t.Fatalf("%d requests, want about 60,000", r.Requests)
+	}
+}
