@@ -360,7 +360,6 @@ func TestWebhookTricklingBodiesDontLockOut(t *testing.T) {
 // its body a byte at each tick; a connection the webhook refuses or closes
 // is opened again at the next tick. Not safe for concurrent use.
 type tricklers struct {
-	t               *testing.T
 	addr            string
 	cfg             *tls.Config
 	conns           []trickler
