@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -683,6 +684,21 @@ func ConnContext(ctx context.Context, c net.Conn) context.Context {
 		c = fc.Conn
 	}
 	return withOriginalDst(ctx, c)
+}
+
+// PeerTLS returns the TLS state of the connection r came on (a ListenTLS
+// listener's), nil for a plaintext one.
+func PeerTLS(r *http.Request) *tls.ConnectionState {
+	fc, ok := r.Context().Value(connKey{}).(*framingConn)
+	if !ok {
+		return nil
+	}
+	tc, ok := fc.Conn.(*tls.Conn)
+	if !ok {
+		return nil
+	}
+	cs := tc.ConnectionState()
+	return &cs
 }
 
 // TakeVerdict returns the framing verdict of r, the request being served on

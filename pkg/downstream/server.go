@@ -9,6 +9,7 @@
 package downstream
 
 import (
+	"crypto/tls"
 	"github.com/sidecar-mesh/sidecar/internal/readahead"
 	"github.com/sidecar-mesh/sidecar/pkg/panics"
 
@@ -83,6 +84,24 @@ type Server struct {
 // Listen binds addr and prepares a hardened server for h. A port already in
 // use is reported as such, with the address.
 func Listen(name, addr string, h http.Handler, limits Limits, log *slog.Logger) (*Server, error) {
+	return listen(name, addr, h, limits, log, nil)
+}
+
+// ListenTLS is Listen for a listener whose connections are TLS (the mesh's
+// mutual TLS): each is handshaken with cfg, on its first read and within
+// the read header timeout, and its plaintext is served as a plaintext
+// connection's is: behind the framing check, on the fast path, and as
+// HTTP/2 when the client speaks it (ALPN "h2", after which a client sends
+// HTTP/2 at once, as with prior knowledge). PeerTLS gives a handler the
+// connection's TLS state.
+func ListenTLS(name, addr string, h http.Handler, limits Limits, log *slog.Logger, cfg *tls.Config) (*Server, error) {
+	if cfg == nil || (cfg.GetCertificate == nil && len(cfg.Certificates) == 0 && cfg.GetConfigForClient == nil) {
+		return nil, fmt.Errorf("%s listener: TLS without a certificate", name)
+	}
+	return listen(name, addr, h, limits, log, func(ln net.Listener) net.Listener { return tls.NewListener(ln, cfg) })
+}
+
+func listen(name, addr string, h http.Handler, limits Limits, log *slog.Logger, wrap func(net.Listener) net.Listener) (*Server, error) {
 	limits = limits.WithDefaults()
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -93,6 +112,9 @@ func Listen(name, addr string, h http.Handler, limits Limits, log *slog.Logger) 
 			return nil, fmt.Errorf("%s listener: address %s is already in use (another sidecar or process holds it; set a different address)", name, addr)
 		}
 		return nil, fmt.Errorf("%s listener on %s: %w", name, addr, err)
+	}
+	if wrap != nil {
+		ln = wrap(ln)
 	}
 	h = panics.Handler(name+".request", h)
 	srv := &http.Server{
