@@ -49,6 +49,8 @@ type Config struct {
 	// Transparent configures transparent interception: connections that
 	// `sidecar iptables` redirects to the outbound port.
 	Transparent Transparent `yaml:"transparent,omitempty" json:"transparent"`
+	// Mesh configures the service mesh (Consul Connect); off by default.
+	Mesh Mesh `yaml:"mesh,omitempty" json:"mesh"`
 	// Tracing configures spans and their export; off without an endpoint.
 	Tracing Tracing `yaml:"tracing,omitempty" json:"tracing"`
 	// RequestMetrics turns the per-request metrics (count and duration by
@@ -452,6 +454,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	c.Transparent.validate(add)
+	c.validateMesh(add)
 	if err := CheckDrainWindow(c.Lifecycle.DrainWindow.D()); err != nil {
 		add("lifecycle.drainWindow: %v", err)
 	}

@@ -54,6 +54,11 @@ type ConsulConfig struct {
 	// such an address names the sidecar's own host, so a catalog entry
 	// could point the sidecar at itself or at the pod's private ports.
 	AllowLoopbackEndpoints bool
+	// Mesh, on in the service mesh, also follows each service's mesh
+	// instances (/v1/health/connect/<service>: its sidecar proxies, or
+	// instances that speak mutual TLS themselves). While a service has
+	// any, they are its endpoints, marked Mesh; else its plain instances.
+	Mesh bool
 	// CacheFile, when set, persists the last known good sets, so a sidecar
 	// restarted during a Consul outage still routes.
 	CacheFile string
@@ -115,8 +120,15 @@ type watch struct {
 
 	// dropped holds the endpoints of the last answer that were not used,
 	// so that each is logged and counted once, not at every answer. Only
-	// the watch's goroutine uses it.
-	dropped map[string]bool
+	// the watch's goroutine uses it; the mesh follower keeps its own.
+	dropped, meshDropped map[string]bool
+
+	// With ConsulConfig.Mesh, the last answers of both queries: the set
+	// is the mesh instances while there are any, else the plain ones.
+	mu         sync.Mutex // guards plain and mesh
+	plain      []Endpoint
+	mesh       []Endpoint
+	plainKnown bool // plain holds an answer
 }
 
 // NewConsul starts the Consul source. Persisted sets, if any, are loaded now.
@@ -264,6 +276,13 @@ func (c *Consul) watchFor(ctx context.Context, service string) (*watch, error) {
 		defer c.wg.Done()
 		supervise(wctx, "discovery.watch", func(ctx context.Context) { c.run(ctx, w) })
 	}()
+	if c.cfg.Mesh {
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			supervise(wctx, "discovery.watch.mesh", func(ctx context.Context) { c.runMesh(ctx, w) })
+		}()
+	}
 	c.log.Info("watching service", "service", service)
 	if !ok {
 		c.persisted(w) // the catalog did not answer: the persisted set stands in
@@ -329,10 +348,83 @@ func (c *Consul) run(ctx context.Context, w *watch) {
 	})
 }
 
+// runMesh is the blocking-query loop of one service's mesh instances.
+func (c *Consul) runMesh(ctx context.Context, w *watch) {
+	name, _ := pathName(w.service)
+	var entries []*api.ServiceEntry
+	f := c.follower("mesh health", "service", w.service)
+	f.run(ctx, func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
+		q.Datacenter = w.opts.Datacenter
+		entries, meta, err = c.cfg.Client.Health().Connect(name, "", false, q)
+		return meta, err
+	}, func(changed bool) {
+		if changed {
+			eps := c.endpoints(w, entries, true, &w.meshDropped)
+			w.mu.Lock()
+			w.mesh = eps
+			plain, known := w.plain, w.plainKnown
+			w.mu.Unlock()
+			if known {
+				c.publish(w, chooseEndpoints(eps, plain))
+			}
+		}
+	})
+}
+
+// chooseEndpoints is a service's endpoints in the mesh: its mesh
+// instances while there are any, else its plain ones.
+func chooseEndpoints(mesh, plain []Endpoint) []Endpoint {
+	if len(mesh) > 0 {
+		return mesh
+	}
+	return plain
+}
+
 // update publishes a new set when the answer differs from the current one.
 // Any entry may lack its Service or Node (an answer is data, not a promise):
 // such an entry is skipped.
 func (c *Consul) update(ctx context.Context, w *watch, entries []*api.ServiceEntry) {
+	eps := c.endpoints(w, entries, false, &w.dropped)
+	if c.cfg.Mesh {
+		w.mu.Lock()
+		w.plain, w.plainKnown = eps, true
+		mesh := w.mesh
+		w.mu.Unlock()
+		eps = chooseEndpoints(mesh, eps)
+	}
+	if len(eps) == 0 {
+		// Tell "no such service" from "no healthy instance".
+		known, err := c.known(ctx, w)
+		if err == nil {
+			w.unknown.Store(!known)
+			if !known {
+				if w.set.Swap(nil) != nil {
+					c.log.Info("service is gone from Consul", "service", w.service)
+				}
+				return
+			}
+		}
+	} else {
+		w.unknown.Store(false)
+	}
+	c.publish(w, eps)
+}
+
+// publish makes eps the service's set, unless they are the set already.
+func (c *Consul) publish(w *watch, eps []Endpoint) {
+	if cur := w.set.Load(); cur != nil && cur.Source == "consul" && slices.Equal(cur.Endpoints, eps) {
+		return // unchanged
+	}
+	set := &EndpointSet{Service: w.service, Endpoints: eps, Source: "consul", UpdatedAt: time.Now()}
+	w.set.Store(set)
+	c.cache.put(set)
+	c.log.Info("endpoints changed", "service", w.service, "endpoints", len(eps))
+}
+
+// endpoints are the usable instances of an answer, sorted, marked mesh or
+// not; instances on the sidecar's own host are dropped (and logged once,
+// by the addresses in *dropped) unless allowed.
+func (c *Consul) endpoints(w *watch, entries []*api.ServiceEntry, mesh bool, droppedBefore *map[string]bool) []Endpoint {
 	eps := make([]Endpoint, 0, len(entries))
 	var dropped map[string]bool
 	for _, e := range entries {
@@ -349,39 +441,18 @@ func (c *Consul) update(ctx context.Context, w *watch, entries []*api.ServiceEnt
 				dropped = map[string]bool{}
 			}
 			dropped[addr] = true
-			if !w.dropped[addr] {
+			if !(*droppedBefore)[addr] {
 				c.dropped.add(reason)
 				c.log.Warn("dropped an endpoint from Consul that points at this host (discovery.consul.allowLoopbackEndpoints is off)",
 					"service", w.service, "endpoint", addr, "reason", reason)
 			}
 			continue
 		}
-		eps = append(eps, Endpoint{Addr: addr, Weight: weight})
+		eps = append(eps, Endpoint{Addr: addr, Weight: weight, Mesh: mesh})
 	}
-	w.dropped = dropped
+	*droppedBefore = dropped
 	slices.SortFunc(eps, func(a, b Endpoint) int { return strings.Compare(a.Addr, b.Addr) })
-	if len(eps) == 0 {
-		// Tell "no such service" from "no healthy instance".
-		known, err := c.known(ctx, w)
-		if err == nil {
-			w.unknown.Store(!known)
-			if !known {
-				if w.set.Swap(nil) != nil {
-					c.log.Info("service is gone from Consul", "service", w.service)
-				}
-				return
-			}
-		}
-	} else {
-		w.unknown.Store(false)
-	}
-	if cur := w.set.Load(); cur != nil && cur.Source == "consul" && slices.Equal(cur.Endpoints, eps) {
-		return // unchanged
-	}
-	set := &EndpointSet{Service: w.service, Endpoints: eps, Source: "consul", UpdatedAt: time.Now()}
-	w.set.Store(set)
-	c.cache.put(set)
-	c.log.Info("endpoints changed", "service", w.service, "endpoints", len(eps))
+	return eps
 }
 
 // entryAddr is where an instance is reached: its service address, else its

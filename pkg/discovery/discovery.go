@@ -27,6 +27,10 @@ type Endpoint struct {
 	// (Consul's Weights.Passing, or Weights.Warning while a check warns);
 	// 0 is 1, the weight of every static endpoint.
 	Weight int `json:"weight,omitempty"`
+	// Mesh marks an endpoint of the service mesh (Consul Connect): a proxy
+	// of the service's, or the service itself natively, called over mutual
+	// TLS and required to prove it is the service.
+	Mesh bool `json:"mesh,omitempty"`
 }
 
 // EndpointSet is the set of healthy endpoints of one service at one moment.

@@ -33,6 +33,10 @@ type RegistrationConfig struct {
 	DeregisterCriticalAfter time.Duration
 	// Ready reports whether peers should route to the app now. Nil: always.
 	Ready func() bool
+	// Companions, when set, gives the services registered with the app,
+	// after it, and removed with it (the mesh's sidecar proxy), from the
+	// app's instance ID.
+	Companions func(id string) []*api.AgentServiceRegistration
 	// Logger receives state transitions; nil discards them.
 	Logger *slog.Logger
 }
@@ -106,7 +110,10 @@ func (r *Registration) Deregister(ctx context.Context) error {
 		<-r.done
 		q := (&api.QueryOptions{}).WithContext(ctx)
 		_ = r.cfg.Client.Agent().UpdateTTLOpts(r.checkID, "sidecar shutting down", api.HealthCritical, q)
-		err = r.cfg.Client.Agent().ServiceDeregisterOpts(r.cfg.ID, q)
+		for _, c := range r.companions() {
+			err = errors.Join(err, r.cfg.Client.Agent().ServiceDeregisterOpts(c.ID, q))
+		}
+		err = errors.Join(err, r.cfg.Client.Agent().ServiceDeregisterOpts(r.cfg.ID, q))
 		if err == nil {
 			r.log.Info("deregistered from Consul")
 		}
@@ -183,6 +190,11 @@ func (r *Registration) register(ctx context.Context) bool {
 		},
 	}
 	err := r.cfg.Client.Agent().ServiceRegisterOpts(reg, api.ServiceRegisterOpts{}.WithContext(ctx))
+	for _, c := range r.companions() {
+		if err == nil {
+			err = r.cfg.Client.Agent().ServiceRegisterOpts(c, api.ServiceRegisterOpts{}.WithContext(ctx))
+		}
+	}
 	if err != nil {
 		if ctx.Err() == nil {
 			r.log.Warn("Consul registration failed; retrying", "err", err)
@@ -191,6 +203,14 @@ func (r *Registration) register(ctx context.Context) bool {
 	}
 	r.log.Info("registered in Consul", "service", r.cfg.Service, "address", r.cfg.Address, "port", r.cfg.Port, "status", status)
 	return true
+}
+
+// companions are the services registered with the app.
+func (r *Registration) companions() []*api.AgentServiceRegistration {
+	if r.cfg.Companions == nil {
+		return nil
+	}
+	return r.cfg.Companions(r.cfg.ID)
 }
 
 func (r *Registration) report(ctx context.Context) error {

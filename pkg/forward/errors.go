@@ -32,6 +32,12 @@ const (
 	// ReasonLoop: the request came back to the sidecar that sent it, or
 	// every endpoint of the service is one of the sidecar's own listeners.
 	ReasonLoop = "loop"
+	// ReasonNotAuthorized: the mesh's intentions do not allow the calling
+	// service (its certificate's identity) to call this one.
+	ReasonNotAuthorized = "not_authorized"
+	// ReasonUpstreamTLSFailure: the mesh's TLS handshake with an endpoint
+	// failed, or the endpoint did not prove to be the service called.
+	ReasonUpstreamTLSFailure = "upstream_tls_failure"
 	// ReasonClientClosed: the client went away before it was answered.
 	// Recorded, never written.
 	ReasonClientClosed = "client_closed"
@@ -49,13 +55,13 @@ func statusOf(reason string) int {
 		return http.StatusServiceUnavailable
 	case ReasonUpstreamTimeout:
 		return http.StatusGatewayTimeout
-	case ReasonConnectFailure, ReasonUpstreamReset, ReasonUpstreamBadResponse:
+	case ReasonConnectFailure, ReasonUpstreamReset, ReasonUpstreamBadResponse, ReasonUpstreamTLSFailure:
 		return http.StatusBadGateway
 	case ReasonBadRequest:
 		return http.StatusBadRequest
 	case ReasonRequestTimeout:
 		return http.StatusRequestTimeout
-	case ReasonNotAllowed:
+	case ReasonNotAllowed, ReasonNotAuthorized:
 		return http.StatusForbidden
 	case ReasonLoop:
 		return http.StatusLoopDetected
@@ -86,6 +92,7 @@ func LocalReply(service string, err error) *LocalError {
 	var ce *downstream.ClientError
 	var conn *upstream.ConnectError
 	var bad *upstream.BadResponseError
+	var tlsErr *upstream.TLSError
 	reason := ReasonUpstreamReset
 	switch {
 	case errors.As(err, &ce) && ce.Timeout():
@@ -98,6 +105,8 @@ func LocalReply(service string, err error) *LocalError {
 		reason = ReasonClientClosed
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, upstream.ErrResponseHeaderTimeout):
 		reason = ReasonUpstreamTimeout
+	case errors.As(err, &tlsErr):
+		reason = ReasonUpstreamTLSFailure
 	case errors.As(err, &conn):
 		reason = ReasonConnectFailure
 	case errors.As(err, &bad):

@@ -75,6 +75,10 @@ type chain struct {
 	// send sends one attempt to the endpoint in its URL host, connecting
 	// within connectTimeout: the pooled transport.
 	send func(req *http.Request, connectTimeout time.Duration) (*http.Response, error)
+	// meshSend sends one attempt to an endpoint of the mesh over mutual
+	// TLS, as an instance of the service must answer it; nil outside the
+	// mesh.
+	meshSend func(req *http.Request, service string, connectTimeout time.Duration) (*http.Response, error)
 	// rand draws the chain's random choices; nil: the global source.
 	rand *rand.Rand
 
@@ -250,6 +254,7 @@ type try struct {
 	avoid   []string
 
 	endpoint string
+	mesh     bool           // the endpoint is the mesh's: mutual TLS
 	picked   *endpointStats // nil unless the balancer learns from outcomes
 	pickedAt time.Time
 }
@@ -434,7 +439,13 @@ func (ch *chain) attempt(c *call, ctx *deadlineCtx, req, cur *http.Request, t tr
 	}
 	out := forward.CopyRequest(areq)
 	out.URL.Host = t.endpoint
-	resp, err := ch.send(out, c.policy.ConnectTimeout.D())
+	var resp *http.Response
+	var err error
+	if t.mesh && ch.meshSend != nil {
+		resp, err = ch.meshSend(out, c.service, c.policy.ConnectTimeout.D())
+	} else {
+		resp, err = ch.send(out, c.policy.ConnectTimeout.D())
+	}
 	ch.sampleLatency(c, areq, start, resp, err)
 	switch {
 	case err == nil || ctx.Err() != nil:
@@ -488,7 +499,7 @@ func (ch *chain) pick(c *call, t *try, now time.Time) *forward.LocalError {
 	if b.learns() {
 		t.picked, t.pickedAt = b.stats[i], now
 	}
-	t.endpoint = b.eps[i].Addr
+	t.endpoint, t.mesh = b.eps[i].Addr, b.eps[i].Mesh
 	return nil
 }
 

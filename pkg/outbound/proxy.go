@@ -103,11 +103,21 @@ type Config struct {
 	// connecting within connectTimeout: policy simulation's modelled
 	// instances. Allow-listed hosts still go through the transport.
 	Send func(req *http.Request, connectTimeout time.Duration) (*http.Response, error)
+	// Mesh, in the service mesh, sends each attempt to an endpoint of the
+	// mesh (discovery marks them) over mutual TLS, as an instance of the
+	// service called must answer it. nil: no endpoint is the mesh's.
+	Mesh MeshSender
 	// Rand draws the chain's random choices (backoff jitter, the
 	// balancers' draws and first turn), so that a simulation seeded the
 	// same makes the same choices; it must be safe for concurrent use.
 	// nil: the global source.
 	Rand *rand.Rand
+}
+
+// MeshSender sends a request to an endpoint of the mesh, an instance of
+// service (upstream.MeshTransport).
+type MeshSender interface {
+	Send(req *http.Request, service string, connectTimeout time.Duration) (*http.Response, error)
 }
 
 // DefaultMaxInFlight is Config.MaxInFlight's default: far above what one app
@@ -199,6 +209,9 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	if cfg.Send != nil {
 		p.chain.send = cfg.Send
+	}
+	if cfg.Mesh != nil {
+		p.chain.meshSend = cfg.Mesh.Send
 	}
 	p.fw = &forward.Forwarder{OnError: p.handleError}
 	return p, nil
