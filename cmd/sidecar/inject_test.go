@@ -310,6 +310,71 @@ func TestInjectCommandErrors(t *testing.T) {
 	}
 }
 
+// TestInjectCommandMesh: a pod with the mesh annotation gets a sidecar in
+// the mesh that `sidecar run` accepts, with the mesh's port declared and
+// the probes still on the health port; injecting twice is injecting once;
+// without a Consul address to pass, the pod is refused with the
+// annotations named.
+func TestInjectCommandMesh(t *testing.T) {
+	pod := strings.Replace(cliPod, "metadata:\n  name: web\n",
+		"metadata:\n  name: web\n  annotations: {sidecar.mesh/mesh: consul-connect, sidecar.mesh/mesh-plaintext-inbound: allow}\n", 1)
+	out, errOut, err := injectCLI(t, pod, "inject", "-f", "-", "--consul-addr=$(HOST_IP):8500")
+	if err != nil {
+		t.Fatalf("inject -f - --consul-addr=$(HOST_IP):8500: %v (stderr %q)", err, errOut)
+	}
+	for _, want := range []string{
+		"    - --consul-addr=$(HOST_IP):8500\n    - --mesh=consul-connect\n    - --mesh-plaintext-inbound=allow\n",
+		"    - name: sidecar-mtls\n      containerPort: 15008\n      protocol: TCP\n",
+		"      httpGet: {path: /app-health/readyz, port: 15020}\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("inject output lacks\n%s\ngot:\n%s", want, out)
+		}
+	}
+	objs, err := kubetest.Objects([]byte(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := sidecarArgs(t, objs[0])
+	if len(args) != 1 {
+		t.Fatalf("found %d sidecars in the output, want 1", len(args))
+	}
+	var flags []string
+	for _, a := range args[0][1:] {
+		flags = append(flags, kubeletExpand.Replace(a))
+	}
+	o := newRunOptions(io.Discard, io.Discard, func(string) string { return "" })
+	fs := pflag.NewFlagSet("run", pflag.ContinueOnError)
+	o.addFlags(fs)
+	if err := fs.Parse(flags); err != nil {
+		t.Fatalf("sidecar run %q: %v", flags, err)
+	}
+	if err := o.complete(); err != nil {
+		t.Fatalf("sidecar run %q: %v", flags, err)
+	}
+	if err := o.validate(); err != nil || !o.cfg.Mesh.On() || o.cfg.Mesh.DenyPlaintext() || o.cfg.Mesh.InboundTLSAddr() != "0.0.0.0:15008" {
+		t.Errorf("sidecar run %q: %v, mesh %+v; want it valid, in the mesh, plaintext allowed, mutual TLS on 0.0.0.0:15008", flags, err, o.cfg.Mesh)
+	}
+
+	again, _, err := injectCLI(t, out, "inject", "-f", "-", "--consul-addr=$(HOST_IP):8500")
+	if err != nil || again != out {
+		t.Errorf("inject of injected output: err %v, changed: %v\n%s", err, again != out, again)
+	}
+
+	out, _, err = injectCLI(t, pod, "inject", "-f", "-")
+	for _, want := range []string{
+		"<stdin>: document 1 (line 1, Pod web): metadata.annotations[sidecar.mesh/mesh]: consul-connect needs the Consul agent's address",
+		"set sidecar.mesh/consul-addr", "--consul-addr",
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("inject of a mesh pod with no Consul address: got %v, want an error containing %q", err, want)
+		}
+	}
+	if out != "" {
+		t.Errorf("inject of a mesh pod with no Consul address: wrote %q, want nothing", out)
+	}
+}
+
 // demoInjectArgs is how k8s/demo/app.yaml is made from its source.
 var demoInjectArgs = []string{"inject", "-f", "../../k8s/demo/source/app.yaml", "--image=sidecar:dev",
 	"--sidecar-env=OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger.sidecar-demo.svc:4317"}

@@ -83,6 +83,16 @@ const (
 	// (the kubelet probes the app directly; the sidecar does not know the
 	// app's readiness).
 	AnnotationRewriteProbes = Prefix + "rewrite-probes"
+	// AnnotationMesh is the service mesh (--mesh): consul-connect (the
+	// sidecar's identity, mutual TLS and intentions from the Consul agent;
+	// it listens on PortMeshTLS too) or off, the default. consul-connect
+	// needs the service name, the app port and a Consul address
+	// (AnnotationConsulAddr or the injector's).
+	AnnotationMesh = Prefix + "mesh"
+	// AnnotationMeshPlaintextInbound is, in the mesh, deny (the plaintext
+	// inbound listener serves loopback callers only) or allow
+	// (--mesh-plaintext-inbound). Default: the sidecar's, deny.
+	AnnotationMeshPlaintextInbound = Prefix + "mesh-plaintext-inbound"
 )
 
 // defaultContainerAnnotation is kubectl's: the container kubectl exec and
@@ -122,6 +132,8 @@ type podSettings struct {
 	noProxySet    bool // noProxyExtra is the pod's annotation
 	rewriteProbes bool
 	transparent   Transparent
+	mesh          bool   // consul-connect
+	plaintext     string // mesh-plaintext-inbound; empty: the sidecar's default
 }
 
 type annotationParser func(s *podSettings, v string) error
@@ -230,6 +242,26 @@ var annotationParsers = map[string]annotationParser{
 	AnnotationRewriteProbes: func(s *podSettings, v string) (err error) {
 		s.rewriteProbes, err = parseBool(v)
 		return err
+	},
+	AnnotationMesh: func(s *podSettings, v string) error {
+		switch v {
+		case config.MeshConsulConnect:
+			s.mesh = true
+		case config.MeshOff:
+			s.mesh = false
+		default:
+			return fmt.Errorf("%s is not allowed (allowed: %s, %s)", policy.Quote(v), config.MeshOff, config.MeshConsulConnect)
+		}
+		return nil
+	},
+	AnnotationMeshPlaintextInbound: func(s *podSettings, v string) error {
+		switch v {
+		case config.PlaintextDeny, config.PlaintextAllow:
+			s.plaintext = v
+		default:
+			return fmt.Errorf("%s is not allowed (allowed: %s, %s)", policy.Quote(v), config.PlaintextDeny, config.PlaintextAllow)
+		}
+		return nil
 	},
 }
 

@@ -33,6 +33,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/sidecar-mesh/sidecar/pkg/config"
+	"github.com/sidecar-mesh/sidecar/pkg/iptables"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 )
 
@@ -44,6 +45,9 @@ const (
 	PortInbound   = 15006
 	PortHealth    = 15020
 	PortMetrics   = 15090
+	// PortMeshTLS is the mesh's mutual-TLS inbound listener
+	// (mesh.inboundTLS's default), the sidecar's only with the mesh on.
+	PortMeshTLS = 15008
 	// UID is the uid and gid the sidecar runs as (the image's user, and the
 	// uid interception rules exempt).
 	UID = 1337
@@ -327,6 +331,7 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 		}
 	}
 	app := &spec.Containers[p.appIndex]
+	own := s.ownPorts()
 	if s.appPort == 0 {
 		for _, cp := range app.Ports {
 			if cp.Protocol == "" || cp.Protocol == corev1.ProtocolTCP {
@@ -334,10 +339,12 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 				break
 			}
 		}
-		if reserved(s.appPort) {
+		if slices.Contains(own, s.appPort) {
 			errs = append(errs, &FieldError{Path: fmt.Sprintf("spec.containers[%d].ports", p.appIndex),
-				Detail: fmt.Sprintf("the app port %d is one of the sidecar's own ports (%s); set %s", s.appPort, reservedList(), AnnotationAppPort)})
+				Detail: fmt.Sprintf("the app port %d is one of the sidecar's own ports (%s); set %s", s.appPort, portList(own, ", "), AnnotationAppPort)})
 		}
+	} else if s.mesh && s.appPort == PortMeshTLS {
+		errs = append(errs, meshPortTaken(AnnotationAppPort, own))
 	}
 
 	// The sidecar's ports must be free in the pod's network namespace.
@@ -347,9 +354,9 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 	}{{"spec.initContainers", spec.InitContainers}, {"spec.containers", spec.Containers}} {
 		for i, c := range list.cs {
 			for j, cp := range c.Ports {
-				if reserved(int(cp.ContainerPort)) {
+				if slices.Contains(own, int(cp.ContainerPort)) {
 					errs = append(errs, &FieldError{Path: fmt.Sprintf("%s[%d].ports[%d].containerPort", list.field, i, j),
-						Detail: fmt.Sprintf("%d is one of the sidecar's own ports (%s)", cp.ContainerPort, reservedList())})
+						Detail: fmt.Sprintf("%d is one of the sidecar's own ports (%s)", cp.ContainerPort, portList(own, ", "))})
 				}
 			}
 		}
@@ -397,6 +404,15 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 	if s.consulAddr != "" {
 		args = append(args, "--consul-addr="+s.consulAddr)
 	}
+	if s.mesh {
+		errs = append(errs, meshNeeds(s, spec.Containers[p.appIndex].Name)...)
+		args = append(args, "--mesh="+config.MeshConsulConnect)
+		if s.plaintext != "" {
+			args = append(args, "--mesh-plaintext-inbound="+s.plaintext)
+		}
+	} else if s.plaintext != "" {
+		p.warnings = append(p.warnings, fmt.Sprintf("%s has no effect without %s: %s", AnnotationMeshPlaintextInbound, AnnotationMesh, config.MeshConsulConnect))
+	}
 
 	// The app's probes.
 	if s.rewriteProbes {
@@ -424,11 +440,14 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 
 	if s.transparent.Enabled {
 		args = append(args, s.transparent.SidecarArgs()...)
-		init := s.transparent.InitContainer(s.image, in.cfg.ImagePullPolicy)
+		init := s.transparent.initContainer(s.image, in.cfg.ImagePullPolicy, own)
 		p.redirect = &init
 		if c, where := findContainer(spec, InitContainerName); c != nil {
 			errs = append(errs, &FieldError{Path: where + ".name",
 				Detail: fmt.Sprintf("%q is the name of transparent mode's init container", InitContainerName)})
+		}
+		if ports, _, _ := iptables.ParsePorts(s.transparent.InboundPorts, true); s.mesh && slices.Contains(ports, PortMeshTLS) {
+			errs = append(errs, meshPortTaken(AnnotationInboundPorts, own))
 		}
 	}
 	p.s = s
@@ -652,6 +671,9 @@ func (in *Injector) sidecarContainer(s podSettings, args []string, mounts []core
 		{Name: "sidecar-health", ContainerPort: PortHealth, Protocol: corev1.ProtocolTCP},
 		{Name: "sidecar-metrics", ContainerPort: PortMetrics, Protocol: corev1.ProtocolTCP},
 	}
+	if s.mesh {
+		ports = append([]corev1.ContainerPort{{Name: "sidecar-mtls", ContainerPort: PortMeshTLS, Protocol: corev1.ProtocolTCP}}, ports...)
+	}
 	if s.appPort != 0 {
 		ports = append([]corev1.ContainerPort{{Name: "sidecar-inbound", ContainerPort: PortInbound, Protocol: corev1.ProtocolTCP}}, ports...)
 	}
@@ -753,17 +775,65 @@ func findContainer(spec *corev1.PodSpec, name string) (*corev1.Container, string
 	return nil, ""
 }
 
-// reserved says whether port is one the sidecar binds in the pod.
-func reserved(port int) bool {
-	switch port {
-	case PortAdmin, PortOutbound, PortInbound, PortHealth, PortMetrics:
-		return true
+// meshNeeds checks that the sidecar gets what the mesh needs (the
+// sidecar refuses to start without it): the service name (its identity),
+// the app port (the mesh calls the app through the sidecar) and the Consul
+// agent's address (certificates and intentions). app is the app
+// container's name.
+func meshNeeds(s podSettings, app string) ErrorList {
+	var errs ErrorList
+	need := func(what, set string) {
+		errs = append(errs, &FieldError{Path: "metadata.annotations[" + AnnotationMesh + "]",
+			Detail: fmt.Sprintf("%s needs %s: %s", config.MeshConsulConnect, what, set)})
 	}
-	return false
+	if s.consulAddr == "" {
+		need("the Consul agent's address (identities and intentions come from it)",
+			"set "+AnnotationConsulAddr+" (e.g. $(HOST_IP):8500), or run the injector with --consul-addr")
+	}
+	if s.service == "" {
+		need("the service name (the mesh identity is the service's)",
+			"set "+AnnotationService+", or the label app.kubernetes.io/name or app")
+	}
+	if s.appPort == 0 {
+		need("the app port (the mesh calls the app through the sidecar)",
+			fmt.Sprintf("set %s, or give container %q a TCP containerPort", AnnotationAppPort, app))
+	}
+	return errs
 }
 
-func reservedList() string {
-	return fmt.Sprintf("%d, %d, %d, %d, %d", PortAdmin, PortOutbound, PortInbound, PortHealth, PortMetrics)
+// meshPortTaken is the error of an annotation naming PortMeshTLS, which
+// the sidecar binds with the mesh on; own are its ports then.
+func meshPortTaken(annotation string, own []int) *FieldError {
+	return &FieldError{Path: "metadata.annotations[" + annotation + "]",
+		Detail: fmt.Sprintf("%d is the mesh's port, one of the sidecar's own with %s: %s (%s)", PortMeshTLS, AnnotationMesh, config.MeshConsulConnect, portList(own, ", "))}
+}
+
+// fixedPorts are the ports the sidecar binds in every pod, ascending.
+var fixedPorts = []int{PortAdmin, PortOutbound, PortInbound, PortHealth, PortMetrics}
+
+// ownPorts are the ports the sidecar binds in the pod, ascending: the
+// fixed ones, and PortMeshTLS with the mesh on.
+func (s *podSettings) ownPorts() []int {
+	if !s.mesh {
+		return fixedPorts
+	}
+	ports := append(slices.Clone(fixedPorts), PortMeshTLS)
+	slices.Sort(ports)
+	return ports
+}
+
+// reserved says whether port is one the sidecar binds in every pod.
+func reserved(port int) bool { return slices.Contains(fixedPorts, port) }
+
+func reservedList() string { return portList(fixedPorts, ", ") }
+
+// portList prints ports with sep between them.
+func portList(ports []int, sep string) string {
+	s := make([]string, len(ports))
+	for i, p := range ports {
+		s[i] = strconv.Itoa(p)
+	}
+	return strings.Join(s, sep)
 }
 
 // formatDuration prints d as the sidecar's flags read it: "5s", "1m30s",

@@ -139,11 +139,17 @@ func InitImageFor(image string) string {
 // `sidecar iptables` as root with NET_ADMIN and NET_RAW only, exempting
 // the sidecar's uid. sidecarImage gives the default init image.
 func (t Transparent) InitContainer(sidecarImage string, pull corev1.PullPolicy) corev1.Container {
+	return t.initContainer(sidecarImage, pull, fixedPorts)
+}
+
+// initContainer is InitContainer for a sidecar that binds own, the ports
+// never redirected inbound (with the mesh on, its port too).
+func (t Transparent) initContainer(sidecarImage string, pull corev1.PullPolicy, own []int) corev1.Container {
 	args := []string{"iptables",
 		fmt.Sprintf("--proxy-uid=%d", UID),
 		fmt.Sprintf("--proxy-port=%d", PortOutbound),
 		fmt.Sprintf("--inbound-port=%d", PortInbound),
-		fmt.Sprintf("--own-ports=%s", strings.ReplaceAll(reservedList(), " ", "")),
+		"--own-ports=" + portList(own, ","),
 	}
 	for _, f := range []struct{ flag, v string }{
 		{"--include-cidrs", t.IncludeOutboundCIDRs},
