@@ -53,8 +53,7 @@ type policyTarget struct {
 
 func (t *policyTarget) addFlags(fs *pflag.FlagSet) {
 	t.flags = fs
-	fs.StringVar(&t.consulAddr, "consul-addr", "",
-		"Consul HTTP API, host:port or URL (env CONSUL_HTTP_ADDR, default 127.0.0.1:8500); token from CONSUL_HTTP_TOKEN")
+	fs.StringVar(&t.consulAddr, "consul-addr", "", consulAddrUsage)
 	fs.StringVar(&t.admin, "admin", "",
 		"read the policies in force from a running sidecar's admin API at host:port (e.g. 127.0.0.1:15000) instead of Consul KV; read-only")
 	fs.DurationVar(&t.timeout, "timeout", defaultRequestTimeout,
@@ -72,9 +71,23 @@ func (t *policyTarget) complete() error {
 		t.api = newAdminClient(t.admin, t.timeout)
 		return nil
 	}
-	addr := t.consulAddr
+	addr, err := consulAddress(t.consulAddr, t.getenv)
+	if err != nil {
+		return err
+	}
+	t.kv, err = newKVStore(addr, t.getenv("CONSUL_HTTP_TOKEN"), t.timeout)
+	return err
+}
+
+// consulAddrUsage is the help of a command's --consul-addr.
+const consulAddrUsage = "Consul HTTP API, host:port or URL (env CONSUL_HTTP_ADDR, default 127.0.0.1:8500); token from CONSUL_HTTP_TOKEN"
+
+// consulAddress is the Consul agent a command talks to: flag
+// (--consul-addr), else $CONSUL_HTTP_ADDR, else 127.0.0.1:8500.
+func consulAddress(flag string, getenv func(string) string) (string, error) {
+	addr := flag
 	if addr == "" {
-		addr = t.getenv("CONSUL_HTTP_ADDR")
+		addr = getenv("CONSUL_HTTP_ADDR")
 	}
 	if addr == "" {
 		addr = "127.0.0.1:8500"
@@ -82,12 +95,10 @@ func (t *policyTarget) complete() error {
 	if strings.Contains(addr, "@") {
 		// The Consul client takes userinfo for part of the host name and
 		// echoes it in every error.
-		return fmt.Errorf("Consul address %s: credentials in the address are not supported; set the token in CONSUL_HTTP_TOKEN",
+		return "", fmt.Errorf("Consul address %s: credentials in the address are not supported; set the token in CONSUL_HTTP_TOKEN",
 			redact.URL(addr).Redacted())
 	}
-	var err error
-	t.kv, err = newKVStore(addr, t.getenv("CONSUL_HTTP_TOKEN"), t.timeout)
-	return err
+	return addr, nil
 }
 
 // defaultRequestTimeout bounds each call the CLI makes to Consul or to a
