@@ -32,5 +32,6 @@ resilience policy, and forwards the call.`,
 	root.AddCommand(injectorCommands(stdin, stdout, stderr, getenv)...)
 	root.AddCommand(newHookCommand(stderr))
 	root.AddCommand(newIptablesCommand(stdout))
+	root.AddCommand(newMeshCommand(stdout, stderr, getenv))
 	return root
 }
