@@ -123,6 +123,8 @@ func (o *meshCheckOptions) run(ctx context.Context) error {
 	switch {
 	case errors.Is(err, context.DeadlineExceeded):
 		return fmt.Errorf("consul at %s: no answer within %s (--timeout): %w", shown, o.timeout, err)
+	case errors.Is(err, mesh.ErrACLDenied):
+		return fmt.Errorf("consul at %s: %w (set CONSUL_HTTP_TOKEN to a token that may read the intentions and %s)", shown, err, o.destination)
 	case err != nil:
 		return fmt.Errorf("consul at %s: %w (set --consul-addr or CONSUL_HTTP_ADDR)", shown, err)
 	}

@@ -272,6 +272,19 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
+// ErrACLDenied marks a read of Check or an Authorizer that the agent
+// refused to the client's ACL token (403).
+var ErrACLDenied = errors.New("the agent refused it to this ACL token")
+
+// aclDenied adds ErrACLDenied to err when the agent answered 403.
+func aclDenied(err error) error {
+	var status api.StatusError
+	if errors.As(err, &status) && status.Code == http.StatusForbidden {
+		return fmt.Errorf("%w: %w", ErrACLDenied, err)
+	}
+	return err
+}
+
 // readIntentions is every service-intentions config entry (in Consul 1.9
 // and later every intention is one, `consul intention create` included),
 // waiting for a change after index when it is not 0.
@@ -279,7 +292,7 @@ func readIntentions(ctx context.Context, c *api.Client, index uint64) ([]*api.Se
 	q := (&api.QueryOptions{WaitIndex: index}).WithContext(ctx)
 	list, meta, err := c.ConfigEntries().List(api.ServiceIntentions, q)
 	if err != nil {
-		return nil, 0, fmt.Errorf("reading the service-intentions config entries: %w", err)
+		return nil, 0, fmt.Errorf("reading the service-intentions config entries: %w", aclDenied(err))
 	}
 	out := make([]*api.ServiceIntentionsConfigEntry, 0, len(list))
 	for _, e := range list {
@@ -297,7 +310,7 @@ func readProtocol(ctx context.Context, c *api.Client, destination string, index 
 	q := (&api.QueryOptions{WaitIndex: index}).WithContext(ctx)
 	resp, meta, err := c.DiscoveryChain().Get(destination, nil, q)
 	if err != nil {
-		return "", 0, fmt.Errorf("reading the discovery chain of %s (its protocol): %w", destination, err)
+		return "", 0, fmt.Errorf("reading the discovery chain of %s (its protocol): %w", destination, aclDenied(err))
 	}
 	protocol := "tcp"
 	if resp != nil && resp.Chain != nil && resp.Chain.Protocol != "" {
