@@ -5,11 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net/http"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/hashicorp/consul/api"
 )
@@ -55,6 +53,9 @@ type Authorizer struct {
 
 	snap atomic.Pointer[rules] // nil until the first complete read
 
+	// The last error of each query, until an answer comes.
+	intentionsErr, protocolErr atomic.Pointer[string]
+
 	mu sync.Mutex // guards the parts below, and the building from them
 	// def is the default decision; known once the agent was read.
 	def *aclDefault
@@ -95,11 +96,11 @@ func (a *Authorizer) Run(ctx context.Context) {
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		a.follow(ctx, "service-intentions config entries", a.askIntentions)
+		followAgent(ctx, a.log, "intentions", &a.intentionsErr, a.askIntentions)
 	}()
 	go func() {
 		defer wg.Done()
-		a.follow(ctx, "discovery chain (protocol)", a.askProtocol)
+		followAgent(ctx, a.log, "destination protocol", &a.protocolErr, a.askProtocol)
 	}()
 	wg.Wait()
 }
@@ -131,11 +132,12 @@ func Check(ctx context.Context, client *api.Client, source, destination string, 
 	if err != nil {
 		return Decision{}, err
 	}
-	entries, _, err := readIntentions(ctx, client, 0)
+	q := (&api.QueryOptions{}).WithContext(ctx)
+	entries, _, err := readIntentions(client, q)
 	if err != nil {
 		return Decision{}, err
 	}
-	protocol, _, err := readProtocol(ctx, client, destination, 0)
+	protocol, _, err := readProtocol(client, destination, q)
 	if err != nil {
 		return Decision{}, err
 	}
@@ -149,9 +151,10 @@ func Check(ctx context.Context, client *api.Client, source, destination string, 
 // askIntentions is one blocking query of the service-intentions entries.
 // A query from index 0 (the first, or after a failure, when the agent may
 // have come back with another configuration) reads the default first.
-func (a *Authorizer) askIntentions(ctx context.Context, index uint64) (uint64, error) {
+func (a *Authorizer) askIntentions(q *api.QueryOptions) (uint64, error) {
+	index := q.WaitIndex
 	if index == 0 {
-		def, err := readDefault(ctx, a.client)
+		def, err := readDefault(q.Context(), a.client)
 		if err != nil {
 			return 0, err
 		}
@@ -163,7 +166,7 @@ func (a *Authorizer) askIntentions(ctx context.Context, index uint64) (uint64, e
 			a.log.Info("default decision read from the agent", "default", def.decision().By)
 		}
 	}
-	entries, last, err := readIntentions(ctx, a.client, index)
+	entries, last, err := readIntentions(a.client, q)
 	if err != nil || (index != 0 && last == index) {
 		return last, err // the wait ended with nothing new
 	}
@@ -176,9 +179,9 @@ func (a *Authorizer) askIntentions(ctx context.Context, index uint64) (uint64, e
 
 // askProtocol is one blocking query of the destination's discovery chain,
 // for its protocol.
-func (a *Authorizer) askProtocol(ctx context.Context, index uint64) (uint64, error) {
-	protocol, last, err := readProtocol(ctx, a.client, a.destination, index)
-	if err != nil || (index != 0 && last == index) {
+func (a *Authorizer) askProtocol(q *api.QueryOptions) (uint64, error) {
+	protocol, last, err := readProtocol(a.client, a.destination, q)
+	if err != nil || (q.WaitIndex != 0 && last == q.WaitIndex) {
 		return last, err // the wait ended with nothing new
 	}
 	a.mu.Lock()
@@ -216,62 +219,6 @@ func (a *Authorizer) build() {
 	a.built = a.entriesIndex
 }
 
-// follow runs one blocking query in a loop until ctx ends, by Consul's
-// rules: the answer's index is the next WaitIndex, 0 when it went
-// backwards (a restarted agent, a snapshot restore) or after an error;
-// never 0 after an answer (it would return at once forever). Errors back
-// off (250ms doubling to 5s, jittered); only the first of a run and the
-// recovery are logged.
-func (a *Authorizer) follow(ctx context.Context, what string, ask func(ctx context.Context, index uint64) (uint64, error)) {
-	var index uint64
-	failures := 0
-	for ctx.Err() == nil {
-		last, err := ask(ctx, index)
-		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			failures++
-			index = 0
-			if failures == 1 {
-				a.log.Warn("reading "+what+" from Consul failed; the last ones read stay in force", "err", err.Error())
-			}
-			if !sleep(ctx, backoff(failures)) {
-				return
-			}
-			continue
-		}
-		if failures > 0 {
-			a.log.Info("reading "+what+" from Consul again", "after_failures", failures)
-			failures = 0
-		}
-		switch {
-		case last < index:
-			index = 0
-		case last == 0:
-			index = 1
-		default:
-			index = last
-		}
-	}
-}
-
-func backoff(failures int) time.Duration {
-	d := min(250*time.Millisecond<<min(failures-1, 5), 5*time.Second)
-	return d/2 + rand.N(d/2+1)
-}
-
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
-
 // ErrACLDenied marks a read of Check or an Authorizer that the agent
 // refused to the client's ACL token (403).
 var ErrACLDenied = errors.New("the agent refused it to this ACL token")
@@ -287,9 +234,8 @@ func aclDenied(err error) error {
 
 // readIntentions is every service-intentions config entry (in Consul 1.9
 // and later every intention is one, `consul intention create` included),
-// waiting for a change after index when it is not 0.
-func readIntentions(ctx context.Context, c *api.Client, index uint64) ([]*api.ServiceIntentionsConfigEntry, uint64, error) {
-	q := (&api.QueryOptions{WaitIndex: index}).WithContext(ctx)
+// by query q (a blocking one with a WaitIndex).
+func readIntentions(c *api.Client, q *api.QueryOptions) ([]*api.ServiceIntentionsConfigEntry, uint64, error) {
 	list, meta, err := c.ConfigEntries().List(api.ServiceIntentions, q)
 	if err != nil {
 		return nil, 0, fmt.Errorf("reading the service-intentions config entries: %w", aclDenied(err))
@@ -305,9 +251,8 @@ func readIntentions(ctx context.Context, c *api.Client, index uint64) ([]*api.Se
 
 // readProtocol is destination's protocol as Consul resolves it for its
 // proxies (service-defaults, else proxy-defaults, else tcp): its compiled
-// discovery chain's, waiting for a change after index when it is not 0.
-func readProtocol(ctx context.Context, c *api.Client, destination string, index uint64) (string, uint64, error) {
-	q := (&api.QueryOptions{WaitIndex: index}).WithContext(ctx)
+// discovery chain's, by query q (a blocking one with a WaitIndex).
+func readProtocol(c *api.Client, destination string, q *api.QueryOptions) (string, uint64, error) {
 	resp, meta, err := c.DiscoveryChain().Get(destination, nil, q)
 	if err != nil {
 		return "", 0, fmt.Errorf("reading the discovery chain of %s (its protocol): %w", destination, aclDenied(err))
