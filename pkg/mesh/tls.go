@@ -95,7 +95,9 @@ func (e *PeerError) Unwrap() error { return e.Err }
 // refusal comes as a *PeerError (ReasonNoCertificate) like the others.
 // Sessions are resumed, but only those made since the leaf or the roots
 // last changed: a change makes the next handshake of each client a full
-// one. NextProtos offers h2 and http/1.1. Use CallerService on an accepted
+// one. NextProtos offers h2 and http/1.1; a client that offers nothing
+// (Consul's built-in proxy never does) negotiates nothing, and speaks the
+// app's protocol. Use CallerService on an accepted
 // connection's state for the caller's identity. Each call returns a new
 // config that the caller may change (but for WrapSession and UnwrapSession,
 // which keep tickets to one generation of certificates).
@@ -147,10 +149,11 @@ func (id *Identity) ServerTLS() *tls.Config {
 // ServerName, if the caller sets one), so that reconnections resume; a
 // change of the leaf or the roots empties the cache, so that the next
 // handshake to each server is a full one, with the new certificates.
-// NextProtos is left to the caller, as the connection needs: Consul's
-// built-in proxy offers only h2 and forwards bytes, so an HTTP/1.1 client
-// offers "http/1.1" (which it accepts as no ALPN). Each call returns a new
-// config that the caller may change.
+// NextProtos is left to the caller, as the connection needs. Consul's
+// built-in proxy takes no part in ALPN (it forwards bytes), so nothing is
+// negotiated with it whatever the caller offers, and the caller speaks the
+// app's protocol. Each call returns a new config that the caller may
+// change.
 func (id *Identity) ClientTLS(want string) *tls.Config {
 	return &tls.Config{
 		MinVersion:           tls.VersionTLS12,
