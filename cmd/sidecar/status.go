@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sidecar-mesh/sidecar/pkg/mesh"
+
 	"github.com/spf13/cobra"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
@@ -111,6 +113,8 @@ type sidecarStatus struct {
 	// Policies is every service's policy in force, with source and
 	// version.
 	Policies []policy.Status `json:"policies"`
+	// Mesh is this sidecar's identity in the service mesh; nil outside it.
+	Mesh *mesh.IdentityStatus `json:"mesh,omitempty"`
 	// NotReported names the sections this sidecar's admin API does not
 	// serve ("policies" on a build without policy management).
 	NotReported []string `json:"notReported,omitempty"`
@@ -155,6 +159,9 @@ func (o *statusOptions) run(ctx context.Context) error {
 		Services []endpointsStatus `json:"services"`
 	}
 	var version buildInfo
+	var cfg struct {
+		MeshIdentity *mesh.IdentityStatus `json:"meshIdentity"`
+	}
 	sections := []struct {
 		name, path string
 		v          any
@@ -176,6 +183,12 @@ func (o *statusOptions) run(ctx context.Context) error {
 	if version.Version != "" {
 		st.Version = &version
 	}
+	// The mesh identity is in /config; a sidecar that serves none is not
+	// in the mesh, as far as status can tell.
+	if err := o.client.get(ctx, "/config", &cfg); err != nil && !errors.Is(err, errNotServed) {
+		return err
+	}
+	st.Mesh = cfg.MeshIdentity
 	if eps.Services != nil {
 		st.Endpoints = eps.Services
 	}
@@ -202,6 +215,16 @@ func (o *statusOptions) table(w io.Writer, st sidecarStatus) error {
 	fmt.Fprintf(w, "Sidecar at %s", st.Admin)
 	if v := st.Version; v != nil {
 		fmt.Fprintf(w, ": sidecar %s (commit %s, %s)", v.Version, v.Commit, v.Go)
+	}
+	if m := st.Mesh; m != nil {
+		fmt.Fprint(w, "\n\nMESH\n")
+		if m.SPIFFEID == "" {
+			fmt.Fprintf(w, "%s: no certificate from the Consul agent yet %s\n", m.Service, orDash(m.LeafError))
+		} else {
+			fmt.Fprintf(w, "identity %s (trust domain %s), certificate %s valid until %s (%s left), %d CA roots\n",
+				m.SPIFFEID, m.TrustDomain, m.Serial, m.NotAfter.UTC().Format(time.RFC3339),
+				time.Duration(m.SecondsToExpiry*float64(time.Second)).Round(time.Minute), m.Roots)
+		}
 	}
 	fmt.Fprint(w, "\n\nENDPOINTS\n")
 	if !notReported("endpoints") {

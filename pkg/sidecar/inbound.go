@@ -62,13 +62,17 @@ func (s *Sidecar) listenInbound() error {
 	}
 	s.startup = startup
 	s.registerHealthMetrics(s.readiness, liveness, startup)
+	checks := []inbound.Check{{Name: "outbound", Err: func() error {
+		if !s.outboundUp.Load() {
+			return errors.New("the outbound listener is not serving yet")
+		}
+		return nil
+	}}}
+	if s.mesh != nil {
+		checks = append(checks, inbound.Check{Name: "mesh", Err: s.mesh.ready})
+	}
 	s.healthH = inbound.NewHealthHandler(inbound.HealthConfig{
-		Sidecar: []inbound.Check{{Name: "outbound", Err: func() error {
-			if !s.outboundUp.Load() {
-				return errors.New("the outbound listener is not serving yet")
-			}
-			return nil
-		}}},
+		Sidecar:   checks,
 		Liveness:  liveness,
 		Readiness: s.readiness,
 		Startup:   startup,
@@ -93,7 +97,16 @@ func (s *Sidecar) listenInbound() error {
 		return err
 	}
 	s.resilience.setInbound(s.app)
-	s.inbound, err = downstream.Listen("inbound", cfg.Listeners.Inbound, s.app, downstream.Limits{}, s.log)
+	var plain http.Handler = s.app
+	if s.mesh != nil {
+		if err := s.mesh.listen(s, s.app); err != nil {
+			return err
+		}
+		if cfg.Mesh.DenyPlaintext() {
+			plain = loopbackOnly(s.app, cfg.Mesh.InboundTLSAddr())
+		}
+	}
+	s.inbound, err = downstream.Listen("inbound", cfg.Listeners.Inbound, plain, downstream.Limits{}, s.log)
 	return err
 }
 

@@ -40,6 +40,12 @@ func (s *Sidecar) Run(ctx context.Context) error {
 
 // serve starts every listener's server and the probers.
 func (s *Sidecar) serve() {
+	if s.mesh != nil {
+		s.mesh.start()
+		if s.mesh.server != nil {
+			s.goServe(s.mesh.server.Serve)
+		}
+	}
 	s.goServe(s.outbound.Serve)
 	if s.inbound != nil {
 		s.goServe(s.inbound.Serve)
@@ -97,6 +103,9 @@ func (s *Sidecar) drain(ctx context.Context) {
 		if s.inbound != nil {
 			s.inbound.SetKeepAlivesEnabled(false)
 		}
+		if srv := s.meshServer(); srv != nil {
+			srv.SetKeepAlivesEnabled(false)
+		}
 		if reg := s.reg.Load(); reg != nil {
 			if err := reg.Deregister(ctx); err != nil {
 				s.log.Warn("deregistering from Consul", "err", err.Error())
@@ -142,6 +151,9 @@ func (s *Sidecar) shutdown(ctx context.Context) error {
 	defer cancel()
 	s.log.Info("closing listeners and waiting for in-flight requests", "inbound", s.inFlightInbound(), "outbound", s.proxy.InFlight())
 	var err error
+	if srv := s.meshServer(); srv != nil {
+		err = errors.Join(err, srv.Shutdown(wait))
+	}
 	if s.inbound != nil {
 		err = errors.Join(err, s.inbound.Shutdown(wait), s.app.Wait(wait))
 	}
@@ -152,6 +164,9 @@ func (s *Sidecar) shutdown(ctx context.Context) error {
 		p.Stop()
 	}
 	s.proxy.Close()
+	if s.mesh != nil {
+		s.mesh.stop()
+	}
 	s.recorder.Close() // after the proxy: the access log has every request's line
 	if s.app != nil {
 		s.app.Close()

@@ -42,6 +42,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/consul/api"
+	"github.com/sidecar-mesh/sidecar/pkg/mesh"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
 
@@ -97,6 +100,7 @@ type Sidecar struct {
 	static      *discovery.Static
 	resolver    discovery.Chain
 	consul      *discovery.Consul // nil without Consul
+	mesh        *meshSide         // nil outside the mesh
 	policies    *policySources    // the policy store and its watched sources
 	// registration is the app's in Consul, made once Run serves; its
 	// Client is nil when the app is not to be registered.
@@ -178,6 +182,7 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 			Logger:      log,
 
 			AllowLoopbackEndpoints: co.AllowLoopbackEndpoints,
+			Mesh:                   cfg.Mesh.On(),
 		})
 		if err != nil {
 			return nil, err
@@ -204,6 +209,17 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 		return nil, err
 	}
 	s.registerMetrics()
+	if cfg.Mesh.On() {
+		if kvWatch.Client == nil {
+			return nil, errors.New("mesh: the service mesh needs the Consul agent (discovery.consul.address)")
+		}
+		if s.mesh, err = s.newMeshSide(kvWatch.Client); err != nil {
+			return nil, err
+		}
+		if s.registration.Client != nil {
+			s.registration.Companions = func(id string) []*api.AgentServiceRegistration { return s.mesh.registration(s, id) }
+		}
+	}
 	var accessLog *slog.Logger
 	if cfg.AccessLog.Enabled {
 		accessLog = log.With("component", "access")
@@ -213,7 +229,7 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 		AllowHosts: cfg.AllowHosts, MaxInFlight: cfg.Limits.OutboundMaxInFlight, Observer: s.resilience,
 		Tracer: s.tracer(), Propagator: s.tracing.Propagator(), Metrics: s.requests, Logger: log, Recorder: s.recorder,
 		Transport: upstream.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes},
-		IsOwn:     s.isOwnEndpoint})
+		IsOwn:     s.isOwnEndpoint, Mesh: s.meshSender()})
 	if err != nil {
 		return nil, err
 	}
@@ -239,7 +255,7 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 	}
 	s.metrics = controlServer(metrics.Handler(s.registry))
 	s.admin = controlServer(admin.Handler(admin.Sources{
-		Config:     func() any { return cfg },
+		Config:     s.configView,
 		Resolver:   s.resolver,
 		Version:    s.version,
 		Resilience: s.proxy.Status,
@@ -253,6 +269,37 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 	return s, nil
 }
 
+// configView is what the admin API's /config shows: the configuration in
+// force and, in the mesh, this sidecar's identity (never its key).
+func (s *Sidecar) configView() any {
+	if s.mesh == nil {
+		return s.cfg
+	}
+	st := s.mesh.identity.Status()
+	return struct {
+		*config.Config
+		MeshIdentity *mesh.IdentityStatus `json:"meshIdentity"`
+	}{s.cfg, &st}
+}
+
+// meshServer is the mesh's inbound TLS listener; nil outside the mesh or
+// before it is bound.
+func (s *Sidecar) meshServer() *downstream.Server {
+	if s.mesh == nil {
+		return nil
+	}
+	return s.mesh.server
+}
+
+// meshSender is the outbound proxy's sender to the mesh's endpoints; nil
+// outside the mesh.
+func (s *Sidecar) meshSender() outbound.MeshSender {
+	if s.mesh == nil {
+		return nil
+	}
+	return s.mesh.transport
+}
+
 // release closes what New started, when New fails.
 func (s *Sidecar) release() {
 	_ = s.tracing.Shutdown(context.Background())
@@ -261,10 +308,13 @@ func (s *Sidecar) release() {
 			_ = ln.Close()
 		}
 	}
-	for _, srv := range []*downstream.Server{s.outbound, s.inbound} {
+	for _, srv := range []*downstream.Server{s.outbound, s.inbound, s.meshServer()} {
 		if srv != nil {
 			_ = srv.Listener.Close()
 		}
+	}
+	if s.mesh != nil {
+		s.mesh.stop()
 	}
 	if s.proxy != nil {
 		s.proxy.Close()

@@ -1,0 +1,183 @@
+package sidecar
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
+	"github.com/sidecar-mesh/sidecar/pkg/loopback"
+	"github.com/sidecar-mesh/sidecar/pkg/mesh"
+	"github.com/sidecar-mesh/sidecar/pkg/upstream"
+)
+
+// meshSide is the sidecar in the service mesh (mesh.mode consul-connect):
+// its identity and the intentions that authorize its callers, both kept
+// current from the Consul agent, the mutual-TLS inbound listener in front
+// of the app, and the transport that calls the mesh's endpoints over
+// mutual TLS.
+type meshSide struct {
+	identity  *mesh.Identity
+	authz     *mesh.Authorizer
+	transport *upstream.MeshTransport
+	server    *downstream.Server // the inbound TLS listener
+
+	handshakes *prometheus.CounterVec
+	denied     *prometheus.CounterVec
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// newMeshSide builds the mesh's identity, authorizer and outbound
+// transport for the app's service, and registers their metrics. Nothing
+// runs until start.
+func (s *Sidecar) newMeshSide(client *api.Client) (*meshSide, error) {
+	cfg := s.cfg
+	id, err := mesh.NewIdentity(client, cfg.Service, s.log)
+	if err != nil {
+		return nil, err
+	}
+	m := &meshSide{identity: id, authz: mesh.NewAuthorizer(client, cfg.Service, s.log)}
+	m.handshakes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_mesh_handshakes_total",
+		Help: "Mutual-TLS handshakes of the mesh, by direction (inbound: a caller's; outbound: with an endpoint) and result: ok, or why the peer was refused (no_certificate, untrusted, expired, key_usage, not_service, trust_domain, wrong_service, not_ready)."},
+		[]string{"direction", "result"})
+	m.denied = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_mesh_denied_total",
+		Help: "Inbound requests the mesh's intentions did not allow, by the calling service (from its certificate)."},
+		[]string{"caller"})
+	s.registry.MustRegister(m.handshakes, m.denied,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sidecar_mesh_certificate_expiry_seconds",
+			Help: "Seconds until this sidecar's mesh certificate expires (0 without one); it is renewed well before."},
+			id.SecondsToExpiry))
+	m.transport = upstream.NewMeshTransport(upstream.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes},
+		func(service string) *tls.Config {
+			if !id.Ready() {
+				return nil
+			}
+			c := id.ClientTLS(service)
+			c.NextProtos = []string{"h2", "http/1.1"}
+			m.countHandshakes(c, "outbound")
+			return c
+		})
+	return m, nil
+}
+
+// countHandshakes counts c's handshakes by their outcome.
+func (m *meshSide) countHandshakes(c *tls.Config, direction string) {
+	verify := c.VerifyConnection
+	c.VerifyConnection = func(cs tls.ConnectionState) error {
+		err := verify(cs)
+		result := "ok"
+		if pe := (*mesh.PeerError)(nil); errors.As(err, &pe) {
+			result = string(pe.Reason)
+		} else if err != nil {
+			result = "error"
+		}
+		m.handshakes.WithLabelValues(direction, result).Inc()
+		return err
+	}
+}
+
+// listen binds the mutual-TLS inbound listener in front of app.
+func (m *meshSide) listen(s *Sidecar, app http.Handler) error {
+	c := m.identity.ServerTLS()
+	m.countHandshakes(c, "inbound")
+	var err error
+	m.server, err = downstream.ListenTLS("mesh-inbound", s.cfg.Mesh.InboundTLSAddr(), m.gate(app), downstream.Limits{}, s.log, c)
+	return err
+}
+
+// gate authorizes each request of the TLS listener by the mesh's
+// intentions: the caller is the service its certificate names; a caller
+// the intentions do not allow is answered 403 not_authorized (gRPC:
+// PERMISSION_DENIED) and counted, and never reaches the app.
+func (m *meshSide) gate(app http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		cs := downstream.PeerTLS(r)
+		if cs == nil {
+			forward.WriteError(w, r, forward.Refuse(forward.ReasonNotAuthorized, "", "no mesh TLS connection"))
+			return
+		}
+		caller, err := mesh.CallerService(*cs)
+		if err != nil {
+			forward.WriteError(w, r, forward.Refuse(forward.ReasonNotAuthorized, "", "the caller's certificate names no service: "+err.Error()))
+			return
+		}
+		d := m.authz.Authorize(caller.Service, r)
+		if !d.Allowed {
+			m.denied.WithLabelValues(caller.Service).Inc()
+			forward.WriteError(w, r, forward.Refuse(forward.ReasonNotAuthorized, "",
+				caller.Service+" may not call this service: "+d.By))
+			return
+		}
+		app.ServeHTTP(w, r)
+	})
+}
+
+// start follows the identity and the intentions until stop.
+func (m *meshSide) start() {
+	ctx, cancel := context.WithCancel(context.Background())
+	m.cancel = cancel
+	m.wg.Go(func() { m.identity.Run(ctx) })
+	m.wg.Go(func() { m.authz.Run(ctx) })
+}
+
+// stop ends what start started and closes the outbound connections.
+func (m *meshSide) stop() {
+	if m.cancel != nil {
+		m.cancel()
+	}
+	m.wg.Wait()
+	m.transport.Close()
+}
+
+// ready is the mesh's part of the sidecar's readiness: its certificate
+// and the intentions are held.
+func (m *meshSide) ready() error {
+	switch {
+	case !m.identity.Ready():
+		return errors.New("no mesh certificate from the Consul agent yet")
+	case !m.authz.Ready():
+		return errors.New("no intentions from the Consul agent yet")
+	}
+	return nil
+}
+
+// registration is the app's sidecar proxy in Consul: the TLS listener,
+// at the advertise address.
+func (m *meshSide) registration(s *Sidecar, appID string) []*api.AgentServiceRegistration {
+	_, port, err := net.SplitHostPort(m.server.Addr().String())
+	if err != nil {
+		return nil
+	}
+	p, _ := strconv.Atoi(port)
+	reg, err := mesh.ProxyRegistration(mesh.ProxyConfig{Service: s.cfg.Service, ServiceID: appID, Address: s.registration.Address,
+		Port: p, AppPort: s.cfg.AppPort, DeregisterCriticalAfter: s.registration.DeregisterCriticalAfter})
+	if err != nil {
+		s.log.Warn("not registering the mesh proxy in Consul", "err", err.Error())
+		return nil
+	}
+	return []*api.AgentServiceRegistration{reg}
+}
+
+// loopbackOnly serves the plaintext inbound listener to the pod only (in
+// the mesh, with plaintextInbound deny): any other caller is answered 403
+// not_authorized, told to come through the mesh.
+func loopbackOnly(next http.Handler, tlsAddr string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !loopback.Peer(r) {
+			forward.WriteError(w, r, forward.Refuse(forward.ReasonNotAuthorized, "",
+				"in the mesh the plaintext inbound port serves this pod only; call through the mesh (its mutual-TLS port "+tlsAddr+")"))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
