@@ -135,6 +135,25 @@ func TestMeshTwoSidecars(t *testing.T) {
 		}
 		t.Fatalf("%s: still %d after 1s, want %d", what, code, want)
 	}
+	// Under a steady load, every answer is api's or the intention's 403:
+	// no request is lost while the intentions change.
+	stop := make(chan struct{})
+	lost := make(chan []string, 1)
+	go func() {
+		var bad []string
+		for {
+			select {
+			case <-stop:
+				lost <- bad
+				return
+			default:
+			}
+			if code, body, reason := web.call(c, "GET", "api", "/load"); code != 200 && (code != 403 || reason != "not_authorized") {
+				bad = append(bad, strconv.Itoa(code)+" "+reason+" "+body)
+			}
+			time.Sleep(2 * time.Millisecond) // a steady load
+		}
+	}()
 	consulCLI(t, agent, "", "intention", "create", "-deny", "web", "api")
 	waitFor("deny web -> api", http.StatusForbidden)
 	if code, _, reason = web.call(c, "GET", "api", "/x"); code != 403 || reason != "not_authorized" {
@@ -142,6 +161,35 @@ func TestMeshTwoSidecars(t *testing.T) {
 	}
 	consulCLI(t, agent, "", "intention", "delete", "web", "api")
 	waitFor("intention deleted", http.StatusOK)
+	close(stop)
+	if bad := <-lost; len(bad) > 0 {
+		t.Fatalf("%d requests lost while the intentions changed: %q", len(bad), bad)
+	}
+
+	// L7: api speaks HTTP, and web may GET under /public/ but not POST.
+	consulCLI(t, agent, "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n", "config", "write", "-")
+	consulCLI(t, agent, `Kind = "service-intentions"
+Name = "api"
+Sources = [{
+  Name = "web"
+  Permissions = [
+    { Action = "allow", HTTP { PathPrefix = "/public/", Methods = ["GET"] } },
+    { Action = "deny", HTTP { Methods = ["POST"] } },
+  ]
+}]
+`, "config", "write", "-")
+	for deadline := time.Now().Add(time.Second); ; {
+		if code, _, _ = web.call(c, "POST", "api", "/public/form"); code == http.StatusForbidden || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond) // the entry propagating
+	}
+	if code, body, _ = web.call(c, "GET", "api", "/public/page"); code != 200 || body != "api GET /public/page" {
+		t.Fatalf("GET /public/page under the L7 intention: %d %q, want allowed", code, body)
+	}
+	if code, _, reason = web.call(c, "POST", "api", "/public/form"); code != 403 || reason != "not_authorized" {
+		t.Fatalf("POST under the L7 intention: %d %s, want 403 not_authorized", code, reason)
+	}
 
 	// A client without a certificate is refused by api's TLS listener.
 	tc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
