@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -71,6 +72,7 @@ type material struct {
 
 	roots        *x509.CertPool // nil until the first roots
 	rootIDs      []string
+	rootByKey    map[string]string // root ID by subject key ID
 	activeRootID string
 	trustDomain  string
 }
@@ -175,9 +177,13 @@ type IdentityStatus struct {
 	NotAfter        time.Time `json:"notAfter,omitzero"`
 	SecondsToExpiry float64   `json:"secondsToExpiry"`
 	// Roots is how many CA roots are trusted; ActiveRootID is the one that
-	// signs new leaves.
+	// signs new leaves. SignedBy is the root whose key signed the leaf held,
+	// when it is one of the roots held (empty for a leaf signed by an
+	// intermediate): after a rotation, the leaf is of the new root once
+	// SignedBy is ActiveRootID.
 	Roots        int    `json:"roots"`
 	ActiveRootID string `json:"activeRootID,omitempty"`
+	SignedBy     string `json:"signedBy,omitempty"`
 	// LeafError and RootsError are the last failures to reach the agent,
 	// empty once it answers again: while set, what is held is served as it
 	// was.
@@ -201,6 +207,9 @@ func (id *Identity) Status() IdentityStatus {
 		st.NotBefore = m.leaf.Leaf.NotBefore
 		st.NotAfter = m.leaf.Leaf.NotAfter
 		st.SecondsToExpiry = m.secondsToExpiry(now)
+		if aki := m.leaf.Leaf.AuthorityKeyId; len(aki) > 0 {
+			st.SignedBy = m.rootByKey[string(aki)]
+		}
 	}
 	if e := id.leafErr.Load(); e != nil {
 		st.LeafError = *e
@@ -290,10 +299,20 @@ func (id *Identity) setRoots(list *api.CARootList) error {
 	}
 	pool := x509.NewCertPool()
 	ids := make([]string, 0, len(list.Roots))
+	byKey := make(map[string]string, len(list.Roots))
 	active := ""
 	for _, r := range list.Roots {
-		if !pool.AppendCertsFromPEM([]byte(r.RootCertPEM)) {
+		block, _ := pem.Decode([]byte(r.RootCertPEM))
+		if block == nil || block.Type != "CERTIFICATE" {
 			return fmt.Errorf("CA roots: root %s has no PEM certificate", r.ID)
+		}
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return fmt.Errorf("CA roots: root %s: %w", r.ID, err)
+		}
+		pool.AddCert(cert)
+		if len(cert.SubjectKeyId) > 0 {
+			byKey[string(cert.SubjectKeyId)] = r.ID
 		}
 		ids = append(ids, r.ID)
 		if r.Active {
@@ -308,7 +327,7 @@ func (id *Identity) setRoots(list *api.CARootList) error {
 		return nil
 	}
 	m := *old
-	m.roots, m.rootIDs, m.activeRootID, m.trustDomain = pool, ids, active, list.TrustDomain
+	m.roots, m.rootIDs, m.rootByKey, m.activeRootID, m.trustDomain = pool, ids, byKey, active, list.TrustDomain
 	id.store(&m)
 	verb := "changed"
 	if old.roots == nil {

@@ -57,6 +57,7 @@ func TestIdentityReadyAndStatus(t *testing.T) {
 		NotAfter:     leaf.ValidBefore,
 		Roots:        len(roots.Roots),
 		ActiveRootID: roots.ActiveRootID,
+		SignedBy:     roots.ActiveRootID,
 	}
 	want.SecondsToExpiry = st.SecondsToExpiry // checked below
 	if !st.NotBefore.Equal(want.NotBefore) || !st.NotAfter.Equal(want.NotAfter) {
@@ -309,6 +310,55 @@ func TestCARotation(t *testing.T) {
 	}
 	if h := srv.next(t); h.err != nil || h.state.DidResume {
 		t.Errorf("api's handshake with a session of before the rotation: error %v, resumed %v; want a full handshake", h.err, h.state.DidResume)
+	}
+}
+
+// TestLeafReissuedAfterRotation: after a CA rotation the agent reissues
+// the leaves, each within Consul's 30s of jitter, through the identities'
+// blocking queries; new handshakes present the new leaf, and a connection
+// made before carries on.
+func TestLeafReissuedAfterRotation(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits up to 30s for the agent to reissue the leaves")
+	}
+	_, c := meshAgent(t)
+	web := startIdentity(t, c, "web")
+	apiID := startIdentity(t, c, "api")
+	srv := serveTLS(t, apiID.ServerTLS())
+	before, err := dialTLS(t, srv.addr, web.ClientTLS("api"))
+	if err != nil {
+		t.Fatalf("web dials api: %v", err)
+	}
+	srv.next(t)
+	old, webOld := apiID.Status(), web.Status()
+
+	if _, err := c.Connect().CASetConfig(&api.CAConfig{
+		Provider: "consul",
+		Config:   map[string]any{"PrivateKeyType": "ec", "PrivateKeyBits": 384, "LeafCertTTL": "72h"},
+	}, nil); err != nil {
+		t.Fatalf("PUT /v1/connect/ca/configuration: %v", err)
+	}
+	waitFor(t, 40*time.Second, "both identities hold leaves of the new root", func() bool {
+		w, s := web.Status(), apiID.Status()
+		return w.ActiveRootID != webOld.ActiveRootID && w.SignedBy == w.ActiveRootID &&
+			s.ActiveRootID != old.ActiveRootID && s.SignedBy == s.ActiveRootID
+	})
+	st := apiID.Status()
+	if st.LeafError != "" || st.SPIFFEID != old.SPIFFEID || st.Serial == old.Serial && st.NotBefore.Equal(old.NotBefore) {
+		t.Errorf("api after the reissue: %+v\nbefore %+v; want another leaf, the same SPIFFE ID, no error", st, old)
+	}
+	if err := roundTrip(before); err != nil {
+		t.Errorf("the connection made before the rotation: %v, want it to carry on", err)
+	}
+	after, err := dialTLS(t, srv.addr, web.ClientTLS("api"))
+	if err != nil {
+		t.Fatalf("web dials api after the reissue: %v", err)
+	}
+	if got := consulSerial(after.ConnectionState().PeerCertificates[0].SerialNumber); got != st.Serial {
+		t.Errorf("api presented serial %s, want its new leaf's %s", got, st.Serial)
+	}
+	if h := srv.next(t); h.err != nil || h.caller.Service != "web" {
+		t.Errorf("api's handshake after the reissue: caller %v, error %v; want web", h.caller, h.err)
 	}
 }
 
