@@ -19,6 +19,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/sidecar-mesh/sidecar/internal/consultest"
+	"github.com/sidecar-mesh/sidecar/internal/hostip"
 	"github.com/sidecar-mesh/sidecar/internal/toolbin"
 )
 
@@ -31,18 +32,24 @@ type meshSidecar struct {
 }
 
 // startMeshSidecar runs service's sidecar in the mesh against agent, in
-// front of app (its port).
-func startMeshSidecar(t *testing.T, agent *consultest.Agent, service string, appPort int) meshSidecar {
+// front of app (its port); extra flags go last.
+func startMeshSidecar(t *testing.T, agent *consultest.Agent, service string, appPort int, extra ...string) meshSidecar {
 	t.Helper()
 	ms := meshSidecar{service: service, out: freePort(t), inbound: freePort(t), tls: freePort(t), metrics: freePort(t), admin: freePort(t)}
+	for i, a := range extra {
+		if a == "--inbound-addr" && i+1 < len(extra) {
+			ms.inbound = extra[i+1]
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
+	args := append([]string{"run",
+		"--service", service, "--app-port", strconv.Itoa(appPort), "--advertise-addr", "127.0.0.1",
+		"--outbound-addr", ms.out, "--inbound-addr", ms.inbound, "--admin-addr", ms.admin, "--metrics-addr", ms.metrics,
+		"--health-addr", freePort(t), "--mesh", "consul-connect", "--mesh-inbound-tls", ms.tls,
+		"--consul-allow-loopback-endpoints=true", "--drain-window", "1ms", "--log-level", "error"}, extra...)
 	go func() {
-		_, _, err := cli(t, ctx, map[string]string{"CONSUL_HTTP_ADDR": agent.Addr()}, "run",
-			"--service", service, "--app-port", strconv.Itoa(appPort), "--advertise-addr", "127.0.0.1",
-			"--outbound-addr", ms.out, "--inbound-addr", ms.inbound, "--admin-addr", ms.admin, "--metrics-addr", ms.metrics,
-			"--health-addr", freePort(t), "--mesh", "consul-connect", "--mesh-inbound-tls", ms.tls,
-			"--consul-allow-loopback-endpoints=true", "--drain-window", "1ms", "--log-level", "error")
+		_, _, err := cli(t, ctx, map[string]string{"CONSUL_HTTP_ADDR": agent.Addr()}, args...)
 		done <- err
 	}()
 	t.Cleanup(func() {
@@ -453,5 +460,56 @@ func waitMesh(t *testing.T, ms meshSidecar, service string) {
 			t.Fatalf("%s does not call %s over the mesh after 20s (last %d)", ms.service, service, code)
 		}
 		time.Sleep(100 * time.Millisecond) // registration, checks, certificates: not a request path
+	}
+}
+
+// In the mesh the plaintext inbound port serves the pod only: a caller on
+// another host is refused with 403 not_authorized and told to come through
+// the mesh, while the pod's own loopback callers (probes, the app itself)
+// are served. An endpoint that answers for the wrong service is refused
+// at the handshake: 502 upstream_tls_failure.
+func TestMeshPlaintextAndWrongService(t *testing.T) {
+	ip := hostip.NonLoopback(t)
+	agent := consultest.Start(t)
+	_, port, _ := net.SplitHostPort(freePort(t))
+	apiSide := startMeshSidecar(t, agent, "api", app(t, "api"), "--inbound-addr", net.JoinHostPort(ip, port))
+	web := startMeshSidecar(t, agent, "web", app(t, "web"))
+	waitMesh(t, web, "api")
+
+	code, body := hostip.Call(t, apiSide.inbound, "GET", "/x", "", nil)
+	if code != http.StatusForbidden || !strings.Contains(body, "not_authorized") || !strings.Contains(body, "through the mesh") {
+		t.Fatalf("a caller on another host at the plaintext inbound port: %d %s, want 403 not_authorized", code, body)
+	}
+
+	// A catalog entry that says api's TLS port is an instance of "fake":
+	// api's certificate does not prove that.
+	cc := api.DefaultConfig()
+	cc.Address = agent.Addr()
+	client, err := api.NewClient(cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, tlsPort, _ := net.SplitHostPort(apiSide.tls)
+	p, _ := strconv.Atoi(tlsPort)
+	if err := client.Agent().ServiceRegister(&api.AgentServiceRegistration{Name: "fake", Address: "127.0.0.1", Port: app(t, "fake")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.Agent().ServiceRegister(&api.AgentServiceRegistration{Kind: api.ServiceKindConnectProxy, Name: "fake-sidecar-proxy",
+		Address: "127.0.0.1", Port: p, Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "fake"}}); err != nil {
+		t.Fatal(err)
+	}
+	c := &http.Client{Timeout: 5 * time.Second}
+	var reason string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+		if code, _, reason = web.call(c, "GET", "fake", "/"); reason == "upstream_tls_failure" {
+			break
+		}
+		time.Sleep(100 * time.Millisecond) // discovery taking the entry: not a request path
+	}
+	if code != http.StatusBadGateway || reason != "upstream_tls_failure" {
+		t.Fatalf("web -> fake (api's TLS port): %d %s, want 502 upstream_tls_failure", code, reason)
+	}
+	if n := sample(t, web.metrics, `sidecar_mesh_handshakes_total{direction="outbound",result="wrong_service"}`); n < 1 {
+		t.Fatalf("wrong_service handshakes counted %v, want at least 1", n)
 	}
 }
