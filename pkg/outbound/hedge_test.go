@@ -111,10 +111,12 @@ func TestHedgingCutsTheTail(t *testing.T) {
 		t.Fatalf("with hedging: %d of %d stalls waited out, want none: a hedge answers first and the stalled attempt is cancelled",
 			with.stallsServed, with.stalled)
 	}
-	// Every hedge is one attempt more, and no more hedges go than the
-	// budget gives: 20% of the requests plus 10 a second.
-	if with.attempts != requests+with.hedges || with.won == 0 || with.won > with.hedges {
-		t.Fatalf("with hedging: %d attempts, %d hedges (%d won) for %d requests; want one attempt per request and per hedge",
+	// Every hedge is one attempt more (one cancelled while it was being
+	// sent may never reach its upstream; every one that won did), and no
+	// more hedges go than the budget gives: 20% of the requests plus 10 a
+	// second.
+	if with.attempts > requests+with.hedges || with.attempts < requests+with.won || with.won == 0 || with.won > with.hedges {
+		t.Fatalf("with hedging: %d attempts at the upstreams, %d hedges (%d won) for %d requests; want one per request and per hedge that got there",
 			with.attempts, with.hedges, with.won, requests)
 	}
 	if budget := int64(0.2*requests + 10*(with.took.Seconds()+1)); with.hedges > budget {
