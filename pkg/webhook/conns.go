@@ -1,24 +1,29 @@
 package webhook
 
 import (
+	"context"
 	"crypto/tls"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
 // connGuard bounds the webhook's connections: at most max in all and
 // perClient from one source address. A connection that would pass a bound
-// takes the place of an idle one (still in its TLS handshake or waiting for
-// its first request, or between requests): the longest idle of its own
-// client first, else the longest idle of the client that holds the most
-// connections. It is refused (closed at once) only when every connection it
-// could replace is busy with a request, so Accept never blocks: connections
-// left idle on purpose can't lock the API server out, and no one client can
-// hold every slot. Safe for concurrent use.
+// takes the place of a quiet one: idle (still in its TLS handshake or
+// waiting for its first request, or between requests), or stalled (every
+// request on it waiting for bytes the client has not sent for stallAfter):
+// the longest quiet of its own client first, else the longest quiet of the
+// client that holds the most connections. It is refused (closed at once)
+// only when every connection it could replace is working, so Accept never
+// blocks: connections left idle on purpose, or trickling their requests
+// in, can't lock the API server out, and no one client can hold every
+// slot. Safe for concurrent use.
 type connGuard struct {
 	max, perClient int
 	log            *slog.Logger
@@ -35,6 +40,12 @@ type connGuard struct {
 
 const warnEvery = 10 * time.Second
 
+// stallAfter is how long a busy connection's requests may wait for the
+// client's next byte before it may be closed to make room. The API server
+// sends a review's headers and body at once, in milliseconds; a client
+// holding a request open on purpose sends a byte now and then.
+const stallAfter = 500 * time.Millisecond
+
 // clientConns are one source address's connections.
 type clientConns struct {
 	conns map[*guardedConn]struct{}
@@ -49,6 +60,35 @@ type guardedConn struct {
 	busy      bool
 	idleSince time.Time
 	gone      bool // released: closed, hijacked or evicted
+
+	// Kept by the connection's reads and its handlers, without g.mu.
+	lastRead atomic.Int64 // g.now() of the last byte from the client, in Unix ns
+	handlers atomic.Int32 // requests being handled
+	waiting  atomic.Int32 // of which waiting in a read of their body
+}
+
+// Read notes when the client last sent something.
+func (c *guardedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.lastRead.Store(c.g.now().UnixNano())
+	}
+	return n, err
+}
+
+// quietSince says since when c has been idle or stalled, if it is; the
+// caller holds g.mu. A busy connection is stalled when none of its
+// requests is being worked on (each waits for its body, or none has got
+// past its headers) and the client has sent nothing for stallAfter.
+func (c *guardedConn) quietSince(now time.Time) (time.Time, bool) {
+	if !c.busy {
+		return c.idleSince, true
+	}
+	last := time.Unix(0, c.lastRead.Load())
+	if c.waiting.Load() == c.handlers.Load() && now.Sub(last) >= stallAfter {
+		return last, true
+	}
+	return time.Time{}, false
 }
 
 func newConnGuard(max, perClient int, log *slog.Logger) *connGuard {
@@ -85,11 +125,12 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 	g.mu.Lock()
 	now := g.now()
 	gc.idleSince = now
+	gc.lastRead.Store(now.UnixNano())
 	cc := g.clients[client]
 	var evict []*guardedConn
 	ok := true
 	if cc != nil && len(cc.conns) >= g.perClient {
-		if v := cc.longestIdle(); v != nil {
+		if v, _ := cc.longestQuiet(now); v != nil {
 			evict = append(evict, v)
 			g.release(v)
 		} else {
@@ -97,7 +138,7 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 		}
 	}
 	if ok && g.total >= g.max {
-		if v := g.longestIdleOfBiggest(); v != nil {
+		if v := g.longestQuietOfBiggest(now); v != nil {
 			evict = append(evict, v)
 			g.release(v)
 		} else {
@@ -126,7 +167,7 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 		_ = v.Conn.Close()
 	}
 	if warn {
-		g.log.Warn("webhook connections over their limits: idle ones closed to make room, the rest refused (is something other than the API server connecting?)",
+		g.log.Warn("webhook connections over their limits: idle or stalled ones closed to make room, the rest refused (is something other than the API server connecting?)",
 			"evicted", evicted, "refused", refused, "open", total, "maxConns", g.max, "maxConnsPerClient", g.perClient, "lastClient", client.String())
 	}
 	if !ok {
@@ -136,29 +177,32 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 	return gc
 }
 
-// longestIdle is the client's connection idle the longest, or nil.
-func (cc *clientConns) longestIdle() *guardedConn {
+// longestQuiet is the client's connection idle or stalled the longest, and
+// since when, or nil.
+func (cc *clientConns) longestQuiet(now time.Time) (*guardedConn, time.Time) {
 	var best *guardedConn
+	var since time.Time
 	for c := range cc.conns {
-		if !c.busy && (best == nil || c.idleSince.Before(best.idleSince)) {
-			best = c
+		if t, ok := c.quietSince(now); ok && (best == nil || t.Before(since)) {
+			best, since = c, t
 		}
 	}
-	return best
+	return best, since
 }
 
-// longestIdleOfBiggest is the connection idle the longest among those of
-// the client with the most connections that has an idle one.
-func (g *connGuard) longestIdleOfBiggest() *guardedConn {
+// longestQuietOfBiggest is the connection idle or stalled the longest among
+// those of the client with the most connections that has such a one.
+func (g *connGuard) longestQuietOfBiggest(now time.Time) *guardedConn {
 	var best *guardedConn
+	var bestSince time.Time
 	size := 0
 	for _, cc := range g.clients {
-		v := cc.longestIdle()
+		v, since := cc.longestQuiet(now)
 		if v == nil {
 			continue
 		}
-		if n := len(cc.conns); best == nil || n > size || n == size && v.idleSince.Before(best.idleSince) {
-			best, size = v, n
+		if n := len(cc.conns); best == nil || n > size || n == size && since.Before(bestSince) {
+			best, bestSince, size = v, since, n
 		}
 	}
 	return best
@@ -198,6 +242,49 @@ func (g *connGuard) ConnState(c net.Conn, state http.ConnState) {
 	case http.StateHijacked, http.StateClosed:
 		g.release(gc)
 	}
+}
+
+// ConnContext is the http.Server's ConnContext hook: it lets Handler find
+// the connection of a request.
+func (g *connGuard) ConnContext(ctx context.Context, c net.Conn) context.Context {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	if gc, ok := c.(*guardedConn); ok {
+		return context.WithValue(ctx, guardedConnKey{}, gc)
+	}
+	return ctx
+}
+
+type guardedConnKey struct{}
+
+// Handler counts the requests h handles on each connection, and those
+// waiting for their body's bytes, which tell a stalled connection from a
+// working one.
+func (g *connGuard) Handler(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		gc, ok := r.Context().Value(guardedConnKey{}).(*guardedConn)
+		if !ok {
+			h.ServeHTTP(w, r)
+			return
+		}
+		gc.handlers.Add(1)
+		defer gc.handlers.Add(-1)
+		r.Body = &watchedBody{ReadCloser: r.Body, c: gc}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// watchedBody is a request body that counts its connection's waits.
+type watchedBody struct {
+	io.ReadCloser
+	c *guardedConn
+}
+
+func (b *watchedBody) Read(p []byte) (int, error) {
+	b.c.waiting.Add(1)
+	defer b.c.waiting.Add(-1)
+	return b.ReadCloser.Read(p)
 }
 
 // Close releases the connection's place and closes it.

@@ -16,14 +16,15 @@
 //   - Bounded requests: 64 KiB of header, 4 MiB of body (a pod is at most
 //     about 1.5 MB in etcd), read and write timeouts of 15 s, and 3 s to
 //     read a review's body once its headers are in.
-//   - Bounded memory: reviews wait for their share of a budget of review
-//     bytes worked on at once, since a review takes up to about 80 times
-//     its size decoded; one whose caller gives up waiting is answered 503
-//     (reviewBudget).
+//   - Bounded memory: a review's body is charged to a budget of review
+//     bytes read and worked on at once as it arrives, since a review takes
+//     up to about 80 times its size decoded; one whose caller gives up
+//     waiting for room is answered 503 (reviewBudget).
 //   - Bounded connections, in all and per source address; over a bound an
-//     idle connection is closed to make room, so connections left idle on
-//     purpose can't keep the API server out, and no one source can hold
-//     every place (connGuard, conns.go).
+//     idle or stalled connection (its requests waiting 500 ms for the
+//     client's bytes) is closed to make room, so connections left idle or
+//     trickling on purpose can't keep the API server out, and no one
+//     source can hold every place (connGuard, conns.go).
 //   - The certificate and key are re-read when their files change (a
 //     renewed, mounted Secret), without a restart; a pair that fails to
 //     load leaves the last good one in use (certReloader, tls.go).
@@ -75,9 +76,9 @@ const (
 	// bodyTimeout bounds the read of a review's body, from when the
 	// handler starts on it. The API server sends the body at once, and a
 	// review of at most 3 MiB takes milliseconds on a cluster's network; a
-	// connection whose body trickles in counts as busy, so it can't be
-	// closed to make room, and without this bound it would hold its place
-	// (and its share of reviewBytes) for the whole readTimeout.
+	// connection whose body trickles in a byte now and then is not stalled
+	// long enough to be closed to make room, and without this bound it
+	// would hold its place for the whole readTimeout.
 	bodyTimeout = 3 * time.Second
 	// reviewBytes bounds the bytes of the reviews worked on at once
 	// (reviewBudget): a review takes up to about 80 times its size in
@@ -139,6 +140,7 @@ type Server struct {
 	ln     net.Listener
 	srv    *http.Server
 	guard  *connGuard
+	budget *reviewBudget
 	syncer *caBundleSyncer // nil without Config.CABundle
 }
 
@@ -181,9 +183,11 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("webhook listener on %s: %w", cfg.Addr, err)
 	}
 	s.guard = newConnGuard(cfg.MaxConns, cfg.MaxConnsPerClient, log)
+	s.budget = newReviewBudget(reviewBytes)
 	s.srv = &http.Server{
-		Handler:           newHandler(cfg.Injector, log, newReviewBudget(reviewBytes)),
+		Handler:           s.guard.Handler(newHandler(cfg.Injector, log, s.budget)),
 		ConnState:         s.guard.ConnState,
+		ConnContext:       s.guard.ConnContext,
 		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate},
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,

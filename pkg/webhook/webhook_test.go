@@ -30,6 +30,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // runningWebhook is a Server serving until the test ends.
 type runningWebhook struct {
 	addr   string
+	srv    *Server
 	logs   *logtest.Buffer
 	cancel context.CancelFunc
 	done   chan error
@@ -47,7 +48,7 @@ func startWebhook(t *testing.T, cfg Config) *runningWebhook {
 	if err != nil {
 		t.Fatalf("New: %v\n%s", err, w.logs)
 	}
-	w.addr = srv.Addr().String()
+	w.addr, w.srv = srv.Addr().String(), srv
 	ctx, cancel := context.WithCancel(context.Background())
 	w.cancel = cancel
 	go func() { w.done <- srv.Run(ctx) }()
