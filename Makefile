@@ -53,6 +53,7 @@ bench-go: test-tools
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./pkg/outbound/
 	$(GO) test -run '^$$' -bench ConsulPropagation -benchtime 100x ./cmd/sidecar/
 	$(GO) test -run '^$$' -bench DocumentsList -benchmem -count 1 ./pkg/inject/
+	$(GO) test -run '^$$' -bench Handshake -benchmem -count 1 ./pkg/mesh/
 
 ## chaos: the fault suite's long versions (real sidecar, Consul, upstream processes, toxiproxy),
 ## then a summary of their figures; `make test` runs the short versions
