@@ -8,9 +8,12 @@
 #   bench/run.sh                                   # what `make bench` runs
 #   BENCH_DURATION=2s BENCH_ROUNDS=1 BENCH_OPEN_DURATION=3s \
 #     BENCH_OVERLOAD_DURATION=3s bench/run.sh      # quick smoke run
+#   BENCH_PHASES=mesh bench/run.sh                 # plaintext vs mutual TLS only
 #
 # Environment (defaults in brackets):
-#   BENCH_PHASES      which phases to run, in this order [open closed overload]
+#   BENCH_PHASES      which phases to run, in this order [open closed overload
+#                     mesh; mesh only when the Consul binary is built (scripts/
+#                     tools.sh test builds it), else it is skipped with a notice]
 #   BENCH_ROUNDS      interleaved rounds per closed and open-loop load [3]
 #   BENCH_DURATION    wrk duration of each closed-loop run [10s]
 #   BENCH_CONNS       wrk connection counts, space separated [64 16]
@@ -53,6 +56,16 @@
 #   sidecar-adaptive :18061  the sidecar with concurrency.adaptive: true and
 #                            nothing tuned by hand (maxInFlight at its
 #                            default, 1024, is the limit's ceiling)
+# and for the mesh phase only, two hops each, both pairs in front of the same
+# origin (every sidecar on its default policy, request metrics on, no tracing):
+#   consul           :18500  consul agent -dev (HTTP API; serf and server RPC on
+#                            18501-18503; no DNS, no gRPC), the mesh's CA
+#   mesh-plaintext   :18201  sidecar A (static endpoint: B's inbound) -> sidecar
+#                            B's plaintext inbound :18212 -> origin; mesh off
+#   mesh-mtls        :18231  sidecar A (service bench-client, mesh consul-connect,
+#                            origin found in Consul) -> mutual TLS -> sidecar B's
+#                            mesh inbound :18243 (service origin, mesh
+#                            consul-connect) -> origin
 #
 # Phases:
 #   open      per round, each contestant in turn: openloop (internal/cmd/openloop)
@@ -66,6 +79,14 @@
 #             then the queued sidecar, fresh, at twice the capacity; then the
 #             adaptive sidecar the same way (its warm-up is not -strict: the
 #             limit starts at its floor, 3, while it measures the latency).
+#   mesh      the Consul agent and the two pairs, fresh; measuring starts once
+#             mesh-mtls's B counts an inbound handshake that A made (so A
+#             routes over the mesh); then per connection count and round, each
+#             pair in turn: wrk as in the closed phase. CPU and memory are
+#             both sidecars' of the pair; the handshakes of each run are B's
+#             sidecar_mesh_handshakes_total{direction="inbound",result="ok"}
+#             growth. Its table is appended to BENCH_OUT (a mesh-only run
+#             writes the header and that table). About 3 minutes by default.
 # Around every run the contestant's processes are sampled: CPU time (utime +
 # stime from /proc/PID/stat, summed over the process group: nginx's workers
 # too) and peak RSS (VmHWM from /proc/PID/status, reset before the run by
@@ -85,7 +106,8 @@ PATH="$PATH:/usr/sbin:/sbin"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-BENCH_PHASES=${BENCH_PHASES:-open closed overload}
+BENCH_PHASES_GIVEN=${BENCH_PHASES:+1}
+BENCH_PHASES=${BENCH_PHASES:-open closed overload mesh}
 BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 BENCH_DURATION=${BENCH_DURATION:-10s}
 BENCH_CONNS=${BENCH_CONNS:-64 16}
@@ -116,16 +138,26 @@ readonly PORTS_QUEUED=(18051 18050 18094 18024)
 readonly PORTS_ADAPTIVE=(18061 18060 18095 18025)
 # Jaeger: OTLP gRPC, OTLP HTTP, query HTTP, query gRPC, health.
 readonly PORTS_JAEGER=(18317 18318 18686 18685 18133)
+# The mesh phase's Consul agent: HTTP, serf LAN, serf WAN, server RPC.
+readonly PORTS_CONSUL=(18500 18501 18502 18503)
+# Each mesh sidecar: outbound, admin, metrics, health, inbound, mesh inbound TLS.
+readonly PORTS_PLAIN_A=(18201 18200 18290 18220 18202 18203)
+readonly PORTS_PLAIN_B=(18211 18210 18291 18221 18212 18213)
+readonly PORTS_MTLS_A=(18231 18230 18292 18222 18232 18233)
+readonly PORTS_MTLS_B=(18241 18240 18293 18223 18242 18243)
+readonly MESH_PAIRS=(mesh-plaintext mesh-mtls)
 readonly TRACE_SERVICE=bench-sidecar
 readonly CONTESTANTS=(direct sidecar sidecar-bare sidecar-1cpu haproxy nginx)
 readonly WRK_THREADS=2
 readonly READY_TRIES=200 # polls, 0.1 s apart
 readonly READY_SECS=20
 readonly STOP_TRIES=50 # x 0.1 s
+readonly MESH_READY_SECS=60 # mesh-mtls calling over mutual TLS
 
 WORK=""        # temp dir: bin/, conf/, logs/, nginx/, runs/
 SIDECAR=""     # sidecar binary to run
 JAEGER=""      # jaeger binary
+CONSUL=""      # consul binary (mesh phase)
 PIDS=()        # processes started, each the leader of its own process group
 PID_NAMES=()   # names matching PIDS
 declare -A PID_OF # contestant -> pid (process group)
@@ -332,6 +364,8 @@ addr_of() {
 	sidecar-overload) echo "$HOST:${PORTS_OVERLOAD[0]}" ;;
 	sidecar-queued) echo "$HOST:${PORTS_QUEUED[0]}" ;;
 	sidecar-adaptive) echo "$HOST:${PORTS_ADAPTIVE[0]}" ;;
+	mesh-plaintext) echo "$HOST:${PORTS_PLAIN_A[0]}" ;;
+	mesh-mtls) echo "$HOST:${PORTS_MTLS_A[0]}" ;;
 	haproxy) echo "$HOST:$PORT_HAPROXY" ;;
 	nginx) echo "$HOST:$PORT_NGINX" ;;
 	*) die "unknown contestant $1" ;;
@@ -541,25 +575,42 @@ start_nginx() {
 
 # ---- measured runs ----------------------------------------------------------------
 
+# groups_of NAME: the process groups measured for contestant NAME: both
+# sidecars of a mesh pair, else NAME's own.
+groups_of() {
+	case $1 in
+	mesh-*) echo "${PID_OF[$1-a]} ${PID_OF[$1-b]}" ;;
+	*) echo "${PID_OF[$1]}" ;;
+	esac
+}
+
 # measured PHASE NAME LOAD ROUND RESULT CMD...: run the load generator CMD
 # (its output in RESULT.log) while sampling NAME's processes, and record the
-# run in runs.tsv with RESULT (wrk's output, or openloop's JSON).
+# run in runs.tsv (mesh.tsv for the mesh phase, which benchreport does not
+# read) with RESULT (wrk's output, or openloop's JSON).
 measured() {
 	local phase=$1 name=$2 load=$3 round=$4 result=$5
 	shift 5
-	local pid="" c0=0 c1=0 cpu="" hwm="" anon="" gen rc=0
+	local pid c0=0 c1=0 cpu="" hwm="" anon="" gen rc=0 tsv=$WORK/runs.tsv
+	local -a pids=()
+	[[ $phase != mesh ]] || tsv=$WORK/mesh.tsv
 	if [[ $name != direct ]]; then
-		pid=${PID_OF[$name]}
-		group_alive "$pid" || die "$name (pid $pid) is not running"
-		reset_hwm "$pid"
-		c0=$(cpu_ticks "$pid")
+		read -r -a pids <<<"$(groups_of "$name")"
+		for pid in "${pids[@]}"; do
+			group_alive "$pid" || die "$name (pid $pid) is not running"
+			reset_hwm "$pid"
+			c0=$((c0 + $(cpu_ticks "$pid")))
+		done
 	fi
 	local TIMEFORMAT='%3U %3S'
 	{ time "$@" >"$result.log" 2>&1; } 2>"$result.time" || rc=$?
-	if [[ -n $pid ]]; then
-		c1=$(cpu_ticks "$pid")
-		hwm=$(status_kb VmHWM "$pid")
-		anon=$(status_kb RssAnon "$pid")
+	if ((${#pids[@]} > 0)); then
+		hwm=0 anon=0
+		for pid in "${pids[@]}"; do
+			c1=$((c1 + $(cpu_ticks "$pid")))
+			hwm=$((hwm + $(status_kb VmHWM "$pid")))
+			anon=$((anon + $(status_kb RssAnon "$pid")))
+		done
 		cpu=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN { printf "%.3f", (b - a) / t }')
 	fi
 	if ((rc != 0)); then
@@ -568,7 +619,7 @@ measured() {
 	fi
 	gen=$(awk '{ printf "%.3f", $1 + $2 }' "$result.time")
 	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$name" "$load" "$round" \
-		"${result#"$WORK/"}" "$cpu" "$gen" "$hwm" "$anon" >>"$WORK/runs.tsv"
+		"${result#"$WORK/"}" "$cpu" "$gen" "$hwm" "$anon" >>"$tsv"
 }
 
 # check_wrk_output NAME FILE: fail loudly on errors, print req/s.
@@ -723,6 +774,229 @@ policies:
 	stop sidecar-adaptive
 }
 
+# ---- mesh ------------------------------------------------------------------------------
+
+# start_consul: a Consul dev agent (state in memory, Connect on with its
+# built-in CA) on the bench's ports; up once it names a leader.
+start_consul() {
+	require_free_port "${PORTS_CONSUL[@]}"
+	start_bg consul "$CONSUL" agent -dev -client "$HOST" -bind "$HOST" -log-level warn \
+		-hcl "ports { http = ${PORTS_CONSUL[0]} serf_lan = ${PORTS_CONSUL[1]} serf_wan = ${PORTS_CONSUL[2]} server = ${PORTS_CONSUL[3]} dns = -1 grpc = -1 grpc_tls = -1 }" \
+		-hcl 'disable_update_check = true'
+	local i pid=${PIDS[-1]} leader=""
+	for ((i = 0; i < READY_TRIES; i++)); do
+		alive "$pid" || die "consul exited during startup"
+		leader=$(curl --noproxy '*' -fsS --max-time 1 "http://$HOST:${PORTS_CONSUL[0]}/v1/status/leader" 2>/dev/null || true)
+		if [[ $leader == '"'*:*'"' ]]; then
+			log "consul is up (leader $leader)"
+			return 0
+		fi
+		sleep 0.1
+	done
+	die "consul named no leader within $((READY_TRIES / 10)) s (last: '${leader}')"
+}
+
+# start_mesh_sidecar NAME PORTS_ARRAY_NAME YAML: a sidecar of the mesh phase
+# with the listeners of PORTS_ARRAY_NAME and YAML (service, discovery,
+# mesh); up once its /healthz/ready answers 200 (in the mesh: once it holds
+# its certificate and its intentions).
+start_mesh_sidecar() {
+	local name=$1 body=$3
+	local -n mp=$2
+	require_free_port "${mp[@]}"
+	cat >"$WORK/conf/$name.yaml" <<EOF
+listeners:
+  outbound: $HOST:${mp[0]}
+  admin: $HOST:${mp[1]}
+  metrics: $HOST:${mp[2]}
+  health: $HOST:${mp[3]}
+  inbound: $HOST:${mp[4]}
+lifecycle: {drainWindow: 100ms}
+$body
+EOF
+	start_bg "$name" "$SIDECAR" run --config "$WORK/conf/$name.yaml" --log-level warn
+	wait_ready "$name" "${PIDS[-1]}" "http://$HOST:${mp[3]}/healthz/ready"
+}
+
+# mesh_yaml SERVICE PORTS_ARRAY_NAME: the settings of a sidecar in the mesh,
+# fronting the origin as SERVICE.
+mesh_yaml() {
+	local -n mp=$2
+	cat <<EOF
+service: $1
+appPort: $PORT_ORIGIN
+advertiseAddr: $HOST
+discovery:
+  consul: {address: "$HOST:${PORTS_CONSUL[0]}", allowLoopbackEndpoints: true}
+mesh: {mode: consul-connect, inboundTLS: "$HOST:${mp[5]}"}
+EOF
+}
+
+# mesh_handshakes: the mutual-TLS handshakes mesh-mtls's B has accepted.
+mesh_handshakes() {
+	local m
+	m=$(curl --noproxy '*' -fsS --max-time 2 "http://$HOST:${PORTS_MTLS_B[2]}/metrics" 2>/dev/null || true)
+	awk '/^sidecar_mesh_handshakes_total\{/ && /direction="inbound"/ && /result="ok"/ { n += $NF }
+		END { printf "%d\n", n }' <<<"$m"
+}
+
+# wait_mesh_route: mesh-mtls's A answers with the origin's body and B counts
+# inbound handshakes: A found B's sidecar proxy in Consul and calls it over
+# mutual TLS (B registers it, and Consul passes its checks, within seconds).
+wait_mesh_route() {
+	local got="" hs=0 deadline=$((SECONDS + MESH_READY_SECS))
+	while ((SECONDS < deadline)); do
+		got=$(curl_probe "http://$(addr_of mesh-mtls)/")
+		hs=$(mesh_handshakes)
+		if [[ $got == "200 $BENCH_SIZE" ]] && ((hs > 0)); then
+			log "mesh-mtls routes over mutual TLS ($hs inbound handshakes at B)"
+			return 0
+		fi
+		sleep 0.2
+	done
+	die "mesh-mtls: no call over mutual TLS within $MESH_READY_SECS s (last answer '${got}', B's inbound handshakes $hs)"
+}
+
+mesh_phase() {
+	local c r name f rps h0 hs
+	start_consul
+	start_mesh_sidecar mesh-plaintext-b PORTS_PLAIN_B "service: origin
+appPort: $PORT_ORIGIN"
+	start_mesh_sidecar mesh-plaintext-a PORTS_PLAIN_A "discovery:
+  static:
+    origin: [$HOST:${PORTS_PLAIN_B[4]}]"
+	start_mesh_sidecar mesh-mtls-b PORTS_MTLS_B "$(mesh_yaml origin PORTS_MTLS_B)"
+	start_mesh_sidecar mesh-mtls-a PORTS_MTLS_A "$(mesh_yaml bench-client PORTS_MTLS_A)"
+	check_contestant mesh-plaintext
+	wait_mesh_route
+
+	printf 'phase\tcontestant\tload\tround\tfile\tcpu_s\tgen_cpu_s\thwm_kb\tanon_kb\n' >"$WORK/mesh.tsv"
+	printf 'contestant\tload\tround\thandshakes\n' >"$WORK/mesh-handshakes.tsv"
+	for name in "${MESH_PAIRS[@]}"; do
+		[[ $BENCH_WARMUP != 0 && $BENCH_WARMUP != 0s ]] || break
+		log "mesh warm-up $name (${BENCH_WARMUP}, ${CONNS[0]} connections)"
+		check_contestant "$name"
+		wrk_args "$name" "${CONNS[0]}" "$BENCH_WARMUP"
+		"${ARGS[@]}" >"$WORK/runs/mesh-warmup-$name.txt" 2>&1 || die "$name: wrk warm-up failed"
+		check_wrk_output "$name" "$WORK/runs/mesh-warmup-$name.txt" >/dev/null
+	done
+	for c in "${CONNS[@]}"; do
+		for ((r = 1; r <= BENCH_ROUNDS; r++)); do
+			for name in "${MESH_PAIRS[@]}"; do
+				check_contestant "$name"
+				f=$WORK/runs/mesh-$name-c$c-r$r.txt
+				h0=$(mesh_handshakes)
+				wrk_args "$name" "$c" "$BENCH_DURATION"
+				measured mesh "$name" "$c" "$r" "$f" "${ARGS[@]}"
+				mv -f "$f.log" "$f" # wrk's output is the result
+				rps=$(check_wrk_output "$name" "$f")
+				hs=""
+				if [[ $name == mesh-mtls ]]; then
+					hs=$(($(mesh_handshakes) - h0))
+				fi
+				printf '%s\t%s\t%s\t%s\n' "$name" "$c" "$r" "$hs" >>"$WORK/mesh-handshakes.tsv"
+				log "mesh c=$c round $r/$BENCH_ROUNDS $name: $rps req/s${hs:+, $hs handshakes at B}"
+			done
+		done
+	done
+	stop mesh-mtls-a
+	stop mesh-mtls-b
+	stop mesh-plaintext-a
+	stop mesh-plaintext-b
+	stop consul
+}
+
+# mesh_report: the markdown section of the mesh phase, from mesh.tsv, the
+# handshake counts and wrk's outputs: per connection count, each pair's
+# median req/s over the rounds, the latency of its median round (the lower
+# median by req/s), both sidecars' CPU per 1000 requests (median) and peak
+# RSS (largest), and mesh-mtls against mesh-plaintext.
+mesh_report() {
+	local consulv
+	consulv=$("$CONSUL" version 2>/dev/null | head -n1 || true)
+	cat <<EOF
+
+## Mesh (two sidecars in line: plaintext vs mutual TLS)
+
+wrk -> sidecar A -> sidecar B -> origin, both pairs in front of the same origin and interleaved in every round (wrk -t$WRK_THREADS -d$BENCH_DURATION --latency, $BENCH_ROUNDS round(s), $BENCH_WARMUP warm-up each). mesh-plaintext: A calls B's plaintext inbound listener (a static endpoint), mesh off. mesh-mtls: both sidecars in the mesh (mesh.mode consul-connect, identities from a ${consulv:-Consul} dev agent and its built-in CA), A finds B's sidecar proxy in Consul and calls it over mutual TLS, B authorizes each request by A's certificate and the intentions (none: the agent's default, allow). Over the mesh A speaks HTTP/2 (ALPN h2; its mesh transport is Go's http.Transport, one connection multiplexing every request), over plaintext HTTP/1.1 (the sidecar's pooled transport, a connection per request in flight): the difference is mutual TLS and that transport together. Every sidecar on its default policy, request metrics on, no tracing. Median req/s over the rounds; latency of the median round; CPU time of both sidecars per 1000 requests and their peak RSS summed (the Consul agent's not counted); handshakes: B's inbound mutual-TLS handshakes during the run (A's pooled connections, not one per request).
+
+EOF
+	awk -F'\t' -v work="$WORK" -v conns="${CONNS[*]}" -v pairs="${MESH_PAIRS[*]}" '
+	function ms(v, u) {
+		u = v; sub(/^[0-9.]+/, "", u); v += 0
+		return u == "us" ? v / 1000 : u == "s" ? v * 1000 : v
+	}
+	function median(a, n, b, i, j, t) {
+		if (n == 0) return ""
+		for (i = 1; i <= n; i++) b[i] = a[i] + 0
+		for (i = 2; i <= n; i++) {
+			t = b[i]
+			for (j = i - 1; j >= 1 && b[j] > t; j--) b[j + 1] = b[j]
+			b[j + 1] = t
+		}
+		return n % 2 ? b[(n + 1) / 2] : (b[n / 2] + b[n / 2 + 1]) / 2
+	}
+	# medianRound: the round whose req/s is the lower median.
+	function medianRound(k, n, i, j, t, o) {
+		for (i = 1; i <= n; i++) o[i] = i
+		for (i = 2; i <= n; i++) {
+			t = o[i]
+			for (j = i - 1; j >= 1 && R[k, o[j]] + 0 > R[k, t] + 0; j--) o[j + 1] = o[j]
+			o[j + 1] = t
+		}
+		return o[int((n - 1) / 2) + 1]
+	}
+	function fmt(v, p) { return v == "" ? "–" : sprintf("%." p "f", v) }
+	FNR == 1 { next }
+	FILENAME ~ /mesh-handshakes/ { hs[$1, $2, $3] = $4; next }
+	{
+		k = $2 SUBSEP $3; i = ++n[k]
+		file = work "/" $5; rr = req = p50 = p99 = ""
+		while ((getline line < file) > 0) {
+			sub(/^[ \t]+/, "", line)
+			split(line, w, /[ \t]+/)
+			if (line ~ /^Requests\/sec:/) rr = w[2]
+			else if (line ~ /^[0-9]+ requests in /) req = w[1]
+			else if (line ~ /^50% /) p50 = ms(w[2])
+			else if (line ~ /^99% /) p99 = ms(w[2])
+		}
+		close(file)
+		R[k, i] = rr; P50[k, i] = p50; P99[k, i] = p99
+		C[k, i] = ($6 != "" && req > 0) ? $6 / req * 1000 : ""
+		H[k, i] = hs[$2, $3, $4]
+		if ($8 != "" && (!(k in M) || $8 + 0 > M[k])) M[k] = $8 + 0
+	}
+	END {
+		nc = split(conns, cs, " "); np = split(pairs, ps, " ")
+		print "| pair | connections | req/s | × plaintext | p50 (ms) | p99 (ms) | CPU s / 1000 req (A + B) | peak RSS (MB, A + B) | handshakes | req/s per round |"
+		print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+		for (x = 1; x <= nc; x++) {
+			for (y = 1; y <= np; y++) {
+				k = ps[y] SUBSEP cs[x]; m = n[k]
+				if (!m) continue
+				split("", a); split("", c); split("", h)
+				per = ""
+				for (i = 1; i <= m; i++) {
+					a[i] = R[k, i]; c[i] = C[k, i]; h[i] = H[k, i]
+					per = per (i > 1 ? ", " : "") sprintf("%.0f", R[k, i])
+				}
+				med = medianRound(k, m)
+				rps[y, x] = median(a, m); cpu[y, x] = (c[1] == "" ? "" : median(c, m)); p99v[y, x] = P99[k, med]
+				ratio = (rps[1, x] > 0) ? sprintf("%.2f", rps[y, x] / rps[1, x]) : "–"
+				printf "| %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n", ps[y], cs[x], rps[y, x], ratio,
+					fmt(P50[k, med], 3), fmt(P99[k, med], 3), fmt(cpu[y, x], 3),
+					((k in M) ? sprintf("%.1f", M[k] / 1024) : "–"), (h[1] == "" ? "–" : sprintf("%.0f", median(h, m))), per
+			}
+		}
+		print ""
+		for (x = 1; x <= nc; x++) {
+			if (rps[1, x] == "" || rps[2, x] == "") continue
+			printf "- %s connections: mutual TLS gives %.2f× the plaintext throughput, at %s× the CPU per request; p99 %+.3f ms against plaintext\n",
+				cs[x], rps[2, x] / rps[1, x], (cpu[1, x] > 0 ? sprintf("%.2f", cpu[2, x] / cpu[1, x]) : "–"), p99v[2, x] - p99v[1, x]
+		}
+	}' "$WORK/mesh-handshakes.tsv" "$WORK/mesh.tsv"
+}
+
 # ---- main -----------------------------------------------------------------------------
 
 header() {
@@ -735,7 +1009,12 @@ header() {
 	echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), host: $(uname -sr), cpus: $(nproc 2>/dev/null || echo '?'), everything (load generators, origin, proxies, Jaeger) on this machine's CPUs, on loopback"
 	echo "- sidecar $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '(no commit)'), $(go env GOVERSION);" \
 		"$(haproxy -v | head -n1 | awk '{print "HAProxy " $3}'); $(nginx -v 2>&1 | sed 's/.*: //'); wrk ${wrkv}; ${jv}"
-	echo "- GET / with Host: origin, $BENCH_SIZE-byte bodies; contestants interleaved in every round: ${CONTESTANTS[*]}"
+	echo "- GET / with Host: origin, $BENCH_SIZE-byte bodies; phases: $BENCH_PHASES"
+	wants_phase open || wants_phase closed || wants_phase overload || {
+		echo "- reproduce: \`BENCH_PHASES='$BENCH_PHASES' bench/run.sh\`"
+		return 0
+	}
+	echo "- contestants interleaved in every round: ${CONTESTANTS[*]}"
 	echo "- sidecar: default policy, request metrics on, tracing at 1% (parentbased_traceidratio 0.01) exported over OTLP gRPC to Jaeger, GOMAXPROCS left to Go (the CPU count);" \
 		"sidecar-bare: tracing off, --request-metrics=false; sidecar-1cpu: as sidecar with GOMAXPROCS=1; HAProxy: nbthread 2, http-reuse always; nginx: 2 workers, upstream keepalive 64"
 	echo "- closed loop: wrk -t$WRK_THREADS -d$BENCH_DURATION --latency, connections ${CONNS[*]}, $BENCH_ROUNDS round(s), $BENCH_WARMUP warm-up each;" \
@@ -759,7 +1038,8 @@ parse_settings() {
 			die "BENCH_CONNS entries must be integers >= $WRK_THREADS, got '$c'"
 	done
 	for c in $BENCH_PHASES; do
-		[[ $c == open || $c == closed || $c == overload ]] || die "unknown phase '$c' in BENCH_PHASES (open, closed, overload)"
+		[[ $c == open || $c == closed || $c == overload || $c == mesh ]] ||
+			die "unknown phase '$c' in BENCH_PHASES (open, closed, overload, mesh)"
 	done
 	case $BENCH_OUT in
 	/*) ;;
@@ -790,6 +1070,24 @@ build() {
 	fi
 }
 
+# wants_phase PHASE: PHASE is in BENCH_PHASES.
+wants_phase() { [[ " $BENCH_PHASES " == *" $1 "* ]]; }
+
+# find_consul: the cached Consul binary for the mesh phase. Asked for (in
+# BENCH_PHASES) it must be there; by default the phase is skipped without
+# it, since the bench tool set does not build Consul (the test set does).
+find_consul() {
+	wants_phase mesh || return 0
+	if CONSUL=$(scripts/tools.sh path consul 2>/dev/null); then
+		return 0
+	fi
+	[[ -z $BENCH_PHASES_GIVEN ]] ||
+		die "the mesh phase needs the Consul binary, which is not built; run: scripts/tools.sh test"
+	log "skipping the mesh phase: no Consul binary (scripts/tools.sh test builds it)"
+	BENCH_PHASES=$(tr ' ' '\n' <<<"$BENCH_PHASES" | grep -vx mesh | tr '\n' ' ')
+	BENCH_PHASES=${BENCH_PHASES% }
+}
+
 main() {
 	parse_settings
 	cd "$ROOT"
@@ -799,6 +1097,7 @@ main() {
 
 	scripts/tools.sh bench >/dev/null
 	JAEGER=$(scripts/tools.sh path jaeger)
+	find_consul
 	have go || die "go is not on PATH"
 	# The sidecars take their settings from the files written here only: no
 	# Consul, collector or SIDECAR_* setting from the caller's environment.
@@ -819,12 +1118,17 @@ main() {
 
 	build
 	start_origin
-	start_jaeger
-	start_sidecar sidecar PORTS_SIDECAR "$(tracing_yaml)"
-	start_sidecar sidecar-bare PORTS_BARE "requestMetrics: false"
-	start_sidecar sidecar-1cpu PORTS_1CPU "$(tracing_yaml)" GOMAXPROCS=1
-	start_haproxy
-	start_nginx
+	# The mesh phase starts its own processes; the others share these.
+	if wants_phase open || wants_phase closed || wants_phase overload; then
+		start_jaeger
+	fi
+	if wants_phase open || wants_phase closed; then
+		start_sidecar sidecar PORTS_SIDECAR "$(tracing_yaml)"
+		start_sidecar sidecar-bare PORTS_BARE "requestMetrics: false"
+		start_sidecar sidecar-1cpu PORTS_1CPU "$(tracing_yaml)" GOMAXPROCS=1
+		start_haproxy
+		start_nginx
+	fi
 
 	local phase
 	for phase in $BENCH_PHASES; do
@@ -833,15 +1137,25 @@ main() {
 	done
 
 	header >"$WORK/header.md"
-	"$WORK/bin/benchreport" -runs "$WORK/runs.tsv" -header "$WORK/header.md" \
-		-capacity "${CAPACITY:-0}" -limit "concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT, maxQueued: 0 (no line; policy for \"*\")" \
-		-queued "maxQueued: $BENCH_OVERLOAD_QUEUE, queueTimeout: $BENCH_OVERLOAD_QUEUE_TIMEOUT" \
-		-adaptive "concurrency.adaptive: true, maxInFlight 1024 its ceiling" \
-		-md "$BENCH_OUT" -svg "$BENCH_PLOT" || die "benchreport failed"
+	local written=$BENCH_OUT
+	if (($(wc -l <"$WORK/runs.tsv") > 1)); then
+		"$WORK/bin/benchreport" -runs "$WORK/runs.tsv" -header "$WORK/header.md" \
+			-capacity "${CAPACITY:-0}" -limit "concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT, maxQueued: 0 (no line; policy for \"*\")" \
+			-queued "maxQueued: $BENCH_OVERLOAD_QUEUE, queueTimeout: $BENCH_OVERLOAD_QUEUE_TIMEOUT" \
+			-adaptive "concurrency.adaptive: true, maxInFlight 1024 its ceiling" \
+			-md "$BENCH_OUT" -svg "$BENCH_PLOT" || die "benchreport failed"
+		written+=" and $BENCH_PLOT"
+	else
+		mkdir -p "$(dirname "$BENCH_OUT")"
+		cp "$WORK/header.md" "$BENCH_OUT"
+	fi
+	if [[ -s $WORK/mesh.tsv ]]; then
+		mesh_report >>"$BENCH_OUT" || die "the mesh report failed"
+	fi
 	echo
 	cat "$BENCH_OUT"
 	echo
-	log "results written to $BENCH_OUT and $BENCH_PLOT"
+	log "results written to $written"
 }
 
 main "$@"
