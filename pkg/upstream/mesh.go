@@ -24,10 +24,12 @@ func (e *TLSError) Error() string { return "TLS handshake with " + e.Addr + ": "
 func (e *TLSError) Unwrap() error { return e.Err }
 
 // MeshTransport sends requests to endpoints of the mesh over mutual TLS.
-// Each service called has a pooled transport of its own, whose connections
+// Each service called has pooled transports of its own, whose connections
 // present this sidecar's certificate and accept only a peer that proves to
-// be that service (ClientTLS decides both); it speaks HTTP/2 when the peer
-// offers it by ALPN, else HTTP/1.1, and resumes TLS sessions, so that a
+// be that service (ClientTLS decides both). As the plaintext transport
+// does, it sends an HTTP/1.x request over HTTP/1.1 (ALPN http/1.1: many
+// pooled connections, upgrades possible) and an HTTP/2 request (gRPC) over
+// HTTP/2 when the peer offers it; TLS sessions are resumed, so that a
 // handshake is paid per connection, not per request. Safe for concurrent
 // use.
 type MeshTransport struct {
@@ -36,14 +38,20 @@ type MeshTransport struct {
 	dialer    net.Dialer
 
 	mu         sync.Mutex
-	transports map[string]*http.Transport
+	transports map[meshKey]*http.Transport
 	closed     bool
+}
+
+// meshKey names one pooled transport: a service, over HTTP/2 or not.
+type meshKey struct {
+	service string
+	h2      bool
 }
 
 // NewMeshTransport returns a MeshTransport whose connections to a service's
 // endpoints use clientTLS(service), with cfg's timeouts and limits.
 func NewMeshTransport(cfg TransportConfig, clientTLS func(service string) *tls.Config) *MeshTransport {
-	m := &MeshTransport{cfg: cfg, clientTLS: clientTLS, transports: map[string]*http.Transport{}}
+	m := &MeshTransport{cfg: cfg, clientTLS: clientTLS, transports: map[meshKey]*http.Transport{}}
 	m.dialer = net.Dialer{Timeout: cmp.Or(cfg.DialTimeout, time.Second), KeepAlive: 30 * time.Second}
 	return m
 }
@@ -54,7 +62,7 @@ func NewMeshTransport(cfg TransportConfig, clientTLS func(service string) *tls.C
 // handshake's wrapping a *TLSError; a failure once connected an
 // *UpstreamError.
 func (m *MeshTransport) Send(req *http.Request, service string, connectTimeout time.Duration) (*http.Response, error) {
-	t, err := m.transport(service)
+	t, err := m.transport(meshKey{service: service, h2: req.ProtoMajor == 2})
 	if err != nil {
 		CloseBody(req)
 		return nil, err
@@ -80,34 +88,35 @@ func (m *MeshTransport) Send(req *http.Request, service string, connectTimeout t
 	return nil, &UpstreamError{Addr: req.URL.Host, Op: "round trip", Written: true, Err: err}
 }
 
-// transport is service's pooled transport, made on its first request.
-func (m *MeshTransport) transport(service string) (*http.Transport, error) {
+// transport is k's pooled transport, made on its first request.
+func (m *MeshTransport) transport(k meshKey) (*http.Transport, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return nil, errors.New("mesh transport closed")
 	}
-	if t := m.transports[service]; t != nil {
+	if t := m.transports[k]; t != nil {
 		return t, nil
 	}
 	t := &http.Transport{
 		DialTLSContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return m.dialTLS(ctx, network, addr, service)
+			return m.dialTLS(ctx, network, addr, k)
 		},
-		ForceAttemptHTTP2:      true,
+		ForceAttemptHTTP2:      k.h2,
 		MaxIdleConnsPerHost:    cmp.Or(m.cfg.MaxIdleConnsPerHost, 256),
 		IdleConnTimeout:        cmp.Or(m.cfg.IdleConnTimeout, 30*time.Second),
 		ResponseHeaderTimeout:  cmp.Or(m.cfg.ResponseHeaderTimeout, 15*time.Second),
 		MaxResponseHeaderBytes: int64(cmp.Or(m.cfg.MaxResponseHeaderBytes, DefaultMaxResponseHeaderBytes)),
 		DisableCompression:     true,
 	}
-	m.transports[service] = t
+	m.transports[k] = t
 	return t, nil
 }
 
 // dialTLS connects to addr and makes the mesh handshake, as an instance of
-// service must answer it, within the request's connect timeout.
-func (m *MeshTransport) dialTLS(ctx context.Context, network, addr, service string) (net.Conn, error) {
+// k's service must answer it, within the request's connect timeout,
+// offering HTTP/2 only to a transport of HTTP/2 requests.
+func (m *MeshTransport) dialTLS(ctx context.Context, network, addr string, k meshKey) (net.Conn, error) {
 	timeout, _ := ctx.Value(connectTimeoutKey{}).(time.Duration)
 	timeout = cmp.Or(timeout, m.dialer.Timeout)
 	dctx, cancel := context.WithTimeout(ctx, timeout)
@@ -123,10 +132,14 @@ func (m *MeshTransport) dialTLS(ctx context.Context, network, addr, service stri
 		}
 		return nil, &ConnectError{Addr: addr, Err: err}
 	}
-	cfg := m.clientTLS(service)
+	cfg := m.clientTLS(k.service)
 	if cfg == nil {
 		c.Close()
 		return nil, &ConnectError{Addr: addr, Err: &TLSError{Addr: addr, Err: errors.New("no certificate of this sidecar's yet")}}
+	}
+	cfg.NextProtos = []string{"http/1.1"}
+	if k.h2 {
+		cfg.NextProtos = []string{"h2", "http/1.1"}
 	}
 	tc := tls.Client(c, cfg)
 	if err := tc.HandshakeContext(dctx); err != nil {
