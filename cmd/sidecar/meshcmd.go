@@ -119,7 +119,7 @@ func (o *meshCheckOptions) run(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
-	d, err := mesh.Check(ctx, client, o.source, o.destination, o.request)
+	d, err := mesh.Check(ctx, discovery.NewMeshAgent(client), o.source, o.destination, o.request)
 	switch {
 	case errors.Is(err, context.DeadlineExceeded):
 		return fmt.Errorf("consul at %s: no answer within %s (--timeout): %w", shown, o.timeout, err)

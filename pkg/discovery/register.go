@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"strconv"
 	"sync"
 	"time"
@@ -33,13 +34,31 @@ type RegistrationConfig struct {
 	DeregisterCriticalAfter time.Duration
 	// Ready reports whether peers should route to the app now. Nil: always.
 	Ready func() bool
-	// Companions, when set, gives the services registered with the app,
-	// after it, and removed with it (the mesh's sidecar proxy), from the
-	// app's instance ID.
-	Companions func(id string) []*api.AgentServiceRegistration
+	// SidecarProxy, when set, is the app's sidecar proxy in Consul's
+	// mesh, registered after the app and removed with it. Nil: none.
+	SidecarProxy *SidecarProxy
 	// Logger receives state transitions; nil discards them.
 	Logger *slog.Logger
 }
+
+// SidecarProxy is this sidecar as Consul's mesh sees it: the
+// connect-proxy in front of the app, which Consul's catalog
+// (/v1/health/connect/<service>) and Consul's own proxies find when they
+// call the app over mutual TLS. It is registered as
+// `<ID>-sidecar-proxy`, named `<Service>-sidecar-proxy`, at the app's
+// Address, with the app's DeregisterCriticalAfter.
+type SidecarProxy struct {
+	// Port is where peers reach the inbound TLS listener (mesh.inboundTLS)
+	// at the app's Address. Required.
+	Port int
+	// AppPort is the app's port on loopback, where inbound calls go.
+	// Required.
+	AppPort int
+}
+
+// sidecarSuffix ends the name and ID of a sidecar proxy service, as
+// Consul's own sidecar_service registrations name them.
+const sidecarSuffix = "-sidecar-proxy"
 
 // Registration keeps the app registered in Consul with a TTL check fed by
 // Ready, re-registering when the agent forgets it (agent restart). Safe for
@@ -47,6 +66,7 @@ type RegistrationConfig struct {
 type Registration struct {
 	cfg     RegistrationConfig
 	checkID string
+	proxy   *api.AgentServiceRegistration // the sidecar proxy's; nil without one
 	log     *slog.Logger
 	kick    chan struct{}
 	cancel  context.CancelFunc
@@ -60,18 +80,10 @@ func Register(cfg RegistrationConfig) (*Registration, error) {
 	if cfg.Client == nil || cfg.Service == "" || cfg.Address == "" || cfg.Port <= 0 {
 		return nil, errors.New("consul registration: client, service, address and port are required")
 	}
-	if cfg.TTL <= 0 {
-		cfg.TTL = 10 * time.Second
+	if p := cfg.SidecarProxy; p != nil && (p.Port <= 0 || p.AppPort <= 0) {
+		return nil, errors.New("consul registration: the sidecar proxy's port and app port are required")
 	}
-	if cfg.DeregisterCriticalAfter <= 0 {
-		cfg.DeregisterCriticalAfter = time.Minute
-	}
-	if cfg.ID == "" {
-		cfg.ID = cfg.Service + "-" + cfg.Address + "-" + strconv.Itoa(cfg.Port)
-	}
-	if cfg.Ready == nil {
-		cfg.Ready = func() bool { return true }
-	}
+	cfg = withDefaults(cfg)
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -85,8 +97,28 @@ func Register(cfg RegistrationConfig) (*Registration, error) {
 		cancel:  cancel,
 		done:    make(chan struct{}),
 	}
+	if cfg.SidecarProxy != nil {
+		r.proxy = proxyRegistration(cfg)
+	}
 	go r.run(ctx)
 	return r, nil
+}
+
+// withDefaults is cfg with the defaults of its zero fields.
+func withDefaults(cfg RegistrationConfig) RegistrationConfig {
+	if cfg.TTL <= 0 {
+		cfg.TTL = 10 * time.Second
+	}
+	if cfg.DeregisterCriticalAfter <= 0 {
+		cfg.DeregisterCriticalAfter = time.Minute
+	}
+	if cfg.ID == "" {
+		cfg.ID = cfg.Service + "-" + cfg.Address + "-" + strconv.Itoa(cfg.Port)
+	}
+	if cfg.Ready == nil {
+		cfg.Ready = func() bool { return true }
+	}
+	return cfg
 }
 
 // ID is the instance ID registered.
@@ -110,8 +142,8 @@ func (r *Registration) Deregister(ctx context.Context) error {
 		<-r.done
 		q := (&api.QueryOptions{}).WithContext(ctx)
 		_ = r.cfg.Client.Agent().UpdateTTLOpts(r.checkID, "sidecar shutting down", api.HealthCritical, q)
-		for _, c := range r.companions() {
-			err = errors.Join(err, r.cfg.Client.Agent().ServiceDeregisterOpts(c.ID, q))
+		if r.proxy != nil {
+			err = errors.Join(err, r.cfg.Client.Agent().ServiceDeregisterOpts(r.proxy.ID, q))
 		}
 		err = errors.Join(err, r.cfg.Client.Agent().ServiceDeregisterOpts(r.cfg.ID, q))
 		if err == nil {
@@ -190,10 +222,8 @@ func (r *Registration) register(ctx context.Context) bool {
 		},
 	}
 	err := r.cfg.Client.Agent().ServiceRegisterOpts(reg, api.ServiceRegisterOpts{}.WithContext(ctx))
-	for _, c := range r.companions() {
-		if err == nil {
-			err = r.cfg.Client.Agent().ServiceRegisterOpts(c, api.ServiceRegisterOpts{}.WithContext(ctx))
-		}
+	if err == nil && r.proxy != nil {
+		err = r.cfg.Client.Agent().ServiceRegisterOpts(r.proxy, api.ServiceRegisterOpts{}.WithContext(ctx))
 	}
 	if err != nil {
 		if ctx.Err() == nil {
@@ -205,12 +235,47 @@ func (r *Registration) register(ctx context.Context) bool {
 	return true
 }
 
-// companions are the services registered with the app.
-func (r *Registration) companions() []*api.AgentServiceRegistration {
-	if r.cfg.Companions == nil {
-		return nil
+// proxyRegistration is the registration of cfg's sidecar proxy, which
+// cfg has (with its defaults): `<ID>-sidecar-proxy`, named
+// `<Service>-sidecar-proxy`, of Kind connect-proxy, on Address and the
+// proxy's Port, with destination the app's service and instance and local
+// service 127.0.0.1:AppPort. Its checks are those Consul gives a
+// sidecar_service by default: a TCP check of the proxy's address every 10s
+// (the agent connects and closes, without a TLS handshake) and an alias of
+// the app's own checks, so that the proxy is healthy when the app is. The
+// TCP check starts passing (Consul would hold it critical for up to 10s,
+// until its first run): register once the listener accepts.
+func proxyRegistration(cfg RegistrationConfig) *api.AgentServiceRegistration {
+	p := cfg.SidecarProxy
+	id := cfg.ID + sidecarSuffix
+	return &api.AgentServiceRegistration{
+		Kind:    api.ServiceKindConnectProxy,
+		ID:      id,
+		Name:    cfg.Service + sidecarSuffix,
+		Address: cfg.Address,
+		Port:    p.Port,
+		Proxy: &api.AgentServiceConnectProxyConfig{
+			DestinationServiceName: cfg.Service,
+			DestinationServiceID:   cfg.ID,
+			LocalServiceAddress:    "127.0.0.1",
+			LocalServicePort:       p.AppPort,
+		},
+		Checks: api.AgentServiceChecks{
+			{
+				CheckID:                        "service:" + id + ":1",
+				Name:                           "Connect Sidecar Listening",
+				TCP:                            net.JoinHostPort(cfg.Address, strconv.Itoa(p.Port)),
+				Interval:                       "10s",
+				Status:                         api.HealthPassing,
+				DeregisterCriticalServiceAfter: cfg.DeregisterCriticalAfter.String(),
+			},
+			{
+				CheckID:      "service:" + id + ":2",
+				Name:         "Connect Sidecar Aliasing " + cfg.ID,
+				AliasService: cfg.ID,
+			},
+		},
 	}
-	return r.cfg.Companions(r.cfg.ID)
 }
 
 func (r *Registration) report(ctx context.Context) error {

@@ -16,8 +16,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/hashicorp/consul/api"
-
 	"github.com/sidecar-mesh/sidecar/pkg/panics"
 )
 
@@ -46,7 +44,7 @@ var ErrNotReady = errors.New("mesh identity not ready: no leaf certificate or CA
 // concurrent use. Handshakes read an immutable snapshot and never wait for
 // the agent.
 type Identity struct {
-	agent   *api.Agent
+	agent   IdentityAgent
 	service string
 	log     *slog.Logger
 	now     func() time.Time
@@ -86,11 +84,11 @@ func WithClock(now func() time.Time) IdentityOption {
 	return func(id *Identity) { id.now = now }
 }
 
-// NewIdentity is the identity of service, fed by the agent client talks to.
-// It does not contact the agent: Run does. A nil log discards the log.
-func NewIdentity(client *api.Client, service string, log *slog.Logger, opts ...IdentityOption) (*Identity, error) {
-	if client == nil {
-		return nil, errors.New("mesh identity: a Consul client is required")
+// NewIdentity is the identity of service, fed by agent. It does not
+// contact the agent: Run does. A nil log discards the log.
+func NewIdentity(agent IdentityAgent, service string, log *slog.Logger, opts ...IdentityOption) (*Identity, error) {
+	if agent == nil {
+		return nil, errors.New("mesh identity: a Consul agent is required")
 	}
 	if service == "" || strings.ContainsAny(service, "/?#% ") {
 		return nil, fmt.Errorf("mesh identity: service %q: want a Consul service name", service)
@@ -99,7 +97,7 @@ func NewIdentity(client *api.Client, service string, log *slog.Logger, opts ...I
 		log = slog.New(slog.DiscardHandler)
 	}
 	id := &Identity{
-		agent:   client.Agent(),
+		agent:   agent,
 		service: service,
 		log:     log.With("component", "mesh.identity", "service", service),
 		now:     time.Now,
@@ -221,34 +219,34 @@ func (id *Identity) Status() IdentityStatus {
 }
 
 // askLeaf asks the agent for the leaf certificate with q and keeps it.
-func (id *Identity) askLeaf(q *api.QueryOptions) (uint64, error) {
-	leaf, meta, err := id.agent.ConnectCALeaf(id.service, q)
+func (id *Identity) askLeaf(ctx context.Context, q Query) (uint64, error) {
+	leaf, last, err := id.agent.Leaf(ctx, id.service, q)
 	if err != nil {
 		return 0, err
 	}
 	if err := id.setLeaf(leaf); err != nil {
 		return 0, err
 	}
-	return meta.LastIndex, nil
+	return last, nil
 }
 
 // askRoots asks the agent for the CA roots with q and keeps them.
-func (id *Identity) askRoots(q *api.QueryOptions) (uint64, error) {
-	roots, meta, err := id.agent.ConnectCARoots(q)
+func (id *Identity) askRoots(ctx context.Context, q Query) (uint64, error) {
+	roots, last, err := id.agent.Roots(ctx, q)
 	if err != nil {
 		return 0, err
 	}
 	if err := id.setRoots(roots); err != nil {
 		return 0, err
 	}
-	return meta.LastIndex, nil
+	return last, nil
 }
 
 // setLeaf keeps a leaf certificate from the agent, unless it is the one
 // held. An answer that does not parse, or names another service, is an
 // error and changes nothing.
-func (id *Identity) setLeaf(l *api.LeafCert) error {
-	if l == nil {
+func (id *Identity) setLeaf(l Leaf) error {
+	if l.CertPEM == "" {
 		return errors.New("leaf certificate: empty answer")
 	}
 	cert, err := tls.X509KeyPair([]byte(l.CertPEM), []byte(l.PrivateKeyPEM))
@@ -290,8 +288,8 @@ func (id *Identity) setLeaf(l *api.LeafCert) error {
 // setRoots keeps the CA roots from the agent, unless they are those held.
 // An empty list, or a root that does not parse, is an error and changes
 // nothing: a good pool is never replaced by a bad one.
-func (id *Identity) setRoots(list *api.CARootList) error {
-	if list == nil || len(list.Roots) == 0 {
+func (id *Identity) setRoots(list Roots) error {
+	if len(list.Roots) == 0 {
 		return errors.New("CA roots: empty answer")
 	}
 	if list.TrustDomain == "" {
@@ -302,7 +300,7 @@ func (id *Identity) setRoots(list *api.CARootList) error {
 	byKey := make(map[string]string, len(list.Roots))
 	active := ""
 	for _, r := range list.Roots {
-		block, _ := pem.Decode([]byte(r.RootCertPEM))
+		block, _ := pem.Decode([]byte(r.CertPEM))
 		if block == nil || block.Type != "CERTIFICATE" {
 			return fmt.Errorf("CA roots: root %s has no PEM certificate", r.ID)
 		}
@@ -351,16 +349,15 @@ func (id *Identity) store(m *material) {
 
 // followAgent runs one blocking query of the agent in a loop until ctx
 // ends, by Consul's rules: the answer's index is the next query's
-// WaitIndex (0 when it went backwards, as after an agent restart, and after
+// Index (0 when it went backwards, as after an agent restart, and after
 // an error); each wait has up to 1/16 of jitter; errors back off, capped.
 // Only the first failure of a run and the recovery are logged; lastErr
 // holds the last error until an answer comes.
-func followAgent(ctx context.Context, log *slog.Logger, what string, lastErr *atomic.Pointer[string], ask func(q *api.QueryOptions) (uint64, error)) {
+func followAgent(ctx context.Context, log *slog.Logger, what string, lastErr *atomic.Pointer[string], ask func(ctx context.Context, q Query) (uint64, error)) {
 	var index uint64
 	failures := 0
 	for ctx.Err() == nil {
-		q := (&api.QueryOptions{WaitIndex: index, WaitTime: identityWait + rand.N(identityWait/16)}).WithContext(ctx)
-		last, err := ask(q)
+		last, err := ask(ctx, Query{Index: index, Wait: identityWait + rand.N(identityWait/16)})
 		if err != nil {
 			if ctx.Err() != nil {
 				return

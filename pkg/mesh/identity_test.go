@@ -26,6 +26,7 @@ import (
 
 	"github.com/sidecar-mesh/sidecar/internal/consultest"
 	"github.com/sidecar-mesh/sidecar/internal/logtest"
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/mesh"
 )
 
@@ -94,16 +95,17 @@ func TestIdentityReadyAndStatus(t *testing.T) {
 }
 
 func TestNewIdentityValidates(t *testing.T) {
-	c, err := api.NewClient(api.DefaultConfig())
+	c, err := discovery.NewClient(discovery.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	a := discovery.NewMeshAgent(c)
 	for _, tc := range []struct {
-		client  *api.Client
+		agent   mesh.IdentityAgent
 		service string
-	}{{nil, "web"}, {c, ""}, {c, "a/b"}, {c, "a?b"}, {c, "a%2f"}} {
-		if id, err := mesh.NewIdentity(tc.client, tc.service, nil); err == nil {
-			t.Errorf("NewIdentity(client %v, %q) = %v, nil; want an error", tc.client != nil, tc.service, id)
+	}{{nil, "web"}, {a, ""}, {a, "a/b"}, {a, "a?b"}, {a, "a%2f"}} {
+		if id, err := mesh.NewIdentity(tc.agent, tc.service, nil); err == nil {
+			t.Errorf("NewIdentity(agent %v, %q) = %v, nil; want an error", tc.agent != nil, tc.service, id)
 		}
 	}
 }
@@ -447,7 +449,7 @@ func meshAgent(t *testing.T) (*consultest.Agent, *api.Client) {
 func startIdentity(t *testing.T, c *api.Client, service string, opts ...mesh.IdentityOption) *mesh.Identity {
 	t.Helper()
 	log, _ := logtest.New()
-	id, err := mesh.NewIdentity(c, service, log, opts...)
+	id, err := mesh.NewIdentity(discovery.NewMeshAgent(c), service, log, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}

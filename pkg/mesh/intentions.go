@@ -8,8 +8,6 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
-
-	"github.com/hashicorp/consul/api"
 )
 
 // Authorizer decides, by Consul's intentions, which callers may reach one
@@ -47,7 +45,7 @@ import (
 // Authorize is safe for concurrent use and never blocks. The zero value is
 // not usable: use NewAuthorizer.
 type Authorizer struct {
-	client      *api.Client
+	agent       IntentionsAgent
 	destination string
 	log         *slog.Logger
 
@@ -61,7 +59,7 @@ type Authorizer struct {
 	def *aclDefault
 	// entries are every service-intentions entry; protocol is the
 	// destination's; have* say whether they were read.
-	entries      []*api.ServiceIntentionsConfigEntry
+	entries      []IntentionsEntry
 	protocol     string
 	haveEntries  bool
 	haveProtocol bool
@@ -71,17 +69,17 @@ type Authorizer struct {
 	entriesIndex uint64
 }
 
-// NewAuthorizer is an Authorizer for destination, reading from the agent
-// of client, whose token must be allowed to read the destination's
-// intentions (intention:read), its discovery chain (service:read) and the
-// agent's configuration (agent:read; without it the default is deny). It
-// does not contact the agent: Run does. log may be nil.
-func NewAuthorizer(client *api.Client, destination string, log *slog.Logger) *Authorizer {
+// NewAuthorizer is an Authorizer for destination, reading from agent,
+// whose token must be allowed to read the destination's intentions
+// (intention:read), its discovery chain (service:read) and the agent's
+// configuration (agent:read; without it the default is deny). It does not
+// contact the agent: Run does. log may be nil.
+func NewAuthorizer(agent IntentionsAgent, destination string, log *slog.Logger) *Authorizer {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Authorizer{
-		client:      client,
+		agent:       agent,
 		destination: destination,
 		log:         log.With("component", "intentions", "destination", destination),
 	}
@@ -124,20 +122,18 @@ func (a *Authorizer) Authorize(source string, r *http.Request) Decision {
 }
 
 // Check answers once, for the CLI, whether source may reach destination
-// (r as for Authorize), reading the agent of client: the intentions, the
-// destination's protocol and the default decision. It evaluates as an
-// Authorizer does.
-func Check(ctx context.Context, client *api.Client, source, destination string, r *http.Request) (Decision, error) {
-	def, err := readDefault(ctx, client)
+// (r as for Authorize), reading agent: the intentions, the destination's
+// protocol and the default decision. It evaluates as an Authorizer does.
+func Check(ctx context.Context, agent IntentionsAgent, source, destination string, r *http.Request) (Decision, error) {
+	def, err := readDefault(ctx, agent)
 	if err != nil {
 		return Decision{}, err
 	}
-	q := (&api.QueryOptions{}).WithContext(ctx)
-	entries, _, err := readIntentions(client, q)
+	entries, _, err := readIntentions(ctx, agent, Query{})
 	if err != nil {
 		return Decision{}, err
 	}
-	protocol, _, err := readProtocol(client, destination, q)
+	protocol, _, err := readProtocol(ctx, agent, destination, Query{})
 	if err != nil {
 		return Decision{}, err
 	}
@@ -151,10 +147,10 @@ func Check(ctx context.Context, client *api.Client, source, destination string, 
 // askIntentions is one blocking query of the service-intentions entries.
 // A query from index 0 (the first, or after a failure, when the agent may
 // have come back with another configuration) reads the default first.
-func (a *Authorizer) askIntentions(q *api.QueryOptions) (uint64, error) {
-	index := q.WaitIndex
+func (a *Authorizer) askIntentions(ctx context.Context, q Query) (uint64, error) {
+	index := q.Index
 	if index == 0 {
-		def, err := readDefault(q.Context(), a.client)
+		def, err := readDefault(ctx, a.agent)
 		if err != nil {
 			return 0, err
 		}
@@ -166,7 +162,7 @@ func (a *Authorizer) askIntentions(q *api.QueryOptions) (uint64, error) {
 			a.log.Info("default decision read from the agent", "default", def.decision().By)
 		}
 	}
-	entries, last, err := readIntentions(a.client, q)
+	entries, last, err := readIntentions(ctx, a.agent, q)
 	if err != nil || (index != 0 && last == index) {
 		return last, err // the wait ended with nothing new
 	}
@@ -179,9 +175,9 @@ func (a *Authorizer) askIntentions(q *api.QueryOptions) (uint64, error) {
 
 // askProtocol is one blocking query of the destination's discovery chain,
 // for its protocol.
-func (a *Authorizer) askProtocol(q *api.QueryOptions) (uint64, error) {
-	protocol, last, err := readProtocol(a.client, a.destination, q)
-	if err != nil || (q.WaitIndex != 0 && last == q.WaitIndex) {
+func (a *Authorizer) askProtocol(ctx context.Context, q Query) (uint64, error) {
+	protocol, last, err := readProtocol(ctx, a.agent, a.destination, q)
+	if err != nil || (q.Index != 0 && last == q.Index) {
 		return last, err // the wait ended with nothing new
 	}
 	a.mu.Lock()
@@ -219,60 +215,23 @@ func (a *Authorizer) build() {
 	a.built = a.entriesIndex
 }
 
-// ErrACLDenied marks a read of Check or an Authorizer that the agent
-// refused to the client's ACL token (403).
-var ErrACLDenied = errors.New("the agent refused it to this ACL token")
-
-// aclDenied adds ErrACLDenied to err when the agent answered 403.
-func aclDenied(err error) error {
-	var status api.StatusError
-	if errors.As(err, &status) && status.Code == http.StatusForbidden {
-		return fmt.Errorf("%w: %w", ErrACLDenied, err)
-	}
-	return err
-}
-
-// readIntentions is every service-intentions config entry (in Consul 1.9
-// and later every intention is one, `consul intention create` included),
-// by query q (a blocking one with a WaitIndex).
-func readIntentions(c *api.Client, q *api.QueryOptions) ([]*api.ServiceIntentionsConfigEntry, uint64, error) {
-	list, meta, err := c.ConfigEntries().List(api.ServiceIntentions, q)
+// readIntentions is every service-intentions config entry, by query q.
+func readIntentions(ctx context.Context, agent IntentionsAgent, q Query) ([]IntentionsEntry, uint64, error) {
+	entries, last, err := agent.Intentions(ctx, q)
 	if err != nil {
-		return nil, 0, fmt.Errorf("reading the service-intentions config entries: %w", aclDenied(err))
+		return nil, 0, fmt.Errorf("reading the service-intentions config entries: %w", err)
 	}
-	out := make([]*api.ServiceIntentionsConfigEntry, 0, len(list))
-	for _, e := range list {
-		if si, ok := e.(*api.ServiceIntentionsConfigEntry); ok {
-			out = append(out, si)
-		}
-	}
-	return out, meta.LastIndex, nil
+	return entries, last, nil
 }
 
 // readProtocol is destination's protocol as Consul resolves it for its
-// proxies (service-defaults, else proxy-defaults, else tcp): its compiled
-// discovery chain's, by query q (a blocking one with a WaitIndex).
-func readProtocol(c *api.Client, destination string, q *api.QueryOptions) (string, uint64, error) {
-	resp, meta, err := c.DiscoveryChain().Get(destination, nil, q)
+// proxies, by query q.
+func readProtocol(ctx context.Context, agent IntentionsAgent, destination string, q Query) (string, uint64, error) {
+	protocol, last, err := agent.Protocol(ctx, destination, q)
 	if err != nil {
-		return "", 0, fmt.Errorf("reading the discovery chain of %s (its protocol): %w", destination, aclDenied(err))
+		return "", 0, fmt.Errorf("reading the discovery chain of %s (its protocol): %w", destination, err)
 	}
-	protocol := "tcp"
-	if resp != nil && resp.Chain != nil && resp.Chain.Protocol != "" {
-		protocol = resp.Chain.Protocol
-	}
-	return protocol, meta.LastIndex, nil
-}
-
-// agentSelf is the part of GET /v1/agent/self that says what the default
-// decision is: the agent's runtime configuration.
-type agentSelf struct {
-	DebugConfig struct {
-		ACLsEnabled         bool
-		ACLResolverSettings struct {
-			ACLDefaultPolicy string
-		}
-	}
+	return protocol, last, nil
 }
 
 // readDefault is the decision when no intention matches, as the agent
@@ -280,22 +239,20 @@ type agentSelf struct {
 // (acl.Authorizer IntentionDefaultAllow: ManageAll when ACLs are off, else
 // the ACL default policy). An agent that refuses to tell (403) has ACLs on
 // and a token without agent:read; the default is then taken as deny.
-func readDefault(ctx context.Context, c *api.Client) (aclDefault, error) {
-	var self agentSelf
-	_, err := c.Raw().Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(ctx))
-	var status api.StatusError
+func readDefault(ctx context.Context, agent IntentionsAgent) (aclDefault, error) {
+	acl, err := agent.ACL(ctx)
 	switch {
-	case errors.As(err, &status) && status.Code == http.StatusForbidden:
+	case errors.Is(err, ErrACLDenied):
 		return aclDefault{allow: false, why: "ACLs on, and the agent's default policy not readable with this token"}, nil
 	case err != nil:
 		return aclDefault{}, fmt.Errorf("reading the agent's ACL configuration: %w", err)
 	}
-	policy := self.DebugConfig.ACLResolverSettings.ACLDefaultPolicy
-	switch {
-	case !self.DebugConfig.ACLsEnabled:
+	switch policy := acl.DefaultPolicy; {
+	case !acl.Enabled:
 		return aclDefault{allow: true, why: "ACLs off"}, nil
 	case policy == "allow", policy == "deny":
 		return aclDefault{allow: policy == "allow", why: "ACL default policy " + policy}, nil
+	default:
+		return aclDefault{}, fmt.Errorf("reading the agent's ACL configuration: ACLs on with default policy %q, want allow or deny", policy)
 	}
-	return aclDefault{}, fmt.Errorf("reading the agent's ACL configuration: ACLs on with default policy %q, want allow or deny", policy)
 }

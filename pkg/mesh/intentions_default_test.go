@@ -9,8 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/hashicorp/consul/api"
-
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/mesh"
 )
 
@@ -18,7 +17,7 @@ import (
 // configuration is self (a /v1/agent/self DebugConfig as Consul 1.16
 // serves it), or 403 for an empty self; its intentions and discovery
 // chain are empty, or 403 when forbidden.
-func fakeAgent(t *testing.T, self string, forbidden bool) *api.Client {
+func fakeAgent(t *testing.T, self string, forbidden bool) mesh.IntentionsAgent {
 	t.Helper()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Consul-Index", "7")
@@ -37,13 +36,11 @@ func fakeAgent(t *testing.T, self string, forbidden bool) *api.Client {
 		}
 	}))
 	t.Cleanup(srv.Close)
-	cfg := api.DefaultNonPooledConfig()
-	cfg.Address = srv.Listener.Addr().String()
-	c, err := api.NewClient(cfg)
+	c, err := discovery.NewClient(discovery.ClientConfig{Address: srv.Listener.Addr().String(), NonPooled: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return c
+	return discovery.NewMeshAgent(c)
 }
 
 // The default decision is the agent's: allow with ACLs off or a default

@@ -6,8 +6,6 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-
-	"github.com/hashicorp/consul/api"
 )
 
 // Decision is an answer of Authorize or Check: may a caller reach the
@@ -295,7 +293,7 @@ func (d aclDefault) decision() Decision {
 // entry (those of other destinations are skipped), the destination's
 // protocol and the default. It fails on what Consul's proxies would
 // refuse too: a regular expression that does not compile.
-func compile(destination string, entries []*api.ServiceIntentionsConfigEntry, protocol string, def aclDefault) (*rules, error) {
+func compile(destination string, entries []IntentionsEntry, protocol string, def aclDefault) (*rules, error) {
 	s := &rules{
 		destination: destination,
 		exact:       map[string]*sourceRule{},
@@ -304,16 +302,18 @@ func compile(destination string, entries []*api.ServiceIntentionsConfigEntry, pr
 		http:        protocol == "http" || protocol == "http2" || protocol == "grpc",
 		def:         def.decision(),
 	}
-	for _, e := range entries {
-		if e == nil || (e.Name != destination && e.Name != wildcard) || !defaultTenancy(e.Namespace, e.Partition) {
+	for i := range entries {
+		e := &entries[i]
+		if (e.Destination != destination && e.Destination != wildcard) || !defaultTenancy(e.Namespace, e.Partition) {
 			continue
 		}
 		byName := s.exact
-		if e.Name != destination {
+		if e.Destination != destination {
 			byName = s.wildcard
 		}
-		for _, src := range e.Sources {
-			if src == nil || src.Peer != "" || src.SamenessGroup != "" || !defaultTenancy(src.Namespace, src.Partition) {
+		for j := range e.Sources {
+			src := &e.Sources[j]
+			if src.Peer != "" || src.SamenessGroup != "" || !defaultTenancy(src.Namespace, src.Partition) {
 				continue // never a caller of this datacenter's default partition and namespace
 			}
 			r, err := s.compileSource(e, src)
@@ -323,7 +323,7 @@ func compile(destination string, entries []*api.ServiceIntentionsConfigEntry, pr
 			switch {
 			case src.Name != wildcard:
 				byName[src.Name] = r
-			case e.Name == destination:
+			case e.Destination == destination:
 				s.exactAny = r
 			default:
 				s.wildcardAny = r
@@ -339,15 +339,15 @@ func defaultTenancy(ns, partition string) bool {
 	return (ns == "" || ns == "default") && (partition == "" || partition == "default")
 }
 
-func (s *rules) compileSource(e *api.ServiceIntentionsConfigEntry, src *api.SourceIntention) (*sourceRule, error) {
-	name := src.Name + " -> " + e.Name
+func (s *rules) compileSource(e *IntentionsEntry, src *SourceIntention) (*sourceRule, error) {
+	name := src.Name + " -> " + e.Destination
 	r := &sourceRule{name: name}
-	if e.JWT != nil && len(e.JWT.Providers) > 0 {
+	if e.JWT {
 		d := s.def.with("intention "+name+" requires a JWT, not verified here: "+s.def.By, Decision{Intention: name})
 		r.jwt = &d
 	}
 	if len(src.Permissions) == 0 {
-		allow := src.Action == api.IntentionActionAllow
+		allow := src.Allow
 		r.l4 = Decision{Allowed: allow, By: fmt.Sprintf("intention %s (%s)", name, actionWord(allow)), Intention: name}
 		return r, nil
 	}
@@ -355,18 +355,19 @@ func (s *rules) compileSource(e *api.ServiceIntentionsConfigEntry, src *api.Sour
 		Intention: name, PerRequest: true}
 	// xds/rbac.go intentionToIntermediateRBACForm: "In case L7 intentions
 	// slip through to here, treat them as deny intentions."
-	r.notHTTP = Decision{By: fmt.Sprintf("intention %s has L7 permissions but %s's protocol is %s, not http (deny)", name, e.Name, orTCP(s.protocol)),
+	r.notHTTP = Decision{By: fmt.Sprintf("intention %s has L7 permissions but %s's protocol is %s, not http (deny)", name, e.Destination, orTCP(s.protocol)),
 		Intention: name}
 	r.noMatch = s.def.with("intention "+name+", no permission matches: "+s.def.By, Decision{Intention: name})
-	for i, p := range src.Permissions {
+	for i := range src.Permissions {
+		p := &src.Permissions[i]
 		cp, err := compilePermission(p)
 		if err != nil {
 			return nil, fmt.Errorf("intention %s, permission %d: %w", name, i+1, err)
 		}
-		allow := p.Action == api.IntentionActionAllow
+		allow := p.Allow
 		cp.decision = Decision{Allowed: allow, Intention: name, Permission: i + 1,
 			By: fmt.Sprintf("intention %s, permission %d (%s: %s)", name, i+1, actionWord(allow), describeHTTP(p.HTTP))}
-		if p.JWT != nil && len(p.JWT.Providers) > 0 {
+		if p.JWT {
 			cp.decision = s.def.with(cp.decision.By+" requires a JWT, not verified here: "+s.def.By, cp.decision)
 		}
 		r.perms = append(r.perms, cp)
@@ -374,7 +375,7 @@ func (s *rules) compileSource(e *api.ServiceIntentionsConfigEntry, src *api.Sour
 	return r, nil
 }
 
-func compilePermission(p *api.IntentionPermission) (permission, error) {
+func compilePermission(p *IntentionPermission) (permission, error) {
 	var cp permission
 	h := p.HTTP
 	if h == nil {
@@ -393,7 +394,7 @@ func compilePermission(p *api.IntentionPermission) (permission, error) {
 		}
 		cp.pathRegex = re
 	}
-	for _, hp := range h.Header {
+	for _, hp := range h.Headers {
 		m := headerMatch{name: headerName(hp.Name), invert: hp.Invert, foldCase: hp.IgnoreCase}
 		switch { // the order of convertPermission's switch
 		case hp.Exact != "":
@@ -430,7 +431,7 @@ func headerName(name string) string {
 
 // describeHTTP words a permission's match: "GET,HEAD path prefix /public/
 // header X-Debug present".
-func describeHTTP(h *api.IntentionHTTPPermission) string {
+func describeHTTP(h *IntentionHTTP) string {
 	if h == nil {
 		return "any request"
 	}
@@ -446,7 +447,7 @@ func describeHTTP(h *api.IntentionHTTPPermission) string {
 	case h.PathRegex != "":
 		parts = append(parts, "path ~ "+h.PathRegex)
 	}
-	for _, hp := range h.Header {
+	for _, hp := range h.Headers {
 		not := ""
 		if hp.Invert {
 			not = "not "

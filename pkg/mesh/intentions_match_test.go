@@ -6,8 +6,6 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
-
-	"github.com/hashicorp/consul/api"
 )
 
 var (
@@ -17,16 +15,16 @@ var (
 
 // l7 is a service-intentions entry for api whose one source, web, has
 // perms.
-func l7(perms ...*api.IntentionPermission) []*api.ServiceIntentionsConfigEntry {
-	return []*api.ServiceIntentionsConfigEntry{{Kind: api.ServiceIntentions, Name: "api",
-		Sources: []*api.SourceIntention{{Name: "web", Permissions: perms}}}}
+func l7(perms ...IntentionPermission) []IntentionsEntry {
+	return []IntentionsEntry{{Destination: "api",
+		Sources: []SourceIntention{{Name: "web", Permissions: perms}}}}
 }
 
-func allowHTTP(h api.IntentionHTTPPermission) *api.IntentionPermission {
-	return &api.IntentionPermission{Action: api.IntentionActionAllow, HTTP: &h}
+func allowHTTP(h IntentionHTTP) IntentionPermission {
+	return IntentionPermission{Allow: true, HTTP: &h}
 }
 
-func mustCompile(t *testing.T, entries []*api.ServiceIntentionsConfigEntry, protocol string, def aclDefault) *rules {
+func mustCompile(t *testing.T, entries []IntentionsEntry, protocol string, def aclDefault) *rules {
 	t.Helper()
 	s, err := compile("api", entries, protocol, def)
 	if err != nil {
@@ -55,72 +53,72 @@ func req(line string, headers ...string) *http.Request {
 // Consul's proxies: a request the permission matches is allowed by it, one
 // it does not falls to the default (here deny).
 func TestPermissionMatchKinds(t *testing.T) {
-	hdr := func(h api.IntentionHTTPHeaderPermission) api.IntentionHTTPPermission {
-		return api.IntentionHTTPPermission{Header: []api.IntentionHTTPHeaderPermission{h}}
+	hdr := func(h IntentionHeader) IntentionHTTP {
+		return IntentionHTTP{Headers: []IntentionHeader{h}}
 	}
 	tests := []struct {
 		name    string
-		perm    api.IntentionHTTPPermission
+		perm    IntentionHTTP
 		request *http.Request
 		want    bool
 	}{
-		{"path exact", api.IntentionHTTPPermission{PathExact: "/a"}, req("GET /a"), true},
-		{"path exact ignores the query", api.IntentionHTTPPermission{PathExact: "/a"}, req("GET /a?b=c"), true},
-		{"path exact, longer path", api.IntentionHTTPPermission{PathExact: "/a"}, req("GET /a/"), false},
-		{"path exact is case-sensitive", api.IntentionHTTPPermission{PathExact: "/a"}, req("GET /A"), false},
-		{"path exact sees escapes as sent", api.IntentionHTTPPermission{PathExact: "/a"}, req("GET /%61"), false},
-		{"path prefix", api.IntentionHTTPPermission{PathPrefix: "/public/"}, req("GET /public/x"), true},
-		{"path prefix, itself", api.IntentionHTTPPermission{PathPrefix: "/public/"}, req("GET /public/"), true},
-		{"path prefix is a string prefix", api.IntentionHTTPPermission{PathPrefix: "/pub"}, req("GET /public"), true},
-		{"path prefix, shorter path", api.IntentionHTTPPermission{PathPrefix: "/public/"}, req("GET /public"), false},
-		{"path prefix, no normalization", api.IntentionHTTPPermission{PathPrefix: "/public/"}, req("GET /public/../admin"), true},
-		{"path regex", api.IntentionHTTPPermission{PathRegex: "/v[0-9]+/.*"}, req("GET /v12/users"), true},
-		{"path regex matches the whole path", api.IntentionHTTPPermission{PathRegex: "/v[0-9]+"}, req("GET /v1/x"), false},
-		{"path regex is anchored at the start", api.IntentionHTTPPermission{PathRegex: "/v[0-9]+"}, req("GET /x/v1"), false},
-		{"path regex, alternation anchored as a whole", api.IntentionHTTPPermission{PathRegex: "/a|/b"}, req("GET /b"), true},
-		{"method", api.IntentionHTTPPermission{Methods: []string{"GET", "HEAD"}}, req("HEAD /"), true},
-		{"method not listed", api.IntentionHTTPPermission{Methods: []string{"GET", "HEAD"}}, req("POST /"), false},
-		{"method is case-sensitive", api.IntentionHTTPPermission{Methods: []string{"GET"}}, req("get /"), false},
+		{"path exact", IntentionHTTP{PathExact: "/a"}, req("GET /a"), true},
+		{"path exact ignores the query", IntentionHTTP{PathExact: "/a"}, req("GET /a?b=c"), true},
+		{"path exact, longer path", IntentionHTTP{PathExact: "/a"}, req("GET /a/"), false},
+		{"path exact is case-sensitive", IntentionHTTP{PathExact: "/a"}, req("GET /A"), false},
+		{"path exact sees escapes as sent", IntentionHTTP{PathExact: "/a"}, req("GET /%61"), false},
+		{"path prefix", IntentionHTTP{PathPrefix: "/public/"}, req("GET /public/x"), true},
+		{"path prefix, itself", IntentionHTTP{PathPrefix: "/public/"}, req("GET /public/"), true},
+		{"path prefix is a string prefix", IntentionHTTP{PathPrefix: "/pub"}, req("GET /public"), true},
+		{"path prefix, shorter path", IntentionHTTP{PathPrefix: "/public/"}, req("GET /public"), false},
+		{"path prefix, no normalization", IntentionHTTP{PathPrefix: "/public/"}, req("GET /public/../admin"), true},
+		{"path regex", IntentionHTTP{PathRegex: "/v[0-9]+/.*"}, req("GET /v12/users"), true},
+		{"path regex matches the whole path", IntentionHTTP{PathRegex: "/v[0-9]+"}, req("GET /v1/x"), false},
+		{"path regex is anchored at the start", IntentionHTTP{PathRegex: "/v[0-9]+"}, req("GET /x/v1"), false},
+		{"path regex, alternation anchored as a whole", IntentionHTTP{PathRegex: "/a|/b"}, req("GET /b"), true},
+		{"method", IntentionHTTP{Methods: []string{"GET", "HEAD"}}, req("HEAD /"), true},
+		{"method not listed", IntentionHTTP{Methods: []string{"GET", "HEAD"}}, req("POST /"), false},
+		{"method is case-sensitive", IntentionHTTP{Methods: []string{"GET"}}, req("get /"), false},
 
-		{"header present", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Debug", Present: true}), req("GET /", "x-debug: "), true},
-		{"header present, absent", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Debug", Present: true}), req("GET /"), false},
-		{"header not present, absent", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Debug", Present: true, Invert: true}), req("GET /"), true},
-		{"header not present, present", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Debug", Present: true, Invert: true}), req("GET /", "X-Debug: 1"), false},
-		{"header exact", hdr(api.IntentionHTTPHeaderPermission{Name: "x-env", Exact: "prod"}), req("GET /", "X-Env: prod"), true},
-		{"header exact, other value", hdr(api.IntentionHTTPHeaderPermission{Name: "x-env", Exact: "prod"}), req("GET /", "X-Env: Prod"), false},
-		{"header exact, absent", hdr(api.IntentionHTTPHeaderPermission{Name: "x-env", Exact: "prod"}), req("GET /"), false},
-		{"header exact, sent twice: values joined with a comma", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Env", Exact: "a,b"}), req("GET /", "X-Env: a", "X-Env: b"), true},
-		{"header not exact, other value", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Env", Exact: "prod", Invert: true}), req("GET /", "X-Env: dev"), true},
-		{"header not exact, same value", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Env", Exact: "prod", Invert: true}), req("GET /", "X-Env: prod"), false},
-		{"header not exact, absent: no match (Envoy)", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Env", Exact: "prod", Invert: true}), req("GET /"), false},
-		{"header exact, any case", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Env", Exact: "prod", IgnoreCase: true}), req("GET /", "X-Env: PROD"), true},
-		{"header prefix", hdr(api.IntentionHTTPHeaderPermission{Name: "User-Agent", Prefix: "curl/"}), req("GET /", "User-Agent: curl/8.5"), true},
-		{"header prefix, other", hdr(api.IntentionHTTPHeaderPermission{Name: "User-Agent", Prefix: "curl/"}), req("GET /", "User-Agent: Go-http-client/1.1"), false},
-		{"header prefix, any case", hdr(api.IntentionHTTPHeaderPermission{Name: "User-Agent", Prefix: "curl/", IgnoreCase: true}), req("GET /", "User-Agent: CURL/8"), true},
-		{"header not prefix", hdr(api.IntentionHTTPHeaderPermission{Name: "User-Agent", Prefix: "curl/", Invert: true}), req("GET /", "User-Agent: wget"), true},
-		{"header suffix", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Tenant", Suffix: ".internal"}), req("GET /", "X-Tenant: a.internal"), true},
-		{"header suffix, other", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Tenant", Suffix: ".internal"}), req("GET /", "X-Tenant: a.example"), false},
-		{"header suffix, any case", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Tenant", Suffix: ".internal", IgnoreCase: true}), req("GET /", "X-Tenant: A.INTERNAL"), true},
-		{"header contains", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Tags", Contains: "beta"}), req("GET /", "X-Tags: a,beta,c"), true},
-		{"header contains, other", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Tags", Contains: "beta"}), req("GET /", "X-Tags: a,c"), false},
-		{"header regex", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Version", Regex: "v[0-9]+"}), req("GET /", "X-Version: v42"), true},
-		{"header regex matches the whole value", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Version", Regex: "v[0-9]+"}), req("GET /", "X-Version: v42-beta"), false},
-		{"header not regex", hdr(api.IntentionHTTPHeaderPermission{Name: "X-Version", Regex: "v[0-9]+", Invert: true}), req("GET /", "X-Version: beta"), true},
-		{":authority is the Host", hdr(api.IntentionHTTPHeaderPermission{Name: ":authority", Exact: "api.internal"}), req("GET /", "Host: api.internal"), true},
-		{"host is absent to Envoy (it keeps :authority only)", hdr(api.IntentionHTTPHeaderPermission{Name: "host", Present: true}), req("GET /", "Host: api.internal"), false},
-		{":method", hdr(api.IntentionHTTPHeaderPermission{Name: ":method", Exact: "PUT"}), req("PUT /"), true},
-		{":path has the query", hdr(api.IntentionHTTPHeaderPermission{Name: ":path", Exact: "/a?b=c"}), req("GET /a?b=c"), true},
-		{":scheme", hdr(api.IntentionHTTPHeaderPermission{Name: ":scheme", Exact: "http"}), req("GET /"), true},
+		{"header present", hdr(IntentionHeader{Name: "X-Debug", Present: true}), req("GET /", "x-debug: "), true},
+		{"header present, absent", hdr(IntentionHeader{Name: "X-Debug", Present: true}), req("GET /"), false},
+		{"header not present, absent", hdr(IntentionHeader{Name: "X-Debug", Present: true, Invert: true}), req("GET /"), true},
+		{"header not present, present", hdr(IntentionHeader{Name: "X-Debug", Present: true, Invert: true}), req("GET /", "X-Debug: 1"), false},
+		{"header exact", hdr(IntentionHeader{Name: "x-env", Exact: "prod"}), req("GET /", "X-Env: prod"), true},
+		{"header exact, other value", hdr(IntentionHeader{Name: "x-env", Exact: "prod"}), req("GET /", "X-Env: Prod"), false},
+		{"header exact, absent", hdr(IntentionHeader{Name: "x-env", Exact: "prod"}), req("GET /"), false},
+		{"header exact, sent twice: values joined with a comma", hdr(IntentionHeader{Name: "X-Env", Exact: "a,b"}), req("GET /", "X-Env: a", "X-Env: b"), true},
+		{"header not exact, other value", hdr(IntentionHeader{Name: "X-Env", Exact: "prod", Invert: true}), req("GET /", "X-Env: dev"), true},
+		{"header not exact, same value", hdr(IntentionHeader{Name: "X-Env", Exact: "prod", Invert: true}), req("GET /", "X-Env: prod"), false},
+		{"header not exact, absent: no match (Envoy)", hdr(IntentionHeader{Name: "X-Env", Exact: "prod", Invert: true}), req("GET /"), false},
+		{"header exact, any case", hdr(IntentionHeader{Name: "X-Env", Exact: "prod", IgnoreCase: true}), req("GET /", "X-Env: PROD"), true},
+		{"header prefix", hdr(IntentionHeader{Name: "User-Agent", Prefix: "curl/"}), req("GET /", "User-Agent: curl/8.5"), true},
+		{"header prefix, other", hdr(IntentionHeader{Name: "User-Agent", Prefix: "curl/"}), req("GET /", "User-Agent: Go-http-client/1.1"), false},
+		{"header prefix, any case", hdr(IntentionHeader{Name: "User-Agent", Prefix: "curl/", IgnoreCase: true}), req("GET /", "User-Agent: CURL/8"), true},
+		{"header not prefix", hdr(IntentionHeader{Name: "User-Agent", Prefix: "curl/", Invert: true}), req("GET /", "User-Agent: wget"), true},
+		{"header suffix", hdr(IntentionHeader{Name: "X-Tenant", Suffix: ".internal"}), req("GET /", "X-Tenant: a.internal"), true},
+		{"header suffix, other", hdr(IntentionHeader{Name: "X-Tenant", Suffix: ".internal"}), req("GET /", "X-Tenant: a.example"), false},
+		{"header suffix, any case", hdr(IntentionHeader{Name: "X-Tenant", Suffix: ".internal", IgnoreCase: true}), req("GET /", "X-Tenant: A.INTERNAL"), true},
+		{"header contains", hdr(IntentionHeader{Name: "X-Tags", Contains: "beta"}), req("GET /", "X-Tags: a,beta,c"), true},
+		{"header contains, other", hdr(IntentionHeader{Name: "X-Tags", Contains: "beta"}), req("GET /", "X-Tags: a,c"), false},
+		{"header regex", hdr(IntentionHeader{Name: "X-Version", Regex: "v[0-9]+"}), req("GET /", "X-Version: v42"), true},
+		{"header regex matches the whole value", hdr(IntentionHeader{Name: "X-Version", Regex: "v[0-9]+"}), req("GET /", "X-Version: v42-beta"), false},
+		{"header not regex", hdr(IntentionHeader{Name: "X-Version", Regex: "v[0-9]+", Invert: true}), req("GET /", "X-Version: beta"), true},
+		{":authority is the Host", hdr(IntentionHeader{Name: ":authority", Exact: "api.internal"}), req("GET /", "Host: api.internal"), true},
+		{"host is absent to Envoy (it keeps :authority only)", hdr(IntentionHeader{Name: "host", Present: true}), req("GET /", "Host: api.internal"), false},
+		{":method", hdr(IntentionHeader{Name: ":method", Exact: "PUT"}), req("PUT /"), true},
+		{":path has the query", hdr(IntentionHeader{Name: ":path", Exact: "/a?b=c"}), req("GET /a?b=c"), true},
+		{":scheme", hdr(IntentionHeader{Name: ":scheme", Exact: "http"}), req("GET /"), true},
 
-		{"all conditions, all met", api.IntentionHTTPPermission{PathPrefix: "/public/", Methods: []string{"GET"},
-			Header: []api.IntentionHTTPHeaderPermission{{Name: "X-A", Present: true}, {Name: "X-B", Exact: "1"}}},
+		{"all conditions, all met", IntentionHTTP{PathPrefix: "/public/", Methods: []string{"GET"},
+			Headers: []IntentionHeader{{Name: "X-A", Present: true}, {Name: "X-B", Exact: "1"}}},
 			req("GET /public/x", "X-A: ", "X-B: 1"), true},
-		{"all conditions, one header not met", api.IntentionHTTPPermission{PathPrefix: "/public/", Methods: []string{"GET"},
-			Header: []api.IntentionHTTPHeaderPermission{{Name: "X-A", Present: true}, {Name: "X-B", Exact: "1"}}},
+		{"all conditions, one header not met", IntentionHTTP{PathPrefix: "/public/", Methods: []string{"GET"},
+			Headers: []IntentionHeader{{Name: "X-A", Present: true}, {Name: "X-B", Exact: "1"}}},
 			req("GET /public/x", "X-A: ", "X-B: 2"), false},
-		{"all conditions, method not met", api.IntentionHTTPPermission{PathPrefix: "/public/", Methods: []string{"GET"}},
+		{"all conditions, method not met", IntentionHTTP{PathPrefix: "/public/", Methods: []string{"GET"}},
 			req("POST /public/x"), false},
-		{"no condition matches any request", api.IntentionHTTPPermission{}, req("DELETE /x"), true},
+		{"no condition matches any request", IntentionHTTP{}, req("DELETE /x"), true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -143,7 +141,7 @@ func TestPermissionMatchKinds(t *testing.T) {
 
 // A request over TLS has the scheme https.
 func TestSchemeOverTLS(t *testing.T) {
-	perm := api.IntentionHTTPPermission{Header: []api.IntentionHTTPHeaderPermission{{Name: ":scheme", Exact: "https"}}}
+	perm := IntentionHTTP{Headers: []IntentionHeader{{Name: ":scheme", Exact: "https"}}}
 	s := mustCompile(t, l7(allowHTTP(perm)), "http", denyByDefault)
 	r := req("GET /")
 	r.TLS = &tls.ConnectionState{}
@@ -156,11 +154,11 @@ func TestSchemeOverTLS(t *testing.T) {
 // matches decides, and a request none matches gets the default (xds/rbac.go
 // removePermissionPrecedence), whichever it is.
 func TestPermissionsInOrder(t *testing.T) {
-	entries := []*api.ServiceIntentionsConfigEntry{{Kind: api.ServiceIntentions, Name: "api", Sources: []*api.SourceIntention{{
-		Name: "*", Permissions: []*api.IntentionPermission{
-			{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathExact: "/public/admin"}},
-			{Action: api.IntentionActionAllow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/public/", Methods: []string{"GET"}}},
-			{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{Methods: []string{"POST"}}},
+	entries := []IntentionsEntry{{Destination: "api", Sources: []SourceIntention{{
+		Name: "*", Permissions: []IntentionPermission{
+			{HTTP: &IntentionHTTP{PathExact: "/public/admin"}},
+			{Allow: true, HTTP: &IntentionHTTP{PathPrefix: "/public/", Methods: []string{"GET"}}},
+			{HTTP: &IntentionHTTP{Methods: []string{"POST"}}},
 		},
 	}}}}
 	tests := []struct {
@@ -191,33 +189,33 @@ func TestPermissionsInOrder(t *testing.T) {
 // match, in Consul's precedence: S -> D (9), * -> D (8), S -> * (6),
 // * -> * (5).
 func TestPrecedence(t *testing.T) {
-	l4 := func(dest string, sources ...string) *api.ServiceIntentionsConfigEntry {
-		e := &api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: dest}
+	l4 := func(dest string, sources ...string) IntentionsEntry {
+		e := IntentionsEntry{Destination: dest}
 		for _, s := range sources {
 			name, action, _ := strings.Cut(s, ":")
-			e.Sources = append(e.Sources, &api.SourceIntention{Name: name, Action: api.IntentionAction(action)})
+			e.Sources = append(e.Sources, SourceIntention{Name: name, Allow: action == "allow"})
 		}
 		return e
 	}
 	tests := []struct {
 		name    string
-		entries []*api.ServiceIntentionsConfigEntry
+		entries []IntentionsEntry
 		source  string
 		want    string // Decision.By
 	}{
 		{"none", nil, "web", "default (ACLs off: allow)"},
-		{"another destination's", []*api.ServiceIntentionsConfigEntry{l4("db", "web:deny")}, "web", "default (ACLs off: allow)"},
-		{"another source's", []*api.ServiceIntentionsConfigEntry{l4("api", "admin:deny")}, "web", "default (ACLs off: allow)"},
-		{"exact", []*api.ServiceIntentionsConfigEntry{l4("api", "web:deny")}, "web", "intention web -> api (deny)"},
-		{"exact source beats wildcard source", []*api.ServiceIntentionsConfigEntry{l4("api", "*:deny", "web:allow")}, "web", "intention web -> api (allow)"},
-		{"wildcard source for the others", []*api.ServiceIntentionsConfigEntry{l4("api", "*:deny", "web:allow")}, "admin", "intention * -> api (deny)"},
-		{"exact destination beats wildcard destination", []*api.ServiceIntentionsConfigEntry{l4("*", "web:deny"), l4("api", "web:allow")}, "web", "intention web -> api (allow)"},
+		{"another destination's", []IntentionsEntry{l4("db", "web:deny")}, "web", "default (ACLs off: allow)"},
+		{"another source's", []IntentionsEntry{l4("api", "admin:deny")}, "web", "default (ACLs off: allow)"},
+		{"exact", []IntentionsEntry{l4("api", "web:deny")}, "web", "intention web -> api (deny)"},
+		{"exact source beats wildcard source", []IntentionsEntry{l4("api", "*:deny", "web:allow")}, "web", "intention web -> api (allow)"},
+		{"wildcard source for the others", []IntentionsEntry{l4("api", "*:deny", "web:allow")}, "admin", "intention * -> api (deny)"},
+		{"exact destination beats wildcard destination", []IntentionsEntry{l4("*", "web:deny"), l4("api", "web:allow")}, "web", "intention web -> api (allow)"},
 		{"exact destination and wildcard source beat wildcard destination and exact source",
-			[]*api.ServiceIntentionsConfigEntry{l4("*", "web:allow"), l4("api", "*:deny")}, "web", "intention * -> api (deny)"},
+			[]IntentionsEntry{l4("*", "web:allow"), l4("api", "*:deny")}, "web", "intention * -> api (deny)"},
 		{"wildcard destination and exact source beat both wildcards",
-			[]*api.ServiceIntentionsConfigEntry{l4("*", "*:deny", "web:allow")}, "web", "intention web -> * (allow)"},
-		{"both wildcards last", []*api.ServiceIntentionsConfigEntry{l4("*", "*:deny", "web:allow")}, "admin", "intention * -> * (deny)"},
-		{"all four", []*api.ServiceIntentionsConfigEntry{l4("*", "*:deny", "web:deny"), l4("api", "*:deny", "web:allow")}, "web", "intention web -> api (allow)"},
+			[]IntentionsEntry{l4("*", "*:deny", "web:allow")}, "web", "intention web -> * (allow)"},
+		{"both wildcards last", []IntentionsEntry{l4("*", "*:deny", "web:allow")}, "admin", "intention * -> * (deny)"},
+		{"all four", []IntentionsEntry{l4("*", "*:deny", "web:deny"), l4("api", "*:deny", "web:allow")}, "web", "intention web -> api (allow)"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -232,11 +230,11 @@ func TestPrecedence(t *testing.T) {
 // Sources that name a peer or a sameness group, or another namespace or
 // partition, are never this datacenter's callers.
 func TestForeignSourcesNeverMatch(t *testing.T) {
-	entries := []*api.ServiceIntentionsConfigEntry{{Kind: api.ServiceIntentions, Name: "api", Sources: []*api.SourceIntention{
-		{Name: "web", Peer: "other", Action: api.IntentionActionDeny},
-		{Name: "*", SamenessGroup: "group", Action: api.IntentionActionDeny},
-	}}, {Kind: api.ServiceIntentions, Name: "*", Namespace: "team", Sources: []*api.SourceIntention{
-		{Name: "web", Action: api.IntentionActionDeny},
+	entries := []IntentionsEntry{{Destination: "api", Sources: []SourceIntention{
+		{Name: "web", Peer: "other"},
+		{Name: "*", SamenessGroup: "group"},
+	}}, {Destination: "*", Namespace: "team", Sources: []SourceIntention{
+		{Name: "web"},
 	}}}
 	s := mustCompile(t, entries, "tcp", allowByDefault)
 	if got := s.decide("web", nil); got.By != "default (ACLs off: allow)" {
@@ -248,7 +246,7 @@ func TestForeignSourcesNeverMatch(t *testing.T) {
 // check` and the agent's authorize endpoint do), marked PerRequest, and a
 // destination whose protocol is not HTTP-like denies whatever the request.
 func TestL7IntentionOutsideHTTP(t *testing.T) {
-	entries := l7(allowHTTP(api.IntentionHTTPPermission{PathPrefix: "/"}))
+	entries := l7(allowHTTP(IntentionHTTP{PathPrefix: "/"}))
 	s := mustCompile(t, entries, "http", allowByDefault)
 	got := s.decide("web", nil)
 	want := Decision{Intention: "web -> api", PerRequest: true,
@@ -276,10 +274,8 @@ func TestL7IntentionOutsideHTTP(t *testing.T) {
 // default, as Envoy gives one without a valid token; L4 questions and
 // TCP destinations ignore it, as Consul does.
 func TestJWTRequirementGivesTheDefault(t *testing.T) {
-	jwt := &api.IntentionJWTRequirement{Providers: []*api.IntentionJWTProvider{{Name: "okta"}}}
-	entry := &api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: "api", JWT: jwt,
-		Sources: []*api.SourceIntention{{Name: "web", Action: api.IntentionActionAllow}}}
-	entries := []*api.ServiceIntentionsConfigEntry{entry}
+	entries := []IntentionsEntry{{Destination: "api", JWT: true,
+		Sources: []SourceIntention{{Name: "web", Allow: true}}}}
 	if got := mustCompile(t, entries, "http", denyByDefault).decide("web", req("GET /")); got.Allowed ||
 		got.By != "intention web -> api requires a JWT, not verified here: default (ACL default policy deny: deny)" {
 		t.Fatalf("decide(web -> api, GET /) under an entry requiring a JWT: got %+v, want the default (deny)", got)
@@ -291,8 +287,8 @@ func TestJWTRequirementGivesTheDefault(t *testing.T) {
 		t.Fatalf("decide(web -> api, GET /) to a TCP destination under an entry requiring a JWT: got %+v, want allowed by the intention", got)
 	}
 
-	perms := l7(&api.IntentionPermission{Action: api.IntentionActionDeny, JWT: jwt, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/admin"}},
-		&api.IntentionPermission{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/"}})
+	perms := l7(IntentionPermission{JWT: true, HTTP: &IntentionHTTP{PathPrefix: "/admin"}},
+		IntentionPermission{HTTP: &IntentionHTTP{PathPrefix: "/"}})
 	got := mustCompile(t, perms, "http", allowByDefault).decide("web", req("GET /admin/x"))
 	want := Decision{Allowed: true, Default: true, Intention: "web -> api", Permission: 1,
 		By: "intention web -> api, permission 1 (deny: path prefix /admin) requires a JWT, not verified here: default (ACLs off: allow)"}
@@ -304,7 +300,7 @@ func TestJWTRequirementGivesTheDefault(t *testing.T) {
 // A regular expression that does not compile fails the whole set, naming
 // the intention and the permission, as Envoy refuses such a configuration.
 func TestBadRegexFailsCompile(t *testing.T) {
-	_, err := compile("api", l7(allowHTTP(api.IntentionHTTPPermission{PathExact: "/"}), allowHTTP(api.IntentionHTTPPermission{PathRegex: "/(["})), "http", allowByDefault)
+	_, err := compile("api", l7(allowHTTP(IntentionHTTP{PathExact: "/"}), allowHTTP(IntentionHTTP{PathRegex: "/(["})), "http", allowByDefault)
 	if err == nil || !strings.Contains(err.Error(), "intention web -> api, permission 2: PathRegex \"/([\"") {
 		t.Fatalf("compile with PathRegex \"/([\" in permission 2: got error %v, want one naming the intention, the permission and the regex", err)
 	}
@@ -313,10 +309,10 @@ func TestBadRegexFailsCompile(t *testing.T) {
 // Authorize is on every request's path: its evaluation allocates nothing
 // for a request with single-valued headers.
 func TestDecideAllocatesNothing(t *testing.T) {
-	entries := l7(&api.IntentionPermission{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{
-		PathRegex: "/admin/.*", Header: []api.IntentionHTTPHeaderPermission{{Name: "X-Env", Regex: "prod|staging"}}}},
-		allowHTTP(api.IntentionHTTPPermission{PathPrefix: "/public/", Methods: []string{"GET"},
-			Header: []api.IntentionHTTPHeaderPermission{{Name: "X-Env", Exact: "prod"}, {Name: ":authority", Suffix: ".internal"}}}))
+	entries := l7(IntentionPermission{HTTP: &IntentionHTTP{
+		PathRegex: "/admin/.*", Headers: []IntentionHeader{{Name: "X-Env", Regex: "prod|staging"}}}},
+		allowHTTP(IntentionHTTP{PathPrefix: "/public/", Methods: []string{"GET"},
+			Headers: []IntentionHeader{{Name: "X-Env", Exact: "prod"}, {Name: ":authority", Suffix: ".internal"}}}))
 	s := mustCompile(t, entries, "http", denyByDefault)
 	r := req("GET /public/x?y=1", "X-Env: prod", "Host: api.internal")
 	var d Decision
@@ -329,10 +325,10 @@ func TestDecideAllocatesNothing(t *testing.T) {
 // BenchmarkDecide is the cost Authorize adds to a request: an L7
 // intention of three permissions, the request matching the second.
 func BenchmarkDecide(b *testing.B) {
-	entries := l7(&api.IntentionPermission{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathRegex: "/admin/.*"}},
-		allowHTTP(api.IntentionHTTPPermission{PathPrefix: "/public/", Methods: []string{"GET", "HEAD"},
-			Header: []api.IntentionHTTPHeaderPermission{{Name: "X-Env", Exact: "prod"}}}),
-		&api.IntentionPermission{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{Methods: []string{"POST"}}})
+	entries := l7(IntentionPermission{HTTP: &IntentionHTTP{PathRegex: "/admin/.*"}},
+		allowHTTP(IntentionHTTP{PathPrefix: "/public/", Methods: []string{"GET", "HEAD"},
+			Headers: []IntentionHeader{{Name: "X-Env", Exact: "prod"}}}),
+		IntentionPermission{HTTP: &IntentionHTTP{Methods: []string{"POST"}}})
 	s, err := compile("api", entries, "http", denyByDefault)
 	if err != nil {
 		b.Fatal(err)

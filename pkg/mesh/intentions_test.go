@@ -16,12 +16,13 @@ import (
 	"github.com/sidecar-mesh/sidecar/internal/consultest"
 	"github.com/sidecar-mesh/sidecar/internal/logtest"
 	"github.com/sidecar-mesh/sidecar/internal/toolbin"
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/mesh"
 )
 
-// client is a pooled client of a's HTTP API, as a sidecar has; its idle
-// connections are closed when t ends.
-func client(t *testing.T, a *consultest.Agent) *api.Client {
+// client reads the mesh's parts from a through a pooled client of its HTTP
+// API, as a sidecar does; its idle connections are closed when t ends.
+func client(t *testing.T, a *consultest.Agent) *discovery.MeshAgent {
 	t.Helper()
 	cfg := api.DefaultConfig()
 	cfg.Address = a.Addr()
@@ -31,7 +32,7 @@ func client(t *testing.T, a *consultest.Agent) *api.Client {
 		t.Fatal(err)
 	}
 	t.Cleanup(tr.CloseIdleConnections)
-	return c
+	return discovery.NewMeshAgent(c)
 }
 
 // consul runs the consul CLI against a with stdin, and returns its output

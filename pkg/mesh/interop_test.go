@@ -1,6 +1,7 @@
 package mesh_test
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -12,11 +13,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/consul/api"
-
 	"github.com/sidecar-mesh/sidecar/internal/consultest"
 	"github.com/sidecar-mesh/sidecar/internal/freeport"
 	"github.com/sidecar-mesh/sidecar/internal/toolbin"
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/mesh"
 )
 
@@ -30,19 +30,12 @@ func TestConsulProxyCallsUs(t *testing.T) {
 	_, portStr, _ := net.SplitHostPort(srv.addr)
 	port, _ := strconv.Atoi(portStr)
 
-	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
-		ID: "api-1", Name: "api", Address: "127.0.0.1", Port: 15006,
-		Check: &api.AgentServiceCheck{CheckID: "service:api-1", TTL: "1m", Status: api.HealthPassing},
-	}); err != nil {
-		t.Fatalf("register api: %v", err)
-	}
-	reg, err := mesh.ProxyRegistration(mesh.ProxyConfig{Service: "api", ServiceID: "api-1", Address: "127.0.0.1", Port: port, AppPort: 8080})
+	reg, err := discovery.Register(discovery.RegistrationConfig{Client: c, Service: "api", ID: "api-1", Address: "127.0.0.1", Port: 15006,
+		SidecarProxy: &discovery.SidecarProxy{Port: port, AppPort: 8080}})
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("register api and its sidecar proxy: %v", err)
 	}
-	if err := c.Agent().ServiceRegister(reg); err != nil {
-		t.Fatalf("register %s: %v", reg.ID, err)
-	}
+	t.Cleanup(func() { _ = reg.Deregister(context.Background()) })
 	waitFor(t, 5*time.Second, "api's sidecar proxy passing", func() bool {
 		entries, _, err := c.Health().Connect("api", "", true, nil)
 		return err == nil && len(entries) == 1

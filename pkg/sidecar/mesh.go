@@ -9,9 +9,9 @@ import (
 	"strconv"
 	"sync"
 
-	"github.com/hashicorp/consul/api"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/loopback"
@@ -38,15 +38,15 @@ type meshSide struct {
 }
 
 // newMeshSide builds the mesh's identity, authorizer and outbound
-// transport for the app's service, and registers their metrics. Nothing
-// runs until start.
-func (s *Sidecar) newMeshSide(client *api.Client) (*meshSide, error) {
+// transport for the app's service, both fed by agent, and registers their
+// metrics. Nothing runs until start.
+func (s *Sidecar) newMeshSide(agent mesh.Agent) (*meshSide, error) {
 	cfg := s.cfg
-	id, err := mesh.NewIdentity(client, cfg.Service, s.log)
+	id, err := mesh.NewIdentity(agent, cfg.Service, s.log)
 	if err != nil {
 		return nil, err
 	}
-	m := &meshSide{identity: id, authz: mesh.NewAuthorizer(client, cfg.Service, s.log)}
+	m := &meshSide{identity: id, authz: mesh.NewAuthorizer(agent, cfg.Service, s.log)}
 	m.handshakes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_mesh_handshakes_total",
 		Help: "Mutual-TLS handshakes of the mesh, by direction (inbound: a caller's; outbound: with an endpoint) and result: ok, or why the peer was refused (no_certificate, untrusted, expired, key_usage, not_service, trust_domain, wrong_service, not_ready)."},
 		[]string{"direction", "result"})
@@ -151,21 +151,18 @@ func (m *meshSide) ready() error {
 	return nil
 }
 
-// registration is the app's sidecar proxy in Consul: the TLS listener,
-// at the advertise address.
-func (m *meshSide) registration(s *Sidecar, appID string) []*api.AgentServiceRegistration {
+// sidecarProxy is the app's sidecar proxy in Consul: the TLS listener,
+// which is bound.
+func (m *meshSide) sidecarProxy(appPort int) (*discovery.SidecarProxy, error) {
 	_, port, err := net.SplitHostPort(m.server.Addr().String())
 	if err != nil {
-		return nil
+		return nil, err
 	}
-	p, _ := strconv.Atoi(port)
-	reg, err := mesh.ProxyRegistration(mesh.ProxyConfig{Service: s.cfg.Service, ServiceID: appID, Address: s.registration.Address,
-		Port: p, AppPort: s.cfg.AppPort, DeregisterCriticalAfter: s.registration.DeregisterCriticalAfter})
+	p, err := strconv.Atoi(port)
 	if err != nil {
-		s.log.Warn("not registering the mesh proxy in Consul", "err", err.Error())
-		return nil
+		return nil, err
 	}
-	return []*api.AgentServiceRegistration{reg}
+	return &discovery.SidecarProxy{Port: p, AppPort: appPort}, nil
 }
 
 // loopbackOnly serves the plaintext inbound listener to the pod only (in

@@ -42,9 +42,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/hashicorp/consul/api"
-	"github.com/sidecar-mesh/sidecar/pkg/mesh"
-
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
 
@@ -53,6 +50,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
+	"github.com/sidecar-mesh/sidecar/pkg/mesh"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
@@ -213,11 +211,8 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 		if kvWatch.Client == nil {
 			return nil, errors.New("mesh: the service mesh needs the Consul agent (discovery.consul.address)")
 		}
-		if s.mesh, err = s.newMeshSide(kvWatch.Client); err != nil {
+		if s.mesh, err = s.newMeshSide(discovery.NewMeshAgent(kvWatch.Client)); err != nil {
 			return nil, err
-		}
-		if s.registration.Client != nil {
-			s.registration.Companions = func(id string) []*api.AgentServiceRegistration { return s.mesh.registration(s, id) }
 		}
 	}
 	var accessLog *slog.Logger
@@ -327,7 +322,8 @@ func (s *Sidecar) release() {
 }
 
 // register keeps the app registered in Consul, at the advertise address
-// and the inbound port, with a TTL check fed by readiness.
+// and the inbound port, with a TTL check fed by readiness; in the mesh,
+// its sidecar proxy too, at the mesh's TLS port.
 func (s *Sidecar) register() error {
 	rc := s.registration
 	if rc.Address == "" {
@@ -338,6 +334,11 @@ func (s *Sidecar) register() error {
 		return err
 	}
 	rc.Port, _ = strconv.Atoi(port)
+	if s.mesh != nil {
+		if rc.SidecarProxy, err = s.mesh.sidecarProxy(s.cfg.AppPort); err != nil {
+			return fmt.Errorf("the mesh's sidecar proxy: %w", err)
+		}
+	}
 	reg, err := discovery.Register(rc)
 	if err != nil {
 		return err
