@@ -63,7 +63,6 @@ func (s *Sidecar) newMeshSide(agent mesh.Agent) (*meshSide, error) {
 				return nil
 			}
 			c := id.ClientTLS(service)
-			c.NextProtos = []string{"h2", "http/1.1"}
 			m.countHandshakes(c, "outbound")
 			return c
 		})
