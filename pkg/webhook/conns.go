@@ -15,9 +15,11 @@ import (
 
 // connGuard bounds the webhook's connections: at most max in all and
 // perClient from one source address. A connection that would pass a bound
-// takes the place of a quiet one: idle (still in its TLS handshake or
-// waiting for its first request, or between requests), or stalled (every
-// request on it waiting for bytes the client has not sent for stallAfter):
+// takes the place of a quiet one: idle (between requests; a new one, in
+// its TLS handshake or before its first request, only once freshGrace has
+// passed and the client has sent nothing for stallAfter), or stalled
+// (every request on it waiting for bytes the client has not sent for
+// stallAfter):
 // the longest quiet of its own client first, else the longest quiet of the
 // client that holds the most connections. It is refused (closed at once)
 // only when every connection it could replace is working, so Accept never
@@ -46,6 +48,14 @@ const warnEvery = 10 * time.Second
 // holding a request open on purpose sends a byte now and then.
 const stallAfter = 500 * time.Millisecond
 
+// freshGrace is how long a new connection, in its TLS handshake or waiting
+// for its first request, is kept whatever the pressure: on a busy machine
+// an honest client's handshake can pause longer than stallAfter between
+// reads, and closing it then would refuse the very review the room was
+// made for. Past it, a new connection the client has sent nothing on for
+// stallAfter may be closed like a stalled one.
+const freshGrace = time.Second
+
 // clientConns are one source address's connections.
 type clientConns struct {
 	conns map[*guardedConn]struct{}
@@ -58,6 +68,8 @@ type guardedConn struct {
 	client netip.Addr
 	// Guarded by g.mu.
 	busy      bool
+	fresh     bool      // no request yet
+	admitted  time.Time // when it was accepted
 	idleSince time.Time
 	gone      bool // released: closed, hijacked or evicted
 
@@ -81,6 +93,13 @@ func (c *guardedConn) Read(p []byte) (int, error) {
 // requests is being worked on (each waits for its body, or none has got
 // past its headers) and the client has sent nothing for stallAfter.
 func (c *guardedConn) quietSince(now time.Time) (time.Time, bool) {
+	if !c.busy && c.fresh {
+		last := time.Unix(0, c.lastRead.Load())
+		if now.Sub(c.admitted) >= freshGrace && now.Sub(last) >= stallAfter {
+			return last, true
+		}
+		return time.Time{}, false
+	}
 	if !c.busy {
 		return c.idleSince, true
 	}
@@ -124,7 +143,7 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 	gc := &guardedConn{Conn: c, g: g, client: client}
 	g.mu.Lock()
 	now := g.now()
-	gc.idleSince = now
+	gc.idleSince, gc.admitted, gc.fresh = now, now, true
 	gc.lastRead.Store(now.UnixNano())
 	cc := g.clients[client]
 	var evict []*guardedConn
@@ -236,7 +255,7 @@ func (g *connGuard) ConnState(c net.Conn, state http.ConnState) {
 	defer g.mu.Unlock()
 	switch state {
 	case http.StateActive:
-		gc.busy = true
+		gc.busy, gc.fresh = true, false
 	case http.StateNew, http.StateIdle:
 		gc.busy, gc.idleSince = false, g.now()
 	case http.StateHijacked, http.StateClosed:
