@@ -462,7 +462,14 @@ func waitMesh(t *testing.T, ms meshSidecar, service string) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s does not call %s over the mesh after 20s (last %d)", ms.service, service, code)
+			var mesh []string
+			for _, l := range strings.Split(fetch(t, "http://"+ms.metrics+"/metrics"), "\n") {
+				if strings.HasPrefix(l, "sidecar_mesh") || strings.HasPrefix(l, "sidecar_discovery") {
+					mesh = append(mesh, l)
+				}
+			}
+			t.Fatalf("%s does not call %s over the mesh after 20s (last %d %s); /endpoints: %s\n%s", ms.service, service, code, reason,
+				fetch(t, "http://"+ms.admin+"/endpoints"), strings.Join(mesh, "\n"))
 		}
 		time.Sleep(100 * time.Millisecond) // registration, checks, certificates: not a request path
 	}

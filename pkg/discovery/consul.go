@@ -360,12 +360,13 @@ func (c *Consul) runMesh(ctx context.Context, w *watch) {
 	}, func(changed bool) {
 		if changed {
 			eps := c.endpoints(w, entries, true, &w.meshDropped)
+			// Chosen and published under w.mu, as the plain follower
+			// publishes: the set published last reflects both answers.
 			w.mu.Lock()
+			defer w.mu.Unlock()
 			w.mesh = eps
-			plain, known := w.plain, w.plainKnown
-			w.mu.Unlock()
-			if known {
-				c.publish(w, chooseEndpoints(eps, plain))
+			if w.plainKnown {
+				c.publish(w, chooseEndpoints(eps, w.plain))
 			}
 		}
 	})
@@ -406,6 +407,14 @@ func (c *Consul) update(ctx context.Context, w *watch, entries []*api.ServiceEnt
 		}
 	} else {
 		w.unknown.Store(false)
+	}
+	if c.cfg.Mesh {
+		// Chosen again under w.mu, with the mesh follower's latest
+		// answer: a mesh answer that came since must not be overwritten
+		// by these plain endpoints.
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		eps = chooseEndpoints(w.mesh, w.plain)
 	}
 	c.publish(w, eps)
 }
