@@ -219,12 +219,12 @@ func (ch *chain) shedAdaptive(c *call, req *http.Request, limit int64) error {
 // (not a 5xx, which may come fast because the service failed) or of a
 // timeout (a latency at least that long). Other failures say nothing of
 // latency.
-func (ch *chain) sampleLatency(c *call, req *http.Request, start time.Time, resp *http.Response, err error) {
+func (ch *chain) sampleLatency(c *call, ctx context.Context, start time.Time, resp *http.Response, err error) {
 	cc := c.policy.Concurrency
 	if !cc.IsAdaptive() {
 		return
 	}
-	if err != nil && req.Context().Err() != context.DeadlineExceeded || err == nil && resp.StatusCode >= 500 {
+	if err != nil && ctx.Err() != context.DeadlineExceeded || err == nil && resp.StatusCode >= 500 {
 		return
 	}
 	now := time.Now()

@@ -411,13 +411,23 @@ func (ch *chain) attempt(c *call, ctx *deadlineCtx, req, cur *http.Request, t tr
 		perTry = newDeadlineCtx(actx, pt, errPerTryTimeout)
 		actx = perTry
 	}
-	areq := cur.WithContext(actx)
+	var span trace.Span
+	sctx := actx
+	if ch.tracer != nil {
+		sctx, span = ch.startAttempt(c, &t, actx, cur)
+	}
+	// The attempt's request: one copy, with the attempt's context and a
+	// URL of its own (the endpoint goes in its host).
+	out := cur.WithContext(sctx)
+	u := *out.URL
+	u.Host = t.endpoint
+	out.URL = &u
 	if req.ProtoMajor == 2 || race != nil {
 		// Each HTTP/2 attempt writes its own header map: the HTTP/2
 		// transport may still be encoding an abandoned attempt's
 		// headers when the next one sets its trace headers. So does each
 		// of a race's attempts, which run side by side.
-		areq.Header = cur.Header.Clone()
+		out.Header = cur.Header.Clone()
 	}
 	if upstream.IsGRPC(req) {
 		// The upstream learns the time left of the caller's own
@@ -425,20 +435,14 @@ func (ch *chain) attempt(c *call, ctx *deadlineCtx, req, cur *http.Request, t tr
 		// bound only the wait for a stream's headers: told them, the
 		// server would end its stream there.
 		if dl, ok := ctx.callerDeadline(); ok {
-			areq.Header.Set("Grpc-Timeout", encodeGRPCTimeout(time.Until(dl)))
+			out.Header.Set("Grpc-Timeout", encodeGRPCTimeout(time.Until(dl)))
 		}
 	}
 	ch.observer.Attempted(c.service)
-	var span trace.Span
-	if ch.tracer != nil {
-		var sctx context.Context
-		sctx, span = ch.startAttempt(c, &t, areq)
-		areq = areq.WithContext(sctx)
+	if span != nil {
 		// The upstream's spans hang under this attempt's.
-		ch.prop.Inject(sctx, tracing.HeaderCarrier(areq.Header))
+		ch.prop.Inject(sctx, tracing.HeaderCarrier(out.Header))
 	}
-	out := forward.CopyRequest(areq)
-	out.URL.Host = t.endpoint
 	var resp *http.Response
 	var err error
 	if t.mesh && ch.meshSend != nil {
@@ -446,7 +450,7 @@ func (ch *chain) attempt(c *call, ctx *deadlineCtx, req, cur *http.Request, t tr
 	} else {
 		resp, err = ch.send(out, c.policy.ConnectTimeout.D())
 	}
-	ch.sampleLatency(c, areq, start, resp, err)
+	ch.sampleLatency(c, actx, start, resp, err)
 	switch {
 	case err == nil || ctx.Err() != nil:
 	case race != nil && context.Cause(race) == errHedgeLost:

@@ -111,8 +111,8 @@ func (b *telemetryBody) Close() error {
 // startAttempt starts the span of one attempt, under the request's span,
 // named so that a retry and its reason read at a glance in a trace view:
 // "attempt 2 (retry: 503)", "attempt 2 (hedge)".
-func (ch *chain) startAttempt(c *call, t *try, req *http.Request) (context.Context, trace.Span) {
-	ctx, span := ch.tracer.Start(req.Context(), "attempt", clientSpan)
+func (ch *chain) startAttempt(c *call, t *try, parent context.Context, req *http.Request) (context.Context, trace.Span) {
+	ctx, span := ch.tracer.Start(parent, "attempt", clientSpan)
 	if span.IsRecording() {
 		// Named only when sampled: the others drop their name.
 		name := "attempt " + strconv.Itoa(t.n)

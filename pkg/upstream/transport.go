@@ -555,6 +555,7 @@ func (t *Transport) getConn(ctx context.Context, addr string, fresh bool, connec
 	pc := &persistConn{t: t, addr: addr, conn: c, bw: bufio.NewWriterSize(c, 4096)}
 	pc.head.conn, pc.head.left = c, -1
 	pc.br = bufio.NewReaderSize(&pc.head, 4096)
+	pc.abortIO = func() { _ = pc.conn.SetDeadline(aLongTimeAgo) }
 	return pc, nil
 }
 
@@ -588,6 +589,11 @@ type persistConn struct {
 
 	hdrMu      sync.Mutex // guards headerDone and the header deadline
 	headerDone bool
+
+	// abortIO wakes any blocked read or write: what a request's end
+	// (client gone, deadline) does to the round trip in progress. Made
+	// once per connection, not once per request.
+	abortIO func()
 }
 
 func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Response, error) {
@@ -595,7 +601,7 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 	pc.noResponse = true
 	pc.headerDone = false
 	// Cancellation (client gone, deadline) aborts any blocked I/O.
-	stop := context.AfterFunc(ctx, func() { _ = pc.conn.SetDeadline(aLongTimeAgo) })
+	stop := context.AfterFunc(ctx, pc.abortIO)
 	var bw *bodyWriter
 	fail := func(err error) (*http.Response, error) {
 		stop()
@@ -632,7 +638,7 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 		pc.startHeaderTimeout(ctx)
 	default:
 		bw = &bodyWriter{req: req, done: make(chan error, 1)}
-		go func() {
+		go func(bw *bodyWriter) { // a parameter: a captured bw would live on the heap for every request
 			sent := false
 			defer func() {
 				if v := recover(); v != nil {
@@ -656,7 +662,7 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 				// the connection is never reused).
 				_ = pc.conn.SetDeadline(aLongTimeAgo)
 			}
-		}()
+		}(bw)
 	}
 
 	resp, err := pc.readResponse(req)
