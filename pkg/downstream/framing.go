@@ -218,7 +218,20 @@ func (c *framingConn) Read(p []byte) (int, error) {
 				}
 			}
 		case stPassthrough:
-			return c.Conn.Read(p)
+			if len(p) >= len(c.buf)/2 {
+				return c.Conn.Read(p)
+			}
+			// Small reads are served from the buffer, filled by one read:
+			// HTTP/2's server reads each frame's 9-byte header and then
+			// its payload from the connection, two reads a frame without
+			// it. An error that came with bytes comes again on the next
+			// read (a connection's errors stay).
+			n, err := c.Conn.Read(c.buf)
+			if n == 0 {
+				return 0, err
+			}
+			c.r, c.rel, c.w = 0, n, n
+			continue
 		case stBody, stChunkData:
 			// Body bytes flow straight into the caller's buffer.
 			if c.rel == c.w {

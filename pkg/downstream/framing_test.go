@@ -167,3 +167,68 @@ func TestCauseIsTheRequestsOwn(t *testing.T) {
 		t.Errorf("another request: Cause = %v; want its own context.Canceled", got)
 	}
 }
+
+// countingConn counts the reads made on a connection.
+type countingConn struct {
+	net.Conn
+	reads int
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	c.reads++
+	return c.Conn.Read(p)
+}
+
+// HTTP/2's server reads each frame's 9-byte header and then its payload:
+// past the preface, the check serves such small reads from its buffer, so
+// that frames that came together cost one read of the connection, not two
+// each.
+func TestHTTP2SmallReadsAreBuffered(t *testing.T) {
+	frame := func(typ byte, payload string) string {
+		n := len(payload)
+		return string([]byte{byte(n >> 16), byte(n >> 8), byte(n), typ, 0, 0, 0, 0, 1}) + payload
+	}
+	frames := frame(1, strings.Repeat("h", 40)) + frame(0, strings.Repeat("d", 1000)) + frame(8, "wndw") + frame(6, "pingping")
+	stream := "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, "") + frames
+	client, server := net.Pipe()
+	go func() {
+		// The preface first, as a client sends it before its frames.
+		io.WriteString(client, stream[:len(stream)-len(frames)])
+		io.WriteString(client, frames)
+		client.Close()
+	}()
+	cc := &countingConn{Conn: server}
+	fc := &framingConn{Conn: cc, maxHeader: 1 << 16}
+	defer fc.Close()
+	var out strings.Builder
+	for {
+		// As http2.Framer: a header, then the payload it announces.
+		var head [24]byte
+		want := 9
+		if out.Len() == 0 {
+			want = 24 // the preface
+		}
+		if _, err := io.ReadFull(fc, head[:want]); err != nil {
+			if err != io.EOF {
+				t.Fatalf("read: %v", err)
+			}
+			break
+		}
+		out.Write(head[:want])
+		if want == 9 {
+			payload := make([]byte, int(head[0])<<16|int(head[1])<<8|int(head[2]))
+			if _, err := io.ReadFull(fc, payload); err != nil {
+				t.Fatalf("read payload: %v", err)
+			}
+			out.Write(payload)
+		}
+	}
+	if out.String() != stream {
+		t.Fatalf("read %q, want the stream unchanged", out.String())
+	}
+	// The preface and the frames each came in one write: a read for the
+	// preface, one for the frames, one for the end.
+	if cc.reads > 3 {
+		t.Fatalf("%d reads of the connection, want 3: the preface, the 4 frames, the end", cc.reads)
+	}
+}

@@ -164,7 +164,7 @@ func settleGRPC(p *policy.Retry, req *http.Request, resp *http.Response) *http.R
 	}
 	var one [1]byte
 	if n, _ := io.ReadFull(resp.Body, one[:]); n == 1 {
-		resp.Body = &prefixedBody{prefix: one[:], rest: resp.Body}
+		resp.Body = &settledBody{first: one[0], rest: resp.Body}
 	}
 	// At the body's end the trailers are in resp.Trailer, where
 	// grpcStatus finds them; the answer itself is passed on untouched
@@ -172,6 +172,31 @@ func settleGRPC(p *policy.Retry, req *http.Request, resp *http.Response) *http.R
 	// other trailers follow).
 	return resp
 }
+
+// settledBody is a gRPC answer's body whose first byte settleGRPC read.
+// The byte goes out with what follows it: alone it is no use to the client
+// (a message's first byte is its compression flag), and sent alone it
+// would cost a DATA frame and a write of its own.
+type settledBody struct {
+	first byte
+	sent  bool
+	rest  io.ReadCloser
+}
+
+func (b *settledBody) Read(p []byte) (int, error) {
+	if b.sent || len(p) == 0 {
+		return b.rest.Read(p)
+	}
+	b.sent = true
+	p[0] = b.first
+	if len(p) == 1 {
+		return 1, nil
+	}
+	n, err := b.rest.Read(p[1:])
+	return 1 + n, err
+}
+
+func (b *settledBody) Close() error { return b.rest.Close() }
 
 // requestEnded reports whether the whole of req's body was taken and can be
 // sent again: none, or one that ended within the record. A body not read
