@@ -70,6 +70,7 @@ func TestInjectCommand(t *testing.T) {
 		"      httpGet: {path: /app-health/readyz, port: 15020}\n",
 		"    - name: OTEL_SERVICE_NAME\n      value: web\n",
 		"      limits:\n        cpu: \"1\"\n",
+		"    - name: GOMAXPROCS\n      valueFrom:\n        resourceFieldRef:\n          resource: limits.cpu\n          divisor: \"1\"\n",
 		"    imagePullPolicy: Always\n",
 		"    - name: HTTP_PROXY\n      value: http://127.0.0.1:15001\n",
 		"    - name: no_proxy\n      value: localhost,127.0.0.1,::1,$(SIDECAR_POD_IPS),.svc,.svc.cluster.local,10.96.0.0/12,.corp.example\n",
