@@ -74,9 +74,10 @@ type guardedConn struct {
 	gone      bool // released: closed, hijacked or evicted
 
 	// Kept by the connection's reads and its handlers, without g.mu.
-	lastRead atomic.Int64 // g.now() of the last byte from the client, in Unix ns
-	handlers atomic.Int32 // requests being handled
-	waiting  atomic.Int32 // of which waiting in a read of their body
+	lastRead  atomic.Int64 // g.now() of the last byte from the client, in Unix ns
+	handlers  atomic.Int32 // requests being handled
+	waiting   atomic.Int32 // of which waiting in a read of their body
+	busySince atomic.Int64 // g.now() when handlers last went from 0 to 1, in Unix ns
 }
 
 // Read notes when the client last sent something.
@@ -109,6 +110,25 @@ func (c *guardedConn) quietSince(now time.Time) (time.Time, bool) {
 	}
 	return time.Time{}, false
 }
+
+// waitingSince says since when c's requests have been waiting for their
+// bodies, if every one of them is; the caller holds g.mu. The API server
+// sends a review's body with its headers: a connection still waiting for
+// one after bodyWait is sending it slowly, whether or not a byte came
+// lately (a client that trickles a byte more often than stallAfter is never
+// quiet).
+func (c *guardedConn) waitingSince(now time.Time) (time.Time, bool) {
+	n := c.handlers.Load()
+	if !c.busy || n == 0 || c.waiting.Load() != n {
+		return time.Time{}, false
+	}
+	since := time.Unix(0, c.busySince.Load())
+	return since, now.Sub(since) >= bodyWait
+}
+
+// bodyWait is how long a request may wait for its body before its
+// connection may be closed to make room when no connection is quiet.
+const bodyWait = 50 * time.Millisecond
 
 func newConnGuard(max, perClient int, log *slog.Logger) *connGuard {
 	return &connGuard{max: max, perClient: perClient, log: log, now: time.Now, clients: map[netip.Addr]*clientConns{}}
@@ -149,7 +169,10 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 	var evict []*guardedConn
 	ok := true
 	if cc != nil && len(cc.conns) >= g.perClient {
-		if v, _ := cc.longestQuiet(now); v != nil {
+		if v, _ := cc.longestQuiet(now, (*guardedConn).quietSince); v != nil {
+			evict = append(evict, v)
+			g.release(v)
+		} else if v, _ := cc.longestQuiet(now, (*guardedConn).waitingSince); v != nil {
 			evict = append(evict, v)
 			g.release(v)
 		} else {
@@ -157,7 +180,13 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 		}
 	}
 	if ok && g.total >= g.max {
-		if v := g.longestQuietOfBiggest(now); v != nil {
+		v := g.longestQuietOfBiggest(now, (*guardedConn).quietSince)
+		if v == nil {
+			// None idle or stalled: the longest waiting for a body that
+			// should have come at once.
+			v = g.longestQuietOfBiggest(now, (*guardedConn).waitingSince)
+		}
+		if v != nil {
 			evict = append(evict, v)
 			g.release(v)
 		} else {
@@ -196,27 +225,28 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 	return gc
 }
 
-// longestQuiet is the client's connection idle or stalled the longest, and
-// since when, or nil.
-func (cc *clientConns) longestQuiet(now time.Time) (*guardedConn, time.Time) {
+// longestQuiet is the client's connection quiet the longest by quiet
+// (quietSince: idle or stalled; waitingSince: waiting for a body), and since
+// when, or nil.
+func (cc *clientConns) longestQuiet(now time.Time, quiet func(*guardedConn, time.Time) (time.Time, bool)) (*guardedConn, time.Time) {
 	var best *guardedConn
 	var since time.Time
 	for c := range cc.conns {
-		if t, ok := c.quietSince(now); ok && (best == nil || t.Before(since)) {
+		if t, ok := quiet(c, now); ok && (best == nil || t.Before(since)) {
 			best, since = c, t
 		}
 	}
 	return best, since
 }
 
-// longestQuietOfBiggest is the connection idle or stalled the longest among
+// longestQuietOfBiggest is the connection quiet the longest by quiet among
 // those of the client with the most connections that has such a one.
-func (g *connGuard) longestQuietOfBiggest(now time.Time) *guardedConn {
+func (g *connGuard) longestQuietOfBiggest(now time.Time, quiet func(*guardedConn, time.Time) (time.Time, bool)) *guardedConn {
 	var best *guardedConn
 	var bestSince time.Time
 	size := 0
 	for _, cc := range g.clients {
-		v, since := cc.longestQuiet(now)
+		v, since := cc.longestQuiet(now, quiet)
 		if v == nil {
 			continue
 		}
@@ -286,6 +316,11 @@ func (g *connGuard) Handler(h http.Handler) http.Handler {
 		if !ok {
 			h.ServeHTTP(w, r)
 			return
+		}
+		if gc.handlers.Load() == 0 {
+			// Before the count: a connection is never seen busy with
+			// the start of an earlier request.
+			gc.busySince.Store(g.now().UnixNano())
 		}
 		gc.handlers.Add(1)
 		defer gc.handlers.Add(-1)

@@ -204,13 +204,15 @@ func TestConnGuard(t *testing.T) {
 	}
 
 	// Sixteen clients fill every place with requests whose bodies trickle
-	// in. While one has had a byte within stallAfter, none can go; once
-	// one has waited stallAfter, another client's connection takes its
-	// place, and the one that waited the longest goes first.
+	// in. Within bodyWait of their start none can go; then another
+	// client's connection takes the place of a stalled one (no byte for
+	// stallAfter) first, else of the one waiting for its body the longest,
+	// bytes or not: a byte more often than stallAfter keeps a connection
+	// from being quiet, not from being slow.
 	g = newConnGuard(DefaultMaxConns, DefaultMaxConnsPerClient, log)
 	now := time.Unix(2000, 0)
 	g.now = func() time.Time { return now }
-	var first, second *guardedConn
+	var first, second, third *guardedConn
 	for i := range 16 {
 		from := fmt.Sprintf("10.0.2.%d", i+1)
 		for range DefaultMaxConnsPerClient {
@@ -219,29 +221,41 @@ func TestConnGuard(t *testing.T) {
 				t.Fatalf("connection %d of 512 refused", g.open()+1)
 			}
 			g.ConnState(gc, http.StateActive)
+			gc.busySince.Store(now.UnixNano())
 			gc.handlers.Add(1)
 			gc.waiting.Add(1) // in a read of its body
-			if first == nil {
+			switch {
+			case first == nil:
 				first = gc
-			} else if second == nil {
+			case second == nil:
 				second = gc
+			case third == nil:
+				third = gc
 			}
 		}
 	}
-	now = now.Add(stallAfter / 2)
+	now = now.Add(bodyWait / 2)
 	if f1 := conn("f1", "10.0.0.6"); f1 != nil || g.open() != DefaultMaxConns {
-		t.Fatalf("a connection with 512 trickling ones that had a byte %v ago: admitted %v, open %d; want it refused", stallAfter/2, f1 != nil, g.open())
+		t.Fatalf("a connection with 512 trickling ones %v into their requests: admitted %v, open %d; want it refused", bodyWait/2, f1 != nil, g.open())
 	}
-	first.lastRead.Store(now.Add(-stallAfter).UnixNano())
-	second.lastRead.Store(now.Add(-stallAfter - time.Millisecond).UnixNano())
+	first.busySince.Store(now.Add(-bodyWait).UnixNano())
+	second.busySince.Store(now.Add(-bodyWait - time.Millisecond).UnixNano())
+	third.lastRead.Store(now.Add(-stallAfter).UnixNano())
+	if f0 := conn("f0", "10.0.0.6"); f0 == nil || !third.gone || first.gone || second.gone {
+		t.Fatalf("a connection with 512 trickling ones, one stalled and two waiting %v for their bodies: admitted %v, the stalled one closed %v, the waiting ones %v %v; want it in place of the stalled one",
+			bodyWait, f0 != nil, third.gone, first.gone, second.gone)
+	} else {
+		work(f0)
+	}
 	f2 := conn("f2", "10.0.0.6")
 	if f2 == nil || !second.gone || first.gone || g.open() != DefaultMaxConns {
-		t.Fatalf("a connection with 512 trickling ones, two of them stalled for %v: admitted %v, the longest stalled closed %v, the other %v, open %d; want it in place of the longest stalled",
-			stallAfter, f2 != nil, second.gone, first.gone, g.open())
+		t.Fatalf("a connection with 512 trickling ones, two of them waiting %v for their bodies: admitted %v, the longest waiting closed %v, the other %v, open %d; want it in place of the longest waiting",
+			bodyWait, f2 != nil, second.gone, first.gone, g.open())
 	}
 	work(f2)
-	// A request being worked on is not stalled, however long its client
-	// has been silent.
+	// A request being worked on is not stalled, however long it has run
+	// or its client has been silent.
+	first.lastRead.Store(now.Add(-stallAfter).UnixNano())
 	first.waiting.Add(-1)
 	if f3 := conn("f3", "10.0.0.6"); f3 != nil || first.gone {
 		t.Fatalf("a connection with 512 busy ones, the only silent one working: admitted %v, it closed %v; want it refused", f3 != nil, first.gone)
