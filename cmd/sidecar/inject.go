@@ -63,7 +63,7 @@ func (f *injectFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&f.noProxy, "no-proxy-extra", nil, "entries added to NO_PROXY with --http-proxy: IP addresses, CIDRs such as the cluster's pod and service ranges, domain names with an optional leading dot; comma-separated, repeatable (annotation "+inject.AnnotationNoProxyExtra+", which replaces them)")
 	fs.StringArrayVar(&f.env, "sidecar-env", nil, "NAME=VALUE added to the sidecar container's environment, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4317; repeatable")
 	fs.StringVar(&f.cpuRequest, "cpu-request", quantity(def.Requests, corev1.ResourceCPU), "the sidecar's CPU request, or none (annotation "+inject.AnnotationCPURequest+")")
-	fs.StringVar(&f.cpuLimit, "cpu-limit", quantity(def.Limits, corev1.ResourceCPU), "the sidecar's CPU limit, or none (annotation "+inject.AnnotationCPULimit+")")
+	fs.StringVar(&f.cpuLimit, "cpu-limit", quantity(def.Limits, corev1.ResourceCPU), "the sidecar's CPU limit, or none; sets GOMAXPROCS, rounded up to whole cores (none: GOMAXPROCS=2) (annotation "+inject.AnnotationCPULimit+")")
 	fs.StringVar(&f.memRequest, "memory-request", quantity(def.Requests, corev1.ResourceMemory), "the sidecar's memory request, or none (annotation "+inject.AnnotationMemoryRequest+")")
 	fs.StringVar(&f.memLimit, "memory-limit", quantity(def.Limits, corev1.ResourceMemory), "the sidecar's memory limit, or none; sets GOMEMLIMIT (annotation "+inject.AnnotationMemoryLimit+")")
 	fs.BoolVar(&f.allowNonLoopbackAdmin, "allow-non-loopback-admin", false, "let a pod's config file (annotation "+inject.AnnotationConfigMap+") put the sidecar's admin API on an address other than loopback; without it the admin API stays on 127.0.0.1:15000 (no annotation sets this)")
