@@ -54,7 +54,7 @@ run() { # run NAME TARGET [ghz args...]: prints "rps p50ms p99ms"
 	# before ghz closes its connections, so every failed call is a failure.
 	"$GHZ" --insecure --call grpc.testing.TestService/UnaryCall -d "$payload" -z "$GRPC_DURATION" --duration-stop=wait \
 		-c "$GRPC_CONCURRENCY" --connections "$GRPC_CONNS" -O json "$@" "$target" >"$TMP/$name.json"
-	python3 - "$TMP/$name.json" "$GRPC_CONCURRENCY" <<'PY'
+	python3 - "$TMP/$name.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 errs = sum(v for k, v in r.get("statusCodeDistribution", {}).items() if k != "OK")

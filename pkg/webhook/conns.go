@@ -169,10 +169,7 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 	var evict []*guardedConn
 	ok := true
 	if cc != nil && len(cc.conns) >= g.perClient {
-		if v, _ := cc.longestQuiet(now, (*guardedConn).quietSince); v != nil {
-			evict = append(evict, v)
-			g.release(v)
-		} else if v, _ := cc.longestQuiet(now, (*guardedConn).waitingSince); v != nil {
+		if v := cc.makesRoom(now); v != nil {
 			evict = append(evict, v)
 			g.release(v)
 		} else {
@@ -180,13 +177,7 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 		}
 	}
 	if ok && g.total >= g.max {
-		v := g.longestQuietOfBiggest(now, (*guardedConn).quietSince)
-		if v == nil {
-			// None idle or stalled: the longest waiting for a body that
-			// should have come at once.
-			v = g.longestQuietOfBiggest(now, (*guardedConn).waitingSince)
-		}
-		if v != nil {
+		if v := g.makesRoomOfBiggest(now); v != nil {
 			evict = append(evict, v)
 			g.release(v)
 		} else {
@@ -223,6 +214,33 @@ func (g *connGuard) admit(c net.Conn) *guardedConn {
 		return nil
 	}
 	return gc
+}
+
+// quietOrder is what makes room for a new connection, in turn: an idle or
+// stalled connection, else, when none is, one waiting for a body that
+// should have come with its headers.
+var quietOrder = []func(*guardedConn, time.Time) (time.Time, bool){(*guardedConn).quietSince, (*guardedConn).waitingSince}
+
+// makesRoom is the client's connection a new one of its own replaces, by
+// quietOrder, or nil.
+func (cc *clientConns) makesRoom(now time.Time) *guardedConn {
+	for _, quiet := range quietOrder {
+		if v, _ := cc.longestQuiet(now, quiet); v != nil {
+			return v
+		}
+	}
+	return nil
+}
+
+// makesRoomOfBiggest is the connection a new one replaces when every place
+// is taken, by quietOrder, or nil.
+func (g *connGuard) makesRoomOfBiggest(now time.Time) *guardedConn {
+	for _, quiet := range quietOrder {
+		if v := g.longestQuietOfBiggest(now, quiet); v != nil {
+			return v
+		}
+	}
+	return nil
 }
 
 // longestQuiet is the client's connection quiet the longest by quiet
