@@ -2,6 +2,7 @@ package simulate
 
 import (
 	"fmt"
+	"iter"
 	"log/slog"
 	"math"
 	"math/rand/v2"
@@ -94,8 +95,6 @@ func run(s *Scenario, p Policies, seed uint64) (Result, error) {
 		}
 	}()
 
-	methods, shares := s.methodMix()
-	arrivals := rand.New(rand.NewPCG(seed, 0xa771))
 	var (
 		mu       sync.Mutex
 		outcomes []outcome
@@ -105,20 +104,15 @@ func run(s *Scenario, p Policies, seed uint64) (Result, error) {
 	if s.Requests != nil {
 		body = strings.Repeat("x", s.Requests.BodyBytes)
 	}
-	at := time.Duration(0)
-	for id := uint64(1); ; id++ {
-		at += time.Duration(arrivals.ExpFloat64() / s.Rate * float64(time.Second))
-		if at >= s.Duration.D() {
-			break
-		}
-		method := methods[pick(shares, arrivals.Float64())]
-		keyed := s.Requests != nil && arrivals.Float64() < s.Requests.IdempotencyKey
-		time.Sleep(time.Until(start.Add(at)))
-		at := at
+	var n uint64
+	for a := range s.Arrivals(seed) {
+		n++
+		id := n
+		time.Sleep(time.Until(start.Add(a.At)))
 		wg.Go(func() {
-			o := outcome{at: at, id: id, unsafe: (method == http.MethodPost || method == http.MethodPatch) && !keyed}
-			o.status = send(proxy, s.Service, method, id, keyed, body)
-			o.took = time.Since(start.Add(at))
+			o := outcome{at: a.At, id: id, unsafe: (a.Method == http.MethodPost || a.Method == http.MethodPatch) && !a.Keyed}
+			o.status = send(proxy, s.Service, a.Method, id, a.Keyed, body)
+			o.took = time.Since(start.Add(a.At))
 			mu.Lock()
 			outcomes = append(outcomes, o)
 			mu.Unlock()
@@ -136,6 +130,38 @@ func run(s *Scenario, p Policies, seed uint64) (Result, error) {
 		r.Timeline[i].Ejected = ejected[i]
 	}
 	return r, nil
+}
+
+// Arrival is one request of the load a scenario offers: when the app
+// sends it, from the start of the run, and what.
+type Arrival struct {
+	At     time.Duration
+	Method string
+	// Keyed says the request carries an Idempotency-Key.
+	Keyed bool
+}
+
+// Arrivals is the load the scenario offers under seed, in the order sent:
+// Poisson arrivals at the scenario's rate, each request's method and key
+// drawn from its mix. The simulation sends exactly these; a real run can
+// send them too, to compare the two request for request.
+func (s *Scenario) Arrivals(seed uint64) iter.Seq[Arrival] {
+	return func(yield func(Arrival) bool) {
+		methods, shares := s.methodMix()
+		r := rand.New(rand.NewPCG(seed, 0xa771))
+		at := time.Duration(0)
+		for {
+			at += time.Duration(r.ExpFloat64() / s.Rate * float64(time.Second))
+			if at >= s.Duration.D() {
+				return
+			}
+			a := Arrival{At: at, Method: methods[pick(shares, r.Float64())]}
+			a.Keyed = s.Requests != nil && r.Float64() < s.Requests.IdempotencyKey
+			if !yield(a) {
+				return
+			}
+		}
+	}
 }
 
 // send sends one request through the proxy as the app would, and returns

@@ -2,6 +2,7 @@ package simulate
 
 import (
 	"encoding/json"
+	"slices"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -154,5 +155,48 @@ func TestSimulateThousandPerSecond(t *testing.T) {
 	t.Logf("%d requests, 60 virtual seconds, in %v", r.Requests, time.Since(start))
 	if r.Requests < 58000 || r.Requests > 62000 {
 		t.Fatalf("%d requests, want about 60,000", r.Requests)
+	}
+}
+
+// Arrivals is the load the simulation sends: the same seed gives the same
+// requests, at the scenario's rate, in order, each method and key drawn
+// from the mix; the simulation sends exactly as many.
+func TestArrivalsAreTheLoadSent(t *testing.T) {
+	s := testScenario(t, 200, 10*time.Second, Instances{Count: 2, Latency: fast})
+	s.Requests = &Requests{Methods: map[string]float64{"GET": 3, "POST": 1}, IdempotencyKey: 0.5}
+	var a, b []Arrival
+	for x := range s.Arrivals(7) {
+		a = append(a, x)
+	}
+	for x := range s.Arrivals(7) {
+		b = append(b, x)
+	}
+	if !slices.Equal(a, b) {
+		t.Fatal("seed 7 twice gave two loads")
+	}
+	posts, keyed := 0, 0
+	for i, x := range a {
+		if x.At < 0 || x.At >= 10*time.Second || (i > 0 && x.At < a[i-1].At) {
+			t.Fatalf("arrival %d at %v: want in order within the 10 s", i, x.At)
+		}
+		if x.Method == "POST" {
+			posts++
+		}
+		if x.Keyed {
+			keyed++
+		}
+	}
+	// 2,000 expected; Poisson's standard deviation is 45.
+	if n := len(a); n < 1800 || n > 2200 {
+		t.Fatalf("%d arrivals in 10 s at 200 a second", n)
+	}
+	if f := float64(posts) / float64(len(a)); f < 0.2 || f > 0.3 {
+		t.Fatalf("%.2f of the requests are POSTs, want about a quarter", f)
+	}
+	if f := float64(keyed) / float64(len(a)); f < 0.45 || f > 0.55 {
+		t.Fatalf("%.2f of the requests carry a key, want about half", f)
+	}
+	if r := simulate(t, s, docs(t, ""), 7); r.Requests != len(a) {
+		t.Fatalf("the simulation sent %d requests, its arrivals are %d", r.Requests, len(a))
 	}
 }
