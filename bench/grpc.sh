@@ -81,3 +81,5 @@ echo "| gRPC unary (ghz, ${GRPC_CONCURRENCY} workers, ${GRPC_CONNS} connections,
 echo "|---|---:|---:|---:|---:|"
 echo "| direct | $drps | 1.00 | $dp50 | $dp99 |"
 echo "| sidecar | $srps | $(python3 -c "print('%.2f' % ($srps / $drps))") | $sp50 | $sp99 |"
+echo
+echo "target: gRPC through the sidecar ≥ 0.5× direct: $(python3 -c "r = $srps / $drps; print('%.2f×, %s' % (r, '**met**' if r >= 0.5 else '**not met**'))")"

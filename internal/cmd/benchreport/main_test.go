@@ -60,9 +60,12 @@ func TestReportFromEveryPhase(t *testing.T) {
 	rep := &report{runs: rs, capacity: 20000, limit: "concurrency.maxInFlight: 32", queued: "maxQueued: 32", adaptive: "concurrency.adaptive: true", svgRef: "latency.svg"}
 	md := rep.markdown("# header\n")
 	for _, want := range []string{
-		"| throughput ≥ HAProxy's, 64 connections | 20000 req/s vs 40000: 0.50× | **not met** |",
-		"| added p99 at 1000 req/s ≤ 0.5 ms | 0.300 ms | **met** |",
-		"| peak RSS ≤ 20 MB at 1000 req/s | 22.0 MB (private: 7.0 MB;",
+		"| throughput ≥ 0.85× HAProxy's, 64 connections | 20000 req/s vs 40000: 0.50× | **not met** |",
+		"| CPU per request ≤ 1.5× HAProxy's, 64 connections | 4.0 vs 2.0 us: 2.00× | **not met** |",
+		"| added p99 at 1000 req/s ≤ HAProxy's + 50 us | 0.300 ms (HAProxy 0.100 ms) | **not met** |",
+		"| CPU ≤ 0.085 vCPU per 1000 req/s at 1000 req/s | 0.090 vCPU | **not met** |",
+		"| peak RSS ≤ 16 MB at 1000 req/s | 22.0 MB | **not met** |",
+		"| private RSS ≤ 5 MB at 1000 req/s (heap and stacks, without the executable's pages) | 7.0 MB | **not met** |",
 		"| goodput at 2× overload ≥ 90% of capacity | 7000 req/s of 20000: 35% | **not met** |",
 		"| goodput at 2× overload ≥ 90% of capacity, with a line (maxQueued: 32) | 20000 req/s of 20000: 100% | **met** |",
 		"| 2× capacity, with a line (maxQueued: 32) | 1000 | 400000 | 20000 | 100% | 0.0% |",
