@@ -46,6 +46,10 @@
 #                         what one Go scheduler thread costs and serves
 #   haproxy       :18002  haproxy -db (nbthread 2, http-reuse always)
 #   nginx         :18003  nginx (2 workers, upstream keepalive 64)
+#   loop-bare     :18004  internal/cmd/loopfwd: a bare forwarder on event loops
+#                         (one per CPU, epoll, no goroutine per connection), no
+#                         policy chain, no telemetry: what the engine alone
+#                         costs in Go, beside the sidecar's whole request path
 # and for the overload phase only:
 #   sidecar-overload :18031  the sidecar (tracing and metrics as above) with
 #                            concurrency.maxInFlight: $BENCH_OVERLOAD_LIMIT and no
@@ -128,7 +132,7 @@ BENCH_KEEP_TMP=${BENCH_KEEP_TMP:-0}
 SIDECAR_BIN=${SIDECAR_BIN:-}
 
 readonly HOST=127.0.0.1
-readonly PORT_ORIGIN=18080 PORT_HAPROXY=18002 PORT_NGINX=18003
+readonly PORT_ORIGIN=18080 PORT_HAPROXY=18002 PORT_NGINX=18003 PORT_LOOP=18004
 # Each sidecar: outbound, admin, metrics, health.
 readonly PORTS_SIDECAR=(18001 18000 18090 18020)
 readonly PORTS_BARE=(18011 18010 18091 18021)
@@ -147,7 +151,7 @@ readonly PORTS_MTLS_A=(18231 18230 18292 18222 18232 18233)
 readonly PORTS_MTLS_B=(18241 18240 18293 18223 18242 18243)
 readonly MESH_PAIRS=(mesh-plaintext mesh-mtls)
 readonly TRACE_SERVICE=bench-sidecar
-readonly CONTESTANTS=(direct sidecar sidecar-bare sidecar-1cpu haproxy nginx)
+readonly CONTESTANTS=(direct sidecar sidecar-bare sidecar-1cpu haproxy nginx loop-bare)
 readonly WRK_THREADS=2
 readonly READY_TRIES=200 # polls, 0.1 s apart
 readonly READY_SECS=20
@@ -368,6 +372,7 @@ addr_of() {
 	mesh-mtls) echo "$HOST:${PORTS_MTLS_A[0]}" ;;
 	haproxy) echo "$HOST:$PORT_HAPROXY" ;;
 	nginx) echo "$HOST:$PORT_NGINX" ;;
+	loop-bare) echo "$HOST:$PORT_LOOP" ;;
 	*) die "unknown contestant $1" ;;
 	esac
 }
@@ -561,6 +566,12 @@ start_haproxy() {
 	haproxy -c -q -f "$WORK/conf/haproxy.cfg" || die "haproxy rejects $WORK/conf/haproxy.cfg"
 	start_bg haproxy haproxy -db -f "$WORK/conf/haproxy.cfg"
 	wait_ready haproxy "${PIDS[-1]}" "http://$(addr_of haproxy)/"
+}
+
+start_loop() {
+	require_free_port "$PORT_LOOP"
+	start_bg loop-bare "$WORK/bin/loopfwd" -listen "$(addr_of loop-bare)" -upstream "$HOST:$PORT_ORIGIN"
+	wait_ready loop-bare "${PIDS[-1]}" "http://$(addr_of loop-bare)/"
 }
 
 start_nginx() {
@@ -1016,7 +1027,7 @@ header() {
 	}
 	echo "- contestants interleaved in every round: ${CONTESTANTS[*]}"
 	echo "- sidecar: default policy, request metrics on, tracing at 1% (parentbased_traceidratio 0.01) exported over OTLP gRPC to Jaeger, GOMAXPROCS left to Go (the CPU count);" \
-		"sidecar-bare: tracing off, --request-metrics=false; sidecar-1cpu: as sidecar with GOMAXPROCS=1; HAProxy: nbthread 2, http-reuse always; nginx: 2 workers, upstream keepalive 64"
+		"sidecar-bare: tracing off, --request-metrics=false; sidecar-1cpu: as sidecar with GOMAXPROCS=1; HAProxy: nbthread 2, http-reuse always; nginx: 2 workers, upstream keepalive 64; loop-bare: internal/cmd/loopfwd, event loops (GOMAXPROCS of them) forwarding over an upstream connection per client connection, no policy, no telemetry"
 	echo "- closed loop: wrk -t$WRK_THREADS -d$BENCH_DURATION --latency, connections ${CONNS[*]}, $BENCH_ROUNDS round(s), $BENCH_WARMUP warm-up each;" \
 		"open loop: openloop at $BENCH_OPEN_RATE req/s for $BENCH_OPEN_DURATION over $BENCH_OPEN_CONNS connections, $BENCH_ROUNDS round(s)"
 	echo "- reproduce: \`make bench\` (or \`bench/run.sh\`)"
@@ -1054,7 +1065,7 @@ parse_settings() {
 
 build() {
 	local t
-	for t in origin openloop benchreport; do
+	for t in origin openloop benchreport loopfwd; do
 		log "building $t"
 		go build -o "$WORK/bin/$t" "./internal/cmd/$t" || die "building ./internal/cmd/$t failed"
 	done
@@ -1128,6 +1139,7 @@ main() {
 		start_sidecar sidecar-1cpu PORTS_1CPU "$(tracing_yaml)" GOMAXPROCS=1
 		start_haproxy
 		start_nginx
+		start_loop
 	fi
 
 	local phase
