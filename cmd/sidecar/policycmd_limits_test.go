@@ -145,3 +145,11 @@ func TestPolicyValidateListsAtMost100Problems(t *testing.T) {
 		t.Errorf("validate listed the 101st problem, retry.on[100]")
 	}
 }
+
+// zeros is an endless standard input of zero bytes.
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
