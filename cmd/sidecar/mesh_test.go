@@ -176,13 +176,15 @@ func TestMeshTwoSidecars(t *testing.T) {
 		t.Fatalf("%d requests lost while the intentions changed: %q", len(bad), bad)
 	}
 
-	// L7: api speaks HTTP, and web may GET under /public/ but not POST.
+	// L7: api speaks HTTP, and web may GET under /public/ but not
+	// /public/admin, and not POST.
 	consulCLI(t, agent, "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n", "config", "write", "-")
 	consulCLI(t, agent, `Kind = "service-intentions"
 Name = "api"
 Sources = [{
   Name = "web"
   Permissions = [
+    { Action = "deny", HTTP { PathPrefix = "/public/admin" } },
     { Action = "allow", HTTP { PathPrefix = "/public/", Methods = ["GET"] } },
     { Action = "deny", HTTP { Methods = ["POST"] } },
   ]
@@ -199,6 +201,18 @@ Sources = [{
 	}
 	if code, _, reason = web.call(c, "POST", "api", "/public/form"); code != 403 || reason != "not_authorized" {
 		t.Fatalf("POST under the L7 intention: %d %s, want 403 not_authorized", code, reason)
+	}
+	// The path is judged as the app reads it: written another way (escapes,
+	// dot segments) the denied one is still denied, and the app is sent
+	// the path the intentions judged.
+	for _, path := range []string{"/public/admin", "/public/%61dmin", "/public/./admin", "/public/x/../admin",
+		"/public/%2e%2e/public/admin/users"} {
+		if code, body, reason := web.call(c, "GET", "api", path); code != 403 || reason != "not_authorized" {
+			t.Errorf("GET %s under a deny of /public/admin: %d %s %q, want 403 not_authorized", path, code, reason, body)
+		}
+	}
+	if code, body, _ = web.call(c, "GET", "api", "/public/x/../page"); code != 200 || body != "api GET /public/page" {
+		t.Fatalf("GET /public/x/../page: %d %q, want 200 from the app for /public/page", code, body)
 	}
 
 	// A client without a certificate is refused by api's TLS listener.

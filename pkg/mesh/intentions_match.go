@@ -196,13 +196,19 @@ func (p *permission) matches(r *http.Request) bool {
 }
 
 // requestPath is the path Envoy's url_path matcher sees: the request's
-// path as sent (escapes kept, no normalization, which Consul 1.16 does not
-// turn on), without the query.
+// escaped path, without the query, normalized (CanonicalPath) as Consul
+// has Envoy normalize it for every inbound listener. A path that cannot be
+// normalized is judged as sent; the mesh's listener answers it 400 before
+// any intention is asked.
 func requestPath(r *http.Request) string {
 	if r.URL == nil {
 		return ""
 	}
-	return r.URL.EscapedPath()
+	p := r.URL.EscapedPath()
+	if c, err := CanonicalPath(p); err == nil {
+		return c
+	}
+	return p
 }
 
 // matches is Envoy's HeaderUtility::matchHeaders: an absent header matches

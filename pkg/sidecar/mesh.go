@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 
@@ -97,7 +98,11 @@ func (m *meshSide) listen(s *Sidecar, app http.Handler) error {
 // gate authorizes each request of the TLS listener by the mesh's
 // intentions: the caller is the service its certificate names; a caller
 // the intentions do not allow is answered 403 not_authorized (gRPC:
-// PERMISSION_DENIED) and counted, and never reaches the app.
+// PERMISSION_DENIED) and counted, and never reaches the app. The path is
+// normalized first (mesh.CanonicalPath: escapes of unreserved characters
+// decoded, dot segments removed), and the app is sent the path the
+// intentions judged: "/public/../admin" or "/%61dmin" cannot pass a deny
+// of "/admin" and then reach the app's /admin.
 func (m *meshSide) gate(app http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		cs := downstream.PeerTLS(r)
@@ -110,6 +115,10 @@ func (m *meshSide) gate(app http.Handler) http.Handler {
 			forward.WriteError(w, r, forward.Refuse(forward.ReasonNotAuthorized, "", "the caller's certificate names no service: "+err.Error()))
 			return
 		}
+		if err := canonicalizePath(r); err != nil {
+			forward.WriteError(w, r, forward.Refuse(forward.ReasonBadRequest, "", err.Error()))
+			return
+		}
 		d := m.authz.Authorize(caller.Service, r)
 		if !d.Allowed {
 			m.denied.WithLabelValues(caller.Service).Inc()
@@ -119,6 +128,23 @@ func (m *meshSide) gate(app http.Handler) http.Handler {
 		}
 		app.ServeHTTP(w, r)
 	})
+}
+
+// canonicalizePath rewrites r's path to its canonical form, the one the
+// intentions judge, so that the app is sent that path.
+func canonicalizePath(r *http.Request) error {
+	escaped := r.URL.EscapedPath()
+	canon, err := mesh.CanonicalPath(escaped)
+	if err != nil || canon == escaped {
+		return err
+	}
+	path, err := url.PathUnescape(canon)
+	if err != nil {
+		return err
+	}
+	r.URL.Path, r.URL.RawPath = path, canon
+	r.RequestURI = r.URL.RequestURI()
+	return nil
 }
 
 // start follows the identity and the intentions until stop.
