@@ -114,6 +114,7 @@ type agentSelf struct {
 		ACLResolverSettings struct {
 			ACLDefaultPolicy string
 		}
+		DefaultIntentionPolicy string
 	}
 }
 
@@ -124,7 +125,8 @@ func (a *MeshAgent) ACL(ctx context.Context) (mesh.ACLConfig, error) {
 	if _, err := a.client.Raw().Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(ctx)); err != nil {
 		return mesh.ACLConfig{}, aclDenied(err)
 	}
-	return mesh.ACLConfig{Enabled: self.DebugConfig.ACLsEnabled, DefaultPolicy: self.DebugConfig.ACLResolverSettings.ACLDefaultPolicy}, nil
+	return mesh.ACLConfig{Enabled: self.DebugConfig.ACLsEnabled, DefaultPolicy: self.DebugConfig.ACLResolverSettings.ACLDefaultPolicy,
+		DefaultIntentionPolicy: self.DebugConfig.DefaultIntentionPolicy}, nil
 }
 
 // intentionsEntry is e in the mesh's terms: every field its evaluation

@@ -169,4 +169,9 @@ type ACLConfig struct {
 	Enabled bool
 	// DefaultPolicy is "allow" or "deny".
 	DefaultPolicy string
+	// DefaultIntentionPolicy is the agent's default_intention_policy
+	// (Consul 1.18 and later): "allow" or "deny", which decides when no
+	// intention matches whatever the ACLs say; "" when unset or not known
+	// to the agent.
+	DefaultIntentionPolicy string
 }

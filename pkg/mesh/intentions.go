@@ -121,6 +121,26 @@ func (a *Authorizer) Authorize(source string, r *http.Request) Decision {
 	return s.decide(source, r)
 }
 
+// AuthorizeCaller is Authorize for a caller known by its certificate's
+// ID. The intentions read here are those of the default namespace and
+// partition (Consul CE's only ones; entries and sources elsewhere are
+// skipped), so a caller of another namespace or partition, which an
+// Enterprise CA signs, matches none of them, "*" included (Envoy's
+// principal for a source is spiffe://<td>/ns/default/dc/<dc>/svc/<name>):
+// the default decides for it.
+func (a *Authorizer) AuthorizeCaller(caller SPIFFEID, r *http.Request) Decision {
+	s := a.snap.Load()
+	if s == nil {
+		return notReady
+	}
+	if !defaultTenancy(caller.Namespace, caller.Partition) {
+		d := s.def
+		d.By = "no intention names a caller of namespace " + caller.Namespace + ", partition " + caller.Partition + ": " + d.By
+		return d
+	}
+	return s.decide(caller.Service, r)
+}
+
 // Check answers once, for the CLI, whether source may reach destination
 // (r as for Authorize), reading agent: the intentions, the destination's
 // protocol and the default decision. It evaluates as an Authorizer does.
@@ -235,9 +255,10 @@ func readProtocol(ctx context.Context, agent IntentionsAgent, destination string
 }
 
 // readDefault is the decision when no intention matches, as the agent
-// computes it for its authorize endpoint and for `consul intention check`
-// (acl.Authorizer IntentionDefaultAllow: ManageAll when ACLs are off, else
-// the ACL default policy). An agent that refuses to tell (403) has ACLs on
+// computes it for its authorize endpoint and for `consul intention check`:
+// the agent's default_intention_policy when set (Consul 1.18 and later),
+// else acl.Authorizer IntentionDefaultAllow (ManageAll when ACLs are off,
+// else the ACL default policy). An agent that refuses to tell (403) has ACLs on
 // and a token without agent:read; the default is then taken as deny.
 func readDefault(ctx context.Context, agent IntentionsAgent) (aclDefault, error) {
 	acl, err := agent.ACL(ctx)
@@ -246,6 +267,13 @@ func readDefault(ctx context.Context, agent IntentionsAgent) (aclDefault, error)
 		return aclDefault{allow: false, why: "ACLs on, and the agent's default policy not readable with this token"}, nil
 	case err != nil:
 		return aclDefault{}, fmt.Errorf("reading the agent's ACL configuration: %w", err)
+	}
+	switch p := acl.DefaultIntentionPolicy; p {
+	case "allow", "deny":
+		return aclDefault{allow: p == "allow", why: "default_intention_policy " + p}, nil
+	case "":
+	default:
+		return aclDefault{}, fmt.Errorf("reading the agent's configuration: default_intention_policy %q, want allow or deny", p)
 	}
 	switch policy := acl.DefaultPolicy; {
 	case !acl.Enabled:

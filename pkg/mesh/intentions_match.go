@@ -196,19 +196,33 @@ func (p *permission) matches(r *http.Request) bool {
 }
 
 // requestPath is the path Envoy's url_path matcher sees: the request's
-// escaped path, without the query, normalized (CanonicalPath) as Consul
-// has Envoy normalize it for every inbound listener. A path that cannot be
-// normalized is judged as sent; the mesh's listener answers it 400 before
-// any intention is asked.
+// path as sent (rawPath), without the query, normalized (CanonicalPath) as
+// Consul has Envoy normalize it for every inbound listener. A path that
+// cannot be normalized is judged as sent; the mesh's listener answers it
+// 400 before any intention is asked.
 func requestPath(r *http.Request) string {
-	if r.URL == nil {
-		return ""
-	}
-	p := r.URL.EscapedPath()
+	p := RawPath(r)
 	if c, err := CanonicalPath(p); err == nil {
 		return c
 	}
 	return p
+}
+
+// RawPath is r's path as the client wrote it, without the query: from its
+// request target when that is origin-form (a backslash stays a
+// backslash, where the URL's escaped path turns it into %5C), else the
+// URL's escaped path.
+func RawPath(r *http.Request) string {
+	if t := r.RequestURI; strings.HasPrefix(t, "/") {
+		if i := strings.IndexByte(t, '?'); i >= 0 {
+			t = t[:i]
+		}
+		return t
+	}
+	if r.URL == nil {
+		return ""
+	}
+	return r.URL.EscapedPath()
 }
 
 // matches is Envoy's HeaderUtility::matchHeaders: an absent header matches
@@ -238,27 +252,28 @@ func (h *headerMatch) matches(r *http.Request) bool {
 }
 
 // headerValue is the value Envoy matches for header name: the pseudo-
-// headers from the request line and Host, which net/http keeps out of
-// r.Header (Envoy keeps Host only as :authority, so "host" is absent to
-// it), else every value of the header joined with ",".
+// headers from the request line, and Host as :authority (Envoy's header
+// map answers a lookup of "host" with :authority), which net/http keeps
+// out of r.Header; else every value of the header joined with ",". :path
+// is the path as judged (normalized, origin-form) with the query, also
+// when the request named an absolute URL.
 func headerValue(r *http.Request, name string) (string, bool) {
 	switch name {
-	case ":authority":
+	case ":authority", "Host":
 		return r.Host, r.Host != ""
 	case ":method":
 		return r.Method, true
 	case ":path":
-		if r.RequestURI != "" {
-			return r.RequestURI, true
+		p := requestPath(r)
+		if r.URL != nil && r.URL.RawQuery != "" {
+			p += "?" + r.URL.RawQuery
 		}
-		return r.URL.RequestURI(), true
+		return p, true
 	case ":scheme":
 		if r.TLS != nil {
 			return "https", true
 		}
 		return "http", true
-	case "Host":
-		return "", false
 	}
 	vs := r.Header[name]
 	switch len(vs) {

@@ -57,6 +57,7 @@ func TestNormalizedPathsCannotPassADeny(t *testing.T) {
 	for _, target := range []string{
 		"/public/admin", "/public/%61dmin", "/public/%61%64%6D%69%6E/users", "/public/./admin",
 		"/public/x/../admin", "/public/%2e/admin", "/public/x/%2E%2E/admin", "/public/admin/../admin/x",
+		"/public/x\\..\\admin",
 	} {
 		if d := s.decide("web", req("GET "+target)); d.Allowed || d.Permission != 1 {
 			t.Errorf("GET %s: %+v, want denied by permission 1", target, d)

@@ -240,14 +240,14 @@ func (m *material) verifyPeer(certs []*x509.Certificate, usage x509.ExtKeyUsage,
 }
 
 // isService checks that got, a verified server's ID, is service want in
-// the namespace and partition of m's own leaf.
+// the namespace and partition of m's own leaf, to the letter.
 func (m *material) isService(got SPIFFEID, want string) error {
 	if m.leaf == nil {
 		return &PeerError{Reason: ReasonNotReady, Peer: got.String(), Err: ErrNotReady}
 	}
-	if !strings.EqualFold(got.Service, want) ||
-		!strings.EqualFold(got.Namespace, m.self.Namespace) ||
-		!strings.EqualFold(got.Partition, m.self.Partition) {
+	// Exact, as Envoy matches the URI SAN: Consul's ACLs tell "API" from
+	// "api", so a certificate for the one is not the other.
+	if got.Service != want || got.Namespace != m.self.Namespace || got.Partition != m.self.Partition {
 		return &PeerError{Reason: ReasonWrongService, Peer: got.String(),
 			Err: fmt.Errorf("want service %s in namespace %s, partition %s", want, m.self.Namespace, m.self.Partition)}
 	}

@@ -119,7 +119,7 @@ func (m *meshSide) gate(app http.Handler) http.Handler {
 			forward.WriteError(w, r, forward.Refuse(forward.ReasonBadRequest, "", err.Error()))
 			return
 		}
-		d := m.authz.Authorize(caller.Service, r)
+		d := m.authz.AuthorizeCaller(caller, r)
 		if !d.Allowed {
 			m.denied.WithLabelValues(caller.Service).Inc()
 			forward.WriteError(w, r, forward.Refuse(forward.ReasonNotAuthorized, "",
@@ -133,9 +133,9 @@ func (m *meshSide) gate(app http.Handler) http.Handler {
 // canonicalizePath rewrites r's path to its canonical form, the one the
 // intentions judge, so that the app is sent that path.
 func canonicalizePath(r *http.Request) error {
-	escaped := r.URL.EscapedPath()
-	canon, err := mesh.CanonicalPath(escaped)
-	if err != nil || canon == escaped {
+	raw := mesh.RawPath(r)
+	canon, err := mesh.CanonicalPath(raw)
+	if err != nil || canon == raw {
 		return err
 	}
 	path, err := url.PathUnescape(canon)
