@@ -382,7 +382,10 @@ func (c *h1Conn) startWatch() {
 	defer c.bgMu.Unlock()
 	switch c.bgState {
 	case bgArmed:
-		if b, ok := c.resp.req.Body.(*h1Body); ok && !b.eofSeen() {
+		// The body as read from the connection, not req.Body: a handler
+		// may have put a reader of its own there (the inbound proxy's,
+		// with its progress timeout), and the body is still being read.
+		if b, ok := c.resp.reqBody.(*h1Body); ok && !b.eofSeen() {
 			c.bgState = bgWaitBody // the body's end starts it
 			return
 		}
