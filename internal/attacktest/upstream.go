@@ -2,6 +2,7 @@ package attacktest
 
 import (
 	"bufio"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -176,9 +177,19 @@ type MisbehavingUpstream struct {
 // NewMisbehavingUpstream starts an upstream on loopback that stops when t ends.
 func NewMisbehavingUpstream(t testing.TB, m Misbehaviour, late bool) *MisbehavingUpstream {
 	t.Helper()
+	return newMisbehavingUpstream(t, m, late, nil)
+}
+
+// newMisbehavingUpstream is NewMisbehavingUpstream, serving over TLS with
+// serverTLS when set (a mesh endpoint's mutual TLS).
+func newMisbehavingUpstream(t testing.TB, m Misbehaviour, late bool, serverTLS *tls.Config) *MisbehavingUpstream {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if serverTLS != nil {
+		ln = tls.NewListener(ln, serverTLS)
 	}
 	u := &MisbehavingUpstream{m: m, ln: ln, Late: late, Delivered: make(chan struct{}), StrayWritten: make(chan struct{})}
 	var mu sync.Mutex // guards conns
@@ -324,9 +335,16 @@ func Call(client *http.Client, addr, method, tag string, tl *Tally, mu *sync.Mut
 // client has its answer; no client may ever get another's answer, and a Bad
 // answer must be refused with 502 upstream_bad_response every time.
 func RunUpstream(t *testing.T, l Listener, start func(t *testing.T, upstreamAddr string) string, clients, perClient int) {
+	RunUpstreamTLS(t, l, nil, start, clients, perClient)
+}
+
+// RunUpstreamTLS is RunUpstream with the misbehaving upstreams serving over
+// TLS with serverTLS (nil: plaintext): the table as a mesh endpoint plays
+// it, its stray bytes reaching the listener's connection as TLS records.
+func RunUpstreamTLS(t *testing.T, l Listener, serverTLS *tls.Config, start func(t *testing.T, upstreamAddr string) string, clients, perClient int) {
 	for _, m := range Misbehaviours() {
 		t.Run(m.Class+"/"+m.Name, func(t *testing.T) {
-			u := NewMisbehavingUpstream(t, m, false)
+			u := newMisbehavingUpstream(t, m, false, serverTLS)
 			addr := start(t, u.Addr())
 			tr := &http.Transport{MaxIdleConnsPerHost: clients, DisableCompression: true}
 			defer tr.CloseIdleConnections()
@@ -363,7 +381,7 @@ func RunUpstream(t *testing.T, l Listener, start func(t *testing.T, upstreamAddr
 			}
 			// The stray bytes come once the client has its answer, before
 			// the next request: only a check at reuse sees them.
-			lu := NewMisbehavingUpstream(t, m, true)
+			lu := newMisbehavingUpstream(t, m, true, serverTLS)
 			laddr := start(t, lu.Addr())
 			var seq Tally
 			for i := range 20 {

@@ -15,6 +15,12 @@ func Alive(c net.Conn) bool {
 	if rc, ok := c.(*rawTCPConn); ok {
 		return rc.idleAndEmpty()
 	}
+	if tc, ok := c.(interface{ NetConn() net.Conn }); ok {
+		// A TLS connection (the mesh's): a record that came while it was
+		// idle is an answer nobody asked for, or the peer closing; either
+		// way it must not carry the next request.
+		return Alive(tc.NetConn())
+	}
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return true

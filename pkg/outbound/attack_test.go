@@ -42,3 +42,14 @@ func TestH2Attacks(t *testing.T) {
 	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.Addr()}}})
 	attacktest.RunH2(t, attacktest.Target{Listener: attacktest.Outbound, Addr: sc.addr, Upstream: up, Decoy: decoy})
 }
+
+// The upstream table against the outbound listener when the service is in
+// the mesh: the endpoints answer over mutual TLS, the misbehaving ones as
+// the plaintext ones do, and are held to the same rules.
+func TestMeshUpstreamAttacks(t *testing.T) {
+	server, client := meshTLSPair(t)
+	attacktest.RunUpstreamTLS(t, attacktest.Outbound, server, func(t *testing.T, upstream string) string {
+		return startSidecar(t, options{static: map[string][]string{"svc": {upstream}}, meshTLS: client,
+			policies: "service: svc\nretry: {attempts: 1}\n" + noBreaker + noOutliers}).addr
+	}, 8, 150)
+}

@@ -4,12 +4,21 @@ import (
 	"bufio"
 	"cmp"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -76,6 +85,9 @@ type options struct {
 	// recorder is the proxy's Recorder; nil: a new one with the
 	// defaults.
 	recorder *requestlog.Recorder
+	// meshTLS, when set, makes the static endpoints mesh endpoints,
+	// called over TLS with this client configuration.
+	meshTLS *tls.Config
 }
 
 type telemetry struct {
@@ -107,8 +119,12 @@ func startSidecar(t testing.TB, o options) *sidecar {
 	if err != nil {
 		t.Fatalf("policies: %v", err)
 	}
+	var resolver discovery.Resolver = discovery.Chain{static}
+	if o.meshTLS != nil {
+		resolver = meshResolver{resolver, &sync.Map{}}
+	}
 	cfg := outbound.Config{
-		Resolver:   discovery.Chain{static},
+		Resolver:   resolver,
 		Policies:   outbound.NewStaticPolicies(ps),
 		AllowHosts: o.allowHosts,
 		Transport:  o.transport,
@@ -119,6 +135,11 @@ func startSidecar(t testing.TB, o options) *sidecar {
 	}
 	if o.telemetry != nil {
 		cfg.Tracer, cfg.Propagator, cfg.Metrics = o.telemetry.tracer, o.telemetry.prop, o.telemetry.metrics
+	}
+	if o.meshTLS != nil {
+		mt := upstream.NewMeshTransport(o.transport, func(string) *tls.Config { return o.meshTLS.Clone() })
+		t.Cleanup(mt.Close)
+		cfg.Mesh = mt
 	}
 	sc.proxy, err = outbound.New(cfg)
 	if err != nil {
@@ -203,4 +224,52 @@ func (sc *sidecar) raw(t *testing.T, payload string) (*http.Response, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp, string(b)
+}
+
+// meshResolver is a resolver whose endpoints are all in the mesh: each set
+// of the resolver's is copied once, marked.
+type meshResolver struct {
+	discovery.Resolver
+	sets *sync.Map // *discovery.EndpointSet: its marked copy
+}
+
+func (r meshResolver) Resolve(ctx context.Context, service string) (*discovery.EndpointSet, error) {
+	set, err := r.Resolver.Resolve(ctx, service)
+	if err != nil {
+		return nil, err
+	}
+	if m, ok := r.sets.Load(set); ok {
+		return m.(*discovery.EndpointSet), nil
+	}
+	out := *set
+	out.Endpoints = slices.Clone(set.Endpoints)
+	for i := range out.Endpoints {
+		out.Endpoints[i].Mesh = true
+	}
+	m, _ := r.sets.LoadOrStore(set, &out)
+	return m.(*discovery.EndpointSet), nil
+}
+
+// meshTLSPair is a TLS configuration for a mesh endpoint (HTTP/1.1, a
+// client certificate required) and one for the sidecar calling it, both
+// on one self-signed certificate: the transport's rules are under test,
+// not the mesh's identities (pkg/mesh has those).
+func meshTLSPair(t testing.TB) (server, client *tls.Config) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "svc"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert := tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	server = &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAnyClientCert, NextProtos: []string{"http/1.1"}}
+	client = &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true}
+	return server, client
 }

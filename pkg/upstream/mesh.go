@@ -26,19 +26,23 @@ func (e *TLSError) Unwrap() error { return e.Err }
 // MeshTransport sends requests to endpoints of the mesh over mutual TLS.
 // Each service called has pooled transports of its own, whose connections
 // present this sidecar's certificate and accept only a peer that proves to
-// be that service (ClientTLS decides both). As the plaintext transport
-// does, it sends an HTTP/1.x request over HTTP/1.1 (ALPN http/1.1: many
-// pooled connections, upgrades possible) and an HTTP/2 request (gRPC) over
-// HTTP/2 when the peer offers it; TLS sessions are resumed, so that a
-// handshake is paid per connection, not per request. Safe for concurrent
-// use.
+// be that service (ClientTLS decides both). They are this package's
+// Transport, the plaintext path's, over TLS connections: an answer is
+// held to the same rules (head limits, at most 5 interim answers, framing,
+// a pooled connection checked when returned and before reuse, headers
+// that Connection names dropped) and refused the same way. As the
+// plaintext transport does, it sends an HTTP/1.x request over HTTP/1.1
+// (ALPN http/1.1: many pooled connections, upgrades possible) and an
+// HTTP/2 request (gRPC) over HTTP/2 when the peer offers it; TLS sessions
+// are resumed, so that a handshake is paid per connection, not per
+// request. Safe for concurrent use.
 type MeshTransport struct {
 	cfg       TransportConfig
 	clientTLS func(service string) *tls.Config
 	dialer    net.Dialer
 
 	mu         sync.Mutex
-	transports map[meshKey]*http.Transport
+	transports map[meshKey]*Transport
 	closed     bool
 }
 
@@ -51,7 +55,7 @@ type meshKey struct {
 // NewMeshTransport returns a MeshTransport whose connections to a service's
 // endpoints use clientTLS(service), with cfg's timeouts and limits.
 func NewMeshTransport(cfg TransportConfig, clientTLS func(service string) *tls.Config) *MeshTransport {
-	m := &MeshTransport{cfg: cfg, clientTLS: clientTLS, transports: map[meshKey]*http.Transport{}}
+	m := &MeshTransport{cfg: cfg, clientTLS: clientTLS, transports: map[meshKey]*Transport{}}
 	m.dialer = net.Dialer{Timeout: cmp.Or(cfg.DialTimeout, time.Second), KeepAlive: 30 * time.Second}
 	return m
 }
@@ -59,37 +63,26 @@ func NewMeshTransport(cfg TransportConfig, clientTLS func(service string) *tls.C
 // Send sends req to the endpoint in its URL host, an instance of service,
 // connecting (the TCP connect and the TLS handshake) within
 // connectTimeout. A failed connect or handshake is a *ConnectError, a
-// handshake's wrapping a *TLSError; a failure once connected an
-// *UpstreamError.
+// handshake's wrapping a *TLSError; failures once connected are the
+// plaintext Transport's (*UpstreamError, *BadResponseError).
 func (m *MeshTransport) Send(req *http.Request, service string, connectTimeout time.Duration) (*http.Response, error) {
 	t, err := m.transport(meshKey{service: service, h2: req.ProtoMajor == 2})
 	if err != nil {
 		CloseBody(req)
 		return nil, err
 	}
-	out := *req
-	u := *req.URL
-	u.Scheme = "https"
-	out.URL = &u
-	if connectTimeout > 0 {
-		out = *out.WithContext(context.WithValue(req.Context(), connectTimeoutKey{}, connectTimeout))
+	if req.URL.Scheme != "http" {
+		out := *req
+		u := *req.URL
+		u.Scheme = "http" // the transport's; the connection is TLS all the same
+		out.URL = &u
+		req = &out
 	}
-	resp, err := t.RoundTrip(&out)
-	if err == nil {
-		return resp, nil
-	}
-	var ce *ConnectError
-	switch {
-	case errors.As(err, &ce):
-		return nil, ce
-	case req.Context().Err() != nil:
-		return nil, req.Context().Err()
-	}
-	return nil, &UpstreamError{Addr: req.URL.Host, Op: "round trip", Written: true, Err: err}
+	return t.Send(req, connectTimeout)
 }
 
 // transport is k's pooled transport, made on its first request.
-func (m *MeshTransport) transport(k meshKey) (*http.Transport, error) {
+func (m *MeshTransport) transport(k meshKey) (*Transport, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -98,17 +91,11 @@ func (m *MeshTransport) transport(k meshKey) (*http.Transport, error) {
 	if t := m.transports[k]; t != nil {
 		return t, nil
 	}
-	t := &http.Transport{
-		DialTLSContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return m.dialTLS(ctx, network, addr, k)
-		},
-		ForceAttemptHTTP2:      k.h2,
-		MaxIdleConnsPerHost:    cmp.Or(m.cfg.MaxIdleConnsPerHost, 256),
-		IdleConnTimeout:        cmp.Or(m.cfg.IdleConnTimeout, 30*time.Second),
-		ResponseHeaderTimeout:  cmp.Or(m.cfg.ResponseHeaderTimeout, 15*time.Second),
-		MaxResponseHeaderBytes: int64(cmp.Or(m.cfg.MaxResponseHeaderBytes, DefaultMaxResponseHeaderBytes)),
-		DisableCompression:     true,
+	cfg := m.cfg
+	cfg.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return m.dialTLS(ctx, network, addr, k)
 	}
+	t := NewTransport(cfg)
 	m.transports[k] = t
 	return t, nil
 }
@@ -161,10 +148,13 @@ func (m *MeshTransport) CloseIdleConnections() {
 	}
 }
 
-// Close closes every idle connection; no request is sent afterwards.
+// Close stops every transport and closes its idle connections; no request
+// is sent afterwards.
 func (m *MeshTransport) Close() {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	m.closed = true
-	m.mu.Unlock()
-	m.CloseIdleConnections()
+	for _, t := range m.transports {
+		t.Close()
+	}
 }

@@ -466,6 +466,9 @@ func (t *Transport) Dial(ctx context.Context, addr string, timeout time.Duration
 	c, err := t.dial(dctx, "tcp", addr)
 	cancel()
 	if err != nil {
+		if ce := (*ConnectError)(nil); errors.As(err, &ce) {
+			return nil, ce // a dialer of the mesh's: classified already
+		}
 		if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
 			// The connect timeout, not the request's deadline: a connect
 			// failure, which must not read as the request timing out.
