@@ -107,27 +107,39 @@ func (m *meshSide) gate(app http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		cs := downstream.PeerTLS(r)
 		if cs == nil {
-			forward.WriteError(w, r, forward.Refuse(forward.ReasonNotAuthorized, "", "no mesh TLS connection"))
+			refuse(w, r, forward.Refuse(forward.ReasonNotAuthorized, "", "no mesh TLS connection"))
 			return
 		}
 		caller, err := mesh.CallerService(*cs)
 		if err != nil {
-			forward.WriteError(w, r, forward.Refuse(forward.ReasonNotAuthorized, "", "the caller's certificate names no service: "+err.Error()))
+			refuse(w, r, forward.Refuse(forward.ReasonNotAuthorized, "", "the caller's certificate names no service: "+err.Error()))
 			return
 		}
 		if err := canonicalizePath(r); err != nil {
-			forward.WriteError(w, r, forward.Refuse(forward.ReasonBadRequest, "", err.Error()))
+			refuse(w, r, forward.Refuse(forward.ReasonBadRequest, "", err.Error()))
 			return
 		}
 		d := m.authz.AuthorizeCaller(caller, r)
 		if !d.Allowed {
 			m.denied.WithLabelValues(caller.Service).Inc()
-			forward.WriteError(w, r, forward.Refuse(forward.ReasonNotAuthorized, "",
+			refuse(w, r, forward.Refuse(forward.ReasonNotAuthorized, "",
 				caller.Service+" may not call this service: "+d.By))
 			return
 		}
 		app.ServeHTTP(w, r)
 	})
+}
+
+// refuse answers a request the mesh stops before the proxy behind it runs.
+// The request's framing verdict is taken here, as the proxy would have
+// taken it (left queued, every refused request on a connection would keep
+// one), and a request the framing check rejected is answered 400 as the
+// proxy answers it.
+func refuse(w http.ResponseWriter, r *http.Request, e *forward.LocalError) {
+	if v := downstream.TakeVerdict(r); v.Reason != "" {
+		e = forward.Refuse(forward.ReasonBadRequest, "", v.Reason)
+	}
+	forward.WriteError(w, r, e)
 }
 
 // canonicalizePath rewrites r's path to its canonical form, the one the
@@ -196,7 +208,7 @@ func (m *meshSide) sidecarProxy(appPort int) (*discovery.SidecarProxy, error) {
 func loopbackOnly(next http.Handler, tlsAddr string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !loopback.Peer(r) {
-			forward.WriteError(w, r, forward.Refuse(forward.ReasonNotAuthorized, "",
+			refuse(w, r, forward.Refuse(forward.ReasonNotAuthorized, "",
 				"in the mesh the plaintext inbound port serves this pod only; call through the mesh (its mutual-TLS port "+tlsAddr+")"))
 			return
 		}
