@@ -3,6 +3,7 @@ package attacktest
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"io"
 	"net"
 	"net/http"
@@ -71,9 +72,19 @@ type H2MisbehavingUpstream struct {
 // ends.
 func NewH2MisbehavingUpstream(t testing.TB, m H2Misbehaviour) *H2MisbehavingUpstream {
 	t.Helper()
+	return newH2MisbehavingUpstream(t, m, nil)
+}
+
+// newH2MisbehavingUpstream is NewH2MisbehavingUpstream, serving over TLS
+// with serverTLS when set (ALPN h2: a mesh endpoint's).
+func newH2MisbehavingUpstream(t testing.TB, m H2Misbehaviour, serverTLS *tls.Config) *H2MisbehavingUpstream {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if serverTLS != nil {
+		ln = tls.NewListener(ln, serverTLS)
 	}
 	u := &H2MisbehavingUpstream{m: m, ln: ln}
 	var mu sync.Mutex // guards conns
@@ -232,9 +243,15 @@ func h2cClient(addr string) (*http.Client, func()) {
 // its connection closed;
 // every other answer must reach its own client.
 func RunH2Upstream(t *testing.T, l Listener, start func(t *testing.T, upstreamAddr string) string, clients, perClient int) {
+	RunH2UpstreamTLS(t, l, nil, start, clients, perClient)
+}
+
+// RunH2UpstreamTLS is RunH2Upstream with the upstreams serving HTTP/2 over
+// TLS with serverTLS (nil: h2c), as mesh endpoints do.
+func RunH2UpstreamTLS(t *testing.T, l Listener, serverTLS *tls.Config, start func(t *testing.T, upstreamAddr string) string, clients, perClient int) {
 	for _, m := range H2Misbehaviours() {
 		t.Run("h2/"+m.Name, func(t *testing.T) {
-			u := NewH2MisbehavingUpstream(t, m)
+			u := newH2MisbehavingUpstream(t, m, serverTLS)
 			addr := start(t, u.Addr())
 			client, closeIdle := h2cClient(addr)
 			defer closeIdle()

@@ -53,3 +53,14 @@ func TestMeshUpstreamAttacks(t *testing.T) {
 			policies: "service: svc\nretry: {attempts: 1}\n" + noBreaker + noOutliers}).addr
 	}, 8, 150)
 }
+
+// The HTTP/2 upstream table against the outbound listener when the
+// service is in the mesh: HTTP/2 over mutual TLS (ALPN h2).
+func TestMeshH2UpstreamAttacks(t *testing.T) {
+	server, client := meshTLSPair(t)
+	server.NextProtos = []string{"h2"}
+	attacktest.RunH2UpstreamTLS(t, attacktest.Outbound, server, func(t *testing.T, upstream string) string {
+		return startSidecar(t, options{static: map[string][]string{"svc": {upstream}}, meshTLS: client,
+			policies: "service: svc\nretry: {attempts: 1}\n" + noBreaker + noOutliers}).addr
+	}, 8, 50)
+}
