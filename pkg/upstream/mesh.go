@@ -1,7 +1,6 @@
 package upstream
 
 import (
-	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -39,7 +38,6 @@ func (e *TLSError) Unwrap() error { return e.Err }
 type MeshTransport struct {
 	cfg       TransportConfig
 	clientTLS func(service string) *tls.Config
-	dialer    net.Dialer
 
 	mu         sync.Mutex
 	transports map[meshKey]*Transport
@@ -55,9 +53,7 @@ type meshKey struct {
 // NewMeshTransport returns a MeshTransport whose connections to a service's
 // endpoints use clientTLS(service), with cfg's timeouts and limits.
 func NewMeshTransport(cfg TransportConfig, clientTLS func(service string) *tls.Config) *MeshTransport {
-	m := &MeshTransport{cfg: cfg, clientTLS: clientTLS, transports: map[meshKey]*Transport{}}
-	m.dialer = net.Dialer{Timeout: cmp.Or(cfg.DialTimeout, time.Second), KeepAlive: 30 * time.Second}
-	return m
+	return &MeshTransport{cfg: cfg, clientTLS: clientTLS, transports: map[meshKey]*Transport{}}
 }
 
 // Send sends req to the endpoint in its URL host, an instance of service,
@@ -92,49 +88,32 @@ func (m *MeshTransport) transport(k meshKey) (*Transport, error) {
 		return t, nil
 	}
 	cfg := m.cfg
-	cfg.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return m.dialTLS(ctx, network, addr, k)
+	cfg.Handshake = func(ctx context.Context, c net.Conn, addr string) (net.Conn, error) {
+		return m.handshake(ctx, c, addr, k)
 	}
 	t := NewTransport(cfg)
 	m.transports[k] = t
 	return t, nil
 }
 
-// dialTLS connects to addr and makes the mesh handshake, as an instance of
-// k's service must answer it, within the request's connect timeout,
-// offering HTTP/2 only to a transport of HTTP/2 requests.
-func (m *MeshTransport) dialTLS(ctx context.Context, network, addr string, k meshKey) (net.Conn, error) {
-	timeout, _ := ctx.Value(connectTimeoutKey{}).(time.Duration)
-	timeout = cmp.Or(timeout, m.dialer.Timeout)
-	dctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	dial := m.cfg.DialContext
-	if dial == nil {
-		dial = m.dialer.DialContext
-	}
-	c, err := dial(dctx, network, addr)
-	if err != nil {
-		if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
-			err = ErrConnectTimeout
-		}
-		return nil, &ConnectError{Addr: addr, Err: err}
-	}
+// handshake makes the mesh handshake on c, connected to addr, as an
+// instance of k's service must answer it, offering HTTP/2 only to a
+// transport of HTTP/2 requests. The Transport bounds it with the connect
+// timeout and classifies its failure: a *TLSError, a connect failure.
+func (m *MeshTransport) handshake(ctx context.Context, c net.Conn, addr string, k meshKey) (net.Conn, error) {
 	cfg := m.clientTLS(k.service)
 	if cfg == nil {
 		c.Close()
-		return nil, &ConnectError{Addr: addr, Err: &TLSError{Addr: addr, Err: errors.New("no certificate of this sidecar's yet")}}
+		return nil, &TLSError{Addr: addr, Err: errors.New("no certificate of this sidecar's yet")}
 	}
 	cfg.NextProtos = []string{"http/1.1"}
 	if k.h2 {
 		cfg.NextProtos = []string{"h2", "http/1.1"}
 	}
 	tc := tls.Client(c, cfg)
-	if err := tc.HandshakeContext(dctx); err != nil {
+	if err := tc.HandshakeContext(ctx); err != nil {
 		c.Close()
-		if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
-			err = ErrConnectTimeout
-		}
-		return nil, &ConnectError{Addr: addr, Err: &TLSError{Addr: addr, Err: err}}
+		return nil, &TLSError{Addr: addr, Err: err}
 	}
 	return tc, nil
 }

@@ -1,6 +1,7 @@
 package upstream
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -10,6 +11,7 @@ import (
 	"errors"
 	"io"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -83,5 +85,51 @@ func TestMeshTransportProtocols(t *testing.T) {
 	var te *TLSError
 	if !errors.As(err, &ce) || !errors.As(err, &te) {
 		t.Fatalf("a refused server: %v, want a ConnectError carrying a TLSError", err)
+	}
+}
+
+// An endpoint that accepts the connection but never answers the TLS
+// handshake fails the attempt within the connect timeout as a connect
+// failure: a TLSError whose cause is ErrConnectTimeout, not the request's
+// deadline (which would read as the upstream timing out, and not be
+// retried as a connect failure is), for both protocols.
+func TestMeshHandshakeStallIsAConnectTimeout(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []net.Conn
+	accepted := make(chan struct{})
+	go func() {
+		defer close(accepted)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c) // accepted, never answered
+		}
+	}()
+	defer func() {
+		ln.Close()
+		<-accepted
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	cert, _ := selfSigned(t)
+	m := NewMeshTransport(TransportConfig{}, func(string) *tls.Config {
+		return &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true}
+	})
+	defer m.Close()
+	for _, major := range []int{1, 2} {
+		req, _ := http.NewRequest("GET", "http://"+ln.Addr().String()+"/", nil)
+		req.ProtoMajor = major
+		_, err := m.Send(req, "api", 100*time.Millisecond)
+		var ce *ConnectError
+		var te *TLSError
+		if !errors.As(err, &ce) || !errors.As(err, &te) || !errors.Is(err, ErrConnectTimeout) || errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("HTTP/%d to a handshake that never comes: %v, want a ConnectError carrying a TLSError of ErrConnectTimeout", major, err)
+		}
 	}
 }

@@ -56,6 +56,7 @@ import (
 type Transport struct {
 	dialer                net.Dialer
 	dial                  func(ctx context.Context, network, addr string) (net.Conn, error)
+	handshake             func(ctx context.Context, c net.Conn, addr string) (net.Conn, error)
 	responseHeaderTimeout time.Duration
 	idleConnTimeout       time.Duration
 	maxIdlePerHost        int
@@ -100,6 +101,11 @@ type TransportConfig struct {
 	// DialContext, when set, replaces the TCP dialer (tests count dials with
 	// it). DialTimeout still bounds it.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Handshake, when set, runs on each new connection once connected,
+	// under the same connect timeout (the mesh's TLS handshake); the
+	// connection it returns carries the requests. It closes c when it
+	// fails; its error is the connect failure's cause.
+	Handshake func(ctx context.Context, c net.Conn, addr string) (net.Conn, error)
 }
 
 // NewTransport returns a Transport.
@@ -122,6 +128,7 @@ func NewTransport(cfg TransportConfig) *Transport {
 	t := &Transport{
 		dialer:                net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 30 * time.Second},
 		dial:                  cfg.DialContext,
+		handshake:             cfg.Handshake,
 		responseHeaderTimeout: cfg.ResponseHeaderTimeout,
 		idleConnTimeout:       cfg.IdleConnTimeout,
 		maxIdlePerHost:        cfg.MaxIdleConnsPerHost,
@@ -464,15 +471,20 @@ func (t *Transport) Dial(ctx context.Context, addr string, timeout time.Duration
 	timeout = cmp.Or(timeout, t.dialer.Timeout)
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	c, err := t.dial(dctx, "tcp", addr)
+	if err == nil && t.handshake != nil {
+		c, err = t.handshake(dctx, c, addr)
+	}
 	cancel()
 	if err != nil {
-		if ce := (*ConnectError)(nil); errors.As(err, &ce) {
-			return nil, ce // a dialer of the mesh's: classified already
-		}
 		if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
 			// The connect timeout, not the request's deadline: a connect
 			// failure, which must not read as the request timing out.
-			err = fmt.Errorf("%w after %v", ErrConnectTimeout, timeout)
+			timedOut := fmt.Errorf("%w after %v", ErrConnectTimeout, timeout)
+			if te := (*TLSError)(nil); errors.As(err, &te) {
+				err = &TLSError{Addr: te.Addr, Err: timedOut}
+			} else {
+				err = timedOut
+			}
 		}
 		return nil, &ConnectError{Addr: addr, Err: err}
 	}
