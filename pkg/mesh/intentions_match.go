@@ -136,9 +136,10 @@ func (s *rules) decide(source string, r *http.Request) Decision {
 	case src.jwt != nil:
 		return *src.jwt
 	}
+	path := requestPath(r) // once for every permission's path and :path rules
 	for i := range src.perms {
 		p := &src.perms[i]
-		if p.matches(r) {
+		if p.matches(r, path) {
 			return p.decision
 		}
 	}
@@ -171,15 +172,14 @@ func (d Decision) with(by string, from Decision) Decision {
 	return d
 }
 
-// matches reports whether r meets every condition of the permission
-// (xds/rbac.go convertPermission: the path, each header, the methods,
-// ANDed).
-func (p *permission) matches(r *http.Request) bool {
+// matches reports whether r, whose path as judged is path (requestPath),
+// meets every condition of the permission (xds/rbac.go convertPermission:
+// the path, each header, the methods, ANDed).
+func (p *permission) matches(r *http.Request, path string) bool {
 	if len(p.methods) > 0 && !slices.Contains(p.methods, r.Method) {
 		return false
 	}
 	if p.pathExact != "" || p.pathPrefix != "" || p.pathRegex != nil {
-		path := requestPath(r)
 		switch {
 		case p.pathExact != "" && path != p.pathExact,
 			p.pathPrefix != "" && !strings.HasPrefix(path, p.pathPrefix),
@@ -188,7 +188,7 @@ func (p *permission) matches(r *http.Request) bool {
 		}
 	}
 	for i := range p.headers {
-		if !p.headers[i].matches(r) {
+		if !p.headers[i].matches(r, path) {
 			return false
 		}
 	}
@@ -228,8 +228,8 @@ func RawPath(r *http.Request) string {
 // matches is Envoy's HeaderUtility::matchHeaders: an absent header matches
 // only an inverted Present; the values of a header sent more than once are
 // joined with ","; the result is inverted by Invert.
-func (h *headerMatch) matches(r *http.Request) bool {
-	v, ok := headerValue(r, h.name)
+func (h *headerMatch) matches(r *http.Request, path string) bool {
+	v, ok := headerValue(r, path, h.name)
 	if !ok {
 		return h.invert && h.kind == headerPresent
 	}
@@ -255,20 +255,19 @@ func (h *headerMatch) matches(r *http.Request) bool {
 // headers from the request line, and Host as :authority (Envoy's header
 // map answers a lookup of "host" with :authority), which net/http keeps
 // out of r.Header; else every value of the header joined with ",". :path
-// is the path as judged (normalized, origin-form) with the query, also
-// when the request named an absolute URL.
-func headerValue(r *http.Request, name string) (string, bool) {
+// is path, the path as judged (normalized, origin-form), with the query,
+// also when the request named an absolute URL.
+func headerValue(r *http.Request, path, name string) (string, bool) {
 	switch name {
 	case ":authority", "Host":
 		return r.Host, r.Host != ""
 	case ":method":
 		return r.Method, true
 	case ":path":
-		p := requestPath(r)
 		if r.URL != nil && r.URL.RawQuery != "" {
-			p += "?" + r.URL.RawQuery
+			return path + "?" + r.URL.RawQuery, true
 		}
-		return p, true
+		return path, true
 	case ":scheme":
 		if r.TLS != nil {
 			return "https", true
