@@ -285,11 +285,11 @@ func (l *loop) upstreamEvent(p *pair, ev uint32) {
 
 // answer forwards bytes of the upstream's answer to the client.
 func (l *loop) answer(p *pair, b []byte) {
-	extra := false // bytes past the answer's end
 	if !p.busy {
 		l.dropUpstream(p) // bytes nobody asked for: never reuse it
 		return
 	}
+	var out []byte // the answer's head to forward, when this read completed it
 	if !p.body {
 		end := -1
 		if len(p.uin) == 0 {
@@ -324,17 +324,17 @@ func (l *loop) answer(p *pair, b []byte) {
 		default:
 			p.left = h.contentLength
 		}
-		p.body, p.upClose = true, h.close
+		p.body, p.upClose, out = true, h.close, l.head
 		b = b[end+4:]
-		k := int(min(int64(len(b)), p.left))
-		p.left -= int64(k)
-		extra = len(b) > k
-		l.head = append(l.head, b[:k]...) // the head and what came of the body: one write
+	}
+	k := int(min(int64(len(b)), p.left))
+	p.left -= int64(k)
+	extra := len(b) > k // bytes past the answer's end
+	switch {
+	case out != nil:
+		l.head = append(out, b[:k]...) // the head and what came of the body: one write
 		l.sendClient(p, l.head)
-	} else {
-		k := int(min(int64(len(b)), p.left))
-		p.left -= int64(k)
-		extra = len(b) > k
+	case k > 0:
 		l.sendClient(p, b[:k])
 	}
 	if p.cfd < 0 {
