@@ -92,6 +92,32 @@ func (a *MeshAgent) Intentions(ctx context.Context, q mesh.Query) ([]mesh.Intent
 	return out, meta.LastIndex, nil
 }
 
+// Normalization is the mesh config entry's request normalization for
+// inbound traffic (/v1/config/mesh, http.incoming.request_normalization,
+// Consul 1.20 and later): the zero value when there is no entry or it
+// sets none. The entry is listed rather than read, so that its absence
+// too is an answer a blocking query can wait on.
+func (a *MeshAgent) Normalization(ctx context.Context, q mesh.Query) (mesh.Normalization, uint64, error) {
+	list, meta, err := a.client.ConfigEntries().List(api.MeshConfig, query(ctx, q))
+	if err != nil {
+		return mesh.Normalization{}, 0, aclDenied(err)
+	}
+	for _, e := range list {
+		m, ok := e.(*api.MeshConfigEntry)
+		if !ok || m == nil || m.HTTP == nil || m.HTTP.Incoming == nil || m.HTTP.Incoming.RequestNormalization == nil {
+			continue
+		}
+		rn := m.HTTP.Incoming.RequestNormalization
+		return mesh.Normalization{
+			InsecureDisablePathNormalization: rn.InsecureDisablePathNormalization,
+			MergeSlashes:                     rn.MergeSlashes,
+			PathWithEscapedSlashesAction:     rn.PathWithEscapedSlashesAction,
+			HeadersWithUnderscoresAction:     rn.HeadersWithUnderscoresAction,
+		}, meta.LastIndex, nil
+	}
+	return mesh.Normalization{}, meta.LastIndex, nil
+}
+
 // Protocol is destination's protocol from its compiled discovery chain
 // (/v1/discovery-chain/<destination>): "tcp" when the chain names none.
 func (a *MeshAgent) Protocol(ctx context.Context, destination string, q mesh.Query) (string, uint64, error) {

@@ -27,12 +27,13 @@ type IdentityAgent interface {
 }
 
 // IntentionsAgent is what an Authorizer and Check read from the local
-// Consul agent: the intentions, a destination's protocol and the ACL
-// settings that give the default decision. pkg/discovery implements it
-// over Consul's API (discovery.NewMeshAgent).
+// Consul agent: the intentions, a destination's protocol, the ACL
+// settings that give the default decision and the mesh's request
+// normalization. pkg/discovery implements it over Consul's API
+// (discovery.NewMeshAgent).
 //
-// Intentions and Protocol block as IdentityAgent's methods do; ACL
-// answers at once. All return when ctx ends, with an error. A read the
+// Intentions, Protocol and Normalization block as IdentityAgent's methods
+// do; ACL answers at once. All return when ctx ends, with an error. A read the
 // agent refuses to the ACL token (403) is an error that wraps ErrACLDenied.
 // Implementations are safe for concurrent use.
 type IntentionsAgent interface {
@@ -47,6 +48,10 @@ type IntentionsAgent interface {
 	// ACL is the agent's ACL settings (its runtime configuration, which
 	// needs agent:read).
 	ACL(ctx context.Context) (ACLConfig, error)
+	// Normalization is the mesh config entry's request normalization for
+	// inbound traffic (reading it needs mesh:read); the zero value when
+	// there is no mesh config entry or it sets none.
+	Normalization(ctx context.Context, q Query) (Normalization, uint64, error)
 }
 
 // Agent is everything the mesh reads from the local Consul agent.

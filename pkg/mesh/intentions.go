@@ -52,7 +52,7 @@ type Authorizer struct {
 	snap atomic.Pointer[rules] // nil until the first complete read
 
 	// The last error of each query, until an answer comes.
-	intentionsErr, protocolErr atomic.Pointer[string]
+	intentionsErr, protocolErr, normErr atomic.Pointer[string]
 
 	mu sync.Mutex // guards the parts below, and the building from them
 	// def is the default decision; known once the agent was read.
@@ -67,6 +67,8 @@ type Authorizer struct {
 	built uint64
 	// entriesIndex is the index of the entries held.
 	entriesIndex uint64
+	// norm is the mesh's request normalization; nil until read.
+	norm *Normalization
 }
 
 // NewAuthorizer is an Authorizer for destination, reading from agent,
@@ -91,7 +93,7 @@ func NewAuthorizer(agent IntentionsAgent, destination string, log *slog.Logger) 
 // from the last snapshot read.
 func (a *Authorizer) Run(ctx context.Context) {
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() {
 		defer wg.Done()
 		followAgent(ctx, a.log, "intentions", &a.intentionsErr, a.askIntentions)
@@ -100,11 +102,16 @@ func (a *Authorizer) Run(ctx context.Context) {
 		defer wg.Done()
 		followAgent(ctx, a.log, "destination protocol", &a.protocolErr, a.askProtocol)
 	}()
+	go func() {
+		defer wg.Done()
+		followAgent(ctx, a.log, "request normalization", &a.normErr, a.askNormalization)
+	}()
 	wg.Wait()
 }
 
 // Ready reports whether Authorize answers from Consul's intentions: the
-// intentions, the protocol and the default have all been read once.
+// intentions, the protocol, the default and the request normalization
+// have all been read once.
 func (a *Authorizer) Ready() bool { return a.snap.Load() != nil }
 
 // notReady is Authorize's answer before Ready.
@@ -119,6 +126,16 @@ func (a *Authorizer) Authorize(source string, r *http.Request) Decision {
 		return notReady
 	}
 	return s.decide(source, r)
+}
+
+// Normalization is the mesh's request normalization in force: what the
+// inbound listener does to a request's path and headers before it is
+// judged (the zero value, Consul's default, before Ready).
+func (a *Authorizer) Normalization() Normalization {
+	if s := a.snap.Load(); s != nil {
+		return s.norm
+	}
+	return Normalization{}
 }
 
 // AuthorizeCaller is Authorize for a caller known by its certificate's
@@ -157,10 +174,15 @@ func Check(ctx context.Context, agent IntentionsAgent, source, destination strin
 	if err != nil {
 		return Decision{}, err
 	}
+	norm, _, err := readNormalization(ctx, agent, Query{})
+	if err != nil && !errors.Is(err, ErrACLDenied) {
+		return Decision{}, err // denied: Consul's default, as for an Authorizer
+	}
 	s, err := compile(destination, entries, protocol, def)
 	if err != nil {
 		return Decision{}, err
 	}
+	s.norm = norm
 	return s.decide(source, r), nil
 }
 
@@ -211,13 +233,44 @@ func (a *Authorizer) askProtocol(ctx context.Context, q Query) (uint64, error) {
 	return last, nil
 }
 
+// askNormalization is one blocking query of the mesh config entry, for its
+// request normalization. A token the agent refuses it to (no mesh:read)
+// gets Consul's default, said in the log, and is asked again after a
+// blocking query's wait.
+func (a *Authorizer) askNormalization(ctx context.Context, q Query) (uint64, error) {
+	norm, last, err := readNormalization(ctx, a.agent, q)
+	denied := errors.Is(err, ErrACLDenied)
+	if denied {
+		norm, last, err = Normalization{}, q.Index, nil
+	}
+	if err != nil || (q.Index != 0 && last == q.Index && !denied) {
+		return last, err // the wait ended with nothing new
+	}
+	a.mu.Lock()
+	changed := a.norm == nil || *a.norm != norm
+	a.norm = &norm
+	a.mu.Unlock()
+	switch {
+	case denied && changed:
+		a.log.Warn("the mesh config entry is not readable with this token (mesh:read): Consul's default request normalization applies",
+			"normalization", norm.String())
+	case changed:
+		a.log.Info("request normalization read from the mesh config entry", "normalization", norm.String())
+	}
+	a.build()
+	if denied && !pauseCtx(ctx, q.Wait) {
+		return last, ctx.Err()
+	}
+	return last, nil
+}
+
 // build compiles the parts read into a new snapshot, once all are there,
 // and swaps it in. A snapshot that does not compile (a regular expression
 // Envoy would refuse too) leaves the last one in force.
 func (a *Authorizer) build() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.def == nil || !a.haveEntries || !a.haveProtocol {
+	if a.def == nil || !a.haveEntries || !a.haveProtocol || a.norm == nil {
 		return
 	}
 	s, err := compile(a.destination, a.entries, a.protocol, *a.def)
@@ -225,6 +278,7 @@ func (a *Authorizer) build() {
 		a.log.Error("intentions not applied: the last ones read stay in force", "index", a.entriesIndex, "err", err.Error())
 		return
 	}
+	s.norm = *a.norm
 	first := a.snap.Swap(s) == nil
 	switch {
 	case first:
@@ -252,6 +306,20 @@ func readProtocol(ctx context.Context, agent IntentionsAgent, destination string
 		return "", 0, fmt.Errorf("reading the discovery chain of %s (its protocol): %w", destination, err)
 	}
 	return protocol, last, nil
+}
+
+// readNormalization is the mesh's request normalization, by query q. A
+// value Consul would not accept is an error (the last one read stays in
+// force); so is a read the agent refuses (ErrACLDenied).
+func readNormalization(ctx context.Context, agent IntentionsAgent, q Query) (Normalization, uint64, error) {
+	norm, last, err := agent.Normalization(ctx, q)
+	if err != nil {
+		return Normalization{}, 0, fmt.Errorf("reading the mesh config entry: %w", err)
+	}
+	if err := norm.Validate(); err != nil {
+		return Normalization{}, 0, err
+	}
+	return norm, last, nil
 }
 
 // readDefault is the decision when no intention matches, as the agent

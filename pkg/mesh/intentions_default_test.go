@@ -13,10 +13,10 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/mesh"
 )
 
-// fakeAgent answers the three reads of Check as an agent whose ACL
+// fakeAgent answers the four reads of Check as an agent whose ACL
 // configuration is self (a /v1/agent/self DebugConfig as Consul 1.16
-// serves it), or 403 for an empty self; its intentions and discovery
-// chain are empty, or 403 when forbidden.
+// serves it), or 403 for an empty self; its intentions, discovery chain
+// and mesh config entries are empty, or 403 when forbidden.
 func fakeAgent(t *testing.T, self string, forbidden bool) mesh.IntentionsAgent {
 	t.Helper()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -31,6 +31,8 @@ func fakeAgent(t *testing.T, self string, forbidden bool) mesh.IntentionsAgent {
 			fmt.Fprint(w, `[]`)
 		case r.URL.Path == "/v1/discovery-chain/api":
 			fmt.Fprint(w, `{"Chain": {"ServiceName": "api", "Protocol": "tcp"}}`)
+		case r.URL.Path == "/v1/config/mesh":
+			fmt.Fprint(w, `[]`)
 		default:
 			http.NotFound(w, r)
 		}

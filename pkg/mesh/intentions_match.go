@@ -55,6 +55,9 @@ type rules struct {
 	protocol string
 	// def is the decision when no intention matches.
 	def Decision
+	// norm is how a request's path is normalized before it is judged
+	// (Normalization.Path): the path Envoy's url_path matcher sees.
+	norm Normalization
 }
 
 // sourceRule is one source of a service-intentions entry.
@@ -136,7 +139,7 @@ func (s *rules) decide(source string, r *http.Request) Decision {
 	case src.jwt != nil:
 		return *src.jwt
 	}
-	path := requestPath(r) // once for every permission's path and :path rules
+	path := s.norm.judged(r) // once for every permission's path and :path rules
 	for i := range src.perms {
 		p := &src.perms[i]
 		if p.matches(r, path) {
@@ -193,19 +196,6 @@ func (p *permission) matches(r *http.Request, path string) bool {
 		}
 	}
 	return true
-}
-
-// requestPath is the path Envoy's url_path matcher sees: the request's
-// path as sent (rawPath), without the query, normalized (CanonicalPath) as
-// Consul has Envoy normalize it for every inbound listener. A path that
-// cannot be normalized is judged as sent; the mesh's listener answers it
-// 400 before any intention is asked.
-func requestPath(r *http.Request) string {
-	p := RawPath(r)
-	if c, err := CanonicalPath(p); err == nil {
-		return c
-	}
-	return p
 }
 
 // RawPath is r's path as the client wrote it, without the query: from its

@@ -66,12 +66,22 @@ func contains(s []int, v int) bool {
 	return false
 }
 
-// run runs an Authorizer of destination until t ends, and waits until it
-// is ready.
+// run runs an Authorizer of destination on a until t ends, and waits
+// until it is ready.
 func run(t *testing.T, a *consultest.Agent, destination string) (*mesh.Authorizer, *logtest.Buffer) {
 	t.Helper()
+	auth, logs := runAuthorizer(t, client(t, a), destination)
+	if !eventually(10*time.Second, auth.Ready) {
+		t.Fatalf("Authorizer(%s).Ready(): still false after 10s; log:\n%s", destination, logs)
+	}
+	return auth, logs
+}
+
+// runAuthorizer runs an Authorizer of destination on agent until t ends.
+func runAuthorizer(t *testing.T, agent mesh.IntentionsAgent, destination string) (*mesh.Authorizer, *logtest.Buffer) {
+	t.Helper()
 	log, logs := logtest.New()
-	auth := mesh.NewAuthorizer(client(t, a), destination, log)
+	auth := mesh.NewAuthorizer(agent, destination, log)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -82,9 +92,6 @@ func run(t *testing.T, a *consultest.Agent, destination string) (*mesh.Authorize
 		cancel()
 		<-done
 	})
-	if !eventually(10*time.Second, auth.Ready) {
-		t.Fatalf("Authorizer(%s).Ready(): still false after 10s; log:\n%s", destination, logs)
-	}
 	return auth, logs
 }
 
@@ -309,4 +316,33 @@ func TestAuthorizerL7(t *testing.T) {
 	// Deleting the entry takes effect too.
 	consul(t, agent, "", nil, "config", "delete", "-kind", "service-intentions", "-name", "api")
 	decidesWithin(t, auth, within, "web", "POST /public/form", "default (ACLs off: allow)")
+}
+
+// Against a real agent: the mesh config entry is followed, listed so that
+// its absence is an answer too; an agent older than the request
+// normalization (Consul 1.20) keeps an entry without it, which is Consul's
+// default normalization.
+func TestAuthorizerReadsTheMeshConfigEntry(t *testing.T) {
+	agent := consultest.Start(t)
+	c := client(t, agent)
+	n, index, err := c.Normalization(context.Background(), mesh.Query{})
+	if err != nil || n != (mesh.Normalization{}) || index == 0 {
+		t.Fatalf("no mesh config entry: Normalization() = %s, index %d, %v; want the default and an index", n, index, err)
+	}
+	auth, logs := run(t, agent, "api")
+	consul(t, agent, `Kind = "mesh"
+HTTP {
+  SanitizeXForwardedClientCert = true
+}
+`, nil, "config", "write", "-")
+	n, after, err := c.Normalization(context.Background(), mesh.Query{})
+	if err != nil || n != (mesh.Normalization{}) || after <= index {
+		t.Fatalf("a mesh config entry without request normalization: Normalization() = %s, index %d (before: %d), %v", n, after, index, err)
+	}
+	if !eventually(5*time.Second, func() bool { return strings.Count(logs.String(), "request normalization read") >= 1 }) {
+		t.Errorf("no log of the normalization read; log:\n%s", logs)
+	}
+	if got := auth.Normalization(); got != (mesh.Normalization{}) {
+		t.Errorf("Authorizer.Normalization() = %s, want the default", got)
+	}
 }

@@ -98,11 +98,13 @@ func (m *meshSide) listen(s *Sidecar, app http.Handler) error {
 // gate authorizes each request of the TLS listener by the mesh's
 // intentions: the caller is the service its certificate names; a caller
 // the intentions do not allow is answered 403 not_authorized (gRPC:
-// PERMISSION_DENIED) and counted, and never reaches the app. The path is
-// normalized first (mesh.CanonicalPath: escapes of unreserved characters
-// decoded, dot segments removed), and the app is sent the path the
-// intentions judged: "/public/../admin" or "/%61dmin" cannot pass a deny
-// of "/admin" and then reach the app's /admin.
+// PERMISSION_DENIED) and counted, and never reaches the app. The request
+// is first normalized as the mesh config entry asks of Consul's proxies
+// (mesh.Normalization: headers with underscores, escaped slashes, then
+// the path normalized, mesh.CanonicalPath, unless turned off, then
+// slashes merged), and the app is sent the path the intentions judged:
+// "/public/../admin" or "/%61dmin" cannot pass a deny of "/admin" and then
+// reach the app's /admin.
 func (m *meshSide) gate(app http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		cs := downstream.PeerTLS(r)
@@ -115,8 +117,7 @@ func (m *meshSide) gate(app http.Handler) http.Handler {
 			refuse(w, r, forward.Refuse(forward.ReasonNotAuthorized, "", "the caller's certificate names no service: "+err.Error()))
 			return
 		}
-		if err := canonicalizePath(r); err != nil {
-			refuse(w, r, forward.Refuse(forward.ReasonBadRequest, "", err.Error()))
+		if !normalize(w, r, m.authz.Normalization()) {
 			return
 		}
 		d := m.authz.AuthorizeCaller(caller, r)
@@ -130,6 +131,55 @@ func (m *meshSide) gate(app http.Handler) http.Handler {
 	})
 }
 
+// normalize makes r what the intentions judge and the app is sent, as n
+// asks: headers with an underscore in their name refused or dropped, and
+// the path normalized (n.Path). A request n refuses is answered 400, one
+// it redirects 307 to its path normalized (a gRPC call, which cannot
+// follow it, 400), as Envoy answers them; false then.
+func normalize(w http.ResponseWriter, r *http.Request, n mesh.Normalization) bool {
+	switch n.HeadersWithUnderscoresAction {
+	case mesh.UnderscoresReject:
+		if name := mesh.Underscored(r.Header); name != "" {
+			refuse(w, r, forward.Refuse(forward.ReasonBadRequest, "", "the header "+strconv.Quote(name)+
+				" has an underscore in its name, which the mesh's configuration refuses (headers_with_underscores_action "+mesh.UnderscoresReject+")"))
+			return false
+		}
+	case mesh.UnderscoresDrop:
+		mesh.DropUnderscored(r.Header)
+	}
+	raw := mesh.RawPath(r)
+	path, outcome, err := n.Path(raw)
+	switch {
+	case outcome == mesh.PathReject:
+		refuse(w, r, forward.Refuse(forward.ReasonBadRequest, "", err.Error()))
+		return false
+	case outcome == mesh.PathRedirect && upstream.IsGRPC(r):
+		refuse(w, r, forward.Refuse(forward.ReasonBadRequest, "",
+			"the path has an escaped slash or backslash, which the mesh's configuration redirects (path_with_escaped_slashes_action "+
+				mesh.EscapedSlashesRedirect+"), and a gRPC call cannot follow a redirect"))
+		return false
+	case path == raw:
+		return true
+	}
+	unescaped, err := url.PathUnescape(path)
+	if err != nil {
+		refuse(w, r, forward.Refuse(forward.ReasonBadRequest, "", err.Error()))
+		return false
+	}
+	r.URL.Path, r.URL.RawPath = unescaped, path
+	r.RequestURI = r.URL.RequestURI()
+	if outcome == mesh.PathRedirect {
+		if v := downstream.TakeVerdict(r); v.Reason != "" {
+			forward.WriteError(w, r, forward.Refuse(forward.ReasonBadRequest, "", v.Reason))
+			return false
+		}
+		w.Header().Set("Location", r.RequestURI)
+		w.WriteHeader(http.StatusTemporaryRedirect)
+		return false
+	}
+	return true
+}
+
 // refuse answers a request the mesh stops before the proxy behind it runs.
 // The request's framing verdict is taken here, as the proxy would have
 // taken it (left queued, every refused request on a connection would keep
@@ -140,23 +190,6 @@ func refuse(w http.ResponseWriter, r *http.Request, e *forward.LocalError) {
 		e = forward.Refuse(forward.ReasonBadRequest, "", v.Reason)
 	}
 	forward.WriteError(w, r, e)
-}
-
-// canonicalizePath rewrites r's path to its canonical form, the one the
-// intentions judge, so that the app is sent that path.
-func canonicalizePath(r *http.Request) error {
-	raw := mesh.RawPath(r)
-	canon, err := mesh.CanonicalPath(raw)
-	if err != nil || canon == raw {
-		return err
-	}
-	path, err := url.PathUnescape(canon)
-	if err != nil {
-		return err
-	}
-	r.URL.Path, r.URL.RawPath = path, canon
-	r.RequestURI = r.URL.RequestURI()
-	return nil
 }
 
 // start follows the identity and the intentions until stop.
