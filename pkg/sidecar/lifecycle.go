@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/http"
 	"time"
+
+	"github.com/sidecar-mesh/sidecar/internal/execpages"
 )
 
 // Run serves, registers the app in Consul, and waits until ctx ends or the
@@ -28,6 +30,13 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		"admin", s.adminLn.Addr().String(), "health", s.healthLn.Addr().String(), "metrics", s.metricLn.Addr().String(),
 		"probes", len(s.probers), "static_services", len(s.static.Services()), "consul", s.consul != nil,
 		"registered", s.reg.Load() != nil)
+	// Started: the executable's pages that only starting used go back
+	// (about 2 MB of the resident set under load).
+	if n, err := execpages.Release(); err != nil {
+		s.log.Debug("executable pages not released", "err", err.Error())
+	} else {
+		s.log.Debug("executable pages released", "bytes", n)
+	}
 
 	select {
 	case <-ctx.Done():
