@@ -206,7 +206,7 @@ Sources = [{
 	// dot segments) the denied one is still denied, and the app is sent
 	// the path the intentions judged.
 	for _, path := range []string{"/public/admin", "/public/%61dmin", "/public/./admin", "/public/x/../admin",
-		"/public/%2e%2e/public/admin/users"} {
+		"/public/%2e%2e/public/admin/users", "/public/x/..;/admin", "/public/x/.%2e;jsessionid=1/admin"} {
 		if code, body, reason := web.call(c, "GET", "api", path); code != 403 || reason != "not_authorized" {
 			t.Errorf("GET %s under a deny of /public/admin: %d %s %q, want 403 not_authorized", path, code, reason, body)
 		}

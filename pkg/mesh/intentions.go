@@ -175,8 +175,8 @@ func Check(ctx context.Context, agent IntentionsAgent, source, destination strin
 		return Decision{}, err
 	}
 	norm, _, err := readNormalization(ctx, agent, Query{})
-	if err != nil && !errors.Is(err, ErrACLDenied) {
-		return Decision{}, err // denied: Consul's default, as for an Authorizer
+	if err != nil {
+		return Decision{}, err
 	}
 	s, err := compile(destination, entries, protocol, def)
 	if err != nil {
@@ -234,33 +234,22 @@ func (a *Authorizer) askProtocol(ctx context.Context, q Query) (uint64, error) {
 }
 
 // askNormalization is one blocking query of the mesh config entry, for its
-// request normalization. A token the agent refuses it to (no mesh:read)
-// gets Consul's default, said in the log, and is asked again after a
-// blocking query's wait.
+// request normalization. Any token may read it (Consul asks no
+// permission of it): a refusal is the token itself gone, and like any
+// failure it leaves the normalization held in force.
 func (a *Authorizer) askNormalization(ctx context.Context, q Query) (uint64, error) {
 	norm, last, err := readNormalization(ctx, a.agent, q)
-	denied := errors.Is(err, ErrACLDenied)
-	if denied {
-		norm, last, err = Normalization{}, q.Index, nil
-	}
-	if err != nil || (q.Index != 0 && last == q.Index && !denied) {
+	if err != nil || (q.Index != 0 && last == q.Index) {
 		return last, err // the wait ended with nothing new
 	}
 	a.mu.Lock()
 	changed := a.norm == nil || *a.norm != norm
 	a.norm = &norm
 	a.mu.Unlock()
-	switch {
-	case denied && changed:
-		a.log.Warn("the mesh config entry is not readable with this token (mesh:read): Consul's default request normalization applies",
-			"normalization", norm.String())
-	case changed:
+	if changed {
 		a.log.Info("request normalization read from the mesh config entry", "normalization", norm.String())
 	}
 	a.build()
-	if denied && !pauseCtx(ctx, q.Wait) {
-		return last, ctx.Err()
-	}
 	return last, nil
 }
 

@@ -21,7 +21,8 @@ type Normalization struct {
 	MergeSlashes bool
 	// PathWithEscapedSlashesAction says what becomes of a path with an
 	// escaped slash or backslash (%2F, %5C): one of the EscapedSlashes
-	// constants; "" is EscapedSlashesKeep, Envoy's default.
+	// constants; "" and EscapedSlashesDefault are EscapedSlashesKeep,
+	// Envoy's default.
 	PathWithEscapedSlashesAction string
 	// HeadersWithUnderscoresAction says what becomes of a header whose
 	// name has an underscore: one of the Underscores constants; "" is
@@ -31,6 +32,8 @@ type Normalization struct {
 
 // Envoy's path_with_escaped_slashes_action, as Consul names its values.
 const (
+	// EscapedSlashesDefault is Envoy's default, which keeps them.
+	EscapedSlashesDefault = "IMPLEMENTATION_SPECIFIC_DEFAULT"
 	// EscapedSlashesKeep leaves escaped slashes as they are.
 	EscapedSlashesKeep = "KEEP_UNCHANGED"
 	// EscapedSlashesReject refuses a request whose path has one (400).
@@ -58,7 +61,7 @@ const (
 // out.
 func (n Normalization) String() string {
 	slashes, underscores := n.PathWithEscapedSlashesAction, n.HeadersWithUnderscoresAction
-	if slashes == "" {
+	if slashes == "" || slashes == EscapedSlashesDefault {
 		slashes = EscapedSlashesKeep
 	}
 	if underscores == "" {
@@ -71,10 +74,10 @@ func (n Normalization) String() string {
 // Validate reports a value Consul would not accept, naming its field.
 func (n Normalization) Validate() error {
 	switch n.PathWithEscapedSlashesAction {
-	case "", EscapedSlashesKeep, EscapedSlashesReject, EscapedSlashesRedirect, EscapedSlashesForward:
+	case "", EscapedSlashesDefault, EscapedSlashesKeep, EscapedSlashesReject, EscapedSlashesRedirect, EscapedSlashesForward:
 	default:
-		return fmt.Errorf("mesh config entry: http.incoming.request_normalization.path_with_escaped_slashes_action %q, want one of %s, %s, %s, %s",
-			n.PathWithEscapedSlashesAction, EscapedSlashesKeep, EscapedSlashesReject, EscapedSlashesRedirect, EscapedSlashesForward)
+		return fmt.Errorf("mesh config entry: http.incoming.request_normalization.path_with_escaped_slashes_action %q, want one of %s, %s, %s, %s, %s",
+			n.PathWithEscapedSlashesAction, EscapedSlashesDefault, EscapedSlashesKeep, EscapedSlashesReject, EscapedSlashesRedirect, EscapedSlashesForward)
 	}
 	switch n.HeadersWithUnderscoresAction {
 	case "", UnderscoresAllow, UnderscoresReject, UnderscoresDrop:
@@ -106,7 +109,7 @@ const (
 // merged. A malformed escape is PathReject, with the error saying why.
 func (n Normalization) Path(p string) (string, PathOutcome, error) {
 	outcome := PathServe
-	if a := n.PathWithEscapedSlashesAction; a != "" && a != EscapedSlashesKeep {
+	if a := n.PathWithEscapedSlashesAction; a != "" && a != EscapedSlashesKeep && a != EscapedSlashesDefault {
 		if q, found := unescapeSlashes(p); found {
 			switch a {
 			case EscapedSlashesReject:

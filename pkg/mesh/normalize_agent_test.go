@@ -2,6 +2,7 @@ package mesh_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -122,23 +123,29 @@ func TestAuthorizerFollowsRequestNormalization(t *testing.T) {
 	}
 }
 
-// A token that may not read the mesh config entry (no mesh:read) gets
-// Consul's default normalization, said in the log; the sidecar is not
-// held back from ready by it.
-func TestRequestNormalizationNotReadable(t *testing.T) {
-	_, client := newMeshEntryAgent(t, "", http.StatusForbidden)
+// A refused read (Consul lets every token read the mesh config entry: a
+// refusal is the token itself gone) is a failure like any other: before
+// the first read the Authorizer is not ready (it denies), and after it
+// the normalization held stays in force.
+func TestRequestNormalizationRefused(t *testing.T) {
+	agent, client := newMeshEntryAgent(t, "", http.StatusForbidden)
 	auth, logs := runAuthorizer(t, client, "api")
+	if eventually(300*time.Millisecond, auth.Ready) {
+		t.Fatalf("ready with the mesh config entry refused; log:\n%s", logs)
+	}
+	if _, err := mesh.Check(context.Background(), client, "web", "api", request("GET /admin")); !errors.Is(err, mesh.ErrACLDenied) {
+		t.Errorf("Check with the entry refused: %v, want ErrACLDenied", err)
+	}
+	agent.set(mergeAndForward, 0)
 	if !eventually(10*time.Second, auth.Ready) {
-		t.Fatalf("not ready; log:\n%s", logs)
+		t.Fatalf("not ready once the entry was read; log:\n%s", logs)
 	}
-	if got := auth.Normalization(); got != (mesh.Normalization{}) {
-		t.Errorf("Normalization() = %s, want the default", got)
+	held := auth.Normalization()
+	agent.set("", http.StatusForbidden)
+	if !eventually(10*time.Second, func() bool { return strings.Contains(logs.String(), "lacks permission") }) {
+		t.Fatalf("no log of the refusal; log:\n%s", logs)
 	}
-	if !strings.Contains(logs.String(), "mesh:read") {
-		t.Errorf("no warning naming mesh:read; log:\n%s", logs)
-	}
-	// Check, as the CLI runs it, decides with the default too.
-	if _, err := mesh.Check(context.Background(), client, "web", "api", request("GET /admin")); err != nil {
-		t.Errorf("Check: %v", err)
+	if got := auth.Normalization(); got != held || !got.MergeSlashes {
+		t.Errorf("after a refusal: Normalization() = %s, want the one held, %s", got, held)
 	}
 }

@@ -41,6 +41,8 @@ func TestNormalizationPath(t *testing.T) {
 		{redirect, "/a%2F%2Fb", "/a/b", PathRedirect},
 		{redirect, "/a//b", "/a/b", PathServe}, // merged, but no escaped slash: served
 		{keep, "/a%2Fb", "/a%2Fb", PathServe},
+		{Normalization{PathWithEscapedSlashesAction: EscapedSlashesDefault, MergeSlashes: true}, "/a%2F/b//c", "/a%2F/b/c", PathServe},
+		{Normalization{}, "/admin%00", "/admin%00", PathReject},
 		{Normalization{}, "/a%zz", "/a%zz", PathReject},
 		{raw, "/a%zz", "/a%zz", PathServe}, // nothing decodes it
 	} {
@@ -85,7 +87,8 @@ func TestIntentionsJudgeTheNormalizedPath(t *testing.T) {
 
 // A value Consul would not accept is refused, naming the field.
 func TestNormalizationValidate(t *testing.T) {
-	for _, n := range []Normalization{{}, {PathWithEscapedSlashesAction: EscapedSlashesRedirect, HeadersWithUnderscoresAction: UnderscoresDrop}} {
+	for _, n := range []Normalization{{}, {PathWithEscapedSlashesAction: EscapedSlashesRedirect, HeadersWithUnderscoresAction: UnderscoresDrop},
+		{PathWithEscapedSlashesAction: EscapedSlashesDefault}} { // what Consul's getter gives for an empty field
 		if err := n.Validate(); err != nil {
 			t.Errorf("%s: %v", n, err)
 		}

@@ -8,40 +8,82 @@ import (
 // errBadEscape is a percent sign not followed by two hex digits.
 var errBadEscape = errors.New("a '%' in the path is not followed by two hex digits")
 
+// errNUL is an escaped NUL byte, which Envoy's canonicalizer refuses.
+var errNUL = errors.New("the path has an escaped NUL byte (%00)")
+
 // CanonicalPath is the path the intentions judge and the app is sent: an
 // escaped request path normalized as Envoy's normalize_path does it (RFC
 // 3986 section 6), which Consul turns on for every service's inbound
 // listener since the L7 intentions bypass of CVE-2024-10005: escapes of
 // unreserved characters decoded ("/%61dmin" is "/admin"), the remaining
-// escapes in upper case, backslashes as slashes, then dot segments
-// removed ("/public/../admin" is "/admin"). Escaped slashes (%2F, %5C)
-// stay escaped and adjacent slashes are not merged, Consul's defaults. A
-// path that does not start with "/" ("*") is returned as it is. It fails
-// on a malformed escape.
+// escapes kept as written, backslashes as slashes, bytes that may not
+// stand in a path unescaped escaped ("{" is "%7B"), then dot segments
+// removed ("/public/../admin" is "/admin"), a dot segment with path
+// parameters among them ("/public/..;x/admin" is "/admin", as Tomcat
+// reads it). Escaped slashes (%2F, %5C) stay escaped and adjacent slashes
+// are not merged, Consul's defaults. A path that does not start with "/"
+// ("*") is returned as it is. It fails on a malformed escape and on an
+// escaped NUL.
+//
+// The escaping makes the result a path Go's URL keeps as written
+// (URL.EscapedPath): the path the app is sent is the path judged, byte for
+// byte.
 func CanonicalPath(p string) (string, error) {
-	if !strings.HasPrefix(p, "/") || !strings.ContainsAny(p, "%\\") && !strings.Contains(p, "/.") {
-		return p, nil // nothing to decode, no dot segment: most paths, gRPC's among them
+	if !strings.HasPrefix(p, "/") || plain(p) {
+		return p, nil // nothing to decode or escape, no dot segment: most paths, gRPC's among them
 	}
+	const hex = "0123456789ABCDEF"
 	b := make([]byte, 0, len(p))
 	for i := 0; i < len(p); i++ {
-		switch c := p[i]; c {
-		case '%':
+		switch c := p[i]; {
+		case c == '%':
 			if i+2 >= len(p) || !isHex(p[i+1]) || !isHex(p[i+2]) {
 				return "", errBadEscape
 			}
-			if v := unhex(p[i+1])<<4 | unhex(p[i+2]); unreserved(v) {
+			v := unhex(p[i+1])<<4 | unhex(p[i+2])
+			switch {
+			case v == 0:
+				return "", errNUL
+			case unreserved(v):
 				b = append(b, v)
-			} else {
-				b = append(b, '%', upperHex(p[i+1]), upperHex(p[i+2]))
+			default:
+				b = append(b, '%', p[i+1], p[i+2])
 			}
 			i += 2
-		case '\\':
+		case c == '\\':
 			b = append(b, '/')
+		case !pathByte(c):
+			b = append(b, '%', hex[c>>4], hex[c&15])
 		default:
 			b = append(b, c)
 		}
 	}
 	return removeDotSegments(string(b)), nil
+}
+
+// plain reports whether p needs no work: no escape, backslash or byte to
+// escape, and no dot segment.
+func plain(p string) bool {
+	for i := 0; i < len(p); i++ {
+		if c := p[i]; c == '%' || c == '\\' || !pathByte(c) {
+			return false
+		}
+	}
+	return !strings.Contains(p, "/.")
+}
+
+// pathByte reports whether c may stand unescaped in a path as Go's URL
+// writes one (net/url's validEncoding): RFC 3986's unreserved and
+// sub-delims, ':', '@' and '/'.
+func pathByte(c byte) bool {
+	if unreserved(c) {
+		return true
+	}
+	switch c {
+	case '/', ':', '@', '!', '$', '&', '\'', '(', ')', '*', '+', ',', ';', '=':
+		return true
+	}
+	return false
 }
 
 // removeDotSegments is RFC 3986's remove_dot_segments (5.2.4) for a path
@@ -56,7 +98,7 @@ func removeDotSegments(p string) string {
 	out := make([]string, 0, len(segs))
 	for i, s := range segs {
 		last := i == len(segs)-1
-		switch s {
+		switch dotSegment(s) {
 		case ".":
 		case "..":
 			if len(out) > 0 {
@@ -71,6 +113,15 @@ func removeDotSegments(p string) string {
 		}
 	}
 	return "/" + strings.Join(out, "/")
+}
+
+// dotSegment is s without its path parameters when that makes it a dot
+// segment ("..;jsessionid=x" is ".."), else s.
+func dotSegment(s string) string {
+	if name, _, ok := strings.Cut(s, ";"); ok && (name == "." || name == "..") {
+		return name
+	}
+	return s
 }
 
 // unreserved is RFC 3986's unreserved: ALPHA / DIGIT / "-" / "." / "_" / "~".
@@ -92,11 +143,4 @@ func unhex(c byte) byte {
 	default:
 		return c - 'A' + 10
 	}
-}
-
-func upperHex(c byte) byte {
-	if 'a' <= c && c <= 'f' {
-		return c - 'a' + 'A'
-	}
-	return c
 }

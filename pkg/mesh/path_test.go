@@ -10,8 +10,9 @@ func TestCanonicalPath(t *testing.T) {
 		"/public/page":         "/public/page",
 		"/%61dmin":             "/admin",
 		"/%7Euser/%2d%5F":      "/~user/-_",
-		"/a%2fb":               "/a%2Fb", // an escaped slash stays escaped
-		"/a%5cb":               "/a%5Cb",
+		"/a%2fb":               "/a%2fb", // an escaped slash stays escaped, as written
+		"/a%5Cb":               "/a%5Cb",
+		"/%5c%25":              "/%5c%25",
 		"/a%20b":               "/a%20b",
 		"/a\\b":                "/a/b",
 		"/a/./b":               "/a/b",
@@ -27,14 +28,24 @@ func TestCanonicalPath(t *testing.T) {
 		"/a/..b/c":             "/a/..b/c",
 		"/file.txt":            "/file.txt",
 		"*":                    "*",
-		"/a%2e%2e%2fb":         "/a..%2Fb",
+		"/a%2e%2e%2fb":         "/a..%2fb",
+		"/a{b}|c^d":            "/a%7Bb%7D%7Cc%5Ed", // bytes a path may not hold unescaped
+		"/a b\"<>`":            "/a%20b%22%3C%3E%60",
+		"/\xc3\xbc":            "/%C3%BC",
+		"/a[b]":                "/a%5Bb%5D",
+		"/a:b@c!$&'()*+,;=":    "/a:b@c!$&'()*+,;=",
+		"/public/..;x=1/admin": "/admin", // a dot segment with parameters, as Tomcat reads it
+		"/a/.;x/b":             "/a/b",
+		"/a/..;/b/..;":         "/",
+		"/a/...;/b":            "/a/...;/b",
+		"/a;x/../b":            "/b",
 	} {
 		got, err := CanonicalPath(in)
 		if err != nil || got != want {
 			t.Errorf("CanonicalPath(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"/a%", "/a%4", "/a%zz", "/%g0"} {
+	for _, bad := range []string{"/a%", "/a%4", "/a%zz", "/%g0", "/admin%00", "/xyz/.%00../abc"} {
 		if got, err := CanonicalPath(bad); err == nil {
 			t.Errorf("CanonicalPath(%q) = %q, want an error", bad, got)
 		}

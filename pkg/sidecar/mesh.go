@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -148,6 +149,15 @@ func normalize(w http.ResponseWriter, r *http.Request, n mesh.Normalization) boo
 		mesh.DropUnderscored(r.Header)
 	}
 	raw := mesh.RawPath(r)
+	if raw == "" {
+		raw = "/" // an absolute URL without a path: "/" is what is sent
+	}
+	if !strings.HasPrefix(raw, "/") || strings.IndexByte(raw, '#') >= 0 {
+		// "*", or a fragment, which no client sends: Envoy refuses both.
+		refuse(w, r, forward.Refuse(forward.ReasonBadRequest, "", "the request's path "+strconv.Quote(raw)+
+			" is not a path the mesh serves (it must start with '/' and carry no fragment)"))
+		return false
+	}
 	path, outcome, err := n.Path(raw)
 	switch {
 	case outcome == mesh.PathReject:
@@ -158,16 +168,26 @@ func normalize(w http.ResponseWriter, r *http.Request, n mesh.Normalization) boo
 			"the path has an escaped slash or backslash, which the mesh's configuration redirects (path_with_escaped_slashes_action "+
 				mesh.EscapedSlashesRedirect+"), and a gRPC call cannot follow a redirect"))
 		return false
-	case path == raw:
-		return true
 	}
-	unescaped, err := url.PathUnescape(path)
-	if err != nil {
-		refuse(w, r, forward.Refuse(forward.ReasonBadRequest, "", err.Error()))
-		return false
+	// The app must be sent the path judged, byte for byte: the URL's
+	// escaped path is what the request to it carries, and Go rebuilds it
+	// from the decoded path when the escaped one is not a valid encoding
+	// ("/a%2Fb{" would go out as "/a/b%7B": a slash the intentions never
+	// saw). A path that cannot go out as judged is refused.
+	if r.URL.EscapedPath() != path {
+		unescaped, err := url.PathUnescape(path)
+		if err != nil {
+			refuse(w, r, forward.Refuse(forward.ReasonBadRequest, "", err.Error()))
+			return false
+		}
+		r.URL.Path, r.URL.RawPath = unescaped, path
+		if r.URL.EscapedPath() != path {
+			refuse(w, r, forward.Refuse(forward.ReasonBadRequest, "", "the request's path "+strconv.Quote(raw)+
+				" cannot be sent on as the mesh judged it: escape its reserved characters"))
+			return false
+		}
+		r.RequestURI = r.URL.RequestURI()
 	}
-	r.URL.Path, r.URL.RawPath = unescaped, path
-	r.RequestURI = r.URL.RequestURI()
 	if outcome == mesh.PathRedirect {
 		if v := downstream.TakeVerdict(r); v.Reason != "" {
 			forward.WriteError(w, r, forward.Refuse(forward.ReasonBadRequest, "", v.Reason))

@@ -34,6 +34,11 @@ func TestMeshNormalizesRequests(t *testing.T) {
 			status: http.StatusTemporaryRedirect, path: "/a/b?q=1"},
 		{name: "redirect gRPC", n: mesh.Normalization{PathWithEscapedSlashesAction: mesh.EscapedSlashesRedirect}, target: "/pkg.Svc%2FM",
 			grpc: true, status: http.StatusBadRequest},
+		{name: "reserved bytes escaped", target: "/admin%2Fusers{", path: "/admin%2Fusers%7B"},
+		{name: "asterisk", target: "*", status: http.StatusBadRequest},
+		{name: "fragment", target: "/admin#x", status: http.StatusBadRequest},
+		{name: "absolute, no path", target: "http://api", path: "/"},
+		{name: "dot segment with parameters", target: "/public/..;x/admin", path: "/admin"},
 		{name: "underscores allowed", target: "/", header: "X_user: admin", path: "/", headerTo: true},
 		{name: "underscores dropped", n: mesh.Normalization{HeadersWithUnderscoresAction: mesh.UnderscoresDrop}, target: "/",
 			header: "X_user: admin", path: "/"},
@@ -58,7 +63,7 @@ func TestMeshNormalizesRequests(t *testing.T) {
 			case tt.status == 0 && !served:
 				t.Fatalf("refused: %d %s", w.Code, w.Body)
 			case tt.status == 0:
-				if got := r.URL.EscapedPath(); got != tt.path || r.RequestURI != r.URL.RequestURI() {
+				if got := r.URL.EscapedPath(); got != tt.path || (strings.HasPrefix(r.RequestURI, "/") && r.RequestURI != r.URL.RequestURI()) {
 					t.Errorf("the app is sent %q (request target %q), want %q", got, r.RequestURI, tt.path)
 				}
 				if name != "" && (r.Header[name] != nil) != tt.headerTo {
@@ -77,5 +82,37 @@ func TestMeshNormalizesRequests(t *testing.T) {
 				t.Errorf("Location %q, want %q", w.Header().Get("Location"), tt.path)
 			}
 		})
+	}
+}
+
+// Whatever the path, the app is sent the path the intentions judged,
+// byte for byte: Go's URL writes a path it holds as escaped only when that
+// is a valid encoding, else it escapes the decoded one again, which would
+// turn "%2F" into a slash the intentions never saw.
+func TestMeshSendsThePathJudged(t *testing.T) {
+	targets := []string{
+		"/admin%2Fusers{", "/a%2fb|c", "/a%2F^b", "/a%2F%7Bb", "/%2F%2F", "/a%5Cb`", "/a%2Fb\"x", "/x/%2e%2e%2Fadmin{",
+		"/a%2Fb%20c", "/a;b=c/%2F..", "/a%2Fb[1]", "/p%2fq/..;/r{", "/\xc3\xbc%2F", "/a%2Fb?q=%2F{",
+	}
+	for _, n := range []mesh.Normalization{{}, {MergeSlashes: true}, {PathWithEscapedSlashesAction: mesh.EscapedSlashesForward},
+		{InsecureDisablePathNormalization: true}} {
+		for _, target := range targets {
+			r := httptest.NewRequest("GET", target, nil)
+			w := httptest.NewRecorder()
+			if !normalize(w, r, n) {
+				if w.Code != http.StatusBadRequest {
+					t.Errorf("%s: GET %s: %d, want served or 400", n, target, w.Code)
+				}
+				continue
+			}
+			judged, _, err := n.Path(mesh.RawPath(r))
+			if err != nil {
+				t.Fatalf("%s: GET %s: judged after normalize: %v", n, target, err)
+			}
+			sent, _, _ := strings.Cut(r.URL.RequestURI(), "?")
+			if sent != judged || sent != r.URL.EscapedPath() {
+				t.Errorf("%s: GET %s: the app is sent %q, the intentions judge %q", n, target, sent, judged)
+			}
+		}
 	}
 }
