@@ -60,6 +60,9 @@
 #   sidecar-adaptive :18061  the sidecar with concurrency.adaptive: true and
 #                            nothing tuned by hand (maxInFlight at its
 #                            default, 1024, is the limit's ceiling)
+#   sidecar-defaults :18071  the sidecar on its default policy (maxInFlight
+#                            1024, a line of 1024 waiting up to 1s): what a
+#                            user who set nothing gets
 # and for the mesh phase only, two hops each, both pairs in front of the same
 # origin (every sidecar on its default policy, request metrics on, no tracing):
 #   consul           :18500  consul agent -dev (HTTP API; serf and server RPC on
@@ -140,6 +143,7 @@ readonly PORTS_1CPU=(18041 18040 18093 18023)
 readonly PORTS_OVERLOAD=(18031 18030 18092 18022)
 readonly PORTS_QUEUED=(18051 18050 18094 18024)
 readonly PORTS_ADAPTIVE=(18061 18060 18095 18025)
+readonly PORTS_DEFAULTS=(18071 18070 18096 18026)
 # Jaeger: OTLP gRPC, OTLP HTTP, query HTTP, query gRPC, health.
 readonly PORTS_JAEGER=(18317 18318 18686 18685 18133)
 # The mesh phase's Consul agent: HTTP, serf LAN, serf WAN, server RPC.
@@ -368,6 +372,7 @@ addr_of() {
 	sidecar-overload) echo "$HOST:${PORTS_OVERLOAD[0]}" ;;
 	sidecar-queued) echo "$HOST:${PORTS_QUEUED[0]}" ;;
 	sidecar-adaptive) echo "$HOST:${PORTS_ADAPTIVE[0]}" ;;
+	sidecar-defaults) echo "$HOST:${PORTS_DEFAULTS[0]}" ;;
 	mesh-plaintext) echo "$HOST:${PORTS_PLAIN_A[0]}" ;;
 	mesh-mtls) echo "$HOST:${PORTS_MTLS_A[0]}" ;;
 	haproxy) echo "$HOST:$PORT_HAPROXY" ;;
@@ -783,6 +788,16 @@ policies:
 	measured overload-adaptive sidecar-adaptive "$over" 1 "$f" "${ARGS[@]}" -out "$f"
 	log "overload with an adaptive limit at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
 	stop sidecar-adaptive
+
+	start_sidecar sidecar-defaults PORTS_DEFAULTS "$(tracing_yaml)"
+	check_contestant sidecar-defaults
+	openloop_args sidecar-defaults "$BENCH_OPEN_RATE" 3s "$BENCH_OPEN_CONNS"
+	"${ARGS[@]}" -strict -out "$WORK/runs/defaults-warmup.json" >/dev/null || die "sidecar-defaults: warm-up failed"
+	f=$WORK/runs/overload-defaults.json
+	openloop_args sidecar-defaults "$over" "$BENCH_OVERLOAD_DURATION" "$BENCH_OVERLOAD_CONNS"
+	measured overload-defaults sidecar-defaults "$over" 1 "$f" "${ARGS[@]}" -out "$f"
+	log "overload on the default policy at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
+	stop sidecar-defaults
 }
 
 # ---- mesh ------------------------------------------------------------------------------

@@ -10,8 +10,9 @@
 //
 // phase is closed (wrk, load = connections), open (openloop at load
 // requests per second), steady or overload (the overload sidecar at load
-// requests per second), overload-queued or overload-adaptive (its
-// variants with a line and with an adaptive limit); file is wrk's output or openloop's JSON, relative to
+// requests per second), overload-queued, overload-adaptive or
+// overload-defaults (its variants with a line, with an adaptive limit and
+// on the default policy); file is wrk's output or openloop's JSON, relative to
 // the runs file; cpu_s is the CPU time the contestant's processes used during
 // the run, hwm_kb their peak RSS summed and anon_kb their private
 // (anonymous) RSS at the end of the run (all empty for direct, which is the
@@ -189,7 +190,7 @@ func readRuns(path string) ([]*runRec, error) {
 		switch r.phase {
 		case "closed":
 			err = r.parseWrk(file)
-		case "open", "steady", "overload", "overload-queued", "overload-adaptive":
+		case "open", "steady", "overload", "overload-queued", "overload-adaptive", "overload-defaults":
 			err = r.parseOpen(file)
 		default:
 			err = fmt.Errorf("unknown phase %q", r.phase)
@@ -468,6 +469,9 @@ type overloadStat struct {
 	hwm float64
 }
 
+// defaultsLabel says what the default policy does with overload.
+const defaultsLabel = "maxInFlight 1024, a line of 1024 waiting up to 1s"
+
 func (rp *report) overloadRun(phase string) (overloadStat, bool) {
 	for _, r := range rp.runs {
 		if r.phase == phase {
@@ -567,6 +571,9 @@ func (rp *report) targets(b *strings.Builder) {
 		if a, ok := rp.overloadRun("overload-adaptive"); ok {
 			goodput(a, ", adaptive ("+rp.adaptive+")")
 		}
+		if d, ok := rp.overloadRun("overload-defaults"); ok {
+			goodput(d, ", default policy ("+defaultsLabel+")")
+		}
 		if st, ok := rp.overloadRun("steady"); ok {
 			r := ov.hwm / st.hwm
 			fmt.Fprintf(b, "| peak RSS at 2× overload ≤ %.0f× steady state | %s MB vs %s MB: %s× | %s |\n",
@@ -663,6 +670,9 @@ func (rp *report) overloadTable(b *strings.Builder) {
 	}
 	if a, ok := rp.overloadRun("overload-adaptive"); ok {
 		row("2× capacity, adaptive ("+rp.adaptive+")", a)
+	}
+	if d, ok := rp.overloadRun("overload-defaults"); ok {
+		row("2× capacity, default policy ("+defaultsLabel+")", d)
 	}
 	if len(o.ErrorKinds) > 0 || len(o.Statuses) > 0 {
 		fmt.Fprintf(b, "\nAnswers at 2× capacity by status: %s", kv(o.Statuses))

@@ -51,6 +51,7 @@ func TestReportFromEveryPhase(t *testing.T) {
 	add("overload", "sidecar-overload", 40000, write("over", open(900, 70000, 330000, 10)), "9.000", "30720", "10240")
 	add("overload-queued", "sidecar-queued", 40000, write("queued", open(900, 400000, 0, 20)), "9.000", "30720", "10240")
 	add("overload-adaptive", "sidecar-adaptive", 40000, write("adaptive", open(700, 190000, 210000, 10)), "9.000", "30720", "10240")
+	add("overload-defaults", "sidecar-defaults", 40000, write("defaults", open(900, 360000, 0, 20)), "9.000", "30720", "10240")
 	runs := write("runs.tsv", "phase\tcontestant\tload\tround\tfile\tcpu_s\tgen_cpu_s\thwm_kb\tanon_kb\n"+strings.Join(rows, "\n")+"\n")
 
 	rs, err := readRuns(filepath.Join(dir, runs))
@@ -71,6 +72,8 @@ func TestReportFromEveryPhase(t *testing.T) {
 		"| 2× capacity, with a line (maxQueued: 32) | 1000 | 400000 | 20000 | 100% | 0.0% |",
 		"| goodput at 2× overload ≥ 90% of capacity, adaptive (concurrency.adaptive: true) | 19000 req/s of 20000: 95% | **met** |",
 		"| 2× capacity, adaptive (concurrency.adaptive: true) | 1000 | 400000 | 19000 | 95% | 52.5% |",
+		"| goodput at 2× overload ≥ 90% of capacity, default policy (maxInFlight 1024, a line of 1024 waiting up to 1s) | 18000 req/s of 20000: 90% | **met** |",
+		"| 2× capacity, default policy (maxInFlight 1024, a line of 1024 waiting up to 1s) | 1000 | 360000 | 18000 | 90% | 0.0% |",
 		"![latency by percentile at 1000 req/s](latency.svg)",
 	} {
 		if !strings.Contains(md, want) {
