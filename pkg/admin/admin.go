@@ -8,6 +8,8 @@ import (
 	"errors"
 	"net/http"
 	"net/http/pprof"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
@@ -165,14 +167,16 @@ func Handler(s Sources) http.Handler {
 // sent on behalf of a page of another site: a Host that is not a loopback
 // name (DNS rebinding: attacker.example resolving to 127.0.0.1 makes the
 // browser treat the admin API as the attacker's own origin), an Origin that
-// is not a loopback page, or a Sec-Fetch-Site that says another site made
+// is not the admin API's own (a page of another local server, say a
+// developer's on localhost:3000, is another site, also in browsers that
+// send no Sec-Fetch-Site), or a Sec-Fetch-Site that says another site made
 // the request. Tools (curl, sidecar status, the hooks) send none of those.
 func sameHostOnly(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch origin := r.Header.Get("Origin"); {
 		case !loopback.Host(r.Host):
 			forbidden(w, "the admin API answers requests for localhost, 127.0.0.1 or [::1] only (Host "+policy.Quote(r.Host)+")")
-		case origin != "" && !loopback.Origin(origin):
+		case origin != "" && !sameOrigin(origin, r.Host):
 			forbidden(w, "the admin API refuses requests from web pages of other sites (Origin "+policy.Quote(origin)+")")
 		case crossSite(r.Header.Get("Sec-Fetch-Site")):
 			forbidden(w, "the admin API refuses requests from web pages of other sites (Sec-Fetch-Site "+policy.Quote(r.Header.Get("Sec-Fetch-Site"))+")")
@@ -180,6 +184,14 @@ func sameHostOnly(h http.Handler) http.Handler {
 			h.ServeHTTP(w, r)
 		}
 	})
+}
+
+// sameOrigin reports whether origin, a browser's Origin header, is the
+// admin API's own: http, a loopback host, and the host and port the
+// request was made to.
+func sameOrigin(origin, host string) bool {
+	u, err := url.Parse(origin)
+	return err == nil && u.Scheme == "http" && loopback.Origin(origin) && strings.EqualFold(u.Host, host)
 }
 
 // crossSite reports whether a browser's Sec-Fetch-Site says a page of
@@ -215,9 +227,15 @@ func serviceParam(w http.ResponseWriter, r *http.Request) (string, bool) {
 	return service, true
 }
 
+// tapWriteTimeout bounds each write of a tap: a client that stops reading
+// loses its tap then, which frees its slot and never holds the admin
+// server's shutdown longer.
+var tapWriteTimeout = 10 * time.Second
+
 // tap streams the requests f matches, one JSON line each, until the
-// client goes away or the recorder ends its taps (the admin server's
-// shutdown). The admin server's write timeout does not apply to it.
+// client goes away, stops reading for tapWriteTimeout, or the recorder
+// ends its taps (the admin server's shutdown). The admin server's write
+// timeout does not apply to it: each write has tapWriteTimeout.
 func tap(w http.ResponseWriter, r *http.Request, rec *requestlog.Recorder, f requestlog.TapFilter) {
 	t, err := rec.Tap(f)
 	switch {
@@ -230,7 +248,7 @@ func tap(w http.ResponseWriter, r *http.Request, rec *requestlog.Recorder, f req
 	}
 	defer t.Stop()
 	rc := http.NewResponseController(w)
-	_ = rc.SetWriteDeadline(time.Time{})
+	_ = rc.SetWriteDeadline(time.Now().Add(tapWriteTimeout))
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(http.StatusOK)
@@ -244,6 +262,7 @@ func tap(w http.ResponseWriter, r *http.Request, rec *requestlog.Recorder, f req
 			if !ok {
 				return
 			}
+			_ = rc.SetWriteDeadline(time.Now().Add(tapWriteTimeout))
 			if enc.Encode(req) != nil {
 				return
 			}
@@ -262,6 +281,7 @@ func tap(w http.ResponseWriter, r *http.Request, rec *requestlog.Recorder, f req
 
 func writeError(w http.ResponseWriter, status int, why string) {
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(map[string]string{"error": why})
@@ -269,6 +289,7 @@ func writeError(w http.ResponseWriter, status int, why string) {
 
 func forbidden(w http.ResponseWriter, why string) {
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(http.StatusForbidden)
 	_ = json.NewEncoder(w).Encode(map[string]string{"error": why})
@@ -276,6 +297,7 @@ func forbidden(w http.ResponseWriter, why string) {
 
 func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	_ = enc.Encode(v)

@@ -1,15 +1,20 @@
 package admin
 
 import (
+	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/sidecar-mesh/sidecar/internal/hostip"
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
+	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
 )
 
 // lifecycle is an admin API whose drain and quit count their calls.
@@ -62,6 +67,12 @@ func TestAdminRefusesOtherSites(t *testing.T) {
 		{"read from another site", "GET", "/config", "", map[string]string{"Origin": "https://attacker.example"}, 403, 0, 0},
 		{"fetch metadata: cross-site", "POST", "/drain", "", map[string]string{"Sec-Fetch-Site": "cross-site"}, 403, 0, 0},
 		{"fetch metadata: same-site", "POST", "/quitquitquit", "", map[string]string{"Sec-Fetch-Site": "same-site", "Origin": "http://localhost:8080"}, 403, 0, 0},
+		// Browsers that send no fetch metadata: the Origin alone must be the
+		// admin API's own.
+		{"page of another local server", "POST", "/drain", "", map[string]string{"Origin": "http://localhost:3000"}, 403, 0, 0},
+		{"another port of this host", "POST", "/quitquitquit", "", map[string]string{"Origin": "http://127.0.0.1:1"}, 403, 0, 0},
+		{"another name of this host", "POST", "/drain", "", map[string]string{"Origin": "http://localhost:" + port}, 403, 0, 0},
+		{"https page of this host", "GET", "/config", "", map[string]string{"Origin": "https://127.0.0.1:" + port}, 403, 0, 0},
 		{"drain is POST only", "GET", "/drain", "", nil, 405, 0, 0},
 		{"quit is POST only", "GET", "/quitquitquit", "", nil, 405, 0, 0},
 		{"drain", "POST", "/drain", "", nil, 200, 1, 0},
@@ -157,5 +168,65 @@ tracing: {endpoint: "https://user:u-s3cret@collector.example:4318"}
 	}
 	if cfg.Probes.Readiness.Headers["Authorization"] != "Bearer h-s3cret" || cfg.Tracing.Endpoint != "https://user:u-s3cret@collector.example:4318" {
 		t.Errorf("the configuration itself lost its values: %v %s", map[string]string(cfg.Probes.Readiness.Headers), string(cfg.Tracing.Endpoint))
+	}
+}
+
+// A tap client that stops reading loses its tap once a write has waited
+// tapWriteTimeout: its slot is free again, and the admin server's
+// shutdown is not held by it.
+func TestStalledTapLetsGo(t *testing.T) {
+	defer func(d time.Duration) { tapWriteTimeout = d }(tapWriteTimeout)
+	tapWriteTimeout = 200 * time.Millisecond
+	rec := requestlog.New(requestlog.Config{MaxWatchers: 1, TapRate: 1 << 30})
+	defer rec.Close()
+	static, _ := discovery.NewStatic(nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: Handler(Sources{Config: func() any { return nil }, Resolver: discovery.Chain{static}, Requests: rec})}
+	srv.RegisterOnShutdown(rec.CloseTaps)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	defer func() { <-served }()
+	defer srv.Close()
+
+	// A client with a small receive buffer that asks for a tap and never
+	// reads it.
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024) })
+	}}
+	c, err := d.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET /tap HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+	for !rec.Wants() {
+		time.Sleep(5 * time.Millisecond)
+	}
+	path := "/" + strings.Repeat("a", 250)
+	for i := 0; rec.Wants(); i++ {
+		if i > 2_000_000 {
+			t.Fatal("the stalled tap still holds its slot after 2,000,000 requests")
+		}
+		rec.Record(&requestlog.Request{Service: "users", Method: "GET", Path: path, Status: 503})
+		if i%1000 == 0 {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	// The slot is free: a new tap is served.
+	resp, err := http.Get("http://" + ln.Addr().String() + "/tap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("a new tap after the stalled one: %d, want 200", resp.StatusCode)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
 	}
 }
