@@ -294,8 +294,12 @@ func rejectionNote(service string, r *policy.Rejection) string {
 	if r.Version != "" {
 		version = " version " + r.Version
 	}
+	lines := strings.Split(r.Error, "\n")
+	for i := range lines {
+		lines[i] = termSafe(lines[i])
+	}
 	return fmt.Sprintf("%s: the update from %s%s was rejected at %s; the policy before it stays in force:\n  %s",
-		service, r.Source, version, r.At.UTC().Format(time.RFC3339), strings.ReplaceAll(r.Error, "\n", "\n  "))
+		termSafe(service), termSafe(r.Source), termSafe(version), r.At.UTC().Format(time.RFC3339), strings.Join(lines, "\n  "))
 }
 
 func writeTableOrNone(w io.Writer, header []string, rows [][]string, none string) error {

@@ -123,10 +123,11 @@ func (o *tapOptions) print(line []byte) error {
 // attempts and, for a failure, why the chain stopped.
 func tapLine(r requestlog.Request) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s %s %s%s -> %s in %s", r.Time.UTC().Format("15:04:05.000"), r.Method, r.Service, r.Path, r.Answer(), requestlog.Millis(r.DurationMs))
+	fmt.Fprintf(&b, "%s %s %s%s -> %s in %s", r.Time.UTC().Format("15:04:05.000"), termSafe(r.Method), termSafe(r.Service), termSafe(r.Path),
+		termSafe(r.Answer()), requestlog.Millis(r.DurationMs))
 	var eps []string
 	for _, a := range r.Attempts {
-		eps = append(eps, a.Endpoint+" "+a.Outcome)
+		eps = append(eps, termSafe(a.Endpoint+" "+a.Outcome))
 	}
 	switch len(eps) {
 	case 0:
@@ -136,7 +137,7 @@ func tapLine(r requestlog.Request) string {
 		fmt.Fprintf(&b, " [%d attempts: %s]", len(eps), strings.Join(eps, ", "))
 	}
 	if r.Stop != "" {
-		fmt.Fprintf(&b, " stopped: %s", r.Stop)
+		fmt.Fprintf(&b, " stopped: %s", termSafe(r.Stop))
 	}
 	return b.String()
 }

@@ -96,7 +96,7 @@ func (o *whyOptions) run(ctx context.Context) error {
 // further attempt was made.
 func explain(r requestlog.Request, jaeger string) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s %s %s%s -> %s", r.Time.UTC().Format("15:04:05.000"), r.Method, r.Service, r.Path, r.Answer())
+	fmt.Fprintf(&b, "%s %s %s%s -> %s", r.Time.UTC().Format("15:04:05.000"), termSafe(r.Method), termSafe(r.Service), termSafe(r.Path), termSafe(r.Answer()))
 	switch n := len(r.Attempts); n {
 	case 0:
 		fmt.Fprintf(&b, " without an attempt in %s", requestlog.Millis(r.DurationMs))
@@ -109,19 +109,19 @@ func explain(r requestlog.Request, jaeger string) string {
 	for i, a := range r.Attempts {
 		fmt.Fprintf(&b, "  %d) ", i+1)
 		if why := a.Why(); why != "" {
-			b.WriteString(why + ", ")
+			b.WriteString(termSafe(why) + ", ")
 		}
-		fmt.Fprintf(&b, "%s %s (%s)", a.Endpoint, a.Outcome, requestlog.Millis(a.DurationMs))
+		fmt.Fprintf(&b, "%s %s (%s)", termSafe(a.Endpoint), termSafe(a.Outcome), requestlog.Millis(a.DurationMs))
 		if a.BreakerState != "" && a.BreakerState != "closed" {
 			fmt.Fprintf(&b, ", breaker %s", a.BreakerState)
 		}
 		b.WriteString("\n")
 	}
 	if s := r.StopWords(); s != "" {
-		fmt.Fprintf(&b, "  stopped: %s\n", s)
+		fmt.Fprintf(&b, "  stopped: %s\n", termSafe(s))
 	}
 	if r.Detail != "" {
-		fmt.Fprintf(&b, "  detail: %s\n", r.Detail)
+		fmt.Fprintf(&b, "  detail: %s\n", termSafe(r.Detail))
 	}
 	if r.TraceID != "" {
 		if jaeger != "" {

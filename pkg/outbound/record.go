@@ -91,7 +91,9 @@ func (ch *chain) record(c *call, req *http.Request, span trace.Span, start time.
 	}
 	out := new(requestlog.Request) // head stays on the stack for the calls not kept
 	*out = head
-	out.Time, out.Path, out.DurationMs = start, cut(req.URL.Path, requestlog.MaxPath), ms(time.Since(start))
+	// The path as sent, escaped: what a path holds (%0D%0A, an escape
+	// sequence) stays visible and inert wherever it is shown.
+	out.Time, out.Path, out.DurationMs = start, cut(req.URL.EscapedPath(), requestlog.MaxPath), ms(time.Since(start))
 	if span != nil {
 		if sc := span.SpanContext(); sc.IsSampled() {
 			out.TraceID = sc.TraceID().String()
