@@ -38,6 +38,10 @@ type Limits struct {
 	BodyReadTimeout time.Duration
 	// IdleTimeout closes keep-alive connections idle this long. Default 90s.
 	IdleTimeout time.Duration
+	// WriteTimeout bounds each wait to write an answer to the client (a
+	// client that stops reading), as nginx's send_timeout: the proxies'
+	// Forwarder applies it. Default 60s.
+	WriteTimeout time.Duration
 	// MaxHeaderBytes bounds a request's header block; larger gets 431. For
 	// HTTP/2 it is the header list limit announced to the client.
 	// Default 64 KiB.
@@ -57,6 +61,9 @@ func (l Limits) WithDefaults() Limits {
 	}
 	if l.IdleTimeout <= 0 {
 		l.IdleTimeout = 90 * time.Second
+	}
+	if l.WriteTimeout <= 0 {
+		l.WriteTimeout = 60 * time.Second
 	}
 	if l.MaxHeaderBytes <= 0 {
 		l.MaxHeaderBytes = 64 << 10

@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"golang.org/x/net/http/httpguts"
@@ -31,6 +32,47 @@ type Forwarder struct {
 	// OnError answers the client when the request could not be sent or
 	// answered.
 	OnError func(w http.ResponseWriter, r *http.Request, err error)
+	// WriteTimeout bounds every wait to write the answer to the client
+	// (nginx's send_timeout): a client that stops reading, say one that
+	// pipelines requests and never reads their answers, loses its
+	// connection then, rather than holding a slot of the proxy and a
+	// connection to the upstream for as long as it likes. A stream that
+	// is only quiet is not cut: the time counts while a write waits.
+	// Zero: no bound.
+	WriteTimeout time.Duration
+}
+
+// writeDeadline keeps the client's write deadline WriteTimeout ahead of
+// the answer's writes. On HTTP/1 the deadline bounds only writes under
+// way, so it is set when the answer starts and moved on as its body is
+// written, no more often than a quarter of the timeout (each move is a
+// timer change). On HTTP/2 a deadline resets the stream when it passes,
+// writing or not, so for a stream (which may be quiet for long) it is set
+// before each write and lifted after it; an answer of known length keeps
+// it moving as on HTTP/1.
+type writeDeadline struct {
+	w       http.ResponseWriter
+	timeout time.Duration
+	h2      bool
+	stream  bool
+	set     time.Time // when the deadline was last set; zero: not set
+}
+
+// before is called before a write of the answer.
+func (d *writeDeadline) before(now time.Time) {
+	if d.timeout <= 0 || !d.set.IsZero() && now.Sub(d.set) < d.timeout/4 {
+		return
+	}
+	d.set = now
+	_ = http.NewResponseController(d.w).SetWriteDeadline(now.Add(d.timeout))
+}
+
+// after is called once a write of the answer returned.
+func (d *writeDeadline) after() {
+	if d.timeout > 0 && d.h2 && d.stream && !d.set.IsZero() {
+		d.set = time.Time{}
+		_ = http.NewResponseController(d.w).SetWriteDeadline(time.Time{})
+	}
 }
 
 // Hop-by-hop headers (RFC 9110, 7.6.1) plus the ones proxies traditionally
@@ -93,7 +135,9 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, to http.Roun
 	}
 
 	resp, err := to.RoundTrip(out)
+	deadline := writeDeadline{w: w, timeout: f.WriteTimeout, h2: r.ProtoMajor == 2}
 	if err != nil {
+		deadline.before(time.Now())
 		f.OnError(w, r, downstream.Cause(r, err))
 		return
 	}
@@ -117,16 +161,18 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, to http.Roun
 			h["Trailer"] = []string{strings.Join(names, ", ")}
 		}
 	}
-	w.WriteHeader(resp.StatusCode)
-
 	flush := IsStream(resp)
+	deadline.stream = flush
+	deadline.before(time.Now())
+	w.WriteHeader(resp.StatusCode)
 	if flush && resp.Header.Get("Grpc-Status") == "" {
 		// A stream's headers go out at once: a bidi client may wait for
 		// them before it sends, a watch shows its metadata before the
 		// first event. (A gRPC trailers-only answer must stay one frame.)
 		_ = http.NewResponseController(w).Flush()
 	}
-	err = copyBody(w, resp.Body, flush)
+	deadline.after()
+	err = copyBody(w, resp.Body, flush, &deadline)
 	resp.Body.Close()
 	if err != nil {
 		// Too late for an error page: cut the connection so the client
@@ -172,8 +218,8 @@ func CopyRequest(r *http.Request) *http.Request {
 var copyBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
 // copyBody streams the response body, flushing after each read when the
-// response is a stream.
-func copyBody(w http.ResponseWriter, body io.Reader, flush bool) error {
+// response is a stream, with the write deadline moved on as it goes.
+func copyBody(w http.ResponseWriter, body io.Reader, flush bool, deadline *writeDeadline) error {
 	bp := copyBufPool.Get().(*[]byte)
 	defer copyBufPool.Put(bp)
 	buf := *bp
@@ -184,6 +230,7 @@ func copyBody(w http.ResponseWriter, body io.Reader, flush bool) error {
 	for {
 		n, err := body.Read(buf)
 		if n > 0 {
+			deadline.before(time.Now())
 			if _, werr := w.Write(buf[:n]); werr != nil {
 				return werr
 			}
@@ -192,8 +239,12 @@ func copyBody(w http.ResponseWriter, body io.Reader, flush bool) error {
 					return ferr
 				}
 			}
+			deadline.after()
 		}
 		if err == io.EOF {
+			// What is still buffered goes out once the handler returns:
+			// under the deadline too.
+			deadline.before(time.Now())
 			return nil
 		}
 		if err != nil {

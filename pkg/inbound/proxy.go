@@ -130,7 +130,7 @@ func New(cfg Config) (*Proxy, error) {
 		log:       componentLogger(cfg.Logger, "inbound").With("app", cfg.AppAddr),
 		transport: upstream.NewTransport(cfg.Transport),
 	}
-	p.fw = &forward.Forwarder{OnError: p.handleError}
+	p.fw = &forward.Forwarder{OnError: p.handleError, WriteTimeout: cfg.Limits.WithDefaults().WriteTimeout}
 	p.toApp = &appReachability{next: p.transport, log: p.log}
 	return p, nil
 }

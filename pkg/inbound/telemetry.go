@@ -21,6 +21,7 @@ import (
 type Telemetry struct {
 	tracer  trace.Tracer
 	prop    propagation.TextMapPropagator
+	fields  []string // prop's headers (tracing.Fields)
 	metrics *metrics.Requests
 	service string
 }
@@ -32,7 +33,7 @@ func NewTelemetry(tracer trace.Tracer, prop propagation.TextMapPropagator, m *me
 	if service == "" {
 		service = "app"
 	}
-	return &Telemetry{tracer: tracer, prop: prop, metrics: m, service: service}
+	return &Telemetry{tracer: tracer, prop: prop, fields: tracing.Fields(prop), metrics: m, service: service}
 }
 
 // serverSpan is the start option of the server spans, made once.
@@ -51,7 +52,7 @@ func (t *Telemetry) Start(r *http.Request) *http.Request {
 		span.SetAttributes(attribute.String("http.request.method", r.Method),
 			attribute.String("url.path", r.URL.Path), attribute.String("sidecar.direction", metrics.Inbound))
 	}
-	t.prop.Inject(ctx, tracing.HeaderCarrier(r.Header))
+	tracing.Replace(t.prop, t.fields, ctx, r.Header)
 	return r.WithContext(ctx)
 }
 

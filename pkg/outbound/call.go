@@ -70,8 +70,11 @@ type chain struct {
 	log      *slog.Logger
 	tracer   trace.Tracer // nil: no spans
 	prop     propagation.TextMapPropagator
-	metrics  *metrics.Requests    // nil: no request metrics
-	recorder *requestlog.Recorder // nil: no failure recorder, tap or access log
+	// propFields are prop's headers (tracing.Fields), replaced on every
+	// attempt.
+	propFields []string
+	metrics    *metrics.Requests    // nil: no request metrics
+	recorder   *requestlog.Recorder // nil: no failure recorder, tap or access log
 	// send sends one attempt to the endpoint in its URL host, connecting
 	// within connectTimeout: the pooled transport.
 	send func(req *http.Request, connectTimeout time.Duration) (*http.Response, error)
@@ -441,7 +444,7 @@ func (ch *chain) attempt(c *call, ctx *deadlineCtx, req, cur *http.Request, t tr
 	ch.observer.Attempted(c.service)
 	if span != nil {
 		// The upstream's spans hang under this attempt's.
-		ch.prop.Inject(sctx, tracing.HeaderCarrier(out.Header))
+		tracing.Replace(ch.prop, ch.propFields, sctx, out.Header)
 	}
 	var resp *http.Response
 	var err error

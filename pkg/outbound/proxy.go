@@ -50,6 +50,7 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
 	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
+	"github.com/sidecar-mesh/sidecar/pkg/tracing"
 	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
@@ -200,6 +201,7 @@ func New(cfg Config) (*Proxy, error) {
 		log:         p.log,
 		tracer:      cfg.Tracer,
 		prop:        cfg.Propagator,
+		propFields:  tracing.Fields(cfg.Propagator),
 		metrics:     cfg.Metrics,
 		recorder:    cfg.Recorder,
 		send:        p.transport.Send,
@@ -213,7 +215,7 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.Mesh != nil {
 		p.chain.meshSend = cfg.Mesh.Send
 	}
-	p.fw = &forward.Forwarder{OnError: p.handleError}
+	p.fw = &forward.Forwarder{OnError: p.handleError, WriteTimeout: p.limits.WriteTimeout}
 	return p, nil
 }
 

@@ -1,6 +1,7 @@
 package tracing
 
 import (
+	"context"
 	"net/http"
 
 	"go.opentelemetry.io/otel/propagation"
@@ -42,3 +43,28 @@ func (h HeaderCarrier) Set(key, value string) { http.Header(h).Set(canonical(key
 
 // Keys lists the header's keys.
 func (h HeaderCarrier) Keys() []string { return propagation.HeaderCarrier(h).Keys() }
+
+// Fields are the headers prop reads and writes, in http.Header's
+// canonical form: what Replace clears.
+func Fields(prop propagation.TextMapPropagator) []string {
+	if prop == nil {
+		return nil
+	}
+	var out []string
+	for _, f := range prop.Fields() {
+		out = append(out, http.CanonicalHeaderKey(f))
+	}
+	return out
+}
+
+// Replace writes ctx's trace context into h in place of the trace headers
+// h came with (fields, from Fields): a caller's headers the propagator
+// could not read (a malformed traceparent) do not travel on beside the
+// new context (W3C Trace Context: a tracestate is never passed on with a
+// traceparent other than its own).
+func Replace(prop propagation.TextMapPropagator, fields []string, ctx context.Context, h http.Header) {
+	for _, f := range fields {
+		delete(h, f)
+	}
+	prop.Inject(ctx, HeaderCarrier(h))
+}

@@ -1,0 +1,47 @@
+package inbound_test
+
+import (
+	"net/http"
+	"testing"
+
+	"go.opentelemetry.io/otel/propagation"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+
+	"github.com/sidecar-mesh/sidecar/pkg/inbound"
+)
+
+// The app gets the trace context the sidecar continues, and only it: a
+// peer's tracestate does not travel on beside a traceparent that is not
+// its own (W3C Trace Context), whether the peer's traceparent was
+// malformed (a new trace begins) or valid (continued, its tracestate
+// with it).
+func TestAppGetsOneTraceContext(t *testing.T) {
+	got := make(chan http.Header, 1)
+	app := startApp(t, func(w http.ResponseWriter, r *http.Request) { got <- r.Header.Clone() })
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSampler(sdktrace.AlwaysSample()))
+	defer tp.Shutdown(t.Context())
+	prop := propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{})
+	obs := inbound.NewTelemetry(tp.Tracer("test"), prop, nil, "app")
+	_, addr := startInbound(t, inbound.Config{AppAddr: app.addr(), Observer: obs})
+
+	const parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+	for _, tt := range []struct {
+		name, traceparent, tracestate string
+		continued                     bool
+	}{
+		{"malformed", "00-zz-bad", "vendor=spoofed", false},
+		{"valid", parent, "vendor=kept", true},
+	} {
+		roundTrip(t, addr, "GET / HTTP/1.1\r\nHost: svc\r\nTraceparent: "+tt.traceparent+"\r\nTracestate: "+tt.tracestate+"\r\nConnection: close\r\n\r\n")
+		h := within(t, got, "the request at the app")
+		tp, ts := h.Get("Traceparent"), h.Values("Tracestate")
+		switch {
+		case len(tp) != len(parent) || tp == tt.traceparent:
+			t.Errorf("%s: the app got traceparent %q, want the sidecar's span under it", tt.name, tp)
+		case tt.continued && (tp[3:35] != parent[3:35] || len(ts) != 1 || ts[0] != tt.tracestate):
+			t.Errorf("%s: the app got %q %q, want the caller's trace continued with its tracestate", tt.name, tp, ts)
+		case !tt.continued && len(ts) != 0:
+			t.Errorf("%s: the app got tracestate %q beside a new trace %q, want none", tt.name, ts, tp)
+		}
+	}
+}

@@ -1,0 +1,91 @@
+package inbound_test
+
+import (
+	"bufio"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+
+	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/inbound"
+)
+
+// A peer that pipelines requests and never reads their answers loses its
+// connection once a write of an answer has waited WriteTimeout: it does
+// not hold the app's inbound slot, and every other caller, shut out for
+// as long as it likes.
+func TestPeerThatStopsReadingLetsGo(t *testing.T) {
+	page := strings.Repeat("x", 4<<10)
+	app := startApp(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, page) })
+	lim := downstream.Limits{WriteTimeout: 300 * time.Millisecond}
+	p, addr := startInbound(t, inbound.Config{AppAddr: app.addr(), MaxInFlight: 1, Limits: lim})
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.(*net.TCPConn).SetReadBuffer(4096)
+	go io.WriteString(c, strings.Repeat("GET / HTTP/1.1\r\nHost: svc\r\n\r\n", 3000)) // and never read
+	for deadline := time.Now().Add(5 * time.Second); p.InFlight() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the pipelined requests never reached the app")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// The writes back stall, time out, and the connection goes with its
+	// slot.
+	for deadline := time.Now().Add(10 * time.Second); p.InFlight() != 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("a peer that stopped reading still holds %d slot(s) after 10s (WriteTimeout 300ms)", p.InFlight())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	resp, body := roundTrip(t, addr, "GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+	if resp.StatusCode != 200 || len(body) != len(page) {
+		t.Fatalf("the next caller: %d, %d bytes; want 200 and the page", resp.StatusCode, len(body))
+	}
+}
+
+// A stream that is only quiet is not cut by the write timeout, on HTTP/1
+// (chunked) and HTTP/2 (where a write deadline resets the stream when it
+// passes, writing or not).
+func TestQuietStreamOutlivesWriteTimeout(t *testing.T) {
+	app := startApp(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		for i := range 3 {
+			if i > 0 {
+				time.Sleep(600 * time.Millisecond) // twice the write timeout, quiet
+			}
+			io.WriteString(w, "data: tick\n\n")
+			w.(http.Flusher).Flush()
+		}
+	})
+	lim := downstream.Limits{WriteTimeout: 300 * time.Millisecond}
+	_, addr := startInbound(t, inbound.Config{AppAddr: app.addr(), Limits: lim})
+	h2c := &http.Client{Transport: &http2.Transport{AllowHTTP: true,
+		DialTLS: func(network, addr string, _ *tls.Config) (net.Conn, error) { return net.Dial(network, addr) }}}
+	defer h2c.CloseIdleConnections()
+	for name, client := range map[string]*http.Client{"HTTP/1.1": {}, "HTTP/2": h2c} {
+		resp, err := client.Get("http://" + addr + "/events")
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		ticks := 0
+		sc := bufio.NewScanner(resp.Body)
+		for sc.Scan() {
+			if sc.Text() == "data: tick" {
+				ticks++
+			}
+		}
+		resp.Body.Close()
+		if ticks != 3 || sc.Err() != nil {
+			t.Errorf("%s: %d ticks, %v; want all 3 of a stream quiet for twice the write timeout between them", name, ticks, sc.Err())
+		}
+	}
+}
