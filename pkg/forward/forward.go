@@ -47,14 +47,13 @@ type Forwarder struct {
 // way, so it is set when the answer starts and moved on as its body is
 // written, no more often than a quarter of the timeout (each move is a
 // timer change). On HTTP/2 a deadline resets the stream when it passes,
-// writing or not, so for a stream (which may be quiet for long) it is set
-// before each write and lifted after it; an answer of known length keeps
-// it moving as on HTTP/1.
+// writing or not, so it is set before each write and lifted after it: an
+// answer whose upstream is quiet for long (a stream, a slow body) is not
+// cut for it.
 type writeDeadline struct {
 	w       http.ResponseWriter
 	timeout time.Duration
 	h2      bool
-	stream  bool
 	set     time.Time // when the deadline was last set; zero: not set
 }
 
@@ -69,7 +68,7 @@ func (d *writeDeadline) before(now time.Time) {
 
 // after is called once a write of the answer returned.
 func (d *writeDeadline) after() {
-	if d.timeout > 0 && d.h2 && d.stream && !d.set.IsZero() {
+	if d.timeout > 0 && d.h2 && !d.set.IsZero() {
 		d.set = time.Time{}
 		_ = http.NewResponseController(d.w).SetWriteDeadline(time.Time{})
 	}
@@ -162,7 +161,6 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, to http.Roun
 		}
 	}
 	flush := IsStream(resp)
-	deadline.stream = flush
 	deadline.before(time.Now())
 	w.WriteHeader(resp.StatusCode)
 	if flush && resp.Header.Get("Grpc-Status") == "" {
