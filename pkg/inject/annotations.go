@@ -230,6 +230,9 @@ var annotationParsers = map[string]annotationParser{
 	},
 	AnnotationNoProxyExtra: func(s *podSettings, v string) error {
 		entries := strings.Split(v, ",")
+		if len(entries) > maxNoProxyEntries {
+			return fmt.Errorf("%d entries, at most %d", len(entries), maxNoProxyEntries)
+		}
 		for i := range entries {
 			entries[i] = strings.TrimSpace(entries[i])
 		}
@@ -301,6 +304,10 @@ func (in *Injector) settings(meta *metav1.ObjectMeta) (podSettings, ErrorList) {
 		v := meta.Annotations[k]
 		path := fmt.Sprintf("metadata.annotations[%s]", k)
 		if k == AnnotationStatus {
+			continue
+		}
+		if len(v) > maxAnnotationValue {
+			errs = append(errs, &FieldError{Path: path, Detail: fmt.Sprintf("%d bytes long, at most %d", len(v), maxAnnotationValue)})
 			continue
 		}
 		parse, ok := annotationParsers[k]
@@ -466,6 +473,13 @@ func checkConsulAddr(v string) error {
 // Python, wget) understand them alike: an IP address, a CIDR, or a domain
 // name, with an optional leading dot. "*" (no proxy at all) and anything
 // the kubelet would expand ($(VAR)) are refused.
+// maxAnnotationValue bounds the value of every annotation of the sidecar:
+// the longest of them, a no-proxy list, needs a few hundred bytes.
+const maxAnnotationValue = 4 << 10
+
+// maxNoProxyEntries bounds a pod's no-proxy list.
+const maxNoProxyEntries = 64
+
 func checkNoProxy(entries []string) error {
 	var errs []error
 	for _, e := range entries {

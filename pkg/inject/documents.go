@@ -347,11 +347,16 @@ func (in *Injector) object(js []byte, path, where, field string) ([]Operation, [
 		}
 		return nil, nil, fmt.Errorf("%s: %s%s", label, at, strings.TrimPrefix(err.Error(), "json: "))
 	}
-	if len(strict) > 0 {
-		msgs := make([]string, len(strict))
-		for i, e := range strict {
-			msgs[i] = field + e.Error()
+	var msgs []string
+	for _, e := range strict {
+		// A field of status this build does not know (kubectl get -o yaml
+		// of a newer cluster, say status.observedGeneration of a Pod) is
+		// no typo of the user's, and status is never patched.
+		if !strings.Contains(e.Error(), `unknown field "status.`) {
+			msgs = append(msgs, field+e.Error())
 		}
+	}
+	if len(msgs) > 0 {
 		return nil, nil, fmt.Errorf("%s: %s", label, strings.Join(msgs, "; "))
 	}
 	meta, spec, tpath := wl.template(obj)

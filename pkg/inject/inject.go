@@ -270,6 +270,13 @@ func (in *Injector) InjectPod(meta *metav1.ObjectMeta, spec *corev1.PodSpec) (Re
 	if spec.HostNetwork {
 		return Result{Skipped: "hostNetwork pod: the sidecar's ports would be the node's"}, nil
 	}
+	if why := windowsPod(spec); why != "" {
+		// The sidecar is a Linux program, and the API server refuses a
+		// Windows pod with its security context: injecting would block the
+		// pod; skipping leaves it as it was.
+		return Result{Skipped: "Windows pod (" + why + "): the sidecar runs on Linux nodes only",
+			Warnings: []string{"not injected: a Windows pod (" + why + "); the sidecar runs on Linux nodes only"}}, nil
+	}
 	if c, where := findContainer(spec, ContainerName); c != nil {
 		if _, ok := meta.Annotations[AnnotationStatus]; ok {
 			return Result{Skipped: "already injected"}, nil
@@ -288,6 +295,18 @@ func (in *Injector) InjectPod(meta *metav1.ObjectMeta, spec *corev1.PodSpec) (Re
 		return Result{}, fmt.Errorf("recording the injection: %w", err)
 	}
 	return Result{Injected: true, Warnings: p.warnings, Patch: ops}, nil
+}
+
+// windowsPod says why spec is a Windows pod ("spec.os.name windows", "the
+// node selector kubernetes.io/os: windows"), "" when it is not one.
+func windowsPod(spec *corev1.PodSpec) string {
+	switch {
+	case spec.OS != nil && strings.EqualFold(string(spec.OS.Name), "windows"):
+		return "spec.os.name windows"
+	case strings.EqualFold(spec.NodeSelector["kubernetes.io/os"], "windows"):
+		return "the node selector kubernetes.io/os: windows"
+	}
+	return ""
 }
 
 // plan is everything InjectPod will change, worked out before anything is.
@@ -327,7 +346,15 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 				p.appIndex = i
 			}
 		}
-		if p.appIndex < 0 {
+		switch {
+		case p.appIndex < 0 && s.appContainer == "":
+			// kubectl's annotation is the user's, for kubectl: one that
+			// names no app container (an init container, say) is no
+			// reason to refuse a pod the API server takes.
+			p.appIndex = 0
+			p.warnings = append(p.warnings, fmt.Sprintf("%s names no container of spec.containers (%q): the app is taken to be the first, %q; set %s to choose",
+				from, appName, spec.Containers[0].Name, AnnotationAppContainer))
+		case p.appIndex < 0:
 			return nil, ErrorList{{Path: from, Detail: fmt.Sprintf("no container named %q", appName)}}
 		}
 	}
@@ -355,7 +382,9 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 	}{{"spec.initContainers", spec.InitContainers}, {"spec.containers", spec.Containers}} {
 		for i, c := range list.cs {
 			for j, cp := range c.Ports {
-				if slices.Contains(own, int(cp.ContainerPort)) {
+				// The sidecar listens on TCP only: a UDP or SCTP port of the
+				// same number is no collision.
+				if (cp.Protocol == "" || cp.Protocol == corev1.ProtocolTCP) && slices.Contains(own, int(cp.ContainerPort)) {
 					errs = append(errs, &FieldError{Path: fmt.Sprintf("%s[%d].ports[%d].containerPort", list.field, i, j),
 						Detail: fmt.Sprintf("%d is one of the sidecar's own ports (%s)", cp.ContainerPort, portList(own, ", "))})
 				}
@@ -482,7 +511,11 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 	if spec.TerminationGracePeriodSeconds != nil {
 		p.grace = *spec.TerminationGracePeriodSeconds
 	}
-	p.grace += int64(math.Ceil(s.drainWindow.Seconds()))
+	if add := int64(math.Ceil(s.drainWindow.Seconds())); p.grace > math.MaxInt64-add {
+		p.grace = math.MaxInt64 // "for ever" stays for ever, never wraps round
+	} else {
+		p.grace += add
+	}
 
 	if s.noProxySet && !s.httpProxy {
 		p.warnings = append(p.warnings, AnnotationNoProxyExtra+" has no effect without "+AnnotationHTTPProxy)
@@ -493,6 +526,17 @@ func (in *Injector) plan(meta *metav1.ObjectMeta, spec *corev1.PodSpec, s podSet
 				p.proxyEnv = append(p.proxyEnv, i)
 			}
 		}
+		// The proxy variables go into every container: bounded, so that
+		// no pod makes the injection's answer (and the injector's memory)
+		// grow as its containers times its no-proxy list.
+		if n := proxyEnvBytes(s.noProxyExtra) * len(p.proxyEnv); n > maxProxyEnvBytes {
+			errs = append(errs, &FieldError{Path: "metadata.annotations[" + AnnotationHTTPProxy + "]",
+				Detail: fmt.Sprintf("the proxy variables would add %d bytes of environment to %d containers, more than %d in all: shorten %s or set the variables in the containers yourself",
+					n, len(p.proxyEnv), maxProxyEnvBytes, AnnotationNoProxyExtra)})
+		}
+	}
+	if s.classic && s.transparent.Enabled && len(spec.InitContainers) > 0 {
+		p.warnings = append(p.warnings, fmt.Sprintf("classic sidecar with transparent mode: the pod's %d init container(s) run after the redirect and before the sidecar serves, so their outbound TCP connections fail; use a native sidecar (Kubernetes 1.29+) or give them no network needs", len(spec.InitContainers)))
 	}
 	p.promAnnotate = true
 	for k := range meta.Annotations {
@@ -761,6 +805,22 @@ var NoProxyDefault = []string{"localhost", "127.0.0.1", "::1", "$(" + PodIPsEnv 
 // both cases (curl and wget read only the lower-case names for http://
 // URLs); TLS (HTTPS_PROXY) is left alone. NO_PROXY is NoProxyDefault and
 // extra, after the variable it names.
+// maxProxyEnvBytes bounds the proxy variables added to all of a pod's
+// containers together.
+const maxProxyEnvBytes = 256 << 10
+
+// proxyEnvBytes is about what proxyEnv adds to one container.
+func proxyEnvBytes(extra []string) int {
+	n := 256 // the names, HTTP_PROXY's values, the pod IPs' field reference
+	for _, e := range NoProxyDefault {
+		n += 2 * (len(e) + 1)
+	}
+	for _, e := range extra {
+		n += 2 * (len(e) + 1)
+	}
+	return n
+}
+
 func proxyEnv(extra []string) []corev1.EnvVar {
 	proxy := fmt.Sprintf("http://127.0.0.1:%d", PortOutbound)
 	noProxy := strings.Join(append(slices.Clone(NoProxyDefault), extra...), ",")

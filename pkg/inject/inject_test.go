@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -125,6 +127,11 @@ func TestInjectPodSkips(t *testing.T) {
 		{"injected", metav1.ObjectMeta{Annotations: map[string]string{AnnotationStatus: "{}"}},
 			corev1.PodSpec{InitContainers: []corev1.Container{{Name: ContainerName}}, Containers: app}, "already injected", 0},
 		{"foreign sidecar", metav1.ObjectMeta{}, corev1.PodSpec{Containers: append([]corev1.Container{{Name: ContainerName}}, app...)}, "a container named sidecar exists", 1},
+		// The API server refuses a Windows pod with the sidecar's security
+		// context: injecting would block it.
+		{"windows", metav1.ObjectMeta{}, corev1.PodSpec{OS: &corev1.PodOS{Name: corev1.Windows}, Containers: app}, "Windows pod (spec.os.name windows)", 1},
+		{"windows nodes", metav1.ObjectMeta{}, corev1.PodSpec{NodeSelector: map[string]string{"kubernetes.io/os": "windows"}, Containers: app},
+			"Windows pod (the node selector kubernetes.io/os: windows)", 1},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -147,7 +154,7 @@ func TestInjectPodGracePeriod(t *testing.T) {
 	for _, tc := range []struct {
 		grace *int64
 		want  int64
-	}{{nil, 33}, {ptr(int64(0)), 3}, {ptr(int64(120)), 123}} {
+	}{{nil, 33}, {ptr(int64(0)), 3}, {ptr(int64(120)), 123}, {ptr(int64(math.MaxInt64)), math.MaxInt64}, {ptr(int64(math.MaxInt64 - 1)), math.MaxInt64}} {
 		spec := corev1.PodSpec{TerminationGracePeriodSeconds: tc.grace, Containers: []corev1.Container{{Name: "a", Image: "b"}}}
 		meta := metav1.ObjectMeta{}
 		if _, err := in.InjectPod(&meta, &spec); err != nil {
@@ -468,4 +475,84 @@ func names(cs []corev1.Container) []string {
 		out = append(out, c.Name)
 	}
 	return out
+}
+
+// What a pod's annotations make the injection add is bounded: a long
+// no-proxy list is refused, and the proxy variables added to all of a
+// pod's containers together are at most maxProxyEnvBytes, however many
+// containers it has (a 200 KiB list times 100 containers made a 55 MB
+// answer and 600 MB of allocations in the webhook).
+func TestInjectionSizeIsBounded(t *testing.T) {
+	in := newTestInjector(t, nil)
+	many := func(n int) []corev1.Container {
+		cs := make([]corev1.Container, n)
+		for i := range cs {
+			cs[i] = corev1.Container{Name: fmt.Sprintf("c%d", i), Image: "b"}
+		}
+		return cs
+	}
+	long := strings.TrimSuffix(strings.Repeat("a.b,", 50000), ",")
+	sixtyFive := strings.TrimSuffix(strings.Repeat("a.example,", 65), ",")
+	allowed := strings.TrimSuffix(strings.Repeat("service-"+strings.Repeat("x", 40)+".example,", 60), ",")
+	for _, tc := range []struct {
+		name       string
+		value      string
+		containers int
+		want       string // "" : injected
+	}{
+		{"200 KiB list", long, 100, "bytes long, at most 4096"},
+		{"65 entries", sixtyFive, 1, "65 entries, at most 64"},
+		{"a long list in many containers", allowed, 400, "more than 262144 in all"},
+		{"a long list in a few containers", allowed, 10, ""},
+		{"the default list in many containers", "", 400, ""},
+	} {
+		meta := metav1.ObjectMeta{Annotations: map[string]string{AnnotationHTTPProxy: "true"}}
+		if tc.value != "" {
+			meta.Annotations[AnnotationNoProxyExtra] = tc.value
+		}
+		spec := corev1.PodSpec{Containers: many(tc.containers)}
+		res, err := in.InjectPod(&meta, &spec)
+		switch {
+		case tc.want == "" && (err != nil || !res.Injected):
+			t.Errorf("%s: %+v, %v; want injected", tc.name, res.Skipped, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%s: %v; want an error saying %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+// A UDP port of the number of one of the sidecar's (TCP) ports is no
+// collision; a TCP one is.
+func TestOwnPortsAreTCP(t *testing.T) {
+	in := newTestInjector(t, nil)
+	for proto, ok := range map[corev1.Protocol]bool{corev1.ProtocolUDP: true, corev1.ProtocolTCP: false, "": false} {
+		spec := corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "b",
+			Ports: []corev1.ContainerPort{{ContainerPort: 8080}, {ContainerPort: PortMetrics, Protocol: proto}}}}}
+		meta := metav1.ObjectMeta{}
+		_, err := in.InjectPod(&meta, &spec)
+		if (err == nil) != ok {
+			t.Errorf("a %q port %d: %v; want injected %v", proto, PortMetrics, err, ok)
+		}
+	}
+}
+
+// kubectl's default-container annotation naming an init container is
+// kubectl's business: the pod is injected, the app taken to be the first
+// container, and the user told. The sidecar's own annotation naming no
+// container is an error.
+func TestDefaultContainerAnnotationNamingNoApp(t *testing.T) {
+	in := newTestInjector(t, nil)
+	spec := func() *corev1.PodSpec {
+		return &corev1.PodSpec{InitContainers: []corev1.Container{{Name: "setup", Image: "b"}},
+			Containers: []corev1.Container{{Name: "web", Image: "b"}, {Name: "worker", Image: "b"}}}
+	}
+	meta := metav1.ObjectMeta{Annotations: map[string]string{defaultContainerAnnotation: "setup"}}
+	res, err := in.InjectPod(&meta, spec())
+	if err != nil || !res.Injected || len(res.Warnings) != 1 || !strings.Contains(res.Warnings[0], `the app is taken to be the first, "web"`) {
+		t.Fatalf("kubectl's annotation naming an init container: %+v, %v; want injected with a warning", res, err)
+	}
+	meta = metav1.ObjectMeta{Annotations: map[string]string{AnnotationAppContainer: "setup"}}
+	if _, err := in.InjectPod(&meta, spec()); err == nil || !strings.Contains(err.Error(), `no container named "setup"`) {
+		t.Fatalf("the sidecar's annotation naming an init container: %v, want refused", err)
+	}
 }

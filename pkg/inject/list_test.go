@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	sigsyaml "sigs.k8s.io/yaml"
 )
 
@@ -214,5 +215,79 @@ func BenchmarkDocumentsList(b *testing.B) {
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/n, "ns/item")
 		})
+	}
+}
+
+// What `sidecar inject` writes reads back as the same strings in YAML 1.1,
+// as kubectl (sigs.k8s.io/yaml) reads it: a label "yes", args "on" and
+// "Y", a container named "no" stay strings, in a document rebuilt from
+// JSON (it has anchors) and in one edited in place.
+func TestInjectedYAMLKeepsStringsForKubectl(t *testing.T) {
+	in := newTestInjector(t, func(c *Config) { c.Classic = true })
+	for name, doc := range map[string]string{
+		"anchors": `apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  labels: &l {enabled: "yes", flag: "on", "off": "x"}
+  annotations: *l
+spec:
+  containers:
+  - name: "no"
+    image: app:1
+    args: ["yes", "off", "Y", "~", "null"]
+`,
+		"plain": `apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  labels: {enabled: "yes"}
+spec:
+  containers:
+  - name: "no"
+    image: app:1
+`,
+	} {
+		var out bytes.Buffer
+		if _, err := in.DocumentBytes([]byte(doc), &out); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		var pod corev1.Pod
+		if err := sigsyaml.UnmarshalStrict(out.Bytes(), &pod); err != nil {
+			t.Fatalf("%s: kubectl's reading of the output: %v\n%s", name, err, out.String())
+		}
+		if pod.Labels["enabled"] != "yes" || pod.Spec.Containers[1].Name != "no" || pod.Annotations["kubectl.kubernetes.io/default-container"] != "no" {
+			t.Errorf("%s: labels %v, containers %s, annotations %v; want the strings as written\n%s", name, pod.Labels, pod.Spec.Containers[1].Name, pod.Annotations, out.String())
+		}
+		if name == "anchors" && (pod.Labels["flag"] != "on" || pod.Labels["off"] != "x" || strings.Join(pod.Spec.Containers[1].Args, ",") != "yes,off,Y,~,null") {
+			t.Errorf("%s: labels %v, args %q; want the strings as written\n%s", name, pod.Labels, pod.Spec.Containers[1].Args, out.String())
+		}
+	}
+}
+
+// `kubectl get -o yaml` of a newer cluster than this build knows is
+// injected: a status field the build does not know is no user's typo
+// (status is never patched); one elsewhere still is.
+func TestUnknownStatusFieldsPass(t *testing.T) {
+	in := newTestInjector(t, nil)
+	doc := `apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+spec:
+  containers:
+  - name: app
+    image: app:1
+status:
+  phase: Running
+  observedGeneration: 3
+`
+	var out bytes.Buffer
+	if _, err := in.DocumentBytes([]byte(doc), &out); err != nil || !strings.Contains(out.String(), "observedGeneration: 3") {
+		t.Fatalf("a newer status field: %v\n%s", err, out.String())
+	}
+	typo := strings.Replace(doc, "    image: app:1", "    image: app:1\n    imagePullPolicyy: Always", 1)
+	if _, err := in.DocumentBytes([]byte(typo), &bytes.Buffer{}); err == nil || !strings.Contains(err.Error(), `unknown field "spec.containers[0].imagePullPolicyy"`) {
+		t.Fatalf("a typo in spec: %v, want it refused by name", err)
 	}
 }

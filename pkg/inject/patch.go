@@ -124,6 +124,20 @@ func jsonNode(data []byte) (*yaml.Node, error) {
 }
 
 // jsonValue reads one JSON value from dec.
+// strNode is a YAML string. One that YAML 1.1 reads as something else
+// (yes, no, on, off, y, n, ~ in any case: kubectl and sigs.k8s.io/yaml
+// read YAML 1.1, yaml.v3 quotes only what YAML 1.2 would retype) is
+// double-quoted, so that a label value "yes" or a container named "no"
+// stays a string for every reader.
+func strNode(v string) *yaml.Node {
+	n := &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: v}
+	switch strings.ToLower(v) {
+	case "y", "yes", "n", "no", "on", "off", "~", "true", "false", "null":
+		n.Style = yaml.DoubleQuotedStyle
+	}
+	return n
+}
+
 func jsonValue(dec *json.Decoder) (*yaml.Node, error) {
 	tok, err := dec.Token()
 	if err != nil {
@@ -153,12 +167,12 @@ func jsonValue(dec *json.Decoder) (*yaml.Node, error) {
 			if err != nil {
 				return nil, err
 			}
-			n.Content = append(n.Content, &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: k.(string)}, c)
+			n.Content = append(n.Content, strNode(k.(string)), c)
 		}
 		_, err := dec.Token() // }
 		return n, err
 	case string:
-		return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: v}, nil
+		return strNode(v), nil
 	case json.Number:
 		tag := "!!int"
 		if strings.ContainsAny(string(v), ".eE") {
@@ -528,7 +542,7 @@ func setKey(m *yaml.Node, k string, v *yaml.Node) {
 			return
 		}
 	}
-	key := &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: k}
+	key := strNode(k)
 	if k == "metadata" {
 		// Where Kubernetes objects have it: before spec.
 		for i := 0; i+1 < len(m.Content); i += 2 {
