@@ -247,10 +247,17 @@ const malformedAnswer = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; c
 // refuseMalformed answers as net/http does a request it cannot parse, and
 // ends the connection.
 func (c *h1Conn) refuseMalformed() {
+	// The 400 goes out or the connection goes: a client that does not
+	// read it does not keep the connection.
+	_ = c.conn.SetWriteDeadline(time.Now().Add(malformedWriteTimeout))
 	_, _ = c.bw.WriteString(malformedAnswer)
 	_ = c.bw.Flush()
 	c.close()
 }
+
+// malformedWriteTimeout bounds the writing of the 400 to a malformed
+// request.
+const malformedWriteTimeout = 10 * time.Second
 
 // handOver gives the connection, with every byte not consumed, to net/http.
 func (c *h1Conn) handOver() {

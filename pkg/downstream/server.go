@@ -39,8 +39,8 @@ type Limits struct {
 	// IdleTimeout closes keep-alive connections idle this long. Default 90s.
 	IdleTimeout time.Duration
 	// WriteTimeout bounds each wait to write an answer to the client (a
-	// client that stops reading), as nginx's send_timeout: the proxies'
-	// Forwarder applies it. Default 60s.
+	// client that stops reading), as Envoy's stream_idle_timeout bounds a
+	// stream nobody reads: the proxies' Forwarder applies it. Default 5m.
 	WriteTimeout time.Duration
 	// MaxHeaderBytes bounds a request's header block; larger gets 431. For
 	// HTTP/2 it is the header list limit announced to the client.
@@ -63,7 +63,7 @@ func (l Limits) WithDefaults() Limits {
 		l.IdleTimeout = 90 * time.Second
 	}
 	if l.WriteTimeout <= 0 {
-		l.WriteTimeout = 60 * time.Second
+		l.WriteTimeout = 5 * time.Minute
 	}
 	if l.MaxHeaderBytes <= 0 {
 		l.MaxHeaderBytes = 64 << 10

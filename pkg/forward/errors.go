@@ -158,6 +158,10 @@ func (e *LocalError) Error() string {
 // send a GOAWAY that ends every other stream's connection, and hide the
 // connection error a later bad frame deserves.
 func WriteError(w http.ResponseWriter, r *http.Request, e *LocalError) {
+	// A client that stops reading its answers (say one that pipelines
+	// requests it knows are refused) is cut off, as for answers the
+	// Forwarder writes.
+	_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(LocalReplyWriteTimeout))
 	h := w.Header()
 	h.Set(ErrorHeader, e.Reason)
 	if r != nil && upstream.IsGRPC(r) {
@@ -181,6 +185,11 @@ func WriteError(w http.ResponseWriter, r *http.Request, e *LocalError) {
 	w.WriteHeader(e.Status)
 	_, _ = w.Write(body)
 }
+
+// LocalReplyWriteTimeout bounds the writing of an answer of the sidecar's
+// own (WriteError): a few hundred bytes, which only a client that stopped
+// reading would take long to take. A variable for tests to shorten.
+var LocalReplyWriteTimeout = 60 * time.Second
 
 // GRPC status codes the sidecar answers with (google.golang.org/grpc/codes).
 const (

@@ -33,12 +33,13 @@ type Forwarder struct {
 	// answered.
 	OnError func(w http.ResponseWriter, r *http.Request, err error)
 	// WriteTimeout bounds every wait to write the answer to the client
-	// (nginx's send_timeout): a client that stops reading, say one that
-	// pipelines requests and never reads their answers, loses its
-	// connection then, rather than holding a slot of the proxy and a
-	// connection to the upstream for as long as it likes. A stream that
-	// is only quiet is not cut: the time counts while a write waits.
-	// Zero: no bound.
+	// (as Envoy's stream_idle_timeout bounds a stream its client does not
+	// read): a client that stops reading, say one that pipelines requests
+	// and never reads their answers, loses its connection then, rather
+	// than holding a slot of the proxy and a connection to the upstream
+	// for as long as it likes; so does a side of an upgraded connection.
+	// A stream that is only quiet is not cut: the time counts while a
+	// write waits. Zero: no bound.
 	WriteTimeout time.Duration
 }
 
@@ -276,7 +277,7 @@ func (f *Forwarder) upgraded(w http.ResponseWriter, r *http.Request, resp *http.
 		backConn.Close()
 		return
 	}
-	Splice(conn, brw.Reader, backConn)
+	Splice(conn, brw.Reader, backConn, f.WriteTimeout)
 }
 
 func upgradeType(h http.Header) string {
@@ -335,22 +336,60 @@ func removeHopByHop(h http.Header) {
 }
 
 // Splice copies both ways until both directions end, then closes both.
-func Splice(client net.Conn, clientBuf io.Reader, upstream io.ReadWriteCloser) {
+func Splice(client net.Conn, clientBuf io.Reader, upstream io.ReadWriteCloser, writeTimeout time.Duration) {
 	done := make(chan struct{}, 2)
-	go func() {
-		_, _ = io.Copy(upstream, clientBuf)
-		closeWrite(upstream)
+	// A side that ends cleanly is half-closed, so that the other may
+	// still answer; a copy that failed (a write that timed out, a reset)
+	// ends the tunnel, or the other copy would wait on for ever.
+	end := func(err error, to io.Closer) {
+		if err != nil {
+			_ = client.Close()
+			_ = upstream.Close()
+		} else {
+			closeWrite(to)
+		}
 		done <- struct{}{}
+	}
+	go func() {
+		_, err := io.Copy(progressWriter(upstream, writeTimeout), clientBuf)
+		end(err, upstream)
 	}()
 	go func() {
-		_, _ = io.Copy(client, upstream)
-		closeWrite(client)
-		done <- struct{}{}
+		_, err := io.Copy(progressWriter(client, writeTimeout), upstream)
+		end(err, client)
 	}()
 	<-done
 	<-done
 	_ = client.Close()
 	_ = upstream.Close()
+}
+
+// deadlineWriter bounds each write to its connection by timeout: a side
+// of a tunnel that stops reading ends it then, rather than holding it (and
+// what it holds: a slot, a connection to the app) for ever.
+type deadlineWriter struct {
+	c interface {
+		io.Writer
+		SetWriteDeadline(time.Time) error
+	}
+	timeout time.Duration
+}
+
+func (d deadlineWriter) Write(p []byte) (int, error) {
+	_ = d.c.SetWriteDeadline(time.Now().Add(d.timeout))
+	return d.c.Write(p)
+}
+
+// progressWriter is w with each write bounded by timeout, when w has a
+// write deadline and timeout is set; else w.
+func progressWriter(w io.Writer, timeout time.Duration) io.Writer {
+	if c, ok := w.(interface {
+		io.Writer
+		SetWriteDeadline(time.Time) error
+	}); ok && timeout > 0 {
+		return deadlineWriter{c: c, timeout: timeout}
+	}
+	return w
 }
 
 func closeWrite(c io.Closer) {

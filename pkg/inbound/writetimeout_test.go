@@ -3,6 +3,7 @@ package inbound_test
 import (
 	"bufio"
 	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/forward"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 )
 
@@ -88,4 +90,82 @@ func TestQuietStreamOutlivesWriteTimeout(t *testing.T) {
 			t.Errorf("%s: %d ticks, %v; want all 3 of a stream quiet for twice the write timeout between them", name, ticks, sc.Err())
 		}
 	}
+}
+
+// Answers of the sidecar's own (a refusal, 403, pipelined by the
+// thousand) and the app's side of an upgraded connection are bounded the
+// same way: a peer that stops reading them loses its connection, and
+// with it what it held.
+func TestPeerThatStopsReadingLocalAnswersAndTunnels(t *testing.T) {
+	defer func(d time.Duration) { forward.LocalReplyWriteTimeout = d }(forward.LocalReplyWriteTimeout)
+	forward.LocalReplyWriteTimeout = 300 * time.Millisecond
+	app := startApp(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "websocket" {
+			io.WriteString(w, "ok")
+			return
+		}
+		w.Header().Set("Connection", "Upgrade")
+		w.Header().Set("Upgrade", "websocket")
+		w.WriteHeader(http.StatusSwitchingProtocols)
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		frame := strings.Repeat("x", 32<<10)
+		for { // the app keeps sending; the peer never reads
+			if _, err := brw.WriteString(frame); err != nil || brw.Flush() != nil {
+				return
+			}
+		}
+	})
+	lim := downstream.Limits{WriteTimeout: 300 * time.Millisecond}
+	p, addr := startInbound(t, inbound.Config{AppAddr: app.addr(), MaxInFlight: 1, Limits: lim})
+
+	// Refusals: CONNECT is not served on the inbound port.
+	refused := stalledPeer(t, addr, strings.Repeat("CONNECT x:1 HTTP/1.1\r\nHost: x:1\r\n\r\n", 20000))
+	if !closedWithin(refused, 10*time.Second) {
+		t.Error("a peer that does not read its 403s still has its connection after 10s (local answers' write timeout 300ms)")
+	}
+	// A tunnel: the app's side keeps sending, the peer never reads.
+	stalledPeer(t, addr, "GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	for deadline := time.Now().Add(5 * time.Second); p.InFlight() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the upgrade never reached the app")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	for deadline := time.Now().Add(10 * time.Second); p.InFlight() != 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("a peer that stopped reading its tunnel still holds %d slot(s) after 10s (WriteTimeout 300ms)", p.InFlight())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if resp, _ := roundTrip(t, addr, "GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"); resp.StatusCode != 200 {
+		t.Fatalf("the next caller: %d, want 200", resp.StatusCode)
+	}
+}
+
+// stalledPeer connects to addr with a small receive buffer, sends what,
+// and never reads.
+func stalledPeer(t *testing.T, addr, what string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.(*net.TCPConn).SetReadBuffer(4096)
+	go io.WriteString(c, what)
+	return c
+}
+
+// closedWithin reports whether the sidecar closed c within d: once its
+// answers stopped, what c has buffered reads out and then EOF (or a reset).
+func closedWithin(c net.Conn, d time.Duration) bool {
+	time.Sleep(time.Second) // let the sidecar's writes stall first
+	_ = c.SetReadDeadline(time.Now().Add(d))
+	_, err := io.Copy(io.Discard, c)
+	var ne net.Error
+	return !(errors.As(err, &ne) && ne.Timeout())
 }

@@ -535,6 +535,11 @@ func (p *Proxy) connect(w http.ResponseWriter, r *http.Request, host string) {
 // tunnel serves CONNECT to an allow-listed host:port by splicing the two
 // connections until either side closes.
 func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor != 1 {
+		// Refused before the dial: no connection to the host for nothing.
+		p.reject(w, r, forward.Refuse(forward.ReasonBadRequest, "", "CONNECT needs HTTP/1.1"))
+		return
+	}
 	p.tunnels.Add(1)
 	defer p.tunnels.Done()
 	dst, err := p.transport.Dial(r.Context(), r.Host, 0)
@@ -554,5 +559,5 @@ func (p *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 		_ = dst.Close()
 		return
 	}
-	forward.Splice(src, brw.Reader, dst)
+	forward.Splice(src, brw.Reader, dst, p.limits.WriteTimeout)
 }
