@@ -270,6 +270,11 @@ func (in *Injector) InjectPod(meta *metav1.ObjectMeta, spec *corev1.PodSpec) (Re
 	if spec.HostNetwork {
 		return Result{Skipped: "hostNetwork pod: the sidecar's ports would be the node's"}, nil
 	}
+	if why := otherMesh(meta, spec); why != "" {
+		// Two proxies would each take the app's traffic and ports
+		// (Istio's takes 15090 too): the pod keeps the one it has.
+		return Result{Skipped: why, Warnings: []string{"not injected: " + why}}, nil
+	}
 	if why := windowsPod(spec); why != "" {
 		// The sidecar is a Linux program, and the API server refuses a
 		// Windows pod with its security context: injecting would block the
@@ -295,6 +300,29 @@ func (in *Injector) InjectPod(meta *metav1.ObjectMeta, spec *corev1.PodSpec) (Re
 		return Result{}, fmt.Errorf("recording the injection: %w", err)
 	}
 	return Result{Injected: true, Warnings: p.warnings, Patch: ops}, nil
+}
+
+// otherMesh says which other service mesh's proxy the pod has or asks
+// for, "" when none.
+func otherMesh(meta *metav1.ObjectMeta, spec *corev1.PodSpec) string {
+	for _, cs := range [][]corev1.Container{spec.InitContainers, spec.Containers} {
+		for _, c := range cs {
+			switch c.Name {
+			case "istio-proxy":
+				return "the pod has Istio's proxy (container istio-proxy)"
+			case "linkerd-proxy":
+				return "the pod has Linkerd's proxy (container linkerd-proxy)"
+			}
+		}
+	}
+	switch v := meta.Annotations["linkerd.io/inject"]; v {
+	case "enabled", "ingress":
+		return "the pod asks for Linkerd's proxy (linkerd.io/inject: " + v + ")"
+	}
+	if strings.EqualFold(meta.Annotations["sidecar.istio.io/inject"], "true") || strings.EqualFold(meta.Labels["sidecar.istio.io/inject"], "true") {
+		return "the pod asks for Istio's proxy (sidecar.istio.io/inject: true)"
+	}
+	return ""
 }
 
 // windowsPod says why spec is a Windows pod ("spec.os.name windows", "the

@@ -130,6 +130,12 @@ func TestInjectPodSkips(t *testing.T) {
 		// The API server refuses a Windows pod with the sidecar's security
 		// context: injecting would block it.
 		{"windows", metav1.ObjectMeta{}, corev1.PodSpec{OS: &corev1.PodOS{Name: corev1.Windows}, Containers: app}, "Windows pod (spec.os.name windows)", 1},
+		{"istio's proxy", metav1.ObjectMeta{}, corev1.PodSpec{Containers: append(slices.Clone(app), corev1.Container{Name: "istio-proxy",
+			Ports: []corev1.ContainerPort{{ContainerPort: 15090}}})}, "Istio's proxy (container istio-proxy)", 1},
+		{"linkerd asked for", metav1.ObjectMeta{Annotations: map[string]string{"linkerd.io/inject": "enabled"}}, corev1.PodSpec{Containers: app},
+			"Linkerd's proxy (linkerd.io/inject: enabled)", 1},
+		{"istio asked for", metav1.ObjectMeta{Labels: map[string]string{"sidecar.istio.io/inject": "true"}}, corev1.PodSpec{Containers: app},
+			"Istio's proxy (sidecar.istio.io/inject: true)", 1},
 		{"windows nodes", metav1.ObjectMeta{}, corev1.PodSpec{NodeSelector: map[string]string{"kubernetes.io/os": "windows"}, Containers: app},
 			"Windows pod (the node selector kubernetes.io/os: windows)", 1},
 	}
