@@ -1,6 +1,7 @@
 package inbound_test
 
 import (
+	"io"
 	"net/http"
 	"testing"
 
@@ -42,6 +43,32 @@ func TestAppGetsOneTraceContext(t *testing.T) {
 			t.Errorf("%s: the app got %q %q, want the caller's trace continued with its tracestate", tt.name, tp, ts)
 		case !tt.continued && len(ts) != 0:
 			t.Errorf("%s: the app got tracestate %q beside a new trace %q, want none", tt.name, ts, tp)
+		}
+	}
+}
+
+// A peer's request trailers reach the app only when they are not fields
+// the sidecar sets (forwarding, its hop marker, the trace context) nor
+// names with '_': an app that merges trailers into headers would take them
+// as the sidecar's.
+func TestPeerTrailersCannotPoseAsTheSidecars(t *testing.T) {
+	got := make(chan http.Header, 1)
+	app := startApp(t, func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		got <- r.Trailer.Clone()
+	})
+	_, addr := startInbound(t, inbound.Config{AppAddr: app.addr()})
+	roundTrip(t, addr, "POST / HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n"+
+		"Trailer: X-Forwarded-For, Content_Length, X-Sidecar-Hop, Traceparent, X-Checksum\r\nConnection: close\r\n\r\n"+
+		"3\r\nabc\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nContent_Length: 5\r\nX-Sidecar-Hop: abc\r\n"+
+		"Traceparent: 00-11111111111111111111111111111111-2222222222222222-01\r\nX-Checksum: 900150983cd24fb0\r\n\r\n")
+	tr := within(t, got, "the request at the app")
+	if tr.Get("X-Checksum") != "900150983cd24fb0" {
+		t.Errorf("the app's own trailer did not arrive: %v", tr)
+	}
+	for _, name := range []string{"X-Forwarded-For", "Content_length", "X-Sidecar-Hop", "Traceparent"} {
+		if v := tr.Values(name); len(v) > 0 {
+			t.Errorf("trailer %s reached the app: %q", name, v)
 		}
 	}
 }

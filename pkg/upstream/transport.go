@@ -968,8 +968,8 @@ func (pc *persistConn) writeHeader(req *http.Request) error {
 		w.WriteString("Transfer-Encoding: chunked\r\n")
 		first := true
 		for k := range req.Trailer {
-			if !httpguts.ValidTrailerHeader(k) {
-				continue // not allowed in a trailer (RFC 9110, 6.5.1): never sent
+			if !forwardableTrailer(k) {
+				continue // never sent
 			}
 			if first {
 				w.WriteString("Trailer: ")
@@ -1043,13 +1043,35 @@ func (pc *persistConn) writeBody(req *http.Request) (err error) {
 	pc.bw.WriteString("0\r\n")
 	for k, vv := range req.Trailer {
 		for _, v := range vv {
-			if httpguts.ValidTrailerHeader(k) && httpguts.ValidHeaderFieldName(k) && httpguts.ValidHeaderFieldValue(v) {
+			if forwardableTrailer(k) && httpguts.ValidHeaderFieldName(k) && httpguts.ValidHeaderFieldValue(v) {
 				pc.bw.WriteString(k + ": " + v + "\r\n")
 			}
 		}
 	}
 	pc.bw.WriteString("\r\n")
 	return pc.bw.Flush()
+}
+
+// forwardableTrailer reports whether a request trailer named k is passed
+// on: not one a trailer may not carry (RFC 9110, 6.5.1: framing, routing,
+// authentication), not one of the fields the proxies set themselves
+// (X-Forwarded-*, Forwarded, X-Sidecar-*, the trace context), which an app
+// that merges trailers into headers would take as the sidecar's, and no
+// name with '_', which CGI-style servers read as its '-' look-alike.
+func forwardableTrailer(k string) bool {
+	if !httpguts.ValidTrailerHeader(k) || strings.IndexByte(k, '_') >= 0 {
+		return false
+	}
+	c := http.CanonicalHeaderKey(k)
+	switch {
+	case strings.HasPrefix(c, "X-Forwarded-"), strings.HasPrefix(c, "X-Sidecar-"):
+		return false
+	}
+	switch c {
+	case "Forwarded", "Traceparent", "Tracestate", "Baggage", "Grpc-Timeout":
+		return false
+	}
+	return true
 }
 
 // responseBody returns the connection to the pool once the body has been
