@@ -64,6 +64,7 @@ const (
 	stTrailer                         // trailer lines after the last chunk
 	stPassthrough                     // HTTP/2 or an oversized header: net/http takes over
 	stDead                            // after a rejected request: nothing more is read
+	stTunnel                          // after a CONNECT: bytes held, unjudged, for the tunnel
 )
 
 // Verdict is the framing check's judgement of one request.
@@ -217,6 +218,21 @@ func (c *framingConn) Read(p []byte) (int, error) {
 					return 0, err
 				}
 			}
+		case stTunnel:
+			// Until the handler takes the connection over, what the
+			// client sends after the CONNECT is held; reads wait for it
+			// (net/http aborts its background read before a hijack).
+			if c.w-c.rel > maxTunnelHeld {
+				return 0, errTunnelHeld
+			}
+			c.headerClock(false)
+			if err := c.fill(); err != nil {
+				return 0, err
+			}
+			if c.hijacked.Load() {
+				c.state, c.rel = stPassthrough, c.w
+			}
+			continue
 		case stPassthrough:
 			if len(p) >= len(c.buf)/2 {
 				return c.Conn.Read(p)
@@ -332,6 +348,14 @@ func (c *framingConn) fill() error {
 	c.w += n
 	return err
 }
+
+// maxTunnelHeld bounds what a client may send after a CONNECT before its
+// tunnel opens.
+const maxTunnelHeld = 64 << 10
+
+// errTunnelHeld ends a connection whose client sent more than
+// maxTunnelHeld after a CONNECT before the tunnel opened.
+var errTunnelHeld = errors.New("more than 64 KiB sent after a CONNECT before its tunnel opened")
 
 // readSome reads into p: nil with n > 0 bytes, else the read's error
 // (io.ErrNoProgress for a read that returned neither).
@@ -503,6 +527,14 @@ func (c *framingConn) checkHeader(end int) {
 	c.pushVerdict(Verdict{})
 	c.afterPOST = f.post
 	c.rel = end
+	if f.connect {
+		// What follows is the tunnel's, not HTTP: held, unjudged and
+		// unchanged, never handed to net/http as a request; released as
+		// it is once the handler takes the connection over (hijacked),
+		// else never.
+		c.state = stTunnel
+		return
+	}
 	switch {
 	case f.chunked:
 		c.state = stChunkLine
@@ -517,6 +549,7 @@ type framing struct {
 	chunked bool
 	length  int64
 	post    bool
+	connect bool
 }
 
 // parseFraming reads the framing headers of one request header block. It
@@ -539,6 +572,7 @@ func parseFraming(block []byte) (framing, string) {
 		if first {
 			first = false
 			f.post = bytes.HasPrefix(line, []byte("POST "))
+			f.connect = bytes.HasPrefix(line, []byte("CONNECT "))
 			http11 = bytes.HasSuffix(line, []byte(" HTTP/1.1"))
 			continue
 		}
@@ -587,6 +621,12 @@ func parseFraming(block []byte) (framing, string) {
 	}
 	if clSeen && teSeen {
 		return f, "both Content-Length and Transfer-Encoding"
+	}
+	// A CONNECT has no content (RFC 9110, 9.3.6): bytes after its header
+	// block are the tunnel's, which a body would have net/http read as
+	// the request's and the tunnel as its own.
+	if f.connect && (teSeen || f.length > 0) {
+		return f, "a CONNECT request with content"
 	}
 	// net/http ignores Transfer-Encoding before HTTP/1.1 and would read
 	// the body as the next request; RFC 9112 6.1 says reject it.

@@ -179,7 +179,10 @@ func WriteError(w http.ResponseWriter, r *http.Request, e *LocalError) {
 	if e.RetryAfter > 0 {
 		h.Set("Retry-After", strconv.FormatInt(int64((e.RetryAfter+time.Second-1)/time.Second), 10))
 	}
-	if (e.Status == http.StatusBadRequest || e.Status == http.StatusRequestTimeout) && (r == nil || r.ProtoMajor < 2) {
+	// A refused CONNECT ends its connection too: what the client sent
+	// after it was meant for the tunnel, never to be read as requests.
+	if (e.Status == http.StatusBadRequest || e.Status == http.StatusRequestTimeout || r != nil && r.Method == http.MethodConnect) &&
+		(r == nil || r.ProtoMajor < 2) {
 		h.Set("Connection", "close")
 	}
 	w.WriteHeader(e.Status)

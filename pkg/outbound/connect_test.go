@@ -222,3 +222,89 @@ const dispatcher = new ProxyAgent({ uri: 'http://`+sc.addr+`' });
 		t.Fatalf("%d of the requests went through the chain, want 3", marked.Load())
 	}
 }
+
+// Bytes a client sends right after its CONNECT, before the tunnel's 200,
+// are the tunnel's: they reach the destination as sent, whatever they
+// look like, and are never judged or served as HTTP requests. (The
+// framing check took them for requests: a block that looked like bad HTTP
+// was replaced by its placeholder request, and the destination got a
+// request the client never sent.)
+func TestConnectPipelinedBytesAreTheTunnels(t *testing.T) {
+	got := make(chan string, 1)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+				b, _ := io.ReadAll(c) // until the client half-closes or the deadline
+				got <- string(b)
+			}()
+		}
+	}()
+	dest := ln.Addr().String()
+	sc := startSidecar(t, options{allowHosts: []string{dest}, static: map[string][]string{"svc": {"127.0.0.1:1"}}})
+	for _, tail := range []string{
+		"GET /a HTTP/1.1\r\nHost: x\r\nX: 1\r\n folded\r\n\r\nTAIL-BYTES",
+		"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+		"\x16\x03\x01\x00\x05hello",
+		"GET /b HTTP/1.1\r\nHost: svc\r\n\r\n",
+	} {
+		c, err := net.Dial("tcp", sc.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "CONNECT "+dest+" HTTP/1.1\r\nHost: "+dest+"\r\n\r\n"+tail)
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+		if err != nil || resp.StatusCode != 200 {
+			c.Close()
+			t.Fatalf("CONNECT %s with %q after it: %v %v", dest, tail, resp, err)
+		}
+		_ = c.(*net.TCPConn).CloseWrite()
+		if dst := <-got; dst != tail {
+			t.Errorf("sent %q after the CONNECT; the destination got %q", tail, dst)
+		}
+		c.Close()
+	}
+}
+
+// A refused CONNECT ends its connection: what the client sent after it was
+// meant for the tunnel and is never served as a request (it was: the
+// pipelined GET went to the service its Host named).
+func TestRefusedConnectEndsTheConnection(t *testing.T) {
+	var seen atomic.Int64
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { seen.Add(1) }))
+	t.Cleanup(up.Close)
+	sc := startSidecar(t, options{static: map[string][]string{"svc": {up.Listener.Addr().String()}}})
+	for _, connect := range []string{"nosuch:80", "127.0.0.1:1"} {
+		c, err := net.Dial("tcp", sc.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "CONNECT "+connect+" HTTP/1.1\r\nHost: "+connect+"\r\n\r\nGET /a HTTP/1.1\r\nHost: svc\r\n\r\n")
+		all, _ := io.ReadAll(c)
+		c.Close()
+		if n := strings.Count(string(all), "HTTP/1.1 "); n != 1 || !strings.Contains(string(all), "Connection: close") {
+			t.Errorf("CONNECT %s refused, then a pipelined GET: %d answers, want 1 with Connection: close\n%s", connect, n, all)
+		}
+	}
+	if n := seen.Load(); n != 0 {
+		t.Errorf("the service got %d request(s) meant for a refused tunnel", n)
+	}
+	// A CONNECT has no content (RFC 9110, 9.3.6): one with a body is refused.
+	resp, body := sc.raw(t, "CONNECT svc:80 HTTP/1.1\r\nHost: svc:80\r\nContent-Length: 31\r\n\r\nGET /hidden HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp.StatusCode != http.StatusBadRequest || seen.Load() != 0 {
+		t.Errorf("CONNECT with content: %d %s, service saw %d; want 400 and nothing", resp.StatusCode, body, seen.Load())
+	}
+}
