@@ -1,12 +1,16 @@
 package inbound_test
 
 import (
+	"crypto/tls"
 	"io"
+	"net"
 	"net/http"
+	"strings"
 	"testing"
 
 	"go.opentelemetry.io/otel/propagation"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"golang.org/x/net/http2"
 
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 )
@@ -68,6 +72,54 @@ func TestPeerTrailersCannotPoseAsTheSidecars(t *testing.T) {
 	}
 	for _, name := range []string{"X-Forwarded-For", "Content_length", "X-Sidecar-Hop", "Traceparent"} {
 		if v := tr.Values(name); len(v) > 0 {
+			t.Errorf("trailer %s reached the app: %q", name, v)
+		}
+	}
+}
+
+// The same over HTTP/2, to an app that speaks it (h2c): the trailers the
+// sidecar's fields could be taken for are neither announced nor sent.
+func TestPeerTrailersCannotPoseAsTheSidecarsOverHTTP2(t *testing.T) {
+	got := make(chan http.Header, 1)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2s := &http2.Server{}
+	app := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		got <- r.Trailer.Clone()
+	})
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go h2s.ServeConn(c, &http2.ServeConnOpts{Handler: app})
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-served })
+	_, addr := startInbound(t, inbound.Config{AppAddr: ln.Addr().String()})
+	tr := &http2.Transport{AllowHTTP: true,
+		DialTLS: func(network, addr string, _ *tls.Config) (net.Conn, error) { return net.Dial(network, addr) }}
+	defer tr.CloseIdleConnections()
+	req, _ := http.NewRequest("POST", "http://"+addr+"/", io.NopCloser(strings.NewReader("abc")))
+	req.Trailer = http.Header{"X-Forwarded-For": {"6.6.6.6"}, "X-Sidecar-Hop": {"abc"},
+		"Traceparent": {"00-11111111111111111111111111111111-2222222222222222-01"}, "X-Checksum": {"900150983cd24fb0"}}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	trl := within(t, got, "the request at the app")
+	if trl.Get("X-Checksum") != "900150983cd24fb0" {
+		t.Errorf("the app's own trailer did not arrive: %v", trl)
+	}
+	for _, name := range []string{"X-Forwarded-For", "X-Sidecar-Hop", "Traceparent"} {
+		if v := trl.Values(name); len(v) > 0 {
 			t.Errorf("trailer %s reached the app: %q", name, v)
 		}
 	}

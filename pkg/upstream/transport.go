@@ -315,7 +315,7 @@ func (t *Transport) roundTripH2(req *http.Request, connectTimeout time.Duration)
 	if !IsGRPC(req) && t.speaksOnlyHTTP1(req.URL.Host) {
 		return t.Send(asHTTP1(req), connectTimeout)
 	}
-	resp, err := t.h2.RoundTrip(limit1xx(req))
+	resp, err := t.h2.RoundTrip(limit1xx(filterTrailers(req)))
 	if err == nil {
 		return resp, nil
 	}
@@ -1072,6 +1072,53 @@ func forwardableTrailer(k string) bool {
 		return false
 	}
 	return true
+}
+
+// filterTrailers keeps req's trailers to the forwardable ones
+// (forwardableTrailer) for the HTTP/2 transport, which announces the
+// declared names with the request and sends the trailer map as it is once
+// the body has ended: the names are dropped now, and what the client's
+// trailer brings with the body's end is filtered again then.
+func filterTrailers(req *http.Request) *http.Request {
+	if len(req.Trailer) == 0 || !hasBody(req) {
+		return req
+	}
+	dropUnforwardable(req.Trailer)
+	r := *req
+	r.Body = &trailerFilter{ReadCloser: req.Body, trailer: req.Trailer}
+	if get := req.GetBody; get != nil {
+		r.GetBody = func() (io.ReadCloser, error) {
+			b, err := get()
+			if err != nil {
+				return nil, err
+			}
+			return &trailerFilter{ReadCloser: b, trailer: req.Trailer}, nil
+		}
+	}
+	return &r
+}
+
+func dropUnforwardable(h http.Header) {
+	for k := range h {
+		if !forwardableTrailer(k) {
+			delete(h, k)
+		}
+	}
+}
+
+// trailerFilter is a request body that filters its request's trailer map
+// once it ends (the server fills the map before the body's EOF).
+type trailerFilter struct {
+	io.ReadCloser
+	trailer http.Header
+}
+
+func (f *trailerFilter) Read(p []byte) (int, error) {
+	n, err := f.ReadCloser.Read(p)
+	if err == io.EOF {
+		dropUnforwardable(f.trailer)
+	}
+	return n, err
 }
 
 // responseBody returns the connection to the pool once the body has been
