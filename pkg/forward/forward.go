@@ -52,7 +52,7 @@ type Forwarder struct {
 // answer whose upstream is quiet for long (a stream, a slow body) is not
 // cut for it.
 type writeDeadline struct {
-	w       http.ResponseWriter
+	rc      *http.ResponseController // the answer's, also for its flushes
 	timeout time.Duration
 	h2      bool
 	set     time.Time // when the deadline was last set; zero: not set
@@ -64,14 +64,14 @@ func (d *writeDeadline) before(now time.Time) {
 		return
 	}
 	d.set = now
-	_ = http.NewResponseController(d.w).SetWriteDeadline(now.Add(d.timeout))
+	_ = d.rc.SetWriteDeadline(now.Add(d.timeout))
 }
 
 // after is called once a write of the answer returned.
 func (d *writeDeadline) after() {
 	if d.timeout > 0 && d.h2 && !d.set.IsZero() {
 		d.set = time.Time{}
-		_ = http.NewResponseController(d.w).SetWriteDeadline(time.Time{})
+		_ = d.rc.SetWriteDeadline(time.Time{})
 	}
 }
 
@@ -135,7 +135,7 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, to http.Roun
 	}
 
 	resp, err := to.RoundTrip(out)
-	deadline := writeDeadline{w: w, timeout: f.WriteTimeout, h2: r.ProtoMajor == 2}
+	deadline := writeDeadline{rc: http.NewResponseController(w), timeout: f.WriteTimeout, h2: r.ProtoMajor == 2}
 	if err != nil {
 		deadline.before(time.Now())
 		f.OnError(w, r, downstream.Cause(r, err))
@@ -168,7 +168,7 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, to http.Roun
 		// A stream's headers go out at once: a bidi client may wait for
 		// them before it sends, a watch shows its metadata before the
 		// first event. (A gRPC trailers-only answer must stay one frame.)
-		_ = http.NewResponseController(w).Flush()
+		_ = deadline.rc.Flush()
 	}
 	deadline.after()
 	err = copyBody(w, resp.Body, flush, &deadline)
@@ -222,10 +222,6 @@ func copyBody(w http.ResponseWriter, body io.Reader, flush bool, deadline *write
 	bp := copyBufPool.Get().(*[]byte)
 	defer copyBufPool.Put(bp)
 	buf := *bp
-	var rc *http.ResponseController
-	if flush {
-		rc = http.NewResponseController(w)
-	}
 	for {
 		n, err := body.Read(buf)
 		if n > 0 {
@@ -234,7 +230,7 @@ func copyBody(w http.ResponseWriter, body io.Reader, flush bool, deadline *write
 				return werr
 			}
 			if flush {
-				if ferr := rc.Flush(); ferr != nil {
+				if ferr := deadline.rc.Flush(); ferr != nil {
 					return ferr
 				}
 			}
@@ -368,11 +364,14 @@ func Splice(client net.Conn, clientBuf io.Reader, upstream io.ReadWriteCloser, w
 // of a tunnel that stops reading ends it then, rather than holding it (and
 // what it holds: a slot, a connection to the app) for ever.
 type deadlineWriter struct {
-	c interface {
-		io.Writer
-		SetWriteDeadline(time.Time) error
-	}
+	c       writeDeadliner
 	timeout time.Duration
+}
+
+// writeDeadliner is a writer with a write deadline (a net.Conn).
+type writeDeadliner interface {
+	io.Writer
+	SetWriteDeadline(time.Time) error
 }
 
 func (d deadlineWriter) Write(p []byte) (int, error) {
@@ -383,10 +382,7 @@ func (d deadlineWriter) Write(p []byte) (int, error) {
 // progressWriter is w with each write bounded by timeout, when w has a
 // write deadline and timeout is set; else w.
 func progressWriter(w io.Writer, timeout time.Duration) io.Writer {
-	if c, ok := w.(interface {
-		io.Writer
-		SetWriteDeadline(time.Time) error
-	}); ok && timeout > 0 {
+	if c, ok := w.(writeDeadliner); ok && timeout > 0 {
 		return deadlineWriter{c: c, timeout: timeout}
 	}
 	return w
