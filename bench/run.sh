@@ -741,6 +741,24 @@ closed_phase() {
 	fi
 }
 
+# overload_variant CONTESTANT PORTS RUN WORDS RATE STRICT [POLICY]: a fresh
+# sidecar, CONTESTANT on PORTS with tracing as every sidecar has it and
+# POLICY after it in its configuration, warmed up (every answer a 2xx when
+# STRICT is "strict"), then measured as RUN at RATE req/s; WORDS say which
+# in the log.
+overload_variant() {
+	local name=$1 ports=$2 run=$3 words=$4 rate=$5 strict=$6 policy=${7:-} f
+	start_sidecar "$name" "$ports" "$(tracing_yaml)$policy"
+	check_contestant "$name"
+	openloop_args "$name" "$BENCH_OPEN_RATE" 3s "$BENCH_OPEN_CONNS"
+	"${ARGS[@]}" ${strict:+-strict} -out "$WORK/runs/${name#sidecar-}-warmup.json" >/dev/null || die "$name: warm-up failed"
+	f=$WORK/runs/$run.json
+	openloop_args "$name" "$rate" "$BENCH_OVERLOAD_DURATION" "$BENCH_OVERLOAD_CONNS"
+	measured "$run" "$name" "$rate" 1 "$f" "${ARGS[@]}" -out "$f"
+	log "overload $words at $rate req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
+	stop "$name"
+}
+
 overload_phase() {
 	local steady over f
 	[[ -n $CAPACITY ]] || die "no capacity for the overload phase: run the closed phase or set BENCH_CAPACITY"
@@ -763,41 +781,15 @@ policies:
 	log "overload at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
 	stop sidecar-overload
 
-	start_sidecar sidecar-queued PORTS_QUEUED "$(tracing_yaml)
+	overload_variant sidecar-queued PORTS_QUEUED overload-queued "with a line" "$over" strict "
 policies:
   - service: \"*\"
     concurrency: {maxInFlight: $BENCH_OVERLOAD_LIMIT, maxQueued: $BENCH_OVERLOAD_QUEUE, queueTimeout: $BENCH_OVERLOAD_QUEUE_TIMEOUT}"
-	check_contestant sidecar-queued
-	openloop_args sidecar-queued "$BENCH_OPEN_RATE" 3s "$BENCH_OPEN_CONNS"
-	"${ARGS[@]}" -strict -out "$WORK/runs/queued-warmup.json" >/dev/null || die "sidecar-queued: warm-up failed"
-	f=$WORK/runs/overload-queued.json
-	openloop_args sidecar-queued "$over" "$BENCH_OVERLOAD_DURATION" "$BENCH_OVERLOAD_CONNS"
-	measured overload-queued sidecar-queued "$over" 1 "$f" "${ARGS[@]}" -out "$f"
-	log "overload with a line at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
-	stop sidecar-queued
-
-	start_sidecar sidecar-adaptive PORTS_ADAPTIVE "$(tracing_yaml)
+	overload_variant sidecar-adaptive PORTS_ADAPTIVE overload-adaptive "with an adaptive limit" "$over" "" "
 policies:
   - service: \"*\"
     concurrency: {adaptive: true}"
-	check_contestant sidecar-adaptive
-	openloop_args sidecar-adaptive "$BENCH_OPEN_RATE" 3s "$BENCH_OPEN_CONNS"
-	"${ARGS[@]}" -out "$WORK/runs/adaptive-warmup.json" >/dev/null || die "sidecar-adaptive: warm-up failed"
-	f=$WORK/runs/overload-adaptive.json
-	openloop_args sidecar-adaptive "$over" "$BENCH_OVERLOAD_DURATION" "$BENCH_OVERLOAD_CONNS"
-	measured overload-adaptive sidecar-adaptive "$over" 1 "$f" "${ARGS[@]}" -out "$f"
-	log "overload with an adaptive limit at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
-	stop sidecar-adaptive
-
-	start_sidecar sidecar-defaults PORTS_DEFAULTS "$(tracing_yaml)"
-	check_contestant sidecar-defaults
-	openloop_args sidecar-defaults "$BENCH_OPEN_RATE" 3s "$BENCH_OPEN_CONNS"
-	"${ARGS[@]}" -strict -out "$WORK/runs/defaults-warmup.json" >/dev/null || die "sidecar-defaults: warm-up failed"
-	f=$WORK/runs/overload-defaults.json
-	openloop_args sidecar-defaults "$over" "$BENCH_OVERLOAD_DURATION" "$BENCH_OVERLOAD_CONNS"
-	measured overload-defaults sidecar-defaults "$over" 1 "$f" "${ARGS[@]}" -out "$f"
-	log "overload on the default policy at $over req/s: $(grep -E '"(sent|ok|shed|errors)"' "$f" | tr -d ' \n')"
-	stop sidecar-defaults
+	overload_variant sidecar-defaults PORTS_DEFAULTS overload-defaults "on the default policy" "$over" strict
 }
 
 # ---- mesh ------------------------------------------------------------------------------
