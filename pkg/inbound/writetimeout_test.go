@@ -27,27 +27,10 @@ func TestPeerThatStopsReadingLetsGo(t *testing.T) {
 	app := startApp(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, page) })
 	lim := downstream.Limits{WriteTimeout: 300 * time.Millisecond}
 	p, addr := startInbound(t, inbound.Config{AppAddr: app.addr(), MaxInFlight: 1, Limits: lim})
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.(*net.TCPConn).SetReadBuffer(4096)
-	go io.WriteString(c, strings.Repeat("GET / HTTP/1.1\r\nHost: svc\r\n\r\n", 3000)) // and never read
-	for deadline := time.Now().Add(5 * time.Second); p.InFlight() == 0; {
-		if time.Now().After(deadline) {
-			t.Fatal("the pipelined requests never reached the app")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	stalledPeer(t, addr, strings.Repeat("GET / HTTP/1.1\r\nHost: svc\r\n\r\n", 3000))
 	// The writes back stall, time out, and the connection goes with its
 	// slot.
-	for deadline := time.Now().Add(10 * time.Second); p.InFlight() != 0; {
-		if time.Now().After(deadline) {
-			t.Fatalf("a peer that stopped reading still holds %d slot(s) after 10s (WriteTimeout 300ms)", p.InFlight())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	slotTakenThenFreed(t, p, "the pipelined requests")
 	resp, body := roundTrip(t, addr, "GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
 	if resp.StatusCode != 200 || len(body) != len(page) {
 		t.Fatalf("the next caller: %d, %d bytes; want 200 and the page", resp.StatusCode, len(body))
@@ -129,20 +112,27 @@ func TestPeerThatStopsReadingLocalAnswersAndTunnels(t *testing.T) {
 	}
 	// A tunnel: the app's side keeps sending, the peer never reads.
 	stalledPeer(t, addr, "GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	slotTakenThenFreed(t, p, "the upgrade")
+	if resp, _ := roundTrip(t, addr, "GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"); resp.StatusCode != 200 {
+		t.Fatalf("the next caller: %d, want 200", resp.StatusCode)
+	}
+}
+
+// slotTakenThenFreed waits for what a stalled peer sent to take p's slot,
+// then for the write timeout (300ms) to free it: within 10s, or t fails.
+func slotTakenThenFreed(t *testing.T, p *inbound.Proxy, what string) {
+	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); p.InFlight() == 0; {
 		if time.Now().After(deadline) {
-			t.Fatal("the upgrade never reached the app")
+			t.Fatalf("%s never reached the app", what)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	for deadline := time.Now().Add(10 * time.Second); p.InFlight() != 0; {
 		if time.Now().After(deadline) {
-			t.Fatalf("a peer that stopped reading its tunnel still holds %d slot(s) after 10s (WriteTimeout 300ms)", p.InFlight())
+			t.Fatalf("a peer that stopped reading (%s) still holds %d slot(s) after 10s (WriteTimeout 300ms)", what, p.InFlight())
 		}
 		time.Sleep(10 * time.Millisecond)
-	}
-	if resp, _ := roundTrip(t, addr, "GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"); resp.StatusCode != 200 {
-		t.Fatalf("the next caller: %d, want 200", resp.StatusCode)
 	}
 }
 
