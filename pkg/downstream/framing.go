@@ -448,7 +448,7 @@ func (c *framingConn) process() {
 				if len(line) == 0 {
 					c.state, c.scan = stHeader, c.rel+i+1
 				}
-			} else if size, ok := parseChunkSize(line); !ok {
+			} else if size, ok := ParseChunkSize(line); !ok {
 				c.badBody()
 				return
 			} else if size == 0 {
@@ -667,8 +667,9 @@ func parseDecimal(b []byte) (int64, bool) {
 	return n, true
 }
 
-// parseChunkSize parses "HEX[;ext]" as net/http's chunked reader does.
-func parseChunkSize(line []byte) (int64, bool) {
+// ParseChunkSize parses a chunk-size line without its line end,
+// "HEX[;ext]", as net/http's chunked reader does.
+func ParseChunkSize(line []byte) (int64, bool) {
 	line = bytes.TrimRight(line, " \t")
 	if i := bytes.IndexByte(line, ';'); i >= 0 {
 		line = line[:i]

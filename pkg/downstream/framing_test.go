@@ -47,13 +47,13 @@ func TestParseFraming(t *testing.T) {
 
 func TestParseChunkSize(t *testing.T) {
 	for line, want := range map[string]int64{"0": 0, "a": 10, "FF": 255, "10;name=v": 16, "1;x ": 1, "7fffffffffffffff": 1<<63 - 1} {
-		if got, ok := parseChunkSize([]byte(line)); !ok || got != want {
-			t.Errorf("parseChunkSize(%q) = %d, %v; want %d", line, got, ok, want)
+		if got, ok := ParseChunkSize([]byte(line)); !ok || got != want {
+			t.Errorf("ParseChunkSize(%q) = %d, %v; want %d", line, got, ok, want)
 		}
 	}
 	for _, line := range []string{"", "g", "-1", "0x10", "ffffffffffffffff", "12345678901234567"} {
-		if got, ok := parseChunkSize([]byte(line)); ok {
-			t.Errorf("parseChunkSize(%q) = %d, ok; want rejected", line, got)
+		if got, ok := ParseChunkSize([]byte(line)); ok {
+			t.Errorf("ParseChunkSize(%q) = %d, ok; want rejected", line, got)
 		}
 	}
 }

@@ -48,6 +48,33 @@ var fastMethods = [...]string{http.MethodGet, http.MethodPost, http.MethodHead, 
 // parse fills req with the request of a header block the fast path can
 // serve exactly as net/http would, or returns false.
 func (c *h1Conn) parse(block []byte, req *http.Request) bool {
+	if !parsePlain(block, c.remoteAddr, req) {
+		return false
+	}
+	if req.ContentLength > 0 {
+		req.Body = &h1Body{c: c, remain: req.ContentLength, closing: req.Close}
+	}
+	return true
+}
+
+// PlainRequest fills req with the request of block, one whole header block
+// (through its empty line), when it is one the fast path serves exactly as
+// net/http would and the framing check passes: HTTP/1.1, a common method,
+// an origin-form or http absolute-form target, one valid Host, no Expect,
+// Upgrade or Transfer-Encoding, at most one Content-Length, and no header
+// name that spells a framing or forwarding header with '_' for '-'. Its
+// body is http.NoBody: req.ContentLength says how many bytes follow the
+// block. False for anything else, which the listener's server answers
+// (net/http, behind the framing check) as it answers it today.
+func PlainRequest(block []byte, remoteAddr string, req *http.Request) bool {
+	if f, reason := parseFraming(block); reason != "" || f.chunked || f.connect {
+		return false
+	}
+	return parsePlain(block, remoteAddr, req) && underscoredLookalike(req.Header) == ""
+}
+
+// parsePlain is parse without the body.
+func parsePlain(block []byte, remoteAddr string, req *http.Request) bool {
 	// Request line: METHOD SP TARGET SP HTTP/1.1 CRLF.
 	eol := indexByte(block, '\n')
 	if eol < 1 || block[eol-1] != '\r' {
@@ -184,12 +211,9 @@ func (c *h1Conn) parse(block []byte, req *http.Request) bool {
 		ContentLength: cl,
 		Close:         closeReq,
 		Host:          host,
-		RemoteAddr:    c.remoteAddr,
+		RemoteAddr:    remoteAddr,
 		RequestURI:    rawURL,
 		Body:          http.NoBody,
-	}
-	if cl > 0 {
-		req.Body = &h1Body{c: c, remain: cl, closing: closeReq}
 	}
 	return true
 }

@@ -537,7 +537,7 @@ func (cw *h1ChunkWriter) writeHeader(p []byte) {
 	if cw.chunking {
 		delHeader("Content-Length")
 	}
-	if w.closeAfter && (!keepAlivesEnabled || !hasToken(cw.header.Get("Connection"), "close")) && !isProtocolSwitchResponse(w.status, header) {
+	if w.closeAfter && (!keepAlivesEnabled || !HasToken(cw.header.Get("Connection"), "close")) && !isProtocolSwitchResponse(w.status, header) {
 		delHeader("Connection")
 		set.connection = "close"
 	}
@@ -586,9 +586,9 @@ func isProtocolSwitchResponse(code int, h http.Header) bool {
 		httpguts.HeaderValuesContainsToken(h["Connection"], "Upgrade")
 }
 
-// hasToken reports whether token appears in v, case-insensitively, as
+// HasToken reports whether token appears in v, case-insensitively, as
 // net/http's hasToken (a substring bounded by non-token characters).
-func hasToken(v, token string) bool {
+func HasToken(v, token string) bool {
 	if len(token) > len(v) || token == "" {
 		return false
 	}

@@ -505,6 +505,11 @@ func safeToResend(req *http.Request, err error) bool {
 	return !ue.Written || isIdempotent(req)
 }
 
+// Resendable reports whether req, which failed with err on a reused
+// connection before any byte of the answer came, may be sent again on a
+// new one: the endpoint may have closed the connection as it sat idle.
+func Resendable(req *http.Request, err error) bool { return safeToResend(req, err) }
+
 // CloseIdleConnections closes every pooled connection.
 func (t *Transport) CloseIdleConnections() {
 	t.pools.Range(func(k, v any) bool {
@@ -633,7 +638,7 @@ func (pc *persistConn) roundTrip(req *http.Request, upgrade bool) (*http.Respons
 		return nil, err
 	}
 
-	if err := pc.writeHeader(req); err != nil {
+	if err := WriteRequestHead(pc.bw, req); err != nil {
 		return fail(err)
 	}
 	switch {
@@ -924,9 +929,19 @@ func (l *headLimiter) Read(p []byte) (int, error) {
 
 func hasBody(req *http.Request) bool { return req.Body != nil && req.Body != http.NoBody }
 
-// writeHeader writes the request line and header block into the buffer.
-func (pc *persistConn) writeHeader(req *http.Request) error {
-	w := pc.bw
+// HeadWriter is what a request head is written to: a *bufio.Writer, a
+// *bytes.Buffer.
+type HeadWriter interface {
+	io.Writer
+	io.ByteWriter
+	io.StringWriter
+}
+
+// WriteRequestHead writes req's request line and header block, as the
+// transport sends them: the Host first, the header fields but the framing
+// ones, then the framing the body needs (Content-Length, or chunked with
+// the forwardable trailers announced), and Connection: close when req.Close.
+func WriteRequestHead(w HeadWriter, req *http.Request) error {
 	w.WriteString(req.Method)
 	w.WriteByte(' ')
 	w.WriteString(req.URL.RequestURI())
@@ -1252,3 +1267,37 @@ func (u *upgradedConn) CloseWrite() error {
 	}
 	return u.pc.conn.Close()
 }
+
+// headReaderPool holds the readers ParseResponseHead reads heads through.
+var headReaderPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
+
+// ParseResponseHead parses head, one whole response head (status line and
+// header block through its empty line), as the transport reads one: by
+// net/http's rules, with the fields a Connection: close names dropped. The
+// response's Body is not to be read (its framing is in ContentLength,
+// TransferEncoding and Close; http.NoBody when it has none, as for a HEAD,
+// a 204 or a 304). A head that does not parse is a *BadResponseError.
+// Interim (1xx) responses are returned like any other: the caller skips
+// them, at most MaxInterimResponses.
+func ParseResponseHead(head []byte, req *http.Request) (*http.Response, error) {
+	br := headReaderPool.Get().(*bufio.Reader)
+	br.Reset(bytes.NewReader(head))
+	resp, err := http.ReadResponse(br, req)
+	br.Reset(nil)
+	headReaderPool.Put(br)
+	if err != nil {
+		return nil, &BadResponseError{Reason: err.Error()}
+	}
+	if resp.Close {
+		dropConnectionOptions(resp.Header, head)
+	}
+	return resp, nil
+}
+
+// MaxInterimResponses bounds the interim (1xx) responses read before the
+// final one.
+const MaxInterimResponses = max1xxResponses
+
+// ErrTooManyInterim is the reason of the *BadResponseError for a response
+// past MaxInterimResponses interim ones.
+var ErrTooManyInterim = errTooMany1xx
