@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"crypto/rand"
 	"encoding/hex"
 	"io"
@@ -235,4 +236,108 @@ func TestJaegerOutageUnderLoad(t *testing.T) {
 			t.Fatal("no span of a request made after Jaeger came back reached it within 20s")
 		}
 	}
+}
+
+// What a peer or an upstream writes cannot cost the pod its traces: a
+// path with a byte that is not UTF-8, a path of 60 KB, an upstream's reason
+// phrase and grpc-status in Latin-1 and an error naming a 60 KB header line
+// all reach Jaeger as spans of their own (escaped, cut to 256 bytes), and
+// the requests sent beside them keep theirs: OTLP refuses a whole batch for
+// one invalid string, and a collector one larger than its message limit.
+func TestHostileBytesDoNotCostSpans(t *testing.T) {
+	jaeger := jaegertest.Start(t)
+	evil := rawUpstream(t, func(path string) string {
+		switch path {
+		case "/latin1":
+			return "HTTP/1.1 503 Serv\xffce Unavailable\r\nGrpc-Status: 0\xff\r\nContent-Length: 0\r\n\r\n"
+		default: // a header line of 60 KB with no colon
+			return "HTTP/1.1 200 OK\r\n" + strings.Repeat("<", 60000) + "\r\nContent-Length: 0\r\n\r\n"
+		}
+	})
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "app") }))
+	defer app.Close()
+	_, appPort, _ := net.SplitHostPort(strings.TrimPrefix(app.URL, "http://"))
+	in := freePort(t)
+	s := runSidecar(t, "policies:\n  - {service: evil, retry: {attempts: 2, backoff: {base: 1ms, max: 1ms}}}\n",
+		"--service", "me", "--app-port", appPort, "--inbound-addr", in, "--static", "evil="+evil,
+		"--tracing-endpoint", jaeger.OTLPGRPC, "--tracing-sampler", "parentbased_always_on")
+
+	send := func(addr, host, path string) string {
+		traceID, traceparent := newTraceparent()
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: "+host+"\r\nTraceparent: "+traceparent+"\r\nConnection: close\r\n\r\n")
+		io.ReadAll(conn)
+		return traceID
+	}
+	long := "/" + strings.Repeat("p", 60000)
+	traces := map[string]string{
+		"inbound /%ff":   send(in, "me", "/%ff"),
+		"inbound 60 KB":  send(in, "me", long),
+		"upstream latin": send(s.out, "evil", "/latin1"),
+		"upstream line":  send(s.out, "evil", "/line"),
+		"plain":          send(in, "me", "/plain"),
+	}
+	for what, traceID := range traces {
+		var spans []jaegertest.Span
+		for deadline := time.Now().Add(15 * time.Second); len(spans) == 0; {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: no span of trace %s in Jaeger after 15s (dropped: %s)", what, traceID, metricLine(scrape(t, s.metrics, "text/plain"), "sidecar_tracing_dropped_spans_total"))
+			}
+			time.Sleep(100 * time.Millisecond) // polling Jaeger's query API
+			var err error
+			if spans, _, err = jaeger.Trace(traceID); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, sp := range spans {
+			if p := sp.Tag("url.path"); len(p) > 256 {
+				t.Errorf("%s: span %s has a url.path of %d bytes, want at most 256", what, sp.OperationName, len(p))
+			}
+		}
+	}
+	if m := metricLine(scrape(t, s.metrics, "text/plain"), "sidecar_tracing_dropped_spans_total"); !strings.HasSuffix(m, " 0") {
+		t.Errorf("%s, want none dropped", m)
+	}
+}
+
+// rawUpstream serves each connection's first request with the raw answer
+// answer gives for its path, then closes it.
+func rawUpstream(t *testing.T, answer func(path string) string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err != nil {
+					return
+				}
+				io.WriteString(c, answer(req.URL.Path))
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// metricLine is the first line of an exposition that starts with name.
+func metricLine(exposition, name string) string {
+	for _, l := range strings.Split(exposition, "\n") {
+		if strings.HasPrefix(l, name) {
+			return l
+		}
+	}
+	return name + " (absent)"
 }

@@ -48,9 +48,10 @@ func (t *Telemetry) Start(r *http.Request) *http.Request {
 	// A span not sampled drops its name: it is built only for the sampled.
 	ctx, span := t.tracer.Start(ctx, "request", serverSpan)
 	if span.IsRecording() {
-		span.SetName(r.Method + " " + t.service)
-		span.SetAttributes(attribute.String("http.request.method", r.Method),
-			attribute.String("url.path", r.URL.Path), attribute.String("sidecar.direction", metrics.Inbound))
+		span.SetName(tracing.Text(r.Method + " " + t.service))
+		// What the peer wrote is escaped and cut (tracing.Text says why).
+		span.SetAttributes(tracing.String("http.request.method", r.Method),
+			tracing.String("url.path", r.URL.EscapedPath()), attribute.String("sidecar.direction", metrics.Inbound))
 	}
 	tracing.Replace(t.prop, t.fields, ctx, r.Header)
 	return r.WithContext(ctx)
@@ -70,7 +71,7 @@ func (t *Telemetry) End(r *http.Request, res Result) {
 				span.SetAttributes(attribute.String("sidecar.error", res.Reason))
 			}
 			if res.Status >= 500 || res.Reason != "" || res.Aborted {
-				span.SetStatus(codes.Error, cmp.Or(res.Reason, http.StatusText(res.Status)))
+				span.SetStatus(codes.Error, tracing.Text(cmp.Or(res.Reason, http.StatusText(res.Status))))
 			}
 		}
 		span.End()

@@ -31,10 +31,11 @@ func (ch *chain) startRequest(c *call, req *http.Request) (*http.Request, trace.
 	// ones.
 	ctx, span := ch.tracer.Start(ctx, "request", clientSpan)
 	if span.IsRecording() {
-		span.SetName(req.Method + " " + c.service)
-		span.SetAttributes(attribute.String("sidecar.service", c.service),
-			attribute.String("http.request.method", req.Method),
-			attribute.String("url.path", req.URL.Path),
+		span.SetName(tracing.Text(req.Method + " " + c.service))
+		// What the app wrote is escaped and cut (tracing.Text says why).
+		span.SetAttributes(tracing.String("sidecar.service", c.service),
+			tracing.String("http.request.method", req.Method),
+			tracing.String("url.path", req.URL.EscapedPath()),
 			attribute.String("network.protocol.version", protoVersion(req)))
 	}
 	return req.WithContext(ctx), span
@@ -65,7 +66,7 @@ func endRequest(span trace.Span, series *metrics.Series, start time.Time, status
 				span.SetAttributes(attribute.String("sidecar.error", reason))
 			}
 			if status >= 500 || reason != "" {
-				span.SetStatus(codes.Error, cmp.Or(detail, reason, http.StatusText(status)))
+				span.SetStatus(codes.Error, tracing.Text(cmp.Or(detail, reason, http.StatusText(status))))
 			}
 		}
 		span.End()
@@ -94,9 +95,9 @@ func (b *telemetryBody) Close() error {
 		if b.span != nil && b.span.IsRecording() {
 			// A gRPC call's outcome is in its trailers, known by now.
 			if g := grpcStatus(b.resp); g != "" {
-				b.span.SetAttributes(attribute.String("rpc.grpc.status_code", g))
+				b.span.SetAttributes(tracing.String("rpc.grpc.status_code", g))
 				if g != "0" {
-					b.span.SetStatus(codes.Error, "grpc-status "+g)
+					b.span.SetStatus(codes.Error, tracing.Text("grpc-status "+g))
 				}
 			}
 		}
@@ -128,11 +129,11 @@ func (ch *chain) startAttempt(c *call, t *try, parent context.Context, req *http
 		portN, _ := strconv.Atoi(port)
 		span.SetAttributes(
 			attribute.Int("sidecar.attempt", t.n),
-			attribute.String("sidecar.service", c.service),
-			attribute.String("server.address", host),
+			tracing.String("sidecar.service", c.service),
+			tracing.String("server.address", host),
 			attribute.Int("server.port", portN),
 			attribute.String("sidecar.breaker.state", c.state.breaker.Load().State().String()),
-			attribute.String("http.request.method", req.Method),
+			tracing.String("http.request.method", req.Method),
 		)
 		switch t.retryOf {
 		case "":
@@ -153,18 +154,19 @@ func (ch *chain) startAttempt(c *call, t *try, parent context.Context, req *http
 func endAttempt(span trace.Span, resp *http.Response, err error) {
 	if span.IsRecording() {
 		if err != nil {
-			span.RecordError(err)
-			span.SetStatus(codes.Error, err.Error())
+			tracing.Fail(span, err)
 		} else {
 			span.SetAttributes(attribute.Int("http.response.status_code", resp.StatusCode))
 			if g := grpcStatus(resp); g != "" {
-				span.SetAttributes(attribute.String("rpc.grpc.status_code", g))
+				span.SetAttributes(tracing.String("rpc.grpc.status_code", g))
 				if g != "0" {
-					span.SetStatus(codes.Error, "grpc-status "+g)
+					span.SetStatus(codes.Error, tracing.Text("grpc-status "+g))
 				}
 			}
 			if resp.StatusCode >= 500 {
-				span.SetStatus(codes.Error, resp.Status)
+				// The code, not the upstream's reason phrase: that is
+				// the upstream's to write, in any bytes.
+				span.SetStatus(codes.Error, strconv.Itoa(resp.StatusCode)+" "+http.StatusText(resp.StatusCode))
 			}
 		}
 	}

@@ -89,6 +89,16 @@ func Setup(ctx context.Context, cfg Config) (*Provider, error) {
 		sdktrace.WithResource(serviceResource(cfg.Service)),
 		sdktrace.WithSampler(sampler),
 		sdktrace.WithSpanProcessor(q),
+		// A backstop: the sidecar's own attributes are bounded where they
+		// are set (Text), and no span may grow past these.
+		sdktrace.WithRawSpanLimits(sdktrace.SpanLimits{
+			AttributeValueLengthLimit:   MaxText,
+			AttributeCountLimit:         64,
+			EventCountLimit:             16,
+			LinkCountLimit:              0,
+			AttributePerEventCountLimit: 8,
+			AttributePerLinkCountLimit:  0,
+		}),
 	)
 	return &Provider{tp: tp, sdk: tp, queue: q, propagator: prop}, nil
 }
