@@ -489,7 +489,7 @@ func (u *upConn) body(b []byte) {
 		return // the client went away meanwhile
 	}
 	if err != nil {
-		u.failed("read response", true, &upstream.BadResponseError{Reason: err.Error()})
+		u.failed("read response", true, &upstream.BadResponseError{Reason: err.Error()}) // errBadChunk: bounded
 		return
 	}
 	if !u.complete() {

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sidecar-mesh/sidecar/internal/clip"
 	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
@@ -75,8 +76,12 @@ func statusOf(reason string) int {
 // LocalError is made, with LocalReply. service may be empty (the request
 // named none).
 func Refuse(reason, service, detail string) *LocalError {
-	return &LocalError{Status: statusOf(reason), Reason: reason, Service: service, Detail: detail}
+	return &LocalError{Status: statusOf(reason), Reason: reason, Service: service, Detail: clip.String(detail, MaxDetail)}
 }
+
+// MaxDetail bounds a LocalError's detail: it may quote what an endpoint or
+// a client sent, and it goes to the client, the recorder and the logs.
+const MaxDetail = 512
 
 // LocalReply maps an error that ended a request on either proxy, on its
 // way to service (the service the request was routed to; the app on the

@@ -78,7 +78,7 @@ func stopCause(r *policy.Retry, req *http.Request, resp *http.Response, err erro
 func (ch *chain) record(c *call, req *http.Request, span trace.Span, start time.Time, resp *http.Response, e *forward.LocalError) {
 	head := requestlog.Request{Service: c.service, Method: req.Method}
 	if e != nil {
-		head.Status, head.Reason, head.Detail = e.Status, e.Reason, cut(e.Detail, requestlog.MaxDetail)
+		head.Status, head.Reason, head.Detail = e.Status, e.Reason, e.Detail
 	} else {
 		head.Status = resp.StatusCode
 		if isGRPCResponse(resp) {
@@ -93,7 +93,7 @@ func (ch *chain) record(c *call, req *http.Request, span trace.Span, start time.
 	*out = head
 	// The path as sent, escaped: what a path holds (%0D%0A, an escape
 	// sequence) stays visible and inert wherever it is shown.
-	out.Time, out.Path, out.DurationMs = start, cut(req.URL.EscapedPath(), requestlog.MaxPath), ms(time.Since(start))
+	out.Time, out.Path, out.DurationMs = start, req.URL.EscapedPath(), ms(time.Since(start))
 	if span != nil {
 		if sc := span.SpanContext(); sc.IsSampled() {
 			out.TraceID = sc.TraceID().String()
@@ -183,11 +183,3 @@ func lastPart(err error) string {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-
-// cut shortens s to at most n bytes.
-func cut(s string, n int) string {
-	if len(s) > n {
-		return s[:n]
-	}
-	return s
-}

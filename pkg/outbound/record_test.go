@@ -1,8 +1,10 @@
 package outbound_test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"runtime"
@@ -13,6 +15,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"go.opentelemetry.io/otel/propagation"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
@@ -389,4 +392,48 @@ func TestRecordedTraceID(t *testing.T) {
 			t.Errorf("%s: recorded %+v, want trace ID %q", tc.path, got, tc.want)
 		}
 	}
+}
+
+// What an upstream writes is kept bounded: an answer with a header line of
+// 65 KB and no colon is refused (502), and neither the app's error body,
+// nor the recorded attempts, nor the outcome quote more than their limits,
+// as valid UTF-8, however many attempts were made.
+func TestRecordedHostileUpstreamBounded(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if _, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
+					io.WriteString(c, "HTTP/1.1 200 OK\r\n"+strings.Repeat("<\xff", 32650)+"\r\nContent-Length: 0\r\n\r\n")
+				}
+			}()
+		}
+	}()
+	sc := startSidecar(t, options{static: map[string][]string{"evil": {ln.Addr().String()}},
+		policies: "service: evil\nretry: {attempts: 10, on: [reset], methods: [GET], backoff: {base: 1ms, max: 1ms}, budget: {ratio: 1}}\n"})
+	resp, body := sc.get(t, sc.client(t), "evil", "/x")
+	if resp.StatusCode != http.StatusBadGateway || len(body) > 1024 || !utf8.ValidString(body) {
+		t.Fatalf("app got %d with a body of %d bytes (valid UTF-8: %v), want 502 and at most 1 KiB", resp.StatusCode, len(body), utf8.ValidString(body))
+	}
+	r := onlyFailure(t, sc, "evil")
+	size := len(r.Detail)
+	for _, a := range r.Attempts {
+		size += len(a.Outcome)
+		if len(a.Outcome) > requestlog.MaxOutcome || !utf8.ValidString(a.Outcome) {
+			t.Errorf("an attempt's outcome is %d bytes (valid UTF-8: %v), want at most %d", len(a.Outcome), utf8.ValidString(a.Outcome), requestlog.MaxOutcome)
+		}
+	}
+	if len(r.Detail) > requestlog.MaxDetail || len(r.Attempts) != 10 {
+		t.Errorf("recorded a detail of %d bytes and %d attempts, want at most %d bytes and 10", len(r.Detail), len(r.Attempts), requestlog.MaxDetail)
+	}
+	t.Logf("recorded %d bytes of text over %d attempts: %q", size, len(r.Attempts), attemptsOf(r)[0])
 }

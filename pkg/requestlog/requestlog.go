@@ -19,12 +19,14 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/sidecar-mesh/sidecar/internal/clip"
 )
 
 // Request is what happened to one request, as the admin API, the tap and
-// the access log show it. Fields are bounded: the path is cut at
-// MaxPath bytes, the detail at MaxDetail, the attempts at the policy's
-// retry.attempts (10 at most).
+// the access log show it. Fields are bounded: Record clips each string to
+// its limit (the path at MaxPath bytes, the detail at MaxDetail, an
+// attempt's outcome at MaxOutcome), and the attempts to MaxAttempts.
 type Request struct {
 	Time    time.Time `json:"time"`
 	Service string    `json:"service"`
@@ -105,11 +107,35 @@ func (r *Request) Failed() bool {
 	return false
 }
 
-// Limits of a Request's strings.
+// Limits of a Request's strings and attempts: what an app, a peer or an
+// upstream wrote into them (a path, an endpoint's broken header line quoted
+// in an outcome, a grpc-status) is kept, shown and logged at most this long.
 const (
-	MaxPath   = 256
-	MaxDetail = 512
+	MaxPath    = 256
+	MaxDetail  = 512
+	MaxOutcome = 256
+	maxWord    = 64  // method, reason, grpc-status, stop, retry reason, breaker state
+	maxName    = 256 // service, endpoint
+	// MaxAttempts bounds the attempts kept of one request (retry.attempts
+	// is at most 10).
+	MaxAttempts = 16
 )
+
+// bound clips every string of r and its attempts to the limits above, as
+// valid UTF-8: one place, whatever the caller cut already.
+func (r *Request) bound() {
+	r.Service, r.Method, r.Path = clip.String(r.Service, maxName), clip.String(r.Method, maxWord), clip.String(r.Path, MaxPath)
+	r.GRPCStatus, r.Reason, r.Detail = clip.String(r.GRPCStatus, maxWord), clip.String(r.Reason, maxWord), clip.String(r.Detail, MaxDetail)
+	r.TraceID, r.Stop = clip.String(r.TraceID, maxWord), clip.String(r.Stop, maxWord)
+	if len(r.Attempts) > MaxAttempts {
+		r.Attempts = r.Attempts[:MaxAttempts]
+	}
+	for i := range r.Attempts {
+		a := &r.Attempts[i]
+		a.Endpoint, a.Outcome = clip.String(a.Endpoint, maxName), clip.String(a.Outcome, MaxOutcome)
+		a.RetryReason, a.BreakerState = clip.String(a.RetryReason, maxWord), clip.String(a.BreakerState, maxWord)
+	}
+}
 
 // Config configures a Recorder. The zero value keeps failures with the
 // defaults, taps with the defaults, and has no access log.
@@ -211,6 +237,7 @@ func (r *Recorder) Record(req *Request) {
 	if r == nil {
 		return
 	}
+	req.bound()
 	failed := req.Failed()
 	if failed {
 		r.ringOf(req.Service).add(req)

@@ -2,13 +2,13 @@ package tracing
 
 import (
 	"fmt"
-	"strings"
-	"unicode/utf8"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
+
+	"github.com/sidecar-mesh/sidecar/internal/clip"
 )
 
 // MaxText is the longest string a span gets from the wire (a path, a
@@ -19,22 +19,7 @@ const MaxText = 256
 // holds one invalid string, every span of it lost), cut to MaxText bytes
 // on a character's boundary. Every string a peer, an app or an upstream
 // chose goes into a span through it.
-func Text(s string) string {
-	if len(s) > MaxText {
-		s = s[:MaxText] // a character cut in two becomes U+FFFD below
-	}
-	if !utf8.ValidString(s) {
-		s = strings.ToValidUTF8(s, "\uFFFD")
-		if len(s) > MaxText {
-			i := MaxText
-			for i > 0 && !utf8.RuneStart(s[i]) {
-				i--
-			}
-			s = s[:i]
-		}
-	}
-	return s
-}
+func Text(s string) string { return clip.String(s, MaxText) }
 
 // Fail marks span failed with err, its text as Text keeps it: the
 // exception event of span.RecordError and the status, neither of them

@@ -30,6 +30,7 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/sidecar-mesh/sidecar/internal/ascii"
+	"github.com/sidecar-mesh/sidecar/internal/clip"
 	"github.com/sidecar-mesh/sidecar/internal/rawio"
 	"github.com/sidecar-mesh/sidecar/internal/readahead"
 	"github.com/sidecar-mesh/sidecar/pkg/downstream"
@@ -234,6 +235,15 @@ const max1xxResponses = 5
 type BadResponseError struct{ Reason string }
 
 func (e *BadResponseError) Error() string { return "bad response: " + e.Reason }
+
+// maxReason bounds a BadResponseError's reason, which may quote what the
+// endpoint sent (a header line of any length and any bytes).
+const maxReason = 200
+
+// badResponse is the error for a response refused for reason.
+func badResponse(reason string) *BadResponseError {
+	return &BadResponseError{Reason: clip.String(reason, maxReason)}
+}
 
 // ErrResponseHeaderTimeout is returned when an endpoint took longer than the
 // response header timeout to answer.
@@ -838,7 +848,7 @@ func (pc *persistConn) readResponse(req *http.Request) (*http.Response, error) {
 			}
 			return nil, &BadResponseError{Reason: "response header larger than " + strconv.FormatInt(pc.t.maxHeaderBytes, 10) + " bytes"}
 		case err != nil && !isIOError(err):
-			return nil, &BadResponseError{Reason: err.Error()}
+			return nil, badResponse(err.Error())
 		case err != nil:
 			return nil, err
 		}
@@ -1286,7 +1296,7 @@ func ParseResponseHead(head []byte, req *http.Request) (*http.Response, error) {
 	br.Reset(nil)
 	headReaderPool.Put(br)
 	if err != nil {
-		return nil, &BadResponseError{Reason: err.Error()}
+		return nil, badResponse(err.Error())
 	}
 	if resp.Close {
 		dropConnectionOptions(resp.Header, head)
