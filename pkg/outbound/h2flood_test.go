@@ -265,3 +265,50 @@ func TestH2MalformedHeaderFieldsRejected(t *testing.T) {
 		t.Fatalf("upstream saw %d malformed HTTP/2 requests, want 0", n)
 	}
 }
+
+// A client that opens streams and never reads their answers holds at most
+// a bounded window of each in the sidecar: the upstream's answers (16 MiB
+// each, over HTTP/2) wait at the upstream, not in the sidecar's memory.
+func TestH2UnreadAnswersStayBounded(t *testing.T) {
+	chunk := bytes.Repeat([]byte("x"), 64<<10)
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	up := &http.Server{Protocols: &p, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		for range 256 { // 16 MiB, written as fast as the window lets
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go up.Serve(ln)
+	defer up.Close()
+	sc := startSidecar(t, options{static: map[string][]string{"big": {ln.Addr().String()}}})
+	heap, goroutines := heapInUse(), runtime.NumGoroutine()
+
+	c, fr := h2Conn(t, sc.addr)
+	fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0}) // read nothing
+	const streams = 64
+	for i := range streams {
+		var buf bytes.Buffer
+		enc := hpack.NewEncoder(&buf)
+		for _, f := range []hpack.HeaderField{{Name: ":method", Value: "GET"}, {Name: ":scheme", Value: "http"},
+			{Name: ":authority", Value: "big"}, {Name: ":path", Value: "/big"}} {
+			enc.WriteField(f)
+		}
+		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: uint32(2*i + 1), BlockFragment: buf.Bytes(), EndStream: true, EndHeaders: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(2 * time.Second) // the upstream writes what the windows let it
+	during := heapInUse()
+	c.Close()
+	t.Logf("heap in use %d MiB before, %d MiB with %d unread 16 MiB answers", heap>>20, during>>20, streams)
+	if during > heap+48<<20 {
+		t.Errorf("heap grew by %d MiB with %d streams left unread, want a bounded window each", (during-heap)>>20, streams)
+	}
+	settled(t, goroutines, heap)
+}

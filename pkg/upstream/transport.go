@@ -138,25 +138,51 @@ func NewTransport(cfg TransportConfig) *Transport {
 	if t.dial == nil {
 		t.dial = t.dialer.DialContext
 	}
-	t.h2 = &http2.Transport{
-		AllowHTTP: true,
-		DialTLSContext: func(ctx context.Context, _, addr string, _ *tls.Config) (net.Conn, error) {
-			return t.dialH2(ctx, addr)
-		},
-		IdleConnTimeout:   cfg.IdleConnTimeout,
-		MaxHeaderListSize: uint32(min(cfg.MaxResponseHeaderBytes, 1<<30)),
-		// A proxy passes encodings through as they are: no Accept-Encoding
-		// of its own, no decompressing behind the client's back.
-		DisableCompression: true,
-		// A connection that goes quiet is pinged; no answer closes it, so
-		// streams fail over instead of hanging on a dead peer.
-		ReadIdleTimeout: 30 * time.Second,
-		PingTimeout:     15 * time.Second,
+	// The HTTP/2 transport's receive windows are set through a net/http
+	// Transport, the only way x/net takes them; that Transport carries no
+	// request. x/net's own defaults (4 MiB a stream, 1 GiB a connection)
+	// let an endpoint's answers pile up unread for as long as the client
+	// does not read them: a peer that opened 64 streams and never read
+	// grew the sidecar by 280 MB. Envoy bounds a stream's buffer at 1 MiB.
+	h1 := &http.Transport{HTTP2: &http.HTTP2Config{
+		MaxReceiveBufferPerStream:     h2StreamWindow,
+		MaxReceiveBufferPerConnection: h2ConnWindow,
+	}}
+	h2, err := http2.ConfigureTransports(h1)
+	if err != nil {
+		panic("upstream: " + err.Error()) // only when h1 has HTTP/2 already: never
 	}
+	h2.ConnPool = nil // its own, which dials (h1 would otherwise dial for it)
+	h2.AllowHTTP = true
+	h2.DialTLSContext = func(ctx context.Context, _, addr string, _ *tls.Config) (net.Conn, error) {
+		return t.dialH2(ctx, addr)
+	}
+	h2.IdleConnTimeout = cfg.IdleConnTimeout
+	h2.MaxHeaderListSize = uint32(min(cfg.MaxResponseHeaderBytes, 1<<30))
+	// A proxy passes encodings through as they are: no Accept-Encoding of
+	// its own, no decompressing behind the client's back.
+	h2.DisableCompression = true
+	// A connection that goes quiet is pinged; no answer closes it, so
+	// streams fail over instead of hanging on a dead peer. Not more often
+	// than gRPC servers allow by default (a ping per 5 minutes, else they
+	// close the connection with ENHANCE_YOUR_CALM, every stream on it).
+	h2.ReadIdleTimeout = h2PingInterval
+	h2.PingTimeout = 15 * time.Second
+	t.h2 = h2
 	t.stopSweep, t.sweepDone = make(chan struct{}), make(chan struct{})
 	go t.sweep()
 	return t
 }
+
+// The HTTP/2 transport's bounds: how much of an answer an endpoint may
+// send ahead of the client's reading, per stream and per connection, and
+// how long a connection may be quiet before it is pinged (grpc-go's
+// servers refuse pings more often than every 5 minutes by default).
+const (
+	h2StreamWindow = 256 << 10
+	h2ConnWindow   = 4 << 20
+	h2PingInterval = 5*time.Minute + 30*time.Second
+)
 
 // Close stops the idle sweeper and closes every pooled connection. The
 // Transport must not be used after.
