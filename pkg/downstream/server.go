@@ -299,9 +299,18 @@ func NewBodyReader(w http.ResponseWriter, r *http.Request, timeout time.Duration
 	b := &BodyReader{body: r.Body, rc: http.NewResponseController(w), timeout: timeout, ctx: r.Context(), h2: r.ProtoMajor != 1}
 	if !b.h2 {
 		b.fc, _ = b.ctx.Value(connKey{}).(*framingConn)
+	} else if timeout > 0 {
+		// An HTTP/2 body is a stream's: a gRPC client stream or a chat
+		// may be quiet for long between messages. It is cut only when
+		// quiet as long as Envoy's stream_idle_timeout allows.
+		b.timeout = max(timeout, StreamIdleTimeout)
 	}
 	return b
 }
+
+// StreamIdleTimeout is how long an HTTP/2 request body may be quiet before
+// its stream is reset (Envoy's stream_idle_timeout).
+const StreamIdleTimeout = 5 * time.Minute
 
 // Read implements io.Reader.
 func (b *BodyReader) Read(p []byte) (int, error) {
@@ -318,6 +327,13 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 		}
 	}
 	n, err := b.body.Read(p)
+	if b.h2 && b.timeout > 0 && err == nil {
+		// On HTTP/2 a read deadline resets the stream when it passes,
+		// read under way or not: it is lifted once the read returned, so
+		// that a handler busy elsewhere (waiting on the upstream) does not
+		// have its stream cut.
+		_ = b.rc.SetReadDeadline(time.Time{})
+	}
 	if err != nil {
 		if err == io.EOF {
 			if b.timeout > 0 {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"testing"
 	"time"
@@ -66,5 +67,46 @@ func TestBodyProgressTimeoutWithoutTracing(t *testing.T) {
 				t.Errorf("a body that stops: %d %q after %v, want 408 (the timeout is 300 ms)", code, body, took)
 			}
 		})
+	}
+}
+
+// An HTTP/2 request body is a stream's: quiet between its messages for
+// longer than the body timeout (a gRPC client stream, a chat), it goes on,
+// and so does a stream whose handler is waiting elsewhere; only a stream
+// quiet for Envoy's stream_idle_timeout is cut.
+func TestH2BodyQuietPastBodyTimeout(t *testing.T) {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	app := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			return
+		}
+		io.WriteString(w, string(b))
+	}))
+	app.Config.Protocols = &p
+	app.Start()
+	defer app.Close()
+	_, addr := startInbound(t, inbound.Config{AppAddr: app.Listener.Addr().String(),
+		Limits: downstream.Limits{BodyReadTimeout: 200 * time.Millisecond}})
+	tr := &http.Transport{Protocols: &p}
+	defer tr.CloseIdleConnections()
+	pr, pw := io.Pipe()
+	go func() {
+		io.WriteString(pw, "a")
+		time.Sleep(700 * time.Millisecond) // more than three body timeouts
+		io.WriteString(pw, "b")
+		pw.Close()
+	}()
+	req, _ := http.NewRequest("POST", "http://"+addr+"/stream", pr)
+	req.Host = "app"
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatalf("a quiet HTTP/2 body: %v", err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != 200 || string(b) != "ab" {
+		t.Fatalf("a quiet HTTP/2 body: %d %q %v, want 200 \"ab\"", resp.StatusCode, b, err)
 	}
 }
