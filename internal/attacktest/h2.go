@@ -45,7 +45,13 @@ func H2Cases() []H2Case {
 		{Name: "keep_alive lookalike", Fields: [][2]string{{"keep_alive", "5"}}, Out: 400, In: 400},
 		{Name: "connection field", Fields: [][2]string{{"connection", "keep-alive"}}, Out: 400, In: 400, GoAnswers: true},
 		{Name: "te other than trailers", Fields: [][2]string{{"te", "gzip"}}, Out: 400, In: 400, GoAnswers: true},
+		{Name: "path with a request line in its query", Fields: [][2]string{{":path", "/public?x /admin HTTP/1.1"}}, Out: 400, In: 400},
+		{Name: "path with a fragment", Fields: [][2]string{{":path", "/a?b#frag"}}, Out: 400, In: 400},
+		{Name: "path with a tab", Fields: [][2]string{{":path", "/a\tb"}}, Out: 0, In: 0}, // net/http resets the stream itself
+		{Name: "path with a byte past ASCII", Fields: [][2]string{{":path", "/caf\xc3\xa9"}}, Out: 400, In: 400},
+		{Name: "path * for GET", Fields: [][2]string{{":path", "*"}}, Out: 400, In: 400},
 		{Name: "well-formed", Out: 200, In: 200},
+		{Name: "well-formed with an escaped query", Fields: [][2]string{{":path", "/a?q=x%20y&r=%23"}}, Out: 200, In: 200},
 	}
 }
 

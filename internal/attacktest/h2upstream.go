@@ -32,9 +32,14 @@ type H2Misbehaviour struct {
 	Fields [][2]string
 	// Indexed are more, indexed: a field sent again costs a byte.
 	Indexed [][2]string
+	// Status is the final response's :status; "": 200.
+	Status string
 	// Bad marks an answer the listener must refuse with 502
 	// upstream_bad_response, resetting the stream.
 	Bad bool
+	// Whole marks a Bad answer refused once it had come whole: there is
+	// no stream left to reset.
+	Whole bool
 }
 
 // H2Misbehaviours is the HTTP/2 upstream table.
@@ -52,6 +57,8 @@ func H2Misbehaviours() []H2Misbehaviour {
 		{Name: "100 KiB header list from one frame by HPACK indexing", Bad: true,
 			Indexed: slices.Repeat([][2]string{{"x-rep", strings.Repeat("r", 4000)}}, 25)},
 		{Name: "100 interim responses", Interim: 100, Bad: true},
+		{Name: ":status of four digits", Status: "2000", Bad: true, Whole: true},
+		{Name: ":status of one digit", Status: "2", Bad: true, Whole: true},
 	}
 }
 
@@ -198,7 +205,11 @@ func (u *H2MisbehavingUpstream) answer(fr *http2.Framer, enc *hpack.Encoder, blo
 	}
 	body := "tag=" + tag
 	block.Reset()
-	_ = enc.WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+	status := u.m.Status
+	if status == "" {
+		status = "200"
+	}
+	_ = enc.WriteField(hpack.HeaderField{Name: ":status", Value: status})
 	_ = enc.WriteField(hpack.HeaderField{Name: "x-tag", Value: tag})
 	_ = enc.WriteField(hpack.HeaderField{Name: "content-length", Value: strconv.Itoa(len(body))})
 	for _, f := range u.m.Fields {
@@ -276,7 +287,7 @@ func RunH2UpstreamTLS(t *testing.T, l Listener, serverTLS *tls.Config, start fun
 			t.Logf("h2 upstream attack: %s: %s: %s (%d upstream connections, %d answers, %d streams reset, %d dropped with their connection)",
 				l, m.Name, tl, u.conns.Load(), u.answered.Load(), u.resets.Load(), u.dropped.Load())
 			check(t, Misbehaviour{Bad: m.Bad}, tl, total)
-			if !m.Bad {
+			if !m.Bad || m.Whole {
 				return
 			}
 			// The reset or close may come after the 502: wait for it.

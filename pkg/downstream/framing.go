@@ -821,6 +821,35 @@ func h2Malformed(r *http.Request) string {
 	if te, ok := h["Te"]; ok && (len(te) != 1 || !strings.EqualFold(strings.TrimSpace(te[0]), "trailers")) {
 		return "TE other than \"trailers\" in an HTTP/2 request"
 	}
+	if r.Method != http.MethodConnect {
+		if reason := badPath(r.Method, r.RequestURI); reason != "" {
+			return reason
+		}
+	}
+	return ""
+}
+
+// badPath says why an HTTP/2 request's :path cannot be a request-target
+// (RFC 9113, 8.3.1; RFC 9112, 3.2), or "": net/http's HTTP/2 server takes
+// its query as written, so ":path /public?x /admin HTTP/1.1" would reach an
+// HTTP/1.1 app as a request line of its own making. A space, a control
+// byte, a byte past ASCII or a fragment has no place in one; "*" only for
+// OPTIONS; anything else starts with "/".
+func badPath(method, path string) string {
+	if path == "*" {
+		if method == http.MethodOptions {
+			return ""
+		}
+		return ":path \"*\" in a request other than OPTIONS"
+	}
+	if !strings.HasPrefix(path, "/") {
+		return ":path " + quote([]byte(path)) + " does not start with \"/\""
+	}
+	for i := 0; i < len(path); i++ {
+		if c := path[i]; c <= ' ' || c >= 0x7f || c == '#' {
+			return ":path " + quote([]byte(path)) + " holds a byte a request-target may not (space, control, non-ASCII or '#')"
+		}
+	}
 	return ""
 }
 

@@ -353,6 +353,14 @@ func (t *Transport) roundTripH2(req *http.Request, connectTimeout time.Duration)
 	}
 	resp, err := t.h2.RoundTrip(limit1xx(filterTrailers(req)))
 	if err == nil {
+		if resp.StatusCode < 100 || resp.StatusCode > 599 {
+			// An HTTP/2 :status is whatever the endpoint wrote; no answer
+			// to the client can carry one outside the classes HTTP
+			// defines (net/http's writer panics past 999).
+			resp.Body.Close()
+			return nil, &UpstreamError{Addr: req.URL.Host, Op: "http2 round trip", Written: true,
+				Err: badResponse(":status " + strconv.Itoa(resp.StatusCode) + " is not an HTTP status")}
+		}
 		return resp, nil
 	}
 	var ce *ConnectError
