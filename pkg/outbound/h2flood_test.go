@@ -7,8 +7,10 @@ import (
 	"net"
 	"net/http"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -311,4 +313,91 @@ func TestH2UnreadAnswersStayBounded(t *testing.T) {
 		t.Errorf("heap grew by %d MiB with %d streams left unread, want a bounded window each", (during-heap)>>20, streams)
 	}
 	settled(t, goroutines, heap)
+}
+
+// What an HTTP/2 client gets wrong is its own fault, never the upstream's:
+// a body shorter than its content-length and a header list larger than
+// the endpoint takes are answered 400, are not retried, and do not open
+// the breaker for everyone else (25 of each, then a good request).
+func TestH2ClientFaultsAreNotTheUpstreams(t *testing.T) {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	var hits atomic.Int64
+	up := &http.Server{Protocols: &p, MaxHeaderBytes: 4 << 10, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "ok")
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go up.Serve(ln)
+	defer up.Close()
+	sc := startSidecar(t, options{static: map[string][]string{"h2": {ln.Addr().String()}},
+		policies: "service: h2\ncircuitBreaker: {consecutiveFailures: 5}\n"})
+
+	short := func() (int, string) {
+		c, fr := h2Conn(t, sc.addr)
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		var buf bytes.Buffer
+		enc := hpack.NewEncoder(&buf)
+		for _, f := range [][2]string{{":method", "PUT"}, {":scheme", "http"}, {":authority", "h2"}, {":path", "/"}, {"content-length", "10"}} {
+			enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+		}
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: buf.Bytes(), EndHeaders: true})
+		fr.WriteData(1, true, []byte("hello"))
+		status, reason := 0, ""
+		dec := hpack.NewDecoder(4096, func(hf hpack.HeaderField) {
+			switch hf.Name {
+			case ":status":
+				status, _ = strconv.Atoi(hf.Value)
+			case "x-sidecar-error":
+				reason = hf.Value
+			}
+		})
+		for status == 0 {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return 0, err.Error()
+			}
+			switch f := f.(type) {
+			case *http2.HeadersFrame:
+				dec.Write(f.HeaderBlockFragment())
+			case *http2.RSTStreamFrame:
+				return 0, "reset " + f.ErrCode.String()
+			}
+		}
+		return status, reason
+	}
+	client := h2Client(t, sc.addr)
+	big := func() (int, string) {
+		req, _ := http.NewRequest("GET", "http://h2/", nil)
+		req.Header.Set("X-Big", strings.Repeat("a", 6000))
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, err.Error()
+		}
+		resp.Body.Close()
+		return resp.StatusCode, resp.Header.Get("X-Sidecar-Error")
+	}
+	for name, send := range map[string]func() (int, string){"short body": short, "header list over the endpoint's limit": big} {
+		for i := range 25 {
+			if status, reason := send(); status != http.StatusBadRequest || reason != "bad_request" {
+				t.Fatalf("%s #%d: %d %q, want 400 bad_request", name, i, status, reason)
+			}
+		}
+	}
+	resp, err := client.Get("http://h2/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("a good request after the faulty ones: %d %s, want 200 (the breaker closed)", resp.StatusCode, resp.Header.Get("X-Sidecar-Error"))
+	}
+	if n := hits.Load(); n > 26 {
+		t.Errorf("the upstream was sent %d requests, want at most the 25 short bodies and the good one (none retried)", n)
+	}
 }

@@ -277,7 +277,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// a bidi stream's first message may wait for the first answer.
 		// It is recorded as it goes, so that a call whose body ended
 		// within maxBufferedBody can be sent again.
-		rb := &replayBody{src: r.Body}
+		// Read through a BodyReader, as the inbound side reads it: a
+		// body the client breaks (shorter than its content-length, its
+		// stream reset) is the client's fault, answered 400 and never
+		// charged to the upstream (retried, counted by the breaker).
+		rb := &replayBody{src: downstream.NewBodyReader(w, r, p.limits.BodyReadTimeout)}
 		r2 := *r
 		r2.Body, r2.GetBody = rb, rb.replay
 		r = &r2

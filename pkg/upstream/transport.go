@@ -174,6 +174,15 @@ func NewTransport(cfg TransportConfig) *Transport {
 	return t
 }
 
+// h2RequestHeaderListTooLarge is the text of x/net/http2's error for a
+// request whose header list is over the endpoint's
+// SETTINGS_MAX_HEADER_LIST_SIZE (internal to x/net).
+const h2RequestHeaderListTooLarge = "request header list larger than peer's advertised limit"
+
+// ErrRequestHeadersTooLarge is the cause of the *downstream.ClientError for
+// a request whose header list is larger than the endpoint takes.
+var ErrRequestHeadersTooLarge = errors.New("request header list larger than the endpoint takes")
+
 // The HTTP/2 transport's bounds: how much of an answer an endpoint may
 // send ahead of the client's reading, per stream and per connection, and
 // how long a connection may be quiet before it is pinged (grpc-go's
@@ -367,6 +376,11 @@ func (t *Transport) roundTripH2(req *http.Request, connectTimeout time.Duration)
 	var se http2.StreamError
 	var conn http2.ConnectionError
 	switch {
+	case strings.Contains(err.Error(), h2RequestHeaderListTooLarge):
+		// Nothing was sent: the request is larger than the endpoint said
+		// it takes. The client's to fix (400), not the endpoint's failure
+		// to retry or count.
+		return nil, &downstream.ClientError{Err: ErrRequestHeadersTooLarge}
 	case errors.Is(err, errHTTP1Peer) && !IsGRPC(req):
 		// The endpoint answered the connection preface in HTTP/1.x, before
 		// any request was written: this one goes over HTTP/1.1.
