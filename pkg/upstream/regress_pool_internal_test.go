@@ -82,3 +82,49 @@ func TestConnectTimeoutOfSend(t *testing.T) {
 		t.Fatalf("dial deadlines %v from now, want about 5s then at most 50ms", budgets)
 	}
 }
+
+// An endpoint that closes a connection at the HTTP/2 preface without a
+// word (an instance restarting) is not taken to speak HTTP/1.1 only: the
+// next HTTP/2 request to it, served, goes over HTTP/2.
+func TestSilentCloseAtPrefaceIsNoHTTP1Mark(t *testing.T) {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true) // HTTP/2 only: HTTP/1.1 is refused
+	srv := &http.Server{Protocols: &p, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, r.Proto)
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := make(chan struct{})
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		c.Close() // the first connection: closed without a word
+		close(first)
+		srv.Serve(ln)
+	}()
+	defer srv.Close()
+	tr := NewTransport(TransportConfig{})
+	defer tr.Close()
+	send := func() (string, error) {
+		req, _ := http.NewRequest("GET", "http://"+ln.Addr().String()+"/", nil)
+		req.Proto, req.ProtoMajor, req.ProtoMinor = "HTTP/2.0", 2, 0
+		resp, err := tr.Send(req, time.Second)
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b), nil
+	}
+	if _, err := send(); err == nil {
+		t.Fatal("the first request was answered, want the connect failure of the closed connection")
+	}
+	<-first
+	if got, err := send(); err != nil || got != "HTTP/2.0" {
+		t.Fatalf("the next request: %q %v, want it served over HTTP/2", got, err)
+	}
+}

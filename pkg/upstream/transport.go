@@ -459,8 +459,8 @@ var errHTTP1Peer = errors.New("the endpoint speaks HTTP/1.x, not HTTP/2 with pri
 // the first frame header back, within the connect timeout. An HTTP/2
 // server answers with a SETTINGS frame on stream 0. Anything else (an
 // HTTP/1.x error, the bare HTML page Python's http.server and the
-// development servers of Flask and Django send, a close without a word)
-// marks the endpoint HTTP/1.1-only and fails the dial with errHTTP1Peer:
+// development servers of Flask and Django send) marks the endpoint
+// HTTP/1.1-only and fails the dial with errHTTP1Peer:
 // nothing of any request was sent. The transport then gets a connection
 // that swallows its own copy of the preface and hands back the bytes read.
 func (t *Transport) dialH2(ctx context.Context, addr string) (net.Conn, error) {
@@ -480,6 +480,12 @@ func (t *Transport) dialH2(ctx context.Context, addr string) (net.Conn, error) {
 	settings := n == len(head) && http2.FrameType(head[3]) == http2.FrameSettings &&
 		head[5]&0x7f == 0 && head[6] == 0 && head[7] == 0 && head[8] == 0
 	switch {
+	case n == 0 && errors.Is(err, io.EOF):
+		// A close without a word says nothing of the protocol (an
+		// instance restarting, a listener at its limit): a connect
+		// failure, the endpoint not marked.
+		_ = c.Close()
+		return nil, &ConnectError{Addr: addr, Err: errors.New("closed at the HTTP/2 connection preface")}
 	case !settings && (err == nil || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)):
 		_ = c.Close()
 		t.h1Only.Store(addr, time.Now().Add(h1OnlyFor))
