@@ -470,7 +470,10 @@ func (ch *chain) attempt(c *call, ctx *deadlineCtx, req, cur *http.Request, t tr
 		end.record(resp, err)
 	}
 	if err == nil && upstream.IsGRPC(req) && t.n < *r.Attempts && ctx.Err() == nil {
-		res.resp = settleGRPC(r, req, resp)
+		dl, ok := actx.Deadline()
+		if res.resp, res.err = settleGRPC(r, req, resp, dl, ok); res.err != nil {
+			res.took = time.Since(start)
+		}
 	}
 	if race == nil {
 		c.noteTried(&res)

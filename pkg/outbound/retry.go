@@ -154,23 +154,102 @@ func grpcCondition(code string) string {
 // committed. A
 // call whose request still streams (client or bidi streaming) is never
 // held up this way.
-func settleGRPC(p *policy.Retry, req *http.Request, resp *http.Response) *http.Response {
+func settleGRPC(p *policy.Retry, req *http.Request, resp *http.Response, deadline time.Time, hasDeadline bool) (*http.Response, error) {
 	if resp.StatusCode != http.StatusOK || !isGRPCResponse(resp) || resp.Header.Get("Grpc-Status") != "" ||
 		!slices.ContainsFunc(p.On, func(c string) bool { return strings.HasPrefix(c, "grpc-") }) {
-		return resp
+		return resp, nil
 	}
 	if !requestEnded(req) {
-		return resp
+		return resp, nil
 	}
-	var one [1]byte
-	if n, _ := io.ReadFull(resp.Body, one[:]); n == 1 {
-		resp.Body = &settledBody{first: one[0], rest: resp.Body}
+	// The read runs on its own so that the hold is bounded: a server
+	// stream may send its headers at once and its first message much
+	// later. The policy's deadlines bound only the wait for a stream's
+	// headers, so the hold ends before they pass and the stream goes on
+	// unsettled (its deadlines then lifted) instead of being cut.
+	fb := &firstByte{done: make(chan struct{})}
+	body := resp.Body
+	go func() {
+		fb.n, fb.err = io.ReadFull(body, fb.b[:])
+		close(fb.done)
+	}()
+	var hold <-chan time.Time
+	if hasDeadline {
+		t := time.NewTimer(holdFor(time.Until(deadline)))
+		defer t.Stop()
+		hold = t.C
+	}
+	select {
+	case <-fb.done:
+	case <-hold:
+		resp.Body = &awaitedBody{fb: fb, rest: body}
+		return resp, nil
+	}
+	switch {
+	case fb.n == 1:
+		resp.Body = &settledBody{first: fb.b[0], rest: body}
+	case fb.err != io.EOF:
+		// The stream broke before its first message (reset, connection
+		// lost): an upstream failure, for the chain to judge (retry, or
+		// a trailers-only UNAVAILABLE), not an answer begun.
+		body.Close()
+		return nil, &upstream.UpstreamError{Addr: req.URL.Host, Op: "read response", Written: true, Err: fb.err}
 	}
 	// At the body's end the trailers are in resp.Trailer, where
 	// grpcStatus finds them; the answer itself is passed on untouched
 	// (moving the status into the headers would break it for a client when
 	// other trailers follow).
-	return resp
+	return resp, nil
+}
+
+// holdFor is how long a gRPC answer's first message is waited for when
+// left is the time to its attempt's deadline: a margin before it, so that
+// the stream is passed on, its deadlines lifted, before they cut it.
+func holdFor(left time.Duration) time.Duration {
+	return max(0, left-min(100*time.Millisecond, left/2))
+}
+
+// firstByte is the read of a gRPC answer's first byte, on its own.
+type firstByte struct {
+	done chan struct{}
+	b    [1]byte
+	n    int
+	err  error
+}
+
+// awaitedBody is a gRPC answer passed on before its first byte came: the
+// read under way is waited for before anything else.
+type awaitedBody struct {
+	fb     *firstByte
+	rest   io.ReadCloser
+	served bool
+}
+
+func (b *awaitedBody) Read(p []byte) (int, error) {
+	if !b.served {
+		<-b.fb.done
+		b.served = true
+		if b.fb.n == 0 {
+			return 0, b.fb.err
+		}
+		if len(p) == 0 {
+			return 0, nil
+		}
+		p[0] = b.fb.b[0]
+		if len(p) == 1 {
+			return 1, nil
+		}
+		n, err := b.rest.Read(p[1:])
+		return 1 + n, err
+	}
+	return b.rest.Read(p)
+}
+
+// Close ends the body, and the read under way with it.
+func (b *awaitedBody) Close() error {
+	err := b.rest.Close()
+	<-b.fb.done
+	return err
 }
 
 // settledBody is a gRPC answer's body whose first byte settleGRPC read.

@@ -169,9 +169,16 @@ func TestSlowBodyOfKnownLengthCutAtTimeout(t *testing.T) {
 type pacedService struct {
 	testgrpc.UnimplementedTestServiceServer
 	silent bool
+	// headersFirst: the headers go out at once, before the first message.
+	headersFirst bool
 }
 
 func (s *pacedService) StreamingOutputCall(in *testgrpc.StreamingOutputCallRequest, stream testgrpc.TestService_StreamingOutputCallServer) error {
+	if s.headersFirst {
+		if err := stream.SendHeader(nil); err != nil {
+			return err
+		}
+	}
 	for _, p := range in.GetResponseParameters() {
 		select {
 		case <-time.After(time.Duration(p.GetIntervalUs()) * time.Microsecond):
@@ -237,5 +244,30 @@ func TestGRPCServerStreamPastTimeout(t *testing.T) {
 	t.Logf("silent stream ended: %v", err)
 	if n := obs.cuts(outbound.StreamCutIdle); n != 1 {
 		t.Fatalf("%d streams counted as cut for idleness, want 1", n)
+	}
+}
+
+// A server stream that sends its headers at once and its first message
+// only after the policy's timeout is not cut by the wait for that message
+// (which the default policy holds, to judge a retry): the timeout bounds
+// the wait for a stream's headers, and the hold gives way before it.
+func TestGRPCServerStreamFirstMessagePastTimeout(t *testing.T) {
+	sc := startSidecar(t, options{static: map[string][]string{"echo": {grpcUpstreamWith(t, &pacedService{headersFirst: true})}},
+		policies: "service: echo\ntimeout: 300ms\n"})
+	c := testgrpc.NewTestServiceClient(grpcClient(t, sc, "echo"))
+	out, err := c.StreamingOutputCall(context.Background(), &testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{
+		{Size: 10, IntervalUs: 600000}, {Size: 10, IntervalUs: 10000}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := 0
+	for {
+		if _, err = out.Recv(); err != nil {
+			break
+		}
+		got++
+	}
+	if got != 2 || !errors.Is(err, io.EOF) {
+		t.Fatalf("first message 600ms after the headers, timeout 300ms: %d of 2 messages, %v; want both and OK", got, err)
 	}
 }
