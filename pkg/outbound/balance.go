@@ -238,13 +238,24 @@ func (b *balancer) eligible(i int, o *outliers, avoid []string, now time.Time) b
 // roundRobin takes the endpoints in turn, skipping ineligible ones; if
 // every endpoint is ejected it picks one anyway (panic mode: better some
 // traffic than none).
+//
+// A retry's or a hedge's pick (avoid set) takes no turn: it goes to the
+// next endpoint in line without moving the line, so that the next request
+// still starts where it would have. Taking a turn, every request to two
+// endpoints would start at the same one, a failing or slow one included,
+// whenever each needed two attempts.
 func (b *balancer) roundRobin(o *outliers, avoid []string, now time.Time) int {
 	n := uint64(len(b.eps))
-	first := int(b.next.Add(1) % n)
+	var first int
+	if len(avoid) > 0 {
+		first = int((b.next.Load() + 1) % n)
+	} else {
+		first = int(b.next.Add(1) % n)
+	}
 	for k := 0; k < len(b.eps); k++ {
 		i := (first + k) % len(b.eps)
 		if b.eligible(i, o, avoid, now) {
-			if k > 0 {
+			if k > 0 && len(avoid) == 0 {
 				b.next.Add(uint64(k))
 			}
 			return i
@@ -255,25 +266,33 @@ func (b *balancer) roundRobin(o *outliers, avoid []string, now time.Time) int {
 
 // smoothWeighted is weighted round robin without bursts: nginx's smooth
 // algorithm over the eligible endpoints' shares.
+// A retry's or a hedge's pick (avoid set) takes no turn, as in roundRobin:
+// it goes to the eligible endpoint next in line, the shares unchanged.
 func (b *balancer) smoothWeighted(o *outliers, avoid []string, now time.Time) int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	best, total := -1, 0.0
+	turn := len(avoid) == 0
+	best, total, bestVal := -1, 0.0, 0.0
 	for i := range b.eps {
 		if !b.eligible(i, o, avoid, now) {
 			continue
 		}
 		w := b.share(i, now)
-		b.smooth[i] += w
+		v := b.smooth[i] + w
+		if turn {
+			b.smooth[i] = v
+		}
 		total += w
-		if best < 0 || b.smooth[i] > b.smooth[best] {
-			best = i
+		if best < 0 || v > bestVal {
+			best, bestVal = i, v
 		}
 	}
 	if best < 0 {
 		return b.roundRobin(o, avoid, now) // none eligible: panic mode
 	}
-	b.smooth[best] -= total
+	if turn {
+		b.smooth[best] -= total
+	}
 	return best
 }
 

@@ -205,3 +205,26 @@ func TestOlderSetLeavesTheBalancerAlone(t *testing.T) {
 		}
 	})
 }
+
+// A retry's (or a hedge's) pick takes no turn: with two endpoints and every
+// request needing a second attempt, the first attempts still alternate,
+// plain and weighted, instead of all starting at the same endpoint.
+func TestRetryPicksTakeNoTurn(t *testing.T) {
+	for _, weights := range [][]int{{0, 0}, {2, 2}} {
+		set := endpoints(weights...)
+		var reg endpointRegistry
+		b := newBalancer(set, set.Endpoints, lbPolicy(policy.RoundRobin, 0), &reg, time.Now(), true, nil)
+		var o outliers
+		firsts := make([]int, 2)
+		for range 40 {
+			i := b.pick(&o, nil, time.Now())
+			firsts[i]++
+			if j := b.pick(&o, []string{set.Endpoints[i].Addr}, time.Now()); j == i {
+				t.Fatalf("weights %v: the retry picked the endpoint it avoids", weights)
+			}
+		}
+		if firsts[0] != 20 || firsts[1] != 20 {
+			t.Errorf("weights %v: first attempts %v, want [20 20]", weights, firsts)
+		}
+	}
+}
