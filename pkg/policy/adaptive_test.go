@@ -33,9 +33,9 @@ func TestConcurrencyAdaptive(t *testing.T) {
 	}
 
 	for doc, want := range map[string]string{
-		"service: a\nconcurrency: {adaptive: 1}\n":    "p.yaml:2: cannot unmarshal !!int `1` into bool",
+		"service: a\nconcurrency: {adaptive: 1}\n":    "p.yaml:2: concurrency.adaptive: must be true or false, got number 1",
 		"service: a\nconcurrency: {adaptiv: true}\n":  `p.yaml:2: unknown key "concurrency.adaptiv" (allowed: adaptive, maxInFlight, maxQueued, queueTimeout)`,
-		"service: a\nconcurrency: {adaptive: [on]}\n": "p.yaml:2: cannot unmarshal !!seq into bool",
+		"service: a\nconcurrency: {adaptive: [on]}\n": "p.yaml:2: concurrency.adaptive: must be true or false, got a list",
 	} {
 		_, err := Parse([]byte(doc), "p.yaml")
 		if err == nil || !strings.Contains(err.Error(), want) {

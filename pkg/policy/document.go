@@ -13,8 +13,12 @@ import (
 // and validates it, as a Consul KV value is. name names the source in
 // errors ("consul:sidecar/policies/users:3: retry.attempts: ..."). When
 // service is not empty the document is that service's: one without a
-// service field gets it, one naming another service is an error.
+// service field gets it, one naming another service is an error. data
+// over MaxDocumentBytes is refused unread.
 func ParseDocument(data []byte, name, service string) (Policy, error) {
+	if err := tooLarge(data, name); err != nil {
+		return Policy{}, err
+	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	var doc yaml.Node
 	if err := dec.Decode(&doc); err != nil {

@@ -329,6 +329,38 @@ func ValidServiceName(name string) bool { return serviceRE.MatchString(name) }
 
 var methodRE = regexp.MustCompile(`^[A-Z]{1,20}$`)
 
+// durationRanges are the durations each duration field allows, by key
+// path: Validate checks a decoded value against its range, and decoding
+// names the range when a value is not a duration at all.
+var durationRanges = map[string]durationRange{
+	"timeout":                       {time.Millisecond, time.Hour, false},
+	"streamIdleTimeout":             {time.Millisecond, 24 * time.Hour, false},
+	"connectTimeout":                {time.Millisecond, time.Minute, false},
+	"retry.perTryTimeout":           {time.Millisecond, time.Hour, true},
+	"retry.backoff.base":            {time.Millisecond, 10 * time.Second, false},
+	"retry.backoff.max":             {time.Millisecond, time.Minute, false},
+	"circuitBreaker.window":         {time.Second, 10 * time.Minute, false},
+	"circuitBreaker.openDuration":   {100 * time.Millisecond, time.Hour, false},
+	"outlierDetection.ejectionTime": {100 * time.Millisecond, time.Hour, false},
+	"concurrency.queueTimeout":      {time.Millisecond, time.Hour, false},
+	"loadBalancer.slowStart":        {time.Second, time.Hour, true},
+	"hedge.delay":                   {time.Millisecond, time.Minute, true},
+}
+
+// durationRange is lo to hi, and 0 for "none" when zeroOK.
+type durationRange struct {
+	lo, hi time.Duration
+	zeroOK bool
+}
+
+func (r durationRange) String() string {
+	s := fmt.Sprintf("%v to %v", r.lo, r.hi)
+	if r.zeroOK {
+		s += ", or 0 for none"
+	}
+	return s
+}
+
 // Validate checks every field of p and returns its problems as a *Problems
 // of *FieldError values, each naming the field path (past MaxProblems they
 // are only counted).
@@ -352,16 +384,13 @@ func (p Policy) Validate() error {
 			add(path, strconv.FormatFloat(*v, 'g', -1, 64), r)
 		}
 	}
-	durIn := func(path string, v *Duration, lo, hi time.Duration, zeroOK bool) {
-		if v == nil || (zeroOK && *v == 0) {
+	durIn := func(path string, v *Duration) {
+		r := durationRanges[path]
+		if v == nil || (r.zeroOK && *v == 0) {
 			return
 		}
-		if v.D() < lo || v.D() > hi {
-			r := fmt.Sprintf("%v to %v", lo, hi)
-			if zeroOK {
-				r += ", or 0 for none"
-			}
-			add(path, v.String(), r)
+		if v.D() < r.lo || v.D() > r.hi {
+			add(path, v.String(), r.String())
 		}
 	}
 
@@ -374,18 +403,18 @@ func (p Policy) Validate() error {
 	if p.Service != Default && !ValidServiceName(p.Service) {
 		add("service", Quote(p.Service), `"*" or a service name: lower-case letters, digits and '-', at most 63`)
 	}
-	durIn("timeout", p.Timeout, time.Millisecond, time.Hour, false)
-	durIn("streamIdleTimeout", p.StreamIdleTimeout, time.Millisecond, 24*time.Hour, false)
-	durIn("connectTimeout", p.ConnectTimeout, time.Millisecond, time.Minute, false)
+	durIn("timeout", p.Timeout)
+	durIn("streamIdleTimeout", p.StreamIdleTimeout)
+	durIn("connectTimeout", p.ConnectTimeout)
 	if r := p.Retry; r != nil {
 		intIn("retry.attempts", r.Attempts, 1, 10)
-		durIn("retry.perTryTimeout", r.PerTryTimeout, time.Millisecond, time.Hour, true)
+		durIn("retry.perTryTimeout", r.PerTryTimeout)
 		if r.PerTryTimeout != nil && p.Timeout != nil && r.PerTryTimeout.D() > p.Timeout.D() {
 			add("retry.perTryTimeout", r.PerTryTimeout.String(), "at most timeout ("+p.Timeout.String()+")")
 		}
 		if b := r.Backoff; b != nil {
-			durIn("retry.backoff.base", b.Base, time.Millisecond, 10*time.Second, false)
-			durIn("retry.backoff.max", b.Max, time.Millisecond, time.Minute, false)
+			durIn("retry.backoff.base", b.Base)
+			durIn("retry.backoff.max", b.Max)
 			if b.Base != nil && b.Max != nil && b.Max.D() < b.Base.D() {
 				add("retry.backoff.max", b.Max.String(), "at least retry.backoff.base ("+b.Base.String()+")")
 			}
@@ -417,28 +446,28 @@ func (p Policy) Validate() error {
 		intIn("circuitBreaker.consecutiveFailures", cb.ConsecutiveFailures, 1, 100000)
 		floatIn("circuitBreaker.failureRatio", cb.FailureRatio, 0, 1, true)
 		intIn("circuitBreaker.minRequests", cb.MinRequests, 1, 1000000)
-		durIn("circuitBreaker.window", cb.Window, time.Second, 10*time.Minute, false)
-		durIn("circuitBreaker.openDuration", cb.OpenDuration, 100*time.Millisecond, time.Hour, false)
+		durIn("circuitBreaker.window", cb.Window)
+		durIn("circuitBreaker.openDuration", cb.OpenDuration)
 		intIn("circuitBreaker.halfOpenRequests", cb.HalfOpenRequests, 1, 1000)
 	}
 	if od := p.OutlierDetection; od != nil {
 		intIn("outlierDetection.consecutiveFailures", od.ConsecutiveFailures, 1, 100000)
-		durIn("outlierDetection.ejectionTime", od.EjectionTime, 100*time.Millisecond, time.Hour, false)
+		durIn("outlierDetection.ejectionTime", od.EjectionTime)
 		intIn("outlierDetection.maxEjectionPercent", od.MaxEjectionPercent, 0, 100)
 	}
 	if c := p.Concurrency; c != nil {
 		intIn("concurrency.maxInFlight", c.MaxInFlight, 1, 1000000)
 		intIn("concurrency.maxQueued", c.MaxQueued, 0, 100000)
-		durIn("concurrency.queueTimeout", c.QueueTimeout, time.Millisecond, time.Hour, false)
+		durIn("concurrency.queueTimeout", c.QueueTimeout)
 	}
 	if lb := p.LoadBalancer; lb != nil {
 		if lb.Policy != nil && !slices.Contains(LoadBalancers, *lb.Policy) {
 			add("loadBalancer.policy", Quote(*lb.Policy), strings.Join(LoadBalancers, ", "))
 		}
-		durIn("loadBalancer.slowStart", lb.SlowStart, time.Second, time.Hour, true)
+		durIn("loadBalancer.slowStart", lb.SlowStart)
 	}
 	if h := p.Hedge; h != nil {
-		durIn("hedge.delay", h.Delay, time.Millisecond, time.Minute, true)
+		durIn("hedge.delay", h.Delay)
 		intIn("hedge.maxHedges", h.MaxHedges, 1, 3)
 	}
 	return errs.err()
@@ -453,12 +482,30 @@ func validCondition(c string) bool {
 	return len(c) == 3 && (c[0] == '4' || c[0] == '5') && c[1] >= '0' && c[1] <= '9' && c[2] >= '0' && c[2] <= '9'
 }
 
+// MaxDocumentBytes is the most a policy file or a Consul KV value may hold:
+// 1 MiB, a ConfigMap's limit (Consul's for a value is 512 KB). A policy is
+// a few hundred bytes, and parsing YAML costs a hundred times its size in
+// memory: a 10 MB file took 1.7 GB.
+const MaxDocumentBytes = 1 << 20
+
+// tooLarge is the error for data over MaxDocumentBytes, or nil.
+func tooLarge(data []byte, name string) error {
+	if len(data) <= MaxDocumentBytes {
+		return nil
+	}
+	return fmt.Errorf("%s: %d bytes is too large (allowed: at most %d, 1 MiB)", name, len(data), MaxDocumentBytes)
+}
+
 // Parse decodes every Policy document in data (YAML, "---"-separated, or
 // JSON) strictly and validates each. file names the source in errors, which
 // carry the line: "policies.yaml:9: document 2: retry.attempts: 0 is not
 // allowed (allowed: 1 to 10)". All problems are returned together, as a
-// *Problems: the first MaxProblems listed, the rest counted.
+// *Problems: the first MaxProblems listed, the rest counted. data over
+// MaxDocumentBytes is refused unread.
 func Parse(data []byte, file string) ([]Policy, error) {
+	if err := tooLarge(data, file); err != nil {
+		return nil, &Problems{Errs: []error{err}}
+	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	var (
 		out  []Policy
@@ -494,11 +541,12 @@ func Parse(data []byte, file string) ([]Policy, error) {
 }
 
 // DecodePolicyNode decodes one Policy strictly and validates it. Decoding
-// errors name file and line; validation errors are prefixed with where.
-// Its problems come as a *Problems.
+// errors name file, line and key path, and for a value of the wrong type
+// what was wanted; validation errors are prefixed with where. Its problems
+// come as a *Problems.
 func DecodePolicyNode(n *yaml.Node, file, where string) (Policy, error) {
 	var p Policy
-	if err := DecodeNode(n, file, &p); err != nil {
+	if err := decodeNode(n, file, &p, &checker{file: file, typed: true, durations: durationRanges}); err != nil {
 		return p, err
 	}
 	if p.Service == "" {

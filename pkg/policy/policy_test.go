@@ -93,7 +93,7 @@ func TestParseErrors(t *testing.T) {
 	}{
 		{"unknown key", "service: a\nretry:\n  atempts: 3\n", []string{`p.yaml:3: unknown key "retry.atempts" (allowed: attempts, backoff, budget, methods, on, perTryTimeout)`}},
 		{"missing service", "timeout: 1s\n", []string{`service: missing`}},
-		{"bad duration", "service: a\ntimeout: fast\n", []string{`p.yaml:2: invalid duration "fast"`}},
+		{"bad duration", "service: a\ntimeout: fast\n", []string{`p.yaml:2: timeout: invalid duration "fast" (allowed: 1ms to 1h0m0s, written as 250ms, 5s or 1m)`}},
 		// Caught by FuzzParse's round trip (seed nan-ratios): NaN passed every range check.
 		{"NaN ratios", "service: a\nretry: {budget: {ratio: .nan}}\ncircuitBreaker: {failureRatio: .NaN}\n", []string{
 			"retry.budget.ratio: NaN is not allowed (allowed: 0 to 1)",

@@ -117,7 +117,7 @@ func TestProblemsAreBounded(t *testing.T) {
 	if !errors.As(err, &ps) || len(ps.Errs) != MaxProblems || ps.Len() != 20001 {
 		t.Fatalf("20,001 decoding errors: %T, %d listed of %d", err, len(ps.Errs), ps.Len())
 	}
-	if !strings.HasPrefix(ps.Errs[0].Error(), "p.yaml:2: cannot unmarshal") {
-		t.Errorf("first decoding problem: %q, want it with its file and line", ps.Errs[0])
+	if got, want := ps.Errs[0].Error(), "p.yaml:2: retry.on[0]: must be a string, got a list"; got != want {
+		t.Errorf("first decoding problem: %q, want %q, with its file, line and key path", got, want)
 	}
 }

@@ -83,8 +83,10 @@ type StoreOptions struct {
 //
 // The zero Store is not usable; use NewStore. Safe for concurrent use: For
 // never blocks and does not allocate once a service has been asked for;
-// updates are serialized. The *Policy values handed out are shared and must
-// never be modified; a caller keeps the one it started a request with.
+// the updates of each source are serialized, and an update being parsed
+// holds up neither Statuses, Status and Stats nor the other sources. The
+// *Policy values handed out are shared and must never be modified; a
+// caller keeps the one it started a request with.
 type Store struct {
 	log *slog.Logger
 	now func() time.Time
@@ -95,13 +97,26 @@ type Store struct {
 	// Statuses lists them.
 	called sync.Map
 
-	mu         sync.Mutex // guards everything below; held for a whole update
+	// fileMu and kvMu serialize the updates of the policy file and of
+	// Consul KV, each taken for a whole update: documents are parsed under
+	// them, not under mu, so that however long a parse takes it holds up
+	// only the next update of its own source, never Statuses, Status,
+	// Stats or the other sources. An update of a source that began later
+	// is applied later. Taken before mu, never after.
+	fileMu   sync.Mutex
+	fileSeen string // guarded by fileMu: version of the newest policy file content seen, good or bad
+	kvMu     sync.Mutex
+	kvSeen   map[string]kvSeen // guarded by kvMu: service -> newest value seen, good or bad
+
+	mu         sync.Mutex // guards everything below; held only to record an update and swap
 	layers     [numSources]map[string]document
-	fileSeen   string            // version of the newest policy file content seen, good or bad
-	kvSeen     map[string]kvSeen // service -> newest value seen, good or bad
 	rejections map[string]Rejection
 	stats      [numSources]SourceStats
 }
+
+// testHookParse, when set, runs as an update of the policy file or Consul
+// KV starts parsing.
+var testHookParse func()
 
 // document is one service's Policy document from one source.
 type document struct {
@@ -207,19 +222,28 @@ func (s *Store) SetInline(ps []Policy) error {
 func (s *Store) SetFile(path string, data []byte) error {
 	version := ContentVersion(data)
 	src := "file:" + path
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.fileMu.Lock()
+	defer s.fileMu.Unlock()
 	if version == s.fileSeen {
 		return nil
 	}
 	s.fileSeen = version
+	if testHookParse != nil {
+		testHookParse()
+	}
 	ps, err := Parse(data, path)
+	var named []string
 	if err != nil {
-		names := documentServices(data)
+		named = documentServices(data)
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
 		for name := range s.layers[file] {
-			names = append(names, name)
+			named = append(named, name)
 		}
-		s.reject(file, src, version, names, err)
+		s.reject(file, src, version, named, err)
 		return err
 	}
 	layer := make(map[string]document, len(ps))
@@ -247,11 +271,14 @@ func ContentVersion(data []byte) string {
 // whose ModifyIndex and value were seen before are skipped. The returned
 // error joins the rejections of this update.
 func (s *Store) SetConsul(docs map[string]KVDocument) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	layer := s.layers[consul]
-	changed := false
-	var errs []error
+	s.kvMu.Lock()
+	defer s.kvMu.Unlock()
+	type parsed struct {
+		service, src, version string
+		policy                Policy
+		err                   error
+	}
+	var updates []parsed
 	for _, service := range slices.Sorted(maps.Keys(docs)) {
 		d := docs[service]
 		seen := kvSeen{index: d.ModifyIndex, sum: sha256.Sum256(d.Value)}
@@ -259,23 +286,38 @@ func (s *Store) SetConsul(docs map[string]KVDocument) error {
 			continue
 		}
 		s.kvSeen[service] = seen
-		src, version := "consul:"+d.Key, strconv.FormatUint(d.ModifyIndex, 10)
-		p, err := ParseDocument(d.Value, src, service)
-		if err != nil {
-			s.reject(consul, src, version, []string{service}, err)
-			errs = append(errs, err)
+		if testHookParse != nil {
+			testHookParse()
+		}
+		u := parsed{service: service, src: "consul:" + d.Key, version: strconv.FormatUint(d.ModifyIndex, 10)}
+		u.policy, u.err = ParseDocument(d.Value, u.src, service)
+		updates = append(updates, u)
+	}
+	var deleted []string
+	for service := range s.kvSeen {
+		if _, ok := docs[service]; !ok {
+			delete(s.kvSeen, service)
+			deleted = append(deleted, service)
+		}
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	layer := s.layers[consul]
+	changed := false
+	var errs []error
+	for _, u := range updates {
+		if u.err != nil {
+			s.reject(consul, u.src, u.version, []string{u.service}, u.err)
+			errs = append(errs, u.err)
 			continue
 		}
-		layer[service] = document{policy: p, source: src, version: version}
-		s.clearRejections(func(r Rejection) bool { return r.Source == src })
-		s.accepted(consul, src, version, 1)
+		layer[u.service] = document{policy: u.policy, source: u.src, version: u.version}
+		s.clearRejections(func(r Rejection) bool { return r.Source == u.src })
+		s.accepted(consul, u.src, u.version, 1)
 		changed = true
 	}
-	for service := range s.kvSeen {
-		if _, ok := docs[service]; ok {
-			continue
-		}
-		delete(s.kvSeen, service)
+	for _, service := range deleted {
 		src := "consul:" + KVKey(service)
 		s.clearRejections(func(r Rejection) bool { return r.Source == src })
 		if _, ok := layer[service]; ok {
@@ -418,8 +460,11 @@ func status(snap *snapshot, service string, rejections map[string]Rejection) Sta
 
 // documentServices lists, as best it can, the services named by the
 // documents of a policy file that did not parse, so that the rejection can
-// be shown on them.
+// be shown on them. A file too large to parse names none.
 func documentServices(data []byte) []string {
+	if len(data) > MaxDocumentBytes {
+		return nil
+	}
 	var out []string
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	for {

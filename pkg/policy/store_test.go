@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -284,12 +285,75 @@ func TestParseDocument(t *testing.T) {
 	}
 	for doc, want := range map[string]string{
 		"timeout: 2s\n---\ntimeout: 3s\n": "kv:2: more than one document",
-		"[1, 2]":                          "kv:1: cannot unmarshal",
-		"timeout: -1s":                    "kv:1: negative duration",
+		"[1, 2]":                          "kv:1: the document must be a mapping, got a list",
+		"timeout: -1s":                    `kv:1: timeout: negative duration "-1s" (allowed: 1ms to 1h0m0s)`,
 		"   \n":                           "kv: empty value",
 	} {
 		if _, err := ParseDocument([]byte(doc), "kv", "users"); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("ParseDocument(%q) error %v, want %q", doc, err, want)
 		}
+	}
+}
+
+// An update is parsed without holding up the store's readers or the other
+// sources: while one is being parsed, Statuses, Status, Stats, For and an
+// update of another source answer. Updates of one source are applied in
+// the order they began.
+func TestStoreParsesOutsideItsLock(t *testing.T) {
+	t.Cleanup(func() { testHookParse = nil })
+	for _, slow := range []string{SourceFile, SourceConsul} {
+		t.Run(slow, func(t *testing.T) {
+			s := NewStore(StoreOptions{})
+			var held atomic.Bool
+			parsing, release := make(chan struct{}), make(chan struct{})
+			testHookParse = func() {
+				if held.CompareAndSwap(false, true) {
+					close(parsing)
+					<-release
+				}
+			}
+			update := func(source string, index uint64, timeout string) error {
+				if source == SourceFile {
+					return s.SetFile("p.yaml", []byte("service: a\ntimeout: "+timeout+"\n"))
+				}
+				return s.SetConsul(map[string]KVDocument{"b": kv(index, "b", "timeout: "+timeout+"\n")})
+			}
+			other, service := SourceConsul, "a"
+			if slow == SourceConsul {
+				other, service = SourceFile, "b"
+			}
+
+			first, second := make(chan error, 1), make(chan error, 1)
+			go func() { first <- update(slow, 1, "2s") }()
+			<-parsing
+			go func() { second <- update(slow, 2, "30s") }()
+			answered := make(chan struct{})
+			go func() {
+				defer close(answered)
+				_ = s.Statuses()
+				_, _ = s.Status(service)
+				_ = s.Stats()
+				_ = s.For(service)
+				_ = update(other, 3, "7s")
+			}()
+			timer := time.NewTimer(10 * time.Second)
+			select {
+			case <-answered:
+			case <-timer.C:
+				t.Errorf("Statuses, Status, Stats, For or a %s update still waiting after 10s for a %s update being parsed", other, slow)
+			}
+			timer.Stop()
+			close(release)
+			<-answered
+			if err := <-first; err != nil {
+				t.Fatal(err)
+			}
+			if err := <-second; err != nil {
+				t.Fatal(err)
+			}
+			if got := s.For(service).Timeout.D(); got != 30*time.Second {
+				t.Errorf("%s's timeout after two %s updates: %v, want the later one's 30s", service, slow, got)
+			}
+		})
 	}
 }
