@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -34,8 +35,10 @@ type ConsulConfig struct {
 	// FirstWait bounds how long the first request for a service waits for
 	// Consul's first answer. Default 1s.
 	FirstWait time.Duration
-	// IdleTimeout stops the watch of a service nobody asked for this long.
-	// Default 10m.
+	// IdleTimeout stops the watch of a service nobody asked for this long,
+	// once Consul answers it: a watch whose queries fail, or have not been
+	// answered for twice WaitTime, is kept, since its set is the last known
+	// good one. Default 10m.
 	IdleTimeout time.Duration
 	// MaxWatches bounds the services watched at once. Only services in
 	// Consul's catalog are watched; when the bound is reached, a watch of a
@@ -50,19 +53,29 @@ type ConsulConfig struct {
 	Settle time.Duration
 	// AllowLoopbackEndpoints keeps instances whose address is loopback
 	// (127.0.0.0/8, ::1, localhost), link-local (169.254.0.0/16,
-	// fe80::/10) or unspecified (0.0.0.0, ::). By default they are dropped:
-	// such an address names the sidecar's own host, so a catalog entry
-	// could point the sidecar at itself or at the pod's private ports.
+	// fe80::/10) or unspecified (0.0.0.0, ::), or a host name that resolves
+	// to one of them. By default they are dropped: such an address names
+	// the sidecar's own host, so a catalog entry could point the sidecar at
+	// itself or at the pod's private ports. (A host name is checked by what
+	// it resolves to when Consul's answer comes; the dialer has to check
+	// what it resolves to when called.)
 	AllowLoopbackEndpoints bool
+	// LookupNetIP resolves the instances' addresses that are host names,
+	// for AllowLoopbackEndpoints. Nil: net.DefaultResolver's (the hosts
+	// file, then DNS).
+	LookupNetIP func(ctx context.Context, host string) ([]netip.Addr, error)
 	// Mesh, on in the service mesh, also follows each service's mesh
 	// instances (/v1/health/connect/<service>: its sidecar proxies, or
 	// instances that speak mutual TLS themselves). While a service has
 	// any, they are its endpoints, marked Mesh; else its plain instances.
 	Mesh bool
 	// CacheFile, when set, persists the last known good sets, so a sidecar
-	// restarted during a Consul outage still routes.
+	// restarted during a Consul outage still routes. They are kept in
+	// memory all the same, for a watch stopped while idle and started again
+	// during an outage.
 	CacheFile string
-	// CacheMaxAge drops persisted sets older than this. Default 1h.
+	// CacheMaxAge drops the last known good sets that Consul has not
+	// confirmed for this long. Default 1h.
 	CacheMaxAge time.Duration
 	// Logger receives state transitions; nil discards them.
 	Logger *slog.Logger
@@ -153,6 +166,11 @@ func NewConsul(cfg ConsulConfig) (*Consul, error) {
 	}
 	if cfg.CacheMaxAge <= 0 {
 		cfg.CacheMaxAge = time.Hour
+	}
+	if cfg.LookupNetIP == nil {
+		cfg.LookupNetIP = func(ctx context.Context, host string) ([]netip.Addr, error) {
+			return net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+		}
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -343,7 +361,11 @@ func (c *Consul) run(ctx context.Context, w *watch) {
 		if changed {
 			c.update(ctx, w, entries)
 		}
-		w.lastOK.Store(time.Now().UnixNano())
+		now := time.Now()
+		w.lastOK.Store(now.UnixNano())
+		if set := w.set.Load(); set != nil && set.Source == "consul" {
+			c.cache.put(set, now) // confirmed: its age starts over
+		}
 		w.once.Do(func() { close(w.answered) })
 	})
 }
@@ -359,7 +381,7 @@ func (c *Consul) runMesh(ctx context.Context, w *watch) {
 		return meta, err
 	}, func(changed bool) {
 		if changed {
-			eps := c.endpoints(w, entries, true, &w.meshDropped)
+			eps := c.endpoints(ctx, w, entries, true, &w.meshDropped)
 			// Chosen and published under w.mu, as the plain follower
 			// publishes: the set published last reflects both answers.
 			w.mu.Lock()
@@ -385,7 +407,7 @@ func chooseEndpoints(mesh, plain []Endpoint) []Endpoint {
 // Any entry may lack its Service or Node (an answer is data, not a promise):
 // such an entry is skipped.
 func (c *Consul) update(ctx context.Context, w *watch, entries []*api.ServiceEntry) {
-	eps := c.endpoints(w, entries, false, &w.dropped)
+	eps := c.endpoints(ctx, w, entries, false, &w.dropped)
 	if c.cfg.Mesh {
 		w.mu.Lock()
 		w.plain, w.plainKnown = eps, true
@@ -426,18 +448,21 @@ func (c *Consul) publish(w *watch, eps []Endpoint) {
 	}
 	set := &EndpointSet{Service: w.service, Endpoints: eps, Source: "consul", UpdatedAt: time.Now()}
 	w.set.Store(set)
-	c.cache.put(set)
+	c.cache.put(set, set.UpdatedAt)
 	c.log.Info("endpoints changed", "service", w.service, "endpoints", len(eps))
 }
 
 // endpoints are the usable instances of an answer, sorted, marked mesh or
-// not; instances on the sidecar's own host are dropped (and logged once,
-// by the addresses in *dropped) unless allowed.
-func (c *Consul) endpoints(w *watch, entries []*api.ServiceEntry, mesh bool, droppedBefore *map[string]bool) []Endpoint {
+// not. Instances whose address is neither an IP address nor a host name
+// are dropped, and so are, unless allowed, those on the sidecar's own host;
+// each is logged and counted once, by the addresses in *droppedBefore.
+func (c *Consul) endpoints(ctx context.Context, w *watch, entries []*api.ServiceEntry, mesh bool, droppedBefore *map[string]bool) []Endpoint {
 	eps := make([]Endpoint, 0, len(entries))
 	var dropped map[string]bool
+	names := hostNames{lookup: c.cfg.LookupNetIP}
+	defer names.close()
 	for _, e := range entries {
-		host, addr, ok := entryAddr(e)
+		host, port, ok := entryAddr(e)
 		if !ok {
 			continue
 		}
@@ -445,19 +470,42 @@ func (c *Consul) endpoints(w *watch, entries []*api.ServiceEntry, mesh bool, dro
 		if !ok {
 			continue // critical, in maintenance, or warning with no weight for it
 		}
-		if reason := ownHostAddr(host); reason != "" && !c.cfg.AllowLoopbackEndpoints {
-			if dropped == nil {
-				dropped = map[string]bool{}
-			}
-			dropped[addr] = true
-			if !(*droppedBefore)[addr] {
-				c.dropped.add(reason)
-				c.log.Warn("dropped an endpoint from Consul that points at this host (discovery.consul.allowLoopbackEndpoints is off)",
-					"service", w.service, "endpoint", addr, "reason", reason)
-			}
+		addr := net.JoinHostPort(host, strconv.Itoa(port))
+		h, name, valid := endpointHost(host)
+		var reason string
+		var resolved netip.Addr // what a name that is dropped resolves to
+		switch {
+		case !valid:
+			reason = DropMalformed
+		case c.cfg.AllowLoopbackEndpoints:
+		case name:
+			reason, resolved = names.ownHost(ctx, h)
+		default:
+			reason = ownHostAddr(h)
+		}
+		if reason == "" {
+			eps = append(eps, Endpoint{Addr: net.JoinHostPort(h, strconv.Itoa(port)), Weight: weight, Mesh: mesh})
 			continue
 		}
-		eps = append(eps, Endpoint{Addr: addr, Weight: weight, Mesh: mesh})
+		if dropped == nil {
+			dropped = map[string]bool{}
+		}
+		dropped[addr] = true
+		if (*droppedBefore)[addr] {
+			continue
+		}
+		c.dropped.add(reason)
+		switch {
+		case reason == DropMalformed:
+			c.log.Warn("dropped an endpoint from Consul whose address is neither an IP address nor a host name",
+				"service", w.service, "endpoint", addr)
+		case resolved.IsValid():
+			c.log.Warn("dropped an endpoint from Consul whose host name resolves to this host (discovery.consul.allowLoopbackEndpoints is off)",
+				"service", w.service, "endpoint", addr, "resolved", resolved.String(), "reason", reason)
+		default:
+			c.log.Warn("dropped an endpoint from Consul that points at this host (discovery.consul.allowLoopbackEndpoints is off)",
+				"service", w.service, "endpoint", addr, "reason", reason)
+		}
 	}
 	*droppedBefore = dropped
 	slices.SortFunc(eps, func(a, b Endpoint) int { return strings.Compare(a.Addr, b.Addr) })
@@ -465,19 +513,20 @@ func (c *Consul) endpoints(w *watch, entries []*api.ServiceEntry, mesh bool, dro
 }
 
 // entryAddr is where an instance is reached: its service address, else its
-// node's, and its port. ok is false for an entry that lacks them.
-func entryAddr(e *api.ServiceEntry) (host, addr string, ok bool) {
+// node's, as Consul has it (endpointHost says whether it can be used), and
+// its port. ok is false for an entry that lacks them.
+func entryAddr(e *api.ServiceEntry) (host string, port int, ok bool) {
 	if e == nil || e.Service == nil || e.Service.Port <= 0 || e.Service.Port > 65535 {
-		return "", "", false
+		return "", 0, false
 	}
 	host = e.Service.Address
 	if host == "" && e.Node != nil {
 		host = e.Node.Address
 	}
 	if host == "" {
-		return "", "", false
+		return "", 0, false
 	}
-	return host, net.JoinHostPort(host, strconv.Itoa(e.Service.Port)), true
+	return host, e.Service.Port, true
 }
 
 // entryWeight is an instance's weight by the state of its checks:
@@ -574,7 +623,8 @@ func (c *Consul) Staleness() map[string]time.Duration {
 	return out
 }
 
-// reapIdle stops watches nobody used for IdleTimeout.
+// reapIdle stops watches nobody used for IdleTimeout, among those Consul
+// answers.
 func (c *Consul) reapIdle(ctx context.Context) {
 	tick := time.NewTicker(min(c.cfg.IdleTimeout/4, time.Minute))
 	defer tick.Stop()
@@ -584,14 +634,26 @@ func (c *Consul) reapIdle(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		cutoff := time.Now().Add(-c.cfg.IdleTimeout).UnixNano()
+		now := time.Now()
+		cutoff := now.Add(-c.cfg.IdleTimeout).UnixNano()
 		c.mu.Lock()
 		for name, w := range c.watches {
-			if w.lastUsed.Load() < cutoff {
+			if w.lastUsed.Load() < cutoff && c.answering(w, now) {
 				c.stopLocked(w)
 				c.log.Info("stopped watching idle service", "service", name)
 			}
 		}
 		c.mu.Unlock()
 	}
+}
+
+// answering reports whether Consul answers w's queries: the last one did
+// not fail, and an answer came within twice the blocking query's wait (an
+// agent that is stopped or cut off fails nothing: its queries hang). A
+// watch Consul does not answer is not stopped for being idle: its set is
+// the last known good one, which a new watch would not have until Consul
+// answers.
+func (c *Consul) answering(w *watch, now time.Time) bool {
+	last := w.lastOK.Load()
+	return w.lastErr.Load() == nil && last != 0 && now.Sub(time.Unix(0, last)) <= 2*c.cfg.WaitTime
 }

@@ -21,7 +21,10 @@ var ErrUnknownService = errors.New("unknown service")
 
 // Endpoint is one instance of a service.
 type Endpoint struct {
-	// Addr is host:port, with an IP literal host for every source shipped here.
+	// Addr is host:port. The host is an IP address (as netip writes it),
+	// or, from Consul, a host name when that is what an instance was
+	// registered at: the dialer resolves it, and has to check what it
+	// resolves to (see ConsulConfig.AllowLoopbackEndpoints).
 	Addr string `json:"addr"`
 	// Weight is the endpoint's share of the traffic against the others'
 	// (Consul's Weights.Passing, or Weights.Warning while a check warns);

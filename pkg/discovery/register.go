@@ -134,7 +134,11 @@ func (r *Registration) Refresh() {
 }
 
 // Deregister stops the refresh loop, marks the check critical (peers stop
-// routing at once) and removes the instance. Safe to call more than once.
+// routing at once) and removes the instance. ctx bounds the calls to the
+// agent, and the client has no timeout of its own: without a deadline, an
+// agent that accepts connections and answers nothing (stopped, swapping)
+// holds Deregister for ever. Safe to call more than once; a call while
+// another is under way waits for it.
 func (r *Registration) Deregister(ctx context.Context) error {
 	var err error
 	r.once.Do(func() {

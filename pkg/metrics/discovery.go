@@ -53,7 +53,7 @@ func NewDroppedEndpointsCollector(consul *discovery.Consul) prometheus.Collector
 type droppedCollector struct{ consul *discovery.Consul }
 
 var droppedDesc = prometheus.NewDesc("sidecar_discovery_dropped_endpoints_total",
-	"Endpoints from Consul not used because they point at the sidecar's own host (discovery.consul.allowLoopbackEndpoints), each counted once when it appears, by reason: loopback, link-local, unspecified.",
+	"Endpoints from Consul not used, each counted once when it appears, by reason: loopback, link-local, unspecified (an address, or a host name resolving to one, of the sidecar's own host: discovery.consul.allowLoopbackEndpoints), malformed (an address that is neither an IP address nor a host name).",
 	[]string{"reason"}, nil)
 
 func (droppedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- droppedDesc }
