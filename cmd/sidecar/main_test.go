@@ -131,6 +131,56 @@ func TestPrecedence(t *testing.T) {
 	}
 }
 
+// The switches of sidecar run take no value when written alone, as the
+// docs write them and as sidecar inject's do: --access-log then the next
+// flag is access log on and that flag, not a value swallowed.
+func TestSwitchesStandAlone(t *testing.T) {
+	o := newRunOptions(io.Discard, io.Discard, func(string) string { return "" })
+	fs := pflag.NewFlagSet("run", pflag.ContinueOnError)
+	o.addFlags(fs)
+	if err := fs.Parse([]string{"--access-log", "--outbound-addr", "127.0.0.1:17001", "--request-metrics=false", "--transparent"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.complete(); err != nil {
+		t.Fatal(err)
+	}
+	c := o.cfg
+	if !c.AccessLog.Enabled || c.Listeners.Outbound != "127.0.0.1:17001" || *c.RequestMetrics || !c.Transparent.Enabled {
+		t.Fatalf("access log %v, outbound %q, request metrics %v, transparent %v; want true, 127.0.0.1:17001, false, true",
+			c.AccessLog.Enabled, c.Listeners.Outbound, *c.RequestMetrics, c.Transparent.Enabled)
+	}
+}
+
+// A drain window of 0s is none, as written (a Job's sidecar that should
+// exit at once), in the file and as a flag; unset, it is 5s.
+func TestDrainWindowZeroIsNone(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "sidecar.yaml")
+	os.WriteFile(file, []byte("lifecycle: {drainWindow: 0s}\n"), 0o600)
+	for _, tc := range []struct {
+		name string
+		args []string
+		want time.Duration
+	}{
+		{"unset", nil, 5 * time.Second},
+		{"flag", []string{"--drain-window", "0s"}, 0},
+		{"file", []string{"--config", file}, 0},
+		{"flag over file", []string{"--config", file, "--drain-window", "2s"}, 2 * time.Second},
+	} {
+		o := newRunOptions(io.Discard, io.Discard, func(string) string { return "" })
+		fs := pflag.NewFlagSet("run", pflag.ContinueOnError)
+		o.addFlags(fs)
+		if err := fs.Parse(tc.args); err != nil {
+			t.Fatal(err)
+		}
+		if err := o.complete(); err != nil {
+			t.Fatal(err)
+		}
+		if got := o.cfg.Lifecycle.Drain(); got != tc.want {
+			t.Errorf("%s: drain window %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
 func TestStartupErrors(t *testing.T) {
 	dir := t.TempDir()
 	bad := filepath.Join(dir, "bad.yaml")

@@ -93,7 +93,7 @@ var settings = []setting{
 			c.Discovery.Consul.Address = v
 			return nil
 		}},
-	{flag: "consul-allow-loopback-endpoints", usage: "use Consul instances at loopback, link-local or unspecified addresses (the sidecar's own host), true or false", key: "discovery.consul.allowLoopbackEndpoints", def: "false",
+	{flag: "consul-allow-loopback-endpoints", usage: "use Consul instances at loopback, link-local or unspecified addresses, or at host names resolving to one (the sidecar's own host), true or false", key: "discovery.consul.allowLoopbackEndpoints", def: "false",
 		set: func(c *config.Config, v string) error {
 			if c.Discovery.Consul == nil {
 				c.Discovery.Consul = &config.Consul{}
@@ -157,7 +157,7 @@ var settings = []setting{
 			c.Limits.MaxResponseHeaderBytes = n
 			return nil
 		}},
-	{flag: "transparent", usage: "serve connections redirected to the outbound port by `sidecar iptables`: route HTTP by Host, then by the original destination; pass other TCP through, true or false", key: "transparent.enabled", def: "false",
+	{flag: "transparent", usage: "serve connections redirected to the outbound port by 'sidecar iptables': route HTTP by Host, then by the original destination; pass other TCP through, true or false", key: "transparent.enabled", def: "false",
 		set: func(c *config.Config, v string) error { return setBool(v, &c.Transparent.Enabled) }},
 	{flag: "transparent-ipv6", usage: "with --transparent, also listen on [::1] at the outbound port, where ip6tables redirects, true or false", key: "transparent.ipv6", def: "true",
 		set: func(c *config.Config, v string) error {
@@ -193,9 +193,10 @@ var settings = []setting{
 		}},
 	{flag: "startup-probe", usage: "the app's startup probe, as --readiness-probe", key: "probes.startup",
 		set: func(c *config.Config, v string) (err error) { c.Probes.Startup, err = config.ParseProbe(v); return err }},
-	{flag: "drain-window", usage: "how long after SIGTERM the sidecar keeps serving while it reports not ready and is deregistered", key: "lifecycle.drainWindow", def: "5s",
+	{flag: "drain-window", usage: "how long after SIGTERM the sidecar keeps serving while it reports not ready and is deregistered; 0s: none", key: "lifecycle.drainWindow", def: "5s",
 		set: func(c *config.Config, v string) (err error) {
-			c.Lifecycle.DrainWindow, err = policy.ParseDuration(v)
+			d, err := policy.ParseDuration(v)
+			c.Lifecycle.DrainWindow = &d
 			return err
 		}},
 	{flag: "shutdown-timeout", usage: "the longest wait for in-flight requests after the drain window", key: "lifecycle.shutdownTimeout", def: "20s",
@@ -306,6 +307,11 @@ func (o *runOptions) addFlags(fs *pflag.FlagSet) {
 			o.lists[s.flag] = fs.StringArray(s.flag, nil, usage)
 		} else {
 			o.scalars[s.flag] = fs.String(s.flag, "", usage)
+			if s.def == "true" || s.def == "false" {
+				// A switch: --access-log alone says true, as kubectl's and
+				// sidecar inject's do; --access-log=false turns it off.
+				fs.Lookup(s.flag).NoOptDefVal = "true"
+			}
 		}
 	}
 }

@@ -114,8 +114,9 @@ type Consul struct {
 	// CacheMaxAge is how old persisted endpoints may be to be used. Default 1h.
 	CacheMaxAge policy.Duration `yaml:"cacheMaxAge,omitempty" json:"cacheMaxAge,omitempty"`
 	// AllowLoopbackEndpoints uses instances at loopback, link-local or
-	// unspecified addresses. False (the default) drops them: such an
-	// address is the sidecar's own host (static endpoints are not checked).
+	// unspecified addresses, or at host names resolving to one. False (the
+	// default) drops them: such an address is the sidecar's own host
+	// (static endpoints are not checked).
 	AllowLoopbackEndpoints bool `yaml:"allowLoopbackEndpoints,omitempty" json:"allowLoopbackEndpoints,omitempty"`
 	// Register configures the app's registration (with service, appPort
 	// and advertiseAddr set).
@@ -321,14 +322,23 @@ type Tracing struct {
 	ServiceName string `yaml:"serviceName,omitempty" json:"serviceName,omitempty"`
 }
 
+// Drain is the drain window: DrainWindow, or 0 when unset (before the
+// defaults are applied).
+func (l Lifecycle) Drain() time.Duration {
+	if l.DrainWindow == nil {
+		return 0
+	}
+	return l.DrainWindow.D()
+}
+
 // Lifecycle configures startup and shutdown.
 type Lifecycle struct {
 	// DrainWindow is how long, after SIGTERM (or the admin API's POST
 	// /quitquitquit), the sidecar keeps accepting inbound and outbound
 	// requests while it reports not ready and is deregistered, so that
 	// peers and the kubelet stop sending before it stops listening.
-	// Default 5s.
-	DrainWindow policy.Duration `yaml:"drainWindow,omitempty" json:"drainWindow,omitempty"`
+	// Unset: 5s; 0s: none (a Job's sidecar, a test), as written.
+	DrainWindow *policy.Duration `yaml:"drainWindow,omitempty" json:"drainWindow,omitempty"`
 	// ShutdownTimeout bounds the wait for in-flight requests once the
 	// listeners are closed; then the sidecar exits anyway. Default 20s (with
 	// the drain window, inside Kubernetes' default 30s grace period).
@@ -405,8 +415,9 @@ func (c *Config) WithDefaults() {
 	set(&c.Listeners.Metrics, DefaultMetrics)
 	set(&c.Log.Level, "info")
 	set(&c.Log.Format, "json")
-	if c.Lifecycle.DrainWindow == 0 {
-		c.Lifecycle.DrainWindow = policy.Duration(5 * time.Second)
+	if c.Lifecycle.DrainWindow == nil {
+		d := policy.Duration(5 * time.Second)
+		c.Lifecycle.DrainWindow = &d
 	}
 	if c.Lifecycle.ShutdownTimeout == 0 {
 		c.Lifecycle.ShutdownTimeout = policy.Duration(20 * time.Second)
@@ -455,7 +466,7 @@ func (c *Config) Validate() error {
 	}
 	c.Transparent.validate(add)
 	c.validateMesh(add)
-	if err := CheckDrainWindow(c.Lifecycle.DrainWindow.D()); err != nil {
+	if err := CheckDrainWindow(c.Lifecycle.Drain()); err != nil {
 		add("lifecycle.drainWindow: %v", err)
 	}
 	if d := c.Lifecycle.ShutdownTimeout; d < 0 || d.D() > time.Hour {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sidecar-mesh/sidecar/internal/execpages"
+	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 )
 
 // Run serves, registers the app in Consul, and waits until ctx ends or the
@@ -42,7 +43,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	case <-ctx.Done():
 	case <-s.quit:
 	}
-	s.log.Info("shutting down", "drainWindow", s.cfg.Lifecycle.DrainWindow.String(),
+	s.log.Info("shutting down", "drainWindow", s.cfg.Lifecycle.Drain().String(),
 		"shutdownTimeout", s.cfg.Lifecycle.ShutdownTimeout.String())
 	return s.shutdown(context.Background())
 }
@@ -104,8 +105,12 @@ func (s *Sidecar) appReady() bool {
 // drain starts draining, once: /healthz/ready and the app's readyz answer
 // 503, the Consul check goes critical and the app is deregistered, and
 // inbound responses carry Connection: close so that clients move to other
-// instances. Everything keeps serving.
-func (s *Sidecar) drain(ctx context.Context) {
+// instances. Everything keeps serving. It does not wait for Consul: the
+// deregistration runs on a goroutine of s.drains, bounded by
+// deregisterTimeout, so that an agent that stopped answering can neither
+// hold back the drain window nor the exit. Callers hold s.drainMu, so that
+// nothing is added to s.drains once shutdown waits on it.
+func (s *Sidecar) drain() {
 	s.drainOnce.Do(func() {
 		s.log.Info("draining: reporting not ready and deregistering")
 		s.healthH.Drain()
@@ -116,22 +121,41 @@ func (s *Sidecar) drain(ctx context.Context) {
 			srv.SetKeepAlivesEnabled(false)
 		}
 		if reg := s.reg.Load(); reg != nil {
-			if err := reg.Deregister(ctx); err != nil {
-				s.log.Warn("deregistering from Consul", "err", err.Error())
-			}
+			s.drains.Go(func() { s.deregister(reg) })
 		}
 	})
 }
 
-// drainSoon drains on a goroutine of the sidecar's, for the admin API:
-// shutdown waits for it.
+// deregisterTimeout bounds the app's deregistration. The agent is local
+// and answers in milliseconds: one that has not answered in 5s is stuck
+// (stopped, swapping, partitioned from its servers), and the TTL check,
+// which nobody refreshes any more, takes the instance out of every answer
+// within its TTL anyway.
+const deregisterTimeout = 5 * time.Second
+
+// deregister takes the app out of Consul, giving up after
+// deregisterTimeout, or sooner when the drain window and the shutdown
+// timeout together are shorter: the shutdown they bound waits for it.
+func (s *Sidecar) deregister(reg *discovery.Registration) {
+	timeout := deregisterTimeout
+	if lc := s.cfg.Lifecycle; lc.Drain()+lc.ShutdownTimeout.D() > 0 {
+		timeout = min(timeout, lc.Drain()+lc.ShutdownTimeout.D())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := reg.Deregister(ctx); err != nil {
+		s.log.Warn("deregistering from Consul", "err", err.Error())
+	}
+}
+
+// drainSoon drains for the admin API; it returns at once.
 func (s *Sidecar) drainSoon() {
 	s.drainMu.Lock()
 	defer s.drainMu.Unlock()
 	if s.closing {
 		return // shutdown drains
 	}
-	s.drains.Go(func() { s.drain(context.Background()) })
+	s.drain()
 }
 
 // quitNow asks Run to shut down, as SIGTERM does.
@@ -139,15 +163,18 @@ func (s *Sidecar) quitNow() { s.quitOnce.Do(func() { close(s.quit) }) }
 
 // shutdown drains, keeps serving the app's inbound and outbound traffic for
 // the drain window, then stops accepting and waits for in-flight requests
-// until ctx ends, and releases everything. No accepted request is dropped
-// unless ctx ends first.
+// until ctx ends or the shutdown timeout passes, and releases everything.
+// No accepted request is dropped unless ctx ends first. The drain window
+// starts at once, whatever Consul does: the deregistration runs beside it,
+// is waited for only once the listeners are closed, and gives up within
+// the drain window and the shutdown timeout, so that a stuck agent never
+// makes the shutdown longer.
 func (s *Sidecar) shutdown(ctx context.Context) error {
 	s.drainMu.Lock()
 	s.closing = true
+	s.drain()
 	s.drainMu.Unlock()
-	s.drain(ctx)
-	s.drains.Wait()
-	if w := s.cfg.Lifecycle.DrainWindow.D(); w > 0 {
+	if w := s.cfg.Lifecycle.Drain(); w > 0 {
 		s.log.Info("drain window", "for", w.String())
 		t := time.NewTimer(w)
 		select {
@@ -169,6 +196,7 @@ func (s *Sidecar) shutdown(ctx context.Context) error {
 	err = errors.Join(err, s.outbound.Shutdown(wait), s.shutdownTransparent(wait))
 	s.outboundUp.Store(false)
 	err = errors.Join(err, s.admin.Shutdown(wait), s.metrics.Shutdown(wait), s.health.Shutdown(wait))
+	s.drains.Wait() // the deregistration, which still needs the Consul client
 	for _, p := range s.probers {
 		p.Stop()
 	}

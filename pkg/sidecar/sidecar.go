@@ -112,7 +112,7 @@ type Sidecar struct {
 	drainOnce  sync.Once
 	drainMu    sync.Mutex     // guards closing and starting drains
 	closing    bool           // shutdown has begun
-	drains     sync.WaitGroup // drains asked for by the admin API
+	drains     sync.WaitGroup // the app's deregistration, which shutdown waits for
 	quit       chan struct{}  // closed to shut down as on SIGTERM
 	quitOnce   sync.Once
 	serving    int // servers whose end is sent on errs

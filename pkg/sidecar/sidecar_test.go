@@ -50,7 +50,7 @@ func testConfig(t *testing.T, appURL, upstream string) *config.Config {
 		Listeners: config.Listeners{Outbound: at(0), Inbound: at(1), Admin: at(2), Health: at(3), Metrics: at(4)},
 		Discovery: config.Discovery{Static: map[string][]string{"users": {upstream}}},
 		Probes:    config.Probes{Readiness: readiness},
-		Lifecycle: config.Lifecycle{DrainWindow: policy.Duration(100 * time.Millisecond)},
+		Lifecycle: config.Lifecycle{DrainWindow: new(policy.Duration(100 * time.Millisecond))},
 	}
 	cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
@@ -189,7 +189,7 @@ func TestRunDrainsThenShutsDown(t *testing.T) {
 // POST /quitquitquit ends Run as the end of its context does.
 func TestQuitQuitQuit(t *testing.T) {
 	cfg := testConfig(t, serve(t, "app").URL, "127.0.0.1:1")
-	cfg.Lifecycle.DrainWindow = 0
+	cfg.Lifecycle.DrainWindow = new(policy.Duration(0)) // none: Run ends at once
 	sc, err := sidecar.New(cfg)
 	if err != nil {
 		t.Fatal(err)
