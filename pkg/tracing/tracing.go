@@ -6,8 +6,11 @@ package tracing
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -181,6 +184,20 @@ func sampler(name string, arg float64) (sdktrace.Sampler, error) {
 func exporter(ctx context.Context, cfg Config) (sdktrace.SpanExporter, error) {
 	endpoint := cfg.Endpoint
 	hasScheme := strings.Contains(endpoint, "://")
+	// Checked here, where the exporters would otherwise log a URL they
+	// cannot parse, credentials and all, and export to their default
+	// (localhost:4317) instead. Errors never quote the endpoint: it may
+	// hold a password.
+	shown := endpoint
+	if hasScheme {
+		u, err := url.Parse(endpoint)
+		if err != nil || u.Host == "" || u.Scheme != "http" && u.Scheme != "https" {
+			return nil, errors.New("tracing.endpoint: not a URL the exporter can use (want host:port, or http:// or https:// and a host)")
+		}
+		shown = u.Redacted()
+	} else if _, port, err := net.SplitHostPort(endpoint); err != nil || port == "" {
+		return nil, errors.New("tracing.endpoint: want host:port, or a URL with http:// or https://")
+	}
 	var client otlptrace.Client
 	switch cfg.Protocol {
 	case "", "grpc":
@@ -212,7 +229,7 @@ func exporter(ctx context.Context, cfg Config) (sdktrace.SpanExporter, error) {
 	}
 	exp, err := otlptrace.New(ctx, client)
 	if err != nil {
-		return nil, fmt.Errorf("tracing: OTLP exporter for %s: %w", endpoint, err)
+		return nil, fmt.Errorf("tracing: OTLP exporter for %s: %w", shown, err)
 	}
 	return exp, nil
 }

@@ -90,9 +90,15 @@ func TestSetupValidates(t *testing.T) {
 		{Endpoint: "127.0.0.1:1", SamplerArg: 2},
 		{Endpoint: "127.0.0.1:1", Protocol: "thrift"},
 		{Endpoint: "127.0.0.1:1", Propagators: []string{"smoke-signals"}},
+		{Endpoint: "http://user:SECRETPW@bad host:4317/?token=SECRETQ"},
+		{Endpoint: "ftp://collector:4317"},
+		{Endpoint: "collector"},
 	} {
-		if _, err := Setup(context.Background(), cfg); err == nil {
+		_, err := Setup(context.Background(), cfg)
+		if err == nil {
 			t.Errorf("Setup(%+v) accepted", cfg)
+		} else if strings.Contains(err.Error(), "SECRET") {
+			t.Errorf("Setup(%+v): %v, quoting a secret of the endpoint", cfg, err)
 		}
 	}
 	p, err = Setup(context.Background(), Config{Endpoint: "127.0.0.1:1", Propagators: []string{"b3", "tracecontext"}, Service: "orders"})
