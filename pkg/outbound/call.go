@@ -42,6 +42,9 @@ type call struct {
 	// last is the endpoint of the last attempt judged, which a retry
 	// avoids (a slice of it, so that avoiding costs no allocation).
 	last [1]string
+	// body, for a request whose body streams on after the call starts,
+	// says when it ended: the policy's deadlines count from there.
+	body *bodyEnd
 
 	// What the recorder may be told of the attempts (record.go): the
 	// first one's note in place, the retries' in a list made only when
@@ -202,7 +205,7 @@ func (ch *chain) limit(c *call, req *http.Request) (*http.Response, error) {
 		}
 		return nil, ch.shed(c, req, "concurrency limit of the service reached (concurrency.maxInFlight)")
 	}
-	ctx := newDeadlineCtx(caller, p.Timeout.D()-wait, errTimeout)
+	ctx := newDeadlineCtxOnEnd(caller, p.Timeout.D()-wait, p.StreamIdleTimeout.D(), errTimeout, c.body)
 	resp, attempt, err := ch.attempts(c, ctx, req)
 	fb := &finishBody{chain: ch, state: st, maxInFlight: maxInFlight, ctx: ctx, attempt: attempt, cancelCaller: cancelCaller}
 	if err != nil {
@@ -411,7 +414,7 @@ func (ch *chain) attempt(c *call, ctx *deadlineCtx, req, cur *http.Request, t tr
 	}
 	var perTry *deadlineCtx
 	if pt := r.PerTryTimeout.D(); pt > 0 {
-		perTry = newDeadlineCtx(actx, pt, errPerTryTimeout)
+		perTry = newDeadlineCtxOnEnd(actx, pt, c.policy.StreamIdleTimeout.D(), errPerTryTimeout, c.body)
 		actx = perTry
 	}
 	var span trace.Span

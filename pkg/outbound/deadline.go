@@ -3,6 +3,7 @@ package outbound
 import (
 	"context"
 	"errors"
+	"io"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -52,9 +53,13 @@ type deadlineCtx struct {
 	// lastRead is when the stream last moved, as time since start.
 	lastRead atomic.Int64
 
-	mu       sync.Mutex    // guards deadline and idle
-	deadline time.Time     // zero once lifted
-	idle     time.Duration // once lifted for a stream, the silence it may keep; 0: none
+	mu       sync.Mutex    // guards deadline, idle, pending and d
+	deadline time.Time     // zero once lifted, and while pending
+	idle     time.Duration // once lifted for a stream, or while pending, the silence it may keep; 0: none
+	// pending: the deadline waits for the request's body to end (begin);
+	// meanwhile only silence (idle) ends the context.
+	pending bool
+	d       time.Duration // the deadline's duration, for begin
 }
 
 // newDeadlineCtx returns a context of parent that ends with cause after d.
@@ -68,6 +73,37 @@ func newDeadlineCtx(parent context.Context, d time.Duration, cause error) *deadl
 	}
 	c.timer = time.AfterFunc(d, c.expire)
 	return c
+}
+
+// newDeadlineCtxOnEnd is newDeadlineCtx for a request whose body still
+// streams: d counts from the body's end (body), as Envoy counts its route
+// timeout from the end of the request, so that a slow upload or a client
+// stream is not cut while it is still sending. Until then the exchange may
+// only be silent (no body read, no answer) for idle. A body that ended
+// already starts d now.
+func newDeadlineCtxOnEnd(parent context.Context, d, idle time.Duration, cause error, body *bodyEnd) *deadlineCtx {
+	if body == nil || body.ended() || idle <= 0 {
+		return newDeadlineCtx(parent, d, cause)
+	}
+	c := &deadlineCtx{cause: cause, start: time.Now(), pending: true, idle: idle, d: d}
+	c.Context, c.cancel = context.WithCancelCause(parent)
+	c.timer = time.AfterFunc(idle, c.expire)
+	body.watch(c)
+	return c
+}
+
+// begin starts a pending deadline: the request's body ended.
+func (c *deadlineCtx) begin() {
+	c.mu.Lock()
+	if !c.pending {
+		c.mu.Unlock()
+		return
+	}
+	c.pending, c.idle = false, 0
+	c.deadline = time.Now().Add(c.d)
+	d := c.d
+	c.mu.Unlock()
+	c.timer.Reset(d)
 }
 
 // Deadline is the policy's deadline, or the parent's when sooner or when
@@ -101,9 +137,13 @@ func (c *deadlineCtx) callerDeadline() (time.Time, bool) { return c.Context.Dead
 // silent for its idle time.
 func (c *deadlineCtx) expire() {
 	c.mu.Lock()
-	idle := c.idle
+	idle, dl := c.idle, c.deadline
 	c.mu.Unlock()
 	if idle == 0 {
+		if left := time.Until(dl); !dl.IsZero() && left > 0 {
+			c.timer.Reset(left) // begun while the idle timer fired
+			return
+		}
 		c.cancel(c.cause)
 		return
 	}
@@ -121,6 +161,20 @@ func (c *deadlineCtx) expire() {
 // the timer then ends the context after idle without a touch. It reports
 // false when the deadline had passed already (the context is ending).
 func (c *deadlineCtx) lift(idle time.Duration) bool {
+	c.mu.Lock()
+	if c.pending {
+		// Not begun: it never will, the answer being a stream.
+		c.pending, c.idle, c.deadline = false, idle, time.Time{}
+		c.mu.Unlock()
+		if idle > 0 {
+			c.touch()
+			c.timer.Reset(idle)
+		} else {
+			c.timer.Stop()
+		}
+		return c.Context.Err() == nil
+	}
+	c.mu.Unlock()
 	if c.timer == nil || !c.timer.Stop() {
 		return false
 	}
@@ -150,4 +204,63 @@ func (c *deadlineCtx) end() {
 		c.timer.Stop()
 	}
 	c.cancel(nil)
+}
+
+// bodyEnd tells the deadlines that wait for a request body's end (and are
+// touched while it moves) when it ends. Safe for concurrent use.
+type bodyEnd struct {
+	mu       sync.Mutex // guards done and watchers
+	done     bool
+	watchers []*deadlineCtx
+}
+
+func (b *bodyEnd) ended() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.done
+}
+
+// watch has c begun at the body's end, and touched as it moves.
+func (b *bodyEnd) watch(c *deadlineCtx) {
+	b.mu.Lock()
+	done := b.done
+	if !done {
+		b.watchers = append(b.watchers, c)
+	}
+	b.mu.Unlock()
+	if done {
+		c.begin()
+	}
+}
+
+// read is a read of the body: n bytes, ending it with io.EOF.
+func (b *bodyEnd) read(n int, err error) {
+	if n == 0 && err == nil {
+		return
+	}
+	b.mu.Lock()
+	ws := b.watchers
+	if err == io.EOF {
+		b.done, b.watchers = true, nil
+	}
+	b.mu.Unlock()
+	for _, c := range ws {
+		if err == io.EOF {
+			c.begin()
+		} else {
+			c.touch()
+		}
+	}
+}
+
+// endWatched is a request body whose reads bodyEnd hears of.
+type endWatched struct {
+	io.ReadCloser
+	end *bodyEnd
+}
+
+func (b *endWatched) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.end.read(n, err)
+	return n, err
 }

@@ -285,6 +285,10 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		r2 := *r
 		r2.Body, r2.GetBody = rb, rb.replay
 		r = &r2
+		if c != nil {
+			c.body = new(bodyEnd)
+			rb.src = &endWatched{ReadCloser: rb.src, end: c.body}
+		}
 	} else if r.Body != nil && r.Body != http.NoBody {
 		body, err := p.prepareBody(w, r)
 		if err != nil {
@@ -295,6 +299,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		r2.Body, r2.ContentLength, r2.GetBody = body.rc, body.length, body.getBody
 		if body.getBody != nil {
 			r2.TransferEncoding = nil
+		} else if c != nil {
+			// Larger than the sidecar holds: it streams on, and the
+			// deadlines count from its end.
+			c.body = new(bodyEnd)
+			r2.Body = &endWatched{ReadCloser: r2.Body, end: c.body}
 		}
 		r = &r2
 	}

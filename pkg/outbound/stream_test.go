@@ -1,9 +1,12 @@
 package outbound_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -269,5 +272,67 @@ func TestGRPCServerStreamFirstMessagePastTimeout(t *testing.T) {
 	}
 	if got != 2 || !errors.Is(err, io.EOF) {
 		t.Fatalf("first message 600ms after the headers, timeout 300ms: %d of 2 messages, %v; want both and OK", got, err)
+	}
+}
+
+// The policy's timeout counts from the end of the request, as Envoy's
+// route timeout does, so that a request still being sent is not cut: an
+// upload larger than the sidecar holds, sent slowly over three timeouts,
+// and a gRPC client stream sending a message every 150ms for twice the
+// timeout both succeed under a 300ms timeout; a request that then waits
+// longer than the timeout for its answer is still cut at it.
+func TestTimeoutCountsFromTheRequestsEnd(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		if r.URL.Path == "/slow-answer" {
+			time.Sleep(600 * time.Millisecond)
+		}
+		fmt.Fprint(w, n)
+	})
+	sc := startSidecar(t, options{static: map[string][]string{"up": {up.addr()}, "echo": {grpcUpstreamWith(t, &testService{})}},
+		policies: "service: up\ntimeout: 300ms\nretry: {perTryTimeout: 200ms}\n---\nservice: echo\ntimeout: 300ms\n"})
+
+	upload := func(path string) (int, string) {
+		c, err := net.Dial("tcp", sc.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		const size = 100 << 10 // over the 64 KiB the sidecar holds: it streams
+		fmt.Fprintf(c, "PUT %s HTTP/1.1\r\nHost: up\r\nContent-Length: %d\r\n\r\n", path, size)
+		chunk := strings.Repeat("x", size/10)
+		for range 10 {
+			time.Sleep(100 * time.Millisecond) // 1s in all: three timeouts
+			io.WriteString(c, chunk)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, string(b)
+	}
+	if code, body := upload("/"); code != 200 || body != strconv.Itoa(100<<10) {
+		t.Errorf("a slow upload under a 300ms timeout: %d %q, want 200 and all of it at the upstream", code, body)
+	}
+	if code, _ := upload("/slow-answer"); code != http.StatusGatewayTimeout {
+		t.Errorf("an answer 600ms after the upload's end under a 300ms timeout: %d, want 504", code)
+	}
+
+	c := testgrpc.NewTestServiceClient(grpcClient(t, sc, "echo"))
+	stream, err := c.StreamingInputCall(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 4 {
+		time.Sleep(150 * time.Millisecond)
+		if err := stream.Send(&testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: []byte("abc")}}); err != nil {
+			t.Fatalf("client stream: %v", err)
+		}
+	}
+	if res, err := stream.CloseAndRecv(); err != nil || res.GetAggregatedPayloadSize() != 12 {
+		t.Fatalf("a client stream of 600ms under a 300ms timeout: %v %v, want all 12 bytes and OK", res, err)
 	}
 }
