@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sidecar-mesh/sidecar/pkg/admin"
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
 )
@@ -102,6 +103,13 @@ func (o *tapOptions) print(line []byte) error {
 	var r requestlog.Request
 	if err := json.Unmarshal(line, &r); err != nil {
 		return fmt.Errorf("the tap sent a line that is not a request: %w", err)
+	}
+	if r.Time.IsZero() {
+		var gap admin.TapGap
+		if json.Unmarshal(line, &gap) == nil && gap.Dropped > 0 && o.out.format != "json" {
+			_, err := fmt.Fprintf(o.stdout, "... %d requests not shown: the tap was over its rate or behind\n", gap.Dropped)
+			return err
+		}
 	}
 	switch o.out.format {
 	case "json":

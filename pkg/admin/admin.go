@@ -254,6 +254,7 @@ func tap(w http.ResponseWriter, r *http.Request, rec *requestlog.Recorder, f req
 	w.WriteHeader(http.StatusOK)
 	_ = rc.Flush()
 	enc := json.NewEncoder(w)
+	var told int64 // requests missed the client was told of
 	for {
 		select {
 		case <-r.Context().Done():
@@ -263,6 +264,14 @@ func tap(w http.ResponseWriter, r *http.Request, rec *requestlog.Recorder, f req
 				return
 			}
 			_ = rc.SetWriteDeadline(time.Now().Add(tapWriteTimeout))
+			// Requests the tap missed (over its rate, or this stream
+			// behind) are said, as a line of their own: {"dropped": N}.
+			if d := t.Dropped(); d > told {
+				if enc.Encode(TapGap{Dropped: d - told}) != nil {
+					return
+				}
+				told = d
+			}
 			if enc.Encode(req) != nil {
 				return
 			}
@@ -277,6 +286,12 @@ func tap(w http.ResponseWriter, r *http.Request, rec *requestlog.Recorder, f req
 			}
 		}
 	}
+}
+
+// TapGap is the line of a tap's stream that says how many requests it
+// missed since the line before (over its rate, or its reader behind).
+type TapGap struct {
+	Dropped int64 `json:"dropped"`
 }
 
 func writeError(w http.ResponseWriter, status int, why string) {

@@ -5,7 +5,11 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"slices"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
@@ -81,4 +85,38 @@ func status(t *testing.T, c *http.Client, url string) int {
 	}
 	resp.Body.Close()
 	return resp.StatusCode
+}
+
+// A tap that missed requests (over its rate) says so in its stream, as a
+// line of its own before the next request it shows.
+func TestTapSaysWhatItMissed(t *testing.T) {
+	rec := requestlog.New(requestlog.Config{TapRate: 2})
+	defer rec.Close()
+	static, _ := discovery.NewStatic(nil)
+	srv := httptest.NewServer(Handler(Sources{Config: func() any { return nil }, Resolver: discovery.Chain{static}, Requests: rec}))
+	defer srv.Close()
+	tr := &http.Transport{}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr}).Get(srv.URL + "/tap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	for i := range 10 { // two a second get through; the rest are missed
+		rec.Record(&requestlog.Request{Service: "a", Method: "GET", Path: "/" + strconv.Itoa(i), Status: 200, Time: time.Now()})
+	}
+	time.Sleep(1100 * time.Millisecond) // the next second
+	rec.Record(&requestlog.Request{Service: "a", Method: "GET", Path: "/after", Status: 200, Time: time.Now()})
+	sc := bufio.NewScanner(resp.Body)
+	var lines []string
+	for len(lines) < 4 && sc.Scan() {
+		lines = append(lines, sc.Text())
+	}
+	rec.CloseTaps()
+	// The count goes out with the next line the tap writes, whichever
+	// that is: before /after in any case.
+	gap := slices.Index(lines, `{"dropped":8}`)
+	if len(lines) != 4 || gap < 0 || gap == 3 || !strings.Contains(lines[3], `"/after"`) {
+		t.Fatalf("tap stream %q, want two requests and {\"dropped\":8}, then /after", lines)
+	}
 }

@@ -53,3 +53,12 @@ func NewDroppedSpansCounter(dropped func() uint64) prometheus.Collector {
 		Help: "Sampled spans dropped: export queue full or the collector unreachable."},
 		func() float64 { return float64(dropped()) })
 }
+
+// NewDroppedLogLinesCounter reports dropped, the number of access log lines
+// not written because the log's writer was behind (requestlog.Recorder's
+// DroppedLogLines), as Envoy counts its access logs' dropped lines.
+func NewDroppedLogLinesCounter(dropped func() uint64) prometheus.Collector {
+	return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sidecar_access_log_dropped_lines_total",
+		Help: "Access log lines dropped because the log's writer (stderr) was behind: the requests were served, their lines not written."},
+		func() float64 { return float64(dropped()) })
+}

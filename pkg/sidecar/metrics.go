@@ -28,6 +28,12 @@ func (s *Sidecar) registerMetrics() {
 		s.requests = metrics.NewRequests(reg)
 	}
 	reg.MustRegister(metrics.NewDroppedSpansCounter(s.tracing.Dropped))
+	reg.MustRegister(metrics.NewDroppedLogLinesCounter(func() uint64 {
+		if s.recorder == nil {
+			return 0
+		}
+		return uint64(s.recorder.DroppedLogLines())
+	}))
 }
 
 // registerHealthMetrics reports, at each scrape, whether each of the app's

@@ -139,7 +139,7 @@ func TestRunDrainsThenShutsDown(t *testing.T) {
 	_, scrape := get(t, http.MethodGet, "http://"+l.Metrics+"/metrics", "")
 	for _, want := range []string{"sidecar_ready 1", `sidecar_app_probe_passing{probe="readiness"} 1`,
 		`sidecar_requests_in_flight{direction="inbound"} 0`, `sidecar_discovery_endpoints{service="users",source="static"} 1`,
-		`sidecar_policy_reloads_total{source="inline"}`, "sidecar_tracing_dropped_spans_total 0"} {
+		`sidecar_policy_reloads_total{source="inline"}`, "sidecar_tracing_dropped_spans_total 0", "sidecar_access_log_dropped_lines_total 0"} {
 		if !strings.Contains(scrape, want) {
 			t.Errorf("/metrics lacks %s", want)
 		}
