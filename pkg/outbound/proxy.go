@@ -449,6 +449,12 @@ func (b *prefixedBody) Close() error { return b.rest.Close() }
 // reject answers a request refused before it was sent anywhere.
 func (p *Proxy) reject(w http.ResponseWriter, r *http.Request, e *forward.LocalError) {
 	p.metrics.Rejected(metrics.Outbound, e.Reason)
+	if rec := p.chain.recorder; rec != nil {
+		// A name mistyped, a host not allowed: the mistakes sidecar why,
+		// the tap and the access log are first asked about.
+		rec.RecordUnrouted(&requestlog.Request{Time: time.Now(), Service: discovery.ServiceName(r.Host), Method: r.Method,
+			Path: r.URL.EscapedPath(), Status: e.Status, Reason: e.Reason, Detail: e.Detail, Attempts: []requestlog.Attempt{}})
+	}
 	forward.WriteError(w, r, e)
 }
 

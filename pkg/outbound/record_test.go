@@ -437,3 +437,33 @@ func TestRecordedHostileUpstreamBounded(t *testing.T) {
 	}
 	t.Logf("recorded %d bytes of text over %d attempts: %q", size, len(r.Attempts), attemptsOf(r)[0])
 }
+
+// A request refused before it was routed (a name mistyped, a host not
+// allowed) is recorded too, found by the name it asked for, without
+// taking a ring of the services that exist.
+func TestRecordedRefusalsBeforeRouting(t *testing.T) {
+	rec := requestlog.New(requestlog.Config{PerService: 4, MaxServices: 2})
+	sc := startSidecar(t, options{static: map[string][]string{"users": {closedAddr(t)}}, recorder: rec})
+	c := sc.client(t)
+	for i := range 20 {
+		resp, _ := sc.get(t, c, "nope-"+strconv.Itoa(i%3), "/x")
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Fatalf("unknown service: %d, want 503", resp.StatusCode)
+		}
+	}
+	sc.get(t, c, "10.1.2.3", "/") // not_allowed
+	got := rec.Failed("nope-1")
+	if len(got) == 0 || got[0].Reason != "unknown_service" || got[0].Path != "/x" || got[0].Method != "GET" {
+		t.Fatalf("recorded for nope-1: %+v, want its unknown_service refusals", got)
+	}
+	if got := rec.Failed("10.1.2.3"); len(got) != 1 || got[0].Reason == "" {
+		t.Fatalf("recorded for an IP literal: %+v, want its refusal", got)
+	}
+	resp, _ := sc.get(t, c, "users", "/")
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Fatalf("users: %d, want 502 (nothing listens)", resp.StatusCode)
+	}
+	if got := rec.Failed("users"); len(got) != 1 {
+		t.Fatalf("users kept %d failures, want 1", len(got))
+	}
+}

@@ -254,6 +254,29 @@ func (r *Recorder) Record(req *Request) {
 	}
 }
 
+// RecordUnrouted records a request refused before it was routed to a
+// service (unknown_service, not_allowed, bad_request): req.Service is the
+// name it asked for. It is kept with the services that have no ring of
+// their own, so that the names a client makes up take no ring from the
+// services that exist; sidecar why finds it by that name all the same.
+func (r *Recorder) RecordUnrouted(req *Request) {
+	if r == nil {
+		return
+	}
+	req.bound()
+	r.other.add(req)
+	if r.watching.Load() {
+		r.publish(req, true)
+	}
+	if r.logQueue != nil && (r.cfg.Sample >= 1 || rand.Float64() < r.cfg.Sample) {
+		select {
+		case r.logQueue <- req:
+		default:
+			r.dropped.Add(1)
+		}
+	}
+}
+
 // ringOf is service's ring, made on its first failure while there is room.
 func (r *Recorder) ringOf(service string) *ring {
 	r.mu.Lock()
