@@ -463,7 +463,7 @@ Policy document per key, ` + policy.KVPrefix + `SERVICE (the default under every
 service is the key ` + policy.KVKey(policy.Default) + `). Sidecars watch these keys and
 apply changes without a restart.
 
-With --admin HOST:PORT, list, get and explain read a running sidecar's
+With --admin HOST:PORT, list, get, explain and diff read a running sidecar's
 policies in force from its admin API instead (read-only).`,
 		Example: `  sidecar policy list
   sidecar policy apply -f policies.yaml --cas

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/sidecar-mesh/sidecar/internal/lcs"
+	"github.com/sidecar-mesh/sidecar/pkg/policy"
 )
 
 // Exit codes of `policy diff`, as diff(1) has them.
@@ -28,12 +30,16 @@ func (o *diffOptions) complete(args []string) error {
 	return completeFromInput("diff", args, &o.in, o.target)
 }
 
-func (o *diffOptions) validate() error { return o.target.writable("diff") }
+func (o *diffOptions) validate() error { return nil }
 
 // run prints a unified diff per document that differs from its key in
 // Consul KV (normalized YAML on both sides, so only meaning counts). Keys
-// the input has no document for are not compared.
+// the input has no document for are not compared. With --admin it compares
+// the policies in force in a running sidecar instead (runAdmin).
 func (o *diffOptions) run(ctx context.Context) error {
+	if o.target.api != nil {
+		return o.runAdmin(ctx)
+	}
 	changes, err := compare(ctx, o.target.kv, &o.in)
 	if err != nil {
 		return err
@@ -49,6 +55,44 @@ func (o *diffOptions) run(ctx context.Context) error {
 	}
 	if different > 0 {
 		return &exitError{code: diffDifferent} // no message: the diff says it
+	}
+	return nil
+}
+
+// runAdmin compares, for each service the input has a document for, the
+// policy the input puts in force (defaults, under the input's "*"
+// document, under the service's) with the one in force in the running
+// sidecar (GET /policies/SERVICE): "is this sidecar running what my file
+// says?". Both are whole effective policies, normalized.
+func (o *diffOptions) runAdmin(ctx context.Context) error {
+	byService := make(map[string]policy.Policy, len(o.in.docs))
+	for _, d := range o.in.docs {
+		byService[d.Service] = d
+	}
+	different := 0
+	for _, d := range o.in.docs {
+		st, err := o.target.api.policy(ctx, d.Service)
+		if err != nil {
+			return err
+		}
+		if st == nil {
+			return fmt.Errorf("the sidecar at %s does not report its policies (GET /policies/%s: 404): its build predates policy management", o.target.admin, d.Service)
+		}
+		want := policy.Effective(d.Service, byService)
+		from := fmt.Sprintf("admin:%s %s (in force, from %s)", o.target.admin, d.Service, st.Source)
+		var buf bytes.Buffer
+		if err := unifiedDiff(&buf, from, o.in.name+": "+d.Service+" (in force as written)", lines(documentYAML(st.Effective)), lines(documentYAML(want))); err != nil {
+			return err
+		}
+		if buf.Len() > 0 {
+			different++
+			if _, err := o.stdout.Write(buf.Bytes()); err != nil {
+				return err
+			}
+		}
+	}
+	if different > 0 {
+		return &exitError{code: diffDifferent}
 	}
 	return nil
 }
@@ -71,9 +115,13 @@ func newPolicyDiffCommand(target *policyTarget, stdin io.Reader, stdout io.Write
 		Long: `Compare each Policy document of FILE with its key in Consul KV and print a
 unified diff for each one that differs. Both sides are normalized YAML, so
 formatting, key order and duration spelling (1000ms, 1s) do not count.
+With --admin HOST:PORT, compare instead the policy FILE puts in force for
+each of its services (defaults, under its '*' document, under the service's)
+with the one in force in that running sidecar.
 Exit status: 0 no differences, 1 differences, 2 trouble (an invalid file,
 Consul unreachable, a bad flag).`,
-		Example: `  sidecar policy diff -f policies.yaml && echo "in sync"`,
+		Example: `  sidecar policy diff -f policies.yaml && echo "in sync"
+  sidecar policy diff -f policies.yaml --admin 127.0.0.1:15000`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			return asTrouble(cobra.NoArgs(cmd, args))
 		},

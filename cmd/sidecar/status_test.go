@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -225,5 +226,19 @@ policies:
 	if err != nil || !regexp.MustCompile(`(?m)^  timeout +10s +\*$`).MatchString(explain) ||
 		!regexp.MustCompile(`(?m)^  retry.attempts +2 +user-service$`).MatchString(explain) {
 		t.Fatalf("explain --admin: %v\n%s", err, explain)
+	}
+
+	// diff --admin: is this sidecar running what the file says? The same
+	// documents: exit 0, nothing printed; another timeout: exit 1 and the
+	// line that differs.
+	same := "service: \"*\"\ntimeout: 10s\n---\nservice: user-service\nretry: {attempts: 2}\n"
+	if out, _, err := cliIn(t, nil, same, "policy", "diff", "-f", "-", "--admin", admin); err != nil || out != "" {
+		t.Fatalf("policy diff --admin of the documents in force: %v\n%s", err, out)
+	}
+	other := "service: \"*\"\ntimeout: 3s\n---\nservice: user-service\nretry: {attempts: 2}\n"
+	out, _, err = cliIn(t, nil, other, "policy", "diff", "-f", "-", "--admin", admin)
+	var ee *exitError
+	if !errors.As(err, &ee) || ee.code != diffDifferent || !strings.Contains(out, "-timeout: 10s") || !strings.Contains(out, "+timeout: 3s") {
+		t.Fatalf("policy diff --admin of another timeout: %v\n%s", err, out)
 	}
 }
