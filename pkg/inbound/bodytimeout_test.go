@@ -11,8 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/sidecar-mesh/sidecar/pkg/downstream"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
+	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 )
 
 // The request body's progress timeout holds on the sidecar's own request
@@ -108,5 +111,58 @@ func TestH2BodyQuietPastBodyTimeout(t *testing.T) {
 	resp.Body.Close()
 	if err != nil || resp.StatusCode != 200 || string(b) != "ab" {
 		t.Fatalf("a quiet HTTP/2 body: %d %q %v, want 200 \"ab\"", resp.StatusCode, b, err)
+	}
+}
+
+// gRPC outcomes of the app are counted by their grpc-status (a failure
+// comes as HTTP 200): trailers-only and in the trailers.
+func TestInboundGRPCOutcomesCounted(t *testing.T) {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	app := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/grpc")
+		if r.URL.Path == "/pkg.S/Fail" {
+			w.Header().Set("Grpc-Status", "14") // trailers-only
+			return
+		}
+		w.Header().Set("Trailer", "Grpc-Status")
+		w.Write([]byte{0, 0, 0, 0, 0})
+		w.Header().Set("Grpc-Status", "0")
+	}))
+	app.Config.Protocols = &p
+	app.Start()
+	defer app.Close()
+	reg := prometheus.NewRegistry()
+	_, addr := startInbound(t, inbound.Config{AppAddr: app.Listener.Addr().String(),
+		Observer: inbound.NewTelemetry(nil, nil, metrics.NewRequests(reg), "app")})
+	tr := &http.Transport{Protocols: &p}
+	defer tr.CloseIdleConnections()
+	for _, path := range []string{"/pkg.S/Ok", "/pkg.S/Ok", "/pkg.S/Fail"} {
+		req, _ := http.NewRequest("POST", "http://"+addr+path, nil)
+		req.Host = "app"
+		req.Header.Set("Content-Type", "application/grpc")
+		req.Header.Set("Te", "trailers")
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	got := map[string]float64{}
+	mfs, _ := reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() == "sidecar_grpc_requests_total" {
+			for _, m := range mf.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "grpc_code" {
+						got[l.GetValue()] = m.GetCounter().GetValue()
+					}
+				}
+			}
+		}
+	}
+	if got["0"] != 2 || got["14"] != 1 {
+		t.Fatalf("sidecar_grpc_requests_total by code %v, want 0: 2 and 14: 1", got)
 	}
 }

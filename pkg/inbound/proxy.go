@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -86,6 +87,9 @@ type Result struct {
 	Aborted bool
 	// Duration is from Start to the end of the answer.
 	Duration time.Duration
+	// GRPCStatus is a gRPC answer's grpc-status, as it went to the client
+	// ("" for other answers).
+	GRPCStatus string
 }
 
 // Proxy is the inbound http.Handler: it forwards every request to the app.
@@ -201,7 +205,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rec.ResponseWriter = w
 	completed := false
 	defer func() {
-		res := Result{Status: rec.status, Reason: rec.reason, Duration: time.Since(start)}
+		res := Result{Status: rec.status, Reason: rec.reason, Duration: time.Since(start), GRPCStatus: grpcStatusOf(w.Header())}
 		if !completed { // the handler is panicking, as it does for a client gone
 			if res.Status == 0 {
 				res.Status = StatusClientClosed
@@ -334,3 +338,18 @@ func (rec *recorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 }
 
 func (rec *recorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
+
+// grpcStatusOf is the grpc-status of a gRPC answer whose header (trailers
+// included, as http.TrailerPrefix fields) is h; "" for other answers.
+func grpcStatusOf(h http.Header) string {
+	if !strings.HasPrefix(h.Get("Content-Type"), "application/grpc") {
+		return ""
+	}
+	if v := h.Get("Grpc-Status"); v != "" {
+		return v
+	}
+	if v := h[http.TrailerPrefix+"Grpc-Status"]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}

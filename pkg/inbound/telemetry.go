@@ -76,5 +76,7 @@ func (t *Telemetry) End(r *http.Request, res Result) {
 		}
 		span.End()
 	}
-	t.metrics.For(metrics.Inbound, t.service, r.Method).Done(res.Status, res.Duration, traceID)
+	series := t.metrics.For(metrics.Inbound, t.service, r.Method)
+	series.Done(res.Status, res.Duration, traceID)
+	series.GRPC(res.GRPCStatus)
 }

@@ -9,6 +9,7 @@ package metrics
 
 import (
 	"net/http"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,6 +32,7 @@ type Requests struct {
 	total    *prometheus.CounterVec
 	duration *prometheus.HistogramVec
 	rejected *prometheus.CounterVec
+	grpc     *prometheus.CounterVec
 
 	// series caches the children per direction, service and method, so
 	// the request path does no label hashing and no allocation: an
@@ -53,8 +55,11 @@ func NewRequests(reg prometheus.Registerer) *Requests {
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_rejected_requests_total",
 			Help: "Requests refused before routing to a service (bad_request, unknown_service, not_allowed, ...), by reason."},
 			[]string{"direction", "reason"}),
+		grpc: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sidecar_grpc_requests_total",
+			Help: "gRPC calls through the sidecar by the grpc-status they ended with (0 to 16, else other; the sidecar's own errors included): a gRPC failure comes as HTTP 200, which sidecar_requests_total counts as 2xx."},
+			[]string{"direction", "service", "grpc_code"}),
 	}
-	reg.MustRegister(m.total, m.duration, m.rejected)
+	reg.MustRegister(m.total, m.duration, m.rejected, m.grpc)
 	return m
 }
 
@@ -63,6 +68,35 @@ func NewRequests(reg prometheus.Registerer) *Requests {
 type Series struct {
 	codes    [6]prometheus.Counter // by status class: 0 for other, then 1xx..5xx
 	duration prometheus.Observer
+	// grpc are the gRPC outcomes, by grpc-status 0 to 16 then other,
+	// made on first use: most services never see one.
+	grpc      [len(grpcCodes)]atomic.Pointer[prometheus.Counter]
+	grpcVec   *prometheus.CounterVec
+	direction string
+	service   string
+}
+
+// grpcCodes are the grpc_code label's values: the codes gRPC defines, then
+// "other" for anything an upstream wrote.
+var grpcCodes = [...]string{"0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "other"}
+
+// GRPC records the end of a gRPC call with grpc-status code ("" counts
+// nothing: not a gRPC answer, or its status unknown).
+func (s *Series) GRPC(code string) {
+	if s == nil || code == "" {
+		return
+	}
+	i := len(grpcCodes) - 1
+	if n, err := strconv.Atoi(code); err == nil && n >= 0 && n <= 16 && strconv.Itoa(n) == code {
+		i = n
+	}
+	c := s.grpc[i].Load()
+	if c == nil {
+		cc := s.grpcVec.WithLabelValues(s.direction, s.service, grpcCodes[i])
+		s.grpc[i].CompareAndSwap(nil, &cc)
+		c = s.grpc[i].Load()
+	}
+	(*c).Inc()
 }
 
 var codeClasses = [6]string{"other", "1xx", "2xx", "3xx", "4xx", "5xx"}
@@ -86,7 +120,8 @@ func (m *Requests) For(direction, service, method string) *Series {
 			return s
 		}
 	}
-	s := &Series{duration: m.duration.WithLabelValues(key.direction, key.service, key.method)}
+	s := &Series{duration: m.duration.WithLabelValues(key.direction, key.service, key.method),
+		grpcVec: m.grpc, direction: key.direction, service: key.service}
 	for i, c := range codeClasses {
 		s.codes[i] = m.total.WithLabelValues(key.direction, key.service, key.method, c)
 	}

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -135,6 +136,10 @@ func (ch *chain) do(c *call, req *http.Request) (*http.Response, error) {
 		// answered for (downstream.Cause).
 		e := forward.LocalReply(c.service, downstream.Cause(req, err))
 		endRequest(span, series, start, e.Status, e.Reason, e.Error())
+		if upstream.IsGRPC(req) && e.Reason != forward.ReasonClientClosed {
+			// A gRPC caller is answered a grpc-status for it.
+			series.GRPC(strconv.Itoa(forward.GRPCCode(e.Status)))
+		}
 		if ch.recorder != nil {
 			ch.record(c, req, span, start, nil, e)
 		}

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"io"
+	"maps"
 	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -17,6 +19,8 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
+
+	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 )
 
 // testService is a real gRPC service: unary echo (failing with fail, if
@@ -340,5 +344,48 @@ func TestGRPCTrailerFailuresEject(t *testing.T) {
 	}
 	if n := bad.calls.Load(); n != 3 {
 		t.Fatalf("the failing instance got %d calls, want exactly 3 before its ejection", n)
+	}
+}
+
+// gRPC outcomes are counted by their grpc-status, which an HTTP status
+// class cannot tell (a failure comes as 200): the upstream's, trailers-only
+// or in the trailers, and the sidecar's own answer to a gRPC caller.
+func TestGRPCOutcomesCounted(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	bad := &testService{fail: func() error { return status.Error(codes.Unavailable, "draining") }}
+	sc := startSidecar(t, options{static: map[string][]string{"echo": {grpcUpstream(t, &testService{})}, "bad": {grpcUpstream(t, bad)},
+		"gone": {closedAddr(t)}}, policies: "service: \"*\"\nretry: {attempts: 1}\n",
+		telemetry: &telemetry{metrics: metrics.NewRequests(reg)}})
+	call := func(service string) {
+		c := testgrpc.NewTestServiceClient(grpcClient(t, sc, service))
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c.UnaryCall(ctx, &testgrpc.SimpleRequest{Payload: &testgrpc.Payload{Body: []byte("x")}})
+	}
+	for range 3 {
+		call("echo")
+	}
+	call("bad")
+	call("gone")
+	got := map[string]float64{}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "sidecar_grpc_requests_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			got[labels["direction"]+" "+labels["service"]+" "+labels["grpc_code"]] = m.GetCounter().GetValue()
+		}
+	}
+	want := map[string]float64{"outbound echo 0": 3, "outbound bad 14": 1, "outbound gone 14": 1}
+	if !maps.Equal(got, want) {
+		t.Fatalf("sidecar_grpc_requests_total %v, want %v", got, want)
 	}
 }

@@ -102,6 +102,9 @@ func (b *telemetryBody) Close() error {
 			}
 		}
 		endRequest(b.span, b.series, b.start, b.resp.StatusCode, "", "")
+		if isGRPCResponse(b.resp) {
+			b.series.GRPC(grpcStatus(b.resp))
+		}
 		if b.chain != nil {
 			b.chain.record(b.call, b.req, b.span, b.start, b.resp, nil)
 		}
