@@ -332,3 +332,87 @@ func TestUpstreamDownIs502(t *testing.T) {
 		t.Fatalf("%d %q, want 502 naming the connect failure", resp.StatusCode, b)
 	}
 }
+
+// An upstream connection that sent a byte past its answer is never reused
+// (the byte would be the next request's answer); one that answered
+// cleanly is.
+func TestStrayBytesRetireTheConnection(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var conns atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					answer := "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+					if req.URL.Path == "/stray" {
+						answer += "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge"
+					}
+					io.WriteString(c, answer)
+				}
+			}()
+		}
+	}()
+	_, addr := start(t, &forwarder{up: ln.Addr().(*net.TCPAddr).AddrPort()}, downstream.Limits{})
+	c := client(t)
+	for range 3 {
+		if resp, b := get(t, c, "GET", "http://"+addr+"/clean", nil); resp.StatusCode != 200 || string(b) != "ok" {
+			t.Fatalf("clean: %d %q", resp.StatusCode, b)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Fatalf("%d upstream connections for three clean answers in a row, want 1 (reused)", n)
+	}
+	for range 3 {
+		if resp, b := get(t, c, "GET", "http://"+addr+"/stray", nil); resp.StatusCode != 200 || string(b) != "ok" {
+			t.Fatalf("stray: %d %q, want the answer and never the forged one", resp.StatusCode, b)
+		}
+	}
+	if resp, b := get(t, c, "GET", "http://"+addr+"/clean", nil); string(b) != "ok" {
+		t.Fatalf("after stray bytes: %d %q", resp.StatusCode, b)
+	}
+	if n := conns.Load(); n != 4 {
+		t.Fatalf("%d upstream connections, want 4: each answer with bytes after it retired its connection", n)
+	}
+}
+
+// A client that sends half a head and stops is cut at the header timeout;
+// one that is idle between requests at the idle timeout.
+func TestReadTimeouts(t *testing.T) {
+	up := origin(t)
+	_, addr := start(t, &forwarder{up: up}, downstream.Limits{ReadHeaderTimeout: 200 * time.Millisecond, IdleTimeout: 300 * time.Millisecond})
+	for _, tc := range []struct {
+		name, send string
+		max        time.Duration
+	}{
+		{"half a head", "GET /small HTTP/1.1\r\nHost: a\r\n", time.Second},
+		{"idle after an answer", "GET /small HTTP/1.1\r\nHost: a\r\n\r\n", 2 * time.Second},
+	} {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		start := time.Now()
+		io.WriteString(c, tc.send)
+		io.ReadAll(c) // until the engine closes it
+		if took := time.Since(start); took > tc.max {
+			t.Errorf("%s: closed after %v, want within %v", tc.name, took, tc.max)
+		}
+		c.Close()
+	}
+}
