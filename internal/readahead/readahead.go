@@ -4,6 +4,7 @@
 package readahead
 
 import (
+	"errors"
 	"io"
 	"net"
 )
@@ -29,3 +30,16 @@ type Conn struct {
 }
 
 func (c *Conn) Read(p []byte) (int, error) { return Read(&c.Head, c.Conn, p) }
+
+// CloseWrite half-closes the connection when it can (a TCP connection):
+// a server that closes a connection with a request body left unread
+// half-closes it first and lets the client's bytes drain, or the client
+// gets a reset instead of the answer.
+func (c *Conn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errNoCloseWrite
+}
+
+var errNoCloseWrite = errors.New("readahead: the connection has no CloseWrite")

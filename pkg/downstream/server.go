@@ -189,6 +189,25 @@ func (s *Server) Serve() error {
 	return err
 }
 
+// RawListener is the listener's own socket, for a server that accepts on
+// it itself (the event-loop engine) and gives ServeConn the connections it
+// does not serve; then ServeConns runs instead of Serve.
+func (s *Server) RawListener() net.Listener {
+	if fl, ok := s.Listener.(*FramingListener); ok {
+		return fl.Listener
+	}
+	return s.Listener
+}
+
+// ServeConns serves the connections given to ServeConn, without accepting
+// any, until Shutdown or Close; it returns nil after those.
+func (s *Server) ServeConns() error {
+	if err := s.HTTP.Serve(s.h1.handoff); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
 // ServeConn serves c as a connection accepted by the listener, behind the
 // same framing check, fast path and HTTP/2 detection: what a CONNECT
 // tunnel carries, once the tunnel is established. buffered are bytes of c

@@ -58,7 +58,7 @@ const maxPipelined = 64 << 10
 
 func (l *loop) newClient(fd int, sa unix.Sockaddr) {
 	c := &clientConn{l: l, fd: fd, remote: sockaddrString(sa)}
-	c.rt = Timer{l: l, index: -1, f: c.abort}
+	c.rt = Timer{l: l, index: -1, f: c.readTimedOut}
 	c.wt = Timer{l: l, index: -1, f: c.abort}
 	l.track(fd, c)
 	l.clients[c] = struct{}{}
@@ -192,7 +192,7 @@ func (c *clientConn) dispatch() {
 	x := &Exchange{Request: req, Body: body, c: c, l: c.l, consumed: end + len(body), since: c.l.now}
 	c.x = x
 	c.l.e.active.Add(1)
-	if req.Close || c.l.e.inShutdown.Load() {
+	if req.Close || c.l.e.inShutdown.Load() || c.l.e.noKeepAlive.Load() {
 		c.closing = true
 	}
 	c.l.serve(x)
@@ -270,6 +270,18 @@ func (c *clientConn) halfClosed() {
 			c.abort()
 		}
 	})
+}
+
+// readTimedOut ends a connection whose head or body did not come in time,
+// or that was idle too long: closed without a word, as net/http closes it;
+// but a body that stopped coming is the listener's server's to answer
+// (408, as it answers it), handed off with what came of it.
+func (c *clientConn) readTimedOut() {
+	if c.state == clBody {
+		c.handoff()
+		return
+	}
+	c.abort()
 }
 
 // closeIfIdle closes a connection between requests (shutdown); one being

@@ -26,12 +26,13 @@ type Engine struct {
 	ln    net.Listener
 	loops []*loop
 
-	inShutdown atomic.Bool
-	active     atomic.Int64 // exchanges in progress, over every loop
-	conns      atomic.Int64 // client connections the loops own
-	closeOnce  sync.Once
-	done       chan struct{} // closed once every loop has returned
-	served     sync.WaitGroup
+	inShutdown  atomic.Bool
+	noKeepAlive atomic.Bool  // every answer closes its connection (draining)
+	active      atomic.Int64 // exchanges in progress, over every loop
+	conns       atomic.Int64 // client connections the loops own
+	closeOnce   sync.Once
+	done        chan struct{} // closed once every loop has returned
+	served      sync.WaitGroup
 }
 
 // New prepares an engine for ln, a TCP listener it takes over: Serve
@@ -136,6 +137,23 @@ func (e *Engine) Close() error {
 		}
 	})
 	return nil
+}
+
+// SetKeepAlivesEnabled(false) makes every answer from now on close its
+// connection (Connection: close), and closes the idle ones: the drain.
+func (e *Engine) SetKeepAlivesEnabled(v bool) {
+	e.noKeepAlive.Store(!v)
+	if !v {
+		for _, l := range e.loops {
+			l.post(l.closeIdleClients)
+		}
+	}
+}
+
+func (l *loop) closeIdleClients() {
+	for c := range l.clients {
+		c.closeIfIdle()
+	}
 }
 
 // Conns is the number of client connections the loops own (not those

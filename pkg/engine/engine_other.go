@@ -24,6 +24,7 @@ func (e *Engine) Serve() error                       { return errors.ErrUnsuppor
 func (e *Engine) Shutdown(ctx context.Context) error { return nil }
 func (e *Engine) Close() error                       { return nil }
 func (e *Engine) Conns() int64                       { return 0 }
+func (e *Engine) SetKeepAlivesEnabled(bool)          {}
 
 // Exchange is Linux's only.
 type Exchange struct {
@@ -39,6 +40,9 @@ type Timer struct{}
 
 // ErrClientGone is what an answer's end is told when the client left.
 var ErrClientGone = errors.New("engine: the client went away")
+
+// ErrAborted is what an answer's end is told when the handler aborted it.
+var ErrAborted = errors.New("engine: the exchange was aborted")
 
 func (x *Exchange) Now() time.Time                                { return time.Now() }
 func (x *Exchange) Handoff()                                      {}

@@ -41,6 +41,7 @@ type Exchange struct {
 	headSent  bool
 	held      []byte // body bytes held back until the head can be written
 	written   bool   // every byte of the answer is queued
+	sent      int64  // body bytes queued for the client
 	end       func(error)
 }
 
@@ -80,6 +81,9 @@ func (x *Exchange) start() {
 // the exchange ended first.
 func (x *Exchange) AfterFunc(d time.Duration, f func()) *Timer {
 	x.start()
+	if x.ended {
+		return nil
+	}
 	t := x.l.after(d, x, f)
 	x.timers = append(x.timers, t)
 	return t
@@ -88,6 +92,8 @@ func (x *Exchange) AfterFunc(d time.Duration, f func()) *Timer {
 // OnGone sets what runs when the client goes away before the exchange
 // answered (Reply or Respond called): the engine has already cancelled the
 // attempts and timers. Once answering, the answer's end is told instead.
+// Timers of an exchange that ended (answered, gone, aborted) are stopped;
+// AfterFunc on one returns nil.
 func (x *Exchange) OnGone(f func()) { x.onGone = f }
 
 // Send sends req to addr, on an idle connection to it of this loop's pool
@@ -136,13 +142,13 @@ func (x *Exchange) Reply(status int, header http.Header, body []byte, end func(e
 	c.uncork()
 }
 
-// answer marks the exchange as answering: its attempts and timers end.
+// answer marks the exchange as answering: its other attempts end; its
+// timers run on (a deadline may bound the answer too) until it ends.
 func (x *Exchange) answer(end func(error)) {
 	if x.end != nil || x.ended {
 		panic("engine: the exchange answered twice")
 	}
 	x.end = end
-	x.stopTimers()
 	for len(x.attempts) > 0 {
 		x.attempts[len(x.attempts)-1].Cancel()
 	}
@@ -195,7 +201,7 @@ func (x *Exchange) Respond(a *Attempt, resp *http.Response, end func(error)) {
 
 // sendHead writes the answer's head, p being the first bytes of its body.
 func (x *Exchange) sendHead(p []byte) {
-	x.head.close = x.c.closing || x.l.e.inShutdown.Load()
+	x.head.close = x.c.closing || x.l.e.inShutdown.Load() || x.l.e.noKeepAlive.Load()
 	b := appendHead(make([]byte, 0, 512), &x.head, p, x.l.now)
 	if x.head.close {
 		x.c.closing = true
@@ -220,7 +226,45 @@ func (x *Exchange) bodyData(p []byte) {
 	x.writeBody(p)
 }
 
+// Sent is how many bytes of the answer's body went to the client so far
+// (queued for it): what a watch for a silent stream compares.
+func (x *Exchange) Sent() int64 { return x.sent }
+
+// Abort ends the exchange at once: the client's connection is closed (an
+// answer under way is cut, so that the client sees it incomplete), and so
+// is the upstream connection of an attempt or answer. The answer's end is
+// told ErrAborted.
+func (x *Exchange) Abort() {
+	if x.ended {
+		return
+	}
+	c := x.c
+	end := x.end
+	x.ended = true
+	x.l.e.active.Add(-1)
+	x.stopTimers()
+	for len(x.attempts) > 0 {
+		x.attempts[len(x.attempts)-1].Cancel()
+	}
+	if a := x.answering; a != nil && a.u != nil {
+		a.over = true
+		a.u.a = nil
+		a.u.close()
+		a.u = nil
+	}
+	c.x = nil
+	c.detach()
+	_ = unix.Close(c.fd)
+	if end != nil {
+		end(ErrAborted)
+	}
+}
+
+// ErrAborted is what an answer's end is told when the handler aborted it.
+var ErrAborted = errors.New("engine: the exchange was aborted")
+
 func (x *Exchange) writeBody(p []byte) {
+	x.sent += int64(len(p))
 	switch {
 	case x.head.noBody:
 	case x.head.chunked:
@@ -276,6 +320,7 @@ func (x *Exchange) upstreamCut(a *Attempt, err error) {
 	a.over, a.u = true, nil
 	end := x.end
 	x.ended = true
+	x.stopTimers()
 	c := x.c
 	c.x = nil
 	c.l.e.active.Add(-1)
@@ -311,6 +356,7 @@ func (x *Exchange) complete() {
 		return
 	}
 	x.ended = true
+	x.stopTimers()
 	end := x.end
 	x.c.finish()
 	if end != nil {

@@ -32,6 +32,8 @@ type upConn struct {
 	timer  *Timer
 	reused bool
 	got    bool // a byte of the answer came
+	// statusOK: the status line of the head being read was checked.
+	statusOK bool
 
 	// The answer being read.
 	resp    *http.Response
@@ -186,7 +188,7 @@ func (a *Attempt) fail(err error) {
 // Cancel abandons the attempt: its connection is closed (an answer being
 // read with it), and done is not called again.
 func (a *Attempt) Cancel() {
-	if a.over {
+	if a == nil || a.over {
 		return
 	}
 	a.over = true
@@ -399,9 +401,20 @@ func (u *upConn) head() {
 		if end == 0 || end > max {
 			if end > max || len(u.in) > max {
 				u.failed("read response", true, &upstream.BadResponseError{Reason: "response header larger than " + strconv.Itoa(max) + " bytes"})
+				return
+			}
+			// A status line that is not one fails now, as the
+			// transport's reader fails it, not once a head ends.
+			if nl := bytes.IndexByte(u.in, '\n'); nl >= 0 && !u.statusOK {
+				if _, err := upstream.ParseResponseHead(append(u.in[:nl+1:nl+1], '\r', '\n'), a.req); err != nil {
+					u.failed("read response", true, err)
+					return
+				}
+				u.statusOK = true
 			}
 			return
 		}
+		u.statusOK = false
 		resp, err := upstream.ParseResponseHead(u.in[:end], a.req)
 		if err != nil {
 			u.failed("read response", true, err)

@@ -93,7 +93,59 @@ var (
 // to wherever to sends it (a call to a service picks an endpoint per
 // attempt).
 func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, to http.RoundTripper, addr string) {
-	upgrade := upgradeType(r.Header)
+	out, upgrade := Prepare(r, addr)
+
+	resp, err := to.RoundTrip(out)
+	deadline := writeDeadline{rc: http.NewResponseController(w), timeout: f.WriteTimeout, h2: r.ProtoMajor == 2}
+	if err != nil {
+		deadline.before(time.Now())
+		f.OnError(w, r, downstream.Cause(r, err))
+		return
+	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		f.upgraded(w, r, resp, upgrade)
+		return
+	}
+	h := w.Header()
+	PrepareAnswer(resp)
+	for k, vv := range resp.Header {
+		h[k] = vv
+	}
+	flush := IsStream(resp)
+	deadline.before(time.Now())
+	w.WriteHeader(resp.StatusCode)
+	if flush && resp.Header.Get("Grpc-Status") == "" {
+		// A stream's headers go out at once: a bidi client may wait for
+		// them before it sends, a watch shows its metadata before the
+		// first event. (A gRPC trailers-only answer must stay one frame.)
+		_ = deadline.rc.Flush()
+	}
+	deadline.after()
+	err = copyBody(w, resp.Body, flush, &deadline)
+	resp.Body.Close()
+	if err != nil {
+		// Too late for an error page: cut the connection so the client
+		// sees the response is incomplete.
+		panic(http.ErrAbortHandler)
+	}
+	for k, vv := range resp.Trailer {
+		// Framing, routing and authentication fields (Content-Length,
+		// Host, Authorization, ...) are not allowed in a trailer (RFC
+		// 9110, 6.5.1): a client that merged them would be misled.
+		if httpguts.ValidTrailerHeader(k) {
+			h[http.TrailerPrefix+k] = vv
+		}
+	}
+}
+
+// Prepare makes the request Forward sends for r, to addr (empty: wherever
+// the RoundTripper sends it), and the protocol r asks to upgrade to, if
+// any: hop-by-hop headers removed (TE: trailers kept for gRPC), an upgrade
+// kept (never h2c's), X-Forwarded-For, -Proto and -Host set, Expect
+// dropped. r's header map is edited in place; the request is a shallow
+// copy with its own URL.
+func Prepare(r *http.Request, addr string) (out *http.Request, upgrade string) {
+	upgrade = upgradeType(r.Header)
 	if httpguts.HeaderValuesContainsToken(r.Header["Upgrade"], "h2c") {
 		// An h2c upgrade would turn the connection into an HTTP/2 tunnel
 		// to the upstream, past every check here ("h2c smuggling"). It
@@ -126,30 +178,21 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, to http.Roun
 	// The body is sent right away; an interim 100 from upstream is skipped.
 	delete(r.Header, "Expect")
 
-	out := CopyRequest(r)
+	out = CopyRequest(r)
 	out.URL.Scheme, out.URL.Host = "http", addr
 	out.RequestURI = ""
 	out.Close = false
 	if r.ContentLength == 0 {
 		out.Body = nil // a 0-length body is no body for the transport
 	}
+	return out, upgrade
+}
 
-	resp, err := to.RoundTrip(out)
-	deadline := writeDeadline{rc: http.NewResponseController(w), timeout: f.WriteTimeout, h2: r.ProtoMajor == 2}
-	if err != nil {
-		deadline.before(time.Now())
-		f.OnError(w, r, downstream.Cause(r, err))
-		return
-	}
-	if resp.StatusCode == http.StatusSwitchingProtocols {
-		f.upgraded(w, r, resp, upgrade)
-		return
-	}
+// PrepareAnswer readies an upstream's answer for the client, as Forward
+// passes it on: its hop-by-hop headers removed, and the trailers it
+// announced announced again (those a trailer may be).
+func PrepareAnswer(resp *http.Response) {
 	removeHopByHop(resp.Header)
-	h := w.Header()
-	for k, vv := range resp.Header {
-		h[k] = vv
-	}
 	if len(resp.Trailer) > 0 {
 		names := make([]string, 0, len(resp.Trailer))
 		for k := range resp.Trailer {
@@ -158,32 +201,7 @@ func (f *Forwarder) Forward(w http.ResponseWriter, r *http.Request, to http.Roun
 			}
 		}
 		if len(names) > 0 {
-			h["Trailer"] = []string{strings.Join(names, ", ")}
-		}
-	}
-	flush := IsStream(resp)
-	deadline.before(time.Now())
-	w.WriteHeader(resp.StatusCode)
-	if flush && resp.Header.Get("Grpc-Status") == "" {
-		// A stream's headers go out at once: a bidi client may wait for
-		// them before it sends, a watch shows its metadata before the
-		// first event. (A gRPC trailers-only answer must stay one frame.)
-		_ = deadline.rc.Flush()
-	}
-	deadline.after()
-	err = copyBody(w, resp.Body, flush, &deadline)
-	resp.Body.Close()
-	if err != nil {
-		// Too late for an error page: cut the connection so the client
-		// sees the response is incomplete.
-		panic(http.ErrAbortHandler)
-	}
-	for k, vv := range resp.Trailer {
-		// Framing, routing and authentication fields (Content-Length,
-		// Host, Authorization, ...) are not allowed in a trailer (RFC
-		// 9110, 6.5.1): a client that merged them would be misled.
-		if httpguts.ValidTrailerHeader(k) {
-			h[http.TrailerPrefix+k] = vv
+			resp.Header["Trailer"] = []string{strings.Join(names, ", ")}
 		}
 	}
 }

@@ -88,6 +88,9 @@ type chain struct {
 	meshSend func(req *http.Request, service string, connectTimeout time.Duration) (*http.Response, error)
 	// rand draws the chain's random choices; nil: the global source.
 	rand *rand.Rand
+	// modelled: send is Config.Send's (simulation), not the transport:
+	// the engine's loops do not drive it.
+	modelled bool
 
 	// isOwn reports whether an endpoint is one of the sidecar's own
 	// listeners: such an endpoint is never called. nil: none is.

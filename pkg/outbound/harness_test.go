@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -29,6 +30,7 @@ import (
 
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/engine"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/outbound"
 	"github.com/sidecar-mesh/sidecar/pkg/policy"
@@ -106,6 +108,11 @@ func startSidecar(t testing.TB, o options) *sidecar {
 	if sc.recorder == nil {
 		sc.recorder = requestlog.New(requestlog.Config{})
 	}
+	// SIDECAR_TEST_ENGINE=loops runs the listener on the event-loop
+	// engine (its loops serve the plain HTTP/1.1 requests, the rest is
+	// handed off), but for tests that count arrivals at the handler or
+	// dial through a dialer of their own, which the engine's loops bypass.
+	loops := os.Getenv("SIDECAR_TEST_ENGINE") == "loops" && o.arrivals == nil && o.transport.DialContext == nil
 	dial := o.transport.DialContext
 	if dial == nil {
 		var d net.Dialer
@@ -158,11 +165,30 @@ func startSidecar(t testing.TB, o options) *sidecar {
 	}
 	sc.addr = srv.Addr().String()
 	sc.proxy.SetConnServer(srv.ServeConn)
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve() }()
+	done := make(chan error, 2)
+	var e *engine.Engine
+	if loops {
+		e, err = engine.New(srv.RawListener(), engine.Config{Loops: 1, Handler: sc.proxy.LoopHandler(), Limits: o.limits, Transport: o.transport,
+			Handoff: func(c net.Conn, b []byte) { srv.ServeConn(c, b) }})
+		if err != nil {
+			t.Fatalf("engine.New: %v", err)
+		}
+		go func() { done <- e.Serve() }()
+		go func() { done <- srv.ServeConns() }()
+	} else {
+		go func() { done <- srv.Serve() }()
+	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		if e != nil {
+			if err := e.Shutdown(ctx); err != nil {
+				t.Errorf("engine Shutdown: %v", err)
+			}
+			if err := <-done; err != nil {
+				t.Errorf("engine Serve: %v", err)
+			}
+		}
 		if err := srv.Shutdown(ctx); err != nil {
 			_ = srv.Close()
 		}

@@ -210,7 +210,7 @@ func New(cfg Config) (*Proxy, error) {
 		maxInFlight: int64(maxInFlight),
 	}
 	if cfg.Send != nil {
-		p.chain.send = cfg.Send
+		p.chain.send, p.chain.modelled = cfg.Send, true
 	}
 	if cfg.Mesh != nil {
 		p.chain.meshSend = cfg.Mesh.Send
