@@ -9,7 +9,7 @@ IMAGE_INIT ?= sidecar-init:$(VERSION)
 export GOTOOLCHAIN := local
 export GOFLAGS     := -buildvcs=false
 
-.PHONY: all build test test-tools vet fmt-check leak-check unit defenses docs run demo bench bench-go chaos fuzz tools image image-init clean
+.PHONY: all build test test-tools vet fmt-check leak-check unit defenses engine docs run demo bench bench-go chaos fuzz tools image image-init clean
 
 all: build
 
@@ -21,7 +21,7 @@ build:
 
 ## test: tools, vet, gofmt, the goroutine-leak guard, every test with -race,
 ## and the defenses' tests again at the product's own speed
-test: test-tools vet fmt-check leak-check unit defenses
+test: test-tools vet fmt-check leak-check unit defenses engine
 
 ## test-tools: the real servers the integration tests need (Consul), cached by version
 test-tools:
@@ -50,6 +50,12 @@ unit:
 ## the speed of the binary users run
 defenses:
 	$(GO) test -count=1 -timeout 10m ./pkg/webhook ./pkg/outbound ./pkg/inbound ./pkg/upstream ./pkg/downstream
+
+## engine: the outbound proxy's tests again with its listener on the
+## event-loop engine (outboundEngine: loops), which serves their plain
+## HTTP/1.1 requests and hands the rest off
+engine:
+	SIDECAR_TEST_ENGINE=loops $(GO) test -count=1 -timeout 10m ./pkg/outbound
 
 ## run / demo: sidecar demo, the sidecar with three example upstreams of user-service (the third fails half its calls)
 run demo:
