@@ -318,18 +318,18 @@ func NewBodyReader(w http.ResponseWriter, r *http.Request, timeout time.Duration
 	b := &BodyReader{body: r.Body, rc: http.NewResponseController(w), timeout: timeout, ctx: r.Context(), h2: r.ProtoMajor != 1}
 	if !b.h2 {
 		b.fc, _ = b.ctx.Value(connKey{}).(*framingConn)
-	} else if timeout > 0 {
-		// An HTTP/2 body is a stream's: a gRPC client stream or a chat
-		// may be quiet for long between messages. It is cut only when
-		// quiet as long as Envoy's stream_idle_timeout allows.
-		b.timeout = max(timeout, StreamIdleTimeout)
+	} else {
+		// An HTTP/2 body is a stream's, which may be quiet for long (a
+		// gRPC client stream, a bidi chat while the server streams): it
+		// has no read deadline (on HTTP/2 a passing one resets the stream,
+		// whatever the other direction does), its silence is the proxy's
+		// to bound. Nor is the ResponseController touched for it at all:
+		// a transport may still read or close the body after the handler
+		// returned, when the controller is no longer valid.
+		b.timeout, b.rc = 0, nil
 	}
 	return b
 }
-
-// StreamIdleTimeout is how long an HTTP/2 request body may be quiet before
-// its stream is reset (Envoy's stream_idle_timeout).
-const StreamIdleTimeout = 5 * time.Minute
 
 // Read implements io.Reader.
 func (b *BodyReader) Read(p []byte) (int, error) {
@@ -346,13 +346,6 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 		}
 	}
 	n, err := b.body.Read(p)
-	if b.h2 && b.timeout > 0 && err == nil {
-		// On HTTP/2 a read deadline resets the stream when it passes,
-		// read under way or not: it is lifted once the read returned, so
-		// that a handler busy elsewhere (waiting on the upstream) does not
-		// have its stream cut.
-		_ = b.rc.SetReadDeadline(time.Time{})
-	}
 	if err != nil {
 		if err == io.EOF {
 			if b.timeout > 0 {
@@ -366,7 +359,9 @@ func (b *BodyReader) Read(p []byte) (int, error) {
 		// body: with the deadline in the past it gives up at once and
 		// closes the connection, instead of waiting on a stalled client
 		// for as long as it keeps the connection open.
-		_ = b.rc.SetReadDeadline(aLongTimeAgo)
+		if b.rc != nil {
+			_ = b.rc.SetReadDeadline(aLongTimeAgo)
+		}
 		// net/http reports a framing fault as an unexpected EOF; the
 		// framing check knows better.
 		if b.fc != nil && b.fc.badFraming.Load() {
@@ -413,7 +408,7 @@ type bodyFailure struct {
 // Close implements io.Closer. It may be called while another goroutine is
 // in Read: that Read is ended at once rather than left waiting on the client.
 func (b *BodyReader) Close() error {
-	if !b.closed.Swap(true) && !b.done.Load() {
+	if !b.closed.Swap(true) && !b.done.Load() && b.rc != nil {
 		_ = b.rc.SetReadDeadline(aLongTimeAgo)
 	}
 	return b.body.Close()

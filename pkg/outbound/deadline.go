@@ -101,9 +101,9 @@ func (c *deadlineCtx) begin() {
 	}
 	c.pending, c.idle = false, 0
 	c.deadline = time.Now().Add(c.d)
-	d := c.d
+	// Under the lock: a lift that follows must find the timer set, to stop.
+	c.timer.Reset(c.d)
 	c.mu.Unlock()
-	c.timer.Reset(d)
 }
 
 // Deadline is the policy's deadline, or the parent's when sooner or when
@@ -140,7 +140,10 @@ func (c *deadlineCtx) expire() {
 	idle, dl := c.idle, c.deadline
 	c.mu.Unlock()
 	if idle == 0 {
-		if left := time.Until(dl); !dl.IsZero() && left > 0 {
+		if dl.IsZero() {
+			return // lifted, with no silence to watch: a late firing
+		}
+		if left := time.Until(dl); left > 0 {
 			c.timer.Reset(left) // begun while the idle timer fired
 			return
 		}

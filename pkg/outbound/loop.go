@@ -91,13 +91,15 @@ func (h loopHandler) Serve(x *engine.Exchange) {
 }
 
 // loopDrives reports whether the loop's chain drives c: no hedging, no
-// adaptive limit, no endpoint of the mesh.
+// adaptive limit, every endpoint an IP address and port, none the mesh's.
 func (ch *chain) loopDrives(c *call, r *http.Request) bool {
 	if c.policy.Concurrency.IsAdaptive() || ch.hedgeable(c, r) || ch.modelled {
 		return false
 	}
 	for _, ep := range c.set.Endpoints {
-		if ep.Mesh {
+		// The loops dial addresses, never names: a host name is the
+		// transport's to resolve and to check what it resolves to.
+		if _, err := netip.ParseAddrPort(ep.Addr); ep.Mesh || err != nil {
 			return false
 		}
 	}

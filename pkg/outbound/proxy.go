@@ -285,7 +285,9 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		r2 := *r
 		r2.Body, r2.GetBody = rb, rb.replay
 		r = &r2
-		if c != nil {
+		if c != nil && r.ContentLength != 0 {
+			// A body that goes upstream (the Forwarder sends none for a
+			// content-length of 0, and would never read it to its end).
 			c.body = new(bodyEnd)
 			rb.src = &endWatched{ReadCloser: rb.src, end: c.body}
 		}

@@ -336,3 +336,64 @@ func TestTimeoutCountsFromTheRequestsEnd(t *testing.T) {
 		t.Fatalf("a client stream of 600ms under a 300ms timeout: %v %v, want all 12 bytes and OK", res, err)
 	}
 }
+
+// An HTTP/2 request without a body keeps the policy's timeout (its body's
+// end, which the deadlines of a streaming body wait for, is no wait), and
+// a client stream the upstream refuses before it finished sending leaves
+// the sidecar serving (the transport reads and closes such a body after
+// the handler returned).
+func TestH2BodilessTimeoutAndRefusedClientStreams(t *testing.T) {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	up := &http.Server{Protocols: &p, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(time.Second):
+		case <-r.Context().Done():
+		}
+		io.WriteString(w, "late")
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go up.Serve(ln)
+	defer up.Close()
+	type unimplemented struct {
+		testgrpc.UnimplementedTestServiceServer
+	}
+	sc := startSidecar(t, options{static: map[string][]string{"slow": {ln.Addr().String()}, "echo": {grpcUpstreamWith(t, unimplemented{})}},
+		policies: "service: slow\ntimeout: 300ms\nretry: {attempts: 1}\n"})
+	c := h2Client(t, sc.addr)
+	start := time.Now()
+	resp, err := c.Get("http://slow/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusGatewayTimeout || time.Since(start) > 900*time.Millisecond {
+		t.Fatalf("HTTP/2 GET to a 1s upstream under a 300ms timeout: %d after %v, want 504 at the timeout", resp.StatusCode, time.Since(start))
+	}
+
+	client := testgrpc.NewTestServiceClient(grpcClient(t, sc, "echo"))
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			stream, err := client.StreamingInputCall(ctx)
+			if err != nil {
+				return
+			}
+			for range 100 {
+				if stream.Send(&testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, 100)}}) != nil {
+					break
+				}
+			}
+			stream.CloseAndRecv()
+		})
+	}
+	wg.Wait()
+	if resp, err := c.Get("http://slow/"); err != nil || resp.StatusCode != http.StatusGatewayTimeout {
+		t.Fatalf("after the refused client streams: %v %v, want the sidecar serving", resp, err)
+	}
+}
