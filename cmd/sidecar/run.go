@@ -236,6 +236,8 @@ var settings = []setting{
 	{flag: "tracing-service-name", usage: "service.name of the spans", key: "tracing.serviceName", def: "service",
 		env: []string{"OTEL_SERVICE_NAME"},
 		set: func(c *config.Config, v string) error { c.Tracing.ServiceName = v; return nil }},
+	{flag: "outbound-engine", usage: "what serves the outbound listener's plain HTTP/1.1 requests: goroutines, or loops (event loops, one per CPU; experimental; not with --transparent)", key: "outboundEngine", def: "goroutines",
+		set: func(c *config.Config, v string) error { c.OutboundEngine = v; return nil }},
 	{flag: "request-metrics", usage: "per-request metrics, true or false", key: "requestMetrics", def: "true",
 		set: func(c *config.Config, v string) error {
 			c.RequestMetrics = new(bool)
@@ -414,7 +416,16 @@ CONSUL_HTTP_ADDR), then flags: flags beat the environment, the environment
 beats the file. Without a file the sidecar knows only the services that flags
 (--static, --consul-addr) and the environment give it, and says so once in its
 log; "sidecar demo" runs it with example services.`,
-		Args: cobra.NoArgs,
+		Args: func(cmd *cobra.Command, args []string) error {
+			for _, a := range args {
+				if _, err := strconv.ParseBool(a); err == nil {
+					// A switch takes its value after '=': written alone it
+					// means true, and the word after it is an argument.
+					return fmt.Errorf("unexpected argument %q: give a switch its value with '=', as --request-metrics=%s (alone, --request-metrics means true)", a, a)
+				}
+			}
+			return cobra.NoArgs(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := o.complete(); err != nil {
 				return err

@@ -59,6 +59,11 @@ type Config struct {
 	// AccessLog writes one JSON line per outbound request; off by
 	// default.
 	AccessLog AccessLog `yaml:"accessLog,omitempty" json:"accessLog"`
+	// OutboundEngine is what serves the outbound listener's plain
+	// HTTP/1.1 requests: "goroutines" (the default: a goroutine per
+	// connection) or "loops" (event loops, one per CPU: pkg/engine;
+	// experimental; not with transparent interception).
+	OutboundEngine string `yaml:"outboundEngine,omitempty" json:"outboundEngine,omitempty"`
 	// Lifecycle configures the drain on shutdown.
 	Lifecycle Lifecycle `yaml:"lifecycle,omitempty" json:"lifecycle"`
 	// Log configures logging.
@@ -322,6 +327,12 @@ type Tracing struct {
 	ServiceName string `yaml:"serviceName,omitempty" json:"serviceName,omitempty"`
 }
 
+// The outbound engines (Config.OutboundEngine).
+const (
+	EngineGoroutines = "goroutines"
+	EngineLoops      = "loops"
+)
+
 // Drain is the drain window: DrainWindow, or 0 when unset (before the
 // defaults are applied).
 func (l Lifecycle) Drain() time.Duration {
@@ -466,6 +477,15 @@ func (c *Config) Validate() error {
 	}
 	c.Transparent.validate(add)
 	c.validateMesh(add)
+	switch c.OutboundEngine {
+	case "", EngineGoroutines:
+	case EngineLoops:
+		if c.Transparent.Enabled {
+			add("outboundEngine: %s does not serve redirected connections (transparent.enabled); use %s", EngineLoops, EngineGoroutines)
+		}
+	default:
+		add("outboundEngine: %s is not allowed (allowed: %s, %s)", policy.Quote(c.OutboundEngine), EngineGoroutines, EngineLoops)
+	}
 	if err := CheckDrainWindow(c.Lifecycle.Drain()); err != nil {
 		add("lifecycle.drainWindow: %v", err)
 	}

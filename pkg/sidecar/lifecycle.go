@@ -56,7 +56,12 @@ func (s *Sidecar) serve() {
 			s.goServe(s.mesh.server.Serve)
 		}
 	}
-	s.goServe(s.outbound.Serve)
+	if s.loops != nil {
+		s.goServe(s.loops.Serve)
+		s.goServe(s.outbound.ServeConns)
+	} else {
+		s.goServe(s.outbound.Serve)
+	}
 	if s.inbound != nil {
 		s.goServe(s.inbound.Serve)
 	}
@@ -192,6 +197,9 @@ func (s *Sidecar) shutdown(ctx context.Context) error {
 	}
 	if s.inbound != nil {
 		err = errors.Join(err, s.inbound.Shutdown(wait), s.app.Wait(wait))
+	}
+	if s.loops != nil {
+		err = errors.Join(err, s.loops.Shutdown(wait))
 	}
 	err = errors.Join(err, s.outbound.Shutdown(wait), s.shutdownTransparent(wait))
 	s.outboundUp.Store(false)

@@ -45,10 +45,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/sidecar-mesh/sidecar/internal/rawio"
 	"github.com/sidecar-mesh/sidecar/pkg/admin"
 	"github.com/sidecar-mesh/sidecar/pkg/config"
 	"github.com/sidecar-mesh/sidecar/pkg/discovery"
 	"github.com/sidecar-mesh/sidecar/pkg/downstream"
+	"github.com/sidecar-mesh/sidecar/pkg/engine"
 	"github.com/sidecar-mesh/sidecar/pkg/inbound"
 	"github.com/sidecar-mesh/sidecar/pkg/mesh"
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
@@ -67,6 +69,7 @@ type Sidecar struct {
 	cfg      *config.Config
 	version  any
 	outbound *downstream.Server
+	loops    *engine.Engine // with outboundEngine: loops, what accepts on the outbound socket
 	proxy    *outbound.Proxy
 
 	// transparent serves redirected connections under outbound; nil
@@ -220,10 +223,32 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 		accessLog = log.With("component", "access")
 	}
 	s.recorder = requestlog.New(requestlog.Config{AccessLog: accessLog, Sample: cfg.AccessLog.Sample, FailuresOnly: cfg.AccessLog.FailuresOnly})
+	// The address a host name resolves to is checked again when the
+	// outbound transport dials it: discovery checked what the name
+	// resolved to then, and it may resolve elsewhere now (DNS rebinding).
+	// The transport never asks about an IP literal, and that is the line
+	// drawn: a static endpoint is an IP address the operator chose, often
+	// 127.0.0.1 (the demo's are), and Consul's IP addresses were checked by
+	// discovery already. The own-host rule is discovery's, on with Consul
+	// unless allowLoopbackEndpoints; a dial cannot tell where a name came
+	// from, so an allow-listed host name is held to it too (one that
+	// resolves to this host is the same rebinding). The own-listener rule
+	// is the chain's IsOwn, which sees only the endpoints that are
+	// addresses, applied to what a name resolves to.
+	ownHost := s.consul != nil && !cfg.Discovery.Consul.AllowLoopbackEndpoints
+	refuseResolved := func(ap netip.AddrPort) string {
+		if s.isOwnEndpoint(ap) {
+			return "one of the sidecar's own listeners"
+		}
+		if why := discovery.OwnHostReason(ap.Addr()); ownHost && why != "" {
+			return "the sidecar's own host (" + why + "), and discovery.consul.allowLoopbackEndpoints is off"
+		}
+		return ""
+	}
 	s.proxy, err = outbound.New(outbound.Config{Resolver: s.resolver, Policies: s.policies.store,
 		AllowHosts: cfg.AllowHosts, MaxInFlight: cfg.Limits.OutboundMaxInFlight, Observer: s.resilience,
 		Tracer: s.tracer(), Propagator: s.tracing.Propagator(), Metrics: s.requests, Logger: log, Recorder: s.recorder,
-		Transport: upstream.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes},
+		Transport: upstream.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes, RefuseResolved: refuseResolved},
 		IsOwn:     s.isOwnEndpoint, Mesh: s.meshSender()})
 	if err != nil {
 		return nil, err
@@ -234,6 +259,17 @@ func New(cfg *config.Config, opts ...Option) (_ *Sidecar, err error) {
 		return nil, err
 	}
 	s.proxy.SetConnServer(s.outbound.ServeConn)
+	if cfg.OutboundEngine == config.EngineLoops {
+		// The engine accepts on the outbound socket; what it does not
+		// serve goes to the listener's server, as a connection of its own.
+		srv := s.outbound
+		s.loops, err = engine.New(srv.RawListener(), engine.Config{Handler: s.proxy.LoopHandler(), Logger: log.With("component", "engine"),
+			Handoff:   func(c net.Conn, buffered []byte) { srv.ServeConn(rawio.Wrap(c), buffered) },
+			Transport: upstream.TransportConfig{MaxResponseHeaderBytes: cfg.Limits.MaxResponseHeaderBytes}})
+		if err != nil {
+			return nil, fmt.Errorf("outbound engine: %w", err)
+		}
+	}
 	if err := s.listenTransparent(); err != nil {
 		return nil, err
 	}

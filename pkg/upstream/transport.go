@@ -12,13 +12,13 @@ import (
 	"bytes"
 	"cmp"
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptrace"
+	"net/netip"
 	"net/textproto"
 	"os"
 	"strconv"
@@ -55,8 +55,11 @@ import (
 // method is idempotent, or nothing of the request reached the wire. That is
 // connection management, not a retry, and happens at most once per call.
 type Transport struct {
-	dialer                net.Dialer
-	dial                  func(ctx context.Context, network, addr string) (net.Conn, error)
+	dialer net.Dialer
+	dial   func(ctx context.Context, network, addr string) (net.Conn, error)
+	// dialName, when set (TransportConfig.RefuseResolved), dials the
+	// addresses that are host names in dial's place (checkedDial).
+	dialName              func(ctx context.Context, network, addr string) (net.Conn, error)
 	handshake             func(ctx context.Context, c net.Conn, addr string) (net.Conn, error)
 	responseHeaderTimeout time.Duration
 	idleConnTimeout       time.Duration
@@ -65,8 +68,10 @@ type Transport struct {
 
 	pools sync.Map // endpoint address -> *hostPool
 	// h2 carries requests that came in over HTTP/2 (gRPC above all) as
-	// HTTP/2 with prior knowledge, multiplexed on pooled connections.
-	h2 *http2.Transport
+	// HTTP/2 with prior knowledge, multiplexed on the connections of
+	// h2pool: it makes and runs them, sendH2 picks them.
+	h2     *http2.Transport
+	h2pool *h2Pool
 	// h1Only remembers endpoints that answered the HTTP/2 preface in
 	// HTTP/1.x (address -> time.Time until which to believe it): they get
 	// HTTP/2 requests other than gRPC over HTTP/1.1.
@@ -107,6 +112,18 @@ type TransportConfig struct {
 	// connection it returns carries the requests. It closes c when it
 	// fails; its error is the connect failure's cause.
 	Handshake func(ctx context.Context, c net.Conn, addr string) (net.Conn, error)
+	// RefuseResolved, when set, is asked about each address a host name
+	// resolved to, before a connection is made to it, and returns why
+	// none may be ("" to allow it): a name can resolve to another address
+	// when dialed than when it was checked (DNS rebinding). A refused
+	// connection is a *ConnectError whose cause is a *RefusedAddrError
+	// (the TCP dialer tries the name's other addresses first). An address
+	// that is an IP literal is never asked: the caller chose it.
+	// With DialContext, it is asked after the connection is made, about
+	// its remote address (a connection whose remote address is not an IP
+	// address and port is not asked about), and the connection closed.
+	// It may be called from several goroutines at once.
+	RefuseResolved func(netip.AddrPort) string
 }
 
 // NewTransport returns a Transport.
@@ -138,12 +155,15 @@ func NewTransport(cfg TransportConfig) *Transport {
 	if t.dial == nil {
 		t.dial = t.dialer.DialContext
 	}
+	if cfg.RefuseResolved != nil {
+		t.dialName = checkedDial(t.dialer, cfg.DialContext, cfg.RefuseResolved)
+	}
 	// The HTTP/2 transport's receive windows are set through a net/http
 	// Transport, the only way x/net takes them; that Transport carries no
-	// request. x/net's own defaults (4 MiB a stream, 1 GiB a connection)
-	// let an endpoint's answers pile up unread for as long as the client
-	// does not read them: a peer that opened 64 streams and never read
-	// grew the sidecar by 280 MB. Envoy bounds a stream's buffer at 1 MiB.
+	// request. x/net's default of 4 MiB a stream let an endpoint's answers
+	// pile up unread for as long as the client does not read them: a peer
+	// that opened 64 streams and never read grew the sidecar by 280 MB.
+	// Envoy bounds a stream's buffer at 1 MiB.
 	h1 := &http.Transport{HTTP2: &http.HTTP2Config{
 		MaxReceiveBufferPerStream:     h2StreamWindow,
 		MaxReceiveBufferPerConnection: h2ConnWindow,
@@ -152,11 +172,10 @@ func NewTransport(cfg TransportConfig) *Transport {
 	if err != nil {
 		panic("upstream: " + err.Error()) // only when h1 has HTTP/2 already: never
 	}
-	h2.ConnPool = nil // its own, which dials (h1 would otherwise dial for it)
-	h2.AllowHTTP = true
-	h2.DialTLSContext = func(ctx context.Context, _, addr string, _ *tls.Config) (net.Conn, error) {
-		return t.dialH2(ctx, addr)
-	}
+	// Requests are sent on the pool's connections (sendH2), never through
+	// h2.RoundTrip: h2 is given no dialer, nor AllowHTTP.
+	t.h2pool = &h2Pool{t: t}
+	h2.ConnPool = t.h2pool
 	h2.IdleConnTimeout = cfg.IdleConnTimeout
 	h2.MaxHeaderListSize = uint32(min(cfg.MaxResponseHeaderBytes, 1<<30))
 	// A proxy passes encodings through as they are: no Accept-Encoding of
@@ -184,12 +203,16 @@ const h2RequestHeaderListTooLarge = "request header list larger than peer's adve
 var ErrRequestHeadersTooLarge = errors.New("request header list larger than the endpoint takes")
 
 // The HTTP/2 transport's bounds: how much of an answer an endpoint may
-// send ahead of the client's reading, per stream and per connection, and
-// how long a connection may be quiet before it is pinged (grpc-go's
-// servers refuse pings more often than every 5 minutes by default).
+// send ahead of the client's reading, per stream (what bounds the memory
+// a stream nobody reads holds), and per connection, kept large: a
+// connection's window comes back only as its streams are read, so one as
+// small as a few streams' windows let a few unread streams stall every
+// other stream to the endpoint; and how long a connection may be quiet
+// before it is pinged (grpc-go's servers refuse pings more often than
+// every 5 minutes by default).
 const (
 	h2StreamWindow = 256 << 10
-	h2ConnWindow   = 4 << 20
+	h2ConnWindow   = 1 << 30
 	h2PingInterval = 5*time.Minute + 30*time.Second
 )
 
@@ -201,7 +224,7 @@ func (t *Transport) Close() {
 		<-t.sweepDone
 	})
 	t.CloseIdleConnections()
-	t.h2.CloseIdleConnections()
+	t.h2pool.closeIdle()
 }
 
 // sweep closes pooled connections idle past IdleConnTimeout and forgets the
@@ -316,11 +339,6 @@ func (t *Transport) Send(req *http.Request, connectTimeout time.Duration) (*http
 		return nil, fmt.Errorf("outbound transport: unsupported scheme %q", req.URL.Scheme)
 	}
 	if req.ProtoMajor == 2 {
-		if connectTimeout > 0 {
-			// The HTTP/2 transport dials on its own, with the request's
-			// context: the timeout goes there.
-			req = req.WithContext(context.WithValue(req.Context(), connectTimeoutKey{}, connectTimeout))
-		}
 		return t.roundTripH2(req, connectTimeout)
 	}
 	addr := req.URL.Host
@@ -352,15 +370,14 @@ func (t *Transport) Send(req *http.Request, connectTimeout time.Duration) (*http
 
 // roundTripH2 sends a request that came in over HTTP/2 upstream in HTTP/2
 // (h2c). Failures are classified as for HTTP/1.1: a *ConnectError when no
-// connection could be had, an *UpstreamError once the request may have
-// reached the endpoint. The HTTP/2 transport itself resends only requests
-// the server provably did not process (REFUSED_STREAM, GOAWAY beyond their
-// stream): such a resend is part of one attempt.
+// connection could be had, or when the endpoint provably did not process
+// the request (REFUSED_STREAM, a GOAWAY beyond its stream: see sendH2), an
+// *UpstreamError once the request may have reached the endpoint.
 func (t *Transport) roundTripH2(req *http.Request, connectTimeout time.Duration) (*http.Response, error) {
 	if !IsGRPC(req) && t.speaksOnlyHTTP1(req.URL.Host) {
 		return t.Send(asHTTP1(req), connectTimeout)
 	}
-	resp, err := t.h2.RoundTrip(limit1xx(filterTrailers(req)))
+	resp, err := t.sendH2(limit1xx(filterTrailers(req)), connectTimeout)
 	if err == nil {
 		if resp.StatusCode < 100 || resp.StatusCode > 599 {
 			// An HTTP/2 :status is whatever the endpoint wrote; no answer
@@ -463,8 +480,7 @@ var errHTTP1Peer = errors.New("the endpoint speaks HTTP/1.x, not HTTP/2 with pri
 // HTTP/1.1-only and fails the dial with errHTTP1Peer:
 // nothing of any request was sent. The transport then gets a connection
 // that swallows its own copy of the preface and hands back the bytes read.
-func (t *Transport) dialH2(ctx context.Context, addr string) (net.Conn, error) {
-	timeout, _ := ctx.Value(connectTimeoutKey{}).(time.Duration)
+func (t *Transport) dialH2(ctx context.Context, addr string, timeout time.Duration) (net.Conn, error) {
 	c, err := t.Dial(ctx, addr, timeout)
 	if err != nil {
 		return nil, err
@@ -525,16 +541,16 @@ func (c *primedConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
-// connectTimeoutKey carries Send's connect timeout to the HTTP/2
-// transport's dial (dialH2), which gets only the request's context.
-type connectTimeoutKey struct{}
-
 // Dial opens a new TCP connection to addr within timeout (0: the
 // DialTimeout). A failure is a *ConnectError: nothing was sent.
 func (t *Transport) Dial(ctx context.Context, addr string, timeout time.Duration) (net.Conn, error) {
 	timeout = cmp.Or(timeout, t.dialer.Timeout)
 	dctx, cancel := context.WithTimeout(ctx, timeout)
-	c, err := t.dial(dctx, "tcp", addr)
+	dial := t.dial
+	if t.dialName != nil && !isIPLiteral(addr) {
+		dial = t.dialName
+	}
+	c, err := dial(dctx, "tcp", addr)
 	if err == nil && t.handshake != nil {
 		c, err = t.handshake(dctx, c, addr)
 	}
