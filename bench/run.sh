@@ -41,6 +41,7 @@
 #   sidecar       :18001  sidecar run: its default policy, request metrics on,
 #                         tracing at 1% (parentbased_traceidratio 0.01) over OTLP
 #                         gRPC to a real Jaeger (v2, memory storage) on :18317
+#   sidecar-loops :18111  as sidecar, with outboundEngine: loops (the event-loop engine)
 #   sidecar-bare  :18011  the same binary with tracing off and --request-metrics=false
 #   sidecar-1cpu  :18041  the sidecar as above (tracing, metrics) with GOMAXPROCS=1:
 #                         what one Go scheduler thread costs and serves
@@ -144,6 +145,7 @@ readonly PORTS_OVERLOAD=(18031 18030 18092 18022)
 readonly PORTS_QUEUED=(18051 18050 18094 18024)
 readonly PORTS_ADAPTIVE=(18061 18060 18095 18025)
 readonly PORTS_DEFAULTS=(18071 18070 18096 18026)
+readonly PORTS_LOOPS=(18111 18110 18098 18028)
 # Jaeger: OTLP gRPC, OTLP HTTP, query HTTP, query gRPC, health.
 readonly PORTS_JAEGER=(18317 18318 18686 18685 18133)
 # The mesh phase's Consul agent: HTTP, serf LAN, serf WAN, server RPC.
@@ -155,7 +157,7 @@ readonly PORTS_MTLS_A=(18231 18230 18292 18222 18232 18233)
 readonly PORTS_MTLS_B=(18241 18240 18293 18223 18242 18243)
 readonly MESH_PAIRS=(mesh-plaintext mesh-mtls)
 readonly TRACE_SERVICE=bench-sidecar
-readonly CONTESTANTS=(direct sidecar sidecar-bare sidecar-1cpu haproxy nginx loop-bare)
+readonly CONTESTANTS=(direct sidecar sidecar-loops sidecar-bare sidecar-1cpu haproxy nginx loop-bare)
 readonly WRK_THREADS=2
 readonly READY_TRIES=200 # polls, 0.1 s apart
 readonly READY_SECS=20
@@ -368,6 +370,7 @@ addr_of() {
 	direct) echo "$HOST:$PORT_ORIGIN" ;;
 	sidecar) echo "$HOST:${PORTS_SIDECAR[0]}" ;;
 	sidecar-bare) echo "$HOST:${PORTS_BARE[0]}" ;;
+	sidecar-loops) echo "$HOST:${PORTS_LOOPS[0]}" ;;
 	sidecar-1cpu) echo "$HOST:${PORTS_1CPU[0]}" ;;
 	sidecar-overload) echo "$HOST:${PORTS_OVERLOAD[0]}" ;;
 	sidecar-queued) echo "$HOST:${PORTS_QUEUED[0]}" ;;
@@ -1034,7 +1037,7 @@ header() {
 	}
 	echo "- contestants interleaved in every round: ${CONTESTANTS[*]}"
 	echo "- sidecar: default policy, request metrics on, tracing at 1% (parentbased_traceidratio 0.01) exported over OTLP gRPC to Jaeger, GOMAXPROCS left to Go (the CPU count);" \
-		"sidecar-bare: tracing off, --request-metrics=false; sidecar-1cpu: as sidecar with GOMAXPROCS=1; HAProxy: nbthread 2, http-reuse always; nginx: 2 workers, upstream keepalive 64; loop-bare: internal/cmd/loopfwd, event loops (GOMAXPROCS of them) forwarding over an upstream connection per client connection, no policy, no telemetry"
+		"sidecar-loops: as sidecar, its outbound listener on the event-loop engine (outboundEngine: loops); sidecar-bare: tracing off, --request-metrics=false; sidecar-1cpu: as sidecar with GOMAXPROCS=1; HAProxy: nbthread 2, http-reuse always; nginx: 2 workers, upstream keepalive 64; loop-bare: internal/cmd/loopfwd, event loops (GOMAXPROCS of them) forwarding over an upstream connection per client connection, no policy, no telemetry"
 	echo "- closed loop: wrk -t$WRK_THREADS -d$BENCH_DURATION --latency, connections ${CONNS[*]}, $BENCH_ROUNDS round(s), $BENCH_WARMUP warm-up each;" \
 		"open loop: openloop at $BENCH_OPEN_RATE req/s for $BENCH_OPEN_DURATION over $BENCH_OPEN_CONNS connections, $BENCH_ROUNDS round(s)"
 	echo "- reproduce: \`make bench\` (or \`bench/run.sh\`)"
@@ -1142,6 +1145,8 @@ main() {
 	fi
 	if wants_phase open || wants_phase closed; then
 		start_sidecar sidecar PORTS_SIDECAR "$(tracing_yaml)"
+		start_sidecar sidecar-loops PORTS_LOOPS "$(tracing_yaml)
+outboundEngine: loops"
 		start_sidecar sidecar-bare PORTS_BARE "requestMetrics: false"
 		start_sidecar sidecar-1cpu PORTS_1CPU "$(tracing_yaml)" GOMAXPROCS=1
 		start_haproxy

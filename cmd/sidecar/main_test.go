@@ -149,6 +149,12 @@ func TestSwitchesStandAlone(t *testing.T) {
 		t.Fatalf("access log %v, outbound %q, request metrics %v, transparent %v; want true, 127.0.0.1:17001, false, true",
 			c.AccessLog.Enabled, c.Listeners.Outbound, *c.RequestMetrics, c.Transparent.Enabled)
 	}
+	// The value after a space is an argument, and run says how to write it.
+	cmd := newRootCommand(strings.NewReader(""), io.Discard, io.Discard, func(string) string { return "" })
+	cmd.SetArgs([]string{"run", "--request-metrics", "false"})
+	if err := cmd.Execute(); err == nil || !strings.Contains(err.Error(), "--request-metrics=false") {
+		t.Fatalf("run --request-metrics false: %v, want an error saying --request-metrics=false", err)
+	}
 }
 
 // A drain window of 0s is none, as written (a Job's sidecar that should

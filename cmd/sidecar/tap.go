@@ -83,15 +83,19 @@ func (o *tapOptions) run(ctx context.Context) error {
 	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for n := 0; o.max == 0 || n < o.max; n++ {
+	for n := 0; o.max == 0 || n < o.max; {
 		if !sc.Scan() {
 			if err := sc.Err(); err != nil && ctx.Err() == nil && !errors.Is(err, io.ErrUnexpectedEOF) {
 				return fmt.Errorf("GET %s: %w", u, err)
 			}
 			return nil
 		}
-		if err := o.print(sc.Bytes()); err != nil {
+		request, err := o.print(sc.Bytes())
+		if err != nil {
 			return err
+		}
+		if request {
+			n++ // --max counts requests, not the lines saying some were missed
 		}
 	}
 	return nil
@@ -99,18 +103,27 @@ func (o *tapOptions) run(ctx context.Context) error {
 
 // print writes one request of the stream: as it came (json), as a YAML
 // document, or as one line in words.
-func (o *tapOptions) print(line []byte) error {
+func (o *tapOptions) print(line []byte) (request bool, err error) {
 	var r requestlog.Request
 	if err := json.Unmarshal(line, &r); err != nil {
-		return fmt.Errorf("the tap sent a line that is not a request: %w", err)
+		return false, fmt.Errorf("the tap sent a line that is not a request: %w", err)
 	}
 	if r.Time.IsZero() {
 		var gap admin.TapGap
-		if json.Unmarshal(line, &gap) == nil && gap.Dropped > 0 && o.out.format != "json" {
-			_, err := fmt.Fprintf(o.stdout, "... %d requests not shown: the tap was over its rate or behind\n", gap.Dropped)
-			return err
+		if json.Unmarshal(line, &gap) == nil && gap.Dropped > 0 {
+			if o.out.format == "json" {
+				_, err = fmt.Fprintf(o.stdout, "%s\n", line)
+			} else {
+				_, err = fmt.Fprintf(o.stdout, "... %d requests not shown: the tap was over its rate or behind\n", gap.Dropped)
+			}
+			return false, err
 		}
 	}
+	return true, o.printRequest(r, line)
+}
+
+// printRequest writes one request of the stream.
+func (o *tapOptions) printRequest(r requestlog.Request, line []byte) error {
 	switch o.out.format {
 	case "json":
 		_, err := fmt.Fprintf(o.stdout, "%s\n", line)
@@ -159,8 +172,9 @@ func newTapCommand(stdout io.Writer, getenv func(string) string) *cobra.Command 
 one line per request with its answer, its attempts and, for a failure, why no
 further attempt was made. --service and --failures narrow what is shown. The
 sidecar sends at most 100 lines a second to each tap and serves a few taps at
-once; nobody tapping costs the requests nothing. Ctrl-C, or --max requests,
-ends it.`,
+once; nobody tapping costs the requests nothing. Requests a tap missed (over
+that rate, or it read too slowly) are said by a line of their own; with -o json
+a line {"dropped": N} and no "time". Ctrl-C, or --max requests, ends it.`,
 		Example: `  sidecar tap
   sidecar tap --service user-service --failures
   sidecar tap --max 20 -o json`,
