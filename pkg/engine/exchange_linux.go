@@ -240,18 +240,7 @@ func (x *Exchange) Abort() {
 	}
 	c := x.c
 	end := x.end
-	x.ended = true
-	x.l.e.active.Add(-1)
-	x.stopTimers()
-	for len(x.attempts) > 0 {
-		x.attempts[len(x.attempts)-1].Cancel()
-	}
-	if a := x.answering; a != nil && a.u != nil {
-		a.over = true
-		a.u.a = nil
-		a.u.close()
-		a.u = nil
-	}
+	x.stop()
 	c.x = nil
 	c.detach()
 	_ = unix.Close(c.fd)
@@ -364,11 +353,9 @@ func (x *Exchange) complete() {
 	}
 }
 
-// clientGone ends the exchange of a client that went away.
-func (x *Exchange) clientGone() {
-	if x.ended {
-		return
-	}
+// stop ends the exchange where it stands: its timers, its attempts and
+// the upstream connection of an answer being passed on.
+func (x *Exchange) stop() {
 	x.ended = true
 	x.l.e.active.Add(-1)
 	x.stopTimers()
@@ -381,6 +368,14 @@ func (x *Exchange) clientGone() {
 		a.u.close()
 		a.u = nil
 	}
+}
+
+// clientGone ends the exchange of a client that went away.
+func (x *Exchange) clientGone() {
+	if x.ended {
+		return
+	}
+	x.stop()
 	switch {
 	case x.end != nil:
 		x.end(ErrClientGone)
