@@ -59,6 +59,7 @@ func (p *h2Pool) GetClientConn(req *http.Request, addr string) (*http2.ClientCon
 // wait for it. dialled reports that the connection was made for this
 // request.
 func (p *h2Pool) get(ctx context.Context, addr string, connectTimeout time.Duration) (cc *http2.ClientConn, dialled bool, err error) {
+	redialled := false
 	for {
 		p.mu.Lock()
 		for _, cc := range p.conns[addr] {
@@ -99,8 +100,15 @@ func (p *h2Pool) get(ctx context.Context, addr string, connectTimeout time.Durat
 			return d.cc, mine, nil
 		}
 		if st := d.cc.State(); st.Closed || st.Closing {
-			// Not one stream before it went: dialling again would only
-			// loop.
+			// It went before this request had a stream of it: another
+			// request's stream may have ended it (an answer that broke
+			// HTTP/2 closes the connection). Once more on a new one;
+			// dialling on would only loop on an endpoint that closes
+			// every connection.
+			if !redialled {
+				redialled = true
+				continue
+			}
 			return nil, false, &ConnectError{Addr: addr, Err: errH2ClosedAtOnce}
 		}
 		// Its streams were taken by the requests that waited with this
