@@ -222,7 +222,7 @@ func (ch *chain) limit(c *call, req *http.Request) (*http.Response, error) {
 		expired := ctx.Err() == context.DeadlineExceeded
 		fb.finish()
 		if expired && req.Context().Err() == nil && !isPerTryTimeout(err) {
-			return nil, forward.Refuse(forward.ReasonUpstreamTimeout, c.service, "no response within the timeout of "+timeout.String())
+			return nil, timeoutRefusal(c.service, timeout)
 		}
 		return nil, err
 	}
@@ -240,6 +240,12 @@ func (ch *chain) limit(c *call, req *http.Request) (*http.Response, error) {
 	}
 	resp.Body = fb
 	return resp, nil
+}
+
+// timeoutRefusal is the local error of a call to service that got no
+// answer within timeout.
+func timeoutRefusal(service string, timeout time.Duration) *forward.LocalError {
+	return forward.Refuse(forward.ReasonUpstreamTimeout, service, "no response within the timeout of "+timeout.String())
 }
 
 // shed refuses a call over a concurrency limit.

@@ -27,7 +27,6 @@ import (
 	"github.com/sidecar-mesh/sidecar/pkg/metrics"
 	"github.com/sidecar-mesh/sidecar/pkg/requestlog"
 	"github.com/sidecar-mesh/sidecar/pkg/tracing"
-	"github.com/sidecar-mesh/sidecar/pkg/upstream"
 )
 
 // LoopHandler is the outbound proxy as the engine's handler: the requests
@@ -77,14 +76,8 @@ func (h loopHandler) Serve(x *engine.Exchange) {
 		x.Handoff()
 		return
 	}
-	// As ServeHTTP and the Forwarder prepare it: the client's Connection
-	// options out before the hop marker goes in.
-	forward.RemoveConnectionOptions(r.Header)
-	if prior, ok := r.Header[forward.HopHeader]; ok {
-		r.Header[forward.HopHeader] = append(prior[:len(prior):len(prior)], p.hop...)
-	} else {
-		r.Header[forward.HopHeader] = p.hop
-	}
+	// As ServeHTTP and the Forwarder prepare it.
+	p.markHop(r.Header)
 	out, _ := forward.Prepare(r, "")
 	lc := &loopCall{ch: ch, c: c, x: x, req: r, out: out, maxInFlight: maxInFlight, start: time.Now()}
 	lc.begin()
@@ -165,13 +158,7 @@ func (lc *loopCall) send(t try) {
 		return
 	}
 	lc.t = t
-	addr, err := netip.ParseAddrPort(t.endpoint)
-	if err != nil {
-		// Not an IP:port (a host name from Consul): the goroutine path's
-		// transport dials names; the loop does not resolve them.
-		lc.judge(nil, &upstream.ConnectError{Addr: t.endpoint, Err: errNotAnAddress})
-		return
-	}
+	addr, _ := netip.ParseAddrPort(t.endpoint) // every endpoint is one (loopDrives)
 	if pt := c.policy.Retry.PerTryTimeout.D(); pt > 0 {
 		lc.perTry = lc.x.AfterFunc(pt, lc.perTryTimedOut)
 	}
@@ -186,12 +173,6 @@ func (lc *loopCall) send(t try) {
 	ch.observer.Attempted(c.service)
 	lc.attempt = lc.x.Send(addr, out, lc.x.Body, c.policy.ConnectTimeout.D(), lc.answered)
 }
-
-var errNotAnAddress = errorString("endpoint is not an IP address and port")
-
-type errorString string
-
-func (e errorString) Error() string { return string(e) }
 
 // answered is the attempt's outcome: its answer's head, or its failure.
 func (lc *loopCall) answered(a *engine.Attempt, resp *http.Response, err error) {
@@ -306,7 +287,7 @@ func (lc *loopCall) judge(resp *http.Response, err error) {
 // localError is the local reply to err, as limit maps it.
 func (lc *loopCall) localError(err error) *forward.LocalError {
 	if lc.expired {
-		return forward.Refuse(forward.ReasonUpstreamTimeout, lc.c.service, "no response within the timeout of "+lc.c.policy.Timeout.D().String())
+		return timeoutRefusal(lc.c.service, lc.c.policy.Timeout.D())
 	}
 	if err == errPerTryTimeout {
 		return forward.LocalReply(lc.c.service, context.DeadlineExceeded)

@@ -313,15 +313,20 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.fw.Forward(w, r, p.transport, direct)
 		return
 	}
-	// The marker goes on after the client's Connection header has named
-	// its options, which could otherwise take it off again.
-	forward.RemoveConnectionOptions(r.Header)
-	if prior, ok := r.Header[forward.HopHeader]; ok {
-		r.Header[forward.HopHeader] = append(prior[:len(prior):len(prior)], p.hop...)
-	} else {
-		r.Header[forward.HopHeader] = p.hop
-	}
+	p.markHop(r.Header)
 	p.fw.Forward(w, r, c, "")
+}
+
+// markHop adds this proxy's hop marker to the header of a request it
+// sends to a service. The marker goes on after the client's Connection
+// header has named its options, which could otherwise take it off again.
+func (p *Proxy) markHop(h http.Header) {
+	forward.RemoveConnectionOptions(h)
+	if prior, ok := h[forward.HopHeader]; ok {
+		h[forward.HopHeader] = append(prior[:len(prior):len(prior)], p.hop...)
+	} else {
+		h[forward.HopHeader] = p.hop
+	}
 }
 
 // sentBefore reports whether a request's hop markers hold this proxy's.
