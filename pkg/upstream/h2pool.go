@@ -161,31 +161,19 @@ func (p *h2Pool) MarkDead(cc *http2.ClientConn) {
 	}
 }
 
-// closeIdle closes the connections that carry no stream and have none
-// reserved. Streams are reserved only under p.mu: none can be between the
-// look and the close.
-func (p *h2Pool) closeIdle() {
-	var idle []*http2.ClientConn
+// closeAll closes every connection of the pool, a stream on it or not:
+// the transport is closing, and a connection still carrying a stream that
+// ended a moment ago must not outlive it.
+func (p *h2Pool) closeAll() {
 	p.mu.Lock()
+	var all []*http2.ClientConn
 	for addr, list := range p.conns {
-		keep := list[:0]
-		for _, cc := range list {
-			if st := cc.State(); st.StreamsActive == 0 && st.StreamsReserved == 0 && st.StreamsPending == 0 {
-				idle = append(idle, cc)
-				delete(p.addrs, cc)
-			} else {
-				keep = append(keep, cc)
-			}
-		}
-		clear(list[len(keep):])
-		if len(keep) == 0 {
-			delete(p.conns, addr)
-		} else {
-			p.conns[addr] = keep
-		}
+		all = append(all, list...)
+		delete(p.conns, addr)
 	}
+	clear(p.addrs)
 	p.mu.Unlock()
-	for _, cc := range idle {
+	for _, cc := range all {
 		_ = cc.Close()
 	}
 }

@@ -224,7 +224,7 @@ func (t *Transport) Close() {
 		<-t.sweepDone
 	})
 	t.CloseIdleConnections()
-	t.h2pool.closeIdle()
+	t.h2pool.closeAll()
 }
 
 // sweep closes pooled connections idle past IdleConnTimeout and forgets the
