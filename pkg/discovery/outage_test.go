@@ -1,17 +1,13 @@
 package discovery_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
 	"slices"
-	"syscall"
 	"testing"
 	"time"
 
@@ -73,7 +69,7 @@ func TestConsulIdleServiceAfterTheAgentHangs(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	freezeAgent(t, agent.Addr())
+	agent.Freeze(t)
 	eventually(t, "the idle watch stopped", func() string {
 		if n := len(d.Services()); n != 0 {
 			return fmt.Sprintf("%d services watched, want 0 once users is idle", n)
@@ -125,36 +121,4 @@ func TestConsulPersistedSetAgesFromConfirmation(t *testing.T) {
 		t.Fatalf("started without Consul, %v after users last changed (CacheMaxAge %v) but confirmed since: Resolve(users) = %+v, %v; want the persisted set",
 			time.Since(changed).Round(time.Millisecond), maxAge, set, err)
 	}
-}
-
-// freezeAgent stops the Consul agent whose HTTP API is at addr with
-// SIGSTOP, as a frozen or swapped-out agent is: the kernel accepts
-// connections for it, and nothing answers them. It is continued when the
-// test ends, so that consultest stops it as usual.
-func freezeAgent(t *testing.T, addr string) {
-	t.Helper()
-	_, port, _ := net.SplitHostPort(addr)
-	want := []byte(fmt.Sprintf("http = %s ", port)) // in the agent's -hcl ports { ... }
-	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, path := range cmdlines {
-		b, err := os.ReadFile(path)
-		if err != nil || !bytes.Contains(b, want) || !bytes.Contains(b, []byte("agent\x00-dev")) {
-			continue
-		}
-		var pid int
-		if _, err := fmt.Sscanf(path, "/proc/%d/cmdline", &pid); err != nil {
-			continue
-		}
-		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-			t.Fatalf("SIGSTOP the agent (pid %d): %v", pid, err)
-		}
-		t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGCONT) })
-		c := &http.Client{Timeout: 200 * time.Millisecond, Transport: &http.Transport{DisableKeepAlives: true}}
-		if resp, err := c.Get("http://" + addr + "/v1/status/leader"); err == nil {
-			resp.Body.Close()
-			t.Fatalf("the agent answered %s after SIGSTOP", resp.Status)
-		}
-		return
-	}
-	t.Fatalf("no process of a Consul agent with its HTTP API on port %s", port)
 }

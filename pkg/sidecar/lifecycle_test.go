@@ -1,14 +1,10 @@
 package sidecar_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"runtime"
 	"syscall"
 	"testing"
@@ -80,7 +76,7 @@ func shutdownWithAStoppedAgent(t *testing.T, viaAdmin bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 
-	stopAgent(t, agent.Addr())
+	agent.Freeze(t)
 	stopped := time.Now()
 	if viaAdmin {
 		for _, path := range []string{"/drain", "/quitquitquit"} {
@@ -135,37 +131,4 @@ func consulClient(t *testing.T, addr string) *api.Client {
 		t.Fatal(err)
 	}
 	return c
-}
-
-// stopAgent stops the Consul agent whose HTTP API is at addr with SIGSTOP,
-// as a frozen or swapped-out agent is: connections are accepted by the
-// kernel, and nothing answers them. It is continued when the test ends, so
-// that consultest stops it as usual.
-func stopAgent(t *testing.T, addr string) {
-	t.Helper()
-	_, port, _ := net.SplitHostPort(addr)
-	want := []byte(fmt.Sprintf("http = %s ", port)) // in the agent's -hcl ports { ... }
-	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, path := range cmdlines {
-		b, err := os.ReadFile(path)
-		if err != nil || !bytes.Contains(b, want) || !bytes.Contains(b, []byte("agent\x00-dev")) {
-			continue
-		}
-		var pid int
-		if _, err := fmt.Sscanf(path, "/proc/%d/cmdline", &pid); err != nil {
-			continue
-		}
-		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-			t.Fatalf("SIGSTOP the agent (pid %d): %v", pid, err)
-		}
-		t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGCONT) })
-		// A request now gets no answer.
-		c := &http.Client{Timeout: 200 * time.Millisecond, Transport: &http.Transport{DisableKeepAlives: true}}
-		if resp, err := c.Get("http://" + addr + "/v1/status/leader"); err == nil {
-			resp.Body.Close()
-			t.Fatalf("the agent answered %s after SIGSTOP", resp.Status)
-		}
-		return
-	}
-	t.Fatalf("no process of a Consul agent with its HTTP API on port %s", port)
 }
