@@ -6,8 +6,10 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -150,20 +152,20 @@ func (c *clientConn) next() {
 			return
 		}
 		if !requestStart(c.in[0]) {
-			c.handoff() // leading CR/LF, TLS, binary: the server's to judge
+			c.handoff(false) // leading CR/LF, TLS, binary: the server's to judge
 			return
 		}
 		end := headEnd(c.in)
 		limit := c.l.e.cfg.Limits.MaxHeaderBytes
 		if end == 0 {
 			if len(c.in) > limit {
-				c.handoff() // the server answers 431
+				c.handoff(false) // the server answers 431
 			}
 			return
 		}
 		req := new(http.Request)
 		if end > limit || !downstream.PlainRequest(c.in[:end], c.remote, req) || req.ContentLength > MaxBody {
-			c.handoff()
+			c.handoff(false)
 			return
 		}
 		c.pend, c.pendAt, c.state = req, end, clBody
@@ -208,8 +210,10 @@ func (l *loop) serve(x *Exchange) {
 }
 
 // handoff gives the connection, with every byte read of it, to the
-// listener's server.
-func (c *clientConn) handoff() {
+// listener's server. expired: the body being read already waited the body
+// timeout, so the server's next read of the connection times out at once
+// (it answers 408 as it would have), rather than waiting it again.
+func (c *clientConn) handoff(expired bool) {
 	buffered := c.in
 	c.in = nil
 	c.detach()
@@ -218,8 +222,17 @@ func (c *clientConn) handoff() {
 		c.l.e.cfg.Logger.Warn("handing a connection off failed", "error", err)
 		return
 	}
+	if expired {
+		nc = expiredConn{nc}
+	}
 	c.l.e.cfg.Handoff(nc, buffered)
 }
+
+// expiredConn is a connection whose reads time out: what the server reads
+// past the bytes handed off with it.
+type expiredConn struct{ net.Conn }
+
+func (expiredConn) Read([]byte) (int, error) { return 0, os.ErrDeadlineExceeded }
 
 // detach removes the connection from the loop without closing its socket.
 func (c *clientConn) detach() {
@@ -230,7 +243,7 @@ func (c *clientConn) detach() {
 	c.rt.Stop()
 	c.wt.Stop()
 	_ = unix.EpollCtl(c.l.ep, unix.EPOLL_CTL_DEL, c.fd, nil)
-	c.l.byFD[c.fd] = nil
+	c.l.byFD[c.fd] = owned{}
 	delete(c.l.clients, c)
 	c.l.e.conns.Add(-1)
 }
@@ -278,7 +291,7 @@ func (c *clientConn) halfClosed() {
 // (408, as it answers it), handed off with what came of it.
 func (c *clientConn) readTimedOut() {
 	if c.state == clBody {
-		c.handoff()
+		c.handoff(true)
 		return
 	}
 	c.abort()

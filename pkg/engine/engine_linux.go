@@ -178,8 +178,9 @@ type fdOwner interface {
 type loop struct {
 	e       *Engine
 	ep      int
-	wake    int // eventfd: post's nudge
-	byFD    []fdOwner
+	wake    int     // eventfd: post's nudge
+	byFD    []owned // by file descriptor
+	gen     int32   // the last generation given to a descriptor's owner
 	timers  timerHeap
 	now     time.Time
 	scratch []byte
@@ -216,8 +217,25 @@ func newLoop(e *Engine) (*loop, error) {
 	return l, nil
 }
 
+// owned is a descriptor's owner, and the generation of the descriptor's
+// use by it: every event is registered with its generation, so that an
+// event reported for a descriptor that was closed, its number given to a
+// new socket in the same batch of events, is not delivered to the new
+// owner.
+type owned struct {
+	o   fdOwner
+	gen int32
+}
+
+// watch registers fd's events with epoll (the listener and the eventfd:
+// generation 0).
 func (l *loop) watch(op, fd int, events uint32) error {
-	if err := unix.EpollCtl(l.ep, op, fd, &unix.EpollEvent{Events: events, Fd: int32(fd)}); err != nil {
+	var gen int32
+	if fd < len(l.byFD) {
+		gen = l.byFD[fd].gen
+	}
+	ev := unix.EpollEvent{Events: events, Fd: int32(fd), Pad: gen}
+	if err := unix.EpollCtl(l.ep, op, fd, &ev); err != nil {
 		return fmt.Errorf("engine: epoll_ctl: %w", err)
 	}
 	return nil
@@ -225,15 +243,28 @@ func (l *loop) watch(op, fd int, events uint32) error {
 
 func (l *loop) track(fd int, o fdOwner) {
 	for fd >= len(l.byFD) {
-		l.byFD = append(l.byFD, nil)
+		l.byFD = append(l.byFD, owned{})
 	}
-	l.byFD[fd] = o
+	l.gen++
+	if l.gen <= 0 {
+		l.gen = 1
+	}
+	l.byFD[fd] = owned{o: o, gen: l.gen}
+}
+
+// owner is the owner of fd's event ev, nil if none or ev was of a
+// descriptor the number had before.
+func (l *loop) owner(ev *unix.EpollEvent) fdOwner {
+	if fd := int(ev.Fd); fd < len(l.byFD) && l.byFD[fd].gen == ev.Pad {
+		return l.byFD[fd].o
+	}
+	return nil
 }
 
 // forget removes fd from the loop and closes it.
 func (l *loop) forget(fd int) {
 	if fd < len(l.byFD) {
-		l.byFD[fd] = nil
+		l.byFD[fd] = owned{}
 	}
 	_ = unix.Close(fd) // also leaves the epoll set
 }
@@ -278,8 +309,10 @@ func (l *loop) run() (err error) {
 				l.runPosted()
 			case fd == l.e.lfd:
 				l.accept()
-			case fd < len(l.byFD) && l.byFD[fd] != nil:
-				l.deliver(l.byFD[fd], ev.Events)
+			default:
+				if o := l.owner(&ev); o != nil {
+					l.deliver(o, ev.Events)
+				}
 			}
 			l.runSoon()
 		}
@@ -388,7 +421,7 @@ func (l *loop) closeAll() {
 	}
 	l.pool.closeAll()
 	for fd, o := range l.byFD {
-		if o != nil {
+		if o.o != nil {
 			l.forget(fd)
 		}
 	}

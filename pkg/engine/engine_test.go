@@ -142,18 +142,25 @@ func origin(t *testing.T) netip.AddrPort {
 // answering "handed off".
 func start(t *testing.T, h Handler, limits downstream.Limits) (*Engine, string) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	hl := newChanListener()
 	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "handed off "+r.Method+" "+r.URL.Path)
 	})}
 	go hs.Serve(hl)
-	e, err := New(ln, Config{Loops: 2, Handler: h, Limits: limits, Handoff: func(c net.Conn, b []byte) {
+	t.Cleanup(func() { hs.Close() })
+	return startHandingTo(t, h, limits, func(c net.Conn, b []byte) {
 		hl.c <- &readahead.Conn{Conn: c, Head: b}
-	}})
+	})
+}
+
+// startHandingTo runs an engine with h in front, handing off to handoff.
+func startHandingTo(t *testing.T, h Handler, limits downstream.Limits, handoff func(net.Conn, []byte)) (*Engine, string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := New(ln, Config{Loops: 2, Handler: h, Limits: limits, Handoff: handoff})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,7 +175,6 @@ func start(t *testing.T, h Handler, limits downstream.Limits) (*Engine, string) 
 		if err := <-served; err != nil {
 			t.Errorf("serve: %v", err)
 		}
-		hs.Close()
 		ln.Close()
 	})
 	return e, ln.Addr().String()
@@ -337,37 +343,23 @@ func TestUpstreamDownIs502(t *testing.T) {
 // (the byte would be the next request's answer); one that answered
 // cleanly is.
 func TestStrayBytesRetireTheConnection(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	var conns atomic.Int64
-	go func() {
+	up := rawUpstream(t, nil, func(c net.Conn) {
+		conns.Add(1)
+		br := bufio.NewReader(c)
 		for {
-			c, err := ln.Accept()
+			req, err := http.ReadRequest(br)
 			if err != nil {
 				return
 			}
-			conns.Add(1)
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					answer := "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-					if req.URL.Path == "/stray" {
-						answer += "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge"
-					}
-					io.WriteString(c, answer)
-				}
-			}()
+			answer := "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+			if req.URL.Path == "/stray" {
+				answer += "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge"
+			}
+			io.WriteString(c, answer)
 		}
-	}()
-	_, addr := start(t, &forwarder{up: ln.Addr().(*net.TCPAddr).AddrPort()}, downstream.Limits{})
+	})
+	_, addr := start(t, &forwarder{up: up}, downstream.Limits{})
 	c := client(t)
 	for range 3 {
 		if resp, b := get(t, c, "GET", "http://"+addr+"/clean", nil); resp.StatusCode != 200 || string(b) != "ok" {

@@ -31,6 +31,7 @@ type Exchange struct {
 	handedOff bool
 	started   bool
 	ended     bool
+	answered  bool // Reply or Respond was called
 	attempts  []*Attempt
 	timers    []*Timer
 	onGone    func()
@@ -61,7 +62,7 @@ func (x *Exchange) Handoff() {
 	x.handedOff = true
 	x.c.x = nil
 	x.l.e.active.Add(-1)
-	x.c.handoff()
+	x.c.handoff(false)
 }
 
 // start marks the exchange as the engine's: the request's bytes are
@@ -91,7 +92,8 @@ func (x *Exchange) AfterFunc(d time.Duration, f func()) *Timer {
 
 // OnGone sets what runs when the client goes away before the exchange
 // answered (Reply or Respond called): the engine has already cancelled the
-// attempts and timers. Once answering, the answer's end is told instead.
+// attempts and timers. Once answering, the answer's end is told instead
+// (if it has one).
 // Timers of an exchange that ended (answered, gone, aborted) are stopped;
 // AfterFunc on one returns nil.
 func (x *Exchange) OnGone(f func()) { x.onGone = f }
@@ -145,10 +147,10 @@ func (x *Exchange) Reply(status int, header http.Header, body []byte, end func(e
 // answer marks the exchange as answering: its other attempts end; its
 // timers run on (a deadline may bound the answer too) until it ends.
 func (x *Exchange) answer(end func(error)) {
-	if x.end != nil || x.ended {
+	if x.answered || x.ended {
 		panic("engine: the exchange answered twice")
 	}
-	x.end = end
+	x.answered, x.end = true, end
 	for len(x.attempts) > 0 {
 		x.attempts[len(x.attempts)-1].Cancel()
 	}
@@ -313,6 +315,13 @@ func (x *Exchange) upstreamCut(a *Attempt, err error) {
 	c := x.c
 	c.x = nil
 	c.l.e.active.Add(-1)
+	// What is queued (the head, the body so far) goes out first, as far
+	// as the socket takes it: the client sees an answer cut, not a
+	// connection closed with no answer (which a client may take for a
+	// stale connection and send again).
+	if len(c.out) > 0 {
+		_, _ = unix.Write(c.fd, c.out)
+	}
 	c.detach()
 	_ = unix.Close(c.fd)
 	if end != nil {
@@ -379,7 +388,7 @@ func (x *Exchange) clientGone() {
 	switch {
 	case x.end != nil:
 		x.end(ErrClientGone)
-	case x.onGone != nil:
+	case x.onGone != nil && !x.answered:
 		x.onGone()
 	}
 }

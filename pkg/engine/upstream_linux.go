@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"time"
 
@@ -66,22 +67,18 @@ type pool struct {
 
 func (p *pool) init(l *loop) { p.l, p.idle = l, make(map[netip.AddrPort][]*upConn) }
 
-// get returns an idle connection to addr, or nil.
+// get returns an idle connection to addr, or nil. Only idle connections
+// are pooled: one closed leaves the pool as it closes.
 func (p *pool) get(addr netip.AddrPort) *upConn {
 	list := p.idle[addr]
-	for len(list) > 0 {
-		u := list[len(list)-1]
-		list[len(list)-1] = nil
-		list = list[:len(list)-1]
-		if u.state == upIdle {
-			p.idle[addr] = list
-			u.timer.Stop()
-			u.reused = true
-			return u
-		}
+	if len(list) == 0 {
+		return nil
 	}
-	delete(p.idle, addr)
-	return nil
+	u := list[len(list)-1]
+	p.remove(u)
+	u.timer.Stop()
+	u.reused = true
+	return u
 }
 
 // put pools u, whose answer ended where its framing said and left nothing
@@ -101,15 +98,30 @@ func (p *pool) put(u *upConn) {
 	p.idle[u.addr] = append(list, u)
 }
 
-func (p *pool) closeAll() {
-	for addr, list := range p.idle {
-		for _, u := range list {
-			if u.state == upIdle {
-				u.close()
-			}
+// remove takes u, idle, out of the pool.
+func (p *pool) remove(u *upConn) {
+	list := p.idle[u.addr]
+	for i, v := range list {
+		if v == u {
+			list = append(list[:i], list[i+1:]...)
+			list[len(list):cap(list)][0] = nil
+			break
 		}
-		delete(p.idle, addr)
 	}
+	if len(list) == 0 {
+		delete(p.idle, u.addr)
+		return
+	}
+	p.idle[u.addr] = list
+}
+
+func (p *pool) closeAll() {
+	for _, list := range p.idle {
+		for _, u := range slices.Clone(list) {
+			u.close() // takes it out of the pool
+		}
+	}
+	clear(p.idle)
 }
 
 // Attempt is one sending of a request to an endpoint.
@@ -240,6 +252,11 @@ func (u *upConn) setEvents(ev uint32) {
 func (u *upConn) close() {
 	if u.state == upClosed {
 		return
+	}
+	if u.state == upIdle {
+		// Closed while pooled (idle too long, a stray byte, the peer
+		// gone): out of the pool at once, not when next asked for.
+		u.l.pool.remove(u)
 	}
 	u.state = upClosed
 	u.timer.Stop()
@@ -373,7 +390,11 @@ func (u *upConn) eof(err error) {
 	if err == nil {
 		err = io.EOF
 		if u.got && u.resp == nil {
+			// Within a head: as the transport's reader ends it.
 			err = io.ErrUnexpectedEOF
+			if u.a != nil && len(u.in) > 0 {
+				err = upstream.CutHeadError(u.in, u.a.req)
+			}
 		}
 	}
 	if u.state == upBody && u.left < 0 && !u.chunked && err == io.EOF {
@@ -433,6 +454,13 @@ func (u *upConn) head() {
 			continue
 		}
 		u.timer.Stop()
+		if u.state == upWriting {
+			// An answer before the whole request was written: what is
+			// left is never written (the connection is not reused for
+			// another request, whose bytes would follow the missing
+			// ones), and writability no longer matters.
+			u.setEvents(unix.EPOLLIN | unix.EPOLLRDHUP)
+		}
 		u.resp, u.state = resp, upBody
 		u.chunked, u.left = false, 0
 		switch {
@@ -512,8 +540,9 @@ func (u *upConn) body(b []byte) {
 		return
 	}
 	// The answer ended. Anything after it is a byte nobody asked for:
-	// the connection is never reused then.
-	reuse := n == len(b) && !u.resp.Close && !a.req.Close
+	// the connection is never reused then, nor when the answer came
+	// before the whole request was written.
+	reuse := n == len(b) && len(u.out) == 0 && !u.resp.Close && !a.req.Close
 	a.u, u.a = nil, nil
 	if reuse {
 		u.l.pool.put(u)

@@ -87,6 +87,9 @@ type options struct {
 	// recorder is the proxy's Recorder; nil: a new one with the
 	// defaults.
 	recorder *requestlog.Recorder
+	// loops runs the listener on the event-loop engine, whatever
+	// SIDECAR_TEST_ENGINE says.
+	loops bool
 	// meshTLS, when set, makes the static endpoints mesh endpoints,
 	// called over TLS with this client configuration.
 	meshTLS *tls.Config
@@ -112,7 +115,7 @@ func startSidecar(t testing.TB, o options) *sidecar {
 	// engine (its loops serve the plain HTTP/1.1 requests, the rest is
 	// handed off), but for tests that count arrivals at the handler or
 	// dial through a dialer of their own, which the engine's loops bypass.
-	loops := os.Getenv("SIDECAR_TEST_ENGINE") == "loops" && o.arrivals == nil && o.transport.DialContext == nil
+	loops := (o.loops || os.Getenv("SIDECAR_TEST_ENGINE") == "loops") && o.arrivals == nil && o.transport.DialContext == nil
 	dial := o.transport.DialContext
 	if dial == nil {
 		var d net.Dialer

@@ -295,9 +295,15 @@ func (lc *loopCall) localError(err error) *forward.LocalError {
 	return forward.LocalReply(lc.c.service, err)
 }
 
-// fail answers the call with the local error e.
+// fail answers the call with the local error e: its timers stop, so
+// that nothing of the call runs again while the answer waits for the
+// client.
 func (lc *loopCall) fail(e *forward.LocalError) {
 	ch, c := lc.ch, lc.c
+	lc.answering = true
+	lc.timer.Stop()
+	lc.perTry.Stop()
+	lc.backoff.Stop()
 	endRequest(lc.span, lc.series, lc.start, e.Status, e.Reason, e.Error())
 	if ch.recorder != nil {
 		ch.record(c, lc.req, lc.span, lc.start, nil, e)

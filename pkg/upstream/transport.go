@@ -1374,6 +1374,25 @@ func ParseResponseHead(head []byte, req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
+// CutHeadError is what the transport reports for a connection that ended
+// after partial, the start of an answer's head and no more: the head's own
+// fault when what came already breaks HTTP (a *BadResponseError, as the
+// reader finds it at the end), else io.ErrUnexpectedEOF.
+func CutHeadError(partial []byte, req *http.Request) error {
+	br := headReaderPool.Get().(*bufio.Reader)
+	br.Reset(bytes.NewReader(partial))
+	resp, err := http.ReadResponse(br, req)
+	br.Reset(nil)
+	headReaderPool.Put(br)
+	if err != nil && !isIOError(err) {
+		return badResponse(err.Error())
+	}
+	if resp != nil {
+		resp.Body.Close()
+	}
+	return io.ErrUnexpectedEOF
+}
+
 // MaxInterimResponses bounds the interim (1xx) responses read before the
 // final one.
 const MaxInterimResponses = max1xxResponses
