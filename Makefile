@@ -84,7 +84,7 @@ chaos: test-tools
 ## fuzz: each fuzz target for FUZZTIME (their seed corpora, testdata/fuzz/ included, run in
 ## `make test`); a crasher is written to the package's testdata/fuzz/ and becomes a seed
 FUZZTIME ?= 30s
-FUZZ_TARGETS := pkg/downstream:FuzzFraming pkg/downstream:FuzzFramingStream pkg/forward:FuzzForwardHeaders pkg/upstream:FuzzResponse \
+FUZZ_TARGETS := pkg/downstream:FuzzFraming pkg/downstream:FuzzFramingStream pkg/forward:FuzzForwardHeaders pkg/upstream:FuzzResponse pkg/upstream:FuzzUsualHead \
 	pkg/discovery:FuzzHost pkg/outbound:FuzzRouting pkg/policy:FuzzParse
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -184,6 +184,7 @@ type loop struct {
 	timers  timerHeap
 	now     time.Time
 	scratch []byte
+	headBuf []byte // an answer's head, written at once
 	pool    pool
 
 	accepting bool
@@ -197,7 +198,7 @@ type loop struct {
 }
 
 func newLoop(e *Engine) (*loop, error) {
-	l := &loop{e: e, scratch: make([]byte, 64<<10), clients: make(map[*clientConn]struct{}), accepting: true}
+	l := &loop{e: e, scratch: make([]byte, 64<<10), headBuf: make([]byte, 0, 1024), clients: make(map[*clientConn]struct{}), accepting: true}
 	l.pool.init(l)
 	var err error
 	if l.ep, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {

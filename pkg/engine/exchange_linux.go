@@ -33,6 +33,7 @@ type Exchange struct {
 	ended     bool
 	answered  bool // Reply or Respond was called
 	attempts  []*Attempt
+	attempt1  [1]*Attempt // attempts' first backing array
 	timers    []*Timer
 	onGone    func()
 
@@ -197,19 +198,29 @@ func (x *Exchange) Respond(a *Attempt, resp *http.Response, end func(error)) {
 	u.passing = true
 	u.pause(false)
 	if len(buffered) > 0 || u.complete() {
-		u.body(buffered)
+		u.body(buffered) // what it passes on is written or copied
+	}
+	if u.in == nil && u.state != upClosed {
+		u.in = buffered[:0] // the buffer serves the connection's next answer
 	}
 }
 
 // sendHead writes the answer's head, p being the first bytes of its body.
 func (x *Exchange) sendHead(p []byte) {
-	x.head.close = x.c.closing || x.l.e.inShutdown.Load() || x.l.e.noKeepAlive.Load()
-	b := appendHead(make([]byte, 0, 512), &x.head, p, x.l.now)
+	c := x.c
+	x.head.close = c.closing || x.l.e.inShutdown.Load() || x.l.e.noKeepAlive.Load()
 	if x.head.close {
-		x.c.closing = true
+		c.closing = true
 	}
 	x.headSent = true
-	x.c.write(b)
+	if c.corked || len(c.out) > 0 {
+		// Queued anyway: written into the queue.
+		if c.state != clClosed {
+			c.out = appendHead(c.out, &x.head, p, x.l.now)
+		}
+		return
+	}
+	c.write(appendHead(x.l.headBuf[:0], &x.head, p, x.l.now))
 }
 
 // bodyData passes on a run of the answer's body.

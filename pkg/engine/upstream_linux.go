@@ -139,17 +139,24 @@ type Attempt struct {
 
 func (x *Exchange) newAttempt(addr netip.AddrPort, req *http.Request, body []byte, connectTimeout time.Duration, done func(*Attempt, *http.Response, error)) *Attempt {
 	a := &Attempt{x: x, addr: addr, req: req, connectTimeout: connectTimeout, done: done}
-	var buf bytes.Buffer
-	if err := upstream.WriteRequestHead(&buf, req); err != nil {
+	// Room for a usual head and the body: one allocation.
+	w := appender{make([]byte, 0, 1024+len(body))}
+	if err := upstream.WriteRequestHead(&w, req); err != nil {
 		a.over = true
 		x.l.later(func() { done(a, nil, err) })
 		return a
 	}
-	buf.Write(body)
-	a.wire = buf.Bytes()
+	a.wire = append(w.b, body...)
 	a.connect(false)
 	return a
 }
+
+// appender is an upstream.HeadWriter that appends to b.
+type appender struct{ b []byte }
+
+func (a *appender) Write(p []byte) (int, error)       { a.b = append(a.b, p...); return len(p), nil }
+func (a *appender) WriteByte(c byte) error            { a.b = append(a.b, c); return nil }
+func (a *appender) WriteString(s string) (int, error) { a.b = append(a.b, s...); return len(s), nil }
 
 // connect gives the attempt a connection: a pooled one, unless fresh, or
 // a new one.

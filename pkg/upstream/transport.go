@@ -1360,6 +1360,9 @@ var headReaderPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil,
 // Interim (1xx) responses are returned like any other: the caller skips
 // them, at most MaxInterimResponses.
 func ParseResponseHead(head []byte, req *http.Request) (*http.Response, error) {
+	if resp, ok := parseUsualHead(head, req); ok {
+		return resp, nil
+	}
 	br := headReaderPool.Get().(*bufio.Reader)
 	br.Reset(bytes.NewReader(head))
 	resp, err := http.ReadResponse(br, req)
