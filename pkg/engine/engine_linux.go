@@ -26,6 +26,7 @@ type Engine struct {
 	ln    net.Listener
 	loops []*loop
 
+	state       atomic.Int32 // engineNew, then engineServing or engineClosed
 	inShutdown  atomic.Bool
 	noKeepAlive atomic.Bool  // every answer closes its connection (draining)
 	active      atomic.Int64 // exchanges in progress, over every loop
@@ -34,6 +35,13 @@ type Engine struct {
 	done        chan struct{} // closed once every loop has returned
 	served      sync.WaitGroup
 }
+
+// An engine's states: Serve or Close, whichever comes first, moves it on.
+const (
+	engineNew int32 = iota
+	engineServing
+	engineClosed
+)
 
 // New prepares an engine for ln, a TCP listener it takes over: Serve
 // accepts on its socket, and closing the engine closes it.
@@ -75,6 +83,9 @@ func (e *Engine) Addr() net.Addr { return e.ln.Addr() }
 // Serve runs the loops until Shutdown or Close; it returns nil after
 // those, or the error that stopped a loop.
 func (e *Engine) Serve() error {
+	if !e.state.CompareAndSwap(engineNew, engineServing) {
+		return nil // closed before it served
+	}
 	errc := make(chan error, len(e.loops))
 	for _, l := range e.loops {
 		e.served.Add(1)
@@ -132,6 +143,13 @@ func (e *Engine) Close() error {
 	e.closeOnce.Do(func() {
 		e.inShutdown.Store(true)
 		_ = e.ln.Close()
+		if e.state.CompareAndSwap(engineNew, engineClosed) {
+			// Never served: no loop runs to close what it holds.
+			e.closeLoops()
+			_ = unix.Close(e.lfd)
+			close(e.done)
+			return
+		}
 		for _, l := range e.loops {
 			l.post(l.stop)
 		}

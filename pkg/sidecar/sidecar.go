@@ -347,6 +347,9 @@ func (s *Sidecar) release() {
 	if s.mesh != nil {
 		s.mesh.stop()
 	}
+	if s.loops != nil {
+		_ = s.loops.Close()
+	}
 	if s.proxy != nil {
 		s.proxy.Close()
 	}

@@ -212,8 +212,16 @@ func TestQuitQuitQuit(t *testing.T) {
 
 // A listener that can't be bound fails New, which releases what it had
 // bound and started (goleak checks the goroutines).
+// On either engine.
 func TestNewFailsOnAPortInUse(t *testing.T) {
+	for _, engine := range []string{config.EngineGoroutines, config.EngineLoops} {
+		t.Run(engine, func(t *testing.T) { newFailsOnAPortInUse(t, engine) })
+	}
+}
+
+func newFailsOnAPortInUse(t *testing.T, engine string) {
 	cfg := testConfig(t, serve(t, "app").URL, "127.0.0.1:1")
+	cfg.OutboundEngine = engine
 	taken, err := net.Listen("tcp", cfg.Listeners.Metrics)
 	if err != nil {
 		t.Fatal(err)
