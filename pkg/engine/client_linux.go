@@ -276,7 +276,10 @@ func (c *clientConn) halfClosed() {
 	c.peerDone = true
 	c.setEvents(c.events &^ (unix.EPOLLIN | unix.EPOLLRDHUP))
 	x := c.x
-	if x == nil {
+	if x == nil || len(c.in) > 0 {
+		// Requests it sent before are still to be answered: the close
+		// only ends what it sends, as net/http, which does not watch the
+		// connection while pipelined requests wait, serves them.
 		return
 	}
 	c.l.after(max(0, x.since.Add(goneGrace).Sub(c.l.now)), nil, func() {

@@ -4,15 +4,18 @@ package engine
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -272,3 +275,80 @@ func TestStalledBodyHandedOffExpired(t *testing.T) {
 		t.Fatal("10s after the body stopped, not handed off, or the connection handed off waits on a read")
 	}
 }
+
+// Out of descriptors (EMFILE), the loops stop accepting for a while, as
+// net/http's server sleeps, rather than waking for the listener again and
+// again (it stays readable) and logging each failure: a few lines while it
+// lasts, not thousands; once descriptors are free, connections are served
+// again.
+func TestAcceptBacksOffOutOfDescriptors(t *testing.T) {
+	up := origin(t)
+	var logged atomic.Int64
+	log := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+		if bytes.Contains(p, []byte("accept failed")) {
+			logged.Add(1)
+		}
+		return len(p), nil
+	}), nil))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := New(ln, Config{Loops: 1, Handler: &forwarder{up: up}, Logger: log, Handoff: func(c net.Conn, _ []byte) { c.Close() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- e.Serve() }()
+	defer func() {
+		e.Close()
+		<-served
+	}()
+	addr := ln.Addr().String()
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	// Room for a few descriptors more than are open now.
+	open, _ := os.ReadDir("/proc/self/fd")
+	tight := lim
+	tight.Cur = uint64(len(open) + 8)
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &tight); err != nil {
+		t.Fatal(err)
+	}
+	restored := false
+	restore := func() {
+		if !restored {
+			restored = true
+			unix.Setrlimit(unix.RLIMIT_NOFILE, &lim)
+		}
+	}
+	defer restore()
+	// Connections the kernel completes (the backlog) that the engine
+	// cannot take: descriptors run out on both sides, this test's own
+	// connections included.
+	var conns []net.Conn
+	for range 20 {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			break
+		}
+		conns = append(conns, c)
+	}
+	time.Sleep(300 * time.Millisecond)
+	for _, c := range conns {
+		c.Close()
+	}
+	restore()
+	if n := logged.Load(); n == 0 || n > 30 {
+		t.Fatalf("%d accept failures logged in 300ms out of descriptors, want a few (at least one, a backoff's worth)", n)
+	}
+	// Served again.
+	if resp, b := get(t, client(t), "GET", "http://"+addr+"/small", nil); resp.StatusCode != 200 || len(b) != 1024 {
+		t.Fatalf("after the descriptors came back: %d, %d bytes", resp.StatusCode, len(b))
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }

@@ -205,9 +205,11 @@ type loop struct {
 	headBuf []byte // an answer's head, written at once
 	pool    pool
 
-	accepting bool
-	stopped   bool
-	clients   map[*clientConn]struct{}
+	accepting    bool
+	acceptPaused bool          // after an accept failed, for acceptDelay
+	acceptDelay  time.Duration // the last pause; 0 after an accept
+	stopped      bool
+	clients      map[*clientConn]struct{}
 
 	soon []func() // run once the current event is handled
 
@@ -396,19 +398,40 @@ func (l *loop) fire(t *Timer) {
 }
 
 func (l *loop) accept() {
-	for l.accepting {
+	for l.accepting && !l.acceptPaused {
 		fd, sa, err := unix.Accept4(l.e.lfd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 		if err != nil {
-			// EAGAIN: another loop took it, or all are taken; EMFILE and
-			// the like: the next readiness tries again.
-			if !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EINTR) && !errors.Is(err, unix.ECONNABORTED) {
-				l.e.cfg.Logger.Warn("accept failed", "error", err)
+			switch {
+			case errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINTR), errors.Is(err, unix.ECONNABORTED):
+				// Another loop took it, or all are taken; or the client
+				// left before it was taken.
+			default:
+				l.backOffAccept(err)
 			}
 			return
 		}
+		l.acceptDelay = 0
 		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 		l.newClient(fd, sa)
 	}
+}
+
+// backOffAccept stops accepting for a while after err (EMFILE, ENFILE,
+// ENOBUFS: out of descriptors or memory), as net/http's server sleeps:
+// 5 ms, doubling to at most 1 s while it lasts. The listener stays
+// readable meanwhile; watched, it would wake the loop again and again.
+func (l *loop) backOffAccept(err error) {
+	l.acceptDelay = min(max(2*l.acceptDelay, 5*time.Millisecond), time.Second)
+	l.e.cfg.Logger.Warn("accept failed; retrying", "error", err, "in", l.acceptDelay)
+	l.acceptPaused = true
+	_ = unix.EpollCtl(l.ep, unix.EPOLL_CTL_DEL, l.e.lfd, nil)
+	l.after(l.acceptDelay, nil, func() {
+		l.acceptPaused = false
+		if l.accepting {
+			_ = l.watch(unix.EPOLL_CTL_ADD, l.e.lfd, unix.EPOLLIN|unix.EPOLLEXCLUSIVE)
+			l.accept()
+		}
+	})
 }
 
 // stopAccepting leaves the listener to nobody and closes the idle
@@ -416,7 +439,9 @@ func (l *loop) accept() {
 func (l *loop) stopAccepting() {
 	if l.accepting {
 		l.accepting = false
-		_ = unix.EpollCtl(l.ep, unix.EPOLL_CTL_DEL, l.e.lfd, nil)
+		if !l.acceptPaused {
+			_ = unix.EpollCtl(l.ep, unix.EPOLL_CTL_DEL, l.e.lfd, nil)
+		}
 	}
 	l.closeIdle()
 }

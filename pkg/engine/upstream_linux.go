@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"time"
@@ -236,7 +238,7 @@ func (l *loop) dial(addr netip.AddrPort) (*upConn, error) {
 	err = unix.Connect(fd, sa)
 	if err != nil && !errors.Is(err, unix.EINPROGRESS) {
 		_ = unix.Close(fd)
-		return nil, err
+		return nil, dialError(addr, err)
 	}
 	u := &upConn{l: l, fd: fd, addr: addr, name: addr.String(), state: upConnecting}
 	u.timer = &Timer{l: l, index: -1}
@@ -247,6 +249,13 @@ func (l *loop) dial(addr netip.AddrPort) (*upConn, error) {
 		return nil, err
 	}
 	return u, nil // connected or not, EPOLLOUT says so next
+}
+
+// dialError is a failed connect as Go's dialer reports it ("dial tcp
+// addr: connect: connection refused"), so that either engine's answers
+// name it alike.
+func dialError(addr netip.AddrPort, err error) error {
+	return &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(addr), Err: os.NewSyscallError("connect", err)}
 }
 
 func (u *upConn) setEvents(ev uint32) {
@@ -286,7 +295,7 @@ func (u *upConn) event(ev uint32) {
 				err = unix.Errno(e)
 			}
 			if a != nil {
-				a.fail(&upstream.ConnectError{Addr: u.name, Err: err})
+				a.fail(&upstream.ConnectError{Addr: u.name, Err: dialError(u.addr, err)})
 			}
 			return
 		}

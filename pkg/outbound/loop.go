@@ -10,10 +10,12 @@ package outbound
 // goroutine path, as it serves every request without the engine): a
 // request the edge checks would refuse or route elsewhere than to a
 // service, one whose service has no free slot at once (its line waits on
-// the goroutine path), hedging, an adaptive limit, the mesh's endpoints.
+// the goroutine path), hedging, an adaptive limit, the mesh's endpoints,
+// gRPC over HTTP/1.1.
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -84,9 +86,16 @@ func (h loopHandler) Serve(x *engine.Exchange) {
 }
 
 // loopDrives reports whether the loop's chain drives c: no hedging, no
-// adaptive limit, every endpoint an IP address and port, none the mesh's.
+// adaptive limit, not gRPC, every endpoint an IP address and port, none
+// the mesh's.
 func (ch *chain) loopDrives(c *call, r *http.Request) bool {
 	if c.policy.Concurrency.IsAdaptive() || ch.hedgeable(c, r) || ch.modelled {
+		return false
+	}
+	// gRPC over HTTP/1.1 (gRPC-Web): its deadline (grpc-timeout) and its
+	// outcome (a grpc-status, often in the trailers) are the goroutine
+	// path's to read.
+	if _, ok := r.Header["Grpc-Timeout"]; ok || strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
 		return false
 	}
 	for _, ep := range c.set.Endpoints {
@@ -186,7 +195,7 @@ func (lc *loopCall) answered(a *engine.Attempt, resp *http.Response, err error) 
 
 func (lc *loopCall) perTryTimedOut() {
 	lc.attempt.Cancel()
-	lc.judge(nil, errPerTryTimeout)
+	lc.judge(nil, fmt.Errorf("%w: %w", errPerTryTimeout, context.DeadlineExceeded))
 }
 
 func (lc *loopCall) timedOut() {
@@ -217,12 +226,7 @@ func (lc *loopCall) judge(resp *http.Response, err error) {
 	r, st := c.policy.Retry, c.state
 	t := lc.t
 	lc.attempt = nil
-	if t.endpoint != "" {
-		(attemptEnd{chain: ch, span: lc.aspan, call: c, try: t}).record(resp, err)
-		n := c.note(t.n)
-		n.endpoint, n.took, n.resp, n.err = t.endpoint, time.Since(lc.tStart), resp, err
-		n.retryOf, n.backoff = t.retryOf, t.backoff
-	}
+	lc.endAttempt(resp, err)
 	attempt := t.n
 	reason, cause := "", ""
 	var bs gobreaker.State
@@ -284,13 +288,23 @@ func (lc *loopCall) judge(resp *http.Response, err error) {
 	lc.backoff = lc.x.AfterFunc(delay, func() { lc.send(next) })
 }
 
+// endAttempt ends the attempt out (its span, the endpoint's count of
+// requests in flight, outlier detection) and notes its outcome.
+func (lc *loopCall) endAttempt(resp *http.Response, err error) {
+	t, c := lc.t, lc.c
+	if t.endpoint == "" {
+		return // the picker found no endpoint: nothing went out
+	}
+	(attemptEnd{chain: lc.ch, span: lc.aspan, call: c, try: t}).record(resp, err)
+	n := c.note(t.n)
+	n.endpoint, n.took, n.resp, n.err = t.endpoint, time.Since(lc.tStart), resp, err
+	n.retryOf, n.backoff = t.retryOf, t.backoff
+}
+
 // localError is the local reply to err, as limit maps it.
 func (lc *loopCall) localError(err error) *forward.LocalError {
 	if lc.expired {
 		return timeoutRefusal(lc.c.service, lc.c.policy.Timeout.D())
-	}
-	if err == errPerTryTimeout {
-		return forward.LocalReply(lc.c.service, context.DeadlineExceeded)
 	}
 	return forward.LocalReply(lc.c.service, err)
 }
@@ -360,14 +374,24 @@ func (lc *loopCall) release() {
 	lc.ch.release(lc.c.state, lc.maxInFlight)
 }
 
-// gone is the client leaving before the answer: the call ends, its slots
-// given back, counted as nginx's 499.
+// gone is the client leaving before the answer: the call ends, its
+// slots given back, counted as nginx's 499 and recorded as the goroutine
+// path records it; an attempt out (the engine cancelled it) ends with it.
 func (lc *loopCall) gone() {
-	e := forward.LocalReply(lc.c.service, context.Canceled)
+	ch, c := lc.ch, lc.c
+	if lc.attempt != nil {
+		lc.attempt = nil
+		lc.endAttempt(nil, context.Canceled)
+	}
+	c.stop = requestlog.StopDeadline
+	e := forward.LocalReply(c.service, context.Canceled)
 	if lc.done != nil {
 		lc.done(breakerOutcome(nil, context.Canceled))
 	}
 	endRequest(lc.span, lc.series, lc.start, e.Status, e.Reason, e.Error())
+	if ch.recorder != nil {
+		ch.record(c, lc.req, lc.span, lc.start, nil, e)
+	}
 	lc.release()
 }
 
