@@ -1,6 +1,7 @@
 package upstream
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -127,6 +128,10 @@ func (p *h2Pool) dial(ctx context.Context, addr string, connectTimeout time.Dura
 		if err != nil {
 			_ = c.Close()
 			err = &ConnectError{Addr: addr, Err: fmt.Errorf("HTTP/2 connection preface: %w", err)}
+		} else if err = p.settled(ctx, d.cc, connectTimeout); err != nil {
+			_ = d.cc.Close()
+			d.cc = nil
+			err = &ConnectError{Addr: addr, Err: fmt.Errorf("HTTP/2 connection preface: %w", err)}
 		}
 	}
 	d.err, d.abandoned = err, err != nil && ctx.Err() != nil
@@ -141,6 +146,20 @@ func (p *h2Pool) dial(ctx context.Context, addr string, connectTimeout time.Dura
 	}
 	p.mu.Unlock()
 	close(d.done)
+}
+
+// settled waits, within the connect timeout, until the endpoint's
+// SETTINGS are known on cc: the first request then keeps to the endpoint's
+// limits (the size of a header list, the streams at once), where one sent
+// before them is refused in ways that read as the endpoint failing (a
+// header list over its limit closed the connection with
+// COMPRESSION_ERROR, answered 502 instead of 400). An endpoint sends its
+// SETTINGS first, so the answer to a PING comes after them: one round
+// trip for each new connection.
+func (p *h2Pool) settled(ctx context.Context, cc *http2.ClientConn, connectTimeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, cmp.Or(connectTimeout, p.t.dialer.Timeout))
+	defer cancel()
+	return cc.Ping(ctx)
 }
 
 // MarkDead implements http2.ClientConnPool: x/net calls it when cc closed
