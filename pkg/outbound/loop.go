@@ -57,8 +57,7 @@ func (h loopHandler) Serve(x *engine.Exchange) {
 		x.Handoff()
 		return
 	}
-	rr := r.WithContext(noWait)
-	c, _, lerr := p.route(rr, host)
+	c, _, lerr := p.route(noWait, r, host)
 	ch := p.chain
 	if lerr != nil || c == nil || !ch.loopDrives(c, r) {
 		x.Handoff()
@@ -138,8 +137,10 @@ type loopCall struct {
 func (lc *loopCall) begin() {
 	ch, c := lc.ch, lc.c
 	lc.series = ch.metrics.For(metrics.Outbound, c.service, lc.req.Method)
-	sent, span := ch.startRequest(c, lc.req)
-	lc.span, lc.ctx = span, sent.Context()
+	lc.ctx = lc.req.Context()
+	if ch.tracer != nil {
+		lc.ctx, lc.span = ch.startSpan(c, lc.req)
+	}
 	timeout := c.policy.Timeout.D()
 	lc.deadline = lc.start.Add(timeout)
 	lc.timer = lc.x.AfterFunc(timeout, lc.timedOut)

@@ -262,7 +262,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	// Unknown services are refused here, before any body is read.
-	c, direct, lerr := p.route(r, host)
+	c, direct, lerr := p.route(r.Context(), r, host)
 	if lerr != nil {
 		p.reject(w, r, lerr)
 		return

@@ -1,6 +1,7 @@
 package outbound
 
 import (
+	"context"
 	"errors"
 	"net/http"
 
@@ -13,7 +14,9 @@ import (
 
 // route chooses where a request goes: a call to a service (with the
 // endpoints, policy and state it will use), or an allow-listed host:port
-// to send it to directly, or the local error that refuses it.
+// to send it to directly, or the local error that refuses it. ctx is the
+// request's: it bounds discovery's wait, and names a redirected
+// connection's original destination.
 //
 //  1. An allow-listed Host goes there directly.
 //  2. A Host that names a service known to discovery goes to that service.
@@ -26,18 +29,18 @@ import (
 //     maps to nothing is refused like an IP literal: 403 not_allowed.
 //  4. Otherwise IP literals get 403 not_allowed and unknown names 503
 //     unknown_service, as on a connection made to the listener itself.
-func (p *Proxy) route(r *http.Request, host string) (*call, string, *forward.LocalError) {
+func (p *Proxy) route(ctx context.Context, r *http.Request, host string) (*call, string, *forward.LocalError) {
 	if p.allowed(host) {
 		return nil, host, nil
 	}
 	service := discovery.ServiceName(host)
-	_, redirected := downstream.OriginalDst(r.Context())
+	_, redirected := downstream.OriginalDst(ctx)
 	if !discovery.IsIPLiteral(host) {
 		if !discovery.ValidServiceName(service) {
 			return nil, "", forward.Refuse(forward.ReasonBadRequest, "",
 				"the host "+policy.Quote(host)+" is not a service name (letters, digits, '-', '_' and '.')")
 		}
-		set, err := p.resolver.Resolve(r.Context(), service)
+		set, err := p.resolver.Resolve(ctx, service)
 		if err == nil {
 			return p.chain.open(service, set), "", nil
 		}
@@ -52,18 +55,18 @@ func (p *Proxy) route(r *http.Request, host string) (*call, string, *forward.Loc
 		}
 		return nil, "", forward.Refuse(forward.ReasonNotAllowed, service, detail)
 	}
-	return p.routeByOriginalDst(r, host)
+	return p.routeByOriginalDst(ctx, host)
 }
 
 // routeByOriginalDst routes a request on a redirected connection by the
 // address the app dialed.
-func (p *Proxy) routeByOriginalDst(r *http.Request, host string) (*call, string, *forward.LocalError) {
-	dst, _ := downstream.OriginalDst(r.Context())
+func (p *Proxy) routeByOriginalDst(ctx context.Context, host string) (*call, string, *forward.LocalError) {
+	dst, _ := downstream.OriginalDst(ctx)
 	if rr, ok := p.resolver.(discovery.ReverseResolver); ok {
-		service, err := rr.ServiceAt(r.Context(), dst)
+		service, err := rr.ServiceAt(ctx, dst)
 		switch {
 		case err == nil:
-			set, err := p.resolver.Resolve(r.Context(), service)
+			set, err := p.resolver.Resolve(ctx, service)
 			if err != nil {
 				return nil, "", routeError(service, err)
 			}

@@ -26,10 +26,17 @@ func (ch *chain) startRequest(c *call, req *http.Request) (*http.Request, trace.
 	if ch.tracer == nil {
 		return req, nil
 	}
-	ctx := ch.prop.Extract(req.Context(), tracing.HeaderCarrier(req.Header))
+	ctx, span := ch.startSpan(c, req)
+	return req.WithContext(ctx), span
+}
+
+// startSpan starts the request's span, its parent what the request's
+// headers carry; ctx holds it.
+func (ch *chain) startSpan(c *call, req *http.Request) (ctx context.Context, span trace.Span) {
+	ctx = ch.prop.Extract(req.Context(), tracing.HeaderCarrier(req.Header))
 	// A span not sampled drops its name: it is built only for the sampled
 	// ones.
-	ctx, span := ch.tracer.Start(ctx, "request", clientSpan)
+	ctx, span = ch.tracer.Start(ctx, "request", clientSpan)
 	if span.IsRecording() {
 		span.SetName(tracing.Text(req.Method + " " + c.service))
 		// What the app wrote is escaped and cut (tracing.Text says why).
@@ -38,7 +45,7 @@ func (ch *chain) startRequest(c *call, req *http.Request) (*http.Request, trace.
 			tracing.String("url.path", req.URL.EscapedPath()),
 			attribute.String("network.protocol.version", protoVersion(req)))
 	}
-	return req.WithContext(ctx), span
+	return ctx, span
 }
 
 // clientSpan is the start option of the client spans, made once.
