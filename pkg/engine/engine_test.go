@@ -408,3 +408,75 @@ func TestReadTimeouts(t *testing.T) {
 		c.Close()
 	}
 }
+
+// retrier sends a request again, after a backoff of 100 ms, when its
+// first answer is a 503, dropping that answer.
+type retrier struct{ up netip.AddrPort }
+
+func (h *retrier) Serve(x *Exchange) {
+	out := x.Request.Clone(context.Background())
+	out.URL.Scheme, out.URL.Host, out.RequestURI = "http", h.up.String(), ""
+	var again func(*Attempt, *http.Response, error)
+	again = func(a *Attempt, resp *http.Response, err error) {
+		switch {
+		case err != nil:
+			x.Reply(http.StatusBadGateway, nil, []byte(err.Error()), nil)
+		case resp.StatusCode == http.StatusServiceUnavailable:
+			a.Drop(time.Second)
+			x.AfterFunc(100*time.Millisecond, func() { x.Send(h.up, out, x.Body, 0, again) })
+		default:
+			x.Respond(a, resp, nil)
+		}
+	}
+	x.Send(h.up, out, x.Body, 0, again)
+}
+
+// A dropped answer (a retry follows) keeps its connection when the rest of
+// its body is short and comes: the retry goes out on it. One with a byte
+// after its body, or a body longer than is read to keep it, does not.
+func TestDroppedAnswerKeepsItsConnection(t *testing.T) {
+	for _, tc := range []struct {
+		name, first string
+		conns       int64
+	}{
+		{"short body, late", "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 10\r\n\r\nretry", 1},
+		{"no body", "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", 1},
+		{"a stray byte", "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 10\r\n\r\nretry", 2},
+		{"long body", fmt.Sprintf("HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n", maxDrain+1), 2},
+		{"connection: close", "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", 2},
+	} {
+		var conns, served atomic.Int64
+		up := rawUpstream(t, nil, func(c net.Conn) {
+			conns.Add(1)
+			br := bufio.NewReader(c)
+			for {
+				if _, err := http.ReadRequest(br); err != nil {
+					return
+				}
+				if served.Add(1) > 1 {
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+					continue
+				}
+				io.WriteString(c, tc.first)
+				switch tc.name {
+				case "short body, late":
+					time.Sleep(20 * time.Millisecond)
+					io.WriteString(c, "-body")
+				case "a stray byte":
+					time.Sleep(20 * time.Millisecond)
+					io.WriteString(c, "-body!")
+				case "connection: close":
+					return
+				}
+			}
+		})
+		_, addr := start(t, &retrier{up: up}, downstream.Limits{})
+		resp, b := get(t, client(t), "GET", "http://"+addr+"/x", nil)
+		if resp.StatusCode != 200 || string(b) != "ok" {
+			t.Fatalf("%s: %d %q, want the retry's answer", tc.name, resp.StatusCode, b)
+		}
+		if n := conns.Load(); n != tc.conns {
+			t.Errorf("%s: %d upstream connections, want %d", tc.name, n, tc.conns)
+		}
+	}
+}

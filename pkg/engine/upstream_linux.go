@@ -46,7 +46,10 @@ type upConn struct {
 	chunks  chunkReader
 	paused  bool // reading stops while the client has not taken enough
 	passing bool // Respond passes the body on
-	idleAt  time.Time
+	// draining: the answer was dropped (Drop); its body is read and
+	// thrown away, and the connection pooled once it ends.
+	draining bool
+	idleAt   time.Time
 }
 
 type upState uint8
@@ -91,7 +94,7 @@ func (p *pool) put(u *upConn) {
 		u.close()
 		return
 	}
-	u.state, u.a, u.resp, u.idleAt, u.passing, u.paused = upIdle, nil, nil, p.l.now, false, false
+	u.state, u.a, u.resp, u.idleAt, u.passing, u.paused, u.draining = upIdle, nil, nil, p.l.now, false, false, false
 	u.in, u.out = u.in[:0], u.out[:0]
 	// Idle, it is still read: any byte or a close retires it at once.
 	u.setEvents(unix.EPOLLIN | unix.EPOLLRDHUP)
@@ -204,6 +207,60 @@ func (a *Attempt) fail(err error) {
 	a.u = nil
 	a.x.forget(a)
 	a.done(a, nil, err)
+}
+
+// maxDrain is the most of a dropped answer's body read to keep its
+// connection, as the goroutine path reads at most 64 KiB of an answer it
+// retries past.
+const maxDrain = 64 << 10
+
+// Drop abandons the answer done delivered, as a retry does: the rest of
+// its body, when its Content-Length leaves at most maxDrain bytes, is read
+// and thrown away within d, and the connection pooled once it ended where
+// its framing said; any other answer's connection is closed, as Cancel
+// closes it. done is not called again.
+func (a *Attempt) Drop(d time.Duration) {
+	if a == nil || a.over {
+		return
+	}
+	u := a.u
+	if u == nil || u.state != upBody || u.chunked || u.left < 0 || u.left > maxDrain || d <= 0 ||
+		u.resp.Close || a.req.Close || len(u.out) > 0 {
+		a.Cancel()
+		return
+	}
+	a.over = true
+	a.u, u.a = nil, nil
+	a.x.forget(a)
+	u.draining, u.passing = true, true
+	buffered := u.in
+	u.in = nil
+	u.drain(buffered)
+	if u.state != upBody {
+		return // pooled, or closed
+	}
+	u.in = buffered[:0]
+	u.pause(false)
+	u.timer.f = u.close
+	u.l.reset(u.timer, d)
+}
+
+// drain reads b, body bytes of a dropped answer: the connection is pooled
+// once the body ended, closed if anything came after it.
+func (u *upConn) drain(b []byte) {
+	n := int(min(int64(len(b)), u.left))
+	u.left -= int64(n)
+	switch {
+	case n < len(b):
+		u.close() // a byte nobody asked for
+	case u.left == 0:
+		u.timer.Stop()
+		if u.resp.Close {
+			u.close()
+			return
+		}
+		u.l.pool.put(u)
+	}
 }
 
 // Cancel abandons the attempt: its connection is closed (an answer being
@@ -524,6 +581,10 @@ func (u *upConn) complete() bool {
 func (u *upConn) body(b []byte) {
 	a := u.a
 	if a == nil {
+		if u.draining {
+			u.drain(b)
+			return
+		}
 		u.close()
 		return
 	}

@@ -284,7 +284,9 @@ func (lc *loopCall) judge(resp *http.Response, err error) {
 	c.last[0] = t.endpoint
 	next := try{n: attempt + 1, retryOf: reason, backoff: delay, avoid: c.last[:]}
 	if resp != nil {
-		lc.last.Cancel() // its answer dropped with its connection
+		// Its answer dropped: a short rest of its body is read so that
+		// the connection serves again, as the goroutine path reads it.
+		lc.last.Drop(time.Until(lc.deadline))
 	}
 	lc.backoff = lc.x.AfterFunc(delay, func() { lc.send(next) })
 }
