@@ -50,6 +50,8 @@ type upConn struct {
 	// thrown away, and the connection pooled once it ends.
 	draining bool
 	idleAt   time.Time
+
+	closeFn, headTimedOutFn func() // u.close and u.headTimedOut, for u.timer
 }
 
 type upState uint8
@@ -98,7 +100,7 @@ func (p *pool) put(u *upConn) {
 	u.in, u.out = u.in[:0], u.out[:0]
 	// Idle, it is still read: any byte or a close retires it at once.
 	u.setEvents(unix.EPOLLIN | unix.EPOLLRDHUP)
-	u.timer.f = u.close
+	u.timer.f = u.closeFn
 	p.l.reset(u.timer, p.l.e.cfg.Transport.IdleConnTimeout)
 	p.idle[u.addr] = append(list, u)
 }
@@ -241,7 +243,7 @@ func (a *Attempt) Drop(d time.Duration) {
 	}
 	u.in = buffered[:0]
 	u.pause(false)
-	u.timer.f = u.close
+	u.timer.f = u.closeFn
 	u.l.reset(u.timer, d)
 }
 
@@ -299,6 +301,7 @@ func (l *loop) dial(addr netip.AddrPort) (*upConn, error) {
 	}
 	u := &upConn{l: l, fd: fd, addr: addr, name: addr.String(), state: upConnecting}
 	u.timer = &Timer{l: l, index: -1}
+	u.closeFn, u.headTimedOutFn = u.close, u.headTimedOut // made once, not each time a timer is set
 	l.track(fd, u)
 	u.events = unix.EPOLLOUT | unix.EPOLLIN | unix.EPOLLRDHUP
 	if err := l.watch(unix.EPOLL_CTL_ADD, fd, u.events); err != nil {
@@ -394,7 +397,7 @@ func (u *upConn) write() {
 	u.state = upHead
 	u.setEvents(unix.EPOLLIN | unix.EPOLLRDHUP)
 	if !u.got {
-		u.timer.f = u.headTimedOut
+		u.timer.f = u.headTimedOutFn
 		u.l.reset(u.timer, u.l.e.cfg.Transport.ResponseHeaderTimeout)
 	}
 }
