@@ -192,7 +192,7 @@ func (c *clientConn) dispatch() {
 	c.state = clServing
 	c.rt.Stop()
 	x := &Exchange{Request: req, Body: body, c: c, l: c.l, consumed: end + len(body), since: c.l.now}
-	x.attempts = x.attempt1[:0]
+	x.attempts, x.timers = x.attempt1[:0], x.timer2[:0]
 	c.x = x
 	c.l.e.active.Add(1)
 	if req.Close || c.l.e.inShutdown.Load() || c.l.e.noKeepAlive.Load() {

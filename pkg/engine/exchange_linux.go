@@ -34,6 +34,7 @@ type Exchange struct {
 	answered  bool // Reply or Respond was called
 	attempts  []*Attempt
 	attempt1  [1]*Attempt // attempts' first backing array
+	timer2    [2]*Timer   // timers' first backing array
 	timers    []*Timer
 	onGone    func()
 
@@ -183,7 +184,10 @@ func (x *Exchange) Respond(a *Attempt, resp *http.Response, end func(error)) {
 	if u.chunked || u.left < 0 {
 		delete(h, "Content-Length")
 	} else if u.left > 0 {
-		h["Content-Length"] = []string{strconv.FormatInt(u.left, 10)}
+		var b [20]byte
+		if n := strconv.AppendInt(b[:0], u.left, 10); len(h["Content-Length"]) != 1 || h["Content-Length"][0] != string(n) {
+			h["Content-Length"] = []string{string(n)}
+		}
 	}
 	x.head = answerHead{status: resp.StatusCode, header: h, isHEAD: x.Request.Method == http.MethodHead}
 	_, hasType := h["Content-Type"]
