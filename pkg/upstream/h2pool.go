@@ -155,11 +155,19 @@ func (p *h2Pool) dial(ctx context.Context, addr string, connectTimeout time.Dura
 // header list over its limit closed the connection with
 // COMPRESSION_ERROR, answered 502 instead of 400). An endpoint sends its
 // SETTINGS first, so the answer to a PING comes after them: one round
-// trip for each new connection.
+// trip for each new connection. An endpoint that does not answer the PING
+// in time gets its requests anyway, as it did before the wait; an error is
+// the connection failing, or ctx ending.
 func (p *h2Pool) settled(ctx context.Context, cc *http2.ClientConn, connectTimeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, cmp.Or(connectTimeout, p.t.dialer.Timeout))
+	pctx, cancel := context.WithTimeout(ctx, cmp.Or(connectTimeout, p.t.dialer.Timeout))
 	defer cancel()
-	return cc.Ping(ctx)
+	err := cc.Ping(pctx)
+	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+		if st := cc.State(); !st.Closed && !st.Closing {
+			return nil
+		}
+	}
+	return err
 }
 
 // MarkDead implements http2.ClientConnPool: x/net calls it when cc closed
