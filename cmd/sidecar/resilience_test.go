@@ -139,7 +139,13 @@ policies:
     hedge: {delay: 20ms}
 `)
 	client := &http.Client{Timeout: 5 * time.Second}
-	for range 6 {
+	// At least 6 requests, and until some met the stalled instance (a
+	// tie in least-request may send a run of first attempts to the quick
+	// one, and nothing is hedged then).
+	for i := 0; i < 6 || stalled.Requests() < 2; i++ {
+		if i == 100 {
+			t.Fatalf("100 requests, %d first attempts at the stalled instance: least-request never picked it", stalled.Requests())
+		}
 		req, _ := http.NewRequest("GET", "http://"+rs.out+"/", nil)
 		req.Host = "svc"
 		resp, err := client.Do(req)
