@@ -321,7 +321,7 @@ func (c *clientConn) write(b []byte) {
 	if c.state == clClosed {
 		return
 	}
-	if len(c.out) == 0 && !c.corked {
+	if !c.queuing() {
 		n, err := unix.Write(c.fd, b)
 		if err != nil && !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EINTR) {
 			c.abort()
@@ -339,6 +339,10 @@ func (c *clientConn) write(b []byte) {
 }
 
 func (c *clientConn) cork() { c.corked = true }
+
+// queuing reports whether a write now is queued rather than made: corked,
+// or earlier bytes still wait.
+func (c *clientConn) queuing() bool { return c.corked || len(c.out) > 0 }
 
 // uncork writes what was queued while corked.
 func (c *clientConn) uncork() {

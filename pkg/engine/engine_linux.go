@@ -231,12 +231,20 @@ func newLoop(e *Engine) (*loop, error) {
 	if err := l.watch(unix.EPOLL_CTL_ADD, l.wake, unix.EPOLLIN); err != nil {
 		return nil, err
 	}
-	// EPOLLEXCLUSIVE: a connection wakes one loop, not every loop.
-	if err := l.watch(unix.EPOLL_CTL_ADD, e.lfd, unix.EPOLLIN|unix.EPOLLEXCLUSIVE); err != nil {
+	if err := l.watchListener(); err != nil {
 		return nil, err
 	}
 	return l, nil
 }
+
+// watchListener has the loop hear of connections to accept; EPOLLEXCLUSIVE:
+// a connection wakes one loop, not every loop.
+func (l *loop) watchListener() error {
+	return l.watch(unix.EPOLL_CTL_ADD, l.e.lfd, unix.EPOLLIN|unix.EPOLLEXCLUSIVE)
+}
+
+// unwatchListener stops it.
+func (l *loop) unwatchListener() { _ = unix.EpollCtl(l.ep, unix.EPOLL_CTL_DEL, l.e.lfd, nil) }
 
 // owned is a descriptor's owner, and the generation of the descriptor's
 // use by it: every event is registered with its generation, so that an
@@ -424,11 +432,11 @@ func (l *loop) backOffAccept(err error) {
 	l.acceptDelay = min(max(2*l.acceptDelay, 5*time.Millisecond), time.Second)
 	l.e.cfg.Logger.Warn("accept failed; retrying", "error", err, "in", l.acceptDelay)
 	l.acceptPaused = true
-	_ = unix.EpollCtl(l.ep, unix.EPOLL_CTL_DEL, l.e.lfd, nil)
+	l.unwatchListener()
 	l.after(l.acceptDelay, nil, func() {
 		l.acceptPaused = false
 		if l.accepting {
-			_ = l.watch(unix.EPOLL_CTL_ADD, l.e.lfd, unix.EPOLLIN|unix.EPOLLEXCLUSIVE)
+			_ = l.watchListener()
 			l.accept()
 		}
 	})
@@ -440,7 +448,7 @@ func (l *loop) stopAccepting() {
 	if l.accepting {
 		l.accepting = false
 		if !l.acceptPaused {
-			_ = unix.EpollCtl(l.ep, unix.EPOLL_CTL_DEL, l.e.lfd, nil)
+			l.unwatchListener()
 		}
 	}
 	l.closeIdle()

@@ -217,7 +217,7 @@ func (x *Exchange) sendHead(p []byte) {
 		c.closing = true
 	}
 	x.headSent = true
-	if c.corked || len(c.out) > 0 {
+	if c.queuing() {
 		// Queued anyway: written into the queue.
 		if c.state != clClosed {
 			c.out = appendHead(c.out, &x.head, p, x.l.now)

@@ -226,8 +226,7 @@ func (a *Attempt) Drop(d time.Duration) {
 		return
 	}
 	u := a.u
-	if u == nil || u.state != upBody || u.chunked || u.left < 0 || u.left > maxDrain || d <= 0 ||
-		u.resp.Close || a.req.Close || len(u.out) > 0 {
+	if u == nil || u.state != upBody || u.chunked || u.left < 0 || u.left > maxDrain || d <= 0 || !u.reusable(a) {
 		a.Cancel()
 		return
 	}
@@ -257,12 +256,16 @@ func (u *upConn) drain(b []byte) {
 		u.close() // a byte nobody asked for
 	case u.left == 0:
 		u.timer.Stop()
-		if u.resp.Close {
-			u.close()
-			return
-		}
-		u.l.pool.put(u)
+		u.l.pool.put(u) // reusable: Drop drains no other
 	}
+}
+
+// reusable reports whether u may carry another request once a's answer
+// ended where its framing said: the whole request was written (an answer
+// that came before it leaves the rest unwritten), and neither side asked
+// for the connection to close.
+func (u *upConn) reusable(a *Attempt) bool {
+	return len(u.out) == 0 && !u.resp.Close && !a.req.Close
 }
 
 // Cancel abandons the attempt: its connection is closed (an answer being
@@ -620,9 +623,8 @@ func (u *upConn) body(b []byte) {
 		return
 	}
 	// The answer ended. Anything after it is a byte nobody asked for:
-	// the connection is never reused then, nor when the answer came
-	// before the whole request was written.
-	reuse := n == len(b) && len(u.out) == 0 && !u.resp.Close && !a.req.Close
+	// the connection is never reused then.
+	reuse := n == len(b) && u.reusable(a)
 	a.u, u.a = nil, nil
 	if reuse {
 		u.l.pool.put(u)

@@ -4,6 +4,8 @@ import (
 	"io"
 	"net/http"
 	"net/textproto"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // parseUsualHead reads the head most answers have, without net/http's
@@ -92,7 +94,7 @@ func parseUsualHead(head []byte, req *http.Request) (resp *http.Response, ok boo
 				colon = j
 				break
 			}
-			if !tokenChar(c) {
+			if !httpguts.IsTokenRune(rune(c)) {
 				return nil, false
 			}
 		}
@@ -174,16 +176,3 @@ func indexCRLF(b []byte) int {
 
 // visible reports whether c is visible ASCII or a space.
 func visible(c byte) bool { return c >= ' ' && c < 0x7f }
-
-// tokenChar reports whether c may be in a field name (RFC 9110, 5.6.2).
-func tokenChar(c byte) bool {
-	switch {
-	case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
-		return true
-	}
-	switch c {
-	case '!', '#', '$', '%', '&', '\'', '*', '+', '-', '.', '^', '_', '`', '|', '~':
-		return true
-	}
-	return false
-}

@@ -1363,11 +1363,7 @@ func ParseResponseHead(head []byte, req *http.Request) (*http.Response, error) {
 	if resp, ok := parseUsualHead(head, req); ok {
 		return resp, nil
 	}
-	br := headReaderPool.Get().(*bufio.Reader)
-	br.Reset(bytes.NewReader(head))
-	resp, err := http.ReadResponse(br, req)
-	br.Reset(nil)
-	headReaderPool.Put(br)
+	resp, err := readHead(head, req)
 	if err != nil {
 		return nil, badResponse(err.Error())
 	}
@@ -1382,11 +1378,7 @@ func ParseResponseHead(head []byte, req *http.Request) (*http.Response, error) {
 // fault when what came already breaks HTTP (a *BadResponseError, as the
 // reader finds it at the end), else io.ErrUnexpectedEOF.
 func CutHeadError(partial []byte, req *http.Request) error {
-	br := headReaderPool.Get().(*bufio.Reader)
-	br.Reset(bytes.NewReader(partial))
-	resp, err := http.ReadResponse(br, req)
-	br.Reset(nil)
-	headReaderPool.Put(br)
+	resp, err := readHead(partial, req)
 	if err != nil && !isIOError(err) {
 		return badResponse(err.Error())
 	}
@@ -1394,6 +1386,16 @@ func CutHeadError(partial []byte, req *http.Request) error {
 		resp.Body.Close()
 	}
 	return io.ErrUnexpectedEOF
+}
+
+// readHead reads a response head out of head with net/http's reader.
+func readHead(head []byte, req *http.Request) (*http.Response, error) {
+	br := headReaderPool.Get().(*bufio.Reader)
+	br.Reset(bytes.NewReader(head))
+	resp, err := http.ReadResponse(br, req)
+	br.Reset(nil)
+	headReaderPool.Put(br)
+	return resp, err
 }
 
 // MaxInterimResponses bounds the interim (1xx) responses read before the
