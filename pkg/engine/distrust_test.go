@@ -178,8 +178,7 @@ type capture struct {
 }
 
 func (h *capture) Serve(x *Exchange) {
-	out := x.Request.Clone(t0)
-	out.URL.Scheme, out.URL.Host, out.RequestURI = "http", h.up.String(), ""
+	out := outgoing(x, h.up)
 	x.Send(h.up, out, x.Body, 0, func(a *Attempt, resp *http.Response, err error) {
 		if err != nil {
 			h.errs <- err
@@ -189,8 +188,6 @@ func (h *capture) Serve(x *Exchange) {
 		x.Respond(a, resp, nil)
 	})
 }
-
-var t0 = (&http.Request{}).Context()
 
 // A head the endpoint cut off is judged as the transport judges it: what
 // came of it broke HTTP already (a bad response), or it was merely cut (an
@@ -231,12 +228,7 @@ func TestBadChunkCutsAfterTheHead(t *testing.T) {
 		}
 	})
 	_, addr := start(t, &forwarder{up: up}, downstream.Limits{})
-	conn, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	conn := dialEngine(t, addr)
 	io.WriteString(conn, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
 	all, _ := io.ReadAll(conn)
 	if !strings.HasPrefix(string(all), "HTTP/1.1 200 OK\r\n") {
@@ -260,11 +252,7 @@ func TestStalledBodyHandedOffExpired(t *testing.T) {
 		c.Close()
 		got <- handed{string(b), err}
 	})
-	conn, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := dialEngine(t, addr)
 	io.WriteString(conn, "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
 	select {
 	case h := <-got:

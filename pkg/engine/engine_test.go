@@ -40,9 +40,7 @@ func (f *forwarder) Serve(x *Exchange) {
 		return
 	}
 	f.served.Add(1)
-	r := x.Request
-	out := r.Clone(context.Background())
-	out.URL.Scheme, out.URL.Host, out.RequestURI = "http", f.up.String(), ""
+	out := outgoing(x, f.up)
 	for _, h := range []string{"Connection", "Keep-Alive", "Te", "Trailer", "Upgrade", "Proxy-Connection"} {
 		out.Header.Del(h)
 	}
@@ -57,6 +55,26 @@ func (f *forwarder) Serve(x *Exchange) {
 		}
 		x.Respond(a, resp, f.end)
 	})
+}
+
+// dialEngine connects to the engine at addr, every read and write of the
+// connection bounded by 5 s; it is closed when t ends, if not before.
+func dialEngine(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	return conn
+}
+
+// outgoing is x's request as it goes to up.
+func outgoing(x *Exchange, up netip.AddrPort) *http.Request {
+	out := x.Request.Clone(context.Background())
+	out.URL.Scheme, out.URL.Host, out.RequestURI = "http", up.String(), ""
+	return out
 }
 
 func (f *forwarder) end(err error) {
@@ -281,11 +299,7 @@ func TestHandsOffWhatItDoesNotServe(t *testing.T) {
 		{"\r\nGET /crlf HTTP/1.1\r\nHost: a\r\n\r\n", "400 Bad Request"}, // net/http, handed it, refuses it
 		{"GET /lf HTTP/1.1\nHost: a\n\n", "handed off GET /lf"},
 	} {
-		conn, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		conn := dialEngine(t, addr)
 		io.WriteString(conn, tc.raw)
 		if tcp, ok := conn.(*net.TCPConn); ok && !strings.Contains(tc.raw, "HTTP/1.0") {
 			tcp.CloseWrite()
@@ -303,12 +317,7 @@ func TestHandsOffWhatItDoesNotServe(t *testing.T) {
 func TestPipelined(t *testing.T) {
 	up := origin(t)
 	_, addr := start(t, &forwarder{up: up}, downstream.Limits{})
-	conn, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	conn := dialEngine(t, addr)
 	var raw strings.Builder
 	for i := range 20 {
 		fmt.Fprintf(&raw, "POST /echo HTTP/1.1\r\nHost: a\r\nX-Test: %d\r\nContent-Length: 1\r\n\r\n%d", i, i%10)
@@ -394,11 +403,7 @@ func TestReadTimeouts(t *testing.T) {
 		{"half a head", "GET /small HTTP/1.1\r\nHost: a\r\n", time.Second},
 		{"idle after an answer", "GET /small HTTP/1.1\r\nHost: a\r\n\r\n", 2 * time.Second},
 	} {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c := dialEngine(t, addr)
 		start := time.Now()
 		io.WriteString(c, tc.send)
 		io.ReadAll(c) // until the engine closes it
@@ -414,8 +419,7 @@ func TestReadTimeouts(t *testing.T) {
 type retrier struct{ up netip.AddrPort }
 
 func (h *retrier) Serve(x *Exchange) {
-	out := x.Request.Clone(context.Background())
-	out.URL.Scheme, out.URL.Host, out.RequestURI = "http", h.up.String(), ""
+	out := outgoing(x, h.up)
 	var again func(*Attempt, *http.Response, error)
 	again = func(a *Attempt, resp *http.Response, err error) {
 		switch {

@@ -21,9 +21,7 @@ import (
 // requests and reads nothing past the timeout, then reads: one answer
 // each, each a 502.
 func TestLoopErrorAnswerEndsTheCall(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("the event-loop engine is Linux's")
-	}
+	loopsOnly(t)
 	dead, _ := net.Listen("tcp", "127.0.0.1:0")
 	deadAddr := dead.Addr().String()
 	dead.Close()
@@ -77,9 +75,7 @@ func TestLoopErrorAnswerEndsTheCall(t *testing.T) {
 // requests in flight (which least-request weighs) comes back to zero, and
 // the call is recorded, a 499 (client_closed), as every failed call is.
 func TestLoopClientGoneEndsTheAttempt(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("the event-loop engine is Linux's")
-	}
+	loopsOnly(t)
 	release := make(chan struct{})
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		select {
@@ -126,9 +122,7 @@ func TestLoopClientGoneEndsTheAttempt(t *testing.T) {
 // On the event-loop engine, requests a client pipelined before it shut
 // its side down are all answered, as net/http answers them.
 func TestLoopPipelinedThenHalfClosed(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("the event-loop engine is Linux's")
-	}
+	loopsOnly(t)
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/slow" {
 			time.Sleep(200 * time.Millisecond)
@@ -161,9 +155,7 @@ func TestLoopPipelinedThenHalfClosed(t *testing.T) {
 // deadline over HTTP/1.1 (handed off), a per-try timeout, a refused
 // connection; status, error reason and the detail the app reads.
 func TestLoopFailuresAnswerAsGoroutines(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("the event-loop engine is Linux's")
-	}
+	loopsOnly(t)
 	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-time.After(time.Second):
@@ -201,5 +193,12 @@ func TestLoopFailuresAnswerAsGoroutines(t *testing.T) {
 		if goroutines[i] != loops[i] {
 			t.Errorf("goroutines: %s\nloops:      %s", goroutines[i], loops[i])
 		}
+	}
+}
+
+// loopsOnly skips t where the event-loop engine does not run.
+func loopsOnly(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the event-loop engine is Linux's")
 	}
 }
